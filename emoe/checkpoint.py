@@ -1,0 +1,183 @@
+"""A Hugging Face checkpoint folder → config, dense weights and an index of expert tensors.
+
+Safetensors headers are parsed here (8-byte little-endian length + JSON) so that the store can read one
+expert's bytes with plain `pread`/O_DIRECT at known offsets; dense weights go through `safetensors`
+itself. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, ModelConfig
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing files or holds something emoe cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLoc:
+    path: str
+    start: int        # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: str        # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorLoc]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        a, b = meta["data_offsets"]
+        if not 0 <= a <= b <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+        out[name] = TensorLoc(str(path), 8 + n + a, b - a, meta["dtype"], tuple(meta["shape"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertLocs:
+    gate: TensorLoc
+    up: TensorLoc
+    down: TensorLoc
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def parts(self) -> tuple[TensorLoc, TensorLoc, TensorLoc]:
+        return (self.gate, self.up, self.down)
+
+
+def _row_slice(loc: TensorLoc, first: int, count: int) -> TensorLoc:
+    """Rows [first, first+count) of a tensor, which are contiguous in row-major storage."""
+    row = loc.nbytes // loc.shape[0]
+    return TensorLoc(loc.path, loc.start + first * row, count * row, loc.dtype, (count, *loc.shape[1:]))
+
+
+class Checkpoint:
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"model folder {self.dir} does not exist")
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{self.dir} has no config.json")
+        try:
+            self.raw_config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        try:
+            self.config = ModelConfig.from_hf(self.raw_config)
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            bins = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt")]
+            hint = f" (found {bins}: pickle weights are refused, convert them to safetensors)" if bins else ""
+            raise CheckpointError(f"{self.dir} has no *.safetensors weights{hint}")
+        self.tensors: dict[str, TensorLoc] = {}
+        for f in files:
+            self.tensors.update(read_header(f))
+        self.experts = self._index_experts()
+
+    def _index_experts(self) -> dict[tuple[int, int], ExpertLocs]:
+        cfg = self.config
+        gk, uk, dk = cfg.spec.expert_keys
+        out = {}
+        for layer in cfg.moe_layers:
+            pre = f"model.layers.{layer}.{cfg.spec.moe_prefix}.experts"
+            fused = self.tensors.get(f"{pre}.gate_up_proj")
+            for e in range(cfg.num_experts):
+                if fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
+                    i = cfg.moe_intermediate_size
+                    gate_up = _row_slice(fused, 2 * i * e, 2 * i)
+                    down = self._need(f"{pre}.down_proj")
+                    locs = ExpertLocs(_row_slice(gate_up, 0, i), _row_slice(gate_up, i, i),
+                                      _row_slice(down, cfg.hidden_size * e, cfg.hidden_size))
+                    locs = ExpertLocs(*(TensorLoc(p.path, p.start, p.nbytes, p.dtype, s) for p, s in zip(
+                        locs.parts(), self._expert_shapes())))
+                else:
+                    locs = ExpertLocs(*(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
+                for part, shape in zip(locs.parts(), self._expert_shapes()):
+                    if part.shape != shape:
+                        raise CheckpointError(f"expert {layer}/{e} tensor has shape {part.shape}, "
+                                              f"config implies {shape}")
+                out[(layer, e)] = locs
+        return out
+
+    def _expert_shapes(self):
+        i, h = self.config.moe_intermediate_size, self.config.hidden_size
+        return ((i, h), (i, h), (h, i))
+
+    def _need(self, name: str) -> TensorLoc:
+        loc = self.tensors.get(name)
+        if loc is None:
+            raise CheckpointError(f"{self.dir}: weight {name} is missing from the safetensors files")
+        return loc
+
+    @property
+    def expert_nbytes(self) -> int:
+        return next(iter(self.experts.values())).nbytes
+
+    def is_expert(self, name: str) -> bool:
+        return re.search(r"\.experts\.(\d+\.|gate_up_proj|down_proj)", name) is not None
+
+    def dense_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor (embeddings, attention, norms, routers, shared experts)."""
+        by_file: dict[str, list[str]] = {}
+        for name, loc in self.tensors.items():
+            if not self.is_expert(name):
+                by_file.setdefault(loc.path, []).append(name)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name in names:
+                    t = f.get_tensor(name)
+                    out[name] = t.to(dtype) if dtype is not None else t.clone()
+        cfg = self.config
+        for layer in cfg.moe_layers:
+            self._need(f"model.layers.{layer}.{cfg.spec.moe_prefix}.gate.weight")
+        self._need("model.embed_tokens.weight")
+        if "lm_head.weight" not in out:
+            if not cfg.tie_word_embeddings:
+                raise CheckpointError(f"{self.dir}: lm_head.weight is missing and embeddings are not tied")
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out
+
+    @property
+    def tokenizer_path(self) -> Path:
+        p = self.dir / "tokenizer.json"
+        if not p.is_file():
+            raise CheckpointError(f"{self.dir} has no tokenizer.json")
+        return p

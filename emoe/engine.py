@@ -1,0 +1,279 @@
+"""The engine: wires checkpoint → store → cache → policy → model, and runs requests step by step.
+
+Each `step()` prefills newly admitted requests (right-padded batch) and decodes one token for every
+running one. Requests hold a KV slot from admission to finish, so they can join and leave the batch
+between steps (iteration-level batching); `admit` is the hook a scheduler drives.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import BudgetError, ExpertCache
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .model import KVCache, MoEModel, swiglu
+from .policies import make_policy
+from .store import open_store
+from .tokenizer import TextCodec
+from .traces import Trace, TraceRecorder
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    budget: float = 1.0            # fraction of all routed-expert bytes (0, 1], or bytes when > 1
+    miss_policy: str = "reroute"   # reroute | load | all
+    experts_on: str = "disk"       # disk | ram
+    device: str | None = None      # default: cuda when available, else cpu
+    dtype: str | None = None       # compute dtype; default float32 on CPU, the checkpoint's on CUDA
+    max_batch: int = 8
+    max_len: int = 1024            # KV slot length: prompt + output tokens of one request
+    trace: bool = False
+
+    def __post_init__(self):
+        if not self.budget > 0:
+            raise ValueError(f"budget must be > 0 (a fraction up to 1.0, or bytes), got {self.budget}")
+        if self.max_batch < 1 or self.max_len < 2:
+            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        if self.experts_on not in ("disk", "ram"):
+            raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    task: str | None = None
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    trace: Trace | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    gen: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class ExpertDispatch:
+    """Runs a MoE layer's routed experts: trace → hit accounting → policy.select → per-expert FFN."""
+
+    def __init__(self, cache: ExpertCache, policy, recorder: TraceRecorder | None):
+        self.cache, self.policy, self.recorder = cache, policy, recorder
+
+    def __call__(self, layer, x, probs, weights, ids):
+        if self.recorder is not None:
+            self.recorder.record(layer, ids)
+        hit = self.cache.mask[layer][ids]
+        n_hit = int(hit.sum())
+        self.cache.stats.hits += n_hit
+        self.cache.stats.misses += ids.numel() - n_hit
+        weights, ids = self.policy.select(layer, probs, weights, ids, self.cache)
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            gate, up, down = self.policy.fetch(layer, e, self.cache)
+            y = swiglu(x[tok], gate, up, down)
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out
+
+
+def resolve_budget(budget: float, total_bytes: int) -> int:
+    return int(budget * total_bytes) if budget <= 1.0 else int(budget)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, plan: dict[int, list[int]] | None = None):
+        self.ecfg = cfg
+        self.ckpt = Checkpoint(cfg.model)
+        self.cfg: ModelConfig = self.ckpt.config
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ckpt_dtype = next(iter(self.ckpt.experts.values())).gate.torch_dtype
+        self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else (ckpt_dtype if self.device.type == "cuda" else torch.float32)
+        self.codec = TextCodec(self.ckpt.dir, self.ckpt.tokenizer_path, self.cfg.eos_token_ids)
+        dense = {k: v.to(self.device, self.dtype) for k, v in self.ckpt.dense_state().items()}
+        self.model = MoEModel(self.cfg, dense)
+        self.store = open_store(self.ckpt, cfg.experts_on)
+        c = self.cfg
+        layers = list(c.moe_layers)
+        self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
+        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel)
+        self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
+        self.policy = make_policy(cfg.miss_policy, **({"plan": plan} if cfg.miss_policy == "reroute" else {}))
+        budget = self.total_expert_bytes if cfg.miss_policy == "all" else resolve_budget(cfg.budget, self.total_expert_bytes)
+        need = self.policy.min_experts(layers, c.num_experts, c.top_k) * self.cache.expert_bytes
+        if budget < need:
+            raise BudgetError(f"budget {budget} bytes ({budget / self.total_expert_bytes:.1%} of expert bytes) "
+                              f"is smaller than what '{cfg.miss_policy}' needs: {need} bytes "
+                              f"({need // self.cache.expert_bytes} experts of {self.cache.expert_bytes} bytes; "
+                              f"top-{c.top_k} over {len(layers)} MoE layers)")
+        self.cache.budget_bytes = min(budget, self.total_expert_bytes)
+        self.policy.prepare(self.cache, layers)
+        self.cache.stats.__init__()  # count only what serving does, not the initial fill
+        self.max_len = min(cfg.max_len, c.max_position_embeddings)
+        self.kv = KVCache.empty(c, cfg.max_batch, self.max_len, self.dtype, self.device)
+        self.recorder = TraceRecorder(c.num_layers, c.num_experts, cfg.max_batch) if cfg.trace else None
+        self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder)
+        self.free_slots = list(range(cfg.max_batch))
+        self.running: list[Request] = []
+        self.tokens_generated = 0
+        self._ids = itertools.count()
+
+    # -- requests --------------------------------------------------------------------------------
+    def make_request(self, prompt: str | list[dict], params: SamplingParams, task: str | None = None,
+                     chat: bool = True, request_id: str | None = None) -> Request:
+        if isinstance(prompt, list):
+            text = self.codec.apply_chat(prompt)
+        else:
+            text = self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = self.codec.encode(text)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) + 1 > self.max_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; this engine serves at most {self.max_len - 1} "
+                             f"(model context {self.cfg.max_position_embeddings}, max_len {self.max_len})")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        return Request(request_id or f"req-{next(self._ids)}", ids, params, task, gen=gen)
+
+    def admit(self, reqs: list[Request]) -> None:
+        if len(reqs) > len(self.free_slots):
+            raise RuntimeError(f"{len(reqs)} requests but only {len(self.free_slots)} free KV slots")
+        for r in reqs:
+            r.slot = self.free_slots.pop(0)
+        self._prefill(reqs)
+        self.running.extend(r for r in reqs if r.finish_reason is None)
+
+    def abort(self, req: Request) -> None:
+        if req.finish_reason is None:
+            self._finish(req, "abort")
+            self.running = [r for r in self.running if r is not req]
+
+    # -- steps -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, rows: list[Request], seqs: list[list[int]], starts: list[int], phase: str) -> torch.Tensor:
+        T = max(len(s) for s in seqs)
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        pos = torch.zeros(len(rows), T, dtype=torch.long)
+        valid = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, (s, p0) in enumerate(zip(seqs, starts)):
+            tokens[b, : len(s)] = torch.tensor(s)
+            pos[b, : len(s)] = torch.arange(p0, p0 + len(s))
+            valid[b, : len(s)] = True
+        slots = torch.tensor([r.slot for r in rows])
+        if self.recorder is not None:
+            self.recorder.phase = phase
+            self.recorder.owners = slots[:, None].expand(len(rows), T)[valid]
+        d = self.device
+        return self.model.forward(tokens.to(d), pos.to(d), valid.to(d), self.dispatch, self.kv,
+                                  slots.to(d), last_only=True)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        if reqs:
+            logits = self._forward(reqs, [r.prompt_ids for r in reqs], [0] * len(reqs), "prefill")
+            self._emit(reqs, logits)
+
+    def step(self) -> list[Request]:
+        """Decode one token for every running request; returns the requests that finished."""
+        if not self.running:
+            return []
+        rows = list(self.running)
+        logits = self._forward(rows, [[r.output_ids[-1]] for r in rows], [r.length - 1 for r in rows], "decode")
+        done = self._emit(rows, logits)
+        self.running = [r for r in self.running if r.finish_reason is None]
+        return done
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+        p = r.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / p.temperature, -1)
+        if p.top_p < 1:
+            sp, si = probs.sort(descending=True)
+            cut = sp.cumsum(-1) - sp > p.top_p  # drop tokens once the mass before them exceeds top_p
+            sp[cut] = 0
+            probs = torch.zeros_like(probs).scatter_(0, si, sp)
+        return int(torch.multinomial(probs, 1, generator=r.gen))
+
+    def _emit(self, rows: list[Request], logits: torch.Tensor) -> list[Request]:
+        now, done = time.perf_counter(), []
+        for r, lg in zip(rows, logits):
+            tok = self._sample(r, lg)
+            r.output_ids.append(tok)
+            self.tokens_generated += 1
+            r.first_token_at = r.first_token_at or now
+            reason = None
+            if tok in self.codec.stop_ids and not r.params.ignore_eos:
+                reason = "stop"
+                r.output_ids.pop()
+            elif r.params.stop and any(s in self.codec.decode(r.output_ids[-16:]) for s in r.params.stop):
+                reason = "stop"
+            elif len(r.output_ids) >= r.params.max_tokens or r.length >= self.max_len:
+                reason = "length"
+            if reason:
+                self._finish(r, reason)
+                done.append(r)
+        return done
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason, r.finished_at = reason, time.perf_counter()
+        if self.recorder is not None:
+            r.trace = self.recorder.take(r.slot, r.id, r.task, len(r.prompt_ids), len(r.output_ids))
+        self.free_slots.append(r.slot)
+
+    def text(self, r: Request) -> str:
+        out = self.codec.decode(r.output_ids)
+        for s in r.params.stop:
+            if s in out:
+                out = out[: out.index(s)]
+        return out
+
+    # -- convenience -----------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams, tasks: list[str | None] | None = None,
+                 chat: bool = True) -> list[Request]:
+        """Run prompts to completion, keeping up to max_batch in flight (FCFS)."""
+        waiting = [self.make_request(p, params, t, chat) for p, t in zip(prompts, tasks or [None] * len(prompts))]
+        all_reqs = list(waiting)
+        while waiting or self.running:
+            n = min(len(self.free_slots), len(waiting))
+            if n:
+                self.admit(waiting[:n])
+                waiting = waiting[n:]
+            self.step()
+        return all_reqs
+
+    def summary(self, seconds: float) -> str:
+        s = self.cache.stats
+        return (f"[emoe] resident experts {self.cache.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
+                f"({self.cache.used_bytes / self.total_expert_bytes:.0%}), hit rate {s.hit_rate:.1%}, "
+                f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "
+                f"{self.tokens_generated / max(seconds, 1e-9):.1f} tokens/s")

@@ -1,0 +1,108 @@
+"""Miss policies: what happens when the router wants an expert that is not in the fast tier.
+
+A policy is a small object with three methods, chosen by name from `MISS_POLICIES`:
+  prepare(cache, layers)   initial residency before the first request
+  select(layer, probs, weights, ids, cache) -> (weights, ids)   routing actually executed
+  fetch(layer, expert, cache) -> weights   the tensors to run (may load, may not)
+Residency *prediction* (which experts to keep) lives in the loader; these only decide the miss.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache import BudgetError, ExpertCache
+
+
+def even_plan(layers: list[int], num_experts: int, capacity: int, order=None) -> dict[int, list[int]]:
+    """Split `capacity` experts evenly over layers. Without a profile there is no better guess than
+    `order` (default: expert id); the eMoE loader replaces this with predicted shares."""
+    per, extra = divmod(min(capacity, len(layers) * num_experts), len(layers))
+    plan = {}
+    for j, layer in enumerate(layers):
+        ranked = list(order[layer]) if order is not None else list(range(num_experts))
+        plan[layer] = sorted(ranked[: min(num_experts, per + (j < extra))])
+    return plan
+
+
+def reroute(probs: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, resident: torch.Tensor):
+    """eMoE's rule: a token whose top-k includes a non-resident expert goes to its best resident ones.
+    The new weights are rescaled to the original top-k weight sum, which equals top-k renormalisation
+    for families that normalise (Mixtral, Qwen3) and keeps the magnitude for those that do not."""
+    need = ~resident[ids].all(-1)
+    if not bool(need.any()):
+        return weights, ids
+    k = ids.shape[-1]
+    p = probs[need].masked_fill(~resident, 0.0)
+    w2, i2 = torch.topk(p, k, dim=-1)
+    w2 = w2 * (weights[need].float().sum(-1, keepdim=True) / w2.sum(-1, keepdim=True).clamp_min(1e-20))
+    weights, ids = weights.clone(), ids.clone()
+    weights[need], ids[need] = w2.to(weights.dtype), i2
+    return weights, ids
+
+
+class AllResident:
+    """No budget: every expert stays in the fast tier (the quality and speed reference)."""
+    name = "all"
+
+    def min_experts(self, layers: list[int], num_experts: int, top_k: int) -> int:
+        return len(layers) * num_experts
+
+    def prepare(self, cache: ExpertCache, layers: list[int]) -> None:
+        cache.set_resident({l: list(range(cache.num_experts)) for l in layers})
+
+    def select(self, layer, probs, weights, ids, cache):
+        return weights, ids
+
+    def fetch(self, layer: int, expert: int, cache: ExpertCache):
+        return cache.get(layer, expert)
+
+
+class Reroute(AllResident):
+    """Fixed residency chosen by a plan (even split until a loader sets one); misses never stall."""
+    name = "reroute"
+
+    def __init__(self, plan: dict[int, list[int]] | None = None):
+        self.plan = plan
+
+    def min_experts(self, layers, num_experts, top_k):
+        return len(layers) * top_k  # every layer must be able to serve a full top-k
+
+    def prepare(self, cache, layers):
+        cache.set_resident(self.plan or even_plan(layers, cache.num_experts, cache.capacity))
+        short = [l for l in layers if len(cache.resident(l)) == 0]
+        if short:
+            raise BudgetError(f"layers {short} have no resident expert")
+
+    def select(self, layer, probs, weights, ids, cache):
+        return reroute(probs, weights, ids, cache.mask[layer])
+
+
+class LoadOnDemand(AllResident):
+    """mixtral-offloading's baseline: load a missing expert when needed, evicting the least recently used."""
+    name = "load"
+
+    def min_experts(self, layers, num_experts, top_k):
+        return top_k
+
+    def prepare(self, cache, layers):
+        cache.set_resident(even_plan(layers, cache.num_experts, cache.capacity))
+
+    def fetch(self, layer, expert, cache):
+        key = (layer, expert)
+        if key not in cache:
+            while cache.used_bytes + cache.expert_bytes > cache.budget_bytes:
+                victim = cache.lru(exclude={key})
+                if victim is None:
+                    raise BudgetError("budget cannot hold a single expert")
+                cache.evict(*victim)
+            cache.admit(layer, expert)
+        return cache.get(layer, expert)
+
+
+MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand)}
+
+
+def make_policy(name: str, **kw):
+    if name not in MISS_POLICIES:
+        raise ValueError(f"unknown miss policy {name!r}; choose one of {sorted(MISS_POLICIES)}")
+    return MISS_POLICIES[name](**kw)

@@ -1,0 +1,53 @@
+"""tokenizer.json through the `tokenizers` library, plus the checkpoint's chat template (jinja2)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextCodec:
+    def __init__(self, directory: Path, tokenizer_path: Path, eos_ids: tuple[int, ...]):
+        self.tok = Tokenizer.from_file(str(tokenizer_path))
+        cfg_path = directory / "tokenizer_config.json"
+        self.cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        gen_path = directory / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        stop = set(eos_ids)
+        for src in (gen.get("eos_token_id"),):
+            stop |= set(src if isinstance(src, list) else [src] if src is not None else [])
+        for name in ("eos_token",):
+            tid = self.tok.token_to_id(self._token_str(self.cfg.get(name)) or "")
+            if tid is not None:
+                stop.add(tid)
+        self.stop_ids = frozenset(stop)
+        self.template = self.cfg.get("chat_template")
+        if isinstance(self.template, list):  # list of named templates: take the default
+            self.template = next((t["template"] for t in self.template if t.get("name") == "default"), None)
+
+    @staticmethod
+    def _token_str(v) -> str | None:
+        return v.get("content") if isinstance(v, dict) else v
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat(self, messages: list[dict]) -> str:
+        """Render messages with the checkpoint's template; without one, plain role-prefixed text."""
+        if not self.template:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # as transformers renders templates
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+        return env.from_string(self.template).render(
+            messages=messages, add_generation_prompt=True,
+            bos_token=self._token_str(self.cfg.get("bos_token")) or "",
+            eos_token=self._token_str(self.cfg.get("eos_token")) or "")

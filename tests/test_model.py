@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from emoe.cache import ExpertCache
+from emoe.checkpoint import Checkpoint
+from emoe.engine import ExpertDispatch
+from emoe.model import KVCache, MoEModel
+from emoe.policies import AllResident
+from emoe.store import DiskStore
+from tiny import make_tiny
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def load_emoe(path):
+    ck = Checkpoint(path)
+    c = ck.config
+    numel = 3 * c.moe_intermediate_size * c.hidden_size
+    cache = ExpertCache(DiskStore(ck), 10**9, "cpu", torch.float32, c.num_layers, c.num_experts, numel)
+    AllResident().prepare(cache, list(c.moe_layers))
+    return c, MoEModel(c, {k: v.float() for k, v in ck.dense_state().items()}), ExpertDispatch(cache, AllResident(), None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family, tmp_path):
+    import transformers
+    path = make_tiny(family, tmp_path / family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg, model, dispatch = load_emoe(path)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (11, 6)]
+    with torch.no_grad():
+        want = [ref(s[None]).logits[0] for s in seqs]
+        # batched, right-padded prefill of the first n-1 tokens through the KV cache, then one decode step
+        kv = KVCache.empty(cfg, 2, 32, torch.float32, "cpu")
+        T = max(len(s) for s in seqs) - 1
+        tokens = torch.zeros(2, T, dtype=torch.long)
+        valid = torch.zeros(2, T, dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            tokens[b, : len(s) - 1], valid[b, : len(s) - 1] = s[:-1], True
+        pos = torch.arange(T).expand(2, T).clone()
+        slots = torch.tensor([1, 0])
+        got = model.forward(tokens, pos, valid, dispatch, kv, slots)
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(got[b, : len(s) - 1], want[b][:-1], atol=1e-4, rtol=1e-4)
+        last = torch.stack([s[-1:] for s in seqs])
+        lpos = torch.tensor([[len(s) - 1] for s in seqs])
+        step = model.forward(last, lpos, torch.ones(2, 1, dtype=torch.bool), dispatch, kv, slots, last_only=True)
+        for b in range(2):
+            torch.testing.assert_close(step[b], want[b][-1], atol=1e-4, rtol=1e-4)
+        stateless = model.forward(seqs[0][None], torch.arange(len(seqs[0]))[None],
+                                  torch.ones(1, len(seqs[0]), dtype=torch.bool), dispatch)
+        torch.testing.assert_close(stateless[0], want[0], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,49 @@
+"""Tiny random checkpoints of each supported family, written by transformers (test-only dependency)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 320
+
+
+def write_tokenizer(directory: Path, vocab: int = VOCAB) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 1, special_tokens=["<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["Summarize: the cat sat on the mat.", "Is this review positive or negative? Great food!",
+            "SELECT name FROM users WHERE id = 3;", "Answer the question: who wrote Hamlet?"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
+    import transformers as tf
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+                  eos_token_id=VOCAB - 1, bos_token_id=None, pad_token_id=None)
+    table = {
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=8, intermediate_size=48)),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                      dict(num_experts=8, moe_intermediate_size=32, intermediate_size=80,
+                           shared_expert_intermediate_size=40, mlp_only_layers=[1])),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                      dict(num_experts=8, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True)),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(num_experts=8, intermediate_size=32, clip_qkv=8.0)),
+    }
+    C, M, kw = table[family]
+    cfg = C(**{**common, **kw, **over})
+    model = M(cfg).eval()
+    with torch.no_grad():  # random routers are near-uniform; sharpen them so routing is decisive
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and "shared" not in name:
+                p.mul_(20)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
