@@ -16,7 +16,8 @@ from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .model import KVCache, MoEModel, swiglu
-from .policies import make_policy
+from .loader import Loader
+from .policies import PreGated, Reroute, make_policy
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder
@@ -96,7 +97,7 @@ class ExpertDispatch:
         n_hit = int(hit.sum())
         self.cache.stats.hits += n_hit
         self.cache.stats.misses += ids.numel() - n_hit
-        weights, ids = self.policy.select(layer, probs, weights, ids, self.cache)
+        weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
@@ -111,7 +112,9 @@ def resolve_budget(budget: float, total_bytes: int) -> int:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, plan: dict[int, list[int]] | None = None):
+    def __init__(self, cfg: EngineConfig, policy=None, residency=None):
+        """policy: a miss-policy object (default: by name from cfg.miss_policy). residency: a callable
+        capacity → residency policy (residency.py) that plans which experts stay resident."""
         self.ecfg = cfg
         self.ckpt = Checkpoint(cfg.model)
         self.cfg: ModelConfig = self.ckpt.config
@@ -127,8 +130,9 @@ class Engine:
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel)
         self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
-        self.policy = make_policy(cfg.miss_policy, **({"plan": plan} if cfg.miss_policy == "reroute" else {}))
-        budget = self.total_expert_bytes if cfg.miss_policy == "all" else resolve_budget(cfg.budget, self.total_expert_bytes)
+        self.policy = policy or make_policy(cfg.miss_policy)
+        full = cfg.miss_policy == "all" and policy is None or self.policy.name in ("all", "random-routing")
+        budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
         need = self.policy.min_experts(layers, c.num_experts, c.top_k) * self.cache.expert_bytes
         if budget < need:
             raise BudgetError(f"budget {budget} bytes ({budget / self.total_expert_bytes:.1%} of expert bytes) "
@@ -136,11 +140,19 @@ class Engine:
                               f"({need // self.cache.expert_bytes} experts of {self.cache.expert_bytes} bytes; "
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
+        self.residency = residency(self.cache.capacity) if residency is not None else None
+        if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:
+            self.policy.plan = self.residency.initial()
+        if isinstance(self.policy, PreGated) and not self.policy.routers:
+            routers = {l: dense[f"model.layers.{l}.{c.spec.moe_prefix}.gate.weight"] for l in layers}
+            self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
+        self.loader = Loader(self.cache)
         self.cache.stats.__init__()  # count only what serving does, not the initial fill
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
         self.kv = KVCache.empty(c, cfg.max_batch, self.max_len, self.dtype, self.device)
-        self.recorder = TraceRecorder(c.num_layers, c.num_experts, cfg.max_batch) if cfg.trace else None
+        tracing = cfg.trace or self.residency is not None
+        self.recorder = TraceRecorder(c.num_layers, c.num_experts, cfg.max_batch) if tracing else None
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder)
         self.free_slots = list(range(cfg.max_batch))
         self.running: list[Request] = []
@@ -168,9 +180,22 @@ class Engine:
     def admit(self, reqs: list[Request]) -> None:
         if len(reqs) > len(self.free_slots):
             raise RuntimeError(f"{len(reqs)} requests but only {len(self.free_slots)} free KV slots")
+        if self.residency is not None:  # the loader runs on every scheduling decision
+            t0 = time.perf_counter()
+            plan = self.residency.plan(self.running + list(reqs), self.cache)
+            if plan:
+                self.loader.apply(plan, t0)
+            else:
+                self.loader.stats.seconds += time.perf_counter() - t0
         for r in reqs:
             r.slot = self.free_slots.pop(0)
         self._prefill(reqs)
+        if self.residency is not None:
+            t0 = time.perf_counter()
+            plan = self.residency.after_prefill(reqs, [self.recorder.peek(r.slot) for r in reqs
+                                                       if r.finish_reason is None])
+            if plan:
+                self.loader.apply(plan, t0)
         self.running.extend(r for r in reqs if r.finish_reason is None)
 
     def abort(self, req: Request) -> None:
@@ -249,6 +274,8 @@ class Engine:
         if self.recorder is not None:
             r.trace = self.recorder.take(r.slot, r.id, r.task, len(r.prompt_ids), len(r.output_ids))
         self.free_slots.append(r.slot)
+        if self.residency is not None:
+            self.residency.observe(r)
 
     def text(self, r: Request) -> str:
         out = self.codec.decode(r.output_ids)
@@ -258,6 +285,26 @@ class Engine:
         return out
 
     # -- convenience -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [len(continuation), V] predicting each continuation token, computed
+        under the current residency and miss policy (the strict accuracy metric)."""
+        if not continuation or len(prompt_ids) + len(continuation) > self.max_len:
+            raise ValueError("continuation must be non-empty and fit max_len")
+        if not self.free_slots:
+            raise RuntimeError("no free KV slot to score in")
+        slot = self.free_slots[0]
+        seq = prompt_ids + continuation[:-1]
+        tokens = torch.tensor([seq], device=self.device)
+        pos = torch.arange(len(seq), device=self.device)[None]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        if self.recorder is not None:
+            self.recorder.phase, self.recorder.owners = "prefill", torch.full((len(seq),), slot)
+        logits = self.model.forward(tokens, pos, valid, self.dispatch, self.kv, torch.tensor([slot], device=self.device))
+        if self.recorder is not None:
+            self.recorder.take(slot, "score", None, 0, 0)
+        return logits[0, len(prompt_ids) - 1:]
+
     def generate(self, prompts: list, params: SamplingParams, tasks: list[str | None] | None = None,
                  chat: bool = True) -> list[Request]:
         """Run prompts to completion, keeping up to max_batch in flight (FCFS)."""

@@ -2,7 +2,7 @@
 
 A policy is a small object with three methods, chosen by name from `MISS_POLICIES`:
   prepare(cache, layers)   initial residency before the first request
-  select(layer, probs, weights, ids, cache) -> (weights, ids)   routing actually executed
+  select(layer, x, probs, weights, ids, cache) -> (weights, ids)   routing actually executed
   fetch(layer, expert, cache) -> weights   the tensors to run (may load, may not)
 Residency *prediction* (which experts to keep) lives in the loader; these only decide the miss.
 """
@@ -32,9 +32,11 @@ def reroute(probs: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, resid
     if not bool(need.any()):
         return weights, ids
     k = ids.shape[-1]
-    p = probs[need].masked_fill(~resident, 0.0)
-    w2, i2 = torch.topk(p, k, dim=-1)
-    w2 = w2 * (weights[need].float().sum(-1, keepdim=True) / w2.sum(-1, keepdim=True).clamp_min(1e-20))
+    # -1 keeps non-resident experts below every resident one even where probabilities underflow to 0
+    w2, i2 = torch.topk(probs[need].masked_fill(~resident, -1.0), k, dim=-1)
+    total = w2.sum(-1, keepdim=True)
+    share = torch.where(total > 0, w2 / total.clamp_min(1e-30), torch.full_like(w2, 1.0 / k))
+    w2 = share * weights[need].float().sum(-1, keepdim=True)
     weights, ids = weights.clone(), ids.clone()
     weights[need], ids[need] = w2.to(weights.dtype), i2
     return weights, ids
@@ -50,7 +52,7 @@ class AllResident:
     def prepare(self, cache: ExpertCache, layers: list[int]) -> None:
         cache.set_resident({l: list(range(cache.num_experts)) for l in layers})
 
-    def select(self, layer, probs, weights, ids, cache):
+    def select(self, layer, x, probs, weights, ids, cache):
         return weights, ids
 
     def fetch(self, layer: int, expert: int, cache: ExpertCache):
@@ -73,7 +75,7 @@ class Reroute(AllResident):
         if short:
             raise BudgetError(f"layers {short} have no resident expert")
 
-    def select(self, layer, probs, weights, ids, cache):
+    def select(self, layer, x, probs, weights, ids, cache):
         return reroute(probs, weights, ids, cache.mask[layer])
 
 
@@ -99,7 +101,46 @@ class LoadOnDemand(AllResident):
         return cache.get(layer, expert)
 
 
-MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand)}
+class RandomRouting(AllResident):
+    """All experts resident, but tokens at `layers` go to random experts (weights kept): the probe the
+    sensitivity profile uses to find layers where a task tolerates mis-routing."""
+    name = "random-routing"
+
+    def __init__(self, layers=(), seed: int = 0):
+        self.layers, self.gen = set(layers), torch.Generator().manual_seed(seed)
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        if layer not in self.layers:
+            return weights, ids
+        noise = torch.rand(probs.shape, generator=self.gen).to(probs.device)
+        return weights, noise.topk(ids.shape[-1], dim=-1).indices
+
+
+class PreGated(Reroute):
+    """Pre-gated-MoE style: at each MoE layer, the *next* MoE layer's router is applied to the current
+    hidden state and the experts it picks are fetched before that layer runs (evicting that layer's
+    least-used residents); whatever the pre-gate missed is rerouted. Each layer keeps an even share.
+    `routers` maps layer → next layer's router weight."""
+    name = "pregated"
+
+    def __init__(self, routers: dict[int, tuple[int, torch.Tensor]] | None = None, plan=None):
+        super().__init__(plan)
+        self.routers = routers or {}
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        nxt = self.routers.get(layer)
+        if nxt is not None:
+            nlayer, w = nxt
+            want = torch.topk(x.float() @ w.float().T, ids.shape[-1], dim=-1).indices
+            counts = torch.bincount(want.flatten(), minlength=cache.num_experts)
+            cur = cache.resident(nlayer)
+            keep = len(cur)
+            order = sorted(range(cache.num_experts), key=lambda e: (-int(counts[e]), e not in cur))
+            cache.set_resident({nlayer: order[:keep]})
+        return super().select(layer, x, probs, weights, ids, cache)
+
+
+MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated)}
 
 
 def make_policy(name: str, **kw):

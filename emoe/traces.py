@@ -55,6 +55,9 @@ class TraceRecorder:
         counts = torch.bincount(flat, minlength=self.rows * self.num_experts).view(self.rows, self.num_experts)
         self._counts[self.phase][:, layer] += counts.cpu()
 
+    def peek(self, row: int, phase: str = "prefill") -> torch.Tensor:
+        return self._counts[phase][row].clone()
+
     def take(self, row: int, request_id: str, task: str | None, prompt_tokens: int, output_tokens: int) -> Trace:
         """Hand over a finished row's trace and clear the row for its next occupant."""
         t = Trace(request_id, task, self._counts["prefill"][row].clone(), self._counts["decode"][row].clone(),

@@ -1,0 +1,115 @@
+"""`emoe` command line: it only parses arguments and wires modules together."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import default_model_dir
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded emoe-tiny model)")
+
+
+def _model(args) -> str:
+    path = args.model or default_model_dir()
+    if args.model is None and not (Path(path) / "model.safetensors").is_file():
+        sys.exit(f"emoe: the embedded model is missing at {path}; train it with `emoe train-model` or pass --model")
+    return path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"budgets must be fractions in (0, 1], got {text!r}")
+    return vals
+
+
+def cmd_generate(args) -> None:
+    from .engine import Engine, EngineConfig, SamplingParams
+    eng = Engine(EngineConfig(_model(args), budget=args.budget, miss_policy=args.miss_policy,
+                              experts_on=args.experts_on, max_batch=1, trace=False))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    t0 = time.perf_counter()
+    (req,) = eng.generate([args.prompt], params, chat=not args.raw)
+    print(eng.text(req))
+    print(eng.summary(time.perf_counter() - t0), file=sys.stderr)
+
+
+def cmd_bench_memory(args) -> None:
+    from .bench import memory
+    rows = memory.run(_model(args), args.budgets, args.miss_policy.split(","), args.experts_on, args.max_tokens)
+    print(memory.table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def cmd_train_model(args) -> None:
+    import torch
+    from .train import TrainConfig, train
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or default_model_dir())
+    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch)
+    general = Path(args.general_text) if args.general_text else None
+    if general is not None and not general.is_file():
+        sys.exit(f"emoe: general text {general} not found; build it with `python scripts/build_data.py --general-text`")
+    print(train(out, Path(args.run_dir), general, cfg, overwrite=args.overwrite))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    g.add_argument("prompt")
+    _model_arg(g)
+    g.add_argument("--budget", type=float, default=1.0, help="fraction of routed-expert bytes kept resident")
+    g.add_argument("--miss-policy", default="reroute", choices=["reroute", "load", "all"])
+    g.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    m = b.add_parser("memory", help="resident bytes, peak RSS, speed and agreement across budgets")
+    _model_arg(m)
+    m.add_argument("--budgets", type=_floats, default=_floats("1.0,0.6,0.4,0.2"))
+    m.add_argument("--miss-policy", default="reroute,load", help="comma-separated: reroute,load")
+    m.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    m.add_argument("--max-tokens", type=int, default=32)
+    m.add_argument("--json", default=None)
+    m.set_defaults(fn=cmd_bench_memory)
+
+    t = sub.add_parser("train-model", help="train the embedded model (resumable)")
+    t.add_argument("--out", default=None, help="output folder (default: the package's embedded model)")
+    t.add_argument("--run-dir", default="runs/train")
+    t.add_argument("--general-text", default=str(Path.home() / ".cache/emoe-data/general.txt"))
+    t.add_argument("--minutes", type=float, default=80)
+    t.add_argument("--seq", type=int, default=384)
+    t.add_argument("--batch", type=int, default=12)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
+    t.set_defaults(fn=cmd_train_model)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError, KeyError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"emoe: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""`emoe eval`: accuracy, memory and overhead of every residency policy at every budget, one run.
+
+A mixed stream of test-split prompts (uniformly random task per request, as in the paper) is served
+by each policy × budget in arrival order, `batch` requests at a time, so the loader re-plans on every
+admission. Each is compared with the all-resident run of the same stream:
+  similarity       embedding cosine of generated text (all-MiniLM-L6-v2; paper-comparable)
+  token_agreement  teacher-forced next-token agreement on the all-resident outputs (strict)
+  ppl_ratio        perplexity of the reference answers relative to all-resident
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Engine, EngineConfig, SamplingParams
+from .policies import AllResident, LoadOnDemand, PreGated, Reroute
+from .profile import Profile
+from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
+
+POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
+            "emoe-a", "emoe-l", "emoe-e")
+
+
+@dataclass(slots=True)
+class Setup:
+    profile: Profile
+    predictors: dict  # "a" / "l" → Predictor (may be empty when no emoe policy is asked for)
+    p: int = 40
+    adaptive: bool = False
+
+
+def build(name: str, s: Setup):
+    """Policy name → (miss policy object, residency factory or None)."""
+    prof = s.profile
+
+    def emoe(kind, p, label):
+        if kind not in s.predictors:
+            raise ValueError(f"policy {label} needs a trained predictor; run `emoe train-predictor`")
+        return lambda cap: EMoE(prof, cap, s.predictors[kind], p=p, name=label, adaptive=s.adaptive)
+
+    table = {
+        "all": lambda: (AllResident(), None),
+        "random": lambda: (Reroute(), lambda cap: RandomSet(prof, cap)),
+        "popular": lambda: (Reroute(), lambda cap: Popular(prof, cap)),
+        "task-static": lambda: (Reroute(), lambda cap: TaskAware(prof, cap)),
+        "lru": lambda: (LoadOnDemand(), None),
+        "moe-infinity": lambda: (Reroute(), lambda cap: MoEInfinity(prof, cap)),
+        "pregated": lambda: (PreGated(), lambda cap: Popular(prof, cap)),
+        "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
+        "emoe-l": lambda: (Reroute(), emoe("l", s.p, "emoe-l")),
+        "emoe-e": lambda: (Reroute(), emoe("a", 1, "emoe-e")),
+    }
+    if name not in table:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    return table[name]()
+
+
+def test_stream(n: int, seed: int = 0, tasks=None):
+    from .datasets import TASKS, load_split
+    rng = random.Random(seed)
+    by_task = {t: load_split("test", t) for t in (tasks or TASKS)}
+    for t in by_task:
+        rng.shuffle(by_task[t])
+    names = sorted(by_task)
+    picks = [rng.choice(names) for _ in range(n)]
+    seen = {t: 0 for t in names}
+    out = []
+    for t in picks:
+        out.append(by_task[t][seen[t] % len(by_task[t])])
+        seen[t] += 1
+    return out
+
+
+def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=None):
+    """Serve in arrival order; right after each batch, score it teacher-forced under the residency it
+    was served with. Returns per-request dicts."""
+    rows, t0 = [], time.perf_counter()
+    score_s = 0.0
+    for i in range(0, len(stream), batch):
+        chunk = stream[i: i + batch]
+        reqs = eng.generate([e.prompt for e in chunk], params, tasks=[e.task for e in chunk])
+        ts = time.perf_counter()
+        for j, (e, r) in enumerate(zip(chunk, reqs)):
+            row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids}
+            ans = eng.codec.encode(e.answer)[:64] if e.answer else []
+            if ans:
+                lp = torch.log_softmax(eng.score(r.prompt_ids, ans), -1)
+                row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans)[:, None]).mean())
+            ref = refs[i + j] if refs else None
+            if ref and ref["output_ids"]:
+                pred = eng.score(ref["prompt_ids"], ref["output_ids"]).argmax(-1).cpu()
+                row["agree"] = (int((pred == torch.tensor(ref["output_ids"])).sum()), len(ref["output_ids"]))
+            rows.append(row)
+        score_s += time.perf_counter() - ts
+    return rows, time.perf_counter() - t0 - score_s
+
+
+def evaluate(model: str, setup: Setup, budgets: list[float], policies: list[str], n: int = 60,
+             max_tokens: int = 48, batch: int = 4, seed: int = 0, experts_on: str = "ram",
+             similarity=None, log=print) -> list[dict]:
+    if similarity is None:
+        from .similarity import embedding_similarity as similarity
+    stream = test_stream(n, seed)
+    params = SamplingParams(max_tokens=max_tokens)
+    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on))
+    refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
+    ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
+    records = []
+    for name in policies:
+        for b in ([1.0] if name == "all" else budgets):
+            policy, residency = build(name, setup)
+            eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
+                                      experts_on=experts_on), policy=policy, residency=residency)
+            rows, secs = serve_stream(eng, stream, params, batch, refs)
+            sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
+            agree = sum(r["agree"][0] for r in rows if "agree" in r) / max(1, sum(r["agree"][1] for r in rows if "agree" in r))
+            st, ld = eng.cache.stats, eng.loader.stats
+            rec = {"policy": name, "budget": b, "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
+                   "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
+                   "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
+                   "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
+                   "stall_share": (st.load_seconds if name in ("lru", "pregated") else 0.0) / secs,
+                   "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
+                   "relative_speed": ref_secs / secs,
+                   "predictor_calls": getattr(eng.residency, "calls", 0),
+                   "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t])}
+                                for t in sorted({r["task"] for r in rows})}}
+            records.append(rec)
+            log(f"{name:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
+                f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
+    return records
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def table(records: list[dict]) -> str:
+    head = (f"{'policy':13} {'budget':>6} {'resident':>8} {'similarity':>10} {'agree':>6} {'ppl×':>5} "
+            f"{'hit':>6} {'MiB moved':>9} {'overhead':>8} {'tok/s':>6}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['policy']:13} {r['budget']:>6.2f} {r['resident_fraction']:>8.2f} {r['similarity']:>10.3f} "
+                     f"{r['token_agreement']:>6.3f} {r['ppl_ratio']:>5.2f} {r['hit_rate']:>6.3f} "
+                     f"{r['bytes_moved'] / 2**20:>9.1f} {r['overhead_share']:>8.2%} {r['tokens_per_s']:>6.1f}")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, ax, label in (("similarity", axes[0], "embedding similarity to all-resident"),
+                           ("token_agreement", axes[1], "teacher-forced token agreement")):
+        for name in dict.fromkeys(r["policy"] for r in records):
+            pts = sorted((r["resident_fraction"], r[key]) for r in records if r["policy"] == name)
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("resident fraction of routed-expert bytes")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,193 @@
+"""Offline profile of a model on task-labelled prompts: one versioned folder later commands read.
+
+profile.json  format, model fingerprint, shape, per-task prompt/output lengths, measured expert load
+              latency and per-token compute cost, the sensitivity profile, the fitted task extractor
+traces.jsonl  routing traces (prompt *and* generated tokens) of every profiled prompt, in stream order
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .traces import Trace, load_traces, save_traces
+
+FORMAT = "emoe-profile/1"
+SENS_THRESHOLD = 0.85
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """config.json + safetensors headers: changes whenever the weights' layout or the model does."""
+    h = hashlib.sha256()
+    d = Path(model_dir)
+    h.update((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(n))
+        h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class Profile:
+    model_fingerprint: str
+    tasks: list[str]
+    num_layers: int
+    num_experts: int
+    top_k: int
+    moe_layers: list[int]
+    out_len: dict[str, float]
+    prompt_len: dict[str, float]
+    load_latency_s: float                 # one expert, slow tier → fast tier
+    expert_bytes: int
+    token_cost_s: dict[str, float]        # measured per-token compute: {"prefill": s, "decode": s}
+    sensitivity: dict[str, list[int]]     # task → s per layer (0 = insensitive)
+    similarity: dict[str, list[float]]    # task → similarity with the first m MoE layers randomised
+    extractor: dict | None = None
+    traces: list[Trace] = field(default_factory=list)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {k: getattr(self, k) for k in self.__slots__ if k != "traces"}
+        (d / "profile.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
+        save_traces(self.traces, d / "traces.jsonl")
+
+    @classmethod
+    def load(cls, directory: str | Path, model_dir: str | Path | None = None) -> "Profile":
+        d = Path(directory)
+        path = d / "profile.json"
+        if not path.is_file():
+            raise ProfileError(f"{d} is not a profile folder (no profile.json); create one with `emoe profile`")
+        meta = json.loads(path.read_text())
+        fmt = meta.pop("format", None)
+        if fmt != FORMAT:
+            raise ProfileError(f"{path} has format {fmt!r}; this emoe reads {FORMAT!r} — re-run `emoe profile`")
+        prof = cls(**meta, traces=load_traces(d / "traces.jsonl"))
+        if model_dir is not None and (fp := fingerprint(model_dir)) != prof.model_fingerprint:
+            raise ProfileError(f"{d} was profiled on another model (fingerprint {prof.model_fingerprint}, "
+                               f"this model is {fp}); re-run `emoe profile` for {model_dir}")
+        return prof
+
+    def task_static(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for task in self.tasks:
+            hs = [_norm(t.total) for t in self.traces if t.task == task]
+            if hs:
+                out[task] = torch.stack(hs).mean(0)
+        return out
+
+    def popular(self) -> torch.Tensor:
+        return torch.stack([t.total.float() for t in self.traces]).sum(0)
+
+    def sensitivity_tensors(self) -> dict[str, torch.Tensor]:
+        return {t: torch.tensor(s, dtype=torch.float32) for t, s in self.sensitivity.items()}
+
+
+def _norm(counts: torch.Tensor) -> torch.Tensor:
+    c = counts.float()
+    return c / c.sum(1, keepdim=True).clamp_min(1)
+
+
+def measure_load_latency(engine, n: int = 16) -> float:
+    """Seconds to bring one expert from the slow tier into the fast tier (read + copy), averaged."""
+    from .cache import ExpertCache
+    c = engine.cfg
+    probe = ExpertCache(engine.store, engine.cache.expert_bytes * n, engine.device, engine.dtype,
+                        c.num_layers, c.num_experts, engine.expert_numel)
+    keys = random.Random(0).sample(sorted(engine.ckpt.experts), min(n, len(engine.ckpt.experts)))
+    for k in keys:
+        probe.admit(*k)
+    return probe.stats.load_seconds / len(keys)
+
+
+def sensitivity_curve(model_dir: str, prompts: list[str], refs: list[str], max_tokens: int,
+                      moe_layers: list[int], similarity) -> list[float]:
+    """Similarity to the all-resident outputs when the first m MoE layers route at random, m = 1..M."""
+    from .engine import Engine, EngineConfig, SamplingParams
+    from .policies import RandomRouting
+    curve = []
+    for m in range(1, len(moe_layers) + 1):
+        eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=len(prompts)),
+                     policy=RandomRouting(moe_layers[:m], seed=m))
+        outs = eng.generate(prompts, SamplingParams(max_tokens=max_tokens))
+        sims = similarity([eng.text(r) for r in outs], refs)
+        curve.append(sum(sims) / len(sims))
+    return curve
+
+
+def flags_from_curve(curve: list[float], moe_layers: list[int], num_layers: int,
+                     threshold: float = SENS_THRESHOLD) -> list[int]:
+    """Layers 1..m* are insensitive (s = 0) where randomising them all still keeps similarity ≥ threshold."""
+    s = [1] * num_layers
+    for m, sim in enumerate(curve, start=1):
+        if sim < threshold:
+            break
+        s[moe_layers[m - 1]] = 0
+    return s
+
+
+def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens: int = 48,
+                sens_prompts: int = 8, batch: int = 8, seed: int = 0, similarity=None, progress=True) -> Profile:
+    from tqdm import tqdm
+
+    from .datasets import TASKS, load_split
+    from .engine import Engine, EngineConfig, SamplingParams
+    from .tasks import TaskExtractor
+    if similarity is None:
+        from .similarity import embedding_similarity as similarity
+    rng = random.Random(seed)
+    train = load_split("train")
+    by_task = {t: [e for e in train if e.task == t] for t in TASKS}
+    stream = []
+    for t in TASKS:
+        stream += [(t, e) for e in rng.sample(by_task[t], min(per_task, len(by_task[t])))]
+    rng.shuffle(stream)  # a mixed stream: uniformly random task per request, as in the paper
+    eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=batch, trace=True))
+    params = SamplingParams(max_tokens=max_tokens)
+    reqs, t0 = [], time.perf_counter()
+    bar = tqdm(total=len(stream) + len(TASKS), desc="profile", disable=not progress)
+    for i in range(0, len(stream), batch):
+        chunk = stream[i: i + batch]
+        reqs += eng.generate([e.prompt for _, e in chunk], params, tasks=[t for t, _ in chunk])
+        bar.update(len(chunk))
+    secs = time.perf_counter() - t0
+    n_prompt = sum(len(r.prompt_ids) for r in reqs)
+    n_out = sum(len(r.output_ids) for r in reqs)
+    # per-token costs from a calibrated split: decode steps dominate; prefill tokens are batched
+    decode_cost = secs / max(n_out, 1)
+    cfg = eng.cfg
+    sens, curves = {}, {}
+    for t in TASKS:
+        mine = [r for r in reqs if r.task == t][:sens_prompts]
+        refs = [eng.text(r) for r in mine]
+        prompts = [e.prompt for tt, e in stream if tt == t][:sens_prompts]
+        curves[t] = sensitivity_curve(model_dir, prompts, refs, max_tokens, list(cfg.moe_layers), similarity)
+        sens[t] = flags_from_curve(curves[t], list(cfg.moe_layers), cfg.num_layers)
+        bar.update(1)
+    bar.close()
+    ex = TaskExtractor.fit(train, kind="classifier")
+    prof = Profile(
+        model_fingerprint=fingerprint(model_dir), tasks=list(TASKS), num_layers=cfg.num_layers,
+        num_experts=cfg.num_experts, top_k=cfg.top_k, moe_layers=list(cfg.moe_layers),
+        out_len={t: _mean([len(r.output_ids) for r in reqs if r.task == t]) for t in TASKS},
+        prompt_len={t: _mean([len(r.prompt_ids) for r in reqs if r.task == t]) for t in TASKS},
+        load_latency_s=measure_load_latency(eng), expert_bytes=eng.cache.expert_bytes,
+        token_cost_s={"decode": decode_cost, "prefill": secs / max(n_prompt + n_out, 1)},
+        sensitivity=sens, similarity=curves, extractor=ex.to_json(), traces=[r.trace for r in reqs])
+    prof.save(out)
+    return prof
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0

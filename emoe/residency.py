@@ -1,0 +1,152 @@
+"""Residency policies: which experts the fast tier should hold for the current batch.
+
+One small interface, chosen by name in eval/serve:
+  initial() -> {layer: [expert ids]}                    before the first request (the profile's best guess)
+  plan(batch, cache) -> {layer: [expert ids]} | None    on every scheduling decision (admission)
+  after_prefill(reqs, partial) -> plan | None           once new requests' prompt routing is known
+  observe(req)                                          when a request finishes (its trace is final)
+The engine hands plans to the loader, which moves only the difference. Misses are the miss policy's.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loader import demands_of, expected_tokens, plan_top
+from .profile import Profile
+
+
+class _Base:
+    name = "base"
+    needs_traces = False
+
+    def __init__(self, profile: Profile, capacity: int):
+        self.profile, self.capacity = profile, capacity
+        self.layers, self.top_k = list(profile.moe_layers), profile.top_k
+        self.popular = profile.popular()
+
+    def initial(self):
+        return self._top(self.popular)
+
+    def plan(self, batch, cache):
+        return None
+
+    def after_prefill(self, reqs, partial):
+        return None
+
+    def observe(self, req) -> None:
+        pass
+
+    def _top(self, N):
+        return plan_top(N, self.capacity, self.layers, self.top_k, self.popular)
+
+
+class RandomSet(_Base):
+    """Baseline: a random resident set of the budget's size (fixed)."""
+    name = "random"
+
+    def __init__(self, profile, capacity, seed: int = 0):
+        super().__init__(profile, capacity)
+        g = torch.Generator().manual_seed(seed)
+        self._plan = self._top(torch.rand(self.popular.shape, generator=g))
+
+    def initial(self):
+        return self._plan
+
+
+class Popular(_Base):
+    """Baseline: the experts most used over all profiled prompts (fixed)."""
+    name = "popular"
+
+
+class TaskAware(_Base):
+    """Eq. 2 with per-task shares. `shares(task)` supplies f; task-static uses the profile's means,
+    eMoE a predictor called every p prompts of a task (or adaptively, see adaptive)."""
+    name = "task-static"
+
+    def __init__(self, profile, capacity, use_sensitivity: bool = True):
+        super().__init__(profile, capacity)
+        self.static = profile.task_static()
+        self.sens = profile.sensitivity_tensors() if use_sensitivity else None
+
+    def shares(self, task: str) -> torch.Tensor:
+        return self.static.get(task, self.popular / self.popular.sum(1, keepdim=True).clamp_min(1))
+
+    def plan(self, batch, cache):
+        ds = demands_of(batch)
+        if not ds:
+            return None
+        shares = {d.task: self.shares(d.task) for d in ds}
+        return self._top(expected_tokens(ds, shares, self.profile.out_len, self.sens))
+
+
+class EMoE(TaskAware):
+    """eMoE: the predictor turns recent routing traces + task into f, re-run every p prompts per task.
+    Tasks whose layers are all insensitive skip the predictor (their N is zero anyway).
+    adaptive=True re-predicts early when the observed hit rate of a task's last prompt falls below
+    `min_hit` — a drift trigger instead of a fixed count."""
+    needs_traces = True
+
+    def __init__(self, profile, capacity, predictor, p: int = 40, name: str = "emoe-a",
+                 adaptive: bool = False, min_hit: float = 0.85, history: int = 64):
+        super().__init__(profile, capacity)
+        self.predictor, self.p, self.name = predictor, max(1, p), name
+        self.adaptive, self.min_hit, self.max_hist = adaptive, min_hit, history
+        self.history: list = list(profile.traces[-history:])
+        self.cached: dict[str, torch.Tensor] = {}
+        self.since: dict[str, int] = {}
+        self.calls = 0
+        self.stale: set[str] = set()
+
+    def shares(self, task):
+        sens = self.sens[task] if self.sens is not None and task in self.sens else None
+        if sens is not None and float(sens.sum()) == 0:
+            return super().shares(task)
+        if task not in self.cached or self.since.get(task, 0) >= self.p or task in self.stale:
+            self.cached[task] = self.predictor.predict(task, self.history)
+            self.since[task] = 0
+            self.stale.discard(task)
+            self.calls += 1
+        return self.cached[task]
+
+    def plan(self, batch, cache):
+        for r in batch:
+            if getattr(r, "slot", -1) < 0 or not r.output_ids:  # newly admitted: counts toward p
+                self.since[r.task] = self.since.get(r.task, 0) + 1
+        return super().plan(batch, cache)
+
+    def observe(self, req):
+        if req.trace is None:
+            return
+        self.history = (self.history + [req.trace])[-self.max_hist:]
+        if self.adaptive and req.task in self.cached:
+            f = self.cached[req.task]
+            got = req.trace.total.float()
+            planned = torch.zeros_like(got, dtype=torch.bool)
+            for layer in self.layers:  # approximate: was the wanted routing inside the predicted top set?
+                planned[layer, f[layer].topk(max(self.top_k, self.capacity // len(self.layers))).indices] = True
+            cover = float(got[planned].sum() / got.sum().clamp_min(1))
+            if cover < self.min_hit:
+                self.stale.add(req.task)
+
+
+class MoEInfinity(_Base):
+    """MoE-Infinity style: match each new request's observed (prefill) expert-activation matrix against
+    the stored traces by cosine, and make the best matches' full activation the residency for decode."""
+    name = "moe-infinity"
+
+    def __init__(self, profile, capacity):
+        super().__init__(profile, capacity)
+        pre = torch.stack([t.prefill.float() for t in profile.traces])
+        self.keys = pre.flatten(1) / pre.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-9)
+        self.values = torch.stack([t.total.float() / t.total.float().sum(1, keepdim=True).clamp_min(1)
+                                   for t in profile.traces])
+
+    def after_prefill(self, reqs, partial):
+        if not partial:
+            return None
+        N = 0
+        for counts in partial:
+            q = counts.float().flatten()
+            best = (self.keys @ (q / q.norm().clamp_min(1e-9))).argmax()
+            N = N + self.values[best] * float(counts.sum())
+        return self._top(N)
