@@ -79,6 +79,177 @@ class ExpertLocs:
         return (self.gate, self.up, self.down)
 
 
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing files or holds something emoe cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLoc:
+    path: str
+    start: int        # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: str        # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorLoc]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        a, b = meta["data_offsets"]
+        if not 0 <= a <= b <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+        out[name] = TensorLoc(str(path), 8 + n + a, b - a, meta["dtype"], tuple(meta["shape"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertLocs:
+    gate: TensorLoc
+    up: TensorLoc
+    down: TensorLoc
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def parts(self) -> tuple[TensorLoc, TensorLoc, TensorLoc]:
+        return (self.gate, self.up, self.down)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing files or holds something emoe cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLoc:
+    path: str
+    start: int        # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: str        # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorLoc]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        a, b = meta["data_offsets"]
+        if not 0 <= a <= b <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+        out[name] = TensorLoc(str(path), 8 + n + a, b - a, meta["dtype"], tuple(meta["shape"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertLocs:
+    gate: TensorLoc
+    up: TensorLoc
+    down: TensorLoc
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def parts(self) -> tuple[TensorLoc, TensorLoc, TensorLoc]:
+        return (self.gate, self.up, self.down)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing files or holds something emoe cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLoc:
+    path: str
+    start: int        # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: str        # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorLoc]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        a, b = meta["data_offsets"]
+        if not 0 <= a <= b <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+        out[name] = TensorLoc(str(path), 8 + n + a, b - a, meta["dtype"], tuple(meta["shape"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertLocs:
+    gate: TensorLoc
+    up: TensorLoc
+    down: TensorLoc
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    def parts(self) -> tuple[TensorLoc, TensorLoc, TensorLoc]:
+        return (self.gate, self.up, self.down)
+
+
 def _row_slice(loc: TensorLoc, first: int, count: int) -> TensorLoc:
     """Rows [first, first+count) of a tensor, which are contiguous in row-major storage."""
     row = loc.nbytes // loc.shape[0]
@@ -120,13 +291,7 @@ class Checkpoint:
             fused = self.tensors.get(f"{pre}.gate_up_proj")
             for e in range(cfg.num_experts):
                 if fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
-                    i = cfg.moe_intermediate_size
-                    gate_up = _row_slice(fused, 2 * i * e, 2 * i)
-                    down = self._need(f"{pre}.down_proj")
-                    locs = ExpertLocs(_row_slice(gate_up, 0, i), _row_slice(gate_up, i, i),
-                                      _row_slice(down, cfg.hidden_size * e, cfg.hidden_size))
-                    locs = ExpertLocs(*(TensorLoc(p.path, p.start, p.nbytes, p.dtype, s) for p, s in zip(
-                        locs.parts(), self._expert_shapes())))
+                    locs = self._fused_expert(fused, self._need(f"{pre}.down_proj"), e)
                 else:
                     locs = ExpertLocs(*(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
                 for part, shape in zip(locs.parts(), self._expert_shapes()):
@@ -135,6 +300,15 @@ class Checkpoint:
                                               f"config implies {shape}")
                 out[(layer, e)] = locs
         return out
+
+    def _fused_expert(self, gate_up: TensorLoc, down: TensorLoc, e: int) -> ExpertLocs:
+        """Expert e's slices of the stacked tensors: each is a contiguous byte range."""
+        i, h = self.config.moe_intermediate_size, self.config.hidden_size
+        elt = gate_up.nbytes // max(1, gate_up.shape[0] * gate_up.shape[1] * gate_up.shape[2])
+        g0 = gate_up.start + e * 2 * i * h * elt
+        return ExpertLocs(TensorLoc(gate_up.path, g0, i * h * elt, gate_up.dtype, (i, h)),
+                          TensorLoc(gate_up.path, g0 + i * h * elt, i * h * elt, gate_up.dtype, (i, h)),
+                          TensorLoc(down.path, down.start + e * h * i * elt, h * i * elt, down.dtype, (h, i)))
 
     def _expert_shapes(self):
         i, h = self.config.moe_intermediate_size, self.config.hidden_size

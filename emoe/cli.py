@@ -63,6 +63,64 @@ def cmd_train_model(args) -> None:
     print(train(out, Path(args.run_dir), general, cfg, overwrite=args.overwrite))
 
 
+def cmd_profile(args) -> None:
+    from .profile import run_profile
+    prof = run_profile(_model(args), args.out, per_task=args.per_task, max_tokens=args.max_tokens,
+                       sens_prompts=args.sens_prompts)
+    print(f"profile written to {args.out}: {len(prof.traces)} traces, load latency "
+          f"{prof.load_latency_s * 1e3:.2f} ms/expert")
+    print(sensitivity_table(prof))
+
+
+def sensitivity_table(prof) -> str:
+    lines = [f"{'task':14} {'out len':>7}  similarity with first m MoE layers random (m=1..)   s per layer"]
+    for t in prof.tasks:
+        curve = " ".join(f"{x:.2f}" for x in prof.similarity[t])
+        lines.append(f"{t:14} {prof.out_len[t]:>7.1f}  {curve:42}  {prof.sensitivity[t]}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    from .eval import POLICIES, Setup, evaluate, grid, plot, table
+    from .profile import Profile
+    model = _model(args)
+    prof = Profile.load(args.profile, model)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    predictors = _predictors(args.profile, policies)
+    setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive)
+    configs = grid(setup, policies, args.budgets)
+    for p in args.p_sweep or []:
+        configs.append((f"emoe-a p={p}", "emoe-a", args.sweep_budget, Setup(prof, predictors, p=p)))
+    for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
+        configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
+    recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(table(recs))
+    print()
+    print(sensitivity_table(prof))
+    if args.json:
+        Path(args.json).write_text(json.dumps(recs, indent=1))
+    if args.plot:
+        plot([r for r in recs if r["policy"] in POLICIES], args.plot)
+
+
+def _predictors(profile_dir: str, policies: list[str]) -> dict:
+    from .predictor import Predictor
+    out = {}
+    for kind in ("a", "l"):
+        d = Path(profile_dir) / f"predictor-{kind}"
+        if d.is_dir():
+            out[kind] = Predictor.load(d)
+    need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l"}
+    missing = sorted({need[p] for p in policies if p in need and need[p] not in out})
+    if missing:
+        raise ValueError(f"{profile_dir} has no predictor-{missing[0]}; run `emoe train-predictor {profile_dir}`")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -89,6 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-tokens", type=int, default=32)
     m.add_argument("--json", default=None)
     m.set_defaults(fn=cmd_bench_memory)
+
+    pr = sub.add_parser("profile", help="routing traces, output lengths, load latency and sensitivity")
+    _model_arg(pr)
+    pr.add_argument("--out", required=True, help="profile folder to write")
+    pr.add_argument("--per-task", type=int, default=40, help="training prompts per task")
+    pr.add_argument("--max-tokens", type=int, default=48)
+    pr.add_argument("--sens-prompts", type=int, default=8, help="prompts per task for the sensitivity probe")
+    pr.set_defaults(fn=cmd_profile)
+
+    ev = sub.add_parser("eval", help="accuracy/memory/overhead of policies × budgets on the test split")
+    _model_arg(ev)
+    ev.add_argument("--profile", required=True)
+    ev.add_argument("--budgets", type=_floats, default=_floats("0.8,0.6,0.4,0.2"))
+    ev.add_argument("--policies", default=",".join(["all", "random", "popular", "task-static", "lru",
+                                                    "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
+    ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
+    ev.add_argument("--max-tokens", type=int, default=48)
+    ev.add_argument("--batch", type=int, default=4)
+    ev.add_argument("--p", type=int, default=40, help="predictor period in prompts")
+    ev.add_argument("--adaptive", action="store_true", help="eMoE policies re-predict early when coverage drops")
+    ev.add_argument("--adaptive-compare", action="store_true",
+                    help="also run eMoE-A with adaptive p at --sweep-budget, beside fixed p")
+    ev.add_argument("--p-sweep", type=lambda t: [int(x) for x in t.split(",")], default=None)
+    ev.add_argument("--sweep-budget", type=float, default=0.4)
+    ev.add_argument("--json", default=None)
+    ev.add_argument("--plot", default=None)
+    ev.set_defaults(fn=cmd_eval)
 
     t = sub.add_parser("train-model", help="train the embedded model (resumable)")
     t.add_argument("--out", default=None, help="output folder (default: the package's embedded model)")

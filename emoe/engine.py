@@ -147,6 +147,10 @@ class Engine:
             routers = {l: dense[f"model.layers.{l}.{c.spec.moe_prefix}.gate.weight"] for l in layers}
             self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
+        short = [l for l in layers if len(self.cache.resident(l)) < c.top_k]
+        if isinstance(self.policy, Reroute) and short:
+            raise BudgetError(f"layers {short} hold fewer than top-{c.top_k} resident experts; "
+                              f"rerouting needs a full top-k in every MoE layer")
         self.loader = Loader(self.cache)
         self.cache.stats.__init__()  # count only what serving does, not the initial fill
         self.max_len = min(cfg.max_len, c.max_position_embeddings)

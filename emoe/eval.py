@@ -99,9 +99,13 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
     return rows, time.perf_counter() - t0 - score_s
 
 
-def evaluate(model: str, setup: Setup, budgets: list[float], policies: list[str], n: int = 60,
-             max_tokens: int = 48, batch: int = 4, seed: int = 0, experts_on: str = "ram",
-             similarity=None, log=print) -> list[dict]:
+def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[str, str, float, Setup]]:
+    """(label, policy, budget, setup) for every policy × budget; 'all' runs once, at 1.0."""
+    return [(p, p, b, setup) for p in policies for b in ([1.0] if p == "all" else budgets)]
+
+
+def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
+             batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print) -> list[dict]:
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     stream = test_stream(n, seed)
@@ -110,28 +114,30 @@ def evaluate(model: str, setup: Setup, budgets: list[float], policies: list[str]
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
     records = []
-    for name in policies:
-        for b in ([1.0] if name == "all" else budgets):
-            policy, residency = build(name, setup)
-            eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
-                                      experts_on=experts_on), policy=policy, residency=residency)
-            rows, secs = serve_stream(eng, stream, params, batch, refs)
-            sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
-            agree = sum(r["agree"][0] for r in rows if "agree" in r) / max(1, sum(r["agree"][1] for r in rows if "agree" in r))
-            st, ld = eng.cache.stats, eng.loader.stats
-            rec = {"policy": name, "budget": b, "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
-                   "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
-                   "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
-                   "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
-                   "stall_share": (st.load_seconds if name in ("lru", "pregated") else 0.0) / secs,
-                   "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
-                   "relative_speed": ref_secs / secs,
-                   "predictor_calls": getattr(eng.residency, "calls", 0),
-                   "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t])}
-                                for t in sorted({r["task"] for r in rows})}}
-            records.append(rec)
-            log(f"{name:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
-                f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
+    for label, name, b, setup in configs:
+        policy, residency = build(name, setup)
+        eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
+                                  experts_on=experts_on), policy=policy, residency=residency)
+        rows, secs = serve_stream(eng, stream, params, batch, refs)
+        sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
+        scored = [r["agree"] for r in rows if "agree" in r]
+        agree = sum(a for a, _ in scored) / max(1, sum(n_ for _, n_ in scored))
+        st, ld = eng.cache.stats, eng.loader.stats
+        rec = {"policy": label, "budget": b, "p": setup.p if name.startswith("emoe") else None,
+               "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
+               "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
+               "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
+               "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
+               "stall_share": (st.load_seconds if name in ("lru", "pregated") else 0.0) / secs,
+               "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
+               "relative_speed": ref_secs / secs,
+               "predictor_calls": getattr(eng.residency, "calls", 0),
+               "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t]),
+                                "n": sum(r["task"] == t for r in rows)}
+                            for t in sorted({r["task"] for r in rows})}}
+        records.append(rec)
+        log(f"{label:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
+            f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
     return records
 
 

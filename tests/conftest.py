@@ -2,3 +2,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """One tiny random Mixtral checkpoint (per-expert w1/w3/w2 layout + tokenizer.json), shared by the
+    whole session. Treat it as read-only: tests that damage a checkpoint copy it first."""
+    from tiny import make_tiny
+    return make_tiny("mixtral", tmp_path_factory.mktemp("tiny") / "mixtral")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and do not fight a busy machine for cores."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,141 @@
+"""Bad checkpoint folders are refused with a CheckpointError that names the problem."""
+import json
+import shutil
+import struct
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from emoe.checkpoint import Checkpoint, CheckpointError
+
+
+@pytest.fixture
+def ck_dir(tiny_mixtral, tmp_path):
+    """A private, damageable copy of the session's tiny Mixtral checkpoint."""
+    return shutil.copytree(tiny_mixtral, tmp_path / "ck")
+
+
+def edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def load_tensors(d):
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def refused(d, *fragments):
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(d)
+    msg = str(err.value)
+    for frag in fragments:
+        assert frag in msg, msg
+    return msg
+
+
+def test_good_checkpoint_loads(ck_dir):
+    ck = Checkpoint(ck_dir)
+    assert ck.config.family == "mixtral" and len(ck.experts) == 3 * 8
+    assert ck.tokenizer_path.name == "tokenizer.json"
+
+
+def test_folder_missing(tmp_path):
+    refused(tmp_path / "nope", "does not exist", "nope")
+
+
+def test_folder_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    refused(tmp_path / "f", "does not exist")
+
+
+def test_no_config(ck_dir):
+    (ck_dir / "config.json").unlink()
+    refused(ck_dir, "no config.json")
+
+
+def test_config_not_json(ck_dir):
+    (ck_dir / "config.json").write_text("{not json")
+    refused(ck_dir, "config.json", "not valid JSON")
+
+
+def test_unknown_model_type(ck_dir):
+    edit_config(ck_dir, model_type="llama", architectures=["LlamaForCausalLM"])
+    msg = refused(ck_dir, "llama")
+    for fam in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        assert fam in msg, msg
+
+
+def test_missing_config_key(ck_dir):
+    cfg = json.loads((ck_dir / "config.json").read_text())
+    del cfg["num_local_experts"]
+    (ck_dir / "config.json").write_text(json.dumps(cfg))
+    refused(ck_dir, "num_local_experts")
+
+
+def test_no_safetensors(ck_dir):
+    (ck_dir / "model.safetensors").unlink()
+    msg = refused(ck_dir, "no *.safetensors")
+    assert "pickle" not in msg
+
+
+def test_pickle_weights_refused(ck_dir):
+    (ck_dir / "model.safetensors").unlink()
+    (ck_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    refused(ck_dir, "pytorch_model.bin", "pickle weights are refused")
+
+
+def test_truncated_safetensors(ck_dir):
+    f = ck_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    refused(ck_dir, "model.safetensors", "truncated")
+
+
+def test_tiny_file_without_header(ck_dir):
+    (ck_dir / "model.safetensors").write_bytes(b"\x01\x02")
+    refused(ck_dir, "truncated", "no header")
+
+
+def test_corrupt_header_length(ck_dir):
+    f = ck_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
+    refused(ck_dir, "corrupt safetensors header")
+
+
+def test_corrupt_header_json(ck_dir):
+    f = ck_dir / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8] = ord("#")  # the header JSON no longer parses
+    f.write_bytes(bytes(data))
+    refused(ck_dir, "corrupt safetensors header")
+
+
+def test_missing_expert_tensor(ck_dir):
+    tensors = load_tensors(ck_dir)
+    key = "model.layers.1.block_sparse_moe.experts.5.w3.weight"
+    del tensors[key]
+    save_file(tensors, str(ck_dir / "model.safetensors"), metadata={"format": "pt"})
+    refused(ck_dir, key, "missing")
+
+
+def test_expert_shape_mismatch(ck_dir):
+    edit_config(ck_dir, intermediate_size=40)  # the tensors are [48, 64]
+    refused(ck_dir, "shape", "(48, 64)", "(40, 64)")
+
+
+def test_missing_dense_tensor(ck_dir):
+    tensors = load_tensors(ck_dir)
+    del tensors["model.layers.2.block_sparse_moe.gate.weight"]
+    save_file(tensors, str(ck_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="gate.weight"):
+        Checkpoint(ck_dir).dense_state()
+
+
+def test_missing_tokenizer(ck_dir):
+    (ck_dir / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        Checkpoint(ck_dir).tokenizer_path

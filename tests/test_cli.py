@@ -1,0 +1,42 @@
+"""`emoe` command line: generate, and bad input as one clear `emoe: ...` line."""
+import pytest
+
+from emoe.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_generate(tiny_mixtral, capsys):
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert out.strip()  # the decoded text (gibberish, but something)
+    assert "hit rate" in err and "[emoe]" in err and "tokens/s" in err
+
+
+def test_generate_low_budget_load(tiny_mixtral, capsys):
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "3", "--budget", "0.4",
+          "--miss-policy", "load", "--raw", "--temperature", "0.7", "--seed", "1"])
+    _, err = capsys.readouterr()
+    assert "hit rate" in err
+
+
+def test_missing_model_folder():
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", "/nonexistent", "--max-tokens", "3"])
+    msg = str(exc.value.code)
+    assert msg.startswith("emoe:") and "/nonexistent" in msg
+
+
+def test_budget_too_small(tiny_mixtral):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", str(tiny_mixtral), "--budget", "0.00001"])
+    msg = str(exc.value.code)
+    assert msg.startswith("emoe:") and "budget" in msg and "top-2" in msg
+    assert "\n" not in msg  # one line, no traceback
+
+
+def test_bad_argument_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--miss-policy", "lru"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,256 @@
+"""Engine behaviour on a tiny random Mixtral (its text is gibberish: compare token ids, not text)."""
+import json
+
+import pytest
+import torch
+
+from emoe.cache import BudgetError
+from emoe.engine import Engine, EngineConfig, SamplingParams
+from emoe.traces import Trace, load_traces, save_traces
+
+PROMPTS = ["Summarize: the cat sat on the mat.", "hi",
+           "SELECT name FROM users WHERE id = 3; Answer the question: who wrote Hamlet?"]
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def engine(model, **kw):
+    kw.setdefault("miss_policy", "all")
+    return Engine(EngineConfig(str(model), **kw))
+
+
+def ids(reqs):
+    return [r.output_ids for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mixtral):
+    """Greedy outputs with every expert resident, one prompt at a time."""
+    eng = engine(tiny_mixtral, max_batch=1)
+    return ids(eng.generate(PROMPTS, GREEDY, chat=False))
+
+
+# -- batching and sampling ---------------------------------------------------------------------------
+def test_prompts_have_different_lengths(tiny_mixtral):
+    eng = engine(tiny_mixtral)
+    lens = [len(eng.codec.encode(p)) for p in PROMPTS]
+    assert len(set(lens)) == 3, lens
+
+
+def test_batched_equals_one_at_a_time(tiny_mixtral, reference):
+    eng = engine(tiny_mixtral, max_batch=8)
+    reqs = eng.generate(PROMPTS, GREEDY, chat=False)
+    assert ids(reqs) == reference
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 6 for r in reqs)
+    # two slots for three prompts: the third joins when the first slot frees up
+    assert ids(engine(tiny_mixtral, max_batch=2).generate(PROMPTS, GREEDY, chat=False)) == reference
+    assert eng.free_slots and not eng.running
+
+
+def test_ram_tier_same_ids(tiny_mixtral, reference):
+    assert ids(engine(tiny_mixtral, experts_on="ram").generate(PROMPTS, GREEDY, chat=False)) == reference
+
+
+def test_seeded_sampling_is_reproducible(tiny_mixtral):
+    eng = engine(tiny_mixtral)
+
+    def sample(seed):
+        p = SamplingParams(max_tokens=20, temperature=0.8, seed=seed, ignore_eos=True)
+        return ids(eng.generate(PROMPTS, p, chat=False))
+
+    a, b, c = sample(123), sample(123), sample(7)
+    assert a == b
+    assert a != c
+    assert all(len(x) == 20 for x in a + c)
+
+
+def test_tiny_top_p_is_greedy(tiny_mixtral, reference):
+    eng = engine(tiny_mixtral)
+    p = SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-9, seed=1, ignore_eos=True)
+    assert ids(eng.generate(PROMPTS, p, chat=False)) == reference
+
+
+# -- finishing ---------------------------------------------------------------------------------------
+def test_max_tokens_respected(tiny_mixtral):
+    eng = engine(tiny_mixtral)
+    for n in (1, 4):
+        reqs = eng.generate(PROMPTS, SamplingParams(max_tokens=n, ignore_eos=True), chat=False)
+        assert [len(r.output_ids) for r in reqs] == [n] * 3
+        assert {r.finish_reason for r in reqs} == {"length"}
+
+
+def test_max_len_ends_with_length(tiny_mixtral):
+    eng = engine(tiny_mixtral, max_len=24)
+    n = len(eng.codec.encode(PROMPTS[0]))
+    (r,) = eng.generate(PROMPTS[:1], SamplingParams(max_tokens=100, ignore_eos=True), chat=False)
+    assert r.finish_reason == "length" and len(r.output_ids) == 24 - n
+
+
+def test_checkpoint_eos_is_a_stop_id(tiny_mixtral):
+    eng = engine(tiny_mixtral)
+    assert eng.cfg.eos_token_ids == (319,)
+    assert 319 in eng.codec.stop_ids
+
+
+def test_stop_token(tiny_mixtral, reference):
+    out = reference[0]
+    eng = engine(tiny_mixtral, trace=True)
+    eng.codec.stop_ids = frozenset({out[0]})
+    (r,) = eng.generate(PROMPTS[:1], SamplingParams(max_tokens=6), chat=False)
+    assert r.finish_reason == "stop" and r.output_ids == []  # the stop token itself is not returned
+    # a stop token later in the greedy output ends generation right before it
+    j = next(j for j in range(1, len(out)) if out[j] not in out[:j])
+    eng.codec.stop_ids = frozenset({out[j]})
+    (r,) = eng.generate(PROMPTS[:1], SamplingParams(max_tokens=6), chat=False)
+    assert r.finish_reason == "stop" and r.output_ids == out[:j]
+    # the stop token was sampled after j decode inputs (out[0..j-1]) and is never fed back
+    assert r.trace.decode.sum(1).tolist() == [j * eng.cfg.top_k] * eng.cfg.num_layers
+    # ignore_eos keeps going
+    (r,) = eng.generate(PROMPTS[:1], GREEDY, chat=False)
+    assert r.finish_reason == "length" and r.output_ids == out
+
+
+# -- budgets and miss policies -----------------------------------------------------------------------
+def test_full_budget_reroute_equals_all(tiny_mixtral, reference):
+    eng = engine(tiny_mixtral, miss_policy="reroute", budget=1.0)
+    assert eng.cache.used_bytes == eng.total_expert_bytes
+    assert ids(eng.generate(PROMPTS, GREEDY, chat=False)) == reference
+    assert eng.cache.stats.hit_rate == 1.0 and eng.cache.stats.loads == 0
+
+
+def test_reroute_at_40_percent(tiny_mixtral):
+    eng = engine(tiny_mixtral, miss_policy="reroute", budget=0.4)
+    assert eng.cache.budget_bytes == int(0.4 * eng.total_expert_bytes)
+    assert 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
+    reqs = eng.generate(PROMPTS, GREEDY, chat=False)
+    assert [len(r.output_ids) for r in reqs] == [6] * 3
+    s = eng.cache.stats
+    assert s.hits + s.misses > 0 and s.hit_rate < 1.0
+    assert s.loads == 0 and s.bytes_loaded == 0  # reroute never loads
+    assert eng.cache.used_bytes <= eng.cache.budget_bytes
+
+
+def test_load_on_demand_is_lossless(tiny_mixtral, reference):
+    eng = engine(tiny_mixtral, miss_policy="load", budget=0.4)
+    assert ids(eng.generate(PROMPTS, GREEDY, chat=False)) == reference
+    s = eng.cache.stats
+    assert s.bytes_loaded > 0 and s.loads > 0 and s.bytes_loaded == s.loads * eng.cache.expert_bytes
+    assert s.hit_rate < 1.0
+    assert eng.cache.used_bytes <= eng.cache.budget_bytes == int(0.4 * eng.total_expert_bytes)
+
+
+def test_budget_in_bytes(tiny_mixtral):
+    probe = engine(tiny_mixtral)
+    eb = probe.cache.expert_bytes
+    eng = engine(tiny_mixtral, miss_policy="reroute", budget=6 * eb + 5)
+    assert eng.cache.budget_bytes == 6 * eb + 5 and eng.cache.capacity == 6
+    assert all(len(eng.cache.resident(l)) == 2 for l in eng.cfg.moe_layers)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_budget_too_small(tiny_mixtral):
+    with pytest.raises(BudgetError) as err:
+        engine(tiny_mixtral, miss_policy="reroute", budget=1e-6)
+    assert "top-2" in str(err.value) and "budget" in str(err.value)
+    with pytest.raises(BudgetError, match="top-2"):
+        engine(tiny_mixtral, miss_policy="load", budget=1e-6)
+
+
+def test_prompt_longer_than_max_len(tiny_mixtral):
+    eng = engine(tiny_mixtral, max_len=8)
+    n = len(eng.codec.encode(PROMPTS[2]))
+    with pytest.raises(ValueError, match=f"prompt is {n} tokens"):
+        eng.generate(PROMPTS[2:], GREEDY, chat=False)
+    assert eng.free_slots == list(range(8)) and not eng.running
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_bad_engine_config(tiny_mixtral):
+    for bad in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="budget"):
+            EngineConfig(str(tiny_mixtral), budget=bad)
+    with pytest.raises(ValueError, match="experts_on"):
+        EngineConfig(str(tiny_mixtral), experts_on="nvme")
+    with pytest.raises(ValueError) as err:
+        Engine(EngineConfig(str(tiny_mixtral), miss_policy="lru"))
+    for name in ("lru", "reroute", "load", "all"):
+        assert name in str(err.value)
+
+
+# -- traces ------------------------------------------------------------------------------------------
+def test_trace_counts(tiny_mixtral):
+    eng = engine(tiny_mixtral, trace=True, max_batch=2)  # the third request reuses a slot
+    reqs = eng.generate(PROMPTS, GREEDY, chat=False)
+    k, layers = eng.cfg.top_k, eng.cfg.num_layers
+    for r in reqs:
+        t = r.trace
+        assert t is not None and t.request_id == r.id
+        assert t.prompt_tokens == len(r.prompt_ids) and t.output_tokens == len(r.output_ids) == 6
+        assert t.prefill.shape == t.decode.shape == (layers, eng.cfg.num_experts)
+        assert t.prefill.sum(1).tolist() == [len(r.prompt_ids) * k] * layers
+        assert t.decode.sum(1).tolist() == [(len(r.output_ids) - 1) * k] * layers
+        assert torch.equal(t.total, t.prefill + t.decode)
+    # a request that finishes at prefill has no decode steps
+    (r,) = eng.generate(PROMPTS[:1], SamplingParams(max_tokens=1, ignore_eos=True), chat=False)
+    assert r.trace.decode.sum() == 0 and r.trace.prefill.sum() == len(r.prompt_ids) * k * layers
+    assert engine(tiny_mixtral).generate(PROMPTS[:1], GREEDY, chat=False)[0].trace is None
+
+
+def test_trace_json_round_trip(tiny_mixtral, tmp_path):
+    eng = engine(tiny_mixtral, trace=True)
+    reqs = eng.generate(PROMPTS, GREEDY, tasks=["summarize", None, "sql"], chat=False)
+    traces = [r.trace for r in reqs]
+    for t in traces:
+        back = Trace.from_json(json.loads(json.dumps(t.to_json())))
+        assert (back.request_id, back.task, back.prompt_tokens, back.output_tokens) == \
+               (t.request_id, t.task, t.prompt_tokens, t.output_tokens)
+        assert torch.equal(back.prefill, t.prefill) and torch.equal(back.decode, t.decode)
+    assert traces[0].task == "summarize" and traces[1].task is None
+    save_traces(traces, tmp_path / "t.jsonl")
+    loaded = load_traces(tmp_path / "t.jsonl")
+    assert [t.request_id for t in loaded] == [t.request_id for t in traces]
+    assert all(torch.equal(a.total, b.total) for a, b in zip(loaded, traces))
+
+
+def test_traces_record_wanted_routing(tiny_mixtral):
+    """Traces hold the router's top-k before the miss policy rewrites it. The first MoE layer sees the
+    same hidden states under any policy, so its prefill counts must be identical; later layers differ
+    because rerouting changes their inputs."""
+    full = engine(tiny_mixtral, trace=True)
+    low = engine(tiny_mixtral, miss_policy="reroute", budget=0.4, trace=True)
+    a = full.generate(PROMPTS[:1], GREEDY, chat=False)[0].trace
+    b = low.generate(PROMPTS[:1], GREEDY, chat=False)[0].trace
+    first = low.cfg.moe_layers[0]
+    assert torch.equal(a.prefill[first], b.prefill[first])
+    # the executed routing only uses resident experts; the recorded one does not
+    resident = low.cache.mask.cpu()
+    assert low.cache.stats.misses > 0
+    assert int(b.prefill[~resident].sum()) > 0
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+def test_score_reproduces_greedy(tiny_mixtral, reference):
+    eng = engine(tiny_mixtral)
+    for prompt, out in zip(PROMPTS, reference):
+        logits = eng.score(eng.codec.encode(prompt), out)
+        assert logits.shape == (len(out), eng.cfg.vocab_size)
+        assert logits.argmax(-1).tolist() == out
+    assert eng.free_slots == list(range(8))
+    with pytest.raises(ValueError):
+        eng.score([1, 2], [])
+
+
+# -- a plan that cannot serve a full top-k is refused up front ----------------------------------------
+def test_reroute_plan_with_fewer_than_top_k_in_a_layer(tiny_mixtral):
+    from emoe.policies import Reroute
+    plan = {0: [3], 1: [0, 1, 2], 2: [4, 5]}  # layer 0 cannot serve a top-2
+    with pytest.raises(BudgetError, match="top-2"):
+        Engine(EngineConfig(str(tiny_mixtral), miss_policy="reroute", budget=0.5), policy=Reroute(plan=plan))
