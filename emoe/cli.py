@@ -121,6 +121,39 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
     return out
 
 
+def cmd_train_predictor(args) -> None:
+    from .eval import test_stream
+    from .predictor import Predictor, baselines, evaluate
+    from .profile import Profile, trace_stream
+    from .traces import load_traces, save_traces
+    model = _model(args)
+    prof = Profile.load(args.profile, model)
+    test_path = Path(args.profile) / "test_traces.jsonl"
+    if not test_path.is_file():  # traced once from the test split; never used for fitting
+        _, reqs, _ = trace_stream(model, test_stream(args.test_n, seed=1), args.max_tokens)
+        save_traces([r.trace for r in reqs], test_path)
+    test = load_traces(test_path)
+    methods = {}
+    for kind in ("a", "l"):
+        t0 = time.perf_counter()
+        pred = Predictor.fit(prof.traces, kind=kind)
+        pred.save(Path(args.profile) / f"predictor-{kind}")
+        print(f"eMoE-{kind.upper()}: fitted on {len(prof.traces)} profile traces in {time.perf_counter() - t0:.1f}s, "
+              f"{pred.nbytes / 1e3:.0f} kB", file=sys.stderr)
+        methods[f"emoe-{kind}"] = pred
+    methods |= baselines(prof.traces)
+    n_res = max(prof.top_k, round(args.budget * prof.num_experts))
+    report = []
+    print(f"test split: {len(test)} traces; {n_res} of {prof.num_experts} experts resident per layer (budget {args.budget})")
+    print(f"{'method':16} {'p':>3} {'precision':>9} {'recall':>7} {'F1':>6} {'coverage':>8}")
+    for p in args.p:
+        for name, fn in methods.items():
+            r = evaluate(fn, test, n_res, p=p, history=prof.traces)
+            report.append({"method": name, "p": p, **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
+            print(f"{name:16} {p:>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} {r['coverage']:>8.3f}")
+    (Path(args.profile) / "predictor_report.json").write_text(json.dumps(report, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -155,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-tokens", type=int, default=48)
     pr.add_argument("--sens-prompts", type=int, default=8, help="prompts per task for the sensitivity probe")
     pr.set_defaults(fn=cmd_profile)
+
+    tp = sub.add_parser("train-predictor", help="fit eMoE-A/L predictors on a profile; report set metrics on the test split")
+    tp.add_argument("profile")
+    _model_arg(tp)
+    tp.add_argument("--budget", type=float, default=0.4, help="sets experts resident per layer for the metrics")
+    tp.add_argument("--p", type=lambda t: [int(x) for x in t.split(",")], default=[1, 10, 40])
+    tp.add_argument("--test-n", type=int, default=120)
+    tp.add_argument("--max-tokens", type=int, default=48)
+    tp.set_defaults(fn=cmd_train_predictor)
 
     ev = sub.add_parser("eval", help="accuracy/memory/overhead of policies × budgets on the test split")
     _model_arg(ev)

@@ -137,12 +137,25 @@ def flags_from_curve(curve: list[float], moe_layers: list[int], num_layers: int,
     return s
 
 
+def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_batch=None):
+    """All-resident greedy generation of examples in order, with routing traces (prompt + answer)."""
+    from .engine import Engine, EngineConfig, SamplingParams
+    eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=batch, trace=True))
+    params = SamplingParams(max_tokens=max_tokens)
+    reqs, t0 = [], time.perf_counter()
+    for i in range(0, len(examples), batch):
+        chunk = examples[i: i + batch]
+        reqs += eng.generate([e.prompt for e in chunk], params, tasks=[e.task for e in chunk])
+        if on_batch:
+            on_batch(len(chunk))
+    return eng, reqs, time.perf_counter() - t0
+
+
 def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens: int = 48,
                 sens_prompts: int = 8, batch: int = 8, seed: int = 0, similarity=None, progress=True) -> Profile:
     from tqdm import tqdm
 
     from .datasets import TASKS, load_split
-    from .engine import Engine, EngineConfig, SamplingParams
     from .tasks import TaskExtractor
     if similarity is None:
         from .similarity import embedding_similarity as similarity
@@ -153,15 +166,8 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
     for t in TASKS:
         stream += [(t, e) for e in rng.sample(by_task[t], min(per_task, len(by_task[t])))]
     rng.shuffle(stream)  # a mixed stream: uniformly random task per request, as in the paper
-    eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=batch, trace=True))
-    params = SamplingParams(max_tokens=max_tokens)
-    reqs, t0 = [], time.perf_counter()
     bar = tqdm(total=len(stream) + len(TASKS), desc="profile", disable=not progress)
-    for i in range(0, len(stream), batch):
-        chunk = stream[i: i + batch]
-        reqs += eng.generate([e.prompt for _, e in chunk], params, tasks=[t for t, _ in chunk])
-        bar.update(len(chunk))
-    secs = time.perf_counter() - t0
+    eng, reqs, secs = trace_stream(model_dir, [e for _, e in stream], max_tokens, batch, bar.update)
     n_prompt = sum(len(r.prompt_ids) for r in reqs)
     n_out = sum(len(r.output_ids) for r in reqs)
     # per-token costs from a calibrated split: decode steps dominate; prefill tokens are batched
