@@ -154,6 +154,16 @@ def cmd_train_predictor(args) -> None:
     (Path(args.profile) / "predictor_report.json").write_text(json.dumps(report, indent=1))
 
 
+def cmd_analyze(args) -> None:
+    from . import analysis
+    rep = analysis.analyze(_model(args), per_task=args.per_task)
+    print(analysis.summary(rep))
+    if args.plot:
+        analysis.heatmap(rep, args.plot)
+    if args.json:
+        analysis.save(rep, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -216,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None)
     ev.add_argument("--plot", default=None)
     ev.set_defaults(fn=cmd_eval)
+
+    an = sub.add_parser("analyze", help="per-task perplexity, routing divergence and heat-map")
+    _model_arg(an)
+    an.add_argument("--per-task", type=int, default=100)
+    an.add_argument("--plot", default=None, help="heat-map PNG (layers × experts per task)")
+    an.add_argument("--json", default=None)
+    an.set_defaults(fn=cmd_analyze)
 
     t = sub.add_parser("train-model", help="train the embedded model (resumable)")
     t.add_argument("--out", default=None, help="output folder (default: the package's embedded model)")

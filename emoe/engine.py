@@ -305,8 +305,8 @@ class Engine:
         if self.recorder is not None:
             self.recorder.phase, self.recorder.owners = "prefill", torch.full((len(seq),), slot)
         logits = self.model.forward(tokens, pos, valid, self.dispatch, self.kv, torch.tensor([slot], device=self.device))
-        if self.recorder is not None:
-            self.recorder.take(slot, "score", None, 0, 0)
+        if self.recorder is not None:  # routing of prompt + continuation, kept for analysis
+            self.last_score_trace = self.recorder.take(slot, "score", None, len(prompt_ids), len(continuation))
         return logits[0, len(prompt_ids) - 1:]
 
     def generate(self, prompts: list, params: SamplingParams, tasks: list[str | None] | None = None,
