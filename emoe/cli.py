@@ -51,6 +51,22 @@ def cmd_bench_memory(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+def cmd_bench_serve(args) -> None:
+    from .bench import serve
+    slo = serve.parse_goodput(args.goodput)
+    reqs = serve.make_requests(args.num_requests, args.request_rate, args.burstiness, args.trace,
+                               args.time_scale, args.task_mix, args.max_tokens, args.max_prompt_tokens,
+                               args.seed)
+    res = serve.run_benchmark(args.base_url, reqs, model=args.model, goodput=slo, api_key=args.api_key,
+                              timeout=args.timeout, max_concurrency=args.max_concurrency)
+    print(serve.format_table(res))
+    if args.json:
+        cfg = {k: getattr(args, k) for k in ("base_url", "num_requests", "request_rate", "burstiness", "trace",
+                                             "time_scale", "task_mix", "max_tokens", "max_prompt_tokens",
+                                             "seed", "timeout", "max_concurrency")}
+        serve.save_json(res, args.json, {**cfg, "model": res["model"], "goodput": slo, "requests": len(reqs)})
+
+
 def cmd_train_model(args) -> None:
     import torch
     from .train import TrainConfig, train
@@ -81,14 +97,14 @@ def sensitivity_table(prof) -> str:
 
 
 def cmd_eval(args) -> None:
-    from .eval import POLICIES, Setup, evaluate, grid, plot, table
+    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, plot, table
     from .profile import Profile
     model = _model(args)
     prof = Profile.load(args.profile, model)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in POLICIES + EXTRA]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA)}")
     predictors = _predictors(args.profile, policies)
     setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive)
     configs = grid(setup, policies, args.budgets)
@@ -104,7 +120,7 @@ def cmd_eval(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(recs, indent=1))
     if args.plot:
-        plot([r for r in recs if r["policy"] in POLICIES], args.plot)
+        plot([r for r in recs if r["policy"] in POLICIES + EXTRA], args.plot)
 
 
 def _predictors(profile_dir: str, policies: list[str]) -> dict:
@@ -114,7 +130,7 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
         d = Path(profile_dir) / f"predictor-{kind}"
         if d.is_dir():
             out[kind] = Predictor.load(d)
-    need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l"}
+    need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l", "emoe-a-hybrid": "a", "emoe-a-prompt": "a"}
     missing = sorted({need[p] for p in policies if p in need and need[p] not in out})
     if missing:
         raise ValueError(f"{profile_dir} has no predictor-{missing[0]}; run `emoe train-predictor {profile_dir}`")
@@ -190,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-tokens", type=int, default=32)
     m.add_argument("--json", default=None)
     m.set_defaults(fn=cmd_bench_memory)
+
+    sv = b.add_parser("serve", help="load benchmark of an OpenAI-compatible server (vLLM benchmark_serving style)")
+    sv.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    sv.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
+    sv.add_argument("--num-requests", type=int, default=None,
+                    help="requests to send (default 100; with --trace, every row: the first N rows)")
+    sv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    sv.add_argument("--burstiness", type=float, default=1.0,
+                    help="gamma shape of inter-arrival times: 1 = Poisson, < 1 burstier, > 1 more regular")
+    sv.add_argument("--trace", default=None, help="Azure LLM trace CSV to replay (TIMESTAMP, ContextTokens, "
+                                                  "GeneratedTokens), e.g. ../shared/traces/AzureLLMInferenceTrace_conv.csv")
+    sv.add_argument("--time-scale", type=float, default=1.0, help="trace arrival offsets are divided by this")
+    sv.add_argument("--task-mix", default=None, help="e.g. summarization:1,qa:2 (default: uniform; "
+                                                     "conversation for a _conv trace, code for a _code one)")
+    sv.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
+    sv.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (trace: the cap)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=400, help="trace prompt lengths are scaled to this")
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, whole stream included")
+    sv.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    sv.add_argument("--json", default=None, help="write the metrics and the config as one JSON object")
+    sv.set_defaults(fn=cmd_bench_serve)
 
     pr = sub.add_parser("profile", help="routing traces, output lengths, load latency and sensitivity")
     _model_arg(pr)

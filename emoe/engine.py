@@ -181,6 +181,11 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         return Request(request_id or f"req-{next(self._ids)}", ids, params, task, gen=gen)
 
+    def fits(self, prompt: str, max_tokens: int, chat: bool = True) -> bool:
+        """Whether a prompt plus max_tokens of output fits one KV slot (harnesses skip those that do not)."""
+        text = self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        return len(self.codec.encode(text)) + max_tokens <= self.max_len
+
     def admit(self, reqs: list[Request]) -> None:
         if len(reqs) > len(self.free_slots):
             raise RuntimeError(f"{len(reqs)} requests but only {len(self.free_slots)} free KV slots")
@@ -196,8 +201,8 @@ class Engine:
         self._prefill(reqs)
         if self.residency is not None:
             t0 = time.perf_counter()
-            plan = self.residency.after_prefill(reqs, [self.recorder.peek(r.slot) for r in reqs
-                                                       if r.finish_reason is None])
+            new = [r for r in reqs if r.finish_reason is None]
+            plan = self.residency.after_prefill(self.running + new, new, [self.recorder.peek(r.slot) for r in new])
             if plan:
                 self.loader.apply(plan, t0)
         self.running.extend(r for r in reqs if r.finish_reason is None)
@@ -219,6 +224,8 @@ class Engine:
             pos[b, : len(s)] = torch.arange(p0, p0 + len(s))
             valid[b, : len(s)] = True
         slots = torch.tensor([r.slot for r in rows])
+        if hasattr(self.policy, "begin"):  # per-token task, for policies that treat tasks differently
+            self.policy.begin([r.task for r, s in zip(rows, seqs) for _ in s])
         if self.recorder is not None:
             self.recorder.phase = phase
             self.recorder.owners = slots[:, None].expand(len(rows), T)[valid]
@@ -290,7 +297,7 @@ class Engine:
 
     # -- convenience -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+    def score(self, prompt_ids: list[int], continuation: list[int], task: str | None = None) -> torch.Tensor:
         """Teacher-forced logits [len(continuation), V] predicting each continuation token, computed
         under the current residency and miss policy (the strict accuracy metric)."""
         if not continuation or len(prompt_ids) + len(continuation) > self.max_len:
@@ -302,6 +309,8 @@ class Engine:
         tokens = torch.tensor([seq], device=self.device)
         pos = torch.arange(len(seq), device=self.device)[None]
         valid = torch.ones_like(tokens, dtype=torch.bool)
+        if hasattr(self.policy, "begin"):
+            self.policy.begin([task] * len(seq))
         if self.recorder is not None:
             self.recorder.phase, self.recorder.owners = "prefill", torch.full((len(seq),), slot)
         logits = self.model.forward(tokens, pos, valid, self.dispatch, self.kv, torch.tensor([slot], device=self.device))

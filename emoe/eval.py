@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, LoadOnDemand, PreGated, Reroute
+from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute
 from .profile import Profile
 from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
 
 POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
             "emoe-a", "emoe-l", "emoe-e")
+EXTRA = ("emoe-a-hybrid", "emoe-a-prompt")  # beyond the paper: per-task hybrid miss policy, prompt-aware refresh
 
 
 @dataclass(slots=True)
@@ -37,10 +38,10 @@ def build(name: str, s: Setup):
     """Policy name → (miss policy object, residency factory or None)."""
     prof = s.profile
 
-    def emoe(kind, p, label):
+    def emoe(kind, p, label, **kw):
         if kind not in s.predictors:
             raise ValueError(f"policy {label} needs a trained predictor; run `emoe train-predictor`")
-        return lambda cap: EMoE(prof, cap, s.predictors[kind], p=p, name=label, adaptive=s.adaptive)
+        return lambda cap: EMoE(prof, cap, s.predictors[kind], p=p, name=label, adaptive=s.adaptive, **kw)
 
     table = {
         "all": lambda: (AllResident(), None),
@@ -53,16 +54,20 @@ def build(name: str, s: Setup):
         "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
         "emoe-l": lambda: (Reroute(), emoe("l", s.p, "emoe-l")),
         "emoe-e": lambda: (Reroute(), emoe("a", 1, "emoe-e")),
+        "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
+        "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
     }
     if name not in table:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES + EXTRA)}")
     return table[name]()
 
 
-def test_stream(n: int, seed: int = 0, tasks=None):
+def test_stream(n: int, seed: int = 0, tasks=None, fits=None):
+    """n test-split examples, a uniformly random task per request; `fits` filters out prompts too long."""
     from .datasets import TASKS, load_split
     rng = random.Random(seed)
-    by_task = {t: load_split("test", t) for t in (tasks or TASKS)}
+    by_task = {t: [e for e in load_split("test", t) if fits is None or fits(e.prompt)] for t in (tasks or TASKS)}
+    by_task = {t: v for t, v in by_task.items() if v}
     for t in by_task:
         rng.shuffle(by_task[t])
     names = sorted(by_task)
@@ -88,11 +93,11 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
             row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids}
             ans = eng.codec.encode(e.answer)[:64] if e.answer else []
             if ans:
-                lp = torch.log_softmax(eng.score(r.prompt_ids, ans), -1)
+                lp = torch.log_softmax(eng.score(r.prompt_ids, ans, e.task), -1)
                 row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans)[:, None]).mean())
             ref = refs[i + j] if refs else None
             if ref and ref["output_ids"]:
-                pred = eng.score(ref["prompt_ids"], ref["output_ids"]).argmax(-1).cpu()
+                pred = eng.score(ref["prompt_ids"], ref["output_ids"], e.task).argmax(-1).cpu()
                 row["agree"] = (int((pred == torch.tensor(ref["output_ids"])).sum()), len(ref["output_ids"]))
             rows.append(row)
         score_s += time.perf_counter() - ts
@@ -108,9 +113,9 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print) -> list[dict]:
     if similarity is None:
         from .similarity import embedding_similarity as similarity
-    stream = test_stream(n, seed)
     params = SamplingParams(max_tokens=max_tokens)
     ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on))
+    stream = test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64))
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
     records = []
@@ -128,7 +133,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
                "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
-               "stall_share": (st.load_seconds if name in ("lru", "pregated") else 0.0) / secs,
+               "stall_share": (st.load_seconds if name in ("lru", "pregated", "emoe-a-hybrid") else 0.0) / secs,
                "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),

@@ -140,7 +140,32 @@ class PreGated(Reroute):
         return super().select(layer, x, probs, weights, ids, cache)
 
 
-MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated)}
+class Hybrid(Reroute):
+    """Per task and layer: reroute where the task is insensitive (s = 0), load on demand (LRU) where it is
+    sensitive — exactness only where the sensitivity profile says it matters. The engine tells it which
+    task each token belongs to via `begin`."""
+    name = "hybrid"
+
+    def __init__(self, sensitivity: dict[str, list[int]] | None = None, plan=None):
+        super().__init__(plan)
+        self.sensitivity, self.token_sens = sensitivity or {}, None
+
+    def begin(self, token_tasks: list) -> None:
+        rows = [self.sensitivity.get(t, None) for t in token_tasks]
+        width = max((len(r) for r in rows if r), default=0)
+        self.token_sens = torch.tensor([r if r else [1] * width for r in rows], dtype=torch.bool) if width else None
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        w2, i2 = reroute(probs, weights, ids, cache.mask[layer])
+        if self.token_sens is None:
+            return weights, ids  # no profile: every layer counts as sensitive
+        sens = self.token_sens[:, layer].to(ids.device)[:, None]
+        return torch.where(sens, weights, w2), torch.where(sens, ids, i2)
+
+    fetch = LoadOnDemand.fetch
+
+
+MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid)}
 
 
 def make_policy(name: str, **kw):

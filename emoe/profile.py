@@ -116,6 +116,8 @@ def sensitivity_curve(model_dir: str, prompts: list[str], refs: list[str], max_t
     """Similarity to the all-resident outputs when the first m MoE layers route at random, m = 1..M."""
     from .engine import Engine, EngineConfig, SamplingParams
     from .policies import RandomRouting
+    if not prompts:
+        return [0.0] * len(moe_layers)  # nothing fits: count every layer as sensitive
     curve = []
     for m in range(1, len(moe_layers) + 1):
         eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=len(prompts)),
@@ -142,6 +144,7 @@ def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_b
     from .engine import Engine, EngineConfig, SamplingParams
     eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=batch, trace=True))
     params = SamplingParams(max_tokens=max_tokens)
+    examples = [e for e in examples if eng.fits(e.prompt, max_tokens)]
     reqs, t0 = [], time.perf_counter()
     for i in range(0, len(examples), batch):
         chunk = examples[i: i + batch]
@@ -174,10 +177,11 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
     decode_cost = secs / max(n_out, 1)
     cfg = eng.cfg
     sens, curves = {}, {}
+    prompt_of = {id(r): e.prompt for r, e in zip(reqs, [e for _, e in stream if eng.fits(e.prompt, max_tokens)])}
     for t in TASKS:
         mine = [r for r in reqs if r.task == t][:sens_prompts]
         refs = [eng.text(r) for r in mine]
-        prompts = [e.prompt for tt, e in stream if tt == t][:sens_prompts]
+        prompts = [prompt_of[id(r)] for r in mine]
         curves[t] = sensitivity_curve(model_dir, prompts, refs, max_tokens, list(cfg.moe_layers), similarity)
         sens[t] = flags_from_curve(curves[t], list(cfg.moe_layers), cfg.num_layers)
         bar.update(1)

@@ -3,7 +3,7 @@
 One small interface, chosen by name in eval/serve:
   initial() -> {layer: [expert ids]}                    before the first request (the profile's best guess)
   plan(batch, cache) -> {layer: [expert ids]} | None    on every scheduling decision (admission)
-  after_prefill(reqs, partial) -> plan | None           once new requests' prompt routing is known
+  after_prefill(batch, new, partial) -> plan | None     once new requests' prompt routing is known
   observe(req)                                          when a request finishes (its trace is final)
 The engine hands plans to the loader, which moves only the difference. Misses are the miss policy's.
 """
@@ -30,7 +30,7 @@ class _Base:
     def plan(self, batch, cache):
         return None
 
-    def after_prefill(self, reqs, partial):
+    def after_prefill(self, batch, new, partial):
         return None
 
     def observe(self, req) -> None:
@@ -87,8 +87,9 @@ class EMoE(TaskAware):
     needs_traces = True
 
     def __init__(self, profile, capacity, predictor, p: int = 40, name: str = "emoe-a",
-                 adaptive: bool = False, min_hit: float = 0.85, history: int = 64):
+                 adaptive: bool = False, min_hit: float = 0.85, history: int = 64, prompt_aware: bool = False):
         super().__init__(profile, capacity)
+        self.prompt_aware, self.req_f = prompt_aware, {}
         self.predictor, self.p, self.name = predictor, max(1, p), name
         self.adaptive, self.min_hit, self.max_hist = adaptive, min_hit, history
         self.history: list = list(profile.traces[-history:])
@@ -114,7 +115,25 @@ class EMoE(TaskAware):
                 self.since[r.task] = self.since.get(r.task, 0) + 1
         return super().plan(batch, cache)
 
+    def after_prefill(self, batch, new, partial):
+        """Prompt-aware refresh (beyond the paper): once a prompt's own routing is known, blend it into
+        its request's shares for the decode phase; answers reuse many of the prompt's experts."""
+        if not self.prompt_aware or not new:
+            return None
+        for r, c in zip(new, partial):
+            self.req_f[r.id] = c.float() / c.float().sum(1, keepdim=True).clamp_min(1)
+        N = None
+        for r in batch:
+            f = self.shares(r.task)
+            if r.id in self.req_f:
+                f = 0.5 * f + 0.5 * self.req_f[r.id]
+            s = self.sens[r.task][:, None] if self.sens is not None and r.task in self.sens else 1.0
+            term = (len(r.prompt_ids) + self.profile.out_len.get(r.task, 0.0)) * s * f
+            N = term if N is None else N + term
+        return self._top(N)
+
     def observe(self, req):
+        self.req_f.pop(req.id, None)
         if req.trace is None:
             return
         self.history = (self.history + [req.trace])[-self.max_hist:]
@@ -141,7 +160,7 @@ class MoEInfinity(_Base):
         self.values = torch.stack([t.total.float() / t.total.float().sum(1, keepdim=True).clamp_min(1)
                                    for t in profile.traces])
 
-    def after_prefill(self, reqs, partial):
+    def after_prefill(self, batch, new, partial):
         if not partial:
             return None
         N = 0

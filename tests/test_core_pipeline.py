@@ -1,0 +1,65 @@
+"""Profile → predictor → eMoE residency → eval, end to end on the tiny checkpoint (fast settings)."""
+import json
+
+import pytest
+
+from emoe.profile import FORMAT, Profile, ProfileError, flags_from_curve, run_profile
+
+
+def token_sim(a, b):
+    from emoe.similarity import token_similarity
+    return [token_similarity(list(x), list(y)) for x, y in zip(a, b)]
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    """A tiny model with a long context: the tiny byte-level tokenizer makes prompts long."""
+    from tiny import make_tiny
+    return make_tiny("mixtral", tmp_path_factory.mktemp("tiny_long") / "m", max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tiny_mixtral, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("profile")
+    run_profile(str(tiny_mixtral), out, per_task=3, max_tokens=4, sens_prompts=2, similarity=token_sim,
+                progress=False)
+    return out
+
+
+def test_flags_from_curve():
+    assert flags_from_curve([0.9, 0.86, 0.5, 0.9], [0, 1, 2, 3], 4) == [0, 0, 1, 1]
+    assert flags_from_curve([0.5, 0.99], [1, 3], 4) == [1, 1, 1, 1]
+
+
+def test_profile_roundtrip_and_refusals(profile_dir, tiny_mixtral, tmp_path):
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    assert len(prof.traces) == 18 and set(prof.out_len) == set(prof.tasks)
+    assert prof.load_latency_s > 0 and all(len(s) == prof.num_layers for s in prof.sensitivity.values())
+    meta = json.loads((profile_dir / "profile.json").read_text())
+    bad = tmp_path / "old"
+    bad.mkdir()
+    (bad / "traces.jsonl").write_text((profile_dir / "traces.jsonl").read_text())
+    (bad / "profile.json").write_text(json.dumps({**meta, "format": "emoe-profile/0"}))
+    with pytest.raises(ProfileError, match="emoe-profile/0"):
+        Profile.load(bad)
+    (bad / "profile.json").write_text(json.dumps({**meta, "format": FORMAT, "model_fingerprint": "other"}))
+    with pytest.raises(ProfileError, match="another model"):
+        Profile.load(bad, tiny_mixtral)
+
+
+def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thread):
+    from emoe.eval import EXTRA, POLICIES, Setup, evaluate, grid
+    from emoe.predictor import Predictor
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    preds = {k: Predictor.fit(prof.traces, kind=k, epochs=3) for k in "al"}
+    recs = evaluate(str(tiny_mixtral), grid(Setup(prof, preds, p=2), list(POLICIES + EXTRA), [0.5]), n=6,
+                    max_tokens=4, batch=3, similarity=lambda a, b: [float(x == y) for x, y in zip(a, b)],
+                    log=lambda m: None)
+    by = {r["policy"]: r for r in recs}
+    assert set(by) == set(POLICIES + EXTRA)
+    assert by["all"]["similarity"] == 1.0 and by["all"]["token_agreement"] == 1.0
+    assert by["lru"]["token_agreement"] == 1.0  # on-demand loading is lossless
+    for r in recs:
+        assert r["resident_fraction"] <= r["budget"] + 1e-9
+        assert 0 <= r["hit_rate"] <= 1 and r["tokens_per_s"] > 0
+    assert by["emoe-e"]["predictor_calls"] >= by["emoe-a"]["predictor_calls"]

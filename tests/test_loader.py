@@ -1,0 +1,43 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emoe.loader import TaskDemand, expected_tokens, plan_top
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 6), st.integers(2, 16), st.integers(1, 3), st.integers(0, 200), st.integers(0, 2**31 - 1))
+def test_plan_respects_capacity_and_top_k(n_layers, E, k, cap, seed):
+    k = min(k, E)
+    layers = list(range(n_layers))
+    cap = max(cap, n_layers * k)
+    g = torch.Generator().manual_seed(seed)
+    N = torch.rand(n_layers, E, generator=g) * (torch.rand(n_layers, 1, generator=g) > 0.3)
+    plan = plan_top(N, cap, layers, k, torch.rand(n_layers, E, generator=g))
+    total = sum(len(v) for v in plan.values())
+    assert total == min(cap, n_layers * E)
+    assert all(len(v) >= k and len(set(v)) == len(v) and all(0 <= e < E for e in v) for v in plan.values())
+
+
+def test_plan_follows_demand_and_lets_L_differ_per_layer():
+    N = torch.zeros(3, 8)
+    N[0, :6] = torch.arange(6, 0, -1).float() * 10  # layer 0 needs many experts, layers 1-2 none
+    plan = plan_top(N, 10, [0, 1, 2], 2, torch.ones(3, 8))
+    assert sorted(plan[0]) == [0, 1, 2, 3, 4, 5]
+    assert len(plan[1]) == len(plan[2]) == 2  # insensitive layers keep only top-k
+
+
+def test_zero_demand_falls_back_to_popularity():
+    pop = torch.zeros(2, 6)
+    pop[0, 4] = pop[0, 5] = pop[1, 1] = pop[1, 3] = 5
+    plan = plan_top(torch.zeros(2, 6), 4, [0, 1], 2, pop)
+    assert plan == {0: [4, 5], 1: [1, 3]}
+
+
+def test_expected_tokens_is_eq2():
+    f = {"qa": torch.tensor([[0.5, 0.5, 0.0]]), "code": torch.tensor([[0.0, 0.0, 1.0]])}
+    ds = [TaskDemand("qa", 100, 2), TaskDemand("code", 10, 1)]
+    N = expected_tokens(ds, f, {"qa": 5.0, "code": 40.0}, {"qa": torch.tensor([1.0]), "code": torch.tensor([0.0])})
+    # qa: (100 + 2*5) * 1 * f ; code: insensitive → 0
+    assert torch.allclose(N, torch.tensor([[55.0, 55.0, 0.0]]))
