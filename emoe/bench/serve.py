@@ -6,16 +6,14 @@ so the mean inter-arrival time is 1/R and its squared coefficient of variation 1
 TIMESTAMP, ContextTokens, GeneratedTokens). Replay keeps the trace's arrival offsets (relative to the
 first row) divided by `time_scale` and scales its sizes to what the model serves:
 
-* in_scale  = max_prompt_tokens / p99(ContextTokens)  and  out_scale = max_tokens / p99(GeneratedTokens),
-  the 99th percentiles taken over the replayed rows, so the trace's length range (bar its top 1%, which
-  is clamped) maps linearly onto the model's context while relative sizes are kept;
+* in_scale = max_prompt_tokens / p99(ContextTokens), out_scale = max_tokens / p99(GeneratedTokens) over
+  the replayed rows: the trace's length range maps linearly onto the model's (the top 1% is clamped);
 * max_tokens of a request = clamp(round(GeneratedTokens * out_scale), 1, max_tokens);
 * its prompt is the test-split prompt of its task whose length (chars/4 as a token estimate) is closest
   to min(ContextTokens * in_scale, max_prompt_tokens), ties broken at random.
 
 The task of a request comes from the task mix (default: uniform over TASKS; conversation for a `_conv`
 trace, code for a `_code` one). Synthetic requests draw any test prompt of their task that fits.
-
 Each request streams (SSE) and records TTFT (first chunk with text), inter-token latencies, E2E latency
 and output tokens (usage.completion_tokens if sent, else content chunks). Metrics follow vLLM's
 benchmark_serving; goodput counts requests/s meeting every given SLO (TTFT <= ttft, TPOT <= tpot with
@@ -96,12 +94,8 @@ def parse_task_mix(text: str | dict | None) -> dict[str, float]:
 
 def parse_goodput(items: list[str] | str | None) -> dict[str, float]:
     """['ttft:500', 'tpot:50'] (milliseconds) -> {'ttft': 500.0, 'tpot': 50.0}."""
-    if not items:
-        return {}
-    if isinstance(items, str):
-        items = items.replace(",", " ").split()
     slo = {}
-    for item in items:
+    for item in items.replace(",", " ").split() if isinstance(items, str) else items or []:
         key, _, val = item.partition(":")
         if key not in SLO_KEYS:
             raise ValueError(f"bad goodput SLO {item!r}; expected KEY:MS with KEY one of {', '.join(SLO_KEYS)}")
@@ -119,7 +113,7 @@ def _timestamp(text: str) -> float:
         return float(text)
     except ValueError:
         dt = datetime.fromisoformat(text.strip())
-        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def read_trace(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,10 +162,9 @@ def make_requests(num_requests: int | None = None, request_rate: float = math.in
     replaces the test split. Without a trace, `num_requests` defaults to 100; with one, to all rows."""
     if not request_rate > 0:
         raise ValueError(f"request rate must be > 0 (or inf), got {request_rate}")
-    if not 0 < burstiness < math.inf:
-        raise ValueError(f"burstiness must be a positive number, got {burstiness}")
-    if not 0 < time_scale < math.inf:
-        raise ValueError(f"time scale must be a positive number, got {time_scale}")
+    for name, v in (("burstiness", burstiness), ("time scale", time_scale)):
+        if not 0 < v < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {v}")
     for name, v in (("num requests", num_requests), ("max tokens", max_tokens),
                     ("max prompt tokens", max_prompt_tokens)):
         if v is not None and v < 1:
@@ -190,18 +183,14 @@ def make_requests(num_requests: int | None = None, request_rate: float = math.in
         pools[t] = (texts, np.array([est_tokens(p) for p in texts]))
     if trace is not None:
         offsets, ctx, gen = read_trace(trace, num_requests)
-        offsets = offsets / time_scale
-        n = len(offsets)
+        offsets, n = offsets / time_scale, len(offsets)
         in_scale = max_prompt_tokens / max(float(np.percentile(ctx, 99)), 1.0)
         out_scale = max_tokens / max(float(np.percentile(gen, 99)), 1.0)
         outs = np.clip(np.round(gen * out_scale), 1, max_tokens).astype(int)
     else:
         n = num_requests or 100
-        if math.isinf(request_rate):
-            offsets = np.zeros(n)
-        else:
-            gaps = rng.gamma(burstiness, 1.0 / (request_rate * burstiness), n)
-            offsets = np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+        gaps = np.zeros(n) if math.isinf(request_rate) else rng.gamma(burstiness, 1.0 / (request_rate * burstiness), n)
+        offsets = np.concatenate([[0.0], np.cumsum(gaps[:-1])])
         outs = np.full(n, max_tokens)
     names = list(mix)
     weights = np.array([mix[t] for t in names])
@@ -248,8 +237,7 @@ async def _stream(client, url: str, body: dict, headers: dict, res: RequestResul
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
+            if done := data == "[DONE]":
                 break
             now = time.perf_counter()
             obj = json.loads(data)
@@ -286,9 +274,9 @@ async def _send(client, url, model, req: BenchRequest, slo, headers, timeout, se
         try:
             await asyncio.wait_for(_stream(client, url, body, headers, res, t0), timeout)
         except asyncio.TimeoutError:
-            res.success, res.error = False, f"timed out after {timeout:g} s"
+            res.error = f"timed out after {timeout:g} s"
         except Exception as e:  # noqa: BLE001 -- any transport/protocol failure is a failed request
-            res.success, res.error = False, f"{type(e).__name__}: {e}"[:300]
+            res.error = f"{type(e).__name__}: {e}"[:300]
     return res
 
 
@@ -325,9 +313,7 @@ async def arun_benchmark(base_url: str, requests: list[BenchRequest], model: str
                 _send(client, base + "/v1/completions", model, req, slo, headers, timeout, sem)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    out = summarize(results, duration, slo)
-    out["model"] = model
-    return out
+    return {**summarize(results, duration, slo), "model": model}
 
 
 def run_benchmark(base_url: str, requests: list[BenchRequest], **kw) -> dict:
@@ -380,11 +366,11 @@ def summarize(results: list[RequestResult], duration_s: float, slo: dict | None 
 
 
 def format_table(res: dict) -> str:
-    def num(v, fmt=".2f"):
-        return "-" if v is None else format(v, fmt)
+    def num(v):
+        return "-" if v is None else f"{v:.2f}"
 
     def row(label, v):
-        return f"{label:<40} {v:<10}"
+        return f"{label:<40} {v}"
 
     lines = [f"{' Serving Benchmark Result ':=^50}", row("Successful requests:", res["completed"]),
              row("Failed requests:", res["failed"]), row("Benchmark duration (s):", num(res["duration_s"])),
@@ -397,24 +383,17 @@ def format_table(res: dict) -> str:
     for key, name, title in (("ttft", "TTFT", "Time to First Token"),
                              ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
                              ("itl", "ITL", "Inter-token Latency"), ("e2e", "E2EL", "End-to-end Latency")):
-        st = res[f"{key}_ms"]
-        lines += [f"{title:-^50}"] + [row(f"{s.capitalize() if s != 'p99' else 'P99'} {name} (ms):", num(st[s]))
-                                      for s in ("mean", "median", "p99")]
-    att = res.get("slo_attainment")
-    slo = res.get("slo") or {}
-    lines.append(f"{' SLO attainment (' + (', '.join(f'{k}<={v:g}ms' for k, v in slo.items()) or 'no SLO') + ') ':-^50}")
-    if att:
-        lines.append(row("Overall:", f"{att['overall']:.1%}"))
-    for t, pt in res.get("per_task", {}).items():
-        share = f"{att['per_task'][t]:.1%}" if att else "-"
-        lines.append(row(f"{t} ({pt['completed']}/{pt['requests']} ok):", share))
-    for err, n in res.get("errors", {}).items():
-        lines.append(f"error x{n}: {err}")
-    lines.append("=" * 50)
+        lines += [f"{title:-^50}"] + [row(f"{label} {name} (ms):", num(res[f"{key}_ms"][s]))
+                                      for label, s in (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))]
+    att, slo = res.get("slo_attainment"), ", ".join(f"{k}<={v:g}ms" for k, v in (res.get("slo") or {}).items())
+    lines.append(f"{' SLO attainment (' + (slo or 'no SLO given') + ') ':-^50}")
+    lines += [row("Overall:", f"{att['overall']:.1%}")] if att else []
+    lines += [row(f"{t} ({pt['completed']}/{pt['requests']} ok):", f"{att['per_task'][t]:.1%}" if att else "-")
+              for t, pt in res.get("per_task", {}).items()]
+    lines += [f"error x{n}: {err}" for err, n in res.get("errors", {}).items()] + ["=" * 50]
     return "\n".join(lines)
 
 
 def save_json(res: dict, path: str | Path, config: dict) -> None:
-    def clean(v):
-        return "inf" if isinstance(v, float) and math.isinf(v) else v
-    Path(path).write_text(json.dumps({**res, "config": {k: clean(v) for k, v in config.items()}}, indent=1))
+    cfg = {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in config.items()}
+    Path(path).write_text(json.dumps({**res, "config": cfg}, indent=1))
