@@ -180,6 +180,50 @@ def cmd_analyze(args) -> None:
         analysis.save(rep, args.json)
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .engine import Engine, EngineConfig
+    from .metrics import Metrics
+    from .server import create_app
+    from .serving import EngineLoop
+    model = _model(args)
+    prof = extractor = policy = residency = None
+    if args.profile:  # the eMoE loader + profiled costs; without a profile: engine's default plan
+        from .eval import Setup, build
+        from .profile import Profile
+        from .tasks import TaskExtractor
+        prof = Profile.load(args.profile, model)
+        name = args.policy
+        if name is None:  # eMoE-A when its predictor was trained, else the static task-aware plan
+            name = "emoe-a" if (Path(args.profile) / "predictor-a").is_dir() else "task-static"
+        policy, residency = build(name, Setup(prof, _predictors(args.profile, [name])))
+        extractor = TaskExtractor.from_json(prof.extractor) if prof.extractor else None
+        print(f"[emoe] residency policy {name}, miss policy {policy.name}", file=sys.stderr)
+    elif args.policy is not None:
+        raise ValueError("--policy needs --profile (residency policies plan from a profile)")
+    eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
+                              experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len),
+                 policy=policy, residency=residency)
+    served = args.served_model_name or Path(model).name
+    loop = EngineLoop(eng, args.scheduler, prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
+                      metrics=Metrics(served))
+    app = create_app(loop, served, args.api_key, extractor, shutdown_grace_s=args.grace)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: new requests get 503 while in-flight ones finish
+            loop.stop_accepting()
+            super().handle_exit(sig, frame)
+
+    print(f"[emoe] serving {served} ({args.scheduler} scheduler, budget {args.budget}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              timeout_graceful_shutdown=max(1, int(args.grace)))).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the captured SIGINT after its graceful shutdown
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -283,6 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     t.set_defaults(fn=cmd_train_model)
+
+    se = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, task-aware scheduler)")
+    _model_arg(se)
+    se.add_argument("--budget", type=float, default=0.4, help="fraction of routed-expert bytes kept resident")
+    se.add_argument("--miss-policy", default="reroute", choices=["reroute", "load", "all"],
+                    help="without --profile: what a miss does (with one, --policy decides)")
+    se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a when "
+                    "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all")
+    se.add_argument("--profile", default=None, help="profile folder (`emoe profile`): loader, costs, task extractor")
+    se.add_argument("--scheduler", default="task-aware", choices=["task-aware", "fcfs", "sjf"])
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    se.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
+    se.add_argument("--max-batch", type=int, default=8, help="KV slots: requests decoded together")
+    se.add_argument("--max-len", type=int, default=1024, help="KV slot length (prompt + output tokens)")
+    se.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
+    se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
+    se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    se.set_defaults(fn=cmd_serve)
     return ap
 
 

@@ -1,0 +1,323 @@
+"""OpenAI-compatible HTTP API over an EngineLoop (FastAPI): what `emoe serve` runs.
+
+/v1/completions, /v1/chat/completions (SSE streaming with `data: [DONE]`, stream_options.include_usage),
+/v1/models, /health, /metrics. Extra request fields: `task` (else extracted from the prompt when a
+task extractor is given) and per-request SLOs `ttft_ms`, `tpot_ms` (else the task's defaults).
+Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}; bad input is a
+4xx and never disturbs the engine loop, which runs in its own thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .datasets import TASKS
+from .engine import SamplingParams
+from .metrics import CONTENT_TYPE
+from .serving import DEFAULT_SLOS, EngineLoop, Job, QueueFull, ShuttingDown
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(APIError(status, message, type_, param, code).body(), status_code=status)
+
+
+# -- request bodies (extra fields the OpenAI client may send are accepted and ignored) ---------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    ignore_eos: bool = False          # vLLM's extension: benchmarks ask for exact output lengths
+    task: str | None = None
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def _text_of(m: ChatMessage) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    bad = [p.type for p in m.content if p.type != "text"]
+    if bad:
+        raise APIError(400, f"unsupported content part type {bad[0]!r}; only 'text' is supported", param="messages")
+    return "".join(p.text or "" for p in m.content)
+
+
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, extractor=None,
+               default_slos: dict | None = None, shutdown_grace_s: float = 30.0) -> FastAPI:
+    """default_slos: task → (ttft_ms, tpot_ms); the None key is the default for an unknown task."""
+    eng = loop.engine
+    slos = {**DEFAULT_SLOS, **(default_slos or {})}
+    known_tasks = tuple(extractor.known_tasks) if extractor is not None else \
+        tuple(dict.fromkeys([*TASKS, *(t for t in slos if t)]))
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        # uvicorn has already waited for open connections; whatever is left gets the grace period
+        await asyncio.to_thread(loop.shutdown, shutdown_grace_s)
+
+    app = FastAPI(title="emoe", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}",
+                          "invalid_request_error")
+        if first.get("loc") == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+            return _error(400, "the request body must be a JSON object (Content-Type: application/json)",
+                          "invalid_request_error")
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errs]
+        loc = [x for x in first.get("loc", ())[1:] if isinstance(x, str)]
+        return _error(400, "; ".join(parts), "invalid_request_error", loc[0] if loc else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        return _error(500, f"internal error: {exc}", "server_error")
+
+    async def auth(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:].strip() if got[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           param=None, code="invalid_api_key")
+
+    # -- the shared path of both endpoints -------------------------------------------------------
+    def make_job(body: _Common, prompt, task_text: str, chat: bool) -> Job:
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:
+            max_tokens = eng.max_len if chat else 16  # OpenAI: completions default 16, chat up to the context
+        if max_tokens <= 0:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if temperature < 0:
+            raise APIError(400, f"temperature must be >= 0, got {temperature}", param="temperature")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(s == "" for s in stop) or len(stop) > 4:
+            raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
+        if body.task is not None:
+            if body.task not in known_tasks:
+                raise APIError(400, f"unknown task {body.task!r}; known tasks: {', '.join(known_tasks)}", param="task")
+            task = body.task
+        else:
+            task = extractor.extract(task_text) if extractor is not None else None
+        ttft_ms, tpot_ms = slos.get(task, slos[None])
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
+                                    stop=tuple(stop), ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e), param="top_p" if "top_p" in str(e) else None) from None
+        try:
+            req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex)
+        except ValueError as e:
+            code = "context_length_exceeded" if "tokens" in str(e) else None
+            raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
+        return Job(req, (body.ttft_ms or ttft_ms) / 1e3, (body.tpot_ms or tpot_ms) / 1e3,
+                   queue=asyncio.Queue(), aloop=asyncio.get_running_loop())
+
+    def submit(job: Job) -> None:
+        try:
+            loop.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}", "rate_limit_exceeded", code="rate_limit_exceeded") from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), "service_unavailable", code="shutting_down") from None
+
+    def usage(job: Job) -> dict:
+        p, c = job.prompt_len, job.generated
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def end_error(job: Job, ev: tuple) -> APIError:
+        if ev[0] == "error":
+            return APIError(500, ev[1], "server_error")
+        return APIError(503, "request aborted: the server is shutting down", "service_unavailable",
+                        code="shutting_down")
+
+    async def collect(request: Request, job: Job) -> tuple[str, tuple]:
+        """Wait for the whole answer; abort when the client goes away meanwhile."""
+        parts = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(job.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        loop.abort(job)
+                        return "".join(parts), ("done", "abort")
+                    continue
+                if ev[0] == "delta":
+                    parts.append(ev[1])
+                else:
+                    return "".join(parts), ev
+        finally:
+            if job.finish_reason is None:
+                loop.abort(job)
+
+    def stream(job: Job, rid: str, obj: str, include_usage: bool, chunk_of):
+        """SSE body. Cancelled by Starlette when the client disconnects: `finally` aborts the job."""
+        def sse(d: dict) -> str:
+            return f"data: {json.dumps(d, separators=(',', ':'))}\n\n"
+
+        def frame(choice: dict | None, use=None) -> dict:
+            d = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
+                 "choices": [choice] if choice is not None else []}
+            if include_usage:
+                d["usage"] = use
+            return d
+
+        async def gen():
+            try:
+                first = chunk_of(None, None, first=True)
+                if first is not None:
+                    yield sse(frame(first))
+                while True:
+                    ev = await job.queue.get()
+                    if ev[0] == "delta":
+                        yield sse(frame(chunk_of(ev[1], None)))
+                        continue
+                    if ev[0] == "done" and ev[1] != "abort":
+                        yield sse(frame(chunk_of(None, ev[1])))
+                        if include_usage:
+                            yield sse(frame(None, usage(job)))
+                    else:
+                        yield sse(end_error(job, ev).body())
+                    yield "data: [DONE]\n\n"
+                    return
+            finally:
+                if job.finish_reason is None:
+                    loop.abort(job)
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- endpoints ---------------------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt must be a string or a list of exactly one string", param="prompt")
+            prompt = prompt[0]
+        job = make_job(body, prompt, prompt, chat=False)
+        submit(job)
+        rid = f"cmpl-{job.req.id}"
+        if body.stream:
+            def chunk(text, reason, first=False):
+                return None if first else {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            inc = bool(body.stream_options and body.stream_options.include_usage)
+            return stream(job, rid, "text_completion", inc, chunk)
+        text, ev = await collect(request, job)
+        if ev[0] != "done" or ev[1] == "abort":
+            raise end_error(job, ev)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev[1]}],
+                "usage": usage(job)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": _text_of(m)} for m in body.messages]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        job = make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True)
+        submit(job)
+        rid = f"chatcmpl-{job.req.id}"
+        if body.stream:
+            def chunk(text, reason, first=False):
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            inc = bool(body.stream_options and body.stream_options.include_usage)
+            return stream(job, rid, "chat.completion.chunk", inc, chunk)
+        text, ev = await collect(request, job)
+        if ev[0] != "done" or ev[1] == "abort":
+            raise end_error(job, ev)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": ev[1]}],
+                "usage": usage(job)}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "emoe", "max_model_len": eng.max_len}]}
+
+    @app.get("/health")
+    async def health():
+        st = loop.stats()
+        ok = loop.alive and st["accepting"]
+        return JSONResponse({"status": "ok" if ok else "unavailable", **st}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(loop.metrics.text(), media_type=CONTENT_TYPE)
+
+    return app

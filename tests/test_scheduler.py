@@ -1,0 +1,202 @@
+"""Schedulers on fake jobs (exact Eq. 3 arithmetic), and the engine loop's ΔE dry run on a tiny model."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from emoe.scheduler import FCFS, SJF, SchedContext, TaskAware, make_scheduler
+
+NOW = 100.0
+
+
+@dataclass(eq=False)
+class FakeJob:
+    task: str | None = "qa"
+    prompt_len: int = 10
+    generated: int = 0
+    max_tokens: int = 1000
+    arrival: float = NOW
+    ttft_slo_s: float = 1.0
+    tpot_slo_s: float = 0.1
+    first_token_at: float | None = None
+    engine_request: object = field(default=None)
+
+    def __post_init__(self):
+        self.engine_request = self
+
+
+def ctx(**kw):
+    kw.setdefault("out_len", {"qa": 10.0, "conversation": 200.0, "conv20": 20.0})
+    kw.setdefault("prefill_cost_s", 0.002)
+    return SchedContext(**kw)
+
+
+# -- FCFS / SJF ----------------------------------------------------------------------------------
+def test_fcfs_arrival_order_slots_and_token_budget():
+    a, b, c = FakeJob(arrival=3), FakeJob(arrival=1), FakeJob(arrival=2)
+    assert FCFS().select([a, b, c], [], 8, NOW, ctx()) == [b, c, a]
+    assert FCFS().select([a, b, c], [], 2, NOW, ctx()) == [b, c]
+    # token budget: stops at the first that does not fit (no overtaking) ...
+    big = FakeJob(arrival=1.5, prompt_len=95)
+    assert FCFS().select([a, b, c, big], [], 8, NOW, ctx(token_budget=100)) == [b]
+    # ... but the first job of a step always fits, even over the budget
+    assert FCFS().select([big], [], 8, NOW, ctx(token_budget=10)) == [big]
+
+
+def test_sjf_picks_the_short_task_first():
+    long_ = FakeJob(task="conversation", arrival=1)
+    short = FakeJob(task="qa", arrival=2)
+    c = ctx(token_cost_s=0.01)
+    assert SJF().select([long_, short], [], 1, NOW, c) == [short]
+    assert SJF().select([long_, short], [], 8, NOW, c) == [short, long_]
+    # expected output is capped by max_tokens: a conversation asking for 2 tokens is short
+    tiny = FakeJob(task="conversation", arrival=3, max_tokens=2)
+    assert SJF().select([long_, short, tiny], [], 1, NOW, c) == [tiny]
+
+
+# -- task-aware: Eq. 3 ----------------------------------------------------------------------------
+def running_s(tpot=0.1, task="conv20"):
+    """S arrived 1 s ago, first token at +0.1 s (TTFT 0.5 met), 10 of ~20 tokens done: G_S = 10;
+    paced 0.09 s/token so far (≤ tpot)."""
+    return FakeJob(task=task, arrival=NOW - 1, generated=10, first_token_at=NOW - 0.9,
+                   ttft_slo_s=0.5, tpot_slo_s=tpot)
+
+
+def test_task_aware_refuses_when_a_running_request_would_miss():
+    # c = 0.08: without R, t_S = 1·10·0.08 + 1.0 = 1.8 ≤ D_S = 0.5 + 0.1·20 = 2.5
+    # with R (its expected output 20 ≥ G_S, so n_S = 2): 100·0.002 + 2·10·0.08 + 1.0 = 2.8 > 2.5
+    s, r = running_s(), FakeJob(task="conv20", prompt_len=100)
+    c = ctx(token_cost_s=0.08)
+    sch = TaskAware()
+    assert TaskAware.finish_estimate(s, [s, r], 100, 0.0, NOW, c) == pytest.approx(2.8)
+    assert TaskAware.e2e_budget(s, c) == pytest.approx(2.5)
+    assert sch.select([r], [s], 4, NOW, c) == []
+    assert sch.refusals == 1
+    # slack: a looser TPOT gives D_S = 0.5 + 0.2·20 = 4.5, so R fits
+    s2 = running_s(tpot=0.2)
+    assert TaskAware().select([r], [s2], 4, NOW, c) == [r]
+    # a short R (expected 5 < G_S = 10) finishes before S, so n_S stays 1
+    short = FakeJob(task="qa", prompt_len=100, max_tokens=5)
+    assert TaskAware().select([short], [s], 4, NOW, c) == [short]  # 0.2 + 0.8 + 1.0 = 2.0 ≤ 2.5
+
+
+def test_task_aware_protects_only_requests_meeting_their_slo():
+    late = running_s()
+    late.first_token_at = late.arrival + 0.8  # TTFT 0.8 > 0.5: already missed, cannot be saved
+    r = FakeJob(task="conv20", prompt_len=100)
+    assert TaskAware().select([r], [late], 4, NOW, ctx(token_cost_s=0.08)) == [r]
+    # with nothing running, the head of the queue always gets in
+    assert TaskAware().select([r], [], 4, NOW, ctx(token_cost_s=10.0)) == [r]
+
+
+def test_task_aware_orders_by_ttft_deadline_and_counts_late_admissions():
+    loose = FakeJob(arrival=NOW - 0.5, ttft_slo_s=5.0)
+    tight = FakeJob(arrival=NOW - 0.2, ttft_slo_s=0.1)   # deadline already passed
+    sch = TaskAware()
+    assert sch.select([loose, tight], [], 1, NOW, ctx()) == [tight]
+    assert sch.late_admissions == 1  # admitted anyway (never starved), but counted
+    assert sch.select([loose, tight], [], 2, NOW, ctx()) == [tight, loose]
+
+
+def test_task_aware_w_accumulates_and_late_refused_job_blocks_overtaking():
+    s = running_s(tpot=0.2)   # D_S = 4.5; c = 0.08 → t_S = W·0.002 + n·0.8 + 1.0
+    c = ctx(token_cost_s=0.08)
+    r1 = FakeJob(task="qa", prompt_len=500, max_tokens=5, arrival=NOW - 0.1, ttft_slo_s=5)
+    r2 = FakeJob(task="qa", prompt_len=500, max_tokens=5, arrival=NOW - 0.05, ttft_slo_s=5)
+    # r1 alone: 1.0 + 0.8 + 1.0 = 2.8 fits; r1 + r2 share one prefill: W = 1000 → 2.0 + 0.8 + 1.0 = 3.8 fits
+    assert TaskAware().select([r1, r2], [s], 4, NOW, c) == [r1, r2]
+    # r1, once chosen, is protected too: with a tight TTFT, r2's prefill would make r1 miss
+    # (t_r1 = 2.0 + 3·5·0.08 + 0.1 = 3.3 > D_r1 = 1.0 + 0.1·5 = 1.5)
+    r1.ttft_slo_s = 1.0
+    assert TaskAware().select([r1, r2], [s], 4, NOW, c) == [r1]
+    huge = FakeJob(task="conv20", prompt_len=2000, arrival=NOW - 2, ttft_slo_s=0.5)  # 4 + 1.6 + 1 > 4.5, late
+    small = FakeJob(task="qa", prompt_len=10, arrival=NOW - 0.1, ttft_slo_s=5)
+    assert TaskAware().select([huge, small], [s], 4, NOW, ctx(token_cost_s=0.08, token_budget=4096)) == []
+    # not late: the refused job is skipped and a later one may go
+    huge.arrival, huge.ttft_slo_s = NOW, 0.5
+    assert TaskAware().select([huge, small], [s], 4, NOW, ctx(token_cost_s=0.08, token_budget=4096)) == [small]
+
+
+def test_g_resets_to_five_percent_when_exhausted():
+    c = ctx(out_len={"conversation": 100.0})
+    j = FakeJob(task="conversation")
+    for gen, want in [(0, 100), (60, 40), (99, 1), (100, 5), (103, 2), (105, 5), (112, 3)]:
+        j.generated = gen
+        assert c.remaining(j) == pytest.approx(want), gen
+    j.max_tokens, j.generated = 102, 100   # never more than max_tokens allows
+    assert c.remaining(j) == pytest.approx(2)
+    assert ctx(out_len={}).expected_out(FakeJob(task="qa")) == 64  # no profile: default length
+    assert ctx().expected_out(FakeJob(task=None, max_tokens=8)) == 8
+
+
+def test_delta_e_is_included():
+    s = running_s(tpot=0.2)  # D_S = 4.5; a short R: t_S = 0.2 + 1·10·0.08 + 1.0 = 2.0, plus ΔE
+    r = FakeJob(task="qa", prompt_len=100, max_tokens=5)
+    seen = []
+
+    def delta(reqs):
+        seen.append(list(reqs))
+        return 2.6  # loading stalls S by 2.6 s: 4.6 > 4.5
+    assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08)) == [r]
+    assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08, delta_e=delta)) == []
+    assert seen and seen[0] == [s, r]  # ΔE is asked for running + candidate
+    assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08, delta_e=lambda q: 2.4)) == [r]
+
+
+def test_make_scheduler():
+    assert [make_scheduler(n).name for n in ("fcfs", "sjf", "task-aware")] == ["fcfs", "sjf", "task-aware"]
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("edf")
+
+
+# -- the engine loop on a tiny model: ΔE from the residency plan, never applied ------------------------
+@pytest.mark.usefixtures("one_thread")
+def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral):
+    import torch
+
+    from emoe.engine import Engine, EngineConfig, SamplingParams
+    from emoe.policies import Reroute
+    from emoe.profile import Profile
+    from emoe.residency import TaskAware as TaskAwareResidency
+    from emoe.serving import EngineLoop, Job
+
+    tasks = ["qa", "code"]
+    prompts = ["Answer the question: who wrote Hamlet?", "SELECT name FROM users WHERE id = 3;"] * 2
+    ref = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", trace=True, max_batch=4))
+    done = ref.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), tasks=tasks * 2, chat=False)
+    c = ref.cfg
+    prof = Profile("x", tasks, c.num_layers, c.num_experts, c.top_k, list(c.moe_layers),
+                   out_len={"qa": 4.0, "code": 6.0}, prompt_len={"qa": 9.0, "code": 12.0}, load_latency_s=0.01,
+                   expert_bytes=ref.cache.expert_bytes, token_cost_s={"decode": 0.01, "prefill": 0.001},
+                   sensitivity={t: [1] * c.num_layers for t in tasks}, similarity={},
+                   traces=[r.trace for r in done])
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=2), policy=Reroute(),
+                 residency=lambda cap: TaskAwareResidency(prof, cap))
+    loop = EngineLoop(eng, "task-aware", prof, max_waiting=8)
+    assert loop.ctx.out_len == prof.out_len and loop.ctx.token_cost_s == 0.01
+
+    # force a resident set the code task's plan disagrees with, then ask for ΔE
+    eng.cache.set_resident({l: [0, 1] if l % 2 else [6, 7] for l in c.moe_layers})
+    before = sorted(eng.cache.resident())
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    jobs = [Job(eng.make_request(p, params, t, chat=False), ttft_slo_s=5, tpot_slo_s=1)
+            for p, t in zip(prompts, tasks * 2)]
+    plan = eng.residency.plan([jobs[1].req], eng.cache)
+    want = sum(len(set(ids) - set(eng.cache.resident(l))) for l, ids in plan.items())
+    assert want > 0
+    assert loop._delta_e([jobs[1].req]) == pytest.approx(want * 0.01)
+    assert sorted(eng.cache.resident()) == before  # planned, not applied
+
+    loop.start()
+    for j in jobs:
+        loop.submit(j)
+    for j in jobs:
+        assert j.done.wait(30)
+    loop.shutdown(5)
+    assert [j.finish_reason for j in jobs] == ["length"] * 4
+    assert all(j.generated == 5 and j.events[-1] == ("done", "length") for j in jobs)
+    assert "".join(e[1] for e in jobs[0].events if e[0] == "delta") == eng.text(jobs[0].req)
+    assert len(eng.free_slots) == 2 and eng.cache.used_bytes <= eng.cache.budget_bytes
+    assert loop.load_latency_s > 0 and torch.get_num_threads() == 1
+    text = loop.metrics.text().decode()
+    assert 'emoe:request_success_total{finished_reason="length",model_name="emoe"} 4.0' in text
+    assert "emoe:expert_bytes_loaded_total" in text and "emoe:slo_met_total" in text

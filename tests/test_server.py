@@ -1,0 +1,343 @@
+"""The OpenAI-compatible server on the tiny Mixtral, over a real localhost socket (uvicorn in a thread).
+
+The tiny model's text is gibberish; requests use ignore_eos (vLLM's extension) where a test needs an
+exact number of tokens.
+"""
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from emoe.engine import Engine, EngineConfig
+from emoe.server import create_app
+from emoe.serving import EngineLoop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BATCH = 4
+
+
+@contextlib.contextmanager
+def serve(tiny_mixtral, api_key=KEY, max_waiting=8, scheduler="task-aware", grace=10.0):
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=MAX_BATCH))
+    loop = EngineLoop(eng, scheduler, max_waiting=max_waiting)
+    app = create_app(loop, "tiny", api_key, shutdown_grace_s=grace)
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not server.started:
+        assert th.is_alive() and time.time() - t0 < 20, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", loop
+    finally:
+        server.should_exit = True
+        th.join(30)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_mixtral, one_thread):
+    with serve(tiny_mixtral) as s:
+        yield s
+
+
+def slow_steps(loop, seconds):
+    """Make each decode step take at least `seconds` so tests can act while requests are in flight."""
+    step = loop.engine.step
+
+    def slow():
+        time.sleep(seconds)
+        return step()
+    loop.engine.step = slow
+    return lambda: vars(loop.engine).pop("step", None)
+
+
+def wait_for(cond, timeout=10.0):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- the official client, unchanged ---------------------------------------------------------------
+def test_openai_client(srv):
+    url, loop = srv
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    r = client.completions.create(model="tiny", prompt="Summarize: the cat sat on the mat.", max_tokens=5,
+                                  temperature=0)
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       seed=1, extra_body={"ignore_eos": True, "task": "qa", "ttft_ms": 5000})
+    assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "length"
+    assert c.usage.completion_tokens == 4
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=6, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert all(ch.usage is None for ch in chunks[:-1])
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    # the streamed text is the non-streamed text (greedy, same prompt)
+    same = client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    again = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in again if ch.choices) == same.choices[0].message.content
+    assert text is not None
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_streamed_completion_and_endpoints(srv):
+    url, _ = srv
+    with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, json={
+            "model": "tiny", "prompt": ["hello"], "max_tokens": 3, "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+    h = httpx.get(f"{url}/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    m = httpx.get(f"{url}/metrics")
+    assert m.status_code == 200
+    for name in ("emoe:time_to_first_token_seconds", "emoe:inter_token_latency_seconds",
+                 "emoe:e2e_request_latency_seconds", "emoe:request_queue_time_seconds", "emoe:prompt_tokens_total",
+                 "emoe:generation_tokens_total", "emoe:request_success_total", "emoe:expert_hits_total",
+                 "emoe:expert_misses_total", "emoe:expert_bytes_loaded_total", "emoe:num_requests_running",
+                 "emoe:num_requests_waiting", "emoe:resident_expert_bytes", "emoe:expert_budget_bytes",
+                 "emoe:kv_cache_bytes", "emoe:slo_met_total"):
+        assert name in m.text, name
+    assert "emoe:time_to_first_token_seconds_count" in m.text
+
+
+# -- bad input -------------------------------------------------------------------------------------
+GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+BAD = [  # (endpoint, body or raw bytes, status, param)
+    ("completions", b'{"model": "tiny", "prompt": ', 400, None),
+    ("completions", b"[1, 2]", 400, None),
+    ("completions", {"model": "tiny"}, 400, "prompt"),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+    ("completions", {**GOOD, "max_tokens": "lots"}, 400, "max_tokens"),
+    ("completions", {**GOOD, "prompt": [1, 2, 3]}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {**GOOD, "stream": "maybe"}, 400, "stream"),
+    ("completions", {**GOOD, "model": "gpt-4"}, 404, "model"),
+    ("completions", {**GOOD, "prompt": "word " * 400}, 400, "prompt"),
+    ("completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {**GOOD, "max_tokens": -3}, 400, "max_tokens"),
+    ("completions", {**GOOD, "temperature": -0.5}, 400, "temperature"),
+    ("completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("completions", {**GOOD, "task": "astrology"}, 400, "task"),
+    ("completions", {**GOOD, "ttft_ms": -1}, 400, "ttft_ms"),
+    ("completions", {**GOOD, "stop": [""]}, 400, "stop"),
+    ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 2000}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input(srv, endpoint, body, status, param):
+    url, loop = srv
+    kw = {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": AUTH}
+    r = httpx.post(f"{url}/v1/{endpoint}", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    ok = httpx.post(f"{url}/v1/completions", json=GOOD, headers=AUTH)  # the server keeps serving
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 0
+    assert loop.alive and loop.errors == 0
+
+
+def test_unknown_route_is_openai_style(srv):
+    r = httpx.get(f"{srv[0]}/v1/nothing", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_api_key(srv):
+    url, _ = srv
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(f"{url}/v1/completions", json=GOOD, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+# -- faults ------------------------------------------------------------------------------------------
+def test_disconnect_mid_stream_frees_the_slot(srv):
+    url, loop = srv
+    undo = slow_steps(loop, 0.02)
+    try:
+        aborted = loop.metrics._success.labels("emoe", "abort")._value.get()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "talk"}], "max_tokens": 200,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got >= 3:
+                    break
+            assert len(loop.engine.free_slots) == MAX_BATCH - 1
+        # the connection is closed: the server aborts the request and its KV slot is free again
+        assert wait_for(lambda: len(loop.engine.free_slots) == MAX_BATCH and not loop.engine.running, 5)
+        assert loop.metrics._success.labels("emoe", "abort")._value.get() == aborted + 1
+    finally:
+        undo()
+
+
+def test_burst_gives_429_never_5xx_nor_over_budget(srv):
+    url, loop = srv
+    cache = loop.engine.cache
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], cache.used_bytes)
+            time.sleep(0.001)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": "tiny", "prompt": "hello there", "max_tokens": 8, "ignore_eos": True}
+            rs = await asyncio.gather(*[client.post(f"{url}/v1/completions", json=body, headers=AUTH)
+                                        for _ in range(40)])
+            return [r.status_code for r in rs], [r.json() for r in rs]
+
+    undo = slow_steps(loop, 0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        codes, bodies = asyncio.run(burst())
+    finally:
+        stop.set()
+        watcher.join()
+        undo()
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) > 0 and codes.count(200) >= MAX_BATCH
+    assert all(b["error"]["code"] == "rate_limit_exceeded" for c, b in zip(codes, bodies) if c == 429)
+    assert all(b["usage"]["completion_tokens"] == 8 for c, b in zip(codes, bodies) if c == 200)
+    assert 0 < peak[0] <= cache.budget_bytes
+    assert wait_for(lambda: len(loop.engine.free_slots) == MAX_BATCH, 5)
+    assert httpx.post(f"{url}/v1/completions", json=GOOD, headers=AUTH).status_code == 200
+
+
+def test_engine_error_is_500_and_the_server_recovers(srv):
+    url, loop = srv
+    step, calls = loop.engine.step, []
+
+    def boom():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return step()
+    loop.engine.step = boom
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={**GOOD, "max_tokens": 4, "ignore_eos": True}, headers=AUTH)
+    finally:
+        vars(loop.engine).pop("step", None)
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    assert loop.errors == 1 and len(loop.engine.free_slots) == MAX_BATCH and not loop.engine.running
+    assert httpx.post(f"{url}/v1/completions", json=GOOD, headers=AUTH).status_code == 200
+
+def test_shutdown_finishes_in_flight_requests(tiny_mixtral):
+    with serve(tiny_mixtral, api_key=None, scheduler="fcfs") as (url, loop):
+        slow_steps(loop, 0.02)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 20, "ignore_eos": True}
+        results = []
+
+        def call():
+            results.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60))
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: len(loop.engine.running) == 3, 10)
+        closer = threading.Thread(target=loop.shutdown, args=(20.0,))
+        closer.start()
+        assert wait_for(lambda: not loop.accepting, 5)
+        late = httpx.post(f"{url}/v1/completions", json=body)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(f"{url}/health").status_code == 503
+        for t in threads:
+            t.join(30)
+        closer.join(30)
+        assert [r.status_code for r in results] == [200] * 3
+        assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
+        assert not loop.alive and len(loop.engine.free_slots) == MAX_BATCH
+
+
+def test_shutdown_past_grace_aborts(tiny_mixtral):
+    with serve(tiny_mixtral, api_key=None, scheduler="sjf") as (url, loop):
+        slow_steps(loop, 0.05)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data: "))
+            loop.shutdown(0.1)
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]" and '"shutting_down"' in rest[-2]
+        assert not loop.alive and len(loop.engine.free_slots) == MAX_BATCH
+
+
+def test_cli_serve_with_profile_and_sigint(tiny_mixtral, tmp_path):
+    """`emoe serve --profile` (task-static loader, task-aware scheduler) answers, then exits cleanly on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    from emoe.engine import SamplingParams
+    from emoe.profile import Profile, fingerprint
+    eng = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", trace=True, max_batch=4))
+    tasks = ["qa", "code"]
+    done = eng.generate(["Answer: who wrote Hamlet?", "SELECT 1;"] * 2, SamplingParams(max_tokens=3, ignore_eos=True),
+                        tasks=tasks * 2, chat=False)
+    c = eng.cfg
+    Profile(fingerprint(tiny_mixtral), tasks, c.num_layers, c.num_experts, c.top_k, list(c.moe_layers),
+            {"qa": 3.0, "code": 3.0}, {"qa": 8.0, "code": 6.0}, 0.001, eng.cache.expert_bytes,
+            {"decode": 0.01, "prefill": 0.001}, {t: [1] * c.num_layers for t in tasks}, {},
+            traces=[r.trace for r in done]).save(tmp_path / "prof")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "emoe.cli", "serve", "--model", str(tiny_mixtral), "--budget", "0.5",
+                             "--profile", str(tmp_path / "prof"), "--port", str(port), "--api-key", KEY,
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/health").status_code == 200
+        assert wait_for(up, 60)
+        r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "model": tiny_mixtral.name, "task": "qa"})
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "task-static" in out and "Traceback" not in out
