@@ -224,6 +224,22 @@ def cmd_serve(args) -> None:
         pass
 
 
+def cmd_bench_compare(args) -> None:
+    from .bench import compare
+    from .bench.serve import parse_goodput, parse_task_mix
+    workload = dict(num_requests=args.num_requests, request_rate=args.request_rate, burstiness=args.burstiness,
+                    trace=args.trace, time_scale=args.time_scale, task_mix=parse_task_mix(args.task_mix),
+                    max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+    goodput = parse_goodput(args.goodput)
+    only = args.only.split(",") if args.only else None
+    res = compare.run(args.model, args.profile, args.budget, workload, goodput, policy=args.policy,
+                      server_args=["--experts-on", args.experts_on, "--max-batch", str(args.max_batch)],
+                      only=only)
+    print(compare.side_by_side(res))
+    if args.json:
+        compare.save(res, args.json, {**workload, "goodput": goodput, "budget": args.budget})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -316,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--plot", default=None, help="heat-map PNG (layers × experts per task)")
     an.add_argument("--json", default=None)
     an.set_defaults(fn=cmd_analyze)
+
+    bc = b.add_parser("compare", help="eMoE vs LRU vs all-resident vs FCFS ablation on one workload")
+    _model_arg(bc)
+    bc.add_argument("--profile", required=True)
+    bc.add_argument("--policy", default="emoe-a")
+    bc.add_argument("--budget", type=float, default=0.4)
+    bc.add_argument("--num-requests", type=int, default=60)
+    bc.add_argument("--request-rate", type=float, default=float("inf"))
+    bc.add_argument("--burstiness", type=float, default=1.0)
+    bc.add_argument("--trace", default=None)
+    bc.add_argument("--time-scale", type=float, default=1.0)
+    bc.add_argument("--task-mix", default=None)
+    bc.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS")
+    bc.add_argument("--max-tokens", type=int, default=48)
+    bc.add_argument("--max-prompt-tokens", type=int, default=300)
+    bc.add_argument("--max-batch", type=int, default=8)
+    bc.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    bc.add_argument("--only", default=None, help="comma-separated subset of emoe,lru-fcfs,all-fcfs,emoe-fcfs")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--json", default=None)
+    bc.set_defaults(fn=cmd_bench_compare)
 
     t = sub.add_parser("train-model", help="train the embedded model (resumable)")
     t.add_argument("--out", default=None, help="output folder (default: the package's embedded model)")
