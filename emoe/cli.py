@@ -240,6 +240,21 @@ def cmd_bench_compare(args) -> None:
         compare.save(res, args.json, {**workload, "goodput": goodput, "budget": args.budget})
 
 
+def cmd_bench_capacity(args) -> None:
+    from .bench import capacity
+    setup = None
+    model = _model(args)
+    if args.profile:
+        from .eval import Setup
+        from .profile import Profile
+        setup = (Setup(Profile.load(args.profile, model), _predictors(args.profile, [args.policy])), args.policy)
+    rows = capacity.run(model, args.budget, setup, memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None,
+                        max_len=args.max_len, max_tokens=args.max_tokens, cap_batch=args.cap_batch)
+    print(capacity.table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -353,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--json", default=None)
     bc.set_defaults(fn=cmd_bench_compare)
+
+    bk = b.add_parser("capacity", help="batch, prompt length and throughput at equal total memory")
+    _model_arg(bk)
+    bk.add_argument("--budget", type=float, default=0.4)
+    bk.add_argument("--profile", default=None)
+    bk.add_argument("--policy", default="emoe-a")
+    bk.add_argument("--memory-mb", type=float, default=None, help="experts + KV (default: all experts + 2 slots)")
+    bk.add_argument("--max-len", type=int, default=512)
+    bk.add_argument("--max-tokens", type=int, default=32)
+    bk.add_argument("--cap-batch", type=int, default=32)
+    bk.add_argument("--json", default=None)
+    bk.set_defaults(fn=cmd_bench_capacity)
 
     t = sub.add_parser("train-model", help="train the embedded model (resumable)")
     t.add_argument("--out", default=None, help="output folder (default: the package's embedded model)")
