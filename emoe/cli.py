@@ -203,7 +203,8 @@ def cmd_serve(args) -> None:
     elif args.policy is not None:
         raise ValueError("--policy needs --profile (residency policies plan from a profile)")
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
-                              experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len),
+                              experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
+                              memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or Path(model).name
     loop = EngineLoop(eng, args.scheduler, prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    se.add_argument("--memory-mb", type=float, default=None,
+                    help="experts + KV cache together; the KV slots (max batch) are what the expert budget leaves")
     se.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
     se.add_argument("--max-batch", type=int, default=8, help="KV slots: requests decoded together")
     se.add_argument("--max-len", type=int, default=1024, help="KV slot length (prompt + output tokens)")

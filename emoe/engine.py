@@ -34,6 +34,7 @@ class EngineConfig:
     max_batch: int = 8
     max_len: int = 1024            # KV slot length: prompt + output tokens of one request
     trace: bool = False
+    memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -154,11 +155,19 @@ class Engine:
         self.loader = Loader(self.cache)
         self.cache.stats.__init__()  # count only what serving does, not the initial fill
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
-        self.kv = KVCache.empty(c, cfg.max_batch, self.max_len, self.dtype, self.device)
+        slots = cfg.max_batch
+        if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
+            per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.max_len * self.cache.expert_bytes // self.expert_numel
+            slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot
+            if slots < 1:
+                raise BudgetError(f"memory {cfg.memory_bytes} bytes leaves no {self.max_len}-token KV slot next to "
+                                  f"{self.cache.budget_bytes} bytes of experts ({per_slot} bytes per slot)")
+        self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device)
         tracing = cfg.trace or self.residency is not None
-        self.recorder = TraceRecorder(c.num_layers, c.num_experts, cfg.max_batch) if tracing else None
+        self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots) if tracing else None
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder)
-        self.free_slots = list(range(cfg.max_batch))
+        self.free_slots = list(range(slots))
+        self.max_batch = slots
         self.running: list[Request] = []
         self.tokens_generated = 0
         self._ids = itertools.count()

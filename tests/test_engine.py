@@ -254,3 +254,15 @@ def test_reroute_plan_with_fewer_than_top_k_in_a_layer(tiny_mixtral):
     plan = {0: [3], 1: [0, 1, 2], 2: [4, 5]}  # layer 0 cannot serve a top-2
     with pytest.raises(BudgetError, match="top-2"):
         Engine(EngineConfig(str(tiny_mixtral), miss_policy="reroute", budget=0.5), policy=Reroute(plan=plan))
+
+
+def test_memory_pool_gives_freed_expert_bytes_to_kv(tiny_mixtral, one_thread):
+    full = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", max_len=64))
+    per_slot = full.kv.nbytes // full.max_batch
+    memory = full.total_expert_bytes + 2 * per_slot
+    a = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", max_len=64, memory_bytes=memory))
+    b = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_len=64, memory_bytes=memory))
+    assert a.max_batch == 2 and b.max_batch > a.max_batch
+    assert b.kv.nbytes + b.cache.budget_bytes <= memory
+    with pytest.raises(BudgetError, match="KV slot"):
+        Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", max_len=64, memory_bytes=full.total_expert_bytes))
