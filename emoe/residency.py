@@ -82,16 +82,19 @@ class TaskAware(_Base):
 class EMoE(TaskAware):
     """eMoE: the predictor turns recent routing traces + task into f, re-run every p prompts per task.
     Tasks whose layers are all insensitive skip the predictor (their N is zero anyway).
-    adaptive=True re-predicts early when the observed hit rate of a task's last prompt falls below
-    `min_hit` — a drift trigger instead of a fixed count."""
+    adaptive=True re-predicts early on drift instead of a fixed count: when the share of a finished
+    prompt's routing that the task's current prediction covers falls `drift` below that task's running
+    average coverage (or below `min_hit` outright)."""
     needs_traces = True
 
     def __init__(self, profile, capacity, predictor, p: int = 40, name: str = "emoe-a",
-                 adaptive: bool = False, min_hit: float = 0.85, history: int = 64, prompt_aware: bool = False):
+                 adaptive: bool = False, min_hit: float = 0.5, history: int = 64, prompt_aware: bool = False,
+                 drift: float = 0.05):
         super().__init__(profile, capacity)
         self.prompt_aware, self.req_f = prompt_aware, {}
         self.predictor, self.p, self.name = predictor, max(1, p), name
-        self.adaptive, self.min_hit, self.max_hist = adaptive, min_hit, history
+        self.adaptive, self.min_hit, self.max_hist, self.drift = adaptive, min_hit, history, drift
+        self.cover_avg: dict[str, float] = {}
         self.history: list = list(profile.traces[-history:])
         self.cached: dict[str, torch.Tensor] = {}
         self.since: dict[str, int] = {}
@@ -144,8 +147,10 @@ class EMoE(TaskAware):
             for layer in self.layers:  # approximate: was the wanted routing inside the predicted top set?
                 planned[layer, f[layer].topk(max(self.top_k, self.capacity // len(self.layers))).indices] = True
             cover = float(got[planned].sum() / got.sum().clamp_min(1))
-            if cover < self.min_hit:
+            avg = self.cover_avg.get(req.task, cover)
+            if cover < self.min_hit or cover < avg - self.drift:
                 self.stale.add(req.task)
+            self.cover_avg[req.task] = 0.8 * avg + 0.2 * cover
 
 
 class MoEInfinity(_Base):

@@ -52,11 +52,13 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
     from emoe.predictor import Predictor
     prof = Profile.load(profile_dir, tiny_mixtral)
     preds = {k: Predictor.fit(prof.traces, kind=k, epochs=3) for k in "al"}
-    recs = evaluate(str(tiny_mixtral), grid(Setup(prof, preds, p=2), list(POLICIES + EXTRA), [0.5]), n=6,
+    configs = grid(Setup(prof, preds, p=2), list(POLICIES + EXTRA), [0.5])
+    configs.append(("emoe-a adaptive", "emoe-a", 0.5, Setup(prof, preds, p=1000, adaptive=True)))
+    recs = evaluate(str(tiny_mixtral), configs, n=6,
                     max_tokens=4, batch=3, similarity=lambda a, b: [float(x == y) for x, y in zip(a, b)],
                     log=lambda m: None)
     by = {r["policy"]: r for r in recs}
-    assert set(by) == set(POLICIES + EXTRA)
+    assert set(by) == set(POLICIES + EXTRA) | {"emoe-a adaptive"}
     assert by["all"]["similarity"] == 1.0 and by["all"]["token_agreement"] == 1.0
     assert by["lru"]["token_agreement"] == 1.0  # on-demand loading is lossless
     for r in recs:
