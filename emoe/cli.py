@@ -31,16 +31,49 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
+def _profile_dir(args, model: str, required: bool = False) -> str | None:
+    """--profile, else the profile shipped inside the model folder (the embedded model has one)."""
+    if getattr(args, "profile", None):
+        return args.profile
+    shipped = Path(model) / "profile"
+    if (shipped / "profile.json").is_file():
+        return str(shipped)
+    if required:
+        raise ValueError(f"no profile: pass --profile (create one with `emoe profile --model {model} --out DIR`)")
+    return None
+
+
+def _residency(model: str, profile_dir: str, name: str | None):
+    """(miss policy, residency factory, profile) for a named policy; default eMoE-A when trained."""
+    from .eval import Setup, build
+    from .profile import Profile
+    prof = Profile.load(profile_dir, model)
+    if name is None:
+        name = "emoe-a" if (Path(profile_dir) / "predictor-a").is_dir() else "task-static"
+    policy, residency = build(name, Setup(prof, _predictors(profile_dir, [name])))
+    return policy, residency, prof, name
+
+
 def cmd_generate(args) -> None:
     from .engine import Engine, EngineConfig, SamplingParams
-    eng = Engine(EngineConfig(_model(args), budget=args.budget, miss_policy=args.miss_policy,
-                              experts_on=args.experts_on, max_batch=1, trace=False))
+    model = _model(args)
+    policy = residency = None
+    task = args.task
+    prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
+    if prof_dir:  # eMoE residency from the profile; the task from the prompt unless given
+        from .tasks import TaskExtractor
+        policy, residency, prof, name = _residency(model, prof_dir, args.policy)
+        if prof.extractor:
+            task = TaskExtractor.from_json(prof.extractor).extract(args.prompt, task)
+    eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
+                              experts_on=args.experts_on, max_batch=1), policy=policy, residency=residency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     t0 = time.perf_counter()
-    (req,) = eng.generate([args.prompt], params, chat=not args.raw)
+    (req,) = eng.generate([args.prompt], params, tasks=[task], chat=not args.raw)
     print(eng.text(req))
-    print(eng.summary(time.perf_counter() - t0), file=sys.stderr)
+    how = f", {name} residency, task {task}" if prof_dir else ""
+    print(eng.summary(time.perf_counter() - t0) + how, file=sys.stderr)
 
 
 def cmd_bench_memory(args) -> None:
@@ -189,19 +222,17 @@ def cmd_serve(args) -> None:
     from .serving import EngineLoop
     model = _model(args)
     prof = extractor = policy = residency = None
-    if args.profile:  # the eMoE loader + profiled costs; without a profile: engine's default plan
-        from .eval import Setup, build
+    prof_dir = _profile_dir(args, model)
+    if prof_dir:  # profiled costs and task extractor for the scheduler; the eMoE loader when rerouting
         from .profile import Profile
         from .tasks import TaskExtractor
-        prof = Profile.load(args.profile, model)
-        name = args.policy
-        if name is None:  # eMoE-A when its predictor was trained, else the static task-aware plan
-            name = "emoe-a" if (Path(args.profile) / "predictor-a").is_dir() else "task-static"
-        policy, residency = build(name, Setup(prof, _predictors(args.profile, [name])))
+        prof = Profile.load(prof_dir, model)
         extractor = TaskExtractor.from_json(prof.extractor) if prof.extractor else None
-        print(f"[emoe] residency policy {name}, miss policy {policy.name}", file=sys.stderr)
-    elif args.policy is not None:
-        raise ValueError("--policy needs --profile (residency policies plan from a profile)")
+        if args.miss_policy == "reroute" and args.budget < 1.0:
+            policy, residency, prof, name = _residency(model, prof_dir, args.policy)
+            print(f"[emoe] residency policy {name}, miss policy {policy.name}", file=sys.stderr)
+    if args.policy is not None and residency is None:
+        raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
@@ -271,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--task", default=None, help="task of the prompt (default: extracted from it)")
+    g.add_argument("--profile", default=None, help="profile folder (default: the one shipped with the model)")
+    g.add_argument("--policy", default=None, help="residency policy (default: emoe-a when a predictor exists)")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
