@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 E=${EMOE:-.venv/bin/emoe}
 R=runs/results
 mkdir -p "$R"
-P=runs/profile
+P=emoe/models/emoe-tiny/profile  # the profile shipped with the embedded model
 $E analyze --per-task 100 --plot docs/routing-heatmap.png --json $R/analyze.json | tee $R/analyze.txt
 $E profile --out $P --per-task 40 --max-tokens 48 | tee $R/profile.txt
 $E train-predictor $P --budget 0.4 --p 1,10,40 | tee $R/predictor.txt
