@@ -102,6 +102,8 @@ class EMoE(TaskAware):
         self.stale: set[str] = set()
 
     def shares(self, task):
+        if task not in self.predictor.tasks:  # no task (or one the predictor never saw): the static fallback
+            return super().shares(task)
         sens = self.sens[task] if self.sens is not None and task in self.sens else None
         if sens is not None and float(sens.sum()) == 0:
             return super().shares(task)
