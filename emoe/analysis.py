@@ -44,7 +44,8 @@ def analyze(model: str, per_task: int = 100, seed: int = 0, max_answer: int = 64
         counts = []
         for ex in exs:
             prompt = eng.codec.encode(eng.codec.apply_chat([{"role": "user", "content": ex.prompt}]))
-            ans = (eng.codec.encode(ex.answer) + sorted(eng.codec.stop_ids)[:1])[:max_answer]
+            end = list(eng.cfg.eos_token_ids[:1])  # the answer ends where the model should stop
+            ans = (eng.codec.encode(ex.answer) + end)[:max_answer]
             if len(prompt) + len(ans) > eng.max_len or not ans:
                 continue
             lp = torch.log_softmax(eng.score(prompt, ans), -1)
