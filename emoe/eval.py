@@ -169,9 +169,9 @@ def plot(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, ax, label in (("similarity", axes[0], "embedding similarity to all-resident"),
                            ("token_agreement", axes[1], "teacher-forced token agreement")):
-        for name in dict.fromkeys(r["policy"] for r in records):
+        for i, name in enumerate(dict.fromkeys(r["policy"] for r in records)):
             pts = sorted((r["resident_fraction"], r[key]) for r in records if r["policy"] == name)
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts), marker="osD^v<>pPX*h"[i % 12], linestyle=("-", "--", ":")[i // 10 % 3], label=name)
         ax.set_xlabel("resident fraction of routed-expert bytes")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
