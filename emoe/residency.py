@@ -76,13 +76,13 @@ class TaskAware(_Base):
         if not ds:
             return None
         shares = {d.task: self.shares(d.task) for d in ds}
-        # re-plan only when the batch's task mix or a prediction changed: token counts alone shift N
-        # a little, and chasing them moves experts for nothing (the paper's overhead budget is < 0.5%)
+        # keep the plan while the batch's task mix and the predictions stay the same: token counts alone
+        # shift N a little, and chasing them moves experts for nothing (the loader moves only the diff)
         key = (frozenset(shares), getattr(self, "calls", 0))
-        if key == getattr(self, "_last_key", None):
-            return None
-        self._last_key = key
-        return self._top(expected_tokens(ds, shares, self.profile.out_len, self.sens))
+        if key != getattr(self, "_last_key", None):
+            self._last_key = key
+            self._last_plan = self._top(expected_tokens(ds, shares, self.profile.out_len, self.sens))
+        return self._last_plan
 
 
 class EMoE(TaskAware):
