@@ -42,6 +42,7 @@ class TrainConfig:
     lr: float = 3e-3
     aux_coef: float = 0.01
     task_share: float = 0.6   # share of sequences drawn from task examples (rest: general text)
+    seq_entropy: float = 0.0  # penalty on each sequence's routing entropy: fewer experts per prompt
     minutes: float = 80.0
     seed: int = 0
 
@@ -88,9 +89,9 @@ class Batches:
         if self.general and self.rng.random() >= self.cfg.task_share:
             i = self.rng.randrange(0, len(self.general) - n)
             return self.general[i: i + n]
-        out = []
+        out, task = [], self.rng.choice(self.tasks)  # one task per sequence, so its routing can specialise
         while len(out) < n:
-            out += self.rng.choice(self.by_task[self.rng.choice(self.tasks)]) + [self.eot]
+            out += self.rng.choice(self.by_task[task]) + [self.eot]
         return out[:n]
 
     def next(self) -> torch.Tensor:
@@ -123,7 +124,7 @@ def init_params(mc: ModelConfig, seed: int) -> dict[str, torch.nn.Parameter]:
     return p
 
 
-def forward_loss(p, mc: ModelConfig, tokens: torch.Tensor, aux_coef: float):
+def forward_loss(p, mc: ModelConfig, tokens: torch.Tensor, aux_coef: float, seq_entropy: float = 0.0):
     x_in, y = tokens[:, :-1], tokens[:, 1:]
     B, T = x_in.shape
     pos = torch.arange(T).expand(B, T)
@@ -150,6 +151,9 @@ def forward_loss(p, mc: ModelConfig, tokens: torch.Tensor, aux_coef: float):
         # Switch-style balance loss: fraction of assignments times mean router probability per expert
         frac = torch.bincount(ids.reshape(-1), minlength=mc.num_experts).float() / ids.numel()
         aux = aux + mc.num_experts * (frac * probs.mean(0)).sum()
+        if seq_entropy:  # concentrate each sequence on few experts; the balance term keeps the batch spread
+            p_seq = probs.view(B, T, -1).mean(1)
+            aux = aux + seq_entropy / aux_coef * -(p_seq * p_seq.clamp_min(1e-9).log()).sum(-1).mean()
         x = x + out.view(B, T, -1)
     x = rms_norm(x, p["model.norm.weight"], mc.rms_norm_eps)
     lm = F.cross_entropy(F.linear(x, p["lm_head.weight"]).reshape(-1, mc.vocab_size), y.reshape(-1))
@@ -176,7 +180,9 @@ def export(p, mc: ModelConfig, cfg: TrainConfig, out: Path, tok_path: Path) -> N
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 0]}))
 
 
-def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig, overwrite: bool = False) -> Path:
+def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig, overwrite: bool = False,
+          init: Path | None = None) -> Path:
+    """init: a previous run folder whose parameters (train.safetensors) start this one (fine-tuning)."""
     from tokenizers import Tokenizer
     if (out / "model.safetensors").exists() and not overwrite:
         raise SystemExit(f"{out} already holds a model; pass --overwrite to replace it")
@@ -190,6 +196,11 @@ def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig,
     tok = Tokenizer.from_file(str(tok_path))
     mc = ModelConfig.from_hf(cfg.model_config())
     params = init_params(mc, cfg.seed)
+    if init is not None and not (run_dir / "state.json").exists():
+        start = load_file(str(Path(init) / "train.safetensors"))
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(start[k])
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     step, state_path = 0, run_dir / "state.json"
     if state_path.exists():  # resume
@@ -227,7 +238,7 @@ def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig,
         lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed / total)))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, lm = forward_loss(params, mc, data.next(), cfg.aux_coef)
+        loss, lm = forward_loss(params, mc, data.next(), cfg.aux_coef, cfg.seq_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
