@@ -105,11 +105,12 @@ def cmd_train_model(args) -> None:
     from .train import TrainConfig, train
     torch.set_num_threads(args.threads)
     out = Path(args.out or default_model_dir())
-    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch)
+    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch, lr=args.lr, seq_entropy=args.seq_entropy)
     general = Path(args.general_text) if args.general_text else None
     if general is not None and not general.is_file():
         sys.exit(f"emoe: general text {general} not found; build it with `python scripts/build_data.py --general-text`")
-    print(train(out, Path(args.run_dir), general, cfg, overwrite=args.overwrite))
+    print(train(out, Path(args.run_dir), general, cfg, overwrite=args.overwrite,
+                init=Path(args.init) if args.init else None))
 
 
 def cmd_profile(args) -> None:
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=12)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seq-entropy", type=float, default=0.0, help="per-sequence routing-entropy penalty")
+    t.add_argument("--init", default=None, help="start from a previous --run-dir (fine-tuning; same tokenizer)")
     t.set_defaults(fn=cmd_train_model)
 
     se = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, task-aware scheduler)")
