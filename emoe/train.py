@@ -190,6 +190,8 @@ def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig,
     torch.manual_seed(cfg.seed)
     general = general_text.read_text(errors="ignore") if general_text else ""
     tok_path = run_dir / "tokenizer.json"
+    if init is not None and not tok_path.exists():  # fine-tuning keeps the tokenizer the weights know
+        tok_path.write_bytes((Path(init) / "tokenizer.json").read_bytes())
     if not tok_path.exists():
         texts = [chat_text(e.prompt, e.answer) for e in load_split("train")]
         train_tokenizer(texts + [general[i: i + 10000] for i in range(0, len(general), 10000)], cfg.vocab, tok_path)
