@@ -80,23 +80,14 @@ class Profile:
         return prof
 
     def task_static(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for task in self.tasks:
-            hs = [_norm(t.total) for t in self.traces if t.task == task]
-            if hs:
-                out[task] = torch.stack(hs).mean(0)
-        return out
+        from .predictor import task_static  # the same prior the predictor starts from
+        return {t: f for t, f in task_static(self.traces).items() if t in self.tasks}
 
     def popular(self) -> torch.Tensor:
         return torch.stack([t.total.float() for t in self.traces]).sum(0)
 
     def sensitivity_tensors(self) -> dict[str, torch.Tensor]:
         return {t: torch.tensor(s, dtype=torch.float32) for t, s in self.sensitivity.items()}
-
-
-def _norm(counts: torch.Tensor) -> torch.Tensor:
-    c = counts.float()
-    return c / c.sum(1, keepdim=True).clamp_min(1)
 
 
 def measure_load_latency(engine, n: int = 16) -> float:
