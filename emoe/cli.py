@@ -21,6 +21,14 @@ def _model(args) -> str:
     return path
 
 
+def _slo(text: str):
+    from .serving import parse_slo
+    try:
+        return parse_slo(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _floats(text: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
@@ -140,7 +148,7 @@ def cmd_eval(args) -> None:
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA)}")
     predictors = _predictors(args.profile, policies)
-    setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive)
+    setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive, stickiness=args.stickiness)
     configs = grid(setup, policies, args.budgets)
     for p in args.p_sweep or []:
         configs.append((f"emoe-a p={p}", "emoe-a", args.sweep_budget, Setup(prof, predictors, p=p)))
@@ -239,9 +247,11 @@ def cmd_serve(args) -> None:
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or Path(model).name
-    loop = EngineLoop(eng, args.scheduler, prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
+    from .scheduler import make_scheduler
+    loop = EngineLoop(eng, make_scheduler(args.scheduler, args.admission_control), prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
                       metrics=Metrics(served))
-    app = create_app(loop, served, args.api_key, extractor, shutdown_grace_s=args.grace)
+    app = create_app(loop, served, args.api_key, extractor, default_slos=dict(args.slo or []),
+                     shutdown_grace_s=args.grace)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: new requests get 503 while in-flight ones finish
@@ -267,10 +277,11 @@ def cmd_bench_compare(args) -> None:
     only = args.only.split(",") if args.only else None
     res = compare.run(args.model, args.profile, args.budget, workload, goodput, policy=args.policy,
                       server_args=["--experts-on", args.experts_on, "--max-batch", str(args.max_batch)],
-                      only=only)
+                      only=only, repeats=args.repeats)
     print(compare.side_by_side(res))
     if args.json:
-        compare.save(res, args.json, {**workload, "goodput": goodput, "budget": args.budget})
+        compare.save(res, args.json, {**workload, "goodput": goodput, "budget": args.budget,
+                                      "repeats": args.repeats, "max_batch": args.max_batch})
 
 
 def cmd_bench_capacity(args) -> None:
@@ -369,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=4)
     ev.add_argument("--p", type=int, default=40, help="predictor period in prompts")
     ev.add_argument("--adaptive", action="store_true", help="eMoE policies re-predict early when coverage drops")
+    ev.add_argument("--stickiness", type=float, default=0.0, help="task-static/eMoE plans: a resident expert "
+                    "yields only to one expecting (1+H)x its tokens (fewer moves)")
     ev.add_argument("--adaptive-compare", action="store_true",
                     help="also run eMoE-A with adaptive p at --sweep-budget, beside fixed p")
     ev.add_argument("--p-sweep", type=lambda t: [int(x) for x in t.split(",")], default=None)
@@ -400,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-prompt-tokens", type=int, default=300)
     bc.add_argument("--max-batch", type=int, default=8)
     bc.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
-    bc.add_argument("--only", default=None, help="comma-separated subset of emoe,lru-fcfs,all-fcfs,emoe-fcfs")
+    bc.add_argument("--only", default=None,
+                    help="comma-separated subset of emoe,lru-fcfs,all-fcfs,emoe-fcfs,emoe-noac")
+    bc.add_argument("--repeats", type=int, default=1, help="run the configurations round-robin this many times; "
+                    "report medians")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--json", default=None)
     bc.set_defaults(fn=cmd_bench_compare)
@@ -440,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all")
     se.add_argument("--profile", default=None, help="profile folder (`emoe profile`): loader, costs, task extractor")
     se.add_argument("--scheduler", default="task-aware", choices=["task-aware", "fcfs", "sjf"])
+    se.add_argument("--admission-control", action=argparse.BooleanOptionalAction, default=True,
+                    help="task-aware: refuse an admission that would make a running request miss its SLO "
+                    "(Algorithm 1); --no-admission-control keeps only its ordering")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
@@ -452,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
     se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    se.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
+                    help="default SLO of a task's requests (repeatable; TASK 'default' for requests of no known "
+                    "task); a request's own ttft_ms/tpot_ms win. Built-in table: emoe.serving.DEFAULT_SLOS")
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(fn=cmd_serve)
     return ap

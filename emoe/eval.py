@@ -23,7 +23,9 @@ from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
 
 POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
             "emoe-a", "emoe-l", "emoe-e")
-EXTRA = ("emoe-a-hybrid", "emoe-a-prompt")  # beyond the paper: per-task hybrid miss policy, prompt-aware refresh
+# beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves)
+EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky")
+STICKY = 0.5  # emoe-a-sticky: a resident expert yields only to one expecting 1.5× its tokens
 
 
 @dataclass(slots=True)
@@ -32,6 +34,11 @@ class Setup:
     predictors: dict  # "a" / "l" → Predictor (may be empty when no emoe policy is asked for)
     p: int = 40
     adaptive: bool = False
+    stickiness: float = 0.0  # task-static and eMoE plans: see loader.plan_top
+
+    def __post_init__(self):
+        if not 0 <= self.stickiness < float("inf") or self.p < 1:
+            raise ValueError(f"stickiness must be >= 0 and p >= 1, got {self.stickiness} and {self.p}")
 
 
 def build(name: str, s: Setup):
@@ -41,13 +48,14 @@ def build(name: str, s: Setup):
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:
             raise ValueError(f"policy {label} needs a trained predictor; run `emoe train-predictor`")
+        kw.setdefault("stickiness", s.stickiness)
         return lambda cap: EMoE(prof, cap, s.predictors[kind], p=p, name=label, adaptive=s.adaptive, **kw)
 
     table = {
         "all": lambda: (AllResident(), None),
         "random": lambda: (Reroute(), lambda cap: RandomSet(prof, cap)),
         "popular": lambda: (Reroute(), lambda cap: Popular(prof, cap)),
-        "task-static": lambda: (Reroute(), lambda cap: TaskAware(prof, cap)),
+        "task-static": lambda: (Reroute(), lambda cap: TaskAware(prof, cap, stickiness=s.stickiness)),
         "lru": lambda: (LoadOnDemand(), None),
         "moe-infinity": lambda: (Reroute(), lambda cap: MoEInfinity(prof, cap)),
         "pregated": lambda: (PreGated(), lambda cap: Popular(prof, cap)),
@@ -56,6 +64,7 @@ def build(name: str, s: Setup):
         "emoe-e": lambda: (Reroute(), emoe("a", 1, "emoe-e")),
         "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
         "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
+        "emoe-a-sticky": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky", stickiness=max(s.stickiness, STICKY))),
     }
     if name not in table:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES + EXTRA)}")

@@ -45,14 +45,19 @@ def expected_tokens(demands: list[TaskDemand], shares: dict[str, torch.Tensor], 
 
 
 def plan_top(N: torch.Tensor | None, capacity: int, moe_layers: list[int], top_k: int,
-             fallback: torch.Tensor) -> dict[int, list[int]]:
+             fallback: torch.Tensor, resident: torch.Tensor | None = None, stickiness: float = 0.0
+             ) -> dict[int, list[int]]:
     """Keep the `capacity` experts with most expected tokens, every layer holding at least top_k.
     Ties and zero-demand slots are broken by `fallback` (the profile's popularity), so the budget is
-    always used: a resident expert costs nothing extra once loaded."""
+    always used: a resident expert costs nothing extra once loaded. With `resident` ([layers, E] bool)
+    and stickiness h > 0, a resident expert is displaced only by one expecting (1 + h)× its tokens:
+    when the task mix shifts a little, swapping near-ties costs a load and buys almost no coverage."""
     E = fallback.shape[1]
     score = fallback[moe_layers].float() / (fallback[moe_layers].float().sum() + 1e-9) * 1e-6
     if N is not None:
         score = score + N[moe_layers].float()
+    if resident is not None and stickiness > 0:
+        score = score * (1 + stickiness * resident[moe_layers].to("cpu", torch.float32))
     capacity = min(capacity, len(moe_layers) * E)
     chosen = torch.zeros(len(moe_layers), E, dtype=torch.bool)
     chosen.scatter_(1, score.topk(min(top_k, E), dim=1).indices, True)

@@ -19,8 +19,8 @@ class _Base:
     name = "base"
     needs_traces = False
 
-    def __init__(self, profile: Profile, capacity: int):
-        self.profile, self.capacity = profile, capacity
+    def __init__(self, profile: Profile, capacity: int, stickiness: float = 0.0):
+        self.profile, self.capacity, self.stickiness = profile, capacity, stickiness
         self.layers, self.top_k = list(profile.moe_layers), profile.top_k
         self.popular = profile.popular()
 
@@ -36,8 +36,9 @@ class _Base:
     def observe(self, req) -> None:
         pass
 
-    def _top(self, N):
-        return plan_top(N, self.capacity, self.layers, self.top_k, self.popular)
+    def _top(self, N, cache=None):
+        return plan_top(N, self.capacity, self.layers, self.top_k, self.popular,
+                        None if cache is None else cache.mask, self.stickiness)
 
 
 class RandomSet(_Base):
@@ -63,8 +64,8 @@ class TaskAware(_Base):
     eMoE a predictor called every p prompts of a task (or adaptively, see adaptive)."""
     name = "task-static"
 
-    def __init__(self, profile, capacity, use_sensitivity: bool = True):
-        super().__init__(profile, capacity)
+    def __init__(self, profile, capacity, use_sensitivity: bool = True, stickiness: float = 0.0):
+        super().__init__(profile, capacity, stickiness)
         self.static = profile.task_static()
         self.sens = profile.sensitivity_tensors() if use_sensitivity else None
 
@@ -81,7 +82,7 @@ class TaskAware(_Base):
         key = (frozenset(shares), getattr(self, "calls", 0))
         if key != getattr(self, "_last_key", None):
             self._last_key = key
-            self._last_plan = self._top(expected_tokens(ds, shares, self.profile.out_len, self.sens))
+            self._last_plan = self._top(expected_tokens(ds, shares, self.profile.out_len, self.sens), cache)
         return self._last_plan
 
 
@@ -95,8 +96,8 @@ class EMoE(TaskAware):
 
     def __init__(self, profile, capacity, predictor, p: int = 40, name: str = "emoe-a",
                  adaptive: bool = False, min_hit: float = 0.5, history: int = 64, prompt_aware: bool = False,
-                 drift: float = 0.05):
-        super().__init__(profile, capacity)
+                 drift: float = 0.05, stickiness: float = 0.0):
+        super().__init__(profile, capacity, stickiness=stickiness)
         self.prompt_aware, self.req_f = prompt_aware, {}
         self.predictor, self.p, self.name = predictor, max(1, p), name
         self.adaptive, self.min_hit, self.max_hist, self.drift = adaptive, min_hit, history, drift

@@ -27,7 +27,9 @@ G_RESET = 0.05  # paper: when a request outlives its task's mean length, expect 
 class SchedContext:
     out_len: dict[str, float] = field(default_factory=dict)  # task → profiled mean output tokens
     default_out_len: float = DEFAULT_OUT_LEN                 # unknown task, or no profile
-    token_cost_s: float = 0.02      # c: seconds per decode token per running request (online EMA)
+    token_cost_s: float = 0.02      # c: marginal seconds per running request in a decode step (online fit)
+    step_base_s: float = 0.0        # a: seconds per decode step whatever the batch (online fit); batched
+                                    # hardware reads all weights once per step, so a step costs a + c·n
     prefill_cost_s: float = 0.002   # seconds per prompt token (online EMA); Eq. 3's W·c uses this
     token_budget: int = 2048        # max prompt (prefill) tokens admitted per step
     # ΔE: seconds of expert loading that admitting `candidates` (engine requests) next to the running
@@ -50,8 +52,32 @@ class SchedContext:
             left = chunk - math.fmod(-left, chunk)
         return max(0.0, min(left, float(job.max_tokens - job.generated)))
 
+    def step_s(self, n: int) -> float:
+        """Expected seconds of one decode step with n running requests."""
+        return self.step_base_s + self.token_cost_s * n
+
     def loading(self, candidates: list) -> float:
         return self.delta_e(candidates) if self.delta_e is not None and candidates else 0.0
+
+
+def fit_step_cost(samples: dict[int, tuple[float, int]]) -> tuple[float, float]:
+    """{batch size n: (mean step seconds, weight)} → (a, c) of step = a + c·n, weighted least squares,
+    both kept ≥ 0. With one batch size seen there is nothing to separate them: a = 0 (the paper's n·c)."""
+    pts = [(n, t, w) for n, (t, w) in samples.items() if w > 0]
+    if not pts:
+        raise ValueError("no step samples to fit")
+    W = sum(w for _, _, w in pts)
+    mn, mt = sum(w * n for n, _, w in pts) / W, sum(w * t for _, t, w in pts) / W
+    var = sum(w * (n - mn) ** 2 for n, _, w in pts)
+    if var == 0:
+        return 0.0, mt / mn
+    c = sum(w * (n - mn) * (t - mt) for n, t, w in pts) / var
+    a = mt - c * mn
+    if c < 0:
+        return mt, 0.0
+    if a < 0:
+        return 0.0, sum(w * n * t for n, t, w in pts) / sum(w * n * n for n, _, w in pts)
+    return a, c
 
 
 class Scheduler:
@@ -106,12 +132,19 @@ class TaskAware(Scheduler):
     """eMoE Algorithm 1 with Eq. 3 (the printed pseudocode's bugs fixed: the admitted request is R,
     and W is R's input token count, not a running total of tokens).
 
-    Waiting jobs are ordered by SLO stringency: TTFT deadline  d_R = arrival_R + ttft_slo_R.
+    Waiting jobs are ordered by SLO stringency: TTFT deadline  d_R = arrival_R + ttft_slo_R, except
+    that jobs which can no longer make that deadline go after all that still can (`order`): under
+    overload, FCFS spends capacity on requests already lost and every later one misses too.
     R is admitted when a slot and the token budget allow and, for every job S in the batch (running,
     plus those already admitted this step) that currently meets its SLO, its expected finish still
-    meets S's end-to-end deadline:
+    meets S's deadline:
 
-        t_S = ΔE + W·c_p + n_S·G_S·c + r_S  ≤  D_S = ttft_slo_S + tpot_slo_S · (generated_S + G_S)
+        t_S = ΔE + W·c_p + G_S·(a + c·n_S) + r_S  ≤  D_S
+
+      D_S  S's last-token deadline, from arrival. Before its first token: ttft_slo + tpot_slo·(G_S − 1).
+           After: (first_token − arrival) + tpot_slo·(generated_S − 1 + G_S) — TPOT is judged from
+           the first token on, so TTFT slack cannot pay for a slow decode (the paper's single E2E
+           budget lets it, and the client measuring TTFT and TPOT apart then sees misses)
 
       ΔE   expert-loading seconds the residency plan for batch+R would cause (ctx.delta_e; 0 without
            a residency policy) — the loader stalls every running job once
@@ -121,8 +154,9 @@ class TaskAware(Scheduler):
       G_S  tokens S still has to generate (SchedContext.remaining: task mean − generated, reset to
            5% of the start value when exhausted)
       n_S  jobs expected to still run while S finishes: those (S itself, R included) with G ≥ G_S —
-           each decode step costs c per running job, and these are in every one of S's steps
-      c    per-token decode cost per running job (measured online)
+           they are in every one of S's decode steps
+      a, c decode step cost a + c·n for n running jobs, fitted online (the paper's n·c alone is a = 0;
+           on real hardware a step's cost is mostly a, so n·c overestimates large batches)
       r_S  now − arrival_S: time S has been in the system (both sides are measured from arrival)
 
     "Currently meets its SLO": its first token came within ttft_slo (or, before its first token, the
@@ -136,6 +170,10 @@ class TaskAware(Scheduler):
     head of the queue always gets in.
     """
     name = "task-aware"
+
+    def __init__(self, admission_control: bool = True):
+        super().__init__()
+        self.admission_control = admission_control
 
     @staticmethod
     def deadline_ttft(job) -> float:
@@ -154,22 +192,32 @@ class TaskAware(Scheduler):
         """Eq. 3: expected time from S's arrival to its last token if the batch is `batch`."""
         g_s = ctx.remaining(s)
         n_s = sum(1 for j in batch if ctx.remaining(j) >= g_s)
-        return delta_e + w_tokens * ctx.prefill_cost_s + n_s * g_s * ctx.token_cost_s + (now - s.arrival)
+        return delta_e + w_tokens * ctx.prefill_cost_s + g_s * ctx.step_s(n_s) + (now - s.arrival)
 
     @staticmethod
     def e2e_budget(s, ctx: SchedContext) -> float:
-        return s.ttft_slo_s + s.tpot_slo_s * (s.generated + ctx.remaining(s))
+        g_s = ctx.remaining(s)
+        if s.first_token_at is None:
+            return s.ttft_slo_s + s.tpot_slo_s * max(g_s - 1, 0.0)
+        return (s.first_token_at - s.arrival) + s.tpot_slo_s * max(s.generated - 1 + g_s, 0.0)
+
+    @classmethod
+    def order(cls, job, now: float, ctx: SchedContext) -> tuple:
+        """Jobs that can still make their TTFT first, earliest deadline first; then those that cannot,
+        oldest first. Serving a hopeless job ahead of a feasible one turns one miss into two."""
+        late = now + job.prompt_len * ctx.prefill_cost_s > cls.deadline_ttft(job)
+        return (late, job.arrival if late else SJF.job_seconds(job, ctx), job.arrival)
 
     def select(self, waiting, running, free_slots, now, ctx):
         chosen: list = []
         w_tokens = 0
-        for r in sorted(waiting, key=lambda j: (self.deadline_ttft(j), j.arrival)):
+        for r in sorted(waiting, key=lambda j: self.order(j, now, ctx)):
             if len(chosen) >= free_slots:
                 break
             if not self._fits(chosen, r, ctx):
                 continue
             batch = list(running) + chosen + [r]
-            protected = [s for s in running + chosen if self.meets_slo(s, now)]
+            protected = [s for s in running + chosen if self.meets_slo(s, now)] if self.admission_control else []
             w = w_tokens + r.prompt_len
             de = ctx.loading([j.engine_request for j in batch]) if protected else 0.0
             ok = all(self.finish_estimate(s, batch, w, de, now, ctx) <= self.e2e_budget(s, ctx) for s in protected)
@@ -188,7 +236,8 @@ class TaskAware(Scheduler):
 SCHEDULERS = {s.name: s for s in (FCFS, SJF, TaskAware)}
 
 
-def make_scheduler(name: str) -> Scheduler:
+def make_scheduler(name: str, admission_control: bool = True) -> Scheduler:
+    """admission_control=False keeps task-aware's ordering but drops Algorithm 1's admission test."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name]()
+    return TaskAware(admission_control) if name == TaskAware.name else SCHEDULERS[name]()

@@ -155,7 +155,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if max_tokens is None:
+        explicit = max_tokens is not None
+        if not explicit:
             max_tokens = eng.max_len if chat else 16  # OpenAI: completions default 16, chat up to the context
         if max_tokens <= 0:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -183,6 +184,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         except ValueError as e:
             code = "context_length_exceeded" if "tokens" in str(e) else None
             raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
+        room = eng.max_len - len(req.prompt_ids)
+        if explicit and max_tokens > room:  # vLLM's rule: an explicit request that cannot fit is refused
+            raise APIError(400, f"this model's maximum context length is {eng.max_len} tokens; you requested "
+                           f"{len(req.prompt_ids) + max_tokens} ({len(req.prompt_ids)} in the prompt, {max_tokens} "
+                           f"for the completion)", param="max_tokens", code="context_length_exceeded")
+        req.params.max_tokens = min(max_tokens, room)
         return Job(req, (body.ttft_ms or ttft_ms) / 1e3, (body.tpot_ms or tpot_ms) / 1e3,
                    queue=asyncio.Queue(), aloop=asyncio.get_running_loop())
 

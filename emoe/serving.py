@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import traceback
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from .engine import Engine, Request
 from .loader import demands_of
 from .metrics import Metrics
-from .scheduler import Scheduler, SchedContext, make_scheduler
+from .scheduler import Scheduler, SchedContext, fit_step_cost, make_scheduler
 
 log = logging.getLogger("emoe.serving")
 
@@ -36,6 +37,24 @@ DEFAULT_SLOS: dict[str | None, tuple[float, float]] = {
     "summarization": (3000.0, 200.0), "conversation": (2000.0, 200.0), "code": (2000.0, 200.0),
     None: (2000.0, 200.0),
 }
+
+
+def parse_slo(text: str) -> tuple[str | None, tuple[float, float]]:
+    """'TASK:TTFT_MS:TPOT_MS' (TASK 'default' = requests of no known task) → (task, (ttft, tpot))."""
+    from .datasets import TASKS
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"SLO {text!r} must be TASK:TTFT_MS:TPOT_MS, e.g. qa:1000:150")
+    task, *vals = parts
+    if task != "default" and task not in TASKS:
+        raise ValueError(f"unknown task {task!r} in SLO {text!r}; known: default, {', '.join(TASKS)}")
+    try:
+        ttft, tpot = (float(v) for v in vals)
+    except ValueError:
+        raise ValueError(f"SLO {text!r}: TTFT and TPOT must be milliseconds") from None
+    if not (0 < ttft < math.inf and 0 < tpot < math.inf):
+        raise ValueError(f"SLO {text!r}: TTFT and TPOT must be positive milliseconds")
+    return (None if task == "default" else task), (ttft, tpot)
 
 
 class QueueFull(RuntimeError):
@@ -129,6 +148,7 @@ class EngineLoop:
         if engine.residency is not None:
             self.ctx.delta_e = self._delta_e
         self._memo: dict = {}
+        self._steps: dict[int, tuple[float, int]] = {}  # batch size → (EMA step seconds, samples)
         self._waiting: list[Job] = []
         self._running: list[Job] = []
         self._aborts: list[Job] = []
@@ -188,7 +208,8 @@ class EngineLoop:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "free_slots": len(self.engine.free_slots), "accepting": self.accepting,
                     "late_admissions": self.scheduler.late_admissions, "errors": self.errors,
-                    "token_cost_s": self.ctx.token_cost_s, "prefill_cost_s": self.ctx.prefill_cost_s}
+                    "token_cost_s": self.ctx.token_cost_s, "step_base_s": self.ctx.step_base_s,
+                    "prefill_cost_s": self.ctx.prefill_cost_s}
 
     # -- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -264,8 +285,17 @@ class EngineLoop:
             self._fail(rows, e)
             return
         t1 = time.perf_counter()
-        self._update("token_cost_s", (t1 - t0) / max(len(rows), 1))
+        self._observe_step(len(rows), t1 - t0)
         self._emit(rows, t1)
+
+    def _observe_step(self, n: int, secs: float) -> None:
+        """Each batch size keeps an EMA of its step times (and a capped count, so the fit follows the
+        machine); a and c are refitted from them after every step."""
+        if n < 1 or secs <= 0:
+            return
+        t, k = self._steps.get(n, (secs, 0))
+        self._steps[n] = ((1 - self.ema) * t + self.ema * secs if k else secs, min(k + 1, 50))
+        self.ctx.step_base_s, self.ctx.token_cost_s = fit_step_cost(self._steps)
 
     def _update(self, name: str, value: float) -> None:
         if value > 0:

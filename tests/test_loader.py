@@ -41,3 +41,13 @@ def test_expected_tokens_is_eq2():
     N = expected_tokens(ds, f, {"qa": 5.0, "code": 40.0}, {"qa": torch.tensor([1.0]), "code": torch.tensor([0.0])})
     # qa: (100 + 2*5) * 1 * f ; code: insensitive → 0
     assert torch.allclose(N, torch.tensor([[55.0, 55.0, 0.0]]))
+
+
+def test_stickiness_keeps_near_ties_resident_but_yields_to_clear_winners():
+    N = torch.tensor([[10.0, 9.0, 11.0, 0.0]])  # one layer, 2 slots
+    resident = torch.tensor([[True, True, False, False]])
+    pop = torch.ones(1, 4)
+    assert plan_top(N, 2, [0], 1, pop) == {0: [0, 2]}                          # no stickiness: swap 1 for 2
+    assert plan_top(N, 2, [0], 1, pop, resident, stickiness=0.5) == {0: [0, 1]}  # 11 < 1.5·9: keep 1
+    N[0, 2] = 14.0
+    assert plan_top(N, 2, [0], 1, pop, resident, stickiness=0.5) == {0: [0, 2]}  # 14 > 13.5: swap

@@ -62,21 +62,27 @@ def running_s(tpot=0.1, task="conv20"):
 
 
 def test_task_aware_refuses_when_a_running_request_would_miss():
-    # c = 0.08: without R, t_S = 1·10·0.08 + 1.0 = 1.8 ≤ D_S = 0.5 + 0.1·20 = 2.5
-    # with R (its expected output 20 ≥ G_S, so n_S = 2): 100·0.002 + 2·10·0.08 + 1.0 = 2.8 > 2.5
+    # c = 0.08, a = 0: without R, t_S = 10·(1·0.08) + 1.0 = 1.8 ≤ D_S = TTFT 0.1 + 0.1·(10 − 1 + 10) = 2.0
+    # with R (its expected output 20 ≥ G_S, so n_S = 2): 100·0.002 + 10·(2·0.08) + 1.0 = 2.8 > 2.0
     s, r = running_s(), FakeJob(task="conv20", prompt_len=100)
     c = ctx(token_cost_s=0.08)
     sch = TaskAware()
     assert TaskAware.finish_estimate(s, [s, r], 100, 0.0, NOW, c) == pytest.approx(2.8)
-    assert TaskAware.e2e_budget(s, c) == pytest.approx(2.5)
+    assert TaskAware.e2e_budget(s, c) == pytest.approx(2.0)
     assert sch.select([r], [s], 4, NOW, c) == []
     assert sch.refusals == 1
-    # slack: a looser TPOT gives D_S = 0.5 + 0.2·20 = 4.5, so R fits
+    # slack: a looser TPOT gives D_S = 0.1 + 0.2·19 = 3.9, so R fits
     s2 = running_s(tpot=0.2)
     assert TaskAware().select([r], [s2], 4, NOW, c) == [r]
     # a short R (expected 5 < G_S = 10) finishes before S, so n_S stays 1
-    short = FakeJob(task="qa", prompt_len=100, max_tokens=5)
-    assert TaskAware().select([short], [s], 4, NOW, c) == [short]  # 0.2 + 0.8 + 1.0 = 2.0 ≤ 2.5
+    short = FakeJob(task="qa", prompt_len=50, max_tokens=5)
+    assert TaskAware().select([short], [s], 4, NOW, c) == [short]  # 0.1 + 0.8 + 1.0 = 1.9 ≤ 2.0
+    # TTFT slack does not pay for decode: the paper's E2E budget 0.5 + 0.1·20 = 2.5 would admit R
+    # (2.8 > 2.5 here too), but with a = 0.05 the step model alone says 0.2 + 10·(0.05 + 2·0.08) + 1.0 = 3.3
+    assert TaskAware.finish_estimate(s, [s, r], 100, 0.0, NOW, ctx(token_cost_s=0.08, step_base_s=0.05)) \
+        == pytest.approx(3.3)
+    # without admission control the scheduler only orders
+    assert TaskAware(admission_control=False).select([r], [s], 4, NOW, c) == [r]
 
 
 def test_task_aware_protects_only_requests_meeting_their_slo():
@@ -88,32 +94,48 @@ def test_task_aware_protects_only_requests_meeting_their_slo():
     assert TaskAware().select([r], [], 4, NOW, ctx(token_cost_s=10.0)) == [r]
 
 
-def test_task_aware_orders_by_ttft_deadline_and_counts_late_admissions():
+def test_task_aware_serves_feasible_jobs_first_shortest_first_and_counts_late_admissions():
     loose = FakeJob(arrival=NOW - 0.5, ttft_slo_s=5.0)
-    tight = FakeJob(arrival=NOW - 0.2, ttft_slo_s=0.1)   # deadline already passed
+    tight = FakeJob(arrival=NOW - 0.2, ttft_slo_s=0.1)   # deadline already passed: a sure TTFT miss
     sch = TaskAware()
-    assert sch.select([loose, tight], [], 1, NOW, ctx()) == [tight]
-    assert sch.late_admissions == 1  # admitted anyway (never starved), but counted
-    assert sch.select([loose, tight], [], 2, NOW, ctx()) == [tight, loose]
+    assert sch.select([tight, loose], [], 1, NOW, ctx()) == [loose]
+    assert sch.late_admissions == 0
+    assert sch.select([tight, loose], [], 2, NOW, ctx()) == [loose, tight]  # late jobs still get served
+    assert sch.late_admissions == 1
+    # among jobs that can still make it, the task's expected job is what orders them (qa ~10 tokens)
+    conv = FakeJob(task="conversation", arrival=NOW - 0.3, ttft_slo_s=5.0)
+    qa = FakeJob(task="qa", arrival=NOW - 0.1, ttft_slo_s=5.0)
+    assert TaskAware().select([conv, qa], [], 1, NOW, ctx()) == [qa]
+    # late ones go oldest first
+    late1 = FakeJob(arrival=NOW - 3, ttft_slo_s=1.0, task="qa")
+    late2 = FakeJob(arrival=NOW - 2, ttft_slo_s=1.0, task="conversation")
+    assert TaskAware().select([late2, late1], [], 1, NOW, ctx()) == [late1]
 
 
 def test_task_aware_w_accumulates_and_late_refused_job_blocks_overtaking():
-    s = running_s(tpot=0.2)   # D_S = 4.5; c = 0.08 → t_S = W·0.002 + n·0.8 + 1.0
+    s = running_s(tpot=0.2)   # D_S = 0.1 + 0.2·19 = 3.9; c = 0.08 → t_S = W·0.002 + n·0.8 + 1.0
     c = ctx(token_cost_s=0.08)
     r1 = FakeJob(task="qa", prompt_len=500, max_tokens=5, arrival=NOW - 0.1, ttft_slo_s=5)
     r2 = FakeJob(task="qa", prompt_len=500, max_tokens=5, arrival=NOW - 0.05, ttft_slo_s=5)
     # r1 alone: 1.0 + 0.8 + 1.0 = 2.8 fits; r1 + r2 share one prefill: W = 1000 → 2.0 + 0.8 + 1.0 = 3.8 fits
     assert TaskAware().select([r1, r2], [s], 4, NOW, c) == [r1, r2]
     # r1, once chosen, is protected too: with a tight TTFT, r2's prefill would make r1 miss
-    # (t_r1 = 2.0 + 3·5·0.08 + 0.1 = 3.3 > D_r1 = 1.0 + 0.1·5 = 1.5)
-    r1.ttft_slo_s = 1.0
+    # (t_r1 = 2.0 + 5·(3·0.08) + 0.1 = 3.3 > D_r1 = 1.2 + 0.1·4 = 1.6)
+    r1.ttft_slo_s = 1.2
     assert TaskAware().select([r1, r2], [s], 4, NOW, c) == [r1]
-    huge = FakeJob(task="conv20", prompt_len=2000, arrival=NOW - 2, ttft_slo_s=0.5)  # 4 + 1.6 + 1 > 4.5, late
-    small = FakeJob(task="qa", prompt_len=10, arrival=NOW - 0.1, ttft_slo_s=5)
-    assert TaskAware().select([huge, small], [s], 4, NOW, ctx(token_cost_s=0.08, token_budget=4096)) == []
-    # not late: the refused job is skipped and a later one may go
-    huge.arrival, huge.ttft_slo_s = NOW, 0.5
-    assert TaskAware().select([huge, small], [s], 4, NOW, ctx(token_cost_s=0.08, token_budget=4096)) == [small]
+    # late jobs: a refused one blocks the late ones behind it (oldest first, no starvation) ...
+    old = FakeJob(task="conv20", prompt_len=1000, arrival=NOW - 3, ttft_slo_s=0.5)  # 2 + 1.6 + 1 > 3.9
+    young = FakeJob(task="qa", prompt_len=10, arrival=NOW - 2, ttft_slo_s=0.5)
+    c2 = ctx(token_cost_s=0.08, token_budget=4096)
+    assert TaskAware().select([young, old], [s], 4, NOW, c2) == []
+    # ... but not a job that can still make its TTFT, which goes first anyway
+    fresh = FakeJob(task="qa", prompt_len=10, arrival=NOW, ttft_slo_s=5)
+    assert TaskAware().select([old, fresh], [s], 4, NOW, c2) == [fresh]
+    # a refused job that is not late is skipped so a later one may go
+    big = FakeJob(task="conv20", prompt_len=1000, arrival=NOW, ttft_slo_s=5)
+    small = FakeJob(task="qa", prompt_len=10, arrival=NOW, ttft_slo_s=5, max_tokens=50)
+    small_first = TaskAware().select([big, small], [s], 4, NOW, c2)
+    assert small_first == [small]
 
 
 def test_g_resets_to_five_percent_when_exhausted():
@@ -129,17 +151,17 @@ def test_g_resets_to_five_percent_when_exhausted():
 
 
 def test_delta_e_is_included():
-    s = running_s(tpot=0.2)  # D_S = 4.5; a short R: t_S = 0.2 + 1·10·0.08 + 1.0 = 2.0, plus ΔE
+    s = running_s(tpot=0.2)  # D_S = 3.9; a short R: t_S = 0.2 + 1·10·0.08 + 1.0 = 2.0, plus ΔE
     r = FakeJob(task="qa", prompt_len=100, max_tokens=5)
     seen = []
 
     def delta(reqs):
         seen.append(list(reqs))
-        return 2.6  # loading stalls S by 2.6 s: 4.6 > 4.5
+        return 2.0  # loading stalls S by 2 s: 4.0 > 3.9
     assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08)) == [r]
     assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08, delta_e=delta)) == []
     assert seen and seen[0] == [s, r]  # ΔE is asked for running + candidate
-    assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08, delta_e=lambda q: 2.4)) == [r]
+    assert TaskAware().select([r], [s], 4, NOW, ctx(token_cost_s=0.08, delta_e=lambda q: 1.8)) == [r]
 
 
 def test_make_scheduler():
@@ -200,3 +222,25 @@ def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral):
     text = loop.metrics.text().decode()
     assert 'emoe:request_success_total{finished_reason="length",model_name="emoe"} 4.0' in text
     assert "emoe:expert_bytes_loaded_total" in text and "emoe:slo_met_total" in text
+
+
+def test_parse_slo_flag():
+    from emoe.serving import parse_slo
+    assert parse_slo("qa:1000:150") == ("qa", (1000.0, 150.0))
+    assert parse_slo("default:2500:80.5") == (None, (2500.0, 80.5))
+    for bad, msg in [("qa:1000", "TASK:TTFT_MS:TPOT_MS"), ("astrology:1:1", "unknown task"),
+                     ("qa:fast:1", "milliseconds"), ("qa:0:10", "positive"), ("qa:10:inf", "positive")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_slo(bad)
+
+
+def test_fit_step_cost_is_affine_in_batch_size():
+    from emoe.scheduler import fit_step_cost
+    a, c = fit_step_cost({1: (0.012, 10), 4: (0.018, 10), 8: (0.026, 3)})  # exactly 0.010 + 0.002·n
+    assert a == pytest.approx(0.010) and c == pytest.approx(0.002)
+    assert fit_step_cost({4: (0.02, 5)}) == (0.0, pytest.approx(0.005))   # one size: the paper's n·c
+    assert fit_step_cost({1: (0.03, 5), 8: (0.02, 5)}) == (pytest.approx(0.025), 0.0)  # never a negative c
+    a, c = fit_step_cost({2: (0.001, 5), 8: (0.04, 5)})                    # never a negative a
+    assert a == 0.0 and c > 0
+    with pytest.raises(ValueError):
+        fit_step_cost({})

@@ -145,6 +145,7 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "model": "gpt-4"}, 404, "model"),
     ("completions", {**GOOD, "prompt": "word " * 400}, 400, "prompt"),
     ("completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {**GOOD, "max_tokens": 5000}, 400, "max_tokens"),  # prompt + max_tokens over the context
     ("completions", {**GOOD, "max_tokens": -3}, 400, "max_tokens"),
     ("completions", {**GOOD, "temperature": -0.5}, 400, "temperature"),
     ("completions", {**GOOD, "top_p": 0}, 400, "top_p"),

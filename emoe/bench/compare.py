@@ -5,12 +5,17 @@ Configurations (each a fresh `emoe serve` subprocess on the same model, budget a
   lru-fcfs   LRU on-demand loading at the budget (mixtral-offloading), FCFS
   all-fcfs   every expert resident, FCFS
   emoe-fcfs  eMoE loader at the budget, FCFS (the scheduler ablation)
+  emoe-noac  eMoE loader, task-aware ordering without Algorithm 1's admission test (which part pays)
 Ratios printed: mean E2E of eMoE vs LRU and vs all-resident; goodput of task-aware vs FCFS.
+With repeats > 1 the configurations run round-robin that many times (a noisy machine drifts; taking
+them in turn spreads the drift over all), each is reported by its median-goodput run, and the
+ratios are of medians over the repeats.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import signal
 import socket
 import subprocess
@@ -27,7 +32,8 @@ def configs(budget: float, profile: str, policy: str) -> dict[str, list[str]]:
     return {"emoe": emoe + ["--scheduler", "task-aware"],
             "lru-fcfs": ["--budget", str(budget), "--miss-policy", "load", "--scheduler", "fcfs"],
             "all-fcfs": ["--miss-policy", "all", "--scheduler", "fcfs"],
-            "emoe-fcfs": emoe + ["--scheduler", "fcfs"]}
+            "emoe-fcfs": emoe + ["--scheduler", "fcfs"],
+            "emoe-noac": emoe + ["--scheduler", "task-aware", "--no-admission-control"]}
 
 
 def _free_port() -> int:
@@ -55,34 +61,57 @@ def _serve(args: list[str], port: int, log) -> subprocess.Popen:
 
 def run(model: str | None, profile: str, budget: float, workload: dict, goodput: dict | None,
         policy: str = "emoe-a", server_args: list[str] = (), only: list[str] | None = None,
-        log_path: str = "compare-servers.log") -> dict:
+        log_path: str = "compare-servers.log", repeats: int = 1) -> dict:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    all_cfg = configs(budget, profile, policy)
+    unknown = [n for n in only or [] if n not in all_cfg]
+    if unknown:
+        raise ValueError(f"unknown configurations {unknown}; choose from {', '.join(all_cfg)}")
+    chosen = {n: a for n, a in all_cfg.items() if not only or n in only}
     reqs = make_requests(**workload)
-    out = {}
+    runs: dict[str, list[dict]] = {n: [] for n in chosen}
     with open(log_path, "a") as log:
-        for name, args in configs(budget, profile, policy).items():
-            if only and name not in only:
-                continue
-            port = _free_port()
-            extra = (["--model", model] if model else []) + list(server_args)
-            proc = _serve(args + extra, port, log)
-            try:
-                print(f"[compare] {name}: {len(reqs)} requests", file=sys.stderr)
-                out[name] = run_benchmark(f"http://127.0.0.1:{port}", reqs, goodput=goodput)
-            finally:
-                proc.send_signal(signal.SIGINT)
+        for rep in range(repeats):
+            for name, args in chosen.items():
+                port = _free_port()
+                extra = (["--model", model] if model else []) + list(server_args)
+                proc = _serve(args + extra, port, log)
                 try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    return out
+                    print(f"[compare] {name} (run {rep + 1}/{repeats}): {len(reqs)} requests", file=sys.stderr)
+                    runs[name].append(run_benchmark(f"http://127.0.0.1:{port}", reqs, goodput=goodput))
+                finally:
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    return {name: _median_run(rs) for name, rs in runs.items()}
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """The run with the median goodput (else median mean E2E), with every run's key numbers attached."""
+    good = [r.get("goodput") for r in rs]
+    e2e = [r["e2e_ms"]["mean"] if r["e2e_ms"] else None for r in rs]
+    key = good if None not in good else [x if x is not None else float("inf") for x in e2e]
+    pick = sorted(range(len(rs)), key=lambda i: key[i])[(len(rs) - 1) // 2]
+    return {**rs[pick], "runs": {"goodput": good, "e2e_mean_ms": e2e}}
 
 
 def ratios(res: dict) -> dict:
+    def med(n, key):
+        xs = [x for x in (res[n].get("runs") or {}).get(key, []) if x is not None]
+        return statistics.median(xs) if xs else None
+
     def e2e(n):
-        return res[n]["e2e_ms"]["mean"] if n in res and res[n]["e2e_ms"] else None
+        if n not in res or not res[n]["e2e_ms"]:
+            return None
+        return med(n, "e2e_mean_ms") or res[n]["e2e_ms"]["mean"]
 
     def good(n):
-        return res[n].get("goodput") if n in res else None
+        if n not in res or res[n].get("goodput") is None:
+            return None
+        return med(n, "goodput") or res[n]["goodput"]
     r = {}
     if e2e("emoe") and e2e("lru-fcfs"):
         r["e2e_emoe_over_lru"] = e2e("emoe") / e2e("lru-fcfs")
@@ -90,6 +119,8 @@ def ratios(res: dict) -> dict:
         r["e2e_emoe_over_all"] = e2e("emoe") / e2e("all-fcfs")
     if good("emoe") is not None and good("emoe-fcfs"):
         r["goodput_taskaware_over_fcfs"] = good("emoe") / good("emoe-fcfs")
+    if good("emoe-noac") is not None and good("emoe-fcfs"):
+        r["goodput_taskaware_no_admission_over_fcfs"] = good("emoe-noac") / good("emoe-fcfs")
     return r
 
 
@@ -100,6 +131,9 @@ def side_by_side(res: dict) -> str:
             ("output tok/s", lambda r: f"{r['output_token_throughput']:.1f}"),
             ("goodput req/s", lambda r: "-" if r["goodput"] is None else f"{r['goodput']:.3f}"),
             ("SLO attainment", lambda r: "-" if not r["slo_attainment"] else f"{r['slo_attainment']['overall']:.1%}")]
+    if any(len((res[n].get("runs") or {}).get("goodput", [])) > 1 for n in names):
+        rows.append(("goodput each run", lambda r: "/".join("-" if g is None else f"{g:.1f}"
+                                                          for g in r["runs"]["goodput"])))
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
         for stat in ("mean", "p99"):
             rows.append((f"{stat} {key[:-3].upper()} ms", lambda r, k=key, s=stat: "-" if not r[k] else f"{r[k][s]:.0f}"))
