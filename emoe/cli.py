@@ -51,14 +51,14 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
     return None
 
 
-def _residency(model: str, profile_dir: str, name: str | None):
+def _residency(model: str, profile_dir: str, name: str | None, stickiness: float = 0.0):
     """(miss policy, residency factory, profile) for a named policy; default eMoE-A when trained."""
     from .eval import Setup, build
     from .profile import Profile
     prof = Profile.load(profile_dir, model)
     if name is None:
         name = "emoe-a" if (Path(profile_dir) / "predictor-a").is_dir() else "task-static"
-    policy, residency = build(name, Setup(prof, _predictors(profile_dir, [name])))
+    policy, residency = build(name, Setup(prof, _predictors(profile_dir, [name]), stickiness=stickiness))
     return policy, residency, prof, name
 
 
@@ -238,8 +238,9 @@ def cmd_serve(args) -> None:
         prof = Profile.load(prof_dir, model)
         extractor = TaskExtractor.from_json(prof.extractor) if prof.extractor else None
         if args.miss_policy == "reroute" and args.budget < 1.0:
-            policy, residency, prof, name = _residency(model, prof_dir, args.policy)
-            print(f"[emoe] residency policy {name}, miss policy {policy.name}", file=sys.stderr)
+            policy, residency, prof, name = _residency(model, prof_dir, args.policy, args.stickiness)
+            print(f"[emoe] residency policy {name} (stickiness {args.stickiness:g}), miss policy {policy.name}",
+                  file=sys.stderr)
     if args.policy is not None and residency is None:
         raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a when "
                     "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all")
     se.add_argument("--profile", default=None, help="profile folder (`emoe profile`): loader, costs, task extractor")
+    se.add_argument("--stickiness", type=float, default=1.0, help="task-static/eMoE plans: a resident expert "
+                    "yields only to one expecting (1+H)x its tokens; 0 is the paper's loader (more moves)")
     se.add_argument("--scheduler", default="task-aware", choices=["task-aware", "fcfs", "sjf"])
     se.add_argument("--admission-control", action=argparse.BooleanOptionalAction, default=True,
                     help="task-aware: refuse an admission that would make a running request miss its SLO "

@@ -25,7 +25,7 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
             "emoe-a", "emoe-l", "emoe-e")
 # beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves)
 EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky")
-STICKY = 0.5  # emoe-a-sticky: a resident expert yields only to one expecting 1.5× its tokens
+STICKY = 1.0  # emoe-a-sticky: a resident expert yields only to one expecting 2× its tokens
 
 
 @dataclass(slots=True)
@@ -143,6 +143,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
                "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
                "stall_share": (st.load_seconds if name in ("lru", "pregated", "emoe-a-hybrid") else 0.0) / secs,
+               "move_share": (0.0 if name in ("lru", "pregated", "emoe-a-hybrid") else st.load_seconds) / secs,
                "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),

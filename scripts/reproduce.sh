@@ -13,10 +13,16 @@ $E profile --out $P --per-task 80 --max-tokens 48 | tee $R/profile.txt
 $E train-predictor $P --budget 0.4 --p 1,10,40 | tee $R/predictor.txt
 $E bench memory --budgets 1.0,0.6,0.4,0.2 --miss-policy reroute,load --json $R/bench_memory.json | tee $R/bench_memory.txt
 $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
-  --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt \
+  --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt,emoe-a-sticky \
   --p-sweep 1,10,40,80 --adaptive-compare --n 48 --json $R/eval.json --plot docs/eval.png | tee $R/eval.txt
-$E bench compare --profile $P --budget 0.4 --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
-  --num-requests 60 --time-scale 20 --goodput ttft:1500 tpot:150 --json $R/compare.json | tee $R/compare.txt
-$E bench compare --profile $P --budget 0.4 --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
-  --num-requests 80 --time-scale 40 --goodput ttft:1500 tpot:150 --json $R/compare40.json | tee $R/compare40.txt
+# serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
+# three times round-robin; then the scheduler ablation at a lighter and a heavier rate
+T=../shared/traces/AzureLLMInferenceTrace_conv.csv
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --json $R/compare.json | tee $R/compare.txt
+for ts in 20 80; do
+  $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale $ts \
+    --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
+    --json $R/compare_ts$ts.json | tee $R/compare_ts$ts.txt
+done
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt
