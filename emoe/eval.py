@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute
+from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute, Selective
 from .profile import Profile
 from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
 
 POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
             "emoe-a", "emoe-l", "emoe-e")
-# beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves)
-EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky")
+# beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves), and
+# sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
+EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective")
 STICKY = 1.0  # emoe-a-sticky: a resident expert yields only to one expecting 2× its tokens
 
 
@@ -65,6 +66,8 @@ def build(name: str, s: Setup):
         "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
         "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
         "emoe-a-sticky": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky", stickiness=max(s.stickiness, STICKY))),
+        "emoe-a-selective": lambda: (Selective(0.5), emoe("a", s.p, "emoe-a-selective",
+                                                          stickiness=max(s.stickiness, STICKY))),
     }
     if name not in table:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES + EXTRA)}")
@@ -142,8 +145,8 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
                "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
-               "stall_share": (st.load_seconds if name in ("lru", "pregated", "emoe-a-hybrid") else 0.0) / secs,
-               "move_share": (0.0 if name in ("lru", "pregated", "emoe-a-hybrid") else st.load_seconds) / secs,
+               "stall_share": max(0.0, st.load_seconds - ld.move_seconds) / secs,  # on-demand loads
+               "move_share": ld.move_seconds / secs,
                "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),
@@ -163,12 +166,13 @@ def _mean(xs) -> float:
 
 def table(records: list[dict]) -> str:
     head = (f"{'policy':13} {'budget':>6} {'resident':>8} {'similarity':>10} {'agree':>6} {'ppl×':>5} "
-            f"{'hit':>6} {'MiB moved':>9} {'overhead':>8} {'tok/s':>6}")
+            f"{'hit':>6} {'MiB moved':>9} {'overhead':>8} {'stall':>6} {'tok/s':>6}")
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['policy']:13} {r['budget']:>6.2f} {r['resident_fraction']:>8.2f} {r['similarity']:>10.3f} "
                      f"{r['token_agreement']:>6.3f} {r['ppl_ratio']:>5.2f} {r['hit_rate']:>6.3f} "
-                     f"{r['bytes_moved'] / 2**20:>9.1f} {r['overhead_share']:>8.2%} {r['tokens_per_s']:>6.1f}")
+                     f"{r['bytes_moved'] / 2**20:>9.1f} {r['overhead_share']:>8.2%} {r['stall_share']:>6.1%} "
+                     f"{r['tokens_per_s']:>6.1f}")
     return "\n".join(lines)
 
 

@@ -165,7 +165,31 @@ class Hybrid(Reroute):
     fetch = LoadOnDemand.fetch
 
 
-MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid)}
+class Selective(Reroute):
+    """Reroute a miss unless the missing expert carries at least `threshold` of the token's top-k
+    weight; then run the token exactly, loading what it needs on demand (LRU). A knob between reroute
+    (threshold > 1) and LRU (threshold 0): a load is paid only where a token leans on the missing
+    expert, which is where rerouting changes the output most. Top-2 models: 0.5 = whenever the
+    token's first choice is missing."""
+    name = "selective"
+
+    def __init__(self, threshold: float = 0.5, plan=None):
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"selective threshold must be in [0, 1], got {threshold}")
+        super().__init__(plan)
+        self.threshold = threshold
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        resident = cache.mask[layer]
+        share = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-30)
+        exact = (~resident[ids] & (share >= self.threshold)).any(-1, keepdim=True)
+        w2, i2 = reroute(probs, weights, ids, resident)
+        return torch.where(exact, weights, w2), torch.where(exact, ids, i2)
+
+    fetch = LoadOnDemand.fetch
+
+
+MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective)}
 
 
 def make_policy(name: str, **kw):

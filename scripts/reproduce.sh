@@ -13,7 +13,7 @@ $E profile --out $P --per-task 80 --max-tokens 48 | tee $R/profile.txt
 $E train-predictor $P --budget 0.4 --p 1,10,40 | tee $R/predictor.txt
 $E bench memory --budgets 1.0,0.6,0.4,0.2 --miss-policy reroute,load --json $R/bench_memory.json | tee $R/bench_memory.txt
 $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
-  --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt,emoe-a-sticky \
+  --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt,emoe-a-sticky,emoe-a-selective \
   --p-sweep 1,10,40,80 --adaptive-compare --n 48 --json $R/eval.json --plot docs/eval.png | tee $R/eval.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
 # three times round-robin; then the scheduler ablation at a lighter and a heavier rate
