@@ -15,6 +15,9 @@ $E bench memory --budgets 1.0,0.6,0.4,0.2 --miss-policy reroute,load --json $R/b
 $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
   --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt,emoe-a-sticky,emoe-a-selective \
   --p-sweep 1,10,40,80 --adaptive-compare --n 48 --json $R/eval.json --plot docs/eval.png | tee $R/eval.txt
+$E eval --profile $P --budgets 0.6,0.4,0.2 --policies all,task-static,emoe-a,emoe-a-selective --stickiness 1.0 \
+  --n 48 --json $R/eval_sticky.json | tee $R/eval_sticky.txt
+${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
 # three times round-robin; then the scheduler ablation at a lighter and a heavier rate
 T=../shared/traces/AzureLLMInferenceTrace_conv.csv
