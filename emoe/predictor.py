@@ -295,19 +295,32 @@ def set_metrics(pred: torch.Tensor, actual_counts: torch.Tensor, n_resident: int
     return {"precision": m(P), "recall": m(R), "f1": m(F), "coverage": cov / max(tot, 1e-12), "layers": len(F)}
 
 
+def drifted(cover: float, avg: float, min_hit: float = 0.5, drift: float = 0.05) -> bool:
+    """Adaptive p's trigger: the last prompt's coverage by the current prediction fell `drift` below its
+    task's running average, or below `min_hit` outright."""
+    return cover < min_hit or cover < avg - drift
+
+
 def evaluate(predictor: PredictFn, traces: Sequence[Trace], n_resident: int | Sequence[int], p: int = 1,
-             history: Sequence[Trace] = ()) -> dict:
+             history: Sequence[Trace] = (), adaptive: bool = False) -> dict:
     """Walk the stream in order; predict each trace from what came before it (`history` + earlier traces),
-    calling the predictor only on every p-th prompt of a task and reusing its last prediction in between."""
+    calling the predictor only on every p-th prompt of a task and reusing its last prediction in between.
+    adaptive=True also re-predicts right after a prompt whose coverage `drifted`."""
     full, off, moe = list(history) + list(traces), len(history), getattr(predictor, "moe_layers", None)
-    cache, seen, rows, calls = {}, {}, [], 0
+    cache, seen, rows, calls, avg, stale = {}, {}, [], 0, {}, set()
     for i, t in enumerate(traces):
         if t.task is None:
             continue
-        if seen.get(t.task, 0) % p == 0:
-            cache[t.task], calls = predictor(t.task, full[:off + i]), calls + 1
+        if seen.get(t.task, 0) % p == 0 or t.task in stale:
+            cache[t.task], calls, seen[t.task] = predictor(t.task, full[:off + i]), calls + 1, 0
+            stale.discard(t.task)
         seen[t.task] = seen.get(t.task, 0) + 1
         rows.append((t.task, set_metrics(cache[t.task], t.total, n_resident, moe)))
+        if adaptive:
+            cover = rows[-1][1]["coverage"]
+            if drifted(cover, avg.setdefault(t.task, cover)):
+                stale.add(t.task)
+            avg[t.task] = 0.8 * avg[t.task] + 0.2 * cover
     keys = ("precision", "recall", "f1", "coverage")
     avg = lambda rs: {k: sum(r[k] for r in rs) / max(len(rs), 1) for k in keys} | {"n": len(rs)}  # noqa: E731
     per_task = {g: avg([r for task, r in rows if task == g]) for g in dict.fromkeys(task for task, _ in rows)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .loader import demands_of, expected_tokens, plan_top
+from .predictor import drifted
 from .profile import Profile
 
 
@@ -157,7 +158,7 @@ class EMoE(TaskAware):
                 planned[layer, f[layer].topk(max(self.top_k, self.capacity // len(self.layers))).indices] = True
             cover = float(got[planned].sum() / got.sum().clamp_min(1))
             avg = self.cover_avg.get(req.task, cover)
-            if cover < self.min_hit or cover < avg - self.drift:
+            if drifted(cover, avg, self.min_hit, self.drift):
                 self.stale.add(req.task)
             self.cover_avg[req.task] = 0.8 * avg + 0.2 * cover
 

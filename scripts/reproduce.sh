@@ -18,6 +18,7 @@ $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
 $E eval --profile $P --budgets 0.6,0.4,0.2 --policies all,task-static,emoe-a,emoe-a-selective --stickiness 1.0 \
   --n 48 --json $R/eval_sticky.json | tee $R/eval_sticky.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
+${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
 # three times round-robin; then the scheduler ablation at a lighter and a heavier rate
 T=../shared/traces/AzureLLMInferenceTrace_conv.csv

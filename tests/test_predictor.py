@@ -182,3 +182,21 @@ def test_cli_table(stream, tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("eMoE-A", "eMoE-L", "task-static", "popular", "previous-prompt", "same-task-EMA"):
         assert out.count(name) >= 2, out
+
+
+def test_adaptive_p_repredicts_when_coverage_drops():
+    """Phases of one label with two routings: fixed p = 40 keeps a stale prediction through a phase change;
+    the drift trigger re-predicts right after the first prompt it covers badly."""
+    from emoe.predictor import drifted
+
+    def trace(i, hot):
+        c = torch.zeros(L, E, dtype=torch.long)
+        c[MOE, hot * 8: hot * 8 + 4] = 50
+        return Trace(f"r{i}", "qa", c, torch.zeros_like(c))
+    phases = [trace(i, (i // 10) % 2) for i in range(60)]
+    prev = baselines(phases)["previous-prompt"]
+    fixed = evaluate(prev, phases, 4, p=40)
+    adapt = evaluate(prev, phases, 4, p=40, adaptive=True)
+    assert adapt["coverage"] > fixed["coverage"] + 0.3
+    assert fixed["calls"] == 2 and fixed["calls"] < adapt["calls"] <= 12  # ~one extra call per phase change
+    assert drifted(0.4, 0.9) and drifted(0.8, 0.9) and not drifted(0.88, 0.9)
