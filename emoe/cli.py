@@ -92,20 +92,30 @@ def cmd_bench_memory(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+def _bench_slos(args) -> tuple[dict, dict]:
+    """--goodput (global) and --slo TASK:TTFT:TPOT (per task; 'default' replaces the global one)."""
+    from .bench.serve import parse_goodput
+    slo, task_slo = parse_goodput(args.goodput), {}
+    for task, (ttft, tpot) in args.slo or []:
+        (slo if task is None else task_slo.setdefault(task, {})).update(ttft=ttft, tpot=tpot)
+    return slo, task_slo
+
+
 def cmd_bench_serve(args) -> None:
     from .bench import serve
-    slo = serve.parse_goodput(args.goodput)
+    slo, task_slo = _bench_slos(args)
     reqs = serve.make_requests(args.num_requests, args.request_rate, args.burstiness, args.trace,
                                args.time_scale, args.task_mix, args.max_tokens, args.max_prompt_tokens,
                                args.seed)
     res = serve.run_benchmark(args.base_url, reqs, model=args.model, goodput=slo, api_key=args.api_key,
-                              timeout=args.timeout, max_concurrency=args.max_concurrency)
+                              timeout=args.timeout, max_concurrency=args.max_concurrency, task_slo=task_slo)
     print(serve.format_table(res))
     if args.json:
         cfg = {k: getattr(args, k) for k in ("base_url", "num_requests", "request_rate", "burstiness", "trace",
                                              "time_scale", "task_mix", "max_tokens", "max_prompt_tokens",
                                              "seed", "timeout", "max_concurrency")}
-        serve.save_json(res, args.json, {**cfg, "model": res["model"], "goodput": slo, "requests": len(reqs)})
+        serve.save_json(res, args.json, {**cfg, "model": res["model"], "goodput": slo, "task_slo": task_slo,
+                                         "requests": len(reqs)})
 
 
 def cmd_train_model(args) -> None:
@@ -271,18 +281,18 @@ def cmd_serve(args) -> None:
 
 def cmd_bench_compare(args) -> None:
     from .bench import compare
-    from .bench.serve import parse_goodput, parse_task_mix
+    from .bench.serve import parse_task_mix
     workload = dict(num_requests=args.num_requests, request_rate=args.request_rate, burstiness=args.burstiness,
                     trace=args.trace, time_scale=args.time_scale, task_mix=parse_task_mix(args.task_mix),
                     max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
-    goodput = parse_goodput(args.goodput)
+    goodput, task_slo = _bench_slos(args)
     only = args.only.split(",") if args.only else None
     res = compare.run(args.model, args.profile, args.budget, workload, goodput, policy=args.policy,
                       server_args=["--experts-on", args.experts_on, "--max-batch", str(args.max_batch)],
-                      only=only, repeats=args.repeats)
+                      only=only, repeats=args.repeats, task_slo=task_slo)
     print(compare.side_by_side(res))
     if args.json:
-        compare.save(res, args.json, {**workload, "goodput": goodput, "budget": args.budget,
+        compare.save(res, args.json, {**workload, "goodput": goodput, "task_slo": task_slo, "budget": args.budget,
                                       "repeats": args.repeats, "max_batch": args.max_batch})
 
 
@@ -345,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--task-mix", default=None, help="e.g. summarization:1,qa:2 (default: uniform; "
                                                      "conversation for a _conv trace, code for a _code one)")
     sv.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
+    sv.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
+                    help="per-task SLO (repeatable), sent with each request of the task and judged by")
     sv.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (trace: the cap)")
     sv.add_argument("--max-prompt-tokens", type=int, default=400, help="trace prompt lengths are scaled to this")
     sv.add_argument("--api-key", default=None)
@@ -411,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--time-scale", type=float, default=1.0)
     bc.add_argument("--task-mix", default=None)
     bc.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS")
+    bc.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
+                    help="per-task SLO (repeatable), sent with each request of the task and judged by")
     bc.add_argument("--max-tokens", type=int, default=48)
     bc.add_argument("--max-prompt-tokens", type=int, default=300)
     bc.add_argument("--max-batch", type=int, default=8)

@@ -112,6 +112,21 @@ def test_tight_slo_and_no_slo(server):
     assert none["goodput"] is None and none["slo_attainment"] is None and none["model"] == "m"
 
 
+def test_per_task_slo_is_sent_and_judged(server):
+    url, app = server
+    app.state.bodies.clear()
+    reqs = [BenchRequest("what is up?", "qa", 3, prompt_tokens=3), BenchRequest("code it", "code", 3, prompt_tokens=3)]
+    # qa gets a TTFT it cannot meet (the first token takes 80 ms); code keeps the loose global SLO
+    res = run_benchmark(url, reqs, goodput={"ttft": 5000, "tpot": 5000}, task_slo={"qa": {"ttft": 1.0}})
+    assert res["slo_attainment"]["per_task"] == {"code": 1.0, "qa": 0.0}
+    assert math.isclose(res["goodput"], 1 / res["duration_s"])
+    sent = {b["task"]: (b["ttft_ms"], b["tpot_ms"]) for b in app.state.bodies}
+    assert sent == {"qa": (1.0, 5000), "code": (5000, 5000)}
+    assert "qa: ttft<=1ms" in format_table(res)
+    only_task = run_benchmark(url, reqs[:1], task_slo={"qa": {"ttft": 5000, "tpot": 5000}})
+    assert only_task["goodput"] is not None and only_task["slo_attainment"]["overall"] == 1.0
+
+
 def test_unreachable_server_and_timeout(server):
     url, _ = server
     res = run_benchmark(url, _reqs(2, 0, tokens=20), model="m", timeout=0.15)  # 80 + 19*20 ms > 150 ms
@@ -173,7 +188,7 @@ def test_cli_trace_replay_json(server, tmp_path, capsys):
     out = tmp_path / "res.json"
     main(["bench", "serve", "--base-url", url + "/v1", "--trace", str(TRACES / "AzureLLMInferenceTrace_conv.csv"),
           "--num-requests", "6", "--time-scale", "50", "--max-tokens", "4", "--goodput", "ttft:2000", "tpot:2000",
-          "--json", str(out)])
+          "--slo", "conversation:2500:2000", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "conversation (6/6 ok):" in printed
     res = json.loads(out.read_text())
@@ -185,6 +200,7 @@ def test_cli_trace_replay_json(server, tmp_path, capsys):
     assert res["completed"] == 6 and res["slo_attainment"]["per_task"] == {"conversation": 1.0}
     assert res["config"]["time_scale"] == 50 and res["config"]["goodput"] == {"ttft": 2000, "tpot": 2000}
     assert res["config"]["request_rate"] == "inf"
+    assert res["config"]["task_slo"] == {"conversation": {"ttft": 2500, "tpot": 2000}}
     # the six arrivals span (row 6 - row 1) / 50 seconds
     assert res["duration_s"] >= read_trace(TRACES / "AzureLLMInferenceTrace_conv.csv", 6)[0][-1] / 50
 
@@ -214,3 +230,5 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--task-mix", "poetry"])
     assert "unknown task 'poetry'" in str(exc.value.code) and "conversation" in str(exc.value.code)
+    with pytest.raises(SystemExit):  # argparse: a malformed per-task SLO
+        main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--slo", "qa:fast:1"])

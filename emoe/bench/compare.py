@@ -61,7 +61,7 @@ def _serve(args: list[str], port: int, log) -> subprocess.Popen:
 
 def run(model: str | None, profile: str, budget: float, workload: dict, goodput: dict | None,
         policy: str = "emoe-a", server_args: list[str] = (), only: list[str] | None = None,
-        log_path: str = "compare-servers.log", repeats: int = 1) -> dict:
+        log_path: str = "compare-servers.log", repeats: int = 1, task_slo: dict | None = None) -> dict:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     all_cfg = configs(budget, profile, policy)
@@ -79,7 +79,8 @@ def run(model: str | None, profile: str, budget: float, workload: dict, goodput:
                 proc = _serve(args + extra, port, log)
                 try:
                     print(f"[compare] {name} (run {rep + 1}/{repeats}): {len(reqs)} requests", file=sys.stderr)
-                    runs[name].append(run_benchmark(f"http://127.0.0.1:{port}", reqs, goodput=goodput))
+                    runs[name].append(run_benchmark(f"http://127.0.0.1:{port}", reqs, goodput=goodput,
+                                                    task_slo=task_slo))
                 finally:
                     proc.send_signal(signal.SIGINT)
                     try:

@@ -264,6 +264,11 @@ async def _stream(client, url: str, body: dict, headers: dict, res: RequestResul
         res.success = True
 
 
+def slo_for(task: str, slo: dict, task_slo: dict | None) -> dict:
+    """The SLO a request of `task` is sent with and judged by: the global one, overridden per task."""
+    return {**slo, **((task_slo or {}).get(task) or {})}
+
+
 async def _send(client, url, model, req: BenchRequest, slo, headers, timeout, sem) -> RequestResult:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "task": req.task}
@@ -291,7 +296,7 @@ async def _served_model(client, base: str, headers: dict) -> str:
 
 async def arun_benchmark(base_url: str, requests: list[BenchRequest], model: str | None = None,
                          goodput: dict | None = None, api_key: str | None = None, timeout: float = 300.0,
-                         max_concurrency: int | None = None) -> dict:
+                         max_concurrency: int | None = None, task_slo: dict | None = None) -> dict:
     import httpx
     if not requests:
         raise ValueError("no requests to send")
@@ -310,16 +315,18 @@ async def arun_benchmark(base_url: str, requests: list[BenchRequest], model: str
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(
-                _send(client, base + "/v1/completions", model, req, slo, headers, timeout, sem)))
+                _send(client, base + "/v1/completions", model, req, slo_for(req.task, slo, task_slo), headers,
+                      timeout, sem)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return {**summarize(results, duration, slo), "model": model}
+    return {**summarize(results, duration, slo, task_slo), "model": model}
 
 
 def run_benchmark(base_url: str, requests: list[BenchRequest], **kw) -> dict:
     """Send `requests` at their arrival offsets to `base_url` and return the metrics dict (see summarize).
     Keywords: model (default: the first of /v1/models), goodput ({'ttft': ms, 'tpot': ms} or
-    'ttft:MS tpot:MS'), api_key, timeout (s per request), max_concurrency."""
+    'ttft:MS tpot:MS'), task_slo ({task: {'ttft': ms, 'tpot': ms}}, overriding goodput per task), api_key,
+    timeout (s per request), max_concurrency."""
     return asyncio.run(arun_benchmark(base_url, requests, **kw))
 
 
@@ -331,14 +338,17 @@ def _stats(xs) -> dict:
             "std": float(a.std())}
 
 
-def summarize(results: list[RequestResult], duration_s: float, slo: dict | None = None) -> dict:
-    """vLLM benchmark_serving metrics; latency stats in ms over successful requests (None when none)."""
-    slo = slo or {}
+def summarize(results: list[RequestResult], duration_s: float, slo: dict | None = None,
+              task_slo: dict | None = None) -> dict:
+    """vLLM benchmark_serving metrics; latency stats in ms over successful requests (None when none).
+    Each request is judged by slo_for(its task)."""
+    slo, task_slo = slo or {}, task_slo or {}
     ok = [r for r in results if r.success]
     dur = max(duration_s, 1e-9)
 
     def meets(r: RequestResult) -> bool:
-        return r.success and r.ttft_s * 1e3 <= slo.get("ttft", math.inf) and r.tpot_s * 1e3 <= slo.get("tpot", math.inf)
+        s = slo_for(r.task, slo, task_slo)
+        return r.success and r.ttft_s * 1e3 <= s.get("ttft", math.inf) and r.tpot_s * 1e3 <= s.get("tpot", math.inf)
 
     tasks = sorted({r.task for r in results})
     per_task = {t: [r for r in results if r.task == t] for t in tasks}
@@ -348,15 +358,15 @@ def summarize(results: list[RequestResult], duration_s: float, slo: dict | None 
         "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
         "duration_s": duration_s, "total_input_tokens": inp, "total_output_tokens": outp,
         "request_throughput": len(ok) / dur, "output_token_throughput": outp / dur,
-        "total_token_throughput": (inp + outp) / dur, "goodput": good / dur if slo else None,
+        "total_token_throughput": (inp + outp) / dur, "goodput": good / dur if slo or task_slo else None,
         "ttft_ms": _stats([r.ttft_s * 1e3 for r in ok]),
         "tpot_ms": _stats([r.tpot_s * 1e3 for r in ok if r.output_tokens > 1]),
         "itl_ms": _stats([x * 1e3 for r in ok for x in r.itl_s]),
         "e2e_ms": _stats([r.e2e_s * 1e3 for r in ok]),
-        "slo": slo or None,
+        "slo": slo or None, "task_slo": task_slo or None,
         "slo_attainment": {"overall": good / len(results),
                            "per_task": {t: sum(map(meets, rs)) / len(rs) for t, rs in per_task.items()}}
-        if slo and results else None,
+        if (slo or task_slo) and results else None,
         "per_task": {t: {"requests": len(rs), "completed": sum(r.success for r in rs),
                          "mean_ttft_ms": _stats([r.ttft_s * 1e3 for r in rs if r.success])["mean"],
                          "mean_e2e_ms": _stats([r.e2e_s * 1e3 for r in rs if r.success])["mean"]}
@@ -386,6 +396,8 @@ def format_table(res: dict) -> str:
         lines += [f"{title:-^50}"] + [row(f"{label} {name} (ms):", num(res[f"{key}_ms"][s]))
                                       for label, s in (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))]
     att, slo = res.get("slo_attainment"), ", ".join(f"{k}<={v:g}ms" for k, v in (res.get("slo") or {}).items())
+    slo += (" + " if slo else "") + "; ".join(f"{t}: " + ", ".join(f"{k}<={v:g}ms" for k, v in d.items())
+                                              for t, d in (res.get("task_slo") or {}).items())
     lines.append(f"{' SLO attainment (' + (slo or 'no SLO given') + ') ':-^50}")
     lines += [row("Overall:", f"{att['overall']:.1%}")] if att else []
     lines += [row(f"{t} ({pt['completed']}/{pt['requests']} ok):", f"{att['per_task'][t]:.1%}" if att else "-")
