@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .datasets import TASKS, load_split
+from .datasets import load_split
 from .model import rms_norm, rope, route, swiglu
 
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every number in README.md, from a fresh checkout (after the README's setup command), in one go.
-# Writes to runs/results/. About 40 minutes on 2 CPU cores.
+# Writes to runs/results/. About 60 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=${EMOE:-.venv/bin/emoe}
@@ -29,4 +29,8 @@ for ts in 20 80; do
     --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
     --json $R/compare_ts$ts.json | tee $R/compare_ts$ts.txt
 done
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
+  --task-mix summarization,sentiment,qa,comparison,conversation,code --slo sentiment:1000:200 \
+  --slo comparison:1000:200 --slo qa:1500:200 --slo summarization:3000:200 --slo conversation:2000:200 \
+  --slo code:2000:200 --repeats 3 --only emoe,emoe-fcfs,emoe-noac --json $R/compare_mixed.json | tee $R/compare_mixed.txt
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt

@@ -2,9 +2,6 @@
 and come with a profile that matches it."""
 from pathlib import Path
 
-import pytest
-import torch
-
 from emoe import default_model_dir
 from emoe.datasets import load_split
 from emoe.engine import Engine, EngineConfig, SamplingParams

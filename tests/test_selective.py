@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from emoe.cache import ExpertCache
 from emoe.policies import Selective, make_policy
 
 
