@@ -34,3 +34,5 @@ $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-
   --slo comparison:1000:200 --slo qa:1500:200 --slo summarization:3000:200 --slo conversation:2000:200 \
   --slo code:2000:200 --repeats 3 --only emoe,emoe-fcfs,emoe-noac --json $R/compare_mixed.json | tee $R/compare_mixed.txt
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt
+$E bench capacity --profile $P --budget 0.4 --max-len 128 --memory-mb 72.6 --json $R/capacity_tight.json \
+  | tee $R/capacity_tight.txt
