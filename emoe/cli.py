@@ -131,7 +131,7 @@ def cmd_eval(args) -> None:
     for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
         configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window)
     print(table(recs))
     print()
     print(sensitivity_table(prof))
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
     ev.add_argument("--max-tokens", type=int, default=48)
     ev.add_argument("--batch", type=int, default=4)
+    ev.add_argument("--group-window", type=int, default=0, help="serve each W consecutive arrivals grouped by "
+                    "task (batches of mostly one task); 0 = arrival order, as in the paper")
     ev.add_argument("--p", type=int, default=40, help="predictor period in prompts")
     ev.add_argument("--adaptive", action="store_true", help="eMoE policies re-predict early when coverage drops")
     ev.add_argument("--stickiness", type=float, default=0.0, help="task-static/eMoE plans: a resident expert "

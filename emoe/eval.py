@@ -92,6 +92,19 @@ def test_stream(n: int, seed: int = 0, tasks=None, fits=None):
     return out
 
 
+def group_by_task(stream, window: int):
+    """Reorder each run of `window` consecutive arrivals by task (stable), so batches are mostly one task:
+    what a scheduler that holds requests up to `window` arrivals could do. 0 or 1 = arrival order."""
+    if window <= 1:
+        return list(stream)
+    out = []
+    for i in range(0, len(stream), window):
+        chunk = stream[i: i + window]
+        first = {t: k for k, t in reversed(list(enumerate(e.task for e in chunk)))}
+        out += sorted(chunk, key=lambda e: first[e.task])
+    return out
+
+
 def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=None):
     """Serve in arrival order; right after each batch, score it teacher-forced under the residency it
     was served with. Returns per-request dicts."""
@@ -122,12 +135,13 @@ def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[
 
 
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
-             batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print) -> list[dict]:
+             batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
+             group_window: int = 0) -> list[dict]:
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     params = SamplingParams(max_tokens=max_tokens)
     ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on))
-    stream = test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64))
+    stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64)), group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
     records = []
@@ -141,6 +155,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         agree = sum(a for a, _ in scored) / max(1, sum(n_ for _, n_ in scored))
         st, ld = eng.cache.stats, eng.loader.stats
         rec = {"policy": label, "budget": b, "p": setup.p if name.startswith("emoe") else None,
+               "group_window": group_window,
                "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
                "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),

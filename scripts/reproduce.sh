@@ -17,6 +17,8 @@ $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
   --p-sweep 1,10,40,80 --adaptive-compare --n 48 --json $R/eval.json --plot docs/eval.png | tee $R/eval.txt
 $E eval --profile $P --budgets 0.6,0.4,0.2 --policies all,task-static,emoe-a,emoe-a-selective --stickiness 1.0 \
   --n 48 --json $R/eval_sticky.json | tee $R/eval_sticky.txt
+$E eval --profile $P --budgets 0.6,0.4 --policies all,task-static,emoe-a,emoe-a-sticky --group-window 16 \
+  --n 48 --json $R/eval_grouped.json | tee $R/eval_grouped.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),

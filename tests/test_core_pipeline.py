@@ -65,3 +65,15 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
         assert r["resident_fraction"] <= r["budget"] + 1e-9
         assert 0 <= r["hit_rate"] <= 1 and r["tokens_per_s"] > 0
     assert by["emoe-e"]["predictor_calls"] >= by["emoe-a"]["predictor_calls"]
+
+
+def test_group_by_task_keeps_each_window_and_orders_by_first_arrival():
+    from types import SimpleNamespace
+
+    from emoe.eval import group_by_task
+    stream = [SimpleNamespace(task=t, i=i) for i, t in enumerate("abacbcaab")]
+    grouped = group_by_task(stream, 4)
+    assert [e.task for e in grouped] == list("aabcbcaab")
+    assert [e.i for e in grouped[:4]] == [0, 2, 1, 3]            # stable within a task
+    assert sorted(e.i for e in grouped) == list(range(9))       # nothing lost or duplicated
+    assert group_by_task(stream, 0) == stream and group_by_task(stream, 1) == stream
