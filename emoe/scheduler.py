@@ -132,9 +132,11 @@ class TaskAware(Scheduler):
     """eMoE Algorithm 1 with Eq. 3 (the printed pseudocode's bugs fixed: the admitted request is R,
     and W is R's input token count, not a running total of tokens).
 
-    Waiting jobs are ordered by SLO stringency: TTFT deadline  d_R = arrival_R + ttft_slo_R, except
-    that jobs which can no longer make that deadline go after all that still can (`order`): under
-    overload, FCFS spends capacity on requests already lost and every later one misses too.
+    Waiting jobs are ordered (`order`) in two groups: those that can still make their TTFT deadline
+    d_R = arrival_R + ttft_slo_R, shortest expected job first (prompt + the task's profiled output:
+    the paper orders by SLO stringency alone, which under overload serves long jobs that then make
+    every short one behind them late); then those that cannot, oldest first (FCFS spends capacity
+    on requests already lost, and every later one misses too). Measured: docs/results/compare*.txt.
     R is admitted when a slot and the token budget allow and, for every job S in the batch (running,
     plus those already admitted this step) that currently meets its SLO, its expected finish still
     meets S's deadline:
@@ -166,8 +168,9 @@ class TaskAware(Scheduler):
     R's own TTFT never blocks R: a job that would miss its TTFT even if admitted now is still admitted
     (counted in `late_admissions`). A refused job is skipped so later ones may fit, except that once a
     refused job is past its TTFT deadline, nothing behind it is admitted this step: capacity goes to
-    it as soon as the batch drains (no starvation). With an empty batch nothing can be hurt, so the
-    head of the queue always gets in.
+    it as soon as the batch drains (late jobs are not starved by other late ones). With an empty batch
+    nothing can be hurt, so the head of the queue always gets in. admission_control=False keeps the
+    ordering and admits whatever fits (the ablation `emoe serve --no-admission-control`).
     """
     name = "task-aware"
 
@@ -203,8 +206,8 @@ class TaskAware(Scheduler):
 
     @classmethod
     def order(cls, job, now: float, ctx: SchedContext) -> tuple:
-        """Jobs that can still make their TTFT first, earliest deadline first; then those that cannot,
-        oldest first. Serving a hopeless job ahead of a feasible one turns one miss into two."""
+        """Jobs that can still make their TTFT first, shortest expected job first; then those that
+        cannot, oldest first. Serving a hopeless job ahead of a feasible one turns one miss into two."""
         late = now + job.prompt_len * ctx.prefill_cost_s > cls.deadline_ttft(job)
         return (late, job.arrival if late else SJF.job_seconds(job, ctx), job.arrival)
 

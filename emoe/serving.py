@@ -6,9 +6,10 @@ asyncio.Queue, which the loop thread feeds through `loop.call_soon_threadsafe`. 
     aborts → scheduler.select(waiting, running, free slots) → engine.admit(batch) → engine.step()
 
 `engine.admit` runs the residency policy's plan (the eMoE loader) on every scheduling decision, so
-the resident experts follow the batch's task mix. The loop measures what the scheduler assumes
-(per-token decode cost c, per-prompt-token prefill cost, expert load latency) as moving averages, and
-per request TTFT, inter-token latency, E2E and queue time for the metrics.
+the resident experts follow the batch's task mix. The loop measures what the scheduler assumes --
+decode step cost a + c·n (fitted over the batch sizes seen), per-prompt-token prefill cost and expert
+load latency (moving averages) -- and per request TTFT, inter-token latency, E2E and queue time for
+the metrics.
 
 Events a job receives, in order: ("delta", text)* then ("done", finish_reason) — or ("error", message)
 when the engine failed on it. finish_reason is "stop", "length" or "abort" (client gone / shutdown).
