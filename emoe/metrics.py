@@ -49,7 +49,12 @@ class Metrics:
         self.resident_bytes = gauge("emoe:resident_expert_bytes", "Bytes of routed experts resident.")
         self.budget_bytes = gauge("emoe:expert_budget_bytes", "Byte budget of resident routed experts.")
         self.kv_bytes = gauge("emoe:kv_cache_bytes", "Bytes of the KV cache (all slots).")
+        self.refusals = counter("emoe:scheduler_refusals", "Admissions refused to protect a running request's SLO.")
+        self.late = counter("emoe:scheduler_late_admissions", "Requests admitted already unable to meet their TTFT.")
+        self.step_base = gauge("emoe:decode_step_base_seconds", "Fitted decode step cost a (step = a + c·n).")
+        self.step_per_req = gauge("emoe:decode_step_per_request_seconds", "Fitted decode step cost c per request.")
         self._last = (0, 0, 0)  # cache stats already counted: hits, misses, bytes_loaded
+        self._last_sched = (0, 0)  # scheduler counters already counted: refusals, late admissions
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -73,6 +78,15 @@ class Metrics:
         self.resident_bytes.set(engine.cache.used_bytes)
         self.budget_bytes.set(engine.cache.budget_bytes)
         self.kv_bytes.set(engine.kv.nbytes)
+
+    def sync_scheduler(self, scheduler, ctx) -> None:
+        """What the scheduler decided and believes: refusal and late-admission counts, the fitted step cost."""
+        r, l = self._last_sched
+        self.refusals.inc(max(0, scheduler.refusals - r))
+        self.late.inc(max(0, scheduler.late_admissions - l))
+        self._last_sched = (scheduler.refusals, scheduler.late_admissions)
+        self.step_base.set(ctx.step_base_s)
+        self.step_per_req.set(ctx.token_cost_s)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -243,6 +243,7 @@ class EngineLoop:
 
     def _sync_metrics(self) -> None:
         self.metrics.sync_engine(self.engine, len(self._running), len(self._waiting))
+        self.metrics.sync_scheduler(self.scheduler, self.ctx)
 
     def _admit(self, waiting: list[Job]) -> None:
         eng = self.engine

@@ -244,3 +244,17 @@ def test_fit_step_cost_is_affine_in_batch_size():
     assert a == 0.0 and c > 0
     with pytest.raises(ValueError):
         fit_step_cost({})
+
+
+def test_scheduler_metrics_count_deltas_and_show_the_fit():
+    from types import SimpleNamespace
+
+    from emoe.metrics import Metrics
+    m, sch = Metrics("tiny"), SimpleNamespace(refusals=3, late_admissions=1)
+    m.sync_scheduler(sch, ctx(step_base_s=0.007, token_cost_s=0.001))
+    sch.refusals = 5
+    m.sync_scheduler(sch, ctx(step_base_s=0.008, token_cost_s=0.001))
+    text = m.text().decode()
+    assert 'emoe:scheduler_refusals_total{model_name="tiny"} 5.0' in text
+    assert 'emoe:scheduler_late_admissions_total{model_name="tiny"} 1.0' in text
+    assert 'emoe:decode_step_base_seconds{model_name="tiny"} 0.008' in text

@@ -126,7 +126,9 @@ def test_streamed_completion_and_endpoints(srv):
                  "emoe:generation_tokens_total", "emoe:request_success_total", "emoe:expert_hits_total",
                  "emoe:expert_misses_total", "emoe:expert_bytes_loaded_total", "emoe:num_requests_running",
                  "emoe:num_requests_waiting", "emoe:resident_expert_bytes", "emoe:expert_budget_bytes",
-                 "emoe:kv_cache_bytes", "emoe:slo_met_total"):
+                 "emoe:kv_cache_bytes", "emoe:slo_met_total", "emoe:scheduler_refusals_total",
+                 "emoe:scheduler_late_admissions_total", "emoe:decode_step_base_seconds",
+                 "emoe:decode_step_per_request_seconds"):
         assert name in m.text, name
     assert "emoe:time_to_first_token_seconds_count" in m.text
 
