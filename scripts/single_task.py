@@ -3,7 +3,7 @@ reference answers of the test split teacher-forced, top-1 agreement with the all
 per-layer coverage of the all-resident routing. Separates "the model is fragile" from "tasks share the
 budget" in `emoe eval`'s mixed stream.
 
-    python scripts/single_task.py [--budget 0.4] [--per-task 15]
+    python scripts/single_task.py [--budget 0.4] [--per-task 15] [--model DIR (its profile in DIR/profile)]
 """
 import argparse
 
@@ -22,11 +22,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--per-task", type=int, default=15)
+    ap.add_argument("--model", default=MODEL)
     args = ap.parse_args()
-    prof = Profile.load(MODEL + "/profile", MODEL)
+    model = args.model
+    prof = Profile.load(model + "/profile", model)
     shares, pop = prof.task_static(), prof.popular()
-    ref = Engine(EngineConfig(MODEL, miss_policy="all", max_batch=1, experts_on="ram", trace=True))
-    eng = Engine(EngineConfig(MODEL, budget=args.budget, max_batch=1, experts_on="ram"), policy=Reroute())
+    ref = Engine(EngineConfig(model, miss_policy="all", max_batch=1, experts_on="ram", trace=True))
+    eng = Engine(EngineConfig(model, budget=args.budget, max_batch=1, experts_on="ram"), policy=Reroute())
     print(f"budget {args.budget}: task, experts per layer, agreement, coverage per layer")
     for task in TASKS:
         eng.loader.apply(plan_top(shares[task], eng.cache.capacity, prof.moe_layers, prof.top_k, pop))
