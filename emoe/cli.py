@@ -89,7 +89,8 @@ def cmd_train_model(args) -> None:
     from .train import TrainConfig, train
     torch.set_num_threads(args.threads)
     out = Path(args.out or default_model_dir())
-    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch, lr=args.lr, seq_entropy=args.seq_entropy)
+    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch, lr=args.lr, seq_entropy=args.seq_entropy,
+                      trainable=args.trainable)
     general = Path(args.general_text) if args.general_text else None
     if general is not None and not general.is_file():
         sys.exit(f"emoe: general text {general} not found; build it with `python scripts/build_data.py --general-text`")
@@ -326,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seq-entropy", type=float, default=0.0, help="per-sequence routing-entropy penalty")
-    t.add_argument("--init", default=None, help="start from a previous --run-dir (fine-tuning; same tokenizer)")
+    t.add_argument("--init", default=None, help="start from a previous --run-dir or an exported model folder "
+                   "(fine-tuning; same tokenizer)")
+    t.add_argument("--trainable", default="all", choices=["all", "router"],
+                   help="router: fine-tune only the router gates (reshapes routing, keeps what experts learned)")
     t.set_defaults(fn=cmd_train_model)
 
     se = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, task-aware scheduler)")

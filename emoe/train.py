@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,11 @@ class TrainConfig:
     seq_entropy: float = 0.0  # penalty on each sequence's routing entropy: fewer experts per prompt
     minutes: float = 80.0
     seed: int = 0
+    trainable: str = "all"    # "router": only the router gates move (reshape routing, keep what experts know)
+
+    def __post_init__(self):
+        if self.trainable not in ("all", "router"):
+            raise ValueError(f"trainable must be 'all' or 'router', not {self.trainable!r}")
 
     def model_config(self) -> dict:
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": self.vocab,
@@ -180,6 +186,27 @@ def export(p, mc: ModelConfig, cfg: TrainConfig, out: Path, tok_path: Path) -> N
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 0]}))
 
 
+def load_init(folder: Path) -> dict[str, torch.Tensor]:
+    """Parameters to start from: a run folder's train.safetensors, or an exported model folder
+    (per-expert bf16 tensors, restacked into the training layout in fp32)."""
+    folder = Path(folder)
+    if (folder / "train.safetensors").exists():
+        return load_file(str(folder / "train.safetensors"))
+    if not (folder / "model.safetensors").exists():
+        raise SystemExit(f"{folder} holds neither train.safetensors (a run) nor model.safetensors (a model)")
+    flat, out, experts = load_file(str(folder / "model.safetensors")), {}, {}
+    for name, t in flat.items():
+        m = re.fullmatch(r"(.+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", name)
+        if m:
+            part = {"w1": "gate", "w3": "up", "w2": "down"}[m.group(3)]
+            experts.setdefault(f"{m.group(1)}.experts.{part}", {})[int(m.group(2))] = t.float()
+        else:
+            out[name] = t.float()
+    for name, per in experts.items():
+        out[name] = torch.stack([per[e] for e in range(len(per))])
+    return out
+
+
 def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig, overwrite: bool = False,
           init: Path | None = None) -> Path:
     """init: a previous run folder whose parameters (train.safetensors) start this one (fine-tuning)."""
@@ -199,11 +226,15 @@ def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig,
     mc = ModelConfig.from_hf(cfg.model_config())
     params = init_params(mc, cfg.seed)
     if init is not None and not (run_dir / "state.json").exists():
-        start = load_file(str(Path(init) / "train.safetensors"))
+        start = load_init(init)
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(start[k])
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if cfg.trainable == "router":
+        for name, v in params.items():
+            v.requires_grad_(name.endswith("block_sparse_moe.gate.weight"))
+    opt = torch.optim.AdamW([v for v in params.values() if v.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=0.1)
     step, state_path = 0, run_dir / "state.json"
     if state_path.exists():  # resume
         meta = json.loads(state_path.read_text())
@@ -213,11 +244,10 @@ def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig,
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(saved[k])
-        for group in opt.param_groups:
-            for k, v in zip(params, group["params"]):
-                if f"exp_avg/{k}" in saved:
-                    opt.state[v] = {"step": torch.tensor(float(meta["step"])), "exp_avg": saved[f"exp_avg/{k}"],
-                                    "exp_avg_sq": saved[f"exp_avg_sq/{k}"]}
+        for k, v in params.items():
+            if v.requires_grad and f"exp_avg/{k}" in saved:
+                opt.state[v] = {"step": torch.tensor(float(meta["step"])), "exp_avg": saved[f"exp_avg/{k}"],
+                                "exp_avg_sq": saved[f"exp_avg_sq/{k}"]}
         step = meta["step"]
     rng = random.Random(cfg.seed + step)
     data = Batches(tok, general, cfg, rng)
