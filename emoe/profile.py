@@ -3,6 +3,8 @@
 profile.json  format, model fingerprint, shape, per-task prompt/output lengths, measured expert load
               latency and per-token compute cost, the sensitivity profile, the fitted task extractor
 traces.jsonl  routing traces (prompt *and* generated tokens) of every profiled prompt, in stream order
+test_traces.jsonl  (written by `emoe train-predictor`) the test split's traces, cached; saving a profile
+              drops it
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ class Profile:
         meta = {k: getattr(self, k) for k in self.__slots__ if k != "traces"}
         (d / "profile.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
         save_traces(self.traces, d / "traces.jsonl")
+        # `train-predictor` caches the test split's traces here; they came from whatever model the folder
+        # was profiled with before, so a new profile must not inherit them
+        (d / "test_traces.jsonl").unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: str | Path, model_dir: str | Path | None = None) -> "Profile":

@@ -77,3 +77,12 @@ def test_group_by_task_keeps_each_window_and_orders_by_first_arrival():
     assert [e.i for e in grouped[:4]] == [0, 2, 1, 3]            # stable within a task
     assert sorted(e.i for e in grouped) == list(range(9))       # nothing lost or duplicated
     assert group_by_task(stream, 0) == stream and group_by_task(stream, 1) == stream
+
+
+def test_saving_a_profile_drops_cached_test_traces(profile_dir, tiny_mixtral, tmp_path):
+    """Test traces cached by train-predictor belong to the model the folder was profiled with before."""
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    stale = tmp_path / "test_traces.jsonl"
+    stale.write_text((profile_dir / "traces.jsonl").read_text())
+    prof.save(tmp_path)
+    assert not stale.exists() and (tmp_path / "traces.jsonl").is_file()
