@@ -159,7 +159,7 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
 
 def cmd_train_predictor(args) -> None:
     from .eval import test_stream
-    from .predictor import Predictor, baselines, evaluate
+    from .predictor import Predictor, baselines, evaluate, loader_sizes
     from .profile import Profile, trace_stream
     from .traces import load_traces, save_traces
     model = _model(args)
@@ -182,11 +182,19 @@ def cmd_train_predictor(args) -> None:
     report = []
     print(f"test split: {len(test)} traces; {n_res} of {prof.num_experts} experts resident per layer (budget {args.budget})")
     print(f"{'method':16} {'p':>3} {'precision':>9} {'recall':>7} {'F1':>6} {'coverage':>8}")
-    for p in args.p:
-        for name, fn in methods.items():
-            r = evaluate(fn, test, n_res, p=p, history=prof.traces)
-            report.append({"method": name, "p": p, **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
-            print(f"{name:16} {p:>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} {r['coverage']:>8.3f}")
+    # uniform: n_res in every layer (the paper's metric); loader: the same bytes split over layers as the
+    # loader splits them for that prediction, i.e. the sets that would actually be resident
+    sizings = {"uniform": n_res, "loader": loader_sizes(n_res * len(prof.moe_layers), prof.moe_layers, prof.top_k)}
+    for sizing, n in sizings.items():
+        if sizing == "loader":
+            print(f"L per layer as the loader splits {n_res * len(prof.moe_layers)} experts over the layers:")
+        for p in args.p:
+            for name, fn in methods.items():
+                r = evaluate(fn, test, n, p=p, history=prof.traces)
+                report.append({"method": name, "p": p, "sizing": sizing,
+                               **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
+                print(f"{name:16} {p:>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} "
+                      f"{r['coverage']:>8.3f}")
     (Path(args.profile) / "predictor_report.json").write_text(json.dumps(report, indent=1))
 
 

@@ -301,10 +301,23 @@ def drifted(cover: float, avg: float, min_hit: float = 0.5, drift: float = 0.05)
     return cover < min_hit or cover < avg - drift
 
 
-def evaluate(predictor: PredictFn, traces: Sequence[Trace], n_resident: int | Sequence[int], p: int = 1,
+def loader_sizes(capacity: int, moe_layers: Sequence[int], top_k: int):
+    """Per-layer L as the loader would choose it from a prediction: the `capacity` experts with the highest
+    predicted share over all layers, each layer keeping at least top_k (eMoE Eq. 2 with one task)."""
+    from .loader import plan_top
+
+    def sizes(pred: torch.Tensor) -> list[int]:
+        plan = plan_top(pred, capacity, list(moe_layers), top_k, fallback=pred)
+        return [len(plan.get(layer, ())) for layer in range(pred.shape[0])]
+    return sizes
+
+
+def evaluate(predictor: PredictFn, traces: Sequence[Trace], n_resident, p: int = 1,
              history: Sequence[Trace] = (), adaptive: bool = False) -> dict:
     """Walk the stream in order; predict each trace from what came before it (`history` + earlier traces),
     calling the predictor only on every p-th prompt of a task and reusing its last prediction in between.
+    `n_resident`: experts kept per layer (int or per-layer list), or a function of the prediction giving the
+    per-layer list (`loader_sizes`).
     adaptive=True also re-predicts right after a prompt whose coverage `drifted`."""
     full, off, moe = list(history) + list(traces), len(history), getattr(predictor, "moe_layers", None)
     cache, seen, rows, calls, avg, stale = {}, {}, [], 0, {}, set()
@@ -315,7 +328,8 @@ def evaluate(predictor: PredictFn, traces: Sequence[Trace], n_resident: int | Se
             cache[t.task], calls, seen[t.task] = predictor(t.task, full[:off + i]), calls + 1, 0
             stale.discard(t.task)
         seen[t.task] = seen.get(t.task, 0) + 1
-        rows.append((t.task, set_metrics(cache[t.task], t.total, n_resident, moe)))
+        n = n_resident(cache[t.task]) if callable(n_resident) else n_resident
+        rows.append((t.task, set_metrics(cache[t.task], t.total, n, moe)))
         if adaptive:
             cover = rows[-1][1]["coverage"]
             if drifted(cover, avg.setdefault(t.task, cover)):

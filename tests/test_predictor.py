@@ -200,3 +200,23 @@ def test_adaptive_p_repredicts_when_coverage_drops():
     assert adapt["coverage"] > fixed["coverage"] + 0.3
     assert fixed["calls"] == 2 and fixed["calls"] < adapt["calls"] <= 12  # ~one extra call per phase change
     assert drifted(0.4, 0.9) and drifted(0.8, 0.9) and not drifted(0.88, 0.9)
+
+
+def test_loader_sizes_split_the_same_bytes_by_predicted_share():
+    from emoe.predictor import loader_sizes
+    pred = torch.zeros(L, E)
+    pred[0, :2] = 0.5                     # a layer that needs two experts
+    pred[2] = torch.linspace(1, 0.1, E)   # layers that spread
+    pred[3] = torch.linspace(1, 0.2, E)
+    sizes = loader_sizes(RESIDENT * len(MOE), MOE, top_k=2)(pred)
+    assert sum(sizes) == RESIDENT * len(MOE) and sizes[DENSE] == 0
+    assert sizes[0] == 2 and min(sizes[m] for m in MOE) >= 2 and sizes[2] + sizes[3] == 16
+
+
+def test_evaluate_with_loader_sizes_scores_the_sets_the_loader_keeps(stream):
+    from emoe.predictor import loader_sizes
+    train, test = stream
+    static = baselines(train)["task-static"]
+    uniform = evaluate(static, test, RESIDENT, history=train)
+    split = evaluate(static, test, loader_sizes(RESIDENT * len(MOE), MOE, 2), history=train)
+    assert split["n"] == uniform["n"] and split["coverage"] >= uniform["coverage"] - 0.02
