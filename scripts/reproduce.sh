@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every number in README.md, from a fresh checkout (after the README's setup command), in one go.
-# Writes to runs/results/. About 60 minutes on 2 CPU cores.
+# Writes to runs/results/. 20–60 minutes on 2 CPU cores, depending on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=${EMOE:-.venv/bin/emoe}
@@ -26,11 +26,14 @@ ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 T=../shared/traces/AzureLLMInferenceTrace_conv.csv
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 3 --json $R/compare.json | tee $R/compare.txt
-for ts in 20 80; do
+for ts in 20 80 160; do
   $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale $ts \
     --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
     --json $R/compare_ts$ts.json | tee $R/compare_ts$ts.txt
 done
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
+  --goodput ttft:1500 tpot:150 --repeats 5 --only emoe,emoe-fcfs,emoe-noac \
+  --json $R/compare_ts40_r5.json | tee $R/compare_ts40_r5.txt
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --task-mix summarization,sentiment,qa,comparison,conversation,code --slo sentiment:1000:200 \
   --slo comparison:1000:200 --slo qa:1500:200 --slo summarization:3000:200 --slo conversation:2000:200 \
