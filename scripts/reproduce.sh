@@ -34,6 +34,13 @@ done
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 5 --only emoe,emoe-fcfs,emoe-noac \
   --json $R/compare_ts40_r5.json | tee $R/compare_ts40_r5.txt
+# a longer stretch of the trace: 400 requests, at a lighter (10) and the same (40) time-scale
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 10 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
+  --json $R/compare_400_ts10.json | tee $R/compare_400_ts10.txt
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 40 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
+  --json $R/compare_400.json | tee $R/compare_400.txt
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --task-mix summarization,sentiment,qa,comparison,conversation,code --slo sentiment:1000:200 \
   --slo comparison:1000:200 --slo qa:1500:200 --slo summarization:3000:200 --slo conversation:2000:200 \
