@@ -184,10 +184,11 @@ def cmd_train_predictor(args) -> None:
     print(f"{'method':16} {'p':>3} {'precision':>9} {'recall':>7} {'F1':>6} {'coverage':>8}")
     # uniform: n_res in every layer (the paper's metric); loader: the same bytes split over layers as the
     # loader splits them for that prediction, i.e. the sets that would actually be resident
-    sizings = {"uniform": n_res, "loader": loader_sizes(n_res * len(prof.moe_layers), prof.moe_layers, prof.top_k)}
+    capacity = n_res * len(prof.moe_layers)
+    sizings = {"uniform": n_res, "loader": loader_sizes(capacity, prof.moe_layers, prof.top_k)}
     for sizing, n in sizings.items():
         if sizing == "loader":
-            print(f"L per layer as the loader splits {n_res * len(prof.moe_layers)} experts over the layers:")
+            print(f"L per layer as the loader splits {capacity} experts over the layers:")
         for p in args.p:
             for name, fn in methods.items():
                 r = evaluate(fn, test, n, p=p, history=prof.traces)

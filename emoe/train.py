@@ -166,13 +166,16 @@ def forward_loss(p, mc: ModelConfig, tokens: torch.Tensor, aux_coef: float, seq_
     return lm + aux_coef * aux / mc.num_layers, lm
 
 
+EXPERT_KEYS = {"gate": "w1", "up": "w3", "down": "w2"}  # stacked training tensor -> Mixtral per-expert name
+
+
 def export(p, mc: ModelConfig, cfg: TrainConfig, out: Path, tok_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {}
     for name, t in p.items():
         if ".experts." in name:
             a, part = name.rsplit(".experts.", 1)
-            key = {"gate": "w1", "up": "w3", "down": "w2"}[part]
+            key = EXPERT_KEYS[part]
             for e in range(mc.num_experts):
                 state[f"{a}.block_sparse_moe.experts.{e}.{key}.weight"] = t[e].detach().to(torch.bfloat16).contiguous()
         else:
@@ -198,7 +201,7 @@ def load_init(folder: Path) -> dict[str, torch.Tensor]:
     for name, t in flat.items():
         m = re.fullmatch(r"(.+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", name)
         if m:
-            part = {"w1": "gate", "w3": "up", "w2": "down"}[m.group(3)]
+            part = {v: k for k, v in EXPERT_KEYS.items()}[m.group(3)]
             experts.setdefault(f"{m.group(1)}.experts.{part}", {})[int(m.group(2))] = t.float()
         else:
             out[name] = t.float()
@@ -209,7 +212,8 @@ def load_init(folder: Path) -> dict[str, torch.Tensor]:
 
 def train(out: Path, run_dir: Path, general_text: Path | None, cfg: TrainConfig, overwrite: bool = False,
           init: Path | None = None) -> Path:
-    """init: a previous run folder whose parameters (train.safetensors) start this one (fine-tuning)."""
+    """init: a previous run folder or an exported model folder whose parameters start this one (fine-tuning,
+    see `load_init`)."""
     from tokenizers import Tokenizer
     if (out / "model.safetensors").exists() and not overwrite:
         raise SystemExit(f"{out} already holds a model; pass --overwrite to replace it")
