@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import QTensor, dequantize, qbytes, quantize
+
 
 class BudgetError(ValueError):
     """The requested residency does not fit the byte budget."""
@@ -25,6 +27,7 @@ class CacheStats:
     evictions: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
+    shadow_uses: int = 0   # misses served by an expert's low-bit shadow copy
 
     @property
     def hit_rate(self) -> float:
@@ -48,15 +51,26 @@ class ExpertCache:
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.stats = CacheStats()
+        # low-bit shadows (enable_shadow): every expert not resident at full precision keeps a quantised copy
+        self.shadow_bits, self.shadow_bytes, self._shadow_slots = 0, 0, 0
+        self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
 
     # -- queries ---------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return self.budget_bytes // self.expert_bytes
+        """Experts the budget holds at full precision (next to the shadows of all the others)."""
+        if not self.shadow_bits:
+            return self.budget_bytes // self.expert_bytes
+        free = self.budget_bytes - self._shadow_slots * self.shadow_bytes
+        return max(0, min(self._shadow_slots, free // (self.expert_bytes - self.shadow_bytes)))
 
     @property
     def used_bytes(self) -> int:
-        return len(self._res) * self.expert_bytes
+        return len(self._res) * self.expert_bytes + len(self._shadow) * self.shadow_bytes
+
+    def bytes_for(self, full: int) -> int:
+        """Bytes held with `full` experts at full precision (and shadows of the rest, when enabled)."""
+        return full * self.expert_bytes + (self._shadow_slots - full) * self.shadow_bytes * bool(self.shadow_bits)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._res
@@ -77,6 +91,31 @@ class ExpertCache:
     def lru(self, exclude=()) -> tuple[int, int] | None:
         return next((k for k in self._res if k not in exclude), None)
 
+    def approx(self, layer: int, expert: int) -> Weights:
+        """A non-resident expert's weights rebuilt from its shadow (KeyError when there is none)."""
+        q = self._shadow[(layer, expert)]
+        self.stats.shadow_uses += 1
+        return tuple(dequantize(t, self.dtype) for t in q)
+
+    def enable_shadow(self, layers: list[int], bits: int, group: int = 32) -> None:
+        """Hold a `bits`-bit copy of every expert of `layers` that is not resident at full precision.
+        Must be called before anything is resident; refused (changing nothing) when the copies alone
+        exceed the budget. Reads every expert once from the slow tier."""
+        if self._res or self.shadow_bits:
+            raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
+        w = self.store.read(layers[0], 0)
+        each = sum(qbytes(tuple(t.shape), bits, group) for t in w)
+        slots = len(layers) * self.num_experts
+        if slots * each > self.budget_bytes:
+            raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * each} bytes, "
+                              f"budget is {self.budget_bytes}")
+        self.shadow_bits, self.shadow_bytes, self._shadow_slots, self._group = bits, each, slots, group
+        for layer in layers:
+            for e in range(self.num_experts):
+                self._check(layer, e)
+                self._shadow[(layer, e)] = tuple(quantize(t.to(self.device), bits, group)
+                                                for t in self.store.read(layer, e))
+
     # -- moves -----------------------------------------------------------------------------------
     def _check(self, layer: int, expert: int) -> None:
         if not 0 <= expert < self.num_experts or not 0 <= layer < self.mask.shape[0]:
@@ -88,22 +127,27 @@ class ExpertCache:
         if key in self._res:
             self._res.move_to_end(key)
             return
-        if self.used_bytes + self.expert_bytes > self.budget_bytes:
+        need = self.used_bytes + self.expert_bytes - (self.shadow_bytes if key in self._shadow else 0)
+        if need > self.budget_bytes:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
-                              f"({self.used_bytes + self.expert_bytes} > {self.budget_bytes} bytes)")
+                              f"({need} > {self.budget_bytes} bytes)")
         t0 = time.perf_counter()
         host = self.store.read(layer, expert)
         w = tuple(t.to(self.device, self.dtype, non_blocking=True) for t in host)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._res[key] = w
+        self._shadow.pop(key, None)
         self.mask[layer, expert] = True
         self.stats.loads += 1
         self.stats.bytes_loaded += self.expert_bytes
         self.stats.load_seconds += time.perf_counter() - t0
 
     def evict(self, layer: int, expert: int) -> None:
-        if self._res.pop((layer, expert), None) is not None:
+        w = self._res.pop((layer, expert), None)
+        if w is not None:
+            if self.shadow_bits:  # requantise from the fast copy: costs no slow-tier read, frees bytes
+                self._shadow[(layer, expert)] = tuple(quantize(t, self.shadow_bits, self._group) for t in w)
             self.mask[layer, expert] = False
             self.stats.evictions += 1
 
@@ -114,8 +158,8 @@ class ExpertCache:
             for e in ids:
                 self._check(layer, e)
         keep = {k for k in self._res if k[0] not in plan} | {(l, e) for l, ids in plan.items() for e in ids}
-        if len(keep) * self.expert_bytes > self.budget_bytes:
-            raise BudgetError(f"plan needs {len(keep) * self.expert_bytes} bytes, budget is {self.budget_bytes}")
+        if self.bytes_for(len(keep)) > self.budget_bytes:
+            raise BudgetError(f"plan needs {self.bytes_for(len(keep))} bytes, budget is {self.budget_bytes}")
         drop = [k for k in self._res if k not in keep]
         for k in drop:
             self.evict(*k)

@@ -116,14 +116,15 @@ def sensitivity_table(prof) -> str:
 
 
 def cmd_eval(args) -> None:
-    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, plot, table
+    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, known, plot, table
     from .profile import Profile
     model = _model(args)
     prof = Profile.load(args.profile, model)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES + EXTRA]
+    unknown = [p for p in policies if not known(p)]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA)}")
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA)} "
+                         f"(a reroute policy + -q4/-q8 serves misses from shadow copies)")
     predictors = _predictors(args.profile, policies)
     setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive, stickiness=args.stickiness)
     configs = grid(setup, policies, args.budgets)
@@ -139,7 +140,7 @@ def cmd_eval(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(recs, indent=1))
     if args.plot:
-        plot([r for r in recs if r["policy"] in POLICIES + EXTRA], args.plot)
+        plot([r for r in recs if known(r["policy"])], args.plot)
 
 
 def _predictors(profile_dir: str, policies: list[str]) -> dict:

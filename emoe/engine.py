@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .model import KVCache, MoEModel, swiglu
 from .loader import Loader
-from .policies import PreGated, Reroute, make_policy
+from .policies import PreGated, Reroute, Shadow, make_policy
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder
@@ -141,6 +141,8 @@ class Engine:
                               f"({need // self.cache.expert_bytes} experts of {self.cache.expert_bytes} bytes; "
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
+        if getattr(self.policy, "shadow_bits", 0):
+            self.cache.enable_shadow(layers, self.policy.shadow_bits)
         self.residency = residency(self.cache.capacity) if residency is not None else None
         if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:
             self.policy.plan = self.residency.initial()
@@ -149,7 +151,7 @@ class Engine:
             self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
         short = [l for l in layers if len(self.cache.resident(l)) < c.top_k]
-        if isinstance(self.policy, Reroute) and short:
+        if isinstance(self.policy, Reroute) and not isinstance(self.policy, Shadow) and short:
             raise BudgetError(f"layers {short} hold fewer than top-{c.top_k} resident experts; "
                               f"rerouting needs a full top-k in every MoE layer")
         self.loader = Loader(self.cache)

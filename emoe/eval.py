@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute, Selective
+from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
 from .profile import Profile
 from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
 
@@ -25,7 +26,18 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
             "emoe-a", "emoe-l", "emoe-e")
 # beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves), and
 # sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
-EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective")
+# Any reroute-based policy with a -q4 / -q8 suffix serves misses from low-bit shadow copies instead
+# (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
+EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
+         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "task-static-q4", "popular-q4", "random-q4")
+SHADOWED = ("q4", "q8")
+
+
+def known(name: str) -> bool:
+    base, _, q = name.rpartition("-")
+    return name in POLICIES + EXTRA or (q in SHADOWED and base in POLICIES + EXTRA)
+
+
 STICKY = 1.0  # emoe-a-sticky: a resident expert yields only to one expecting 2× its tokens
 
 
@@ -45,6 +57,14 @@ class Setup:
 def build(name: str, s: Setup):
     """Policy name → (miss policy object, residency factory or None)."""
     prof = s.profile
+    if name in SHADOWED:
+        return Shadow(int(name[1]), full=False), None
+    base, _, q = name.rpartition("-")
+    if q in SHADOWED and base:
+        policy, residency = build(base, s)
+        if type(policy) is not Reroute:
+            raise ValueError(f"{name}: shadow copies replace rerouting; {base} uses the {policy.name} miss policy")
+        return Shadow(int(q[1])), residency
 
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:
@@ -131,7 +151,8 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
 
 def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[str, str, float, Setup]]:
     """(label, policy, budget, setup) for every policy × budget; 'all' runs once, at 1.0."""
-    return [(p, p, b, setup) for p in policies for b in ([1.0] if p == "all" else budgets)]
+    # all and the all-quantised q4/q8 hold the same bytes at every budget: one run each
+    return [(p, p, b, setup) for p in policies for b in ([1.0] if p in ("all",) + SHADOWED else budgets)]
 
 
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
@@ -147,8 +168,12 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
     records = []
     for label, name, b, setup in configs:
         policy, residency = build(name, setup)
-        eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
-                                  experts_on=experts_on), policy=policy, residency=residency)
+        try:
+            eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
+                                      experts_on=experts_on), policy=policy, residency=residency)
+        except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
+            log(f"{label:13} {b:4.2f} skipped: {e}")
+            continue
         rows, secs = serve_stream(eng, stream, params, batch, refs)
         sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
         scored = [r["agree"] for r in rows if "agree" in r]
@@ -165,6 +190,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),
+               "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
                "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t]),
                                 "n": sum(r["task"] == t for r in rows)}
                             for t in sorted({r["task"] for r in rows})}}

@@ -60,7 +60,8 @@ def plan_top(N: torch.Tensor | None, capacity: int, moe_layers: list[int], top_k
         score = score * (1 + stickiness * resident[moe_layers].to("cpu", torch.float32))
     capacity = min(capacity, len(moe_layers) * E)
     chosen = torch.zeros(len(moe_layers), E, dtype=torch.bool)
-    chosen.scatter_(1, score.topk(min(top_k, E), dim=1).indices, True)
+    # fewer than top_k per layer only when the budget cannot hold more (shadow copies serve the rest)
+    chosen.scatter_(1, score.topk(min(top_k, E, capacity // len(moe_layers)), dim=1).indices, True)
     rest = capacity - int(chosen.sum())
     if rest > 0:
         flat = score.masked_fill(chosen, float("-inf")).flatten()

@@ -189,7 +189,33 @@ class Selective(Reroute):
     fetch = LoadOnDemand.fetch
 
 
-MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective)}
+class Shadow(Reroute):
+    """Beyond the paper: no token is rerouted. The fast tier holds a `bits`-bit copy of every expert that
+    is not resident at full precision (counted in the budget), and a miss runs that copy: the expert
+    the router chose, slightly perturbed, instead of a different expert. Residency then decides which
+    experts run exactly. full=False keeps nothing at full precision (all-quantised, llama.cpp-style)."""
+    name = "shadow"
+
+    def __init__(self, bits: int = 4, plan=None, full: bool = True):
+        super().__init__(plan)
+        self.shadow_bits, self.full = bits, full
+
+    def min_experts(self, layers, num_experts, top_k):
+        return 0  # the shadows serve every expert; enable_shadow checks that they fit
+
+    def prepare(self, cache, layers):
+        if self.full:
+            cache.set_resident(self.plan or even_plan(layers, cache.num_experts, cache.capacity))
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        return weights, ids
+
+    def fetch(self, layer, expert, cache):
+        return cache.get(layer, expert) if (layer, expert) in cache else cache.approx(layer, expert)
+
+
+MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective,
+                                     Shadow)}
 
 
 def make_policy(name: str, **kw):
