@@ -19,6 +19,21 @@ class BudgetError(ValueError):
     """The requested residency does not fit the byte budget."""
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Full-precision experts per layer, and which others keep a hi_bits shadow (two-level shadows)."""
+    full: dict[int, list[int]]
+    hi: dict[int, list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Levels:
+    """What the budget leaves once every expert has a base shadow, and what raising one costs."""
+    free_bytes: int
+    full_cost: int   # base shadow → full precision
+    hi_cost: int     # base shadow → hi_bits shadow
+
+
 @dataclass(slots=True)
 class CacheStats:
     hits: int = 0          # routed token-assignments whose expert was resident when routed
@@ -51,9 +66,11 @@ class ExpertCache:
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.stats = CacheStats()
-        # low-bit shadows (enable_shadow): every expert not resident at full precision keeps a quantised copy
-        self.shadow_bits, self.shadow_bytes, self._shadow_slots = 0, 0, 0
+        # low-bit shadows (enable_shadow): every expert not resident at full precision keeps a quantised
+        # copy, at `shadow_bits`, or at `hi_bits` for those a Plan lists in `hi`
+        self.shadow_bits = self.hi_bits = self.shadow_bytes = self.hi_bytes = self._shadow_slots = 0
         self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
+        self._hi: set[tuple[int, int]] = set()  # keys whose shadow is at hi_bits
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -66,11 +83,18 @@ class ExpertCache:
 
     @property
     def used_bytes(self) -> int:
-        return len(self._res) * self.expert_bytes + len(self._shadow) * self.shadow_bytes
+        return len(self._res) * self.expert_bytes + self.bytes_for(0, len(self._hi), len(self._shadow))
 
-    def bytes_for(self, full: int) -> int:
-        """Bytes held with `full` experts at full precision (and shadows of the rest, when enabled)."""
-        return full * self.expert_bytes + (self._shadow_slots - full) * self.shadow_bytes * bool(self.shadow_bits)
+    def bytes_for(self, full: int, hi: int = 0, slots: int | None = None) -> int:
+        """Bytes held with `full` experts at full precision, `hi` shadows at hi_bits and the other slots'
+        shadows at shadow_bits (no shadows unless enabled)."""
+        rest = (self._shadow_slots if slots is None else slots) - full - hi
+        return full * self.expert_bytes + (hi * self.hi_bytes + rest * self.shadow_bytes) * bool(self.shadow_bits)
+
+    def levels(self) -> "Levels":
+        """Byte prices for a two-level planner (loader.plan_levels)."""
+        return Levels(self.budget_bytes - self._shadow_slots * self.shadow_bytes, self.expert_bytes - self.shadow_bytes,
+                      self.hi_bytes - self.shadow_bytes)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._res
@@ -97,24 +121,41 @@ class ExpertCache:
         self.stats.shadow_uses += 1
         return tuple(dequantize(t, self.dtype) for t in q)
 
-    def enable_shadow(self, layers: list[int], bits: int, group: int = 32) -> None:
-        """Hold a `bits`-bit copy of every expert of `layers` that is not resident at full precision.
-        Must be called before anything is resident; refused (changing nothing) when the copies alone
-        exceed the budget. Reads every expert once from the slow tier."""
+    def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32) -> None:
+        """Hold a `bits`-bit copy of every expert of `layers` that is not resident at full precision
+        (plans may raise some to `hi_bits`). Must be called before anything is resident; refused
+        (changing nothing) when the copies alone exceed the budget. Reads every expert once."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
+        if hi_bits and hi_bits <= bits:
+            raise ValueError(f"hi_bits ({hi_bits}) must exceed the base shadow precision ({bits})")
         w = self.store.read(layers[0], 0)
-        each = sum(qbytes(tuple(t.shape), bits, group) for t in w)
+        each, hi = (sum(qbytes(tuple(t.shape), b, group) for t in w) if b else 0 for b in (bits, hi_bits))
         slots = len(layers) * self.num_experts
         if slots * each > self.budget_bytes:
             raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * each} bytes, "
                               f"budget is {self.budget_bytes}")
         self.shadow_bits, self.shadow_bytes, self._shadow_slots, self._group = bits, each, slots, group
+        self.hi_bits, self.hi_bytes = hi_bits, hi
         for layer in layers:
             for e in range(self.num_experts):
                 self._check(layer, e)
-                self._shadow[(layer, e)] = tuple(quantize(t.to(self.device), bits, group)
-                                                for t in self.store.read(layer, e))
+                self._shadow[(layer, e)] = self._quant(self.store.read(layer, e), bits)
+
+    def _quant(self, w, bits: int):
+        return tuple(quantize(t.to(self.device), bits, self._group) for t in w)
+
+    def _reshadow(self, key, bits: int) -> None:
+        """Change a shadow's precision: down from the shadow itself (no read), up from the slow tier."""
+        if bits == self.hi_bits:
+            t0 = time.perf_counter()
+            self._shadow[key] = self._quant(self.store.read(*key), bits)
+            self._hi.add(key)
+            self.stats.bytes_loaded += self.hi_bytes
+            self.stats.load_seconds += time.perf_counter() - t0
+        else:
+            self._shadow[key] = self._quant([dequantize(q) for q in self._shadow[key]], bits)
+            self._hi.discard(key)
 
     # -- moves -----------------------------------------------------------------------------------
     def _check(self, layer: int, expert: int) -> None:
@@ -127,7 +168,8 @@ class ExpertCache:
         if key in self._res:
             self._res.move_to_end(key)
             return
-        need = self.used_bytes + self.expert_bytes - (self.shadow_bytes if key in self._shadow else 0)
+        freed = (self.hi_bytes if key in self._hi else self.shadow_bytes) if key in self._shadow else 0
+        need = self.used_bytes + self.expert_bytes - freed
         if need > self.budget_bytes:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
                               f"({need} > {self.budget_bytes} bytes)")
@@ -138,31 +180,45 @@ class ExpertCache:
             torch.cuda.synchronize(self.device)
         self._res[key] = w
         self._shadow.pop(key, None)
+        self._hi.discard(key)
         self.mask[layer, expert] = True
         self.stats.loads += 1
         self.stats.bytes_loaded += self.expert_bytes
         self.stats.load_seconds += time.perf_counter() - t0
 
-    def evict(self, layer: int, expert: int) -> None:
+    def evict(self, layer: int, expert: int, hi: bool = False) -> None:
         w = self._res.pop((layer, expert), None)
         if w is not None:
             if self.shadow_bits:  # requantise from the fast copy: costs no slow-tier read, frees bytes
-                self._shadow[(layer, expert)] = tuple(quantize(t, self.shadow_bits, self._group) for t in w)
+                bits = self.hi_bits if hi and self.hi_bits else self.shadow_bits
+                self._shadow[(layer, expert)] = self._quant(w, bits)
+                if bits == self.hi_bits:
+                    self._hi.add((layer, expert))
             self.mask[layer, expert] = False
             self.stats.evictions += 1
 
-    def set_resident(self, plan: dict[int, list[int]]) -> tuple[int, int]:
-        """Make each listed layer hold exactly the given experts; other layers stay as they are.
+    def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:
+        """Make each listed layer hold exactly the given experts; other layers stay as they are. A Plan
+        also says which of the others keep hi_bits shadows (the rest of its layers drop to shadow_bits).
         Validates everything first, so a plan that does not fit changes nothing. Returns (loaded, evicted)."""
-        for layer, ids in plan.items():
+        full, hi = (plan.full, plan.hi) if isinstance(plan, Plan) else (plan, {})
+        for layer, ids in list(full.items()) + list(hi.items()):
             for e in ids:
                 self._check(layer, e)
-        keep = {k for k in self._res if k[0] not in plan} | {(l, e) for l, ids in plan.items() for e in ids}
-        if self.bytes_for(len(keep)) > self.budget_bytes:
-            raise BudgetError(f"plan needs {self.bytes_for(len(keep))} bytes, budget is {self.budget_bytes}")
+        if hi and not self.hi_bits:
+            raise ValueError("this plan raises shadows to hi_bits, but the cache has none (enable_shadow)")
+        keep = {k for k in self._res if k[0] not in full} | {(l, e) for l, ids in full.items() for e in ids}
+        up = ({k for k in self._hi if k[0] not in hi} | {(l, e) for l, ids in hi.items() for e in ids}) - keep
+        need = self.bytes_for(len(keep), len(up))
+        if need > self.budget_bytes:
+            raise BudgetError(f"plan needs {need} bytes, budget is {self.budget_bytes}")
         drop = [k for k in self._res if k not in keep]
-        for k in drop:
-            self.evict(*k)
+        for k in drop:  # shrinking moves first, so no intermediate state exceeds the final one
+            self.evict(*k, hi=k in up)
+        for k in [k for k in self._hi if k not in up and k in self._shadow]:
+            self._reshadow(k, self.shadow_bits)
+        for k in sorted(up - self._hi):
+            self._reshadow(k, self.hi_bits)
         add = [k for k in sorted(keep) if k not in self._res]
         for k in add:
             self.admit(*k)

@@ -133,7 +133,7 @@ def cmd_eval(args) -> None:
     for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
         configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
-                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window)
+                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype)
     print(table(recs))
     print()
     print(sensitivity_table(prof))
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run eMoE-A with adaptive p at --sweep-budget, beside fixed p")
     ev.add_argument("--p-sweep", type=lambda t: [int(x) for x in t.split(",")], default=None)
     ev.add_argument("--sweep-budget", type=float, default=0.4)
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="fast-tier/compute dtype (default float32 on CPU); bfloat16 prices experts as on a GPU")
     ev.add_argument("--json", default=None)
     ev.add_argument("--plot", default=None)
     ev.set_defaults(fn=cmd_eval)

@@ -142,8 +142,10 @@ class Engine:
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
         if getattr(self.policy, "shadow_bits", 0):
-            self.cache.enable_shadow(layers, self.policy.shadow_bits)
+            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits)
         self.residency = residency(self.cache.capacity) if residency is not None else None
+        if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision
+            self.residency.levels = self.cache.levels()
         if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:
             self.policy.plan = self.residency.initial()
         if isinstance(self.policy, PreGated) and not self.policy.routers:

@@ -29,13 +29,13 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # Any reroute-based policy with a -q4 / -q8 suffix serves misses from low-bit shadow copies instead
 # (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
 EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
-         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "task-static-q4", "popular-q4", "random-q4")
-SHADOWED = ("q4", "q8")
+         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
+SHADOWED = ("q4", "q8", "q48")  # int4, int8, or int4 raised to int8 where the plan expects most tokens
 
 
 def known(name: str) -> bool:
     base, _, q = name.rpartition("-")
-    return name in POLICIES + EXTRA or (q in SHADOWED and base in POLICIES + EXTRA)
+    return name in POLICIES + EXTRA or (q in SHADOWED and base in POLICIES + EXTRA and base not in SHADOWED)
 
 
 STICKY = 1.0  # emoe-a-sticky: a resident expert yields only to one expecting 2× its tokens
@@ -57,14 +57,14 @@ class Setup:
 def build(name: str, s: Setup):
     """Policy name → (miss policy object, residency factory or None)."""
     prof = s.profile
-    if name in SHADOWED:
-        return Shadow(int(name[1]), full=False), None
+    if name in ("q4", "q8"):
+        return _shadow(name, full=False), None
     base, _, q = name.rpartition("-")
     if q in SHADOWED and base:
         policy, residency = build(base, s)
         if type(policy) is not Reroute:
             raise ValueError(f"{name}: shadow copies replace rerouting; {base} uses the {policy.name} miss policy")
-        return Shadow(int(q[1])), residency
+        return _shadow(q), residency
 
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:
@@ -92,6 +92,10 @@ def build(name: str, s: Setup):
     if name not in table:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES + EXTRA)}")
     return table[name]()
+
+
+def _shadow(q: str, full: bool = True) -> Shadow:
+    return Shadow(4, full=full, hi_bits=8) if q == "q48" else Shadow(int(q[1]), full=full)
 
 
 def test_stream(n: int, seed: int = 0, tasks=None, fits=None):
@@ -152,16 +156,18 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
 def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[str, str, float, Setup]]:
     """(label, policy, budget, setup) for every policy × budget; 'all' runs once, at 1.0."""
     # all and the all-quantised q4/q8 hold the same bytes at every budget: one run each
-    return [(p, p, b, setup) for p in policies for b in ([1.0] if p in ("all",) + SHADOWED else budgets)]
+    return [(p, p, b, setup) for p in policies for b in ([1.0] if p in ("all", "q4", "q8") else budgets)]
 
 
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
-             group_window: int = 0) -> list[dict]:
+             group_window: int = 0, dtype: str | None = None) -> list[dict]:
+    """dtype: the fast tier's (and compute) dtype; default as the engine's (float32 on CPU). bfloat16
+    prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy."""
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     params = SamplingParams(max_tokens=max_tokens)
-    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on))
+    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on, dtype=dtype))
     stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64)), group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
@@ -170,7 +176,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         policy, residency = build(name, setup)
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
-                                      experts_on=experts_on), policy=policy, residency=residency)
+                                      experts_on=experts_on, dtype=dtype), policy=policy, residency=residency)
         except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
             log(f"{label:13} {b:4.2f} skipped: {e}")
             continue
@@ -180,7 +186,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         agree = sum(a for a, _ in scored) / max(1, sum(n_ for _, n_ in scored))
         st, ld = eng.cache.stats, eng.loader.stats
         rec = {"policy": label, "budget": b, "p": setup.p if name.startswith("emoe") else None,
-               "group_window": group_window,
+               "group_window": group_window, "dtype": str(eng.dtype).removeprefix("torch."),
                "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
                "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),

@@ -69,6 +69,46 @@ def plan_top(N: torch.Tensor | None, capacity: int, moe_layers: list[int], top_k
     return {layer: chosen[j].nonzero().flatten().tolist() for j, layer in enumerate(moe_layers)}
 
 
+def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback: torch.Tensor,
+                cache=None, stickiness: float = 0.0):
+    """Two-level shadows (every expert holds at least a low-bit copy): raise the experts with most
+    expected tokens to the hi-bit copy first, as many as the budget allows, and only when every expert
+    has one, raise the top ones to full precision. Per byte, a hi-bit copy (int8: ~0.5% weight error)
+    recovers nearly all of what the low-bit one (int4: ~10%) loses, for a third of a full copy's price,
+    so covering more experts beats exactness for a few. With `cache` and stickiness h, an expert already
+    at a level keeps it unless another expects (1 + h)× its tokens."""
+    from .cache import Plan
+    E = fallback.shape[1]
+    score = fallback[moe_layers].float() / (fallback[moe_layers].float().sum() + 1e-9) * 1e-6
+    if N is not None:
+        score = score + N[moe_layers].float()
+    slots = len(moe_layers) * E
+
+    def ranked(held):
+        s = score if cache is None or stickiness <= 0 else score * (1 + stickiness * held.float())
+        return s.flatten().argsort(descending=True)
+
+    if cache is not None:
+        full_now = cache.mask[moe_layers].cpu()
+        hi_now = full_now.clone()
+        for l, e in cache._hi:
+            hi_now[moe_layers.index(l), e] = True
+    else:
+        full_now = hi_now = torch.zeros(len(moe_layers), E, dtype=torch.bool)
+    n_hi = min(slots, levels.free_bytes // max(1, levels.hi_cost))
+    n_full = 0
+    if n_hi == slots:
+        n_full = min(slots, (levels.free_bytes - slots * levels.hi_cost) // max(1, levels.full_cost - levels.hi_cost))
+    full = torch.zeros(slots, dtype=torch.bool)
+    full[ranked(full_now)[:n_full]] = True
+    hi = torch.zeros(slots, dtype=torch.bool)
+    hi[ranked(hi_now)[:n_hi]] = True
+    hi &= ~full
+    full, hi = full.view(len(moe_layers), E), hi.view(len(moe_layers), E)
+    return Plan({l: full[j].nonzero().flatten().tolist() for j, l in enumerate(moe_layers)},
+                {l: hi[j].nonzero().flatten().tolist() for j, l in enumerate(moe_layers)})
+
+
 @dataclass(slots=True)
 class LoaderStats:
     updates: int = 0

@@ -193,12 +193,13 @@ class Shadow(Reroute):
     """Beyond the paper: no token is rerouted. The fast tier holds a `bits`-bit copy of every expert that
     is not resident at full precision (counted in the budget), and a miss runs that copy: the expert
     the router chose, slightly perturbed, instead of a different expert. Residency then decides which
-    experts run exactly. full=False keeps nothing at full precision (all-quantised, llama.cpp-style)."""
+    experts run exactly. full=False keeps nothing at full precision (all-quantised, llama.cpp-style).
+    hi_bits > bits: two-level shadows, the residency plan also choosing which copies are hi-bit."""
     name = "shadow"
 
-    def __init__(self, bits: int = 4, plan=None, full: bool = True):
+    def __init__(self, bits: int = 4, plan=None, full: bool = True, hi_bits: int = 0):
         super().__init__(plan)
-        self.shadow_bits, self.full = bits, full
+        self.shadow_bits, self.full, self.hi_bits = bits, full, hi_bits
 
     def min_experts(self, layers, num_experts, top_k):
         return 0  # the shadows serve every expert; enable_shadow checks that they fit

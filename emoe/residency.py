@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .loader import demands_of, expected_tokens, plan_top
+from .loader import demands_of, expected_tokens, plan_levels, plan_top
 from .predictor import drifted
 from .profile import Profile
 
@@ -37,7 +37,11 @@ class _Base:
     def observe(self, req) -> None:
         pass
 
+    levels = None  # set by the engine when the cache holds two-level shadows: plans then pick precisions
+
     def _top(self, N, cache=None):
+        if self.levels is not None:
+            return plan_levels(N, self.levels, self.layers, self.popular, cache, self.stickiness)
         return plan_top(N, self.capacity, self.layers, self.top_k, self.popular,
                         None if cache is None else cache.mask, self.stickiness)
 
@@ -49,10 +53,10 @@ class RandomSet(_Base):
     def __init__(self, profile, capacity, seed: int = 0):
         super().__init__(profile, capacity)
         g = torch.Generator().manual_seed(seed)
-        self._plan = self._top(torch.rand(self.popular.shape, generator=g))
+        self._score = torch.rand(self.popular.shape, generator=g)
 
     def initial(self):
-        return self._plan
+        return self._top(self._score)
 
 
 class Popular(_Base):
