@@ -140,3 +140,72 @@ def test_eval_names_shadowed_policies():
     assert isinstance(pol, Shadow) and pol.full and res is not None
     with pytest.raises(ValueError, match="shadow copies replace rerouting"):
         build("lru-q4", s)
+
+
+SB8 = sum(qbytes(tuple(t.shape), 8, 32) for t in RandStore().w[(0, 0)])
+keysets = st.dictionaries(st.integers(0, LAYERS - 1), st.lists(st.integers(0, EXPERTS - 1), max_size=EXPERTS),
+                          max_size=LAYERS)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(extra=st.integers(0, SLOTS * EB), plans=st.lists(st.tuples(keysets, keysets), max_size=8))
+def test_two_level_plans_fit_or_change_nothing(extra, plans):
+    from emoe.cache import Plan
+    store = RandStore()
+    budget = SLOTS * SB + extra
+    cache = ExpertCache(store, budget, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
+    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
+    full_m, hi_m = set(), set()
+    for full, hi in plans:
+        f = {k for k in full_m if k[0] not in full} | {(l, e) for l, ids in full.items() for e in ids}
+        h = ({k for k in hi_m if k[0] not in hi} | {(l, e) for l, ids in hi.items() for e in ids}) - f
+        before = (set(cache.resident()), set(cache._hi), cache.used_bytes)
+        if len(f) * EB + len(h) * SB8 + (SLOTS - len(f) - len(h)) * SB > budget:
+            with pytest.raises(BudgetError):
+                cache.set_resident(Plan(full, hi))
+            assert (set(cache.resident()), set(cache._hi), cache.used_bytes) == before
+        else:
+            cache.set_resident(Plan(full, hi))
+            full_m, hi_m = f, h
+        assert set(cache.resident()) == full_m and cache._hi == hi_m
+        for k, q in cache._shadow.items():  # every other expert has exactly one shadow, at its level
+            assert k not in full_m and q[0].bits == (8 if k in hi_m else 4)
+        assert len(cache._shadow) == SLOTS - len(full_m)
+        assert cache.used_bytes == len(full_m) * EB + len(hi_m) * SB8 + (SLOTS - len(full_m) - len(hi_m)) * SB
+        assert cache.used_bytes <= budget
+
+
+def test_plan_levels_prefers_more_int8_copies_over_full_ones():
+    from emoe.loader import plan_levels
+    store = RandStore()
+    cache = ExpertCache(store, SLOTS * SB + 3 * (SB8 - SB), "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
+    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
+    N = torch.tensor([[5.0, 1.0, 0.0, 3.0], [0.0, 4.0, 2.0, 0.5]])
+    pop = torch.ones(LAYERS, EXPERTS)
+    plan = plan_levels(N, cache.levels(), [0, 1], pop)
+    assert plan.full == {0: [], 1: []}  # three int8 copies fit, no full one
+    assert plan.hi == {0: [0, 3], 1: [1]}
+    cache.set_resident(plan)
+    assert cache.used_bytes <= cache.budget_bytes
+    # stickiness: a held int8 copy yields only to an expert expecting (1 + h)x its tokens
+    N2 = torch.tensor([[5.0, 1.0, 3.5, 3.0], [0.0, 4.0, 2.0, 0.5]])
+    assert plan_levels(N2, cache.levels(), [0, 1], pop, cache, stickiness=1.0).hi == {0: [0, 3], 1: [1]}
+    assert plan_levels(N2, cache.levels(), [0, 1], pop).hi == {0: [0, 2], 1: [1]}
+    # enough bytes for int8 everywhere: the rest raises the top experts to full precision
+    rich = ExpertCache(store, SLOTS * SB8 + 2 * (EB - SB8), "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
+    rich.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
+    plan = plan_levels(N, rich.levels(), [0, 1], pop)
+    assert plan.full == {0: [0], 1: [1]} and sum(map(len, plan.hi.values())) == SLOTS - 2
+    rich.set_resident(plan)
+    assert rich.used_bytes <= rich.budget_bytes and len(rich) == 2
+
+
+def test_plan_with_hi_needs_hi_shadows():
+    from emoe.cache import Plan
+    cache = ExpertCache(RandStore(), SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
+    cache.enable_shadow(list(range(LAYERS)), 4)
+    with pytest.raises(ValueError, match="hi_bits"):
+        cache.set_resident(Plan({0: [1]}, {1: [2]}))
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="must exceed"):
+        ExpertCache(RandStore(), SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL).enable_shadow([0, 1], 8, 4)
