@@ -19,19 +19,22 @@ class BudgetError(ValueError):
     """The requested residency does not fit the byte budget."""
 
 
+FULL = 16  # a Plan's level for an expert held at full precision (others: copy bits, or 0 = not held)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Full-precision experts per layer, and which others keep a hi_bits shadow (two-level shadows)."""
-    full: dict[int, list[int]]
-    hi: dict[int, list[int]]
+    """Per listed layer, every expert's level: FULL, a shadow copy's bits, or 0 (not held: misses on it
+    are rerouted). Layers not listed stay as they are."""
+    levels: dict[int, list[int]]
 
 
 @dataclass(frozen=True, slots=True)
 class Levels:
-    """What the budget leaves once every expert has a base shadow, and what raising one costs."""
-    free_bytes: int
-    full_cost: int   # base shadow → full precision
-    hi_cost: int     # base shadow → hi_bits shadow
+    """Bytes one expert costs at each level, and the budget: what a precision planner needs."""
+    budget_bytes: int
+    cost: dict[int, int]   # level → bytes (0 → 0)
+    top_k: int = 0         # experts each layer must hold at some level (reroute needs a full top-k)
 
 
 @dataclass(slots=True)
@@ -66,11 +69,13 @@ class ExpertCache:
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.stats = CacheStats()
-        # low-bit shadows (enable_shadow): every expert not resident at full precision keeps a quantised
-        # copy, at `shadow_bits`, or at `hi_bits` for those a Plan lists in `hi`
-        self.shadow_bits = self.hi_bits = self.shadow_bytes = self.hi_bytes = self._shadow_slots = 0
+        # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
+        # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
+        self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
+        self._qcost: dict[int, int] = {}
         self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
-        self._hi: set[tuple[int, int]] = set()  # keys whose shadow is at hi_bits
+        # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
+        self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -83,18 +88,17 @@ class ExpertCache:
 
     @property
     def used_bytes(self) -> int:
-        return len(self._res) * self.expert_bytes + self.bytes_for(0, len(self._hi), len(self._shadow))
+        return len(self._res) * self.expert_bytes + self._shadow_used
 
-    def bytes_for(self, full: int, hi: int = 0, slots: int | None = None) -> int:
-        """Bytes held with `full` experts at full precision, `hi` shadows at hi_bits and the other slots'
-        shadows at shadow_bits (no shadows unless enabled)."""
-        rest = (self._shadow_slots if slots is None else slots) - full - hi
-        return full * self.expert_bytes + (hi * self.hi_bytes + rest * self.shadow_bytes) * bool(self.shadow_bits)
+    def bytes_for(self, full: int) -> int:
+        """Bytes held with `full` experts at full precision and a base shadow of every other one."""
+        return full * self.expert_bytes + (self._shadow_slots - full) * self.shadow_bytes
 
-    def levels(self) -> "Levels":
-        """Byte prices for a two-level planner (loader.plan_levels)."""
-        return Levels(self.budget_bytes - self._shadow_slots * self.shadow_bytes, self.expert_bytes - self.shadow_bytes,
-                      self.hi_bytes - self.shadow_bytes)
+    def level(self, key: tuple[int, int]) -> int:
+        return FULL if key in self._res else self._shadow[key][0].bits if key in self._shadow else 0
+
+    def levels(self, top_k: int = 0) -> Levels:
+        return Levels(self.budget_bytes, {0: 0, **self._qcost, FULL: self.expert_bytes}, top_k)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._res
@@ -121,41 +125,54 @@ class ExpertCache:
         self.stats.shadow_uses += 1
         return tuple(dequantize(t, self.dtype) for t in q)
 
-    def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32) -> None:
-        """Hold a `bits`-bit copy of every expert of `layers` that is not resident at full precision
-        (plans may raise some to `hi_bits`). Must be called before anything is resident; refused
-        (changing nothing) when the copies alone exceed the budget. Reads every expert once."""
+    def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32,
+                      fill: bool = True) -> None:
+        """Allow `bits`-bit (and `hi_bits`-bit) copies of the experts of `layers`; with `fill`, give every
+        one a `bits`-bit copy now (refused, changing nothing, when they exceed the budget), else plans
+        decide which hold one. Must come before anything is resident. Reads every expert once."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
         if hi_bits and hi_bits <= bits:
             raise ValueError(f"hi_bits ({hi_bits}) must exceed the base shadow precision ({bits})")
         w = self.store.read(layers[0], 0)
-        each, hi = (sum(qbytes(tuple(t.shape), b, group) for t in w) if b else 0 for b in (bits, hi_bits))
+        cost = {b: sum(qbytes(tuple(t.shape), b, group) for t in w) for b in (bits, hi_bits) if b}
         slots = len(layers) * self.num_experts
-        if slots * each > self.budget_bytes:
-            raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * each} bytes, "
+        if fill and slots * cost[bits] > self.budget_bytes:
+            raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * cost[bits]} bytes, "
                               f"budget is {self.budget_bytes}")
-        self.shadow_bits, self.shadow_bytes, self._shadow_slots, self._group = bits, each, slots, group
-        self.hi_bits, self.hi_bytes = hi_bits, hi
+        self.shadow_bits, self.hi_bits, self._qcost, self._group = bits, hi_bits, cost, group
+        self.shadow_bytes, self._shadow_slots = cost[bits], slots
         for layer in layers:
             for e in range(self.num_experts):
                 self._check(layer, e)
-                self._shadow[(layer, e)] = self._quant(self.store.read(layer, e), bits)
+                if fill:
+                    self._set_shadow((layer, e), self._quant(self.store.read(layer, e), bits))
 
     def _quant(self, w, bits: int):
         return tuple(quantize(t.to(self.device), bits, self._group) for t in w)
 
+    def _set_shadow(self, key, q) -> None:
+        """Replace (q) or drop (None) a key's shadow, keeping the byte count and availability mask."""
+        old = self._shadow.pop(key, None)
+        if old is not None:
+            self._shadow_used -= self._qcost[old[0].bits]
+        if q is not None:
+            self._shadow[key] = q
+            self._shadow_used += self._qcost[q[0].bits]
+        self.avail[key] = q is not None or key in self._res
+
     def _reshadow(self, key, bits: int) -> None:
-        """Change a shadow's precision: down from the shadow itself (no read), up from the slow tier."""
-        if bits == self.hi_bits:
-            t0 = time.perf_counter()
-            self._shadow[key] = self._quant(self.store.read(*key), bits)
-            self._hi.add(key)
-            self.stats.bytes_loaded += self.hi_bytes
-            self.stats.load_seconds += time.perf_counter() - t0
+        """Change a shadow's level: down from the shadow itself (no read), up from the slow tier."""
+        have = self.level(key)
+        if bits == 0:
+            self._set_shadow(key, None)
+        elif 0 < bits < have:
+            self._set_shadow(key, self._quant([dequantize(q) for q in self._shadow[key]], bits))
         else:
-            self._shadow[key] = self._quant([dequantize(q) for q in self._shadow[key]], bits)
-            self._hi.discard(key)
+            t0 = time.perf_counter()
+            self._set_shadow(key, self._quant(self.store.read(*key), bits))
+            self.stats.bytes_loaded += self._qcost[bits]
+            self.stats.load_seconds += time.perf_counter() - t0
 
     # -- moves -----------------------------------------------------------------------------------
     def _check(self, layer: int, expert: int) -> None:
@@ -168,8 +185,7 @@ class ExpertCache:
         if key in self._res:
             self._res.move_to_end(key)
             return
-        freed = (self.hi_bytes if key in self._hi else self.shadow_bytes) if key in self._shadow else 0
-        need = self.used_bytes + self.expert_bytes - freed
+        need = self.used_bytes + self.expert_bytes - (self._qcost[self.level(key)] if key in self._shadow else 0)
         if need > self.budget_bytes:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
                               f"({need} > {self.budget_bytes} bytes)")
@@ -179,47 +195,55 @@ class ExpertCache:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._res[key] = w
-        self._shadow.pop(key, None)
-        self._hi.discard(key)
-        self.mask[layer, expert] = True
+        self._set_shadow(key, None)
+        self.mask[layer, expert] = self.avail[layer, expert] = True
         self.stats.loads += 1
         self.stats.bytes_loaded += self.expert_bytes
         self.stats.load_seconds += time.perf_counter() - t0
 
-    def evict(self, layer: int, expert: int, hi: bool = False) -> None:
+    def evict(self, layer: int, expert: int, to: int | None = None) -> None:
+        """Drop a full-precision expert; with shadows it keeps a copy at `to` bits (default the base
+        precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
         w = self._res.pop((layer, expert), None)
         if w is not None:
-            if self.shadow_bits:  # requantise from the fast copy: costs no slow-tier read, frees bytes
-                bits = self.hi_bits if hi and self.hi_bits else self.shadow_bits
-                self._shadow[(layer, expert)] = self._quant(w, bits)
-                if bits == self.hi_bits:
-                    self._hi.add((layer, expert))
             self.mask[layer, expert] = False
+            bits = self.shadow_bits if to is None else to
+            self._set_shadow((layer, expert), self._quant(w, bits) if self.shadow_bits and bits else None)
             self.stats.evictions += 1
 
     def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:
-        """Make each listed layer hold exactly the given experts; other layers stay as they are. A Plan
-        also says which of the others keep hi_bits shadows (the rest of its layers drop to shadow_bits).
-        Validates everything first, so a plan that does not fit changes nothing. Returns (loaded, evicted)."""
-        full, hi = (plan.full, plan.hi) if isinstance(plan, Plan) else (plan, {})
-        for layer, ids in list(full.items()) + list(hi.items()):
-            for e in ids:
-                self._check(layer, e)
-        if hi and not self.hi_bits:
-            raise ValueError("this plan raises shadows to hi_bits, but the cache has none (enable_shadow)")
-        keep = {k for k in self._res if k[0] not in full} | {(l, e) for l, ids in full.items() for e in ids}
-        up = ({k for k in self._hi if k[0] not in hi} | {(l, e) for l, ids in hi.items() for e in ids}) - keep
-        need = self.bytes_for(len(keep), len(up))
-        if need > self.budget_bytes:
-            raise BudgetError(f"plan needs {need} bytes, budget is {self.budget_bytes}")
-        drop = [k for k in self._res if k not in keep]
-        for k in drop:  # shrinking moves first, so no intermediate state exceeds the final one
-            self.evict(*k, hi=k in up)
-        for k in [k for k in self._hi if k not in up and k in self._shadow]:
-            self._reshadow(k, self.shadow_bits)
-        for k in sorted(up - self._hi):
-            self._reshadow(k, self.hi_bits)
-        add = [k for k in sorted(keep) if k not in self._res]
+        """Make each listed layer hold exactly the given experts at full precision (a Plan: every expert at
+        its level); other layers stay as they are. Validates everything first, so a plan that does not
+        fit changes nothing. Returns (loaded, evicted) full-precision experts."""
+        if isinstance(plan, Plan):
+            allowed = {0, FULL, *self._qcost}
+            for layer, lv in plan.levels.items():
+                self._check(layer, 0)
+                if len(lv) != self.num_experts or not set(lv) <= allowed:
+                    raise ValueError(f"layer {layer}: a plan gives one of {sorted(allowed)} per expert, got {lv}")
+            want = {(l, e): v for l, lv in plan.levels.items() for e, v in enumerate(lv)}
+        else:
+            for layer, ids in plan.items():
+                for e in ids:
+                    self._check(layer, e)
+            full = {(l, e) for l, ids in plan.items() for e in ids}
+            want = {k: FULL for k in full}
+            for k in list(self._res):  # dropped from a listed layer: down to the base shadow
+                if k[0] in plan and k not in full:
+                    want[k] = self.shadow_bits
+        now = {k: self.level(k) for k in want}
+        delta = sum(self.levels().cost[v] - self.levels().cost[now[k]] for k, v in want.items())
+        if self.used_bytes + delta > self.budget_bytes:
+            raise BudgetError(f"plan needs {self.used_bytes + delta} bytes, budget is {self.budget_bytes}")
+        down = sorted((k for k in want if want[k] < now[k]), key=lambda k: -now[k])
+        for k in down:  # shrinking moves first, so no intermediate state exceeds the final one
+            if now[k] == FULL:
+                self.evict(*k, to=want[k])
+            else:
+                self._reshadow(k, want[k])
+        for k in sorted(k for k in want if now[k] < want[k] < FULL):
+            self._reshadow(k, want[k])
+        add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]
         for k in add:
             self.admit(*k)
-        return len(add), len(drop)
+        return len(add), sum(now[k] == FULL for k in down)

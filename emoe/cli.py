@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--task", default=None, help="task of the prompt (default: extracted from it)")
     g.add_argument("--profile", default=None, help="profile folder (default: the one shipped with the model)")
-    g.add_argument("--policy", default=None, help="residency policy (default: emoe-a when a predictor exists)")
+    g.add_argument("--policy", default=None, help="residency policy (default: emoe-a when a predictor exists); "
+                   "a -q4 / -q8 / -q48 suffix (e.g. emoe-a-sticky-q48) runs misses on low-bit copies instead of rerouting")
     g.set_defaults(fn=cmd_generate)
 
     from .bench.cli import add_parsers
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--miss-policy", default="reroute", choices=["reroute", "load", "all"],
                     help="without --profile: what a miss does (with one, --policy decides)")
     se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a when "
-                    "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all")
+                    "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all; "
+                    "a -q4 / -q8 / -q48 suffix (e.g. emoe-a-q48) runs misses on low-bit copies instead of rerouting")
     se.add_argument("--profile", default=None, help="profile folder (`emoe profile`): loader, costs, task extractor")
     se.add_argument("--stickiness", type=float, default=1.0, help="task-static/eMoE plans: a resident expert "
                     "yields only to one expecting (1+H)x its tokens; 0 is the paper's loader (more moves)")

@@ -142,10 +142,12 @@ class Engine:
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
         if getattr(self.policy, "shadow_bits", 0):
-            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits)
+            # with two precisions the plan decides which experts hold a copy at all
+            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits,
+                                     fill=not (self.policy.hi_bits and residency is not None))
         self.residency = residency(self.cache.capacity) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision
-            self.residency.levels = self.cache.levels()
+            self.residency.levels = self.cache.levels(c.top_k)
         if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:
             self.policy.plan = self.residency.initial()
         if isinstance(self.policy, PreGated) and not self.policy.routers:
@@ -345,8 +347,10 @@ class Engine:
         return all_reqs
 
     def summary(self, seconds: float) -> str:
-        s = self.cache.stats
-        return (f"[emoe] resident experts {self.cache.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
-                f"({self.cache.used_bytes / self.total_expert_bytes:.0%}), hit rate {s.hit_rate:.1%}, "
+        s, c = self.cache.stats, self.cache
+        shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
+                   f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them)") if c.shadow_bits else ""
+        return (f"[emoe] resident experts {c.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
+                f"({c.used_bytes / self.total_expert_bytes:.0%}){shadows}, full-precision hit rate {s.hit_rate:.1%}, "
                 f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "
                 f"{self.tokens_generated / max(seconds, 1e-9):.1f} tokens/s")

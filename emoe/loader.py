@@ -69,44 +69,49 @@ def plan_top(N: torch.Tensor | None, capacity: int, moe_layers: list[int], top_k
     return {layer: chosen[j].nonzero().flatten().tolist() for j, layer in enumerate(moe_layers)}
 
 
+# Relative weight error of each way to hold an expert (group-32 int4 ≈ 10%, int8 ≈ 0.5%: tests/test_shadow.py);
+# not holding it means a reroute to a different expert, as wrong as a whole expert
+ERROR = {0: 1.0, 4: 0.1, 8: 0.005}
+
+
 def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback: torch.Tensor,
                 cache=None, stickiness: float = 0.0):
-    """Two-level shadows (every expert holds at least a low-bit copy): raise the experts with most
-    expected tokens to the hi-bit copy first, as many as the budget allows, and only when every expert
-    has one, raise the top ones to full precision. Per byte, a hi-bit copy (int8: ~0.5% weight error)
-    recovers nearly all of what the low-bit one (int4: ~10%) loses, for a third of a full copy's price,
-    so covering more experts beats exactness for a few. With `cache` and stickiness h, an expert already
-    at a level keeps it unless another expects (1 + h)× its tokens."""
-    from .cache import Plan
-    E = fallback.shape[1]
+    """Precision per expert under the byte budget (beyond the paper): every step up (none → int4 →
+    int8 → full) is worth the error it removes times the tokens expected on that expert, per byte it
+    costs; steps are taken best first while bytes last. Error falls steeply and price rises steeply, so
+    the budget first buys a low-bit copy of every expert that expects tokens, then raises the busiest
+    to int8, and buys full copies only when little else is left to fix. Each layer holds a copy of at
+    least its top-k (rerouting needs a full top-k). With `cache` and stickiness h, a level an expert
+    already holds is worth (1 + h)× as much: near-ties do not move."""
+    from .cache import FULL, Plan
+    E, L = fallback.shape[1], len(moe_layers)
     score = fallback[moe_layers].float() / (fallback[moe_layers].float().sum() + 1e-9) * 1e-6
     if N is not None:
         score = score + N[moe_layers].float()
-    slots = len(moe_layers) * E
-
-    def ranked(held):
-        s = score if cache is None or stickiness <= 0 else score * (1 + stickiness * held.float())
-        return s.flatten().argsort(descending=True)
-
+    cost, err = levels.cost, {**ERROR, FULL: 0.0}
+    order = sorted(cost)
+    held = torch.zeros(L, E, dtype=torch.long)
     if cache is not None:
-        full_now = cache.mask[moe_layers].cpu()
-        hi_now = full_now.clone()
-        for l, e in cache._hi:
-            hi_now[moe_layers.index(l), e] = True
-    else:
-        full_now = hi_now = torch.zeros(len(moe_layers), E, dtype=torch.bool)
-    n_hi = min(slots, levels.free_bytes // max(1, levels.hi_cost))
-    n_full = 0
-    if n_hi == slots:
-        n_full = min(slots, (levels.free_bytes - slots * levels.hi_cost) // max(1, levels.full_cost - levels.hi_cost))
-    full = torch.zeros(slots, dtype=torch.bool)
-    full[ranked(full_now)[:n_full]] = True
-    hi = torch.zeros(slots, dtype=torch.bool)
-    hi[ranked(hi_now)[:n_hi]] = True
-    hi &= ~full
-    full, hi = full.view(len(moe_layers), E), hi.view(len(moe_layers), E)
-    return Plan({l: full[j].nonzero().flatten().tolist() for j, l in enumerate(moe_layers)},
-                {l: hi[j].nonzero().flatten().tolist() for j, l in enumerate(moe_layers)})
+        for j, l in enumerate(moe_layers):
+            held[j] = torch.tensor([cache.level((l, e)) for e in range(E)])
+    level = torch.zeros(L, E, dtype=torch.long)
+    spent = 0
+    k = min(levels.top_k, E)
+    if k:
+        keep = score * (1 + stickiness * (held > 0).float()) if stickiness > 0 else score
+        level.scatter_(1, keep.topk(k, dim=1).indices, order[1])
+        spent = int((level > 0).sum()) * cost[order[1]]
+    steps = []
+    for a, b in zip(order, order[1:]):
+        v = score * (err[a] - err[b]) / (cost[b] - cost[a])
+        if stickiness > 0:
+            v = v * (1 + stickiness * (held >= b).float())
+        steps += [(float(v[j, e]), j, e, a, b) for j in range(L) for e in range(E)]
+    for _, j, e, a, b in sorted(steps, key=lambda t: -t[0]):
+        if int(level[j, e]) == a and spent + cost[b] - cost[a] <= levels.budget_bytes:
+            level[j, e] = b
+            spent += cost[b] - cost[a]
+    return Plan({l: level[j].tolist() for j, l in enumerate(moe_layers)})
 
 
 @dataclass(slots=True)

@@ -194,7 +194,8 @@ class Shadow(Reroute):
     is not resident at full precision (counted in the budget), and a miss runs that copy: the expert
     the router chose, slightly perturbed, instead of a different expert. Residency then decides which
     experts run exactly. full=False keeps nothing at full precision (all-quantised, llama.cpp-style).
-    hi_bits > bits: two-level shadows, the residency plan also choosing which copies are hi-bit."""
+    hi_bits > bits: the residency plan picks each expert's precision (none, bits, hi_bits or full;
+    loader.plan_levels), and a miss on an expert with no copy is rerouted."""
     name = "shadow"
 
     def __init__(self, bits: int = 4, plan=None, full: bool = True, hi_bits: int = 0):
@@ -209,7 +210,7 @@ class Shadow(Reroute):
             cache.set_resident(self.plan or even_plan(layers, cache.num_experts, cache.capacity))
 
     def select(self, layer, x, probs, weights, ids, cache):
-        return weights, ids
+        return reroute(probs, weights, ids, cache.avail[layer])  # only experts with no copy at all
 
     def fetch(self, layer, expert, cache):
         return cache.get(layer, expert) if (layer, expert) in cache else cache.approx(layer, expert)

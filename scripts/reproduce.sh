@@ -19,6 +19,15 @@ $E eval --profile $P --budgets 0.6,0.4,0.2 --policies all,task-static,emoe-a,emo
   --n 48 --json $R/eval_sticky.json | tee $R/eval_sticky.txt
 $E eval --profile $P --budgets 0.6,0.4 --policies all,task-static,emoe-a,emoe-a-sticky --group-window 16 \
   --n 48 --json $R/eval_grouped.json | tee $R/eval_grouped.txt
+# low-bit shadow copies instead of rerouting: priced as on a GPU (bf16 fast tier), then as on this CPU (fp32)
+$E eval --profile $P --dtype bfloat16 --budgets 0.6,0.4,0.3 \
+  --policies all,q4,emoe-a-sticky,random-q4,popular-q4,task-static-q4,emoe-a-sticky-q4,emoe-a-sticky-q8,random-q48,popular-q48,task-static-q48,moe-infinity-q48,emoe-a-q48,emoe-a-sticky-q48 \
+  --n 48 --json $R/eval_shadow_bf16.json | tee $R/eval_shadow_bf16.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.6,0.4 --policies all,task-static-q48,emoe-a-sticky-q48 --stickiness 3 \
+  --n 48 --json $R/eval_shadow_bf16_s3.json | tee $R/eval_shadow_bf16_s3.txt
+$E eval --profile $P --budgets 0.6,0.4,0.3 \
+  --policies all,q4,q8,emoe-a-sticky,random-q8,popular-q8,task-static-q8,moe-infinity-q8,emoe-a-q8,emoe-a-sticky-q8,emoe-a-sticky-q4,emoe-a-sticky-q48 \
+  --n 48 --json $R/eval_shadow_fp32.json | tee $R/eval_shadow_fp32.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),

@@ -42,3 +42,33 @@ def test_shipped_profile_matches_model_and_drives_emoe(one_thread):
     eng.generate([e.prompt for e in exs], SamplingParams(max_tokens=4), tasks=["qa", "qa"])
     assert eng.cache.used_bytes <= 0.4 * eng.total_expert_bytes
     assert eng.cache.stats.hit_rate > 0.5
+
+
+def test_shadow_copies_keep_outputs_where_rerouting_does_not(one_thread, capsys):
+    """At 40% of expert bytes, misses run on int4/int8 copies (emoe-a-sticky-q48) and the teacher-forced
+    agreement with all-resident stays high; rerouting the same misses (emoe-a) loses much of it."""
+    from emoe.cli import main
+    from emoe.eval import Setup, build
+    from emoe.predictor import Predictor
+    from emoe.profile import Profile
+    prof = Profile.load(Path(MODEL) / "profile", MODEL)
+    setup = Setup(prof, {"a": Predictor.load(Path(MODEL) / "profile" / "predictor-a")})
+    ref = Engine(EngineConfig(MODEL, miss_policy="all", max_batch=1))
+    exs = [e for t in ("summarization", "code", "conversation") for e in load_split("test", t)[:2]]
+    refs = [ref.generate([e.prompt], SamplingParams(max_tokens=12), tasks=[e.task])[0] for e in exs]
+
+    def agreement(name):
+        policy, residency = build(name, setup)
+        eng = Engine(EngineConfig(MODEL, budget=0.4, max_batch=1), policy=policy, residency=residency)
+        hit = n = 0
+        for e, r in zip(exs, refs):
+            pred = eng.score(r.prompt_ids, r.output_ids, e.task).argmax(-1).tolist()
+            hit += sum(a == b for a, b in zip(pred, r.output_ids))
+            n += len(r.output_ids)
+        assert eng.cache.used_bytes <= eng.cache.budget_bytes
+        return hit / n
+
+    shadow, rerouted = agreement("emoe-a-sticky-q48"), agreement("emoe-a")
+    assert shadow >= 0.9 and shadow > rerouted + 0.2, (shadow, rerouted)
+    main(["generate", exs[0].prompt, "--budget", "0.4", "--policy", "emoe-a-sticky-q48", "--max-tokens", "4"])
+    assert "int4/int8 copies" in capsys.readouterr().err

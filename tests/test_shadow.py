@@ -143,69 +143,82 @@ def test_eval_names_shadowed_policies():
 
 
 SB8 = sum(qbytes(tuple(t.shape), 8, 32) for t in RandStore().w[(0, 0)])
-keysets = st.dictionaries(st.integers(0, LAYERS - 1), st.lists(st.integers(0, EXPERTS - 1), max_size=EXPERTS),
-                          max_size=LAYERS)
+COST = {0: 0, 4: SB, 8: SB8, 16: EB}
+level_rows = st.dictionaries(st.integers(0, LAYERS - 1), st.lists(st.sampled_from([0, 4, 8, 16]), min_size=EXPERTS,
+                                                                  max_size=EXPERTS), max_size=LAYERS)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(extra=st.integers(0, SLOTS * EB), plans=st.lists(st.tuples(keysets, keysets), max_size=8))
-def test_two_level_plans_fit_or_change_nothing(extra, plans):
-    from emoe.cache import Plan
+@given(budget=st.integers(0, SLOTS * EB), fill=st.booleans(), plans=st.lists(level_rows, max_size=8))
+def test_precision_plans_fit_or_change_nothing(budget, fill, plans):
+    from emoe.cache import FULL, Plan
     store = RandStore()
-    budget = SLOTS * SB + extra
     cache = ExpertCache(store, budget, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
-    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
-    full_m, hi_m = set(), set()
-    for full, hi in plans:
-        f = {k for k in full_m if k[0] not in full} | {(l, e) for l, ids in full.items() for e in ids}
-        h = ({k for k in hi_m if k[0] not in hi} | {(l, e) for l, ids in hi.items() for e in ids}) - f
-        before = (set(cache.resident()), set(cache._hi), cache.used_bytes)
-        if len(f) * EB + len(h) * SB8 + (SLOTS - len(f) - len(h)) * SB > budget:
+    if fill and SLOTS * SB > budget:
+        with pytest.raises(BudgetError):
+            cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
+        return
+    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8, fill=fill)
+    model = {(l, e): 4 if fill else 0 for l in range(LAYERS) for e in range(EXPERTS)}
+    for levels in plans:
+        new = dict(model) | {(l, e): v for l, lv in levels.items() for e, v in enumerate(lv)}
+        before = ({k: cache.level(k) for k in model}, cache.used_bytes)
+        if sum(COST[v] for v in new.values()) > budget:
             with pytest.raises(BudgetError):
-                cache.set_resident(Plan(full, hi))
-            assert (set(cache.resident()), set(cache._hi), cache.used_bytes) == before
+                cache.set_resident(Plan(levels))
+            assert ({k: cache.level(k) for k in model}, cache.used_bytes) == before
         else:
-            cache.set_resident(Plan(full, hi))
-            full_m, hi_m = f, h
-        assert set(cache.resident()) == full_m and cache._hi == hi_m
-        for k, q in cache._shadow.items():  # every other expert has exactly one shadow, at its level
-            assert k not in full_m and q[0].bits == (8 if k in hi_m else 4)
-        assert len(cache._shadow) == SLOTS - len(full_m)
-        assert cache.used_bytes == len(full_m) * EB + len(hi_m) * SB8 + (SLOTS - len(full_m) - len(hi_m)) * SB
-        assert cache.used_bytes <= budget
+            cache.set_resident(Plan(levels))
+            model = new
+        assert {k: cache.level(k) for k in model} == model
+        assert cache.used_bytes == sum(COST[v] for v in model.values()) <= budget
+        assert torch.equal(cache.mask, torch.tensor([[model[(l, e)] == FULL for e in range(EXPERTS)]
+                                                     for l in range(LAYERS)]))
+        assert torch.equal(cache.avail, torch.tensor([[model[(l, e)] > 0 for e in range(EXPERTS)]
+                                                      for l in range(LAYERS)]))
+    for (l, e), v in model.items():  # each level holds that expert's weights, as exactly as its bits allow
+        if v:
+            got = cache.get(l, e) if v == FULL else cache.approx(l, e)
+            for a, b in zip(got, store.w[(l, e)]):
+                assert float((a - b).norm() / b.norm()) < {4: 0.2, 8: 0.02, 16: 1e-6}[v]
 
 
-def test_plan_levels_prefers_more_int8_copies_over_full_ones():
+def test_plan_levels_buys_copies_before_precision():
+    """Greedy by error removed per byte, with int4/int8/full priced as on a bf16 GPU (0.281/0.516/1)."""
+    from emoe.cache import Levels
     from emoe.loader import plan_levels
-    store = RandStore()
-    cache = ExpertCache(store, SLOTS * SB + 3 * (SB8 - SB), "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
-    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
     N = torch.tensor([[5.0, 1.0, 0.0, 3.0], [0.0, 4.0, 2.0, 0.5]])
-    pop = torch.ones(LAYERS, EXPERTS)
-    plan = plan_levels(N, cache.levels(), [0, 1], pop)
-    assert plan.full == {0: [], 1: []}  # three int8 copies fit, no full one
-    assert plan.hi == {0: [0, 3], 1: [1]}
-    cache.set_resident(plan)
-    assert cache.used_bytes <= cache.budget_bytes
-    # stickiness: a held int8 copy yields only to an expert expecting (1 + h)x its tokens
+    pop = torch.ones(2, 4)
+
+    def plan(budget, N=N, **kw):
+        return plan_levels(N, Levels(budget, {0: 0, 4: 281, 8: 516, 16: 1000}, top_k=2), [0, 1], pop, **kw).levels
+
+    # int4 copies of each layer's top-2; the 235 bytes left raise the busiest expert to int8
+    assert plan(4 * 281 + 235) == {0: [8, 0, 0, 4], 1: [0, 4, 4, 0]}
+    # int8 for every expert expecting tokens; an idle one gets a copy before anyone gets a full one...
+    assert plan(6 * 516 + 300) == {0: [8, 8, 4, 8], 1: [0, 8, 8, 8]}
+    # ...unless a full copy fits: it removes more expected error than a copy nobody is expected to use
+    assert plan(6 * 516 + 2 * 484) == {0: [16, 8, 0, 8], 1: [0, 16, 8, 8]}
+    for b in (0, 1200, 2500, 5000, 9000):  # never over budget
+        lv = plan(b + 4 * 281)
+        assert sum({0: 0, 4: 281, 8: 516, 16: 1000}[v] for row in lv.values() for v in row) <= b + 4 * 281
+
+    class Held:  # stickiness: a level an expert holds is worth (1 + h)x
+        def level(self, key):
+            return {(0, 0): 8, (0, 3): 4, (1, 1): 4, (1, 2): 4}.get(key, 0)
     N2 = torch.tensor([[5.0, 1.0, 3.5, 3.0], [0.0, 4.0, 2.0, 0.5]])
-    assert plan_levels(N2, cache.levels(), [0, 1], pop, cache, stickiness=1.0).hi == {0: [0, 3], 1: [1]}
-    assert plan_levels(N2, cache.levels(), [0, 1], pop).hi == {0: [0, 2], 1: [1]}
-    # enough bytes for int8 everywhere: the rest raises the top experts to full precision
-    rich = ExpertCache(store, SLOTS * SB8 + 2 * (EB - SB8), "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
-    rich.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
-    plan = plan_levels(N, rich.levels(), [0, 1], pop)
-    assert plan.full == {0: [0], 1: [1]} and sum(map(len, plan.hi.values())) == SLOTS - 2
-    rich.set_resident(plan)
-    assert rich.used_bytes <= rich.budget_bytes and len(rich) == 2
+    assert plan(4 * 281 + 235, N2)[0] == [8, 0, 4, 0]
+    assert plan(4 * 281 + 235, N2, cache=Held(), stickiness=1.0)[0] == [8, 0, 0, 4]
 
 
-def test_plan_with_hi_needs_hi_shadows():
+def test_bad_plans_are_refused():
     from emoe.cache import Plan
     cache = ExpertCache(RandStore(), SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
     cache.enable_shadow(list(range(LAYERS)), 4)
-    with pytest.raises(ValueError, match="hi_bits"):
-        cache.set_resident(Plan({0: [1]}, {1: [2]}))
-    assert len(cache) == 0
+    with pytest.raises(ValueError, match="one of"):
+        cache.set_resident(Plan({0: [8, 0, 0, 0]}))  # no int8 copies in this cache
+    with pytest.raises(ValueError, match="one of"):
+        cache.set_resident(Plan({0: [4, 4]}))
+    assert len(cache) == 0 and cache.used_bytes == SLOTS * SB
     with pytest.raises(ValueError, match="must exceed"):
         ExpertCache(RandStore(), SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL).enable_shadow([0, 1], 8, 4)
