@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -74,6 +74,7 @@ class ExpertCache:
         self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
         self._qcost: dict[int, int] = {}
         self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
+        self._memo: dict = {}  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
 
@@ -146,10 +147,22 @@ class ExpertCache:
             for e in range(self.num_experts):
                 self._check(layer, e)
                 if fill:
-                    self._set_shadow((layer, e), self._quant(self.store.read(layer, e), bits))
+                    self._set_shadow((layer, e), self._copy((layer, e), bits))
 
-    def _quant(self, w, bits: int):
-        return tuple(quantize(t.to(self.device), bits, self._group) for t in w)
+    def _copy(self, key, bits: int, source=None):
+        """A `bits`-bit copy of an expert for the fast tier, quantised from `source()` (its fast copy) or
+        the slow tier. A slow tier in host RAM keeps every copy made (it is not budgeted), so moving an
+        expert between levels again is a copy, not a requantisation."""
+        memo = self._memo if getattr(self.store, "tier", "") == "ram" else None
+        q = memo.get((key, bits)) if memo is not None else None
+        if q is None:
+            w = source() if source is not None and memo is None else self.store.read(*key)
+            q = tuple(quantize(t, bits, self._group) for t in w)
+            if memo is not None:
+                memo[(key, bits)] = q
+        if self.device.type != "cpu":
+            q = tuple(replace(t, data=t.data.to(self.device), scale=t.scale.to(self.device)) for t in q)
+        return q
 
     def _set_shadow(self, key, q) -> None:
         """Replace (q) or drop (None) a key's shadow, keeping the byte count and availability mask."""
@@ -163,14 +176,13 @@ class ExpertCache:
 
     def _reshadow(self, key, bits: int) -> None:
         """Change a shadow's level: down from the shadow itself (no read), up from the slow tier."""
-        have = self.level(key)
         if bits == 0:
             self._set_shadow(key, None)
-        elif 0 < bits < have:
-            self._set_shadow(key, self._quant([dequantize(q) for q in self._shadow[key]], bits))
+        elif bits < self.level(key):
+            self._set_shadow(key, self._copy(key, bits, lambda: [dequantize(q) for q in self._shadow[key]]))
         else:
             t0 = time.perf_counter()
-            self._set_shadow(key, self._quant(self.store.read(*key), bits))
+            self._set_shadow(key, self._copy(key, bits))
             self.stats.bytes_loaded += self._qcost[bits]
             self.stats.load_seconds += time.perf_counter() - t0
 
@@ -208,7 +220,7 @@ class ExpertCache:
         if w is not None:
             self.mask[layer, expert] = False
             bits = self.shadow_bits if to is None else to
-            self._set_shadow((layer, expert), self._quant(w, bits) if self.shadow_bits and bits else None)
+            self._set_shadow((layer, expert), self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None)
             self.stats.evictions += 1
 
     def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:

@@ -101,16 +101,18 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         keep = score * (1 + stickiness * (held > 0).float()) if stickiness > 0 else score
         level.scatter_(1, keep.topk(k, dim=1).indices, order[1])
         spent = int((level > 0).sum()) * cost[order[1]]
-    steps = []
+    vals = []
     for a, b in zip(order, order[1:]):
         v = score * (err[a] - err[b]) / (cost[b] - cost[a])
-        if stickiness > 0:
-            v = v * (1 + stickiness * (held >= b).float())
-        steps += [(float(v[j, e]), j, e, a, b) for j in range(L) for e in range(E)]
-    for _, j, e, a, b in sorted(steps, key=lambda t: -t[0]):
-        if int(level[j, e]) == a and spent + cost[b] - cost[a] <= levels.budget_bytes:
-            level[j, e] = b
+        vals.append(v * (1 + stickiness * (held >= b).float()) if stickiness > 0 else v)
+    lv, n = level.flatten().tolist(), L * E
+    for f in torch.stack(vals).flatten().argsort(descending=True, stable=True).tolist():
+        step, pos = divmod(f, n)
+        a, b = order[step], order[step + 1]
+        if lv[pos] == a and spent + cost[b] - cost[a] <= levels.budget_bytes:
+            lv[pos] = b
             spent += cost[b] - cost[a]
+    level = torch.tensor(lv).view(L, E)
     return Plan({l: level[j].tolist() for j, l in enumerate(moe_layers)})
 
 

@@ -22,7 +22,7 @@ $E eval --profile $P --budgets 0.6,0.4 --policies all,task-static,emoe-a,emoe-a-
 # low-bit shadow copies instead of rerouting: priced as on a GPU (bf16 fast tier), then as on this CPU (fp32)
 $E eval --profile $P --dtype bfloat16 --budgets 0.6,0.4,0.3 \
   --policies all,q4,emoe-a-sticky,random-q4,popular-q4,task-static-q4,emoe-a-sticky-q4,emoe-a-sticky-q8,random-q48,popular-q48,task-static-q48,moe-infinity-q48,emoe-a-q48,emoe-a-sticky-q48 \
-  --n 48 --json $R/eval_shadow_bf16.json | tee $R/eval_shadow_bf16.txt
+  --n 48 --json $R/eval_shadow_bf16.json --plot docs/eval_shadow.png | tee $R/eval_shadow_bf16.txt
 $E eval --profile $P --dtype bfloat16 --budgets 0.6,0.4 --policies all,task-static-q48,emoe-a-sticky-q48 --stickiness 3 \
   --n 48 --json $R/eval_shadow_bf16_s3.json | tee $R/eval_shadow_bf16_s3.txt
 $E eval --profile $P --budgets 0.6,0.4,0.3 \

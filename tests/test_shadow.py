@@ -222,3 +222,18 @@ def test_bad_plans_are_refused():
     assert len(cache) == 0 and cache.used_bytes == SLOTS * SB
     with pytest.raises(ValueError, match="must exceed"):
         ExpertCache(RandStore(), SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL).enable_shadow([0, 1], 8, 4)
+
+
+def test_ram_slow_tier_keeps_copies_so_level_changes_do_not_requantise():
+    from emoe.cache import Plan
+    store = RandStore()
+    store.tier = "ram"
+    cache = ExpertCache(store, SLOTS * EB, "cpu", torch.float32, LAYERS, EXPERTS, NUMEL)
+    cache.enable_shadow(list(range(LAYERS)), 4, hi_bits=8)
+    start = store.reads
+    cache.set_resident(Plan({0: [8, 16, 4, 4]}))
+    assert store.reads == start + 2  # one int8 copy made, one full expert loaded
+    cache.set_resident(Plan({0: [4, 4, 4, 4]}))
+    cache.set_resident(Plan({0: [8, 4, 4, 4]}))
+    assert store.reads == start + 2 and cache.level((0, 0)) == 8 and cache.level((0, 1)) == 4
+    assert cache.used_bytes == SB8 + 7 * SB
