@@ -98,6 +98,14 @@ class ExpertCache:
     def level(self, key: tuple[int, int]) -> int:
         return FULL if key in self._res else self._shadow[key][0].bits if key in self._shadow else 0
 
+    def incoming_bytes(self, plan: "dict[int, list[int]] | Plan") -> int:
+        """Bytes a plan would bring into the fast tier (what it costs to load), without applying it."""
+        if isinstance(plan, Plan):
+            cost = self.levels().cost
+            return sum(max(0, cost[v] - cost[self.level((l, e))])
+                       for l, lv in plan.levels.items() for e, v in enumerate(lv))
+        return sum((l, e) not in self._res for l, ids in plan.items() for e in ids) * self.expert_bytes
+
     def levels(self, top_k: int = 0) -> Levels:
         return Levels(self.budget_bytes, {0: 0, **self._qcost, FULL: self.expert_bytes}, top_k)
 
@@ -244,7 +252,8 @@ class ExpertCache:
                 if k[0] in plan and k not in full:
                     want[k] = self.shadow_bits
         now = {k: self.level(k) for k in want}
-        delta = sum(self.levels().cost[v] - self.levels().cost[now[k]] for k, v in want.items())
+        cost = self.levels().cost
+        delta = sum(cost[v] - cost[now[k]] for k, v in want.items())
         if self.used_bytes + delta > self.budget_bytes:
             raise BudgetError(f"plan needs {self.used_bytes + delta} bytes, budget is {self.budget_bytes}")
         down = sorted((k for k in want if want[k] < now[k]), key=lambda k: -now[k])

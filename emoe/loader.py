@@ -106,7 +106,10 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         v = score * (err[a] - err[b]) / (cost[b] - cost[a])
         vals.append(v * (1 + stickiness * (held >= b).float()) if stickiness > 0 else v)
     lv, n = level.flatten().tolist(), L * E
+    cheapest = min(cost[b] - cost[a] for a, b in zip(order, order[1:]))
     for f in torch.stack(vals).flatten().argsort(descending=True, stable=True).tolist():
+        if levels.budget_bytes - spent < cheapest:  # nothing else can fit: most steps end here
+            break
         step, pos = divmod(f, n)
         a, b = order[step], order[step + 1]
         if lv[pos] == a and spent + cost[b] - cost[a] <= levels.budget_bytes:

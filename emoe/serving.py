@@ -248,7 +248,15 @@ class EngineLoop:
     def _admit(self, waiting: list[Job]) -> None:
         eng = self.engine
         now = time.perf_counter()
-        picked = self.scheduler.select(waiting, list(self._running), len(eng.free_slots), now, self.ctx)
+        try:
+            picked = self.scheduler.select(waiting, list(self._running), len(eng.free_slots), now, self.ctx)
+        except Exception as e:  # noqa: BLE001 — fail these requests rather than hang them behind a dead loop
+            with self._cv:
+                failed = [j for j in waiting if j in self._waiting]
+                for j in failed:
+                    self._waiting.remove(j)
+            self._fail(failed, e)
+            return
         with self._cv:  # a job may have been aborted from the queue since the snapshot
             batch = [j for j in picked if j in self._waiting][: len(eng.free_slots)]
             for j in batch:
@@ -256,7 +264,7 @@ class EngineLoop:
         if not batch:
             return
         st, ld = eng.cache.stats, eng.loader.stats
-        loads0, lsec0, plan0 = st.loads, st.load_seconds, ld.seconds
+        bytes0, lsec0, plan0 = st.bytes_loaded, st.load_seconds, ld.seconds
         t0 = time.perf_counter()
         for j in batch:
             j.admitted_at = t0
@@ -270,8 +278,8 @@ class EngineLoop:
         t1 = time.perf_counter()
         n_tok = sum(j.prompt_len for j in batch)
         self._update("prefill_cost_s", (t1 - t0 - (ld.seconds - plan0)) / max(n_tok, 1))
-        if st.loads > loads0:
-            per = (st.load_seconds - lsec0) / (st.loads - loads0)
+        if st.bytes_loaded > bytes0:  # per full expert's bytes: shadow copies move fractions of one
+            per = (st.load_seconds - lsec0) / (st.bytes_loaded - bytes0) * eng.cache.expert_bytes
             self.load_latency_s = per if self.load_latency_s == 0 else \
                 (1 - self.ema) * self.load_latency_s + self.ema * per
         self._running.extend(batch)
@@ -370,7 +378,7 @@ class EngineLoop:
     def _delta_e(self, reqs: list[Request]) -> float:
         """Seconds of expert loading if `reqs` were the batch: the residency plan is computed on a
         snapshot of the policy's state (planning has side effects, e.g. eMoE's per-task prompt counts)
-        and never applied; experts it wants that are not resident × measured per-expert load latency."""
+        and never applied; bytes it would bring in (in full experts) × measured per-expert load latency."""
         eng, res = self.engine, self.engine.residency
         st = eng.cache.stats
         key = (tuple(sorted((d.task, d.input_tokens, d.requests) for d in demands_of(reqs))),
@@ -381,7 +389,7 @@ class EngineLoop:
                 plan = res.plan(reqs, eng.cache)
             finally:
                 _restore(res, state)
-            missing = sum(len(set(ids) - set(eng.cache.resident(layer))) for layer, ids in (plan or {}).items())
+            missing = eng.cache.incoming_bytes(plan) / eng.cache.expert_bytes if plan else 0.0
             if len(self._memo) > 512:
                 self._memo.clear()
             self._memo[key] = missing

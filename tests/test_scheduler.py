@@ -224,6 +224,55 @@ def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral):
     assert "emoe:expert_bytes_loaded_total" in text and "emoe:slo_met_total" in text
 
 
+def test_delta_e_prices_precision_plans_and_a_failing_scheduler_fails_requests(tiny_mixtral):
+    """With shadow copies the loader's plan sets precisions; ΔE counts the bytes it would bring in.
+    A scheduler that raises fails the waiting requests (the loop survives) instead of hanging them."""
+    from emoe.cache import Plan
+    from emoe.engine import Engine, EngineConfig, SamplingParams
+    from emoe.policies import Shadow
+    from emoe.profile import Profile
+    from emoe.residency import Popular
+    from emoe.serving import EngineLoop, Job
+
+    ref = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", trace=True))
+    done = ref.generate(["a b c", "d e f g"], SamplingParams(max_tokens=3, ignore_eos=True), tasks=["qa"] * 2,
+                        chat=False)
+    c = ref.cfg
+    prof = Profile("x", ["qa"], c.num_layers, c.num_experts, c.top_k, list(c.moe_layers), out_len={"qa": 3.0},
+                   prompt_len={"qa": 4.0}, load_latency_s=0.01, expert_bytes=ref.cache.expert_bytes,
+                   token_cost_s={"decode": 0.01, "prefill": 0.001}, sensitivity={"qa": [1] * c.num_layers},
+                   similarity={}, traces=[r.trace for r in done])
+
+    class Planned(Popular):  # a fixed precision plan, so ΔE is known exactly
+        def plan(self, batch, cache):
+            return Plan({l: [16] + [8] * (c.num_experts - 1) for l in c.moe_layers})
+
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.9, max_batch=2), policy=Shadow(4, hi_bits=8),
+                 residency=lambda cap: Planned(prof, cap))
+    loop = EngineLoop(eng, "task-aware", prof)
+    eng.cache.set_resident(Plan({l: [4] * c.num_experts for l in c.moe_layers}))
+    req = eng.make_request("a b", SamplingParams(max_tokens=2), "qa", chat=False)
+    plan = eng.residency.plan([req], eng.cache)
+    want = eng.cache.incoming_bytes(plan)
+    cost = eng.cache.levels().cost
+    assert want == len(c.moe_layers) * (cost[16] - cost[4] + (c.num_experts - 1) * (cost[8] - cost[4]))
+    assert loop._delta_e([req]) == pytest.approx(want / eng.cache.expert_bytes * loop.load_latency_s)
+
+    from emoe.scheduler import make_scheduler
+    broken = make_scheduler("fcfs")
+
+    def select(*a):
+        raise RuntimeError("scheduler bug")
+    broken.select = select
+    loop = EngineLoop(eng, broken, prof)
+    loop.start()
+    job = Job(eng.make_request("a b", SamplingParams(max_tokens=2), "qa", chat=False), ttft_slo_s=5, tpot_slo_s=1)
+    loop.submit(job)
+    assert job.done.wait(10) and job.finish_reason == "error" and "scheduler bug" in job.error
+    assert loop.alive and loop.errors == 1
+    loop.shutdown(1)
+
+
 def test_parse_slo_flag():
     from emoe.serving import parse_slo
     assert parse_slo("qa:1000:150") == ("qa", (1000.0, 150.0))
