@@ -43,6 +43,10 @@ done
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 5 --only emoe,emoe-fcfs,emoe-noac \
   --json $R/compare_ts40_r5.json | tee $R/compare_ts40_r5.txt
+# serving with misses on int4/int8 copies (eMoE-A-q48) against LRU and all-resident
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --policy emoe-a-q48 --only emoe,lru-fcfs,all-fcfs \
+  --json $R/compare_q48.json | tee $R/compare_q48.txt
 # a longer stretch of the trace: 400 requests, at a lighter (10) and the same (40) time-scale
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 10 \
   --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \

@@ -138,8 +138,10 @@ def side_by_side(res: dict) -> str:
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
         for stat in ("mean", "p99"):
             rows.append((f"{stat} {key[:-3].upper()} ms", lambda r, k=key, s=stat: "-" if not r[k] else f"{r[k][s]:.0f}"))
-    lines = [f"{'':18}" + "".join(f"{n:>12}" for n in names)]
-    lines += [f"{label:18}" + "".join(f"{fn(res[n]):>12}" for n in names) for label, fn in rows]
+    cells = [(label, [fn(res[n]) for n in names]) for label, fn in rows]
+    w = max(12, 2 + max(len(c) for _, row in cells for c in row + names))  # cells never run together
+    lines = [f"{'':18}" + "".join(f"{n:>{w}}" for n in names)]
+    lines += [f"{label:18}" + "".join(f"{c:>{w}}" for c in row) for label, row in cells]
     for k, v in ratios(res).items():
         lines.append(f"{k}: {v:.2f}x")
     return "\n".join(lines)
