@@ -138,7 +138,8 @@ class ExpertCache:
                       fill: bool = True) -> None:
         """Allow `bits`-bit (and `hi_bits`-bit) copies of the experts of `layers`; with `fill`, give every
         one a `bits`-bit copy now (refused, changing nothing, when they exceed the budget), else plans
-        decide which hold one. Must come before anything is resident. Reads every expert once."""
+        decide which hold one. Must come before anything is resident. Reads every expert once; a slow
+        tier in host RAM quantises each at every precision now, off the serving path."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
         if hi_bits and hi_bits <= bits:
@@ -151,11 +152,15 @@ class ExpertCache:
                               f"budget is {self.budget_bytes}")
         self.shadow_bits, self.hi_bits, self._qcost, self._group = bits, hi_bits, cost, group
         self.shadow_bytes, self._shadow_slots = cost[bits], slots
+        warm = getattr(self.store, "tier", "") == "ram"  # make every copy now: later moves only copy
         for layer in layers:
             for e in range(self.num_experts):
                 self._check(layer, e)
                 if fill:
                     self._set_shadow((layer, e), self._copy((layer, e), bits))
+                if warm:
+                    for b in cost:
+                        self._copy((layer, e), b)
 
     def _copy(self, key, bits: int, source=None):
         """A `bits`-bit copy of an expert for the fast tier, quantised from `source()` (its fast copy) or
