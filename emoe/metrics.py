@@ -42,6 +42,7 @@ class Metrics:
         self.expert_hits = counter("emoe:expert_hits", "Routed token-assignments whose expert was resident.")
         self.expert_misses = counter("emoe:expert_misses", "Routed token-assignments whose expert was not resident.")
         self.expert_bytes_loaded = counter("emoe:expert_bytes_loaded", "Expert bytes moved into the fast tier.")
+        self.expert_shadow_runs = counter("emoe:expert_shadow_runs", "Expert runs on a low-bit copy (a miss not rerouted).")
         self._slo_met = counter("emoe:slo_met", "Finished requests that met both TTFT and TPOT SLOs.", ["task"])
         self._slo_missed = counter("emoe:slo_missed", "Finished requests that missed an SLO.", ["task"])
         self.running = gauge("emoe:num_requests_running", "Requests in the running batch.")
@@ -53,7 +54,7 @@ class Metrics:
         self.late = counter("emoe:scheduler_late_admissions", "Requests admitted already unable to meet their TTFT.")
         self.step_base = gauge("emoe:decode_step_base_seconds", "Fitted decode step cost a (step = a + c·n).")
         self.step_per_req = gauge("emoe:decode_step_per_request_seconds", "Fitted decode step cost c per request.")
-        self._last = (0, 0, 0)  # cache stats already counted: hits, misses, bytes_loaded
+        self._last = (0, 0, 0, 0)  # cache stats already counted: hits, misses, bytes_loaded, shadow_uses
         self._last_sched = (0, 0)  # scheduler counters already counted: refusals, late admissions
 
     def finished(self, reason: str) -> None:
@@ -65,14 +66,13 @@ class Metrics:
     def sync_engine(self, engine, running: int, waiting: int) -> None:
         """Counters from the cache's cumulative stats (deltas since the last call) and the gauges."""
         s = engine.cache.stats
-        h, m, b = self._last
+        now = (s.hits, s.misses, s.bytes_loaded, s.shadow_uses)
         # stats can only grow, except when someone resets them; then count from zero again
-        if s.hits < h or s.misses < m or s.bytes_loaded < b:
-            h = m = b = 0
-        self.expert_hits.inc(s.hits - h)
-        self.expert_misses.inc(s.misses - m)
-        self.expert_bytes_loaded.inc(s.bytes_loaded - b)
-        self._last = (s.hits, s.misses, s.bytes_loaded)
+        last = self._last if all(a >= b for a, b in zip(now, self._last)) else (0, 0, 0, 0)
+        for c, a, b in zip((self.expert_hits, self.expert_misses, self.expert_bytes_loaded, self.expert_shadow_runs),
+                           now, last):
+            c.inc(a - b)
+        self._last = now
         self.running.set(running)
         self.waiting.set(waiting)
         self.resident_bytes.set(engine.cache.used_bytes)

@@ -257,6 +257,14 @@ def test_delta_e_prices_precision_plans_and_a_failing_scheduler_fails_requests(t
     cost = eng.cache.levels().cost
     assert want == len(c.moe_layers) * (cost[16] - cost[4] + (c.num_experts - 1) * (cost[8] - cost[4]))
     assert loop._delta_e([req]) == pytest.approx(want / eng.cache.expert_bytes * loop.load_latency_s)
+    loop.start()  # served under the plan: misses run on int8 copies, and /metrics counts them
+    job = Job(eng.make_request("a b c d", SamplingParams(max_tokens=4, ignore_eos=True), "qa", chat=False),
+              ttft_slo_s=5, tpot_slo_s=1)
+    loop.submit(job)
+    assert job.done.wait(30) and job.finish_reason == "length"
+    loop.shutdown(1)
+    runs = [ln for ln in loop.metrics.text().decode().splitlines() if ln.startswith("emoe:expert_shadow_runs_total")]
+    assert runs and float(runs[0].split()[-1]) == eng.cache.stats.shadow_uses > 0
 
     from emoe.scheduler import make_scheduler
     broken = make_scheduler("fcfs")
