@@ -11,7 +11,7 @@ P=emoe/models/emoe-tiny/profile  # the profile shipped with the embedded model
 $E analyze --per-task 100 --plot docs/routing-heatmap.png --json $R/analyze.json | tee $R/analyze.txt
 $E profile --out $P --per-task 80 --max-tokens 48 | tee $R/profile.txt
 $E train-predictor $P --budget 0.4 --p 1,10,40 | tee $R/predictor.txt
-$E bench memory --budgets 1.0,0.6,0.4,0.2 --miss-policy reroute,load --json $R/bench_memory.json | tee $R/bench_memory.txt
+$E bench memory --budgets 1.0,0.6,0.4,0.2 --miss-policy reroute,load,shadow --json $R/bench_memory.json | tee $R/bench_memory.txt
 $E eval --profile $P --budgets 0.8,0.6,0.4,0.2 \
   --policies all,random,popular,task-static,lru,moe-infinity,pregated,emoe-a,emoe-l,emoe-e,emoe-a-hybrid,emoe-a-prompt,emoe-a-sticky,emoe-a-selective \
   --p-sweep 1,10,40,80 --adaptive-compare --n 48 --json $R/eval.json --plot docs/eval.png | tee $R/eval.txt
