@@ -151,6 +151,7 @@ class ExpertCache:
             raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * cost[bits]} bytes, "
                               f"budget is {self.budget_bytes}")
         self.shadow_bits, self.hi_bits, self._qcost, self._group = bits, hi_bits, cost, group
+        self._slots = [(layer, e) for layer in layers for e in range(self.num_experts)]
         self.shadow_bytes, self._shadow_slots = cost[bits], slots
         warm = getattr(self.store, "tier", "") == "ram"  # make every copy now: later moves only copy
         for layer in layers:
@@ -161,6 +162,19 @@ class ExpertCache:
                 if warm:
                     for b in cost:
                         self._copy((layer, e), b)
+
+    def fill_shadows(self) -> None:
+        """Give every expert that has neither a full copy nor a shadow a base-precision copy. Called after
+        the initial plan, so no copy is made only to be dropped when its expert is admitted in full.
+        Refused, changing nothing, when the copies do not fit."""
+        missing = [k for k in self._slots if k not in self._res and k not in self._shadow]
+        need = self.used_bytes + len(missing) * self.shadow_bytes
+        if need > self.budget_bytes:
+            raise BudgetError(f"int{self.shadow_bits} shadow copies of {len(missing)} experts need "
+                              f"{len(missing) * self.shadow_bytes} bytes next to {self.used_bytes} resident; "
+                              f"budget is {self.budget_bytes}")
+        for k in missing:
+            self._set_shadow(k, self._copy(k, self.shadow_bits))
 
     def _copy(self, key, bits: int, source=None):
         """A `bits`-bit copy of an expert for the fast tier, quantised from `source()` (its fast copy) or

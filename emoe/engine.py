@@ -142,9 +142,8 @@ class Engine:
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
         if getattr(self.policy, "shadow_bits", 0):
-            # with two precisions the plan decides which experts hold a copy at all
-            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits,
-                                     fill=not (self.policy.hi_bits and residency is not None))
+            # copies are made in policy.prepare, after the initial plan (none only to be dropped)
+            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False)
         self.residency = residency(self.cache.capacity) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision
             self.residency.levels = self.cache.levels(c.top_k)

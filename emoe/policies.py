@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import BudgetError, ExpertCache
+from .cache import BudgetError, ExpertCache, Plan
 
 
 def even_plan(layers: list[int], num_experts: int, capacity: int, order=None) -> dict[int, list[int]]:
@@ -206,8 +206,10 @@ class Shadow(Reroute):
         return 0  # the shadows serve every expert; enable_shadow checks that they fit
 
     def prepare(self, cache, layers):
-        if self.full:
-            cache.set_resident(self.plan or even_plan(layers, cache.num_experts, cache.capacity))
+        plan = (self.plan or even_plan(layers, cache.num_experts, cache.capacity)) if self.full else {}
+        cache.set_resident(plan)
+        if not isinstance(plan, Plan):  # a precision Plan says which copies exist; otherwise all do
+            cache.fill_shadows()
 
     def select(self, layer, x, probs, weights, ids, cache):
         return reroute(probs, weights, ids, cache.avail[layer])  # only experts with no copy at all

@@ -117,6 +117,9 @@ def test_shadow_policy_in_engine(tiny_mixtral, one_thread):
     sh = Engine(EngineConfig(str(tiny_mixtral), budget=budget, miss_policy="reroute"), policy=Shadow(8))
     assert sh.cache.used_bytes <= sh.cache.budget_bytes == rr.cache.budget_bytes
     assert 0 < len(sh.cache) < len(rr.cache)  # the shadows take some of the bytes full experts had
+    slots = len(sh.cfg.moe_layers) * sh.cfg.num_experts
+    assert len(sh.cache._shadow) + len(sh.cache) == slots
+    assert sh.store.stats.reads == 1 + slots  # a shape probe, then each expert once: no copy made to be dropped
     assert err(sh) < err(rr) / 4
     assert sh.cache.stats.shadow_uses > 0
     q8 = Engine(EngineConfig(str(tiny_mixtral), budget=budget, miss_policy="reroute"), policy=Shadow(8, full=False))
