@@ -91,10 +91,6 @@ class ExpertCache:
     def used_bytes(self) -> int:
         return len(self._res) * self.expert_bytes + self._shadow_used
 
-    def bytes_for(self, full: int) -> int:
-        """Bytes held with `full` experts at full precision and a base shadow of every other one."""
-        return full * self.expert_bytes + (self._shadow_slots - full) * self.shadow_bytes
-
     def level(self, key: tuple[int, int]) -> int:
         return FULL if key in self._res else self._shadow[key][0].bits if key in self._shadow else 0
 
