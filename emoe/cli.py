@@ -52,12 +52,14 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
 
 
 def _residency(model: str, profile_dir: str, name: str | None, stickiness: float = 0.0):
-    """(miss policy, residency factory, profile) for a named policy; default eMoE-A when trained."""
+    """(miss policy, residency factory, profile) for a named policy. Default: eMoE-A (task-static without a
+    predictor) with int4/int8 copies of the experts not held in full: at 40% of expert bytes it keeps
+    0.98 teacher-forced agreement where the paper's rerouting keeps 0.42 (README, Results)."""
     from .eval import Setup, build
     from .profile import Profile
     prof = Profile.load(profile_dir, model)
     if name is None:
-        name = "emoe-a" if (Path(profile_dir) / "predictor-a").is_dir() else "task-static"
+        name = "emoe-a-q48" if (Path(profile_dir) / "predictor-a").is_dir() else "task-static-q48"
     policy, residency = build(name, Setup(prof, _predictors(profile_dir, [name]), stickiness=stickiness))
     return policy, residency, prof, name
 
@@ -133,7 +135,8 @@ def cmd_eval(args) -> None:
     for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
         configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
-                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype)
+                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
+                    seed=args.seed)
     print(table(recs))
     print()
     print(sensitivity_table(prof))
@@ -273,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--task", default=None, help="task of the prompt (default: extracted from it)")
     g.add_argument("--profile", default=None, help="profile folder (default: the one shipped with the model)")
-    g.add_argument("--policy", default=None, help="residency policy (default: emoe-a when a predictor exists); "
-                   "a -q4 / -q8 / -q48 suffix (e.g. emoe-a-sticky-q48) runs misses on low-bit copies instead of rerouting")
+    g.add_argument("--policy", default=None, help="residency policy (default: emoe-a-q48 when a predictor exists, "
+                   "else task-static-q48); the -q4 / -q8 / -q48 suffix runs misses on low-bit copies, without it "
+                   "they are rerouted (the paper's rule: faster on a CPU, far less exact)")
     g.set_defaults(fn=cmd_generate)
 
     from .bench.cli import add_parsers
@@ -304,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policies", default=",".join(["all", "random", "popular", "task-static", "lru",
                                                     "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
+    ev.add_argument("--seed", type=int, default=0, help="which test prompts, and in which task order")
     ev.add_argument("--max-tokens", type=int, default=48)
     ev.add_argument("--batch", type=int, default=4)
     ev.add_argument("--group-window", type=int, default=0, help="serve each W consecutive arrivals grouped by "
@@ -351,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", type=float, default=0.4, help="fraction of routed-expert bytes kept resident")
     se.add_argument("--miss-policy", default="reroute", choices=["reroute", "load", "all"],
                     help="without --profile: what a miss does (with one, --policy decides)")
-    se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a when "
-                    "the profile has a predictor, else task-static); e.g. emoe-a, task-static, popular, lru, all; "
-                    "a -q4 / -q8 / -q48 suffix (e.g. emoe-a-q48) runs misses on low-bit copies instead of rerouting")
+    se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a-q48 when "
+                    "the profile has a predictor, else task-static-q48); e.g. emoe-a, task-static, popular; "
+                    "the -q4 / -q8 / -q48 suffix runs misses on low-bit copies, without it they are rerouted")
     se.add_argument("--profile", default=None, help="profile folder (`emoe profile`): loader, costs, task extractor")
     se.add_argument("--stickiness", type=float, default=1.0, help="task-static/eMoE plans: a resident expert "
                     "yields only to one expecting (1+H)x its tokens; 0 is the paper's loader (more moves)")
