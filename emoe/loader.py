@@ -101,6 +101,10 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         keep = score * (1 + stickiness * (held > 0).float()) if stickiness > 0 else score
         level.scatter_(1, keep.topk(k, dim=1).indices, order[1])
         spent = int((level > 0).sum()) * cost[order[1]]
+        if spent > levels.budget_bytes:
+            from .cache import BudgetError
+            raise BudgetError(f"budget {levels.budget_bytes} bytes cannot hold int{order[1]} copies of the top-{k} "
+                              f"experts of each of {L} layers ({spent} bytes): rerouting needs them")
     vals = []
     for a, b in zip(order, order[1:]):
         v = score * (err[a] - err[b]) / (cost[b] - cost[a])

@@ -202,6 +202,8 @@ def test_plan_levels_buys_copies_before_precision():
     assert plan(6 * 516 + 300) == {0: [8, 8, 4, 8], 1: [0, 8, 8, 8]}
     # ...unless a full copy fits: it removes more expected error than a copy nobody is expected to use
     assert plan(6 * 516 + 2 * 484) == {0: [16, 8, 0, 8], 1: [0, 16, 8, 8]}
+    with pytest.raises(BudgetError, match="top-2"):
+        plan(4 * 281 - 1)
     for b in (0, 1200, 2500, 5000, 9000):  # never over budget
         lv = plan(b + 4 * 281)
         assert sum({0: 0, 4: 281, 8: 516, 16: 1000}[v] for row in lv.values() for v in row) <= b + 4 * 281
