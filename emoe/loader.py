@@ -6,6 +6,7 @@ W_j input tokens of the T running requests of a task, W_o the task's expected ou
 task's per-layer sensitivity flag, f_i the predicted share. Experts are ranked over *all* layers at once,
 so L differs per layer: a layer where every task is insensitive (N = 0) keeps only top-k experts (the
 profile's most used, per PAPER.md's open point) and its bytes go to layers where routing matters.
+With low-bit shadow copies (policies.Shadow), `plan_levels` turns the same N into a precision per expert.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import FULL, BudgetError, Plan
 
 @dataclass(frozen=True, slots=True)
 class TaskDemand:
@@ -83,7 +85,6 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
     to int8, and buys full copies only when little else is left to fix. Each layer holds a copy of at
     least its top-k (rerouting needs a full top-k). With `cache` and stickiness h, a level an expert
     already holds is worth (1 + h)× as much: near-ties do not move."""
-    from .cache import FULL, Plan
     E, L = fallback.shape[1], len(moe_layers)
     score = fallback[moe_layers].float() / (fallback[moe_layers].float().sum() + 1e-9) * 1e-6
     if N is not None:
@@ -102,7 +103,6 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         level.scatter_(1, keep.topk(k, dim=1).indices, order[1])
         spent = int((level > 0).sum()) * cost[order[1]]
         if spent > levels.budget_bytes:
-            from .cache import BudgetError
             raise BudgetError(f"budget {levels.budget_bytes} bytes cannot hold int{order[1]} copies of the top-{k} "
                               f"experts of each of {L} layers ({spent} bytes): rerouting needs them")
     vals = []
