@@ -17,6 +17,7 @@ import torch
 
 from .cache import FULL, BudgetError, Plan
 
+
 @dataclass(frozen=True, slots=True)
 class TaskDemand:
     task: str
