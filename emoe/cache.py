@@ -75,6 +75,7 @@ class ExpertCache:
         self._qcost: dict[int, int] = {}
         self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
         self._memo: dict = {}  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
+        self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
 
@@ -173,11 +174,15 @@ class ExpertCache:
             self._set_shadow(k, self._copy(k, self.shadow_bits))
 
     def _copy(self, key, bits: int, source=None):
-        """A `bits`-bit copy of an expert for the fast tier, quantised from `source()` (its fast copy) or
-        the slow tier. A slow tier in host RAM keeps every copy made (it is not budgeted), so moving an
+        """A `bits`-bit copy of an expert for the fast tier: from `emoe quantize`'s file when there is one,
+        else quantised from `source()` (its fast copy) or the slow tier. A slow tier in host RAM keeps every copy made (it is not budgeted), so moving an
         expert between levels again is a copy, not a requantisation."""
         memo = self._memo if getattr(self.store, "tier", "") == "ram" else None
         q = memo.get((key, bits)) if memo is not None else None
+        if q is None and bits in self.copy_files:
+            q = self.copy_files[bits].get(key)
+            if memo is not None:
+                memo[(key, bits)] = q
         if q is None:
             w = source() if source is not None and memo is None else self.store.read(*key)
             q = tuple(quantize(t, bits, self._group) for t in w)

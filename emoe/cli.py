@@ -100,6 +100,19 @@ def cmd_train_model(args) -> None:
                 init=Path(args.init) if args.init else None))
 
 
+def cmd_quantize(args) -> None:
+    """int4/int8 copies of every expert, once, beside the checkpoint: shadow policies read them at startup."""
+    from .checkpoint import Checkpoint
+    from .quant import save_copies
+    from .store import open_store
+    model = _model(args)
+    ckpt = Checkpoint(model)
+    store, t0 = open_store(ckpt, "disk"), time.perf_counter()
+    for b in args.bits:
+        path = save_copies(model, store, sorted(ckpt.experts), b)
+        print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+
 def cmd_profile(args) -> None:
     from .profile import run_profile
     prof = run_profile(_model(args), args.out, per_task=args.per_task, max_tokens=args.max_tokens,
@@ -283,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.cli import add_parsers
     add_parsers(sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
+
+    qz = sub.add_parser("quantize", help="write int4/int8 copies of every expert beside the checkpoint")
+    _model_arg(qz)
+    qz.add_argument("--bits", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
+    qz.set_defaults(fn=cmd_quantize)
 
     pr = sub.add_parser("profile", help="routing traces, output lengths, load latency and sensitivity")
     _model_arg(pr)

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .model import KVCache, MoEModel, swiglu
 from .loader import Loader
 from .policies import PreGated, Reroute, Shadow, make_policy
+from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder
@@ -142,7 +143,12 @@ class Engine:
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
         if getattr(self.policy, "shadow_bits", 0):
-            # copies are made in policy.prepare, after the initial plan (none only to be dropped)
+            # copies are made in policy.prepare, after the initial plan (none only to be dropped), or read
+            # from the files `emoe quantize` wrote beside the checkpoint
+            for b in (self.policy.shadow_bits, self.policy.hi_bits):
+                if b and copies_path(self.ckpt.dir, b).is_file():
+                    self.cache.copy_files[b] = CopyFile(copies_path(self.ckpt.dir, b), self.ckpt.dir, self.store,
+                                                        (layers[0], 0))
             self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False)
         self.residency = residency(self.cache.capacity) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision

@@ -7,9 +7,13 @@ input columns (fp16), which keeps int4 error near int8's on the wide rows of exp
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 BITS = (4, 8)
 
@@ -65,3 +69,51 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     else:
         x = q.data.view(rows, cols // q.group, q.group).to(dtype)
     return x.mul_(q.scale.to(dtype)[..., None]).view(rows, cols)
+
+
+# -- copies made ahead of time (`emoe quantize`): safetensors files beside the checkpoint -----------------
+def copies_path(model_dir: str | Path, bits: int, group: int = 32) -> Path:
+    return Path(model_dir) / "shadows" / f"int{bits}-g{group}.safetensors"
+
+
+def source_id(model_dir: str | Path, store, first: tuple[int, int]) -> str:
+    """The checkpoint's layout fingerprint plus a hash of one expert's weights: copies made from other
+    weights with the same layout are caught too."""
+    from .profile import fingerprint
+    h = hashlib.sha256(fingerprint(model_dir).encode())
+    for t in store.read(*first):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_copies(model_dir: str | Path, store, keys: list[tuple[int, int]], bits: int, group: int = 32) -> Path:
+    """Quantise every expert once and write the copies (what the cache would otherwise do at startup)."""
+    out = {}
+    for layer, e in keys:
+        for name, t in zip(("gate", "up", "down"), store.read(layer, e)):
+            q = quantize(t, bits, group)
+            out[f"{layer}.{e}.{name}.data"], out[f"{layer}.{e}.{name}.scale"] = q.data, q.scale
+    path = copies_path(model_dir, bits, group)
+    path.parent.mkdir(exist_ok=True)
+    save_file(out, str(path), metadata={"bits": str(bits), "group": str(group),
+                                        "source": source_id(model_dir, store, keys[0])})
+    return path
+
+
+class CopyFile:
+    """Lazy reader of one precision's copies; refuses (clear error) copies made from other weights."""
+
+    def __init__(self, path: Path, model_dir: str | Path, store, first: tuple[int, int]):
+        self._f = safe_open(str(path), framework="pt")
+        meta = self._f.metadata() or {}
+        self.bits, self.group = int(meta.get("bits", 0)), int(meta.get("group", 0))
+        if meta.get("source") != source_id(model_dir, store, first):
+            raise ValueError(f"{path} holds copies of other weights; re-run `emoe quantize --model {model_dir}`")
+
+    def get(self, key: tuple[int, int]):
+        out = []
+        for name in ("gate", "up", "down"):
+            data, scale = (self._f.get_tensor(f"{key[0]}.{key[1]}.{name}.{p}") for p in ("data", "scale"))
+            cols = data.shape[1] * (2 if self.bits == 4 else 1)
+            out.append(QTensor(data, scale, (data.shape[0], cols), self.bits, cols // scale.shape[1]))
+        return tuple(out)

@@ -243,3 +243,34 @@ def test_ram_slow_tier_keeps_copies_so_level_changes_do_not_requantise():
     cache.set_resident(Plan({0: [8, 4, 4, 4]}))
     assert store.reads == start + 1 and cache.level((0, 0)) == 8 and cache.level((0, 1)) == 4
     assert cache.used_bytes == SB8 + 7 * SB
+
+
+def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixtral, tmp_path, one_thread):
+    import shutil
+
+    from emoe.cli import main
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    from emoe.quant import copies_path
+    from tiny import make_tiny
+    model = tmp_path / "m"
+    shutil.copytree(tiny_mixtral, model)
+    main(["quantize", "--model", str(model)])
+    assert copies_path(model, 4).is_file() and copies_path(model, 8).is_file()
+
+    def engine(m):
+        return Engine(EngineConfig(str(m), budget=0.6, miss_policy="reroute"), policy=Shadow(4, hi_bits=8))
+    made, read = engine(tiny_mixtral), engine(model)
+    slots = len(made.cfg.moe_layers) * made.cfg.num_experts
+    assert made.store.stats.reads == 1 + slots  # quantised from the slow tier at startup
+    assert read.store.stats.reads <= 3 + len(read.cache) < 1 + slots  # full experts and two identity checks
+    assert set(read.cache._shadow) == set(made.cache._shadow)
+    for key, q in read.cache._shadow.items():
+        for a, b in zip(q, made.cache._shadow[key]):
+            assert a.bits == b.bits == 4 and torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+    other = make_tiny("mixtral", tmp_path / "o", seed=1)  # same layout, other weights
+    shutil.copytree(model / "shadows", other / "shadows")
+    with pytest.raises(ValueError, match="other weights"):
+        engine(other)
+    with pytest.raises(SystemExit, match="bits"):
+        main(["quantize", "--model", str(model), "--bits", "3"])
