@@ -26,11 +26,11 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
             "emoe-a", "emoe-l", "emoe-e")
 # beyond the paper: per-task hybrid miss policy, prompt-aware refresh, sticky plans (fewer moves), and
 # sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
-# Any reroute-based policy with a -q4 / -q8 suffix serves misses from low-bit shadow copies instead
-# (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
+# Any reroute-based policy with a -q4 / -q8 / -q48 suffix serves misses from low-bit shadow copies
+# instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
 EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
-SHADOWED = ("q4", "q8", "q48")  # int4, int8, or int4 raised to int8 where the plan expects most tokens
+SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 
 
 def known(name: str) -> bool:

@@ -203,7 +203,7 @@ class Shadow(Reroute):
         self.shadow_bits, self.full, self.hi_bits = bits, full, hi_bits
 
     def min_experts(self, layers, num_experts, top_k):
-        return 0  # the shadows serve every expert; enable_shadow checks that they fit
+        return 0  # copies serve the misses; fill_shadows / plan_levels refuse a budget they do not fit
 
     def prepare(self, cache, layers):
         plan = (self.plan or even_plan(layers, cache.num_experts, cache.capacity)) if self.full else {}
