@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 BITS = (4, 8)
@@ -104,7 +104,12 @@ class CopyFile:
     """Lazy reader of one precision's copies; refuses (clear error) copies made from other weights."""
 
     def __init__(self, path: Path, model_dir: str | Path, store, first: tuple[int, int]):
-        self._f = safe_open(str(path), framework="pt")
+        self.path, self.model_dir = path, model_dir
+        try:
+            self._f = safe_open(str(path), framework="pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable copies file ({e}); re-run `emoe quantize --model "
+                             f"{model_dir}`") from None
         meta = self._f.metadata() or {}
         self.bits, self.group = int(meta.get("bits", 0)), int(meta.get("group", 0))
         if meta.get("source") != source_id(model_dir, store, first):
@@ -113,7 +118,11 @@ class CopyFile:
     def get(self, key: tuple[int, int]):
         out = []
         for name in ("gate", "up", "down"):
-            data, scale = (self._f.get_tensor(f"{key[0]}.{key[1]}.{name}.{p}") for p in ("data", "scale"))
+            try:
+                data, scale = (self._f.get_tensor(f"{key[0]}.{key[1]}.{name}.{p}") for p in ("data", "scale"))
+            except SafetensorError as e:
+                raise ValueError(f"{self.path} lacks expert {key} ({e}); re-run `emoe quantize --model "
+                                 f"{self.model_dir}`") from None
             cols = data.shape[1] * (2 if self.bits == 4 else 1)
             out.append(QTensor(data, scale, (data.shape[0], cols), self.bits, cols // scale.shape[1]))
         return tuple(out)

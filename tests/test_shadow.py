@@ -272,5 +272,8 @@ def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixt
     shutil.copytree(model / "shadows", other / "shadows")
     with pytest.raises(ValueError, match="other weights"):
         engine(other)
+    (other / "shadows" / "int4-g32.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable copies file"):
+        engine(other)
     with pytest.raises(SystemExit, match="bits"):
         main(["quantize", "--model", str(model), "--bits", "3"])
