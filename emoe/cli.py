@@ -70,6 +70,8 @@ def cmd_generate(args) -> None:
     policy = residency = None
     task = args.task
     prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
+    if args.policy is not None and prof_dir is None:
+        raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
     if prof_dir:  # eMoE residency from the profile; the task from the prompt unless given
         from .tasks import TaskExtractor
         policy, residency, prof, name = _residency(model, prof_dir, args.policy)

@@ -40,3 +40,9 @@ def test_bad_argument_exits_with_usage(capsys):
         main(["generate", "hi", "--miss-policy", "lru"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_policy_without_a_budget_is_refused(tiny_mixtral):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", str(tiny_mixtral), "--policy", "emoe-a-q48", "--max-tokens", "2"])
+    assert "--policy needs a profile" in str(exc.value.code)
