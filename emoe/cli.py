@@ -133,7 +133,7 @@ def sensitivity_table(prof) -> str:
 
 
 def cmd_eval(args) -> None:
-    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, known, plot, table
+    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, known, plot, table, versus_table
     from .profile import Profile
     model = _model(args)
     prof = Profile.load(args.profile, model)
@@ -153,6 +153,8 @@ def cmd_eval(args) -> None:
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
                     seed=args.seed)
     print(table(recs))
+    if args.versus:
+        print("\n" + versus_table(recs, args.versus))
     print()
     print(sensitivity_table(prof))
     if args.json:
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
     ev.add_argument("--seed", type=int, default=0, help="which test prompts, and in which task order")
+    ev.add_argument("--versus", default=None, help="print every policy's paired difference from this one, with CIs")
     ev.add_argument("--max-tokens", type=int, default=48)
     ev.add_argument("--batch", type=int, default=4)
     ev.add_argument("--group-window", type=int, default=0, help="serve each W consecutive arrivals grouped by "

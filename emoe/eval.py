@@ -197,6 +197,8 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),
                "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
+               "per_request": {"similarity": [round(float(x), 4) for x in sims],
+                               "agree": [list(r.get("agree", (0, 0))) for r in rows]},
                "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t]),
                                 "n": sum(r["task"] == t for r in rows)}
                             for t in sorted({r["task"] for r in rows})}}
@@ -204,6 +206,43 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         log(f"{label:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
             f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
     return records
+
+
+def paired_difference(a: dict, b: dict, key: str = "similarity", n_boot: int = 2000, seed: int = 0):
+    """Mean of record a minus record b over the same requests, with a 95% paired-bootstrap interval:
+    48–96 requests leave differences of a few hundredths unresolved, and this says which are."""
+    def per_request(rec):
+        pr = rec["per_request"]
+        if key == "similarity":
+            return torch.tensor(pr["similarity"]), None
+        hits, n = torch.tensor(pr["agree"], dtype=torch.float64).T
+        return hits, n
+    (xa, na), (xb, nb) = per_request(a), per_request(b)
+    if len(xa) != len(xb):
+        raise ValueError("records come from different streams")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(xa), (n_boot, len(xa)), generator=g)
+    if na is None:
+        diffs = (xa[idx] - xb[idx]).mean(1)
+        point = float((xa - xb).mean())
+    else:  # token agreement pools tokens: a ratio of sums, resampled by request
+        diffs = xa[idx].sum(1) / na[idx].sum(1).clamp_min(1) - xb[idx].sum(1) / nb[idx].sum(1).clamp_min(1)
+        point = float(xa.sum() / na.sum().clamp_min(1) - xb.sum() / nb.sum().clamp_min(1))
+    lo, hi = torch.quantile(diffs.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, (lo, hi)
+
+
+def versus_table(records: list[dict], base: str) -> str:
+    """Every policy minus `base` at the same budget: similarity and agreement, 95% paired-bootstrap CIs."""
+    lines = [f"paired differences against {base} (95% bootstrap interval over requests)"]
+    for r in records:
+        b = next((x for x in records if x["policy"] == base and x["budget"] == r["budget"]), None)
+        if b is None or r is b:
+            continue
+        (ds, (sl, sh)), (da, (al, ah)) = (paired_difference(r, b, k) for k in ("similarity", "agree"))
+        lines.append(f"{r['policy']:18} {r['budget']:.2f}  similarity {ds:+.3f} [{sl:+.3f}, {sh:+.3f}]  "
+                     f"agreement {da:+.3f} [{al:+.3f}, {ah:+.3f}]")
+    return "\n".join(lines)
 
 
 def _mean(xs) -> float:

@@ -277,3 +277,26 @@ def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixt
         engine(other)
     with pytest.raises(SystemExit, match="bits"):
         main(["quantize", "--model", str(model), "--bits", "3"])
+
+
+def test_paired_difference_intervals():
+    from emoe.eval import paired_difference, versus_table
+    n = 60
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(n, generator=g) * 0.5 + 0.25).tolist()
+    better = [min(1.0, x + 0.2) for x in base]
+    noisy = [x + float(e) for x, e in zip(base, torch.randn(n, generator=g) * 0.05)]
+
+    def rec(name, sims, hits):
+        return {"policy": name, "budget": 0.4, "per_request": {"similarity": sims, "agree": [[h, 10] for h in hits]}}
+    a, b, c = rec("a", better, [9] * n), rec("b", base, [7] * n), rec("c", noisy, [7] * n)
+    d, (lo, hi) = paired_difference(a, b)
+    assert 0.15 < lo <= d <= hi < 0.21  # a consistent gain: the interval excludes 0
+    d, (lo, hi) = paired_difference(c, b)
+    assert lo < 0 < hi  # noise: the interval straddles 0
+    d, (lo, hi) = paired_difference(a, b, "agree")
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.2) and hi == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="different streams"):
+        paired_difference(a, rec("e", base[:10], [7] * 10))
+    text = versus_table([a, b, c], "b")
+    assert "a " in text and "c " in text and "+0.2" in text
