@@ -74,7 +74,7 @@ class ExpertCache:
         self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
         self._qcost: dict[int, int] = {}
         self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
-        self._memo: dict = {}  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
+        self._memo: dict | None = None  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
         self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
@@ -151,6 +151,7 @@ class ExpertCache:
         self._slots = [(layer, e) for layer in layers for e in range(self.num_experts)]
         self.shadow_bytes, self._shadow_slots = cost[bits], slots
         warm = getattr(self.store, "tier", "") == "ram"  # make every copy now: later moves only copy
+        self._memo = {} if warm else None
         for layer in layers:
             for e in range(self.num_experts):
                 self._check(layer, e)
@@ -175,9 +176,9 @@ class ExpertCache:
 
     def _copy(self, key, bits: int, source=None):
         """A `bits`-bit copy of an expert for the fast tier: from `emoe quantize`'s file when there is one,
-        else quantised from `source()` (its fast copy) or the slow tier. A slow tier in host RAM keeps every copy made (it is not budgeted), so moving an
-        expert between levels again is a copy, not a requantisation."""
-        memo = self._memo if getattr(self.store, "tier", "") == "ram" else None
+        else quantised from `source()` (its fast copy) or the slow tier. A slow tier in host RAM keeps every
+        copy made (it is not budgeted), so moving an expert between levels again is a copy."""
+        memo = self._memo
         q = memo.get((key, bits)) if memo is not None else None
         if q is None and bits in self.copy_files:
             q = self.copy_files[bits].get(key)
@@ -248,7 +249,8 @@ class ExpertCache:
         if w is not None:
             self.mask[layer, expert] = False
             bits = self.shadow_bits if to is None else to
-            self._set_shadow((layer, expert), self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None)
+            copy = self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None
+            self._set_shadow((layer, expert), copy)
             self.stats.evictions += 1
 
     def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:

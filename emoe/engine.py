@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .model import KVCache, MoEModel, swiglu
 from .loader import Loader
-from .policies import PreGated, Reroute, Shadow, make_policy
+from .policies import PreGated, Reroute, make_policy
 from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
@@ -160,7 +160,7 @@ class Engine:
             self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
         short = [l for l in layers if len(self.cache.resident(l)) < c.top_k]
-        if isinstance(self.policy, Reroute) and not isinstance(self.policy, Shadow) and short:
+        if getattr(self.policy, "full_topk", False) and short:
             raise BudgetError(f"layers {short} hold fewer than top-{c.top_k} resident experts; "
                               f"rerouting needs a full top-k in every MoE layer")
         self.loader = Loader(self.cache)

@@ -62,6 +62,7 @@ class AllResident:
 class Reroute(AllResident):
     """Fixed residency chosen by a plan (even split until a loader sets one); misses never stall."""
     name = "reroute"
+    full_topk = True  # rerouting needs a full top-k resident in every MoE layer (the engine checks)
 
     def __init__(self, plan: dict[int, list[int]] | None = None):
         self.plan = plan
@@ -197,6 +198,7 @@ class Shadow(Reroute):
     hi_bits > bits: the residency plan picks each expert's precision (none, bits, hi_bits or full;
     loader.plan_levels), and a miss on an expert with no copy is rerouted."""
     name = "shadow"
+    full_topk = False  # copies stand in for missing experts
 
     def __init__(self, bits: int = 4, plan=None, full: bool = True, hi_bits: int = 0):
         super().__init__(plan)

@@ -3,7 +3,7 @@
 The fast tier can hold a small quantised copy of every expert it does not hold at full precision, so a
 token routed to a missing expert runs an approximation of *that* expert instead of being rerouted to a
 different one (HOBBIT-style mixed precision, arXiv 2411.01433). Scales are per `group` consecutive
-input columns (fp16), which keeps int4 error near int8's on the wide rows of expert matrices.
+input columns (fp16): on the embedded model's experts int4 keeps ~10% relative weight error, int8 ~0.5%.
 """
 from __future__ import annotations
 

@@ -167,6 +167,7 @@ def forward_loss(p, mc: ModelConfig, tokens: torch.Tensor, aux_coef: float, seq_
 
 
 EXPERT_KEYS = {"gate": "w1", "up": "w3", "down": "w2"}  # stacked training tensor -> Mixtral per-expert name
+PART_OF = {v: k for k, v in EXPERT_KEYS.items()}
 
 
 def export(p, mc: ModelConfig, cfg: TrainConfig, out: Path, tok_path: Path) -> None:
@@ -201,7 +202,7 @@ def load_init(folder: Path) -> dict[str, torch.Tensor]:
     for name, t in flat.items():
         m = re.fullmatch(r"(.+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", name)
         if m:
-            part = {v: k for k, v in EXPERT_KEYS.items()}[m.group(3)]
+            part = PART_OF[m.group(3)]
             experts.setdefault(f"{m.group(1)}.experts.{part}", {})[int(m.group(2))] = t.float()
         else:
             out[name] = t.float()
