@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .quant import QTensor, dequantize, qbytes, quantize
+from .quant import KTensor, QTensor, dequantize, kbytes, kernel_fits, qbytes, quantize, to_kernel
 
 
 class BudgetError(ValueError):
@@ -58,8 +58,10 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I,H], up [I,H
 
 class ExpertCache:
     def __init__(self, store, budget_bytes: int, device: torch.device, dtype: torch.dtype,
-                 num_layers: int, num_experts: int, expert_numel: int):
+                 num_layers: int, num_experts: int, expert_numel: int, kernel: bool = True):
+        """kernel: on CPU, hold copies in the layout of PyTorch's int4 matmul kernel (quant.KTensor)."""
         self.store, self.device, self.dtype = store, torch.device(device), dtype
+        self.kernel = kernel
         self.expert_bytes = expert_numel * torch.empty((), dtype=dtype).element_size()
         self.budget_bytes = int(budget_bytes)
         if self.budget_bytes < 0:
@@ -73,7 +75,7 @@ class ExpertCache:
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
         self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
         self._qcost: dict[int, int] = {}
-        self._shadow: dict[tuple[int, int], tuple[QTensor, QTensor, QTensor]] = {}
+        self._shadow: dict[tuple[int, int], tuple[QTensor | KTensor, ...]] = {}
         self._memo: dict | None = None  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
         self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
@@ -125,11 +127,10 @@ class ExpertCache:
     def lru(self, exclude=()) -> tuple[int, int] | None:
         return next((k for k in self._res if k not in exclude), None)
 
-    def approx(self, layer: int, expert: int) -> Weights:
-        """A non-resident expert's weights rebuilt from its shadow (KeyError when there is none)."""
-        q = self._shadow[(layer, expert)]
+    def approx(self, layer: int, expert: int) -> tuple[QTensor | KTensor, ...]:
+        """A non-resident expert's shadow, for quant.linear (KeyError when there is none)."""
         self.stats.shadow_uses += 1
-        return tuple(dequantize(t, self.dtype) for t in q)
+        return self._shadow[(layer, expert)]
 
     def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32,
                       fill: bool = True) -> None:
@@ -142,12 +143,14 @@ class ExpertCache:
         if hi_bits and hi_bits <= bits:
             raise ValueError(f"hi_bits ({hi_bits}) must exceed the base shadow precision ({bits})")
         w = self.store.read(layers[0], 0)
-        cost = {b: sum(qbytes(tuple(t.shape), b, group) for t in w) for b in (bits, hi_bits) if b}
+        kernel = self.kernel and self.device.type == "cpu" and all(kernel_fits(tuple(t.shape), group) for t in w)
+        size = kbytes if kernel else qbytes
+        cost = {b: sum(size(tuple(t.shape), b, group) for t in w) for b in (bits, hi_bits) if b}
         slots = len(layers) * self.num_experts
         if fill and slots * cost[bits] > self.budget_bytes:
             raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * cost[bits]} bytes, "
                               f"budget is {self.budget_bytes}")
-        self.shadow_bits, self.hi_bits, self._qcost, self._group = bits, hi_bits, cost, group
+        self.shadow_bits, self.hi_bits, self._qcost, self._group, self.kernel = bits, hi_bits, cost, group, kernel
         self._slots = [(layer, e) for layer in layers for e in range(self.num_experts)]
         self.shadow_bytes, self._shadow_slots = cost[bits], slots
         warm = getattr(self.store, "tier", "") == "ram"  # make every copy now: later moves only copy
@@ -199,7 +202,7 @@ class ExpertCache:
         if old is not None:
             self._shadow_used -= self._qcost[old[0].bits]
         if q is not None:
-            self._shadow[key] = q
+            self._shadow[key] = tuple(map(to_kernel, q)) if self.kernel else q
             self._shadow_used += self._qcost[q[0].bits]
         self.avail[key] = q is not None or key in self._res
 

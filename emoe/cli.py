@@ -151,7 +151,7 @@ def cmd_eval(args) -> None:
         configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
-                    seed=args.seed)
+                    seed=args.seed, split=args.split)
     print(table(recs))
     if args.versus:
         print("\n" + versus_table(recs, args.versus))
@@ -180,7 +180,7 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
 
 def cmd_train_predictor(args) -> None:
     from .eval import test_stream
-    from .predictor import Predictor, baselines, evaluate, loader_sizes
+    from .predictor import Predictor, baselines, evaluate, hindsight, loader_sizes
     from .profile import Profile, trace_stream
     from .traces import load_traces, save_traces
     model = _model(args)
@@ -217,6 +217,10 @@ def cmd_train_predictor(args) -> None:
                                **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
                 print(f"{name:16} {p:>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} "
                       f"{r['coverage']:>8.3f}")
+        r = hindsight(test, n, prof.moe_layers)  # each prompt's own routing: the ceiling for any predictor
+        report.append({"method": "oracle", "p": None, "sizing": sizing,
+                       **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
+        print(f"{'oracle':16} {'-':>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} {r['coverage']:>8.3f}")
     (Path(args.profile) / "predictor_report.json").write_text(json.dumps(report, indent=1))
 
 
@@ -331,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
     ev.add_argument("--seed", type=int, default=0, help="which test prompts, and in which task order")
+    ev.add_argument("--split", default="test", choices=["test", "val"],
+                    help="val for choosing designs and settings; test for reporting them")
     ev.add_argument("--versus", default=None, help="print every policy's paired difference from this one, with CIs")
     ev.add_argument("--max-tokens", type=int, default=48)
     ev.add_argument("--batch", type=int, default=4)

@@ -15,10 +15,11 @@ import torch
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .model import KVCache, MoEModel, swiglu
+from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .quant import CopyFile, copies_path
+from .quant import swiglu as expert_ffn
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder
@@ -36,6 +37,7 @@ class EngineConfig:
     max_len: int = 1024            # KV slot length: prompt + output tokens of one request
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
+    qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -104,7 +106,7 @@ class ExpertDispatch:
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
             gate, up, down = self.policy.fetch(layer, e, self.cache)
-            y = swiglu(x[tok], gate, up, down)
+            y = expert_ffn(x[tok], gate, up, down)
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
 
@@ -130,7 +132,8 @@ class Engine:
         c = self.cfg
         layers = list(c.moe_layers)
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
-        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel)
+        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
+                                 kernel=cfg.qkernel)
         self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
         self.policy = policy or make_policy(cfg.miss_policy)
         full = cfg.miss_policy == "all" and policy is None or self.policy.name in ("all", "random-routing")

@@ -20,7 +20,7 @@ from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
 from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
 from .profile import Profile
-from .residency import EMoE, MoEInfinity, Popular, RandomSet, TaskAware
+from .residency import EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
 
 POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
             "emoe-a", "emoe-l", "emoe-e")
@@ -28,7 +28,7 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
 # Any reroute-based policy with a -q4 / -q8 / -q48 suffix serves misses from low-bit shadow copies
 # instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
-EXTRA = ("emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
+EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 
@@ -48,6 +48,8 @@ class Setup:
     p: int = 40
     adaptive: bool = False
     stickiness: float = 0.0  # task-static and eMoE plans: see loader.plan_top
+    # oracle: prompt ids → Trace of the all-resident run (evaluate fills it in)
+    routing: dict | None = None
 
     def __post_init__(self):
         if not 0 <= self.stickiness < float("inf") or self.p < 1:
@@ -78,6 +80,7 @@ def build(name: str, s: Setup):
         "popular": lambda: (Reroute(), lambda cap: Popular(prof, cap)),
         "task-static": lambda: (Reroute(), lambda cap: TaskAware(prof, cap, stickiness=s.stickiness)),
         "lru": lambda: (LoadOnDemand(), None),
+        "oracle": lambda: (Reroute(), lambda cap: Hindsight(prof, cap, s.routing or {})),
         "moe-infinity": lambda: (Reroute(), lambda cap: MoEInfinity(prof, cap)),
         "pregated": lambda: (PreGated(), lambda cap: Popular(prof, cap)),
         "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
@@ -98,11 +101,12 @@ def _shadow(q: str, full: bool = True) -> Shadow:
     return Shadow(4, full=full, hi_bits=8) if q == "q48" else Shadow(int(q[1]), full=full)
 
 
-def test_stream(n: int, seed: int = 0, tasks=None, fits=None):
-    """n test-split examples, a uniformly random task per request; `fits` filters out prompts too long."""
+def test_stream(n: int, seed: int = 0, tasks=None, fits=None, split: str = "test"):
+    """n test-split examples, a uniformly random task per request; `fits` filters out prompts too long.
+    split="val" is for design choices, so that the test split only reports them."""
     from .datasets import TASKS, load_split
     rng = random.Random(seed)
-    by_task = {t: [e for e in load_split("test", t) if fits is None or fits(e.prompt)] for t in (tasks or TASKS)}
+    by_task = {t: [e for e in load_split(split, t) if fits is None or fits(e.prompt)] for t in (tasks or TASKS)}
     by_task = {t: v for t, v in by_task.items() if v}
     for t in by_task:
         rng.shuffle(by_task[t])
@@ -139,7 +143,8 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
         reqs = eng.generate([e.prompt for e in chunk], params, tasks=[e.task for e in chunk])
         ts = time.perf_counter()
         for j, (e, r) in enumerate(zip(chunk, reqs)):
-            row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids}
+            row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
+                   "trace": r.trace}
             ans = eng.codec.encode(e.answer)[:64] if e.answer else []
             if ans:
                 lp = torch.log_softmax(eng.score(r.prompt_ids, ans, e.task), -1)
@@ -161,22 +166,29 @@ def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[
 
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
-             group_window: int = 0, dtype: str | None = None) -> list[dict]:
+             group_window: int = 0, dtype: str | None = None, split: str = "test") -> list[dict]:
     """dtype: the fast tier's (and compute) dtype; default as the engine's (float32 on CPU). bfloat16
-    prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy."""
+    prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy;
+    copies then keep the portable layout a GPU would hold (2-byte scales), not the CPU kernel's."""
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     params = SamplingParams(max_tokens=max_tokens)
-    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on, dtype=dtype))
-    stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64)), group_window)
+    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on, dtype=dtype,
+                                  trace=True))
+    stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64), split=split),
+                           group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
+    routing = {tuple(r["prompt_ids"]): r["trace"] for r in refs if r["trace"] is not None}
+    for *_, setup in configs:
+        setup.routing = routing
     records = []
     for label, name, b, setup in configs:
         policy, residency = build(name, setup)
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
-                                      experts_on=experts_on, dtype=dtype), policy=policy, residency=residency)
+                                      experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16"),
+                         policy=policy, residency=residency)
         except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
             log(f"{label:13} {b:4.2f} skipped: {e}")
             continue

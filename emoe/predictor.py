@@ -341,6 +341,15 @@ def evaluate(predictor: PredictFn, traces: Sequence[Trace], n_resident, p: int =
     return avg([r for _, r in rows]) | {"calls": calls, "per_task": per_task}
 
 
+def hindsight(traces: Sequence[Trace], n_resident, moe_layers: Sequence[int] | None = None) -> dict:
+    """The same metrics for each prompt's own routing as the prediction: the ceiling any predictor of
+    per-layer shares can reach at this L (precision and recall fall short of 1 only where L differs from
+    the set covering COVER of the tokens)."""
+    rows = [set_metrics(t.total.float(), t.total, n_resident(t.total.float()) if callable(n_resident)
+                        else n_resident, moe_layers) for t in traces if t.task is not None]
+    return {k: sum(r[k] for r in rows) / max(len(rows), 1) for k in ("precision", "recall", "f1", "coverage")}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m emoe.predictor", description=__doc__.split("\n")[0])
     ap.add_argument("traces")

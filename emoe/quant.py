@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -59,7 +60,9 @@ def quantize(w: torch.Tensor, bits: int = 4, group: int = 32) -> QTensor:
     return QTensor(q.contiguous(), scale.reshape(rows, cols // g).contiguous(), (rows, cols), bits, g)
 
 
-def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(q, KTensor):
+        q = from_kernel(q)
     rows, cols = q.shape
     if q.bits == 4:  # unpack into one preallocated buffer: fewer passes than stack + reshape on CPU
         v = torch.empty(rows, cols // 2, 2, dtype=torch.uint8, device=q.data.device)
@@ -69,6 +72,105 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     else:
         x = q.data.view(rows, cols // q.group, q.group).to(dtype)
     return x.mul_(q.scale.to(dtype)[..., None]).view(rows, cols)
+
+
+# -- the fast tier's layout on CPU: PyTorch's int4 matmul kernel ------------------------------------------
+# Dequantising a copy per miss costs 4-10x the matmul on a CPU; aten's int4 kernel (bf16 activations, fp32
+# accumulation) multiplies the packed nibbles directly, faster than even a full-precision bf16 matmul.
+# Its layout: per block of 64 rows, byte [k, j] holds row j's nibble low and row j+32's high, for each k.
+_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+
+
+@dataclass(frozen=True, slots=True)
+class KTensor:
+    """A copy in the CPU kernel's layout: int4 as one nibble plane, int8 (v + 128 = 16·hi + lo) as two, run
+    as two int4 matmuls. The kernel reads bf16 scale-and-zero pairs; holding them (4 bytes a group and
+    plane, against the portable copy's 2-byte scale) is what its speed costs, and `kbytes` budgets it."""
+    planes: tuple[torch.Tensor, ...]  # uint8 [rows, cols // 2] each
+    sz: tuple[torch.Tensor, ...]      # bf16 [cols // group, rows, 2] per plane
+    shape: tuple[int, int]
+    bits: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz)
+
+
+def kernel_fits(shape: tuple[int, int], group: int) -> bool:
+    rows, cols = shape
+    return _MM is not None and rows % 64 == 0 and group in (32, 64, 128, 256) and cols % group == 0
+
+
+def kbytes(shape: tuple[int, int], bits: int, group: int) -> int:
+    """Bytes a KTensor of this shape occupies."""
+    rows, cols = shape
+    return rows * cols * bits // 8 + (bits // 4) * rows * (cols // group) * 4
+
+
+def _nibbles(q: QTensor) -> list[torch.Tensor]:
+    """Unsigned nibble planes [rows, cols] (values 0..15): the value is (16·hi +) lo minus 8 (128)."""
+    if q.bits == 4:
+        u = torch.empty(q.shape[0], q.shape[1] // 2, 2, dtype=torch.uint8)
+        u[..., 0], u[..., 1] = q.data & 0x0F, q.data >> 4
+        return [u.view(q.shape)]
+    v = (q.data.to(torch.int16) + 128).to(torch.uint8)
+    return [v >> 4, v & 0x0F]
+
+
+def _kpack(u: torch.Tensor) -> torch.Tensor:
+    rows, cols = u.shape
+    b = u.view(rows // 64, 2, 32, cols).transpose(2, 3)  # [block, lo/hi, k, j]
+    return (b[:, 0] | (b[:, 1] << 4)).reshape(rows, cols // 2).contiguous()
+
+
+def _kunpack(p: torch.Tensor) -> torch.Tensor:
+    rows, half = p.shape
+    b = p.view(rows // 64, 2 * half, 32)
+    return torch.stack((b & 0x0F, b >> 4), 1).transpose(2, 3).reshape(rows, 2 * half)
+
+
+def to_kernel(q: QTensor) -> KTensor:
+    s = q.scale.t().to(torch.bfloat16)
+    zero = torch.zeros_like(s)
+    # value (u - 8)·scale + zero per plane: int4 (u - 8)·s; int8 (hi - 8)·16s + ((lo - 8)·s + 8s)
+    sz = [(s, zero)] if q.bits == 4 else [(s * 16, zero), (s, s * 8)]
+    return KTensor(tuple(_kpack(u) for u in _nibbles(q)), tuple(torch.stack(p, -1).contiguous() for p in sz),
+                   q.shape, q.bits, q.group)
+
+
+def from_kernel(k: KTensor) -> QTensor:
+    """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
+    u = [_kunpack(p) for p in k.planes]
+    if k.bits == 4:
+        data = u[0][:, 0::2] | (u[0][:, 1::2] << 4)
+    else:
+        data = ((u[0].to(torch.int16) << 4 | u[1]) - 128).to(torch.int8)
+    return QTensor(data.contiguous(), k.sz[-1][..., 0].t().half().contiguous(), k.shape, k.bits, k.group)
+
+
+def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
+    y = _MM(xb, w.planes[0], w.group, w.sz[0])
+    return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
+
+
+def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor") -> torch.Tensor:
+    """x @ w.T for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (the CPU
+    kernel, which has a fast path only for bf16 activations: x is rounded to bf16 for it)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    if isinstance(w, QTensor):
+        return F.linear(x, dequantize(w, x.dtype))
+    return _kmm(x.to(torch.bfloat16), w).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """One expert's FFN on full weights or copies. An expert whose three matrices are KTensors runs wholly
+    in bf16, casting once each way: per-call overhead, not the matmul, dominates small experts on a CPU."""
+    if isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor):
+        xb = x.to(torch.bfloat16)
+        return _kmm(F.silu(_kmm(xb, gate)) * _kmm(xb, up), down).to(x.dtype)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 # -- copies made ahead of time (`emoe quantize`): safetensors files beside the checkpoint -----------------

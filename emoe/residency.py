@@ -195,3 +195,24 @@ class MoEInfinity(_Base):
             best = (self.keys @ (q / q.norm().clamp_min(1e-9))).argmax()
             N = N + self.values[best] * float(counts.sum())
         return self._top(N)
+
+
+class Hindsight(_Base):
+    """Upper bound, not a deployable policy: plans each batch from its requests' actual routing (prompt and
+    answer, recorded by the all-resident run of the same stream). Whatever a predictor of per-layer shares
+    does, at this budget and miss policy it cannot do better than knowing the counts; eval reports the gap."""
+    name = "oracle"
+
+    def __init__(self, profile, capacity, routing: dict, decode_weight: float = 1.0):
+        super().__init__(profile, capacity)
+        self.routing, self.decode_weight, self._key, self._plan = routing, decode_weight, None, None
+
+    def plan(self, batch, cache):
+        traces = [self.routing.get(tuple(r.prompt_ids)) for r in batch]
+        counts = [None if t is None else t.prefill + self.decode_weight * t.decode for t in traces]
+        if not batch or any(c is None for c in counts):
+            return None  # a prompt the reference never served: keep what is resident
+        key = frozenset(r.id for r in batch)
+        if key != self._key:
+            self._key, self._plan = key, self._top(sum(c.float() for c in counts), cache)
+        return self._plan

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emoe.cache import BudgetError, ExpertCache
+from emoe import quant as quant_mod
 from emoe.quant import dequantize, qbytes, quantize
 
 LAYERS, EXPERTS, I, H = 2, 4, 4, 6
@@ -97,7 +98,7 @@ def test_budget_with_shadows(extra, seq):
         assert cache.used_bytes == len(model) * EB + (SLOTS - len(model)) * SB <= budget
     for l in range(LAYERS):  # a shadow approximates the expert it stands for, resident or not
         for e in range(EXPERTS):
-            got = cache.get(l, e) if (l, e) in cache else cache.approx(l, e)
+            got = cache.get(l, e) if (l, e) in cache else [dequantize(t) for t in cache.approx(l, e)]
             for a, b in zip(got, store.w[(l, e)]):
                 assert float((a - b).norm() / b.norm()) < 0.2
 
@@ -181,7 +182,7 @@ def test_precision_plans_fit_or_change_nothing(budget, fill, plans):
                                                       for l in range(LAYERS)]))
     for (l, e), v in model.items():  # each level holds that expert's weights, as exactly as its bits allow
         if v:
-            got = cache.get(l, e) if v == FULL else cache.approx(l, e)
+            got = cache.get(l, e) if v == FULL else [dequantize(t) for t in cache.approx(l, e)]
             for a, b in zip(got, store.w[(l, e)]):
                 assert float((a - b).norm() / b.norm()) < {4: 0.2, 8: 0.02, 16: 1e-6}[v]
 
@@ -300,3 +301,53 @@ def test_paired_difference_intervals():
         paired_difference(a, rec("e", base[:10], [7] * 10))
     text = versus_table([a, b, c], "b")
     assert "a " in text and "c " in text and "+0.2" in text
+
+
+kernel = pytest.mark.skipif(not quant_mod.kernel_fits((64, 64), 32), reason="no CPU int4 kernel in this torch")
+
+
+@kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_layout_matches_torch_and_round_trips(bits):
+    """KTensor packs as aten's own converter does, unpacks exactly, costs the same bytes, and multiplies
+    like the dequantised copy up to the kernel's bf16 activations."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(128, 96, generator=g) * 0.05
+    q = quantize(w, bits, 32)
+    k = quant_mod.to_kernel(q)
+    for u, p in zip(quant_mod._nibbles(q), k.planes):
+        assert torch.equal(p, torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1))
+    back = quant_mod.from_kernel(k)
+    assert torch.equal(back.data, q.data)  # values exact; scales rounded to the kernel's bf16
+    assert float((dequantize(k) - dequantize(q)).norm() / dequantize(q).norm()) < 4e-3
+    assert k.nbytes == quant_mod.kbytes((128, 96), bits, 32) == q.nbytes + (bits // 4) * 128 * 3 * 4 - 128 * 3 * 2
+    x = torch.randn(7, 96, generator=g)
+    want = x @ dequantize(q).T
+    for got in (quant_mod.linear(x, k), quant_mod.linear(x, q)):
+        assert got.dtype == x.dtype and float((got - want).norm() / want.norm()) < 1e-2
+    w2 = [quantize(torch.randn(*shape, generator=g) * 0.05, bits, 32) for shape in ((128, 64), (128, 64), (64, 128))]
+    x = torch.randn(5, 64, generator=g)
+    want = quant_mod.swiglu(x, *w2)                   # dequantised, fp32
+    got = quant_mod.swiglu(x, *map(quant_mod.to_kernel, w2))  # wholly in bf16 on the kernel
+    assert got.dtype == x.dtype and float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_kernel_is_skipped_where_the_layout_does_not_fit():
+    assert not quant_mod.kernel_fits((96, 64), 32) and not quant_mod.kernel_fits((128, 96), 48)
+
+
+@kernel
+def test_engine_runs_copies_on_the_kernel_like_dequantised(one_thread):
+    """On the embedded model (384×256 experts: the kernel's layout fits; the tiny test models' do not)."""
+    from emoe import default_model_dir
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    prompt, cont = list(range(3, 40)), list(range(200, 232))
+    got = {}
+    for on in (True, False):
+        eng = Engine(EngineConfig(default_model_dir(), budget=0.4, qkernel=on, experts_on="ram"), policy=Shadow(8))
+        kinds = {type(t).__name__ for q in eng.cache._shadow.values() for t in q}
+        assert kinds == ({"KTensor"} if on else {"QTensor"})
+        got[on] = eng.score(prompt, cont)
+        assert eng.cache.stats.shadow_uses > 0
+    assert float((got[True] - got[False]).abs().max()) < 0.05 * float(got[False].abs().max())

@@ -1,5 +1,5 @@
 """The `emoe bench` subcommands: memory, serve (load generator), compare (configurations side by side),
-capacity (equal total memory). Thin: argument parsing and printing; the work is in the sibling modules."""
+kernel (low-bit copies dequantised vs the CPU int4 kernel), capacity (equal total memory). Thin: argument parsing and printing; the work is in the sibling modules."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,15 @@ def cmd_bench_memory(args) -> None:
     print(memory.table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def cmd_bench_kernel(args) -> None:
+    from . import kernel
+    op_rows = kernel.ops(_model(args), repeats=args.repeats)
+    e2e = kernel.end_to_end(_model(args), args.budgets, args.max_tokens)
+    print(kernel.table(op_rows, e2e))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ops": op_rows, "end_to_end": e2e}, indent=1))
 
 
 def _bench_slos(args) -> tuple[dict, dict]:
@@ -135,6 +144,14 @@ def add_parsers(b) -> None:
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--json", default=None)
     bc.set_defaults(fn=cmd_bench_compare)
+
+    kn = b.add_parser("kernel", help="low-bit copies dequantised vs on the CPU int4 kernel, per op and end to end")
+    _model_arg(kn)
+    kn.add_argument("--budgets", type=_floats, default=_floats("0.4,0.2"))
+    kn.add_argument("--max-tokens", type=int, default=32)
+    kn.add_argument("--repeats", type=int, default=5)
+    kn.add_argument("--json", default=None)
+    kn.set_defaults(fn=cmd_bench_kernel)
 
     bk = b.add_parser("capacity", help="batch, prompt length and throughput at equal total memory")
     _model_arg(bk)
