@@ -183,13 +183,14 @@ class ExpertCache:
         copy made (it is not budgeted), so moving an expert between levels again is a copy."""
         memo = self._memo
         q = memo.get((key, bits)) if memo is not None else None
-        if q is None and bits in self.copy_files:
-            q = self.copy_files[bits].get(key)
-            if memo is not None:
-                memo[(key, bits)] = q
         if q is None:
-            w = source() if source is not None and memo is None else self.store.read(*key)
-            q = tuple(quantize(t, bits, self._group) for t in w)
+            if bits in self.copy_files:
+                q = self.copy_files[bits].get(key)
+            else:
+                w = source() if source is not None and memo is None else self.store.read(*key)
+                q = tuple(quantize(t, bits, self._group) for t in w)
+            if self.kernel:  # memoised in the kernel's layout too: a later move is then a plain copy
+                q = tuple(map(to_kernel, q))
             if memo is not None:
                 memo[(key, bits)] = q
         if self.device.type != "cpu":
@@ -202,7 +203,7 @@ class ExpertCache:
         if old is not None:
             self._shadow_used -= self._qcost[old[0].bits]
         if q is not None:
-            self._shadow[key] = tuple(map(to_kernel, q)) if self.kernel else q
+            self._shadow[key] = q
             self._shadow_used += self._qcost[q[0].bits]
         self.avail[key] = q is not None or key in self._res
 

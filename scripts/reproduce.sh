@@ -34,6 +34,15 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 \
 $E eval --profile $P --budgets 0.6,0.4,0.3 \
   --policies all,q4,q8,emoe-a-sticky,random-q8,popular-q8,task-static-q8,moe-infinity-q8,emoe-a-q8,emoe-a-sticky-q8,emoe-a-sticky-q4,emoe-a-sticky-q48 \
   --n 48 --json $R/eval_shadow_fp32.json | tee $R/eval_shadow_fp32.txt
+# how far from a perfect predictor (hindsight oracle), on test and on the validation split; the metric's floor
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.3,0.2 \
+  --policies all,oracle,emoe-a-sticky,oracle-q48,emoe-a-sticky-q48,task-static-q48 --versus emoe-a-sticky-q48 \
+  --n 96 --seed 1 --json $R/eval_oracle_bf16_seed1.json | tee $R/eval_oracle_bf16_seed1.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.3,0.2 --split val --seed 2 --n 96 \
+  --policies all,oracle-q48,emoe-a-sticky-q48,emoe-a-prompt-q48,task-static-q48,moe-infinity-q48,popular-q48 \
+  --versus emoe-a-sticky-q48 --json $R/eval_val_q48.json | tee $R/eval_val_q48.txt
+${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_floor.txt
+$E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 # serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
