@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -234,6 +235,18 @@ def cmd_analyze(args) -> None:
         analysis.save(rep, args.json)
 
 
+def serve_threads(n: int | None) -> int:
+    """Torch threads for the serving engine. By default one core is left to the HTTP event loop (and to a
+    client on the same machine): on 2 cores, 2 engine threads made every request ~3x slower than 1, as
+    spinning worker threads and the event loop fought over the cores (README, Serving)."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}")
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -255,6 +268,9 @@ def cmd_serve(args) -> None:
                   file=sys.stderr)
     if args.policy is not None and residency is None:
         raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
+    import torch
+    torch.set_num_threads(serve_threads(args.threads))
+    print(f"[emoe] engine threads {torch.get_num_threads()}", file=sys.stderr)
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
@@ -406,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
     se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    se.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the engine (default: the cores available minus one, at least 1)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
     se.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
                     help="default SLO of a task's requests (repeatable; TASK 'default' for requests of no known "

@@ -46,3 +46,17 @@ def test_policy_without_a_budget_is_refused(tiny_mixtral):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "hi", "--model", str(tiny_mixtral), "--policy", "emoe-a-q48", "--max-tokens", "2"])
     assert "--policy needs a profile" in str(exc.value.code)
+
+
+def test_serve_threads_leave_a_core_to_the_event_loop(monkeypatch):
+    import os
+
+    from emoe.cli import serve_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert serve_threads(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert serve_threads(None) == 15
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert serve_threads(None) == 1 and serve_threads(3) == 3
+    with pytest.raises(ValueError, match="--threads"):
+        serve_threads(0)

@@ -60,12 +60,13 @@ def cmd_bench_compare(args) -> None:
     goodput, task_slo = _bench_slos(args)
     only = args.only.split(",") if args.only else None
     res = compare.run(args.model, args.profile, args.budget, workload, goodput, policy=args.policy,
-                      server_args=["--experts-on", args.experts_on, "--max-batch", str(args.max_batch)],
+                      server_args=["--experts-on", args.experts_on, "--max-batch", str(args.max_batch)]
+                      + (["--threads", str(args.threads)] if args.threads else []),
                       only=only, repeats=args.repeats, task_slo=task_slo)
     print(compare.side_by_side(res))
     if args.json:
         compare.save(res, args.json, {**workload, "goodput": goodput, "task_slo": task_slo, "budget": args.budget,
-                                      "repeats": args.repeats, "max_batch": args.max_batch})
+                                      "repeats": args.repeats, "max_batch": args.max_batch, "threads": args.threads})
 
 
 def cmd_bench_capacity(args) -> None:
@@ -137,6 +138,7 @@ def add_parsers(b) -> None:
     bc.add_argument("--max-prompt-tokens", type=int, default=300)
     bc.add_argument("--max-batch", type=int, default=8)
     bc.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    bc.add_argument("--threads", type=int, default=None, help="servers' engine threads (default: emoe serve's)")
     bc.add_argument("--only", default=None,
                     help="comma-separated subset of emoe,lru-fcfs,all-fcfs,emoe-fcfs,emoe-noac")
     bc.add_argument("--repeats", type=int, default=1, help="run the configurations round-robin this many times; "
