@@ -45,34 +45,38 @@ ${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_fl
 $E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
-# serving: every configuration on 120 requests of the Azure conversation trace (FCFS misses SLOs here),
-# three times round-robin; then the scheduler ablation at a lighter and a heavier rate
+# serving: every configuration on 120 requests of the Azure conversation trace, three times round-robin;
+# then the scheduler ablation at other rates. Runs marked --threads 2 reproduce the numbers measured with
+# the earlier default of two engine threads (README, Serving).
 T=../shared/traces/AzureLLMInferenceTrace_conv.csv
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 3 --json $R/compare.json | tee $R/compare.txt
 for ts in 20 80 160; do
   $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale $ts \
-    --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
+    --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac --threads 2 \
     --json $R/compare_ts$ts.json | tee $R/compare_ts$ts.txt
 done
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
-  --goodput ttft:1500 tpot:150 --repeats 5 --only emoe,emoe-fcfs,emoe-noac \
+  --goodput ttft:1500 tpot:150 --repeats 5 --only emoe,emoe-fcfs,emoe-noac --threads 2 \
   --json $R/compare_ts40_r5.json | tee $R/compare_ts40_r5.txt
 # serving with misses on int4/int8 copies (eMoE-A-q48) against LRU and all-resident
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 3 --policy emoe-a-q48 --only emoe,lru-fcfs,all-fcfs \
   --json $R/compare_q48.json | tee $R/compare_q48.txt
-# a longer stretch of the trace: 400 requests, at a lighter (10) and the same (40) time-scale
+# a longer stretch of the trace: 400 requests, at a lighter (10), the same (40) and a heavier (80) time-scale
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 10 \
   --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
   --json $R/compare_400_ts10.json | tee $R/compare_400_ts10.txt
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 40 \
   --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
   --json $R/compare_400.json | tee $R/compare_400.txt
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 400 --time-scale 80 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --only emoe,emoe-fcfs,emoe-noac \
+  --json $R/compare_400_ts80.json | tee $R/compare_400_ts80.txt
 $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
   --task-mix summarization,sentiment,qa,comparison,conversation,code --slo sentiment:1000:200 \
   --slo comparison:1000:200 --slo qa:1500:200 --slo summarization:3000:200 --slo conversation:2000:200 \
-  --slo code:2000:200 --repeats 3 --only emoe,emoe-fcfs,emoe-noac --json $R/compare_mixed.json | tee $R/compare_mixed.txt
+  --slo code:2000:200 --repeats 3 --only emoe,emoe-fcfs,emoe-noac --threads 2 --json $R/compare_mixed.json | tee $R/compare_mixed.txt
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt
 $E bench capacity --profile $P --budget 0.4 --max-len 128 --memory-mb 72.6 --json $R/capacity_tight.json \
   | tee $R/capacity_tight.txt
