@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -235,24 +234,12 @@ def cmd_analyze(args) -> None:
         analysis.save(rep, args.json)
 
 
-def serve_threads(n: int | None) -> int:
-    """Torch threads for the serving engine. By default one core is left to the HTTP event loop (and to a
-    client on the same machine): on 2 cores, 2 engine threads made every request ~3x slower than 1, as
-    spinning worker threads and the event loop fought over the cores (README, Serving)."""
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"--threads must be >= 1, got {n}")
-        return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
-
-
 def cmd_serve(args) -> None:
     import uvicorn
 
     from .engine import Engine, EngineConfig
     from .metrics import Metrics
-    from .server import create_app
+    from .server import create_app, serve_threads
     from .serving import EngineLoop
     model = _model(args)
     prof = extractor = policy = residency = None

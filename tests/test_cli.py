@@ -51,7 +51,7 @@ def test_policy_without_a_budget_is_refused(tiny_mixtral):
 def test_serve_threads_leave_a_core_to_the_event_loop(monkeypatch):
     import os
 
-    from emoe.cli import serve_threads
+    from emoe.server import serve_threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert serve_threads(None) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
