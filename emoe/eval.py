@@ -80,7 +80,7 @@ def build(name: str, s: Setup):
         "popular": lambda: (Reroute(), lambda cap: Popular(prof, cap)),
         "task-static": lambda: (Reroute(), lambda cap: TaskAware(prof, cap, stickiness=s.stickiness)),
         "lru": lambda: (LoadOnDemand(), None),
-        "oracle": lambda: (Reroute(), lambda cap: Hindsight(prof, cap, s.routing or {})),
+        "oracle": lambda: (Reroute(), lambda cap: Hindsight(prof, cap, s.routing)),
         "moe-infinity": lambda: (Reroute(), lambda cap: MoEInfinity(prof, cap)),
         "pregated": lambda: (PreGated(), lambda cap: Popular(prof, cap)),
         "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
@@ -94,6 +94,9 @@ def build(name: str, s: Setup):
     }
     if name not in table:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES + EXTRA)}")
+    if name == "oracle" and s.routing is None:
+        raise ValueError("oracle plans from the routing an all-resident run of the same requests recorded: it is "
+                         "a bound that only `emoe eval` can compute, not a policy to serve with")
     return table[name]()
 
 

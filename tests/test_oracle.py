@@ -42,3 +42,12 @@ def test_no_predictor_covers_more_than_the_prompts_own_routing():
         assert got["coverage"] <= ceiling["coverage"] + 1e-9 and ceiling["coverage"] > 0.5
     sizes = loader_sizes(6 * len(prof.moe_layers), prof.moe_layers, prof.top_k)
     assert hindsight(test, sizes, prof.moe_layers)["f1"] > 0.5
+
+
+def test_oracle_is_refused_outside_eval():
+    import pytest
+
+    from emoe.eval import Setup, build
+    for name in ("oracle", "oracle-q48"):
+        with pytest.raises(ValueError, match="only `emoe eval`"):
+            build(name, Setup(_profile(), {}))
