@@ -198,9 +198,10 @@ class MoEInfinity(_Base):
 
 
 class Hindsight(_Base):
-    """Upper bound, not a deployable policy: plans each batch from its requests' actual routing (prompt and
-    answer, recorded by the all-resident run of the same stream). Whatever a predictor of per-layer shares
-    does, at this budget and miss policy it cannot do better than knowing the counts; eval reports the gap."""
+    """A bound for eval, not a deployable policy: plans each batch from its requests' actual routing (prompt
+    and answer, recorded by the all-resident run of the same stream), i.e. what a perfect predictor of
+    per-layer shares would hand Eq. 2. It bounds prediction, not accuracy: it re-plans for every batch, and
+    under rerouting a stable plan measured better than this one (README, Results)."""
     name = "oracle"
 
     def __init__(self, profile, capacity, routing: dict, decode_weight: float = 1.0):
