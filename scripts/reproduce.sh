@@ -31,6 +31,9 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.2 \
 $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 \
   --policies all,popular-q48,task-static-q48,moe-infinity-q48,emoe-a-sticky-q48 --versus emoe-a-sticky-q48 \
   --n 96 --seed 1 --json $R/eval_shadow_bf16_seed1.json | tee $R/eval_shadow_bf16_seed1.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 \
+  --policies all,popular-q48,task-static-q48,moe-infinity-q48,emoe-a-sticky-q48 --versus emoe-a-sticky-q48 \
+  --n 192 --seed 3 --json $R/eval_shadow_bf16_seed3.json | tee $R/eval_shadow_bf16_seed3.txt
 $E eval --profile $P --budgets 0.6,0.4,0.3 \
   --policies all,q4,q8,emoe-a-sticky,random-q8,popular-q8,task-static-q8,moe-infinity-q8,emoe-a-q8,emoe-a-sticky-q8,emoe-a-sticky-q4,emoe-a-sticky-q48 \
   --n 48 --json $R/eval_shadow_fp32.json | tee $R/eval_shadow_fp32.txt
