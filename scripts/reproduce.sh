@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every number in README.md, from a fresh checkout (after the README's setup command), in one go.
-# Writes to runs/results/. 45–90 minutes on 2 CPU cores, depending on the machine.
+# Writes to runs/results/. 60–120 minutes on 2 CPU cores, depending on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=${EMOE:-.venv/bin/emoe}
