@@ -351,3 +351,28 @@ def test_engine_runs_copies_on_the_kernel_like_dequantised(one_thread):
         got[on] = eng.score(prompt, cont)
         assert eng.cache.stats.shadow_uses > 0
     assert float((got[True] - got[False]).abs().max()) < 0.05 * float(got[False].abs().max())
+
+
+@kernel
+def test_copies_from_files_land_in_the_kernel_layout(tmp_path, one_thread):
+    """`emoe quantize`'s files (portable layout) feed the kernel layout exactly as copies made at startup."""
+    import shutil
+
+    from emoe import default_model_dir
+    from emoe.cli import main
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    plain, model = tmp_path / "plain", tmp_path / "m"
+    for d in (plain, model):
+        shutil.copytree(default_model_dir(), d, ignore=shutil.ignore_patterns("shadows", "profile"))
+    main(["quantize", "--model", str(model), "--bits", "4"])
+
+    def engine(m):
+        return Engine(EngineConfig(str(m), budget=0.4, experts_on="disk"), policy=Shadow(4))
+    made, read = engine(plain), engine(model)
+    assert read.store.stats.reads < made.store.stats.reads
+    assert set(read.cache._shadow) == set(made.cache._shadow)
+    for key, q in read.cache._shadow.items():
+        for a, b in zip(q, made.cache._shadow[key]):
+            assert type(a).__name__ == "KTensor" and all(torch.equal(x, y) for x, y in zip(a.planes, b.planes))
+            assert all(torch.equal(x, y) for x, y in zip(a.sz, b.sz))
