@@ -60,3 +60,13 @@ def test_serve_threads_leave_a_core_to_the_event_loop(monkeypatch):
     assert serve_threads(None) == 1 and serve_threads(3) == 3
     with pytest.raises(ValueError, match="--threads"):
         serve_threads(0)
+
+
+def test_generate_bf16_fast_tier_holds_half_the_bytes(tiny_mixtral, capsys):
+    import re
+    mib = {}
+    for dtype in ("float32", "bfloat16"):
+        main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5",
+              "--miss-policy", "load", "--dtype", dtype])
+        mib[dtype] = float(re.search(r"resident experts [\d.]+/([\d.]+) MiB", capsys.readouterr().err).group(1))
+    assert mib["bfloat16"] == pytest.approx(mib["float32"] / 2, rel=0.02)
