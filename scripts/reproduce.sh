@@ -44,6 +44,8 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.3,0.2 \
 $E eval --profile $P --dtype bfloat16 --budgets 0.3,0.2 --split val --seed 2 --n 96 \
   --policies all,oracle-q48,emoe-a-sticky-q48,emoe-a-prompt-q48,task-static-q48,moe-infinity-q48,popular-q48 \
   --versus emoe-a-sticky-q48 --json $R/eval_val_q48.json | tee $R/eval_val_q48.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.4 --split val --seed 2 --n 96 \
+  --policies all,q8,emoe-a-sticky-q48 --json $R/eval_val_q8.json | tee $R/eval_val_q8.txt
 ${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_floor.txt
 $E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
