@@ -18,8 +18,7 @@ from .config import ModelConfig
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
-from .quant import CopyFile, copies_path
-from .quant import swiglu as expert_ffn
+from .quant import CopyFile, copies_path, swiglu as expert_ffn
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder

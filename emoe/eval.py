@@ -176,8 +176,9 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     params = SamplingParams(max_tokens=max_tokens)
+    oracle = any(name.partition("-")[0] == "oracle" for _, name, _, _ in configs)  # it needs the routing
     ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on, dtype=dtype,
-                                  trace=True))
+                                  trace=oracle))
     stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64), split=split),
                            group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)

@@ -204,13 +204,12 @@ class Hindsight(_Base):
     under rerouting a stable plan measured better than this one (README, Results)."""
     name = "oracle"
 
-    def __init__(self, profile, capacity, routing: dict, decode_weight: float = 1.0):
+    def __init__(self, profile, capacity, routing: dict):
         super().__init__(profile, capacity)
-        self.routing, self.decode_weight, self._key, self._plan = routing, decode_weight, None, None
+        self.routing, self._key, self._plan = routing, None, None
 
     def plan(self, batch, cache):
-        traces = [self.routing.get(tuple(r.prompt_ids)) for r in batch]
-        counts = [None if t is None else t.prefill + self.decode_weight * t.decode for t in traces]
+        counts = [None if (t := self.routing.get(tuple(r.prompt_ids))) is None else t.total for r in batch]
         if not batch or any(c is None for c in counts):
             return None  # a prompt the reference never served: keep what is resident
         key = frozenset(r.id for r in batch)
