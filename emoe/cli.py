@@ -156,9 +156,13 @@ def cmd_eval(args) -> None:
         configs.append((f"emoe-a p={p}", "emoe-a", args.sweep_budget, Setup(prof, predictors, p=p)))
     for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
         configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
+    if args.similarity == "deferred" and not args.json:
+        raise ValueError("--similarity deferred keeps the texts for `emoe rescore`: give --json OUT")
+    from .eval import deferred_similarity
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
-                    seed=args.seed, split=args.split)
+                    seed=args.seed, split=args.split,
+                    similarity=deferred_similarity if args.similarity == "deferred" else None)
     print(table(recs))
     if args.versus:
         print("\n" + versus_table(recs, args.versus))
@@ -168,6 +172,16 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps(recs, indent=1))
     if args.plot:
         plot([r for r in recs if known(r["policy"])], args.plot)
+
+
+def cmd_rescore(args) -> None:
+    from .eval import rescore, table, versus_table
+    path = Path(args.json)
+    recs = rescore(json.loads(path.read_text()))
+    path.write_text(json.dumps(recs, indent=1))
+    print(table(recs))
+    if args.versus:
+        print("\n" + versus_table(recs, args.versus))
 
 
 def _predictors(profile_dir: str, policies: list[str]) -> dict:
@@ -364,9 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep-budget", type=float, default=0.4)
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="fast-tier/compute dtype (default float32 on CPU); bfloat16 prices experts as on a GPU")
+    ev.add_argument("--similarity", default="embedding", choices=["embedding", "deferred"],
+                    help="deferred: no embedding model here (e.g. a GPU box without the eval extra); "
+                         "`emoe rescore` fills it in later from the texts --json keeps")
     ev.add_argument("--json", default=None)
     ev.add_argument("--plot", default=None)
     ev.set_defaults(fn=cmd_eval)
+
+    rs = sub.add_parser("rescore", help="fill in embedding similarity of an `emoe eval --json` file from its texts")
+    rs.add_argument("json")
+    rs.add_argument("--versus", default=None, help="print every policy's paired difference from this one, with CIs")
+    rs.set_defaults(fn=cmd_rescore)
 
     an = sub.add_parser("analyze", help="per-task perplexity, routing divergence and heat-map")
     _model_arg(an)

@@ -204,7 +204,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         rec = {"policy": label, "budget": b, "p": setup.p if name.startswith("emoe") else None,
                "group_window": group_window, "dtype": str(eng.dtype).removeprefix("torch."),
                "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
-               "resident_bytes": eng.cache.used_bytes, "similarity": _mean(sims), "token_agreement": agree,
+               "resident_bytes": eng.cache.used_bytes, "similarity": None, "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
                "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
                "stall_share": max(0.0, st.load_seconds - ld.move_seconds) / secs,  # on-demand loads
@@ -213,11 +213,11 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),
                "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
-               "per_request": {"similarity": [round(float(x), 4) for x in sims],
-                               "agree": [list(r.get("agree", (0, 0))) for r in rows]},
-               "per_task": {t: {"similarity": _mean([s for s, r in zip(sims, rows) if r["task"] == t]),
-                                "n": sum(r["task"] == t for r in rows)}
-                            for t in sorted({r["task"] for r in rows})}}
+               "per_request": {"agree": [list(r.get("agree", (0, 0))) for r in rows],
+                               # kept so a run on a machine without the embedding model can be rescored
+                               "task": [r["task"] for r in rows], "text": [r["text"] for r in rows],
+                               "ref_text": [r["text"] for r in refs]}}
+        _summarise(rec, sims)
         records.append(rec)
         log(f"{label:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
             f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
@@ -259,6 +259,33 @@ def versus_table(records: list[dict], base: str) -> str:
         lines.append(f"{r['policy']:18} {r['budget']:.2f}  similarity {ds:+.3f} [{sl:+.3f}, {sh:+.3f}]  "
                      f"agreement {da:+.3f} [{al:+.3f}, {ah:+.3f}]")
     return "\n".join(lines)
+
+
+def deferred_similarity(a: list[str], b: list[str]) -> list[float]:
+    """For machines without the eval extra: NaN now, filled in later by `rescore` from the kept texts."""
+    return [math.nan] * len(a)
+
+
+def _summarise(rec: dict, sims) -> None:
+    pr = rec["per_request"]
+    pr["similarity"] = [round(float(x), 4) for x in sims]
+    rec["similarity"] = _mean(sims)
+    rec["per_task"] = {t: {"similarity": _mean([s for s, k in zip(sims, pr["task"]) if k == t]),
+                           "n": pr["task"].count(t)} for t in sorted(set(pr["task"]))}
+
+
+def rescore(records: list[dict], similarity=None) -> list[dict]:
+    """Recompute embedding similarity from the texts a run kept (e.g. one run with deferred similarity on a
+    GPU machine that lacks the embedding model). Records from before texts were kept are refused."""
+    if similarity is None:
+        from .similarity import embedding_similarity as similarity
+    for rec in records:
+        pr = rec.get("per_request", {})
+        if not {"text", "ref_text", "task"} <= set(pr):
+            raise ValueError(f"record {rec.get('policy')!r} at {rec.get('budget')} kept no texts to rescore "
+                             "(written by an older emoe eval)")
+        _summarise(rec, similarity(pr["text"], pr["ref_text"]))
+    return records
 
 
 def _mean(xs) -> float:

@@ -67,6 +67,27 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
     assert by["emoe-e"]["predictor_calls"] >= by["emoe-a"]["predictor_calls"]
 
 
+def test_deferred_similarity_is_filled_in_by_rescore(profile_dir, tiny_mixtral, one_thread):
+    """A run without the embedding model keeps its texts; rescoring them equals scoring in the run."""
+    import math
+
+    from emoe.eval import Setup, deferred_similarity, evaluate, grid, rescore
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    configs = grid(Setup(prof, {}), ["all", "popular"], [0.3])
+    exact = lambda a, b: [float(x == y) for x, y in zip(a, b)]  # noqa: E731
+    kw = dict(n=4, max_tokens=4, batch=2, log=lambda m: None)
+    now = evaluate(str(tiny_mixtral), configs, similarity=exact, **kw)
+    later = json.loads(json.dumps(evaluate(str(tiny_mixtral), configs, similarity=deferred_similarity, **kw)))
+    assert all(math.isnan(r["similarity"]) for r in later)
+    rescore(later, exact)
+    for a, b in zip(now, later):
+        assert a["similarity"] == b["similarity"] and a["per_task"] == b["per_task"]
+        assert a["per_request"]["similarity"] == b["per_request"]["similarity"]
+    del later[1]["per_request"]["text"]
+    with pytest.raises(ValueError, match="kept no texts"):
+        rescore(later, exact)
+
+
 def test_group_by_task_keeps_each_window_and_orders_by_first_arrival():
     from types import SimpleNamespace
 
