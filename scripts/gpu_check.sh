@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CUDA path, checked in one prepared run on a GPU machine that has PyTorch but no package index:
+#   bash scripts/gpu_check.sh OUTDIR
+# Needs, beside the checkout, wheels of what the machine lacks in .whl/ (fastapi, uvicorn, openai, … for
+# the server tests); embedding similarity is deferred (no sentence model there): afterwards, where the
+# eval extra is installed, `emoe rescore OUTDIR/eval_gpu.json` fills it in. Each step has its own time
+# limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step.
+set -u
+OUT=${1:?usage: gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+E="python3 -m emoe.cli"
+step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "== $name: exit $? in $((SECONDS - t0))s"; tail -n 25 "$OUT/$name.txt"; }
+Q=${QUICK:-0}
+P=emoe/models/emoe-tiny/profile
+PROMPT="Is this review positive, negative, neutral or ambivalent? Old rooms with poor lighting, dirty windows, fridge bar empty and stinky."
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+  "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+
+PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
+step pytest $((Q ? 60 : 150)) python3 -m pytest -q -p no:cacheprovider $PAR
+step generate 60 bash -c "set -e
+  $E generate '$PROMPT' --budget 0.4 --max-tokens 16
+  $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
+  $E generate '$PROMPT' --budget 0.2 --max-tokens 16 --miss-policy load --experts-on disk"
+step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow \
+  --json "$OUT/bench_memory_gpu.json"
+step eval $((Q ? 120 : 180)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
+  --policies all,popular-q48,task-static-q48,emoe-a-sticky-q48,emoe-a-sticky,lru --versus emoe-a-sticky-q48 \
+  --similarity deferred --json "$OUT/eval_gpu.json"
+# a model with Mixtral-like expert matrices (1024×2816, 17 MiB each in bf16, 2.2 GB of experts), so that
+# loads cost what host→device copies cost
+M=/tmp/random-2g
+step random_model 60 python3 scripts/make_random_model.py --out $M --experts 16 --hidden $((Q ? 256 : 1024)) \
+  --inter $((Q ? 512 : 2816)) --layers 8
+step bench_memory_random $((Q ? 60 : 90)) $E bench memory --model $M --budgets 0.4 \
+  --miss-policy reroute,load,shadow --json "$OUT/bench_memory_random_gpu.json"
