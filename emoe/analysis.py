@@ -49,7 +49,7 @@ def analyze(model: str, per_task: int = 100, seed: int = 0, max_answer: int = 64
             if len(prompt) + len(ans) > eng.max_len or not ans:
                 continue
             lp = torch.log_softmax(eng.score(prompt, ans), -1)
-            nll -= float(lp.gather(1, torch.tensor(ans)[:, None]).sum())
+            nll -= float(lp.gather(1, torch.tensor(ans, device=lp.device)[:, None]).sum())
             n_tok += len(ans)
             counts.append(eng.last_score_trace.prefill[moe].float())
         ppl[task] = math.exp(nll / max(n_tok, 1))

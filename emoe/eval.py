@@ -151,7 +151,7 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
             ans = eng.codec.encode(e.answer)[:64] if e.answer else []
             if ans:
                 lp = torch.log_softmax(eng.score(r.prompt_ids, ans, e.task), -1)
-                row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans)[:, None]).mean())
+                row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans, device=lp.device)[:, None]).mean())
             ref = refs[i + j] if refs else None
             if ref and ref["output_ids"]:
                 pred = eng.score(ref["prompt_ids"], ref["output_ids"], e.task).argmax(-1).cpu()

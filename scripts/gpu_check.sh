@@ -30,9 +30,8 @@ step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
   $E generate '$PROMPT' --budget 0.2 --max-tokens 16 --miss-policy load --experts-on disk"
-step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow \
-  --json "$OUT/bench_memory_gpu.json"
-step eval $((Q ? 120 : 180)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
+step profile $((Q ? 60 : 60)) python3 scripts/gpu_profile.py --configs all:1.0,reroute:0.4,shadow:0.4 --profile
+step eval $((Q ? 120 : 200)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
   --policies all,popular-q48,task-static-q48,emoe-a-sticky-q48,emoe-a-sticky,lru --versus emoe-a-sticky-q48 \
   --similarity deferred --json "$OUT/eval_gpu.json"
 # a model with Mixtral-like expert matrices (1024×2816, 17 MiB each in bf16, 2.2 GB of experts), so that
@@ -40,5 +39,7 @@ step eval $((Q ? 120 : 180)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 9
 M=/tmp/random-2g
 step random_model 60 python3 scripts/make_random_model.py --out $M --experts 16 --hidden $((Q ? 256 : 1024)) \
   --inter $((Q ? 512 : 2816)) --layers 8
-step bench_memory_random $((Q ? 60 : 90)) $E bench memory --model $M --budgets 0.4 \
-  --miss-policy reroute,load,shadow --json "$OUT/bench_memory_random_gpu.json"
+step profile_random $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $M \
+  --configs all:1.0,reroute:0.4,shadow:0.4,load:0.4
+step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow \
+  --json "$OUT/bench_memory_gpu.json"

@@ -266,3 +266,17 @@ def test_memory_pool_gives_freed_expert_bytes_to_kv(tiny_mixtral, one_thread):
     assert b.kv.nbytes + b.cache.budget_bytes <= memory
     with pytest.raises(BudgetError, match="KV slot"):
         Engine(EngineConfig(str(tiny_mixtral), miss_policy="all", max_len=64, memory_bytes=full.total_expert_bytes))
+
+
+def test_bench_memory_reports_a_budget_too_small_as_a_gap(tmp_path, one_thread):
+    """int4 copies of every expert do not fit in 5%: the row says so instead of failing the benchmark."""
+    from emoe.bench import memory
+    from tiny import make_tiny
+    model = str(make_tiny("mixtral", tmp_path / "m"))
+    base = {"model": model, "experts_on": "ram", "max_tokens": 2, "prompts": ["hi there"]}
+    row = memory.worker({**base, "policy": "shadow", "budget": 0.05})
+    assert row["skipped"].startswith("int4 shadow copies")
+    ok = memory.worker({**base, "policy": "reroute", "budget": 1.0})
+    ok.update(raw_direct_bandwidth=1e9, agreement=1.0)
+    text = memory.table([ok, {**row, "raw_direct_bandwidth": 1e9}])
+    assert "skipped: int4 shadow copies" in text and "reroute" in text

@@ -345,7 +345,8 @@ def test_engine_runs_copies_on_the_kernel_like_dequantised(one_thread):
     prompt, cont = list(range(3, 40)), list(range(200, 232))
     got = {}
     for on in (True, False):
-        eng = Engine(EngineConfig(default_model_dir(), budget=0.4, qkernel=on, experts_on="ram"), policy=Shadow(8))
+        eng = Engine(EngineConfig(default_model_dir(), budget=0.4, qkernel=on, experts_on="ram", device="cpu"),
+                     policy=Shadow(8))  # the CPU kernel: on a GPU, copies keep the portable layout
         kinds = {type(t).__name__ for q in eng.cache._shadow.values() for t in q}
         assert kinds == ({"KTensor"} if on else {"QTensor"})
         got[on] = eng.score(prompt, cont)
@@ -368,7 +369,7 @@ def test_copies_from_files_land_in_the_kernel_layout(tmp_path, one_thread):
     main(["quantize", "--model", str(model), "--bits", "4"])
 
     def engine(m):
-        return Engine(EngineConfig(str(m), budget=0.4, experts_on="disk"), policy=Shadow(4))
+        return Engine(EngineConfig(str(m), budget=0.4, experts_on="disk", device="cpu"), policy=Shadow(4))
     made, read = engine(plain), engine(model)
     assert read.store.stats.reads < made.store.stats.reads
     assert set(read.cache._shadow) == set(made.cache._shadow)

@@ -28,9 +28,13 @@ PROMPTS = [
 def worker(args: dict) -> dict:
     from ..engine import Engine, EngineConfig, SamplingParams
     torch.manual_seed(0)
+    from ..cache import BudgetError
     t_build = time.perf_counter()
-    eng = Engine(EngineConfig(args["model"], budget=args["budget"], miss_policy=args["policy"],
-                              experts_on=args["experts_on"], max_batch=len(args["prompts"])))
+    try:
+        eng = Engine(EngineConfig(args["model"], budget=args["budget"], miss_policy=args["policy"],
+                                  experts_on=args["experts_on"], max_batch=len(args["prompts"])))
+    except BudgetError as e:  # e.g. int4 copies of every expert exceed a small budget: a gap, not a failure
+        return {"policy": args["policy"], "budget": args["budget"], "skipped": str(e)}
     build_s = time.perf_counter() - t_build
     params = SamplingParams(max_tokens=args["max_tokens"], ignore_eos=True)
     t0 = time.perf_counter()
@@ -75,7 +79,7 @@ def run(model: str, budgets: list[float], policies: list[str], experts_on: str, 
     raw = raw_direct_bandwidth(next(iter(Checkpoint(model).experts.values())).gate.path)
     for r in rows:
         r["raw_direct_bandwidth"] = raw
-        r.pop("outputs")
+        r.pop("outputs", None)
     return rows
 
 
@@ -85,6 +89,9 @@ def table(rows: list[dict]) -> str:
             f"{'hit rate':>8} {'loaded MiB':>10} {'agree':>6} {'load GB/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['policy']:8} {r['budget']:>6.2f}  skipped: {r['skipped']}")
+            continue
         lines.append(f"{r['policy']:8} {r['budget']:>6.2f} {r['resident_bytes'] / mib:>13.1f} "
                      f"{r['peak_rss_bytes'] / mib:>13.1f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>8.1%} "
                      f"{r['bytes_loaded'] / mib:>10.1f} {r['agreement']:>6.3f} {r['store_bandwidth'] / 1e9:>9.2f}")
