@@ -127,6 +127,11 @@ class ExpertCache:
     def lru(self, exclude=()) -> tuple[int, int] | None:
         return next((k for k in self._res if k not in exclude), None)
 
+    def peek(self, key: tuple[int, int]):
+        """A key's weights at whatever precision is held (None when none), touching neither the LRU
+        order nor the counters: for warm-up runs that must not look like serving."""
+        return self._res.get(key) or self._shadow.get(key)
+
     def approx(self, layer: int, expert: int) -> tuple[QTensor | KTensor, ...]:
         """A non-resident expert's shadow, for quant.linear (KeyError when there is none)."""
         self.stats.shadow_uses += 1

@@ -1,4 +1,5 @@
 """Engine behaviour on a tiny random Mixtral (its text is gibberish: compare token ids, not text)."""
+import dataclasses
 import json
 
 import pytest
@@ -280,3 +281,19 @@ def test_bench_memory_reports_a_budget_too_small_as_a_gap(tmp_path, one_thread):
     ok.update(raw_direct_bandwidth=1e9, agreement=1.0)
     text = memory.table([ok, {**row, "raw_direct_bandwidth": 1e9}])
     assert "skipped: int4 shadow copies" in text and "reroute" in text
+
+
+@pytest.mark.parametrize("policy", ["load", "shadow"])
+def test_warm_up_changes_nothing_a_request_can_see(tiny_mixtral, one_thread, policy):
+    """The CUDA warm-up (run here on the CPU) leaves counters, LRU order and outputs as they were."""
+    def engine():
+        return Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy=policy, max_batch=2, device="cpu"))
+    cold, warm = engine(), engine()
+    before = (dataclasses.asdict(warm.cache.stats), warm.cache.resident(), warm.store.stats.reads)
+    warm._warm_up()
+    assert (dataclasses.asdict(warm.cache.stats), warm.cache.resident(), warm.store.stats.reads) == before
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    a, b = (e.generate(["hello there", "hi"], params) for e in (cold, warm))
+    assert [r.output_ids for r in a] == [r.output_ids for r in b]
+    counts = lambda e: {k: v for k, v in dataclasses.asdict(e.cache.stats).items() if "seconds" not in k}  # noqa: E731
+    assert counts(cold) == counts(warm)
