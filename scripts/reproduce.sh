@@ -85,3 +85,5 @@ $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt
 $E bench capacity --profile $P --budget 0.4 --max-len 128 --memory-mb 72.6 --json $R/capacity_tight.json \
   | tee $R/capacity_tight.txt
+# The CUDA path (docs/results/gpu_h200.txt) needs a GPU machine and is not run here:
+#   bash scripts/gpu_check.sh OUT && emoe rescore OUT/eval_gpu.json --versus emoe-a-sticky-q48
