@@ -101,21 +101,25 @@ class ExpertDispatch:
         self.cache.stats.hits += n_hit
         self.cache.stats.misses += ids.numel() - n_hit
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
-        out = torch.zeros_like(x)
-        # one sort and one host sync per layer instead of a nonzero (a sync) per expert: on a GPU the
-        # decode step is bound by launches and syncs, not arithmetic. Stable, so each expert sees its
-        # tokens in the same order as before and the sums are bit-identical.
-        flat = ids.flatten()
-        order = torch.argsort(flat, stable=True)
-        toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
-        start = 0
-        for e, n in enumerate(torch.bincount(flat, minlength=self.cache.num_experts).tolist()):
-            if n:
-                tok = toks[start: start + n]
-                gate, up, down = self.policy.fetch(layer, e, self.cache)
-                out.index_add_(0, tok, expert_ffn(x[tok], gate, up, down) * gates[start: start + n])
-                start += n
-        return out
+        return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts)
+
+
+def run_experts(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
+    """Σ over each token's top-k of weight × expert(x), fetch(e) giving expert e's tensors. One stable
+    sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
+    by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
+    are those of a per-expert loop, bit for bit."""
+    out = torch.zeros_like(x)
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+        if n:
+            tok = toks[start: start + n]
+            out.index_add_(0, tok, expert_ffn(x[tok], *fetch(e)) * gates[start: start + n])
+            start += n
+    return out
 
 
 def resolve_budget(budget: float, total_bytes: int) -> int:
@@ -201,14 +205,18 @@ class Engine:
         (26 instead of 348 tokens/s on an H200) and skew every timing. Two dummy tokens through KV slot 0
         (a request's prefill overwrites what they leave) run each kernel once. Experts run whatever
         copy is held, through `peek`: no counter, trace, LRU order or residency changes."""
-        def dispatch(layer, x, probs, weights, ids):  # one expert of each kind held: full, int4, int8
-            held = [w for w in (self.cache.peek((layer, e)) for e in range(self.cfg.num_experts)) if w]
-            kinds = {(type(w[0]).__name__, getattr(w[0], "bits", 0)): w for w in held}
-            return sum((expert_ffn(x, *w) for w in kinds.values()), torch.zeros_like(x))
+        def dispatch(layer, x, probs, weights, ids):  # through one expert of each kind held: full, int4, int8
+            held = {e: self.cache.peek((layer, e)) for e in range(self.cfg.num_experts)}
+            kinds = list({(type(w[0]).__name__, getattr(w[0], "bits", 0)): e for e, w in held.items() if w}.values())
+            if not kinds:
+                return torch.zeros_like(x)
+            pick = torch.tensor(kinds, device=ids.device)[torch.arange(ids.numel(), device=ids.device) % len(kinds)]
+            return run_experts(x, weights, pick.view_as(ids), lambda e: held[e], self.cfg.num_experts)
         tokens = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         pos = torch.arange(2, device=self.device)[None]
         valid = torch.ones(1, 2, dtype=torch.bool, device=self.device)
-        self.model.forward(tokens, pos, valid, dispatch, self.kv, torch.zeros(1, dtype=torch.long, device=self.device))
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model.forward(tokens, pos, valid, dispatch, self.kv, slot, last_only=True).argmax(-1).tolist()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
