@@ -177,7 +177,13 @@ def cmd_eval(args) -> None:
 def cmd_rescore(args) -> None:
     from .eval import rescore, table, versus_table
     path = Path(args.json)
-    recs = rescore(json.loads(path.read_text()))
+    try:
+        recs = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not an `emoe eval --json` file: {e}") from None
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise ValueError(f"{path} is not an `emoe eval --json` file: expected a list of records")
+    recs = rescore(recs)
     path.write_text(json.dumps(recs, indent=1))
     print(table(recs))
     if args.versus:

@@ -70,3 +70,15 @@ def test_generate_bf16_fast_tier_holds_half_the_bytes(tiny_mixtral, capsys):
               "--miss-policy", "load", "--dtype", dtype])
         mib[dtype] = float(re.search(r"resident experts [\d.]+/([\d.]+) MiB", capsys.readouterr().err).group(1))
     assert mib["bfloat16"] == pytest.approx(mib["float32"] / 2, rel=0.02)
+
+
+@pytest.mark.parametrize("text, says", [("not json", "is not an `emoe eval --json` file"),
+                                        ('{"a": 1}', "expected a list of records"),
+                                        ('[{"policy": "x", "budget": 0.4}]', "kept no texts")])
+def test_rescore_refuses_what_it_cannot_fill_in_and_leaves_the_file(tmp_path, text, says):
+    f = tmp_path / "eval.json"
+    f.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["rescore", str(f)])
+    assert str(exc.value.code).startswith("emoe:") and says in str(exc.value.code)
+    assert f.read_text() == text
