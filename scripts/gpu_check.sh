@@ -31,6 +31,7 @@ step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
   $E generate '$PROMPT' --budget 0.2 --max-tokens 16 --miss-policy load --experts-on disk"
 step profile $((Q ? 60 : 60)) python3 scripts/gpu_profile.py --configs all:1.0,reroute:0.4,shadow:0.4 --profile
+step dispatch 60 $E bench dispatch --json "$OUT/bench_dispatch_gpu.json"
 step eval $((Q ? 120 : 200)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
   --policies all,popular-q48,task-static-q48,emoe-a-sticky-q48,emoe-a-sticky,lru --versus emoe-a-sticky-q48 \
   --similarity deferred --json "$OUT/eval_gpu.json"

@@ -48,6 +48,7 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.4 --split val --seed 2 --n 96 
   --policies all,q8,emoe-a-sticky-q48 --json $R/eval_val_q8.json | tee $R/eval_val_q8.txt
 ${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_floor.txt
 $E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
+$E bench dispatch --json $R/bench_dispatch.json | tee $R/bench_dispatch.txt
 ${PY:-.venv/bin/python} scripts/single_task.py --budget 0.4 | tee $R/single_task.txt
 ${PY:-.venv/bin/python} scripts/drift_predictor.py | tee $R/drift_predictor.txt
 # serving: every configuration on 120 requests of the Azure conversation trace, three times round-robin;

@@ -297,3 +297,12 @@ def test_warm_up_changes_nothing_a_request_can_see(tiny_mixtral, one_thread, pol
     assert [r.output_ids for r in a] == [r.output_ids for r in b]
     counts = lambda e: {k: v for k, v in dataclasses.asdict(e.cache.stats).items() if "seconds" not in k}  # noqa: E731
     assert counts(cold) == counts(warm)
+
+
+def test_bench_dispatch_compares_the_two_loops_on_identical_outputs(tiny_mixtral, one_thread):
+    from emoe.bench import dispatch
+    rows = dispatch.run(str(tiny_mixtral), tokens=(1, 9), calls=2, repeats=1, device="cpu")
+    assert [r["tokens"] for r in rows] == [1, 9] and all(r["identical"] for r in rows)
+    assert rows[1]["experts_used"] > rows[0]["experts_used"] >= 1
+    assert all(r["per_expert_us"] > 0 and r["sorted_us"] > 0 for r in rows)
+    assert "identical" in dispatch.table(rows)

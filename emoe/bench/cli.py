@@ -1,5 +1,6 @@
 """The `emoe bench` subcommands: memory, serve (load generator), compare (configurations side by side),
-kernel (low-bit copies dequantised vs the CPU int4 kernel), capacity (equal total memory). Thin: argument parsing and printing; the work is in the sibling modules."""
+kernel (low-bit copies dequantised vs the CPU int4 kernel), dispatch (per-expert loop vs one sort),
+capacity (equal total memory). Thin: argument parsing and printing; the work is in the sibling modules."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,14 @@ def cmd_bench_kernel(args) -> None:
     print(kernel.table(op_rows, e2e))
     if args.json:
         Path(args.json).write_text(json.dumps({"ops": op_rows, "end_to_end": e2e}, indent=1))
+
+
+def cmd_bench_dispatch(args) -> None:
+    from . import dispatch
+    rows = dispatch.run(_model(args), args.tokens, repeats=args.repeats, device=args.device)
+    print(dispatch.table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def _bench_slos(args) -> tuple[dict, dict]:
@@ -154,6 +163,14 @@ def add_parsers(b) -> None:
     kn.add_argument("--repeats", type=int, default=5)
     kn.add_argument("--json", default=None)
     kn.set_defaults(fn=cmd_bench_kernel)
+
+    dp = b.add_parser("dispatch", help="one MoE layer's experts: a nonzero per expert vs one sort, side by side")
+    _model_arg(dp)
+    dp.add_argument("--tokens", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4, 16, 64])
+    dp.add_argument("--repeats", type=int, default=5)
+    dp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    dp.add_argument("--json", default=None)
+    dp.set_defaults(fn=cmd_bench_dispatch)
 
     bk = b.add_parser("capacity", help="batch, prompt length and throughput at equal total memory")
     _model_arg(bk)
