@@ -279,12 +279,12 @@ def rescore(records: list[dict], similarity=None) -> list[dict]:
     GPU machine that lacks the embedding model). Records from before texts were kept are refused."""
     if similarity is None:
         from .similarity import embedding_similarity as similarity
-    for rec in records:
-        pr = rec.get("per_request", {})
-        if not {"text", "ref_text", "task"} <= set(pr):
+    for rec in records:  # all checked before any is changed
+        if not {"text", "ref_text", "task"} <= set(rec.get("per_request", {})):
             raise ValueError(f"record {rec.get('policy')!r} at {rec.get('budget')} kept no texts to rescore "
                              "(written by an older emoe eval)")
-        _summarise(rec, similarity(pr["text"], pr["ref_text"]))
+    for rec in records:
+        _summarise(rec, similarity(rec["per_request"]["text"], rec["per_request"]["ref_text"]))
     return records
 
 

@@ -84,8 +84,10 @@ def test_deferred_similarity_is_filled_in_by_rescore(profile_dir, tiny_mixtral, 
         assert a["similarity"] == b["similarity"] and a["per_task"] == b["per_task"]
         assert a["per_request"]["similarity"] == b["per_request"]["similarity"]
     del later[1]["per_request"]["text"]
+    kept = json.dumps(later)
     with pytest.raises(ValueError, match="kept no texts"):
-        rescore(later, exact)
+        rescore(later, lambda a, b: [0.5] * len(a))
+    assert json.dumps(later) == kept  # refused whole: the record before the bad one is unchanged too
 
 
 def test_group_by_task_keeps_each_window_and_orders_by_first_arrival():
