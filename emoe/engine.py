@@ -216,9 +216,7 @@ class Engine:
         pos = torch.arange(2, device=self.device)[None]
         valid = torch.ones(1, 2, dtype=torch.bool, device=self.device)
         slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.model.forward(tokens, pos, valid, dispatch, self.kv, slot, last_only=True).argmax(-1).tolist()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.model.forward(tokens, pos, valid, dispatch, self.kv, slot, last_only=True).argmax(-1).tolist()  # syncs
 
     # -- requests --------------------------------------------------------------------------------
     def make_request(self, prompt: str | list[dict], params: SamplingParams, task: str | None = None,

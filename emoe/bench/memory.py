@@ -26,9 +26,9 @@ PROMPTS = [
 
 
 def worker(args: dict) -> dict:
+    from ..cache import BudgetError
     from ..engine import Engine, EngineConfig, SamplingParams
     torch.manual_seed(0)
-    from ..cache import BudgetError
     t_build = time.perf_counter()
     try:
         eng = Engine(EngineConfig(args["model"], budget=args["budget"], miss_policy=args["policy"],
