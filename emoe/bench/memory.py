@@ -49,6 +49,8 @@ def worker(args: dict) -> dict:
     return {"policy": args["policy"], "budget": args["budget"],
             "resident_bytes": eng.cache.used_bytes, "total_expert_bytes": eng.total_expert_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # on a GPU the fast tier is device memory: dense weights + experts + KV + activations
+            "peak_device_bytes": torch.cuda.max_memory_allocated(eng.device) if eng.device.type == "cuda" else None,
             "tokens_per_s": sum(len(r.output_ids) for r in reqs) / secs, "hit_rate": s.hit_rate,
             "bytes_loaded": s.bytes_loaded, "load_seconds": s.load_seconds, "startup_s": build_s,
             "store_bandwidth": eng.store.stats.bandwidth, "direct_io": eng.store.direct,
@@ -87,6 +89,9 @@ def table(rows: list[dict]) -> str:
     mib = 2 ** 20
     head = (f"{'policy':8} {'budget':>6} {'resident MiB':>13} {'peak RSS MiB':>13} {'tok/s':>7} "
             f"{'hit rate':>8} {'loaded MiB':>10} {'agree':>6} {'load GB/s':>9}")
+    gpu = any(r.get("peak_device_bytes") for r in rows)
+    if gpu:
+        head += f" {'peak GPU MiB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -94,7 +99,8 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"{r['policy']:8} {r['budget']:>6.2f} {r['resident_bytes'] / mib:>13.1f} "
                      f"{r['peak_rss_bytes'] / mib:>13.1f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>8.1%} "
-                     f"{r['bytes_loaded'] / mib:>10.1f} {r['agreement']:>6.3f} {r['store_bandwidth'] / 1e9:>9.2f}")
+                     f"{r['bytes_loaded'] / mib:>10.1f} {r['agreement']:>6.3f} {r['store_bandwidth'] / 1e9:>9.2f}"
+                     + (f" {(r.get('peak_device_bytes') or 0) / mib:>12.1f}" if gpu else ""))
     raw = rows[0]["raw_direct_bandwidth"]
     lines.append(f"raw O_DIRECT read of the checkpoint file: {raw / 1e9:.2f} GB/s "
                  f"(expert loads above include the copy into the fast tier; direct I/O: {rows[0]['direct_io']})")
