@@ -6,13 +6,12 @@ Routing comes from the model's own router on random hidden states, so the expert
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..engine import run_experts
 from ..model import route
 from ..quant import swiglu
+from .kernel import best_us
 
 
 def per_expert(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
@@ -21,19 +20,6 @@ def per_expert(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
         tok, slot = torch.where(ids == e)
         out.index_add_(0, tok, swiglu(x[tok], *fetch(e)) * weights[tok, slot, None])
     return out
-
-
-def _best_us(fn, sync, calls: int, repeats: int) -> float:
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def run(model: str, tokens=(1, 4, 16, 64), calls: int = 50, repeats: int = 5, device: str | None = None) -> list[dict]:
@@ -54,8 +40,8 @@ def run(model: str, tokens=(1, 4, 16, 64), calls: int = 50, repeats: int = 5, de
             same = torch.equal(per_expert(*args), run_experts(*args))
             rows.append({"tokens": t, "experts_used": int(torch.unique(ids).numel()), "identical": same,
                          "device": eng.device.type,
-                         "per_expert_us": _best_us(lambda: per_expert(*args), sync, calls, repeats),
-                         "sorted_us": _best_us(lambda: run_experts(*args), sync, calls, repeats)})
+                         "per_expert_us": best_us(lambda: per_expert(*args), calls, repeats, sync),
+                         "sorted_us": best_us(lambda: run_experts(*args), calls, repeats, sync)})
     return rows
 
 

@@ -15,13 +15,16 @@ from ..quant import kernel_fits, linear, quantize, to_kernel
 from .memory import PROMPTS
 
 
-def _best_us(fn, n: int, repeats: int) -> float:
+def best_us(fn, n: int, repeats: int, sync=lambda: None) -> float:
+    """µs per call of fn, best of `repeats` rounds of n calls; sync waits for a GPU's queued work."""
     fn()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        sync()
         best = min(best, (time.perf_counter() - t0) / n)
     return best * 1e6
 
@@ -39,12 +42,12 @@ def ops(model: str, tokens=(1, 4, 16, 64), repeats: int = 5, calls: int = 50) ->
         for t in tokens:
             x = torch.randn(t, w.shape[1])
             row = {"matrix": name, "shape": list(w.shape), "tokens": t,
-                   "full_fp32_us": _best_us(lambda: F.linear(x, w), calls, repeats)}
+                   "full_fp32_us": best_us(lambda: F.linear(x, w), calls, repeats)}
             for bits in (4, 8):
                 q = quantize(w, bits)
                 k = to_kernel(q)
-                row[f"int{bits}_dequant_us"] = _best_us(lambda: linear(x, q), calls, repeats)
-                row[f"int{bits}_kernel_us"] = _best_us(lambda: linear(x, k), calls, repeats)
+                row[f"int{bits}_dequant_us"] = best_us(lambda: linear(x, q), calls, repeats)
+                row[f"int{bits}_kernel_us"] = best_us(lambda: linear(x, k), calls, repeats)
             rows.append(row)
     return rows
 
