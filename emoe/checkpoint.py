@@ -150,11 +150,16 @@ class Checkpoint:
     def is_expert(self, name: str) -> bool:
         return re.search(r"\.experts\.(\d+\.|gate_up_proj|down_proj)", name) is not None
 
+    def is_extra_layer(self, name: str) -> bool:
+        """Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction module): never run here."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return m is not None and int(m.group(1)) >= self.config.num_layers
+
     def dense_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every non-expert tensor (embeddings, attention, norms, routers, shared experts)."""
         by_file: dict[str, list[str]] = {}
         for name, loc in self.tensors.items():
-            if not self.is_expert(name):
+            if not self.is_expert(name) and not self.is_extra_layer(name):
                 by_file.setdefault(loc.path, []).append(name)
         out = {}
         for path, names in by_file.items():

@@ -5,6 +5,7 @@ family-neutral description; the table `FAMILIES` is the only place that knows ho
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -19,15 +20,49 @@ class Family:
     router_norm_topk: bool | None      # fixed by the family, or None = read `norm_topk_prob`
     qk_norm: str | None                # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
     qkv_bias_key: str | None           # config key that switches q/k/v biases on
-    shared_expert: bool                # Qwen2-MoE: an always-on expert with a sigmoid gate
+    shared: str | None                 # always-on expert: "gated" (Qwen2-MoE, sigmoid gate) | "plain" (DeepSeek)
+    mla: bool = False                  # DeepSeek multi-head latent attention (cache holds one latent per token)
+    scoring: str = "softmax"           # router scores: "softmax" | "sigmoid" (DeepSeek-V3, + selection bias)
+    fp32_router: bool = False          # DeepSeek computes router logits in fp32 whatever the model dtype
 
 
+_GUD = ("gate_proj", "up_proj", "down_proj")
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family(("w1", "w3", "w2"), "block_sparse_moe", True, None, None, False),
-    "qwen2_moe": Family(("gate_proj", "up_proj", "down_proj"), "mlp", None, None, "qkv_bias", True),
-    "qwen3_moe": Family(("gate_proj", "up_proj", "down_proj"), "mlp", None, "head", "attention_bias", False),
-    "olmoe": Family(("gate_proj", "up_proj", "down_proj"), "mlp", None, "full", "attention_bias", False),
+    "mixtral": Family(("w1", "w3", "w2"), "block_sparse_moe", True, None, None, None),
+    "qwen2_moe": Family(_GUD, "mlp", None, None, "qkv_bias", "gated"),
+    "qwen3_moe": Family(_GUD, "mlp", None, "head", "attention_bias", None),
+    "olmoe": Family(_GUD, "mlp", None, "full", "attention_bias", None),
+    "deepseek_v2": Family(_GUD, "mlp", False, None, None, "plain", mla=True, fp32_router=True),
+    "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class MLA:
+    """DeepSeek's multi-head latent attention: keys and values are decompressed from one kv_lora_rank latent
+    per token; only the first qk_rope_head_dim dimensions of each head carry position."""
+    q_lora_rank: int            # 0: queries come from one q_proj (V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    interleave: bool = True     # rotary pairs are (x0, x1), (x2, x3), … rather than the two halves
+    softmax_mscale: float = 1.0  # YaRN's extra factor on the softmax scale (DeepSeek: mscale(factor, mscale_all_dim)²)
+
+
+@dataclass(frozen=True, slots=True)
+class Yarn:
+    """YaRN rope scaling (arXiv 2309.00071) as transformers computes it."""
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0   # multiplies cos/sin
+    truncate: bool = True
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +90,11 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
+    mla: MLA | None = None
+    yarn: Yarn | None = None
+    n_group: int = 1                  # group-limited routing: experts in n_group groups, tokens pick topk_group
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -71,6 +111,20 @@ class ModelConfig:
             raise ConfigError(f"moe_layers {self.moe_layers} must be a non-empty subset of 0..{self.num_layers - 1}")
         if len(self.moe_layers) < self.num_layers and self.dense_intermediate_size <= 0:
             raise ConfigError("dense (non-MoE) layers need intermediate_size > 0")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"n_group={self.n_group} must divide num_experts={self.num_experts} and "
+                              f"topk_group={self.topk_group} must lie in 1..n_group")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_group} groups a token may use")
+        if self.spec.mla != (self.mla is not None):
+            raise ConfigError(f"family {self.family} {'needs' if self.spec.mla else 'takes no'} MLA settings")
+
+    @property
+    def kv_numel_per_token(self) -> int:
+        """KV-cache elements one token holds across all layers (MLA caches one latent, not per-head k and v)."""
+        if self.mla is not None:
+            return self.num_layers * (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @property
     def spec(self) -> Family:
@@ -94,12 +148,18 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         spec = FAMILIES[family]
-        rope = raw.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
+        yarn = _yarn(rope, raw) if rope_type == "yarn" else None
         if family == "mixtral":
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
+        elif spec.mla:
+            first_dense = int(raw.get("first_k_dense_replace") or 0)
+            moe_layers = tuple(range(first_dense, n_layers))
+            inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
         else:
             step = int(raw.get("decoder_sparse_step", 1) or 1)
             skip = set(raw.get("mlp_only_layers") or [])
@@ -116,12 +176,13 @@ class ModelConfig:
         return cls(
             family=family, vocab_size=vocab, hidden_size=hidden, num_layers=n_layers,
             num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            num_experts=int(need("num_local_experts", "num_experts")),
+            head_dim=int(raw["qk_rope_head_dim"]) if spec.mla and "qk_rope_head_dim" in raw
+            else int(raw.get("head_dim") or hidden // heads),
+            num_experts=int(need("num_local_experts", "num_experts", "n_routed_experts")),
             top_k=int(need("num_experts_per_tok")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
-            else bool(raw.get("norm_topk_prob", False)),
+            else bool(raw.get("norm_topk_prob", family == "deepseek_v3")),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
@@ -130,8 +191,50 @@ class ModelConfig:
             clip_qkv=raw.get("clip_qkv"),
             sliding_window=int(window) if window else None,
             dense_intermediate_size=dense_inter,
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0),
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if not spec.mla
+            else inter * int(raw.get("n_shared_experts") or 0),
             moe_layers=moe_layers,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),
+            mla=_mla(raw, yarn) if spec.mla else None,
+            yarn=yarn,
+            **_groups(raw, family),
         )
+
+
+def _yarn(rope: dict, raw: dict) -> Yarn:
+    try:
+        factor = float(rope["factor"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("yarn rope scaling needs a numeric 'factor'") from None
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    attn = rope.get("attention_factor")
+    if attn is None:
+        attn = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all \
+            else yarn_mscale(factor)
+    return Yarn(factor, int(rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings", 4096)),
+                float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1), float(attn),
+                bool(rope.get("truncate", True)))
+
+
+def _mla(raw: dict, yarn: Yarn | None) -> MLA:
+    if raw.get("mlp_bias"):
+        raise ConfigError("mlp_bias=True is not supported")
+    mscale_all = float((raw.get("rope_parameters") or raw.get("rope_scaling") or {}).get("mscale_all_dim") or 0)
+    m = yarn_mscale(yarn.factor, mscale_all) if yarn is not None and mscale_all else 1.0
+    try:
+        return MLA(int(raw.get("q_lora_rank") or 0), int(raw["kv_lora_rank"]), int(raw["qk_nope_head_dim"]),
+                   int(raw["qk_rope_head_dim"]), int(raw["v_head_dim"]),
+                   bool(raw.get("rope_interleave", True)), m * m)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"config.json is missing MLA setting {e}") from None
+
+
+def _groups(raw: dict, family: str) -> dict:
+    """Group-limited routing and the routed-output scale (DeepSeek); one group and scale 1 elsewhere."""
+    if not family.startswith("deepseek"):
+        return {}
+    limited = family == "deepseek_v3" or raw.get("topk_method") == "group_limited_greedy"
+    return dict(n_group=int(raw.get("n_group") or 1) if limited else 1,
+                topk_group=int(raw.get("topk_group") or 1) if limited else 1,
+                routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0))

@@ -182,7 +182,7 @@ class Engine:
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
         slots = cfg.max_batch
         if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
-            per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.max_len * self.cache.expert_bytes // self.expert_numel
+            per_slot = c.kv_numel_per_token * self.max_len * self.cache.expert_bytes // self.expert_numel
             slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot
             if slots < 1:
                 raise BudgetError(f"memory {cfg.memory_bytes} bytes leaves no {self.max_len}-token KV slot next to "

@@ -1,4 +1,4 @@
-"""The MoE decoder forward for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, top to bottom.
+"""The MoE decoder forward for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3, top to bottom.
 
 Dense weights live in a flat dict under their Hugging Face names. Routed experts are *not* here: each
 MoE layer computes router probabilities and hands them to a `Dispatch` (see engine.py) that owns
@@ -12,7 +12,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+import math
+
+from .config import ModelConfig, Yarn
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,28 +24,62 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * x.to(dtype)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """x: [B, heads, T, d]; pos: [B, T]."""
+def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of a d-dim rotary embedding and the factor on cos/sin (YaRN as transformers does it)."""
+    base = theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
+    if yarn is None:
+        return 1.0 / base, 1.0
+
+    def dim_of(rotations: float) -> float:
+        return d * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = dim_of(yarn.beta_fast), dim_of(yarn.beta_slow)
+    if yarn.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # high-frequency dims keep their frequency, low-frequency ones are interpolated
+    return (1.0 / (yarn.factor * base)) * (1 - keep) + (1.0 / base) * keep, yarn.attention_factor
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x: [B, heads, T, d]; pos: [B, T]; rotates the two halves of x."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=x.device) / d))
-    freqs = pos[:, None, :, None].float() * inv
+    freqs = pos[:, None, :, None].float() * inv.to(x.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
     half = torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
     return x * cos + half * sin
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    return apply_rope(x, pos, rope_frequencies(x.shape[-1], theta)[0])
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def route(logits: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] → (probs [N, E] fp32, top-k weights [N, k], top-k ids [N, k])."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    w, ids = torch.topk(probs, top_k, dim=-1)
+def route(logits: torch.Tensor, top_k: int, norm_topk: bool, *, scoring: str = "softmax", n_group: int = 1,
+          topk_group: int = 1, bias: torch.Tensor | None = None,
+          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] → (scores [N, E] fp32, top-k weights [N, k], top-k ids [N, k]).
+
+    DeepSeek routing: sigmoid scores plus a load-balancing bias choose the experts (the bias never weighs
+    them), tokens keep only their topk_group best groups (group score: top-2 sum for sigmoid, max for
+    softmax), and the routed output is scaled. The scores returned are the router's own (no bias), which is
+    what a miss policy ranks resident experts by."""
+    probs = torch.sigmoid(logits.float()) if scoring == "sigmoid" else torch.softmax(logits.float(), dim=-1)
+    choice = probs if bias is None else probs + bias.float()
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, choice.shape[-1] // n_group)
+        gscore = grouped.topk(2, dim=-1).values.sum(-1) if scoring == "sigmoid" else grouped.amax(-1)
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    w = probs.gather(1, ids)
     if norm_topk:
-        w = w / w.sum(-1, keepdim=True)
-    return probs, w, ids
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return probs, w * scale if scale != 1.0 else w, ids
 
 
 class Dispatch(Protocol):
@@ -53,15 +89,19 @@ class Dispatch(Protocol):
 
 @dataclass(slots=True)
 class KVCache:
-    """Static per-slot cache: k/v[layer] is [slots, max_len, kv_heads, head_dim]."""
+    """Static per-slot cache: k/v[layer] is [slots, max_len, kv_heads, head_dim]. Under MLA, k[layer] is
+    [slots, max_len, 1, kv_lora_rank + qk_rope_head_dim] (the latent and the roped shared key) and v is empty."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
     @classmethod
     def empty(cls, cfg: ModelConfig, slots: int, max_len: int, dtype, device) -> "KVCache":
+        def zeros(shape):
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        if cfg.mla is not None:
+            return cls(zeros((slots, max_len, 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)), [])
         shape = (slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+        return cls(zeros(shape), zeros(shape))
 
     @property
     def nbytes(self) -> int:
@@ -85,9 +125,58 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights
         self.moe = set(cfg.moe_layers)
+        self.inv_freq, self.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.yarn)
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.cfg.mla is not None and self.cfg.mla.interleave:  # pairs → halves; q and k alike, so dots agree
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        if self.inv_freq.device != x.device:  # once, not a host→device copy per layer and step
+            self.inv_freq = self.inv_freq.to(x.device)
+        return apply_rope(x, pos, self.inv_freq, self.rope_scale)
+
+    @staticmethod
+    def cached(i: int, kv: KVCache, cache: list[torch.Tensor], new: torch.Tensor, pos: torch.Tensor,
+               valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Write valid tokens of new [B, T, h, d] into their slot at their position; read the slots back."""
+        B, T = pos.shape
+        b_idx = slots[:, None].expand(B, T)[valid]
+        cache[i][b_idx, pos[valid]] = new[valid].to(cache[i].dtype)
+        return cache[i][slots, : int(pos[valid].max()) + 1].to(new.dtype)
+
+    def mla_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                      kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        """Absorbed MLA: queries move into the latent space (through kv_b_proj's key half), attend over the
+        cached latents directly, and the value half maps the result back, so no per-head k/v is built."""
+        cfg, m, w, p = self.cfg, self.cfg.mla, self.w, f"model.layers.{i}.self_attn."
+        B, T, _ = x.shape
+        H, nope, r = cfg.num_heads, m.qk_nope_head_dim, m.kv_lora_rank
+        if m.q_lora_rank:
+            qa = F.linear(x, w[p + "q_a_proj.weight"], w.get(p + "q_a_proj.bias"))
+            q = F.linear(rms_norm(qa, w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps), w[p + "q_b_proj.weight"])
+        else:
+            q = F.linear(x, w[p + "q_proj.weight"])
+        q_nope, q_rot = q.view(B, T, H, nope + m.qk_rope_head_dim).transpose(1, 2).split([nope, m.qk_rope_head_dim], -1)
+        latent, k_rot = F.linear(x, w[p + "kv_a_proj_with_mqa.weight"], w.get(p + "kv_a_proj_with_mqa.bias")
+                                 ).split([r, m.qk_rope_head_dim], -1)
+        latent = rms_norm(latent, w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
+        keys = torch.cat((latent, self.rotate(k_rot[:, None], pos)[:, 0]), -1)[:, :, None]  # [B, T, 1, r + rope]
+        n = T
+        if kv is not None:
+            keys = self.cached(i, kv, kv.k, keys, pos, valid, slots)
+            n = keys.shape[1]
+        w_kv = w[p + "kv_b_proj.weight"].view(H, nope + m.v_head_dim, r)
+        query = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :nope]), self.rotate(q_rot, pos)), -1)
+        keys = keys.transpose(1, 2)  # [B, 1, n, r + rope]: one latent "head" shared by every query head
+        out = F.scaled_dot_product_attention(query, keys, keys[..., :r], attn_mask=attention_mask(pos, n, None),
+                                             scale=(nope + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale,
+                                             enable_gqa=True)
+        out = torch.einsum("bhtr,hvr->bthv", out, w_kv[:, nope:]).reshape(B, T, H * m.v_head_dim)
+        return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
                   kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.mla is not None:
+            return self.mla_attention(i, x, pos, valid, kv, slots)
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
         q, k, v = (F.linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
@@ -100,16 +189,13 @@ class MoEModel:
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.spec.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
-        q = rope(q.transpose(1, 2), pos, cfg.rope_theta)
-        k = rope(k.transpose(1, 2), pos, cfg.rope_theta).transpose(1, 2)
+        q = self.rotate(q.transpose(1, 2), pos)
+        k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
         if kv is None:  # training / stateless forward: attend within the given tokens
             keys, vals, n = k, v, T
-        else:           # write valid tokens into their slot at their position, then read the slot back
-            b_idx = slots[:, None].expand(B, T)[valid]
-            kv.k[i][b_idx, pos[valid]] = k[valid].to(kv.k[i].dtype)
-            kv.v[i][b_idx, pos[valid]] = v[valid].to(kv.v[i].dtype)
-            n = int(pos[valid].max()) + 1
-            keys, vals = kv.k[i][slots, :n].to(q.dtype), kv.v[i][slots, :n].to(q.dtype)
+        else:
+            keys, vals = self.cached(i, kv, kv.k, k, pos, valid, slots), self.cached(i, kv, kv.v, v, pos, valid, slots)
+            n = keys.shape[1]
         mask = attention_mask(pos, n, cfg.sliding_window)
         out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask,
                                              enable_gqa=cfg.num_heads != cfg.num_kv_heads)
@@ -122,12 +208,18 @@ class MoEModel:
             p = f"model.layers.{i}.mlp."
             return swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"])
         p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-        probs, weights, ids = route(F.linear(x, w[p + "gate.weight"]), cfg.top_k, cfg.norm_topk_prob)
+        gate = w[p + "gate.weight"]
+        logits = F.linear(x.float(), gate.float()) if cfg.spec.fp32_router else F.linear(x, gate)
+        probs, weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob,
+                                    scoring=cfg.spec.scoring, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                                    bias=w.get(p + "gate.e_score_correction_bias"), scale=cfg.routed_scaling_factor)
         out = dispatch(i, x, probs, weights.to(x.dtype), ids)
-        if cfg.spec.shared_expert:
-            s = p + "shared_expert."
+        if cfg.spec.shared is not None:
+            s = p + ("shared_expert." if cfg.spec.shared == "gated" else "shared_experts.")
             shared = swiglu(x, w[s + "gate_proj.weight"], w[s + "up_proj.weight"], w[s + "down_proj.weight"])
-            out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * shared
+            if cfg.spec.shared == "gated":
+                shared = torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * shared
+            out = out + shared
         return out
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,

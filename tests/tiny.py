@@ -35,6 +35,21 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
                       dict(num_experts=8, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True)),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(num_experts=8, intermediate_size=32, clip_qkv=8.0)),
+        # V2-Lite's shape: no query compression, greedy softmax routing over all experts, 2 shared experts
+        "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                        dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=2,
+                             first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16,
+                             qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5,
+                             num_key_value_heads=4)),
+        # V3's shape: compressed queries, sigmoid routing with a selection bias in 4 groups (2 per token), YaRN
+        "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+                        dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                             first_k_dense_replace=1, q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16,
+                             qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                             num_key_value_heads=4, num_mtp_layers=0,
+                             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                  original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+                                                  mscale=1.0, mscale_all_dim=1.0))),
     }
     C, M, kw = table[family]
     cfg = C(**{**common, **kw, **over})
@@ -43,6 +58,9 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("gate.weight") and "shared" not in name:
                 p.mul_(20)
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero; make it matter
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape) * 0.3)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     write_tokenizer(directory)

@@ -14,7 +14,7 @@ from ..engine import Engine, EngineConfig, SamplingParams, resolve_budget
 
 def kv_bytes_per_token(eng: Engine) -> int:
     c = eng.cfg
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * eng.kv.k[0].element_size()
+    return c.kv_numel_per_token * eng.kv.k[0].element_size()
 
 
 def _engine(model, budget, max_batch, max_len, setup, experts_on):

@@ -1,0 +1,64 @@
+"""The engine end to end on every supported family other than Mixtral (test_engine covers Mixtral in depth):
+batching, budgets and miss policies behave the same whatever the attention and router look like."""
+import pytest
+import torch
+
+from emoe.engine import Engine, EngineConfig, SamplingParams
+from tiny import make_tiny
+
+PROMPTS = ["Summarize: the cat sat on the mat.", "hi",
+           "SELECT name FROM users WHERE id = 3; Answer the question: who wrote Hamlet?"]
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+def model(request, tmp_path_factory):
+    return make_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
+
+
+def run(model, **kw):
+    kw.setdefault("miss_policy", "all")
+    eng = Engine(EngineConfig(str(model), **kw))
+    return eng, [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)]
+
+
+def test_batched_equals_one_at_a_time_and_load_on_demand_is_lossless(model):
+    _, ref = run(model, max_batch=1)
+    assert run(model, max_batch=8)[1] == ref
+    eng, out = run(model, miss_policy="load", budget=0.4)
+    assert out == ref
+    s = eng.cache.stats
+    assert s.loads > 0 and s.hit_rate < 1.0 and eng.cache.used_bytes <= eng.cache.budget_bytes
+
+
+@pytest.mark.parametrize("policy", ["reroute", "shadow"])
+def test_misses_under_a_budget(model, policy):
+    eng, out = run(model, miss_policy=policy, budget=0.5)
+    assert [len(o) for o in out] == [6] * 3
+    assert 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
+    assert eng.cache.stats.misses > 0 and eng.cache.stats.bytes_loaded == 0
+
+
+def test_kv_cache_holds_what_the_attention_needs(model):
+    eng = Engine(EngineConfig(str(model), miss_policy="all", max_len=32, max_batch=2))
+    c = eng.cfg
+    assert eng.kv.nbytes == c.kv_numel_per_token * 32 * 2 * eng.kv.k[0].element_size()
+    if c.mla is not None:  # one latent per token and layer, far less than per-head keys and values
+        assert c.kv_numel_per_token == c.num_layers * (c.mla.kv_lora_rank + c.mla.qk_rope_head_dim)
+        assert c.kv_numel_per_token < 2 * c.num_layers * c.num_heads * (c.mla.qk_nope_head_dim + c.mla.v_head_dim)
+
+
+def test_deepseek_routing_uses_groups_and_bias(tmp_path):
+    """A token only picks experts in its topk_group best groups; the selection bias moves the choice."""
+    from emoe.model import route
+    logits = torch.tensor([[4.0, 3.9, -5.0, -5.0, 3.8, -5.0, -5.0, -5.0]])
+    _, w, ids = route(logits, 2, True, scoring="sigmoid", n_group=4, topk_group=1)
+    assert sorted(ids[0].tolist()) == [0, 1] and torch.allclose(w.sum(), torch.tensor(1.0))
+    _, _, ids = route(logits, 2, True, scoring="sigmoid", n_group=4, topk_group=2)
+    assert sorted(ids[0].tolist()) == [0, 1]  # group 2 (experts 4, 5) is second best, yet 3.8 < 3.9
+    bias = torch.zeros(8)
+    bias[4] = 1.0
+    probs, w, ids = route(logits, 2, False, scoring="sigmoid", n_group=4, topk_group=2, bias=bias, scale=2.5)
+    assert sorted(ids[0].tolist()) == [0, 4]
+    torch.testing.assert_close(w.sum(), 2.5 * (probs[0, 0] + probs[0, 4]))  # the bias chooses, never weighs
