@@ -62,3 +62,18 @@ def test_deepseek_routing_uses_groups_and_bias(tmp_path):
     probs, w, ids = route(logits, 2, False, scoring="sigmoid", n_group=4, topk_group=2, bias=bias, scale=2.5)
     assert sorted(ids[0].tolist()) == [0, 4]
     torch.testing.assert_close(w.sum(), 2.5 * (probs[0, 0] + probs[0, 4]))  # the bias chooses, never weighs
+
+
+def test_layers_past_the_last_are_not_loaded(tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the last one; it never runs here,
+    so its weights stay on disk."""
+    from safetensors.torch import save_file
+
+    from emoe.checkpoint import Checkpoint
+    path = make_tiny("deepseek_v3", tmp_path / "m")
+    n = Checkpoint(path).config.num_layers
+    save_file({f"model.layers.{n}.self_attn.kv_a_layernorm.weight": torch.ones(24),
+               f"model.layers.{n}.mlp.experts.0.up_proj.weight": torch.ones(32, 64)}, str(path / "mtp.safetensors"))
+    ck = Checkpoint(path)
+    assert not any(k.startswith(f"model.layers.{n}.") for k in ck.dense_state())
+    assert all(layer < n for layer, _ in ck.experts)
