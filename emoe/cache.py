@@ -46,6 +46,7 @@ class CacheStats:
     bytes_loaded: int = 0
     load_seconds: float = 0.0
     shadow_uses: int = 0   # misses served by an expert's low-bit shadow copy
+    host_runs: int = 0     # misses run in the slow tier on the expert's own weights (no copy into the budget)
 
     @property
     def hit_rate(self) -> float:
@@ -131,6 +132,12 @@ class ExpertCache:
         """A key's weights at whatever precision is held (None when none), touching neither the LRU
         order nor the counters: for warm-up runs that must not look like serving."""
         return self._res.get(key) or self._shadow.get(key)
+
+    def host(self, layer: int, expert: int) -> Weights:
+        """A non-resident expert's weights where the slow tier holds them (host RAM: no copy; disk: read
+        now), to be run there: nothing is admitted, so the budget is untouched."""
+        self.stats.host_runs += 1
+        return self.store.read(layer, expert)
 
     def approx(self, layer: int, expert: int) -> tuple[QTensor | KTensor, ...]:
         """A non-resident expert's shadow, for quant.linear (KeyError when there is none)."""

@@ -391,6 +391,8 @@ class Engine:
         shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
                    f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
                    f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
+        if s.host_runs:
+            shadows += f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
         return (f"[emoe] resident experts {c.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
                 f"({c.used_bytes / self.total_expert_bytes:.0%}){shadows}, full-precision hit rate {s.hit_rate:.1%}, "
                 f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "

@@ -18,7 +18,7 @@ import torch
 
 from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
+from .policies import AllResident, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
 from .profile import Profile
 from .residency import EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
 
@@ -31,11 +31,14 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
+# A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
+# the residency plan only decides how much expert work the fast device does.
+SUFFIXES = SHADOWED + ("host",)
 
 
 def known(name: str) -> bool:
     base, _, q = name.rpartition("-")
-    return name in POLICIES + EXTRA or (q in SHADOWED and base in POLICIES + EXTRA and base not in SHADOWED)
+    return name in POLICIES + EXTRA or (q in SUFFIXES and base in POLICIES + EXTRA and base not in SHADOWED)
 
 
 STICKY = 1.0  # emoe-a-sticky: a resident expert yields only to one expecting 2× its tokens
@@ -62,11 +65,11 @@ def build(name: str, s: Setup):
     if name in ("q4", "q8"):
         return _shadow(name, full=False), None
     base, _, q = name.rpartition("-")
-    if q in SHADOWED and base:
+    if q in SUFFIXES and base:
         policy, residency = build(base, s)
         if type(policy) is not Reroute:
-            raise ValueError(f"{name}: shadow copies replace rerouting; {base} uses the {policy.name} miss policy")
-        return _shadow(q), residency
+            raise ValueError(f"{name}: -{q} replaces rerouting; {base} uses the {policy.name} miss policy")
+        return (Host() if q == "host" else _shadow(q)), residency
 
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:
@@ -213,6 +216,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),
                "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
+               "host_runs": st.host_runs,
                "per_request": {"agree": [list(r.get("agree", (0, 0))) for r in rows],
                                # kept so a run on a machine without the embedding model can be rescored
                                "task": [r["task"] for r in rows], "text": [r["text"] for r in rows],

@@ -43,6 +43,7 @@ class Metrics:
         self.expert_misses = counter("emoe:expert_misses", "Routed token-assignments whose expert was not resident.")
         self.expert_bytes_loaded = counter("emoe:expert_bytes_loaded", "Expert bytes moved into the fast tier.")
         self.expert_shadow_runs = counter("emoe:expert_shadow_runs", "Expert runs on a low-bit copy (a miss not rerouted).")
+        self.expert_host_runs = counter("emoe:expert_host_runs", "Expert runs on the host, in the slow tier (a miss run in place).")
         self._slo_met = counter("emoe:slo_met", "Finished requests that met both TTFT and TPOT SLOs.", ["task"])
         self._slo_missed = counter("emoe:slo_missed", "Finished requests that missed an SLO.", ["task"])
         self.running = gauge("emoe:num_requests_running", "Requests in the running batch.")
@@ -54,7 +55,7 @@ class Metrics:
         self.late = counter("emoe:scheduler_late_admissions", "Requests admitted already unable to meet their TTFT.")
         self.step_base = gauge("emoe:decode_step_base_seconds", "Fitted decode step cost a (step = a + c·n).")
         self.step_per_req = gauge("emoe:decode_step_per_request_seconds", "Fitted decode step cost c per request.")
-        self._last = (0, 0, 0, 0)  # cache stats already counted: hits, misses, bytes_loaded, shadow_uses
+        self._last = (0, 0, 0, 0, 0)  # cache stats already counted: hits, misses, bytes loaded, shadow and host runs
         self._last_sched = (0, 0)  # scheduler counters already counted: refusals, late admissions
 
     def finished(self, reason: str) -> None:
@@ -66,11 +67,11 @@ class Metrics:
     def sync_engine(self, engine, running: int, waiting: int) -> None:
         """Counters from the cache's cumulative stats (deltas since the last call) and the gauges."""
         s = engine.cache.stats
-        now = (s.hits, s.misses, s.bytes_loaded, s.shadow_uses)
+        now = (s.hits, s.misses, s.bytes_loaded, s.shadow_uses, s.host_runs)
         # stats can only grow, except when someone resets them; then count from zero again
-        last = self._last if all(a >= b for a, b in zip(now, self._last)) else (0, 0, 0, 0)
-        for c, a, b in zip((self.expert_hits, self.expert_misses, self.expert_bytes_loaded, self.expert_shadow_runs),
-                           now, last):
+        last = self._last if all(a >= b for a, b in zip(now, self._last)) else (0,) * len(now)
+        for c, a, b in zip((self.expert_hits, self.expert_misses, self.expert_bytes_loaded, self.expert_shadow_runs,
+                            self.expert_host_runs), now, last):
             c.inc(a - b)
         self._last = now
         self.running.set(running)

@@ -220,8 +220,30 @@ class Shadow(Reroute):
         return cache.get(layer, expert) if (layer, expert) in cache else cache.approx(layer, expert)
 
 
+class Host(Reroute):
+    """Fiddler / llama.cpp `--n-cpu-moe` style, with eMoE choosing what stays in the fast tier: a miss runs
+    on the host CPU with the expert's own weights (only the token activations cross), so the output is
+    exact at any budget and no expert bytes move. The residency plan decides which experts run on the
+    fast device; the predictor's hit rate is the share of expert work done there. Needs `--experts-on
+    ram` to pay off (from disk, each miss reads its expert again)."""
+    name = "host"
+    full_topk = False
+
+    def min_experts(self, layers, num_experts, top_k):
+        return 0
+
+    def prepare(self, cache, layers):
+        cache.set_resident(self.plan or even_plan(layers, cache.num_experts, cache.capacity))
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        return weights, ids
+
+    def fetch(self, layer, expert, cache):
+        return cache.get(layer, expert) if (layer, expert) in cache else cache.host(layer, expert)
+
+
 MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective,
-                                     Shadow)}
+                                     Shadow, Host)}
 
 
 def make_policy(name: str, **kw):

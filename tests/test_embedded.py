@@ -72,3 +72,22 @@ def test_shadow_copies_keep_outputs_where_rerouting_does_not(one_thread, capsys)
     assert shadow >= 0.9 and shadow > rerouted + 0.2, (shadow, rerouted)
     main(["generate", exs[0].prompt, "--budget", "0.4", "--policy", "emoe-a-sticky-q48", "--max-tokens", "4"])
     assert "int4/int8 copies" in capsys.readouterr().err
+
+
+def test_emoe_residency_with_misses_run_on_the_host_is_exact(one_thread):
+    """emoe-a-host: the predictor picks what the fast tier holds, every miss runs on the host in place.
+    Same tokens as all-resident at 40%, nothing loaded on demand, and the plan serves most of the work."""
+    from emoe.eval import Setup, build
+    from emoe.predictor import Predictor
+    from emoe.profile import Profile
+    prof = Profile.load(Path(MODEL) / "profile", MODEL)
+    policy, residency = build("emoe-a-host", Setup(prof, {"a": Predictor.load(Path(MODEL) / "profile" / "predictor-a")}))
+    exs = [e for t in ("sentiment", "code") for e in load_split("test", t)[:2]]
+    params = SamplingParams(max_tokens=8)
+    ref = Engine(EngineConfig(MODEL, miss_policy="all", max_batch=1))
+    want = [ref.generate([e.prompt], params, tasks=[e.task])[0].output_ids for e in exs]
+    eng = Engine(EngineConfig(MODEL, budget=0.4, max_batch=1, experts_on="ram"), policy=policy, residency=residency)
+    got = [eng.generate([e.prompt], params, tasks=[e.task])[0].output_ids for e in exs]
+    assert got == want
+    s = eng.cache.stats
+    assert s.host_runs > 0 and s.hit_rate > 0.5 and eng.cache.used_bytes <= eng.cache.budget_bytes

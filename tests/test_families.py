@@ -77,3 +77,16 @@ def test_layers_past_the_last_are_not_loaded(tmp_path):
     ck = Checkpoint(path)
     assert not any(k.startswith(f"model.layers.{n}.") for k in ck.dense_state())
     assert all(layer < n for layer, _ in ck.experts)
+
+
+@pytest.mark.parametrize("experts_on", ["ram", "disk"])
+def test_host_misses_are_exact_and_move_nothing(model, experts_on):
+    """llama.cpp --n-cpu-moe / Fiddler: a miss runs in the slow tier on the expert's own weights. The
+    output equals all-resident at any budget, nothing is admitted, and the budget holds."""
+    _, ref = run(model, max_batch=1)
+    eng, out = run(model, miss_policy="host", budget=0.3, experts_on=experts_on)
+    assert out == ref
+    s = eng.cache.stats
+    assert s.misses > 0 and s.host_runs > 0 and s.loads == 0 and s.bytes_loaded == 0
+    assert 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
+    assert "expert runs on the host" in eng.summary(1.0)

@@ -142,8 +142,14 @@ def test_eval_names_shadowed_policies():
     assert isinstance(pol, Shadow) and pol.shadow_bits == 8 and not pol.full and res is None
     pol, res = build("popular-q4", s)
     assert isinstance(pol, Shadow) and pol.full and res is not None
-    with pytest.raises(ValueError, match="shadow copies replace rerouting"):
+    with pytest.raises(ValueError, match="-q4 replaces rerouting"):
         build("lru-q4", s)
+    from emoe.policies import Host
+    assert known("emoe-a-sticky-host") and known("popular-host") and not known("q4-host")
+    pol, res = build("popular-host", s)
+    assert isinstance(pol, Host) and res is not None
+    with pytest.raises(ValueError, match="-host replaces rerouting"):
+        build("lru-host", s)
 
 
 SB8 = sum(qbytes(tuple(t.shape), 8, 32) for t in RandStore().w[(0, 0)])
