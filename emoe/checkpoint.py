@@ -57,7 +57,9 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
         if name == "__metadata__":
             continue
         if meta.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+            hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
+                    if str(meta.get("dtype", "")).startswith("F8") else "")
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
         a, b = meta["data_offsets"]
         if not 0 <= a <= b <= size - 8 - n:
             raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")

@@ -139,3 +139,25 @@ def test_missing_tokenizer(ck_dir):
     (ck_dir / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         Checkpoint(ck_dir).tokenizer_path
+
+
+def test_fp8_weights_refused_with_a_hint(ck_dir):
+    """FP8 safetensors (the original DeepSeek-V3 release): named, with what to do about it."""
+    import torch
+    ts = load_tensors(ck_dir)
+    ts["model.norm.weight"] = ts["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(ts, str(ck_dir / "model.safetensors"))
+    refused(ck_dir, "unsupported dtype F8_E4M3", "converting to bf16")
+
+
+def test_deepseek_config_errors(tmp_path):
+    from emoe.config import ConfigError, ModelConfig
+    from tiny import make_tiny
+    raw = json.loads((make_tiny("deepseek_v3", tmp_path / "d") / "config.json").read_text())
+    ModelConfig.from_hf(raw)
+    for bad, match in (({"n_group": 3}, "n_group=3 must divide"), ({"topk_group": 5}, "topk_group=5"),
+                       ({"num_experts_per_tok": 5, "topk_group": 1}, "top_k=5 exceeds"),
+                       ({"kv_lora_rank": None}, "MLA setting"),
+                       ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope")):
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_hf({**raw, **bad})
