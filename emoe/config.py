@@ -34,7 +34,10 @@ FAMILIES: dict[str, Family] = {
     "olmoe": Family(_GUD, "mlp", None, "full", "attention_bias", None),
     "deepseek_v2": Family(_GUD, "mlp", False, None, None, "plain", mla=True, fp32_router=True),
     "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
+    # GLM-4.5(-Air): DeepSeek-V3's router and layout with grouped-query attention, partial rotary, optional qk norm
+    "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
 }
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # first_k_dense_replace dense layers, n_shared_experts
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,8 @@ class ModelConfig:
     n_group: int = 1                  # group-limited routing: experts in n_group groups, tokens pick topk_group
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    rotary_dim: int = 0               # leading dims of each head that rotate (0: all; GLM-4.5 rotates half)
+    qk_norm: bool = True              # the family's qk norm is on (GLM-4.5 makes it optional)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -156,7 +161,7 @@ class ModelConfig:
         if family == "mixtral":
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
-        elif spec.mla:
+        elif family in DEEPSEEK_LAYOUT:
             first_dense = int(raw.get("first_k_dense_replace") or 0)
             moe_layers = tuple(range(first_dense, n_layers))
             inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
@@ -182,7 +187,7 @@ class ModelConfig:
             top_k=int(need("num_experts_per_tok")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
-            else bool(raw.get("norm_topk_prob", family == "deepseek_v3")),
+            else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe"))),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
@@ -191,12 +196,14 @@ class ModelConfig:
             clip_qkv=raw.get("clip_qkv"),
             sliding_window=int(window) if window else None,
             dense_intermediate_size=dense_inter,
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if not spec.mla
-            else inter * int(raw.get("n_shared_experts") or 0),
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+            if family not in DEEPSEEK_LAYOUT else inter * int(raw.get("n_shared_experts") or 0),
             moe_layers=moe_layers,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),
             mla=_mla(raw, yarn) if spec.mla else None,
+            rotary_dim=_rotary_dim(raw, rope, spec.mla),
+            qk_norm=bool(raw.get("use_qk_norm", False)) if family == "glm4_moe" else True,
             yarn=yarn,
             **_groups(raw, family),
         )
@@ -217,6 +224,17 @@ def _yarn(rope: dict, raw: dict) -> Yarn:
                 bool(rope.get("truncate", True)))
 
 
+def _rotary_dim(raw: dict, rope: dict, mla: bool) -> int:
+    factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0)
+    if mla or factor == 1.0:
+        return 0
+    head = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
+    dim = int(head * factor)
+    if dim <= 0 or dim % 2:
+        raise ConfigError(f"partial_rotary_factor {factor} leaves {dim} rotary dims of {head}; need an even count")
+    return dim
+
+
 def _mla(raw: dict, yarn: Yarn | None) -> MLA:
     if raw.get("mlp_bias"):
         raise ConfigError("mlp_bias=True is not supported")
@@ -232,9 +250,9 @@ def _mla(raw: dict, yarn: Yarn | None) -> MLA:
 
 def _groups(raw: dict, family: str) -> dict:
     """Group-limited routing and the routed-output scale (DeepSeek); one group and scale 1 elsewhere."""
-    if not family.startswith("deepseek"):
+    if family not in DEEPSEEK_LAYOUT:
         return {}
-    limited = family == "deepseek_v3" or raw.get("topk_method") == "group_limited_greedy"
+    limited = family != "deepseek_v2" or raw.get("topk_method") == "group_limited_greedy"
     return dict(n_group=int(raw.get("n_group") or 1) if limited else 1,
                 topk_group=int(raw.get("topk_group") or 1) if limited else 1,
                 routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0))

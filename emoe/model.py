@@ -1,4 +1,4 @@
-"""The MoE decoder forward for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3, top to bottom.
+"""The MoE decoder forward for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and GLM-4.5, top to bottom.
 
 Dense weights live in a flat dict under their Hugging Face names. Routed experts are *not* here: each
 MoE layer computes router probabilities and hands them to a `Dispatch` (see engine.py) that owns
@@ -125,13 +125,16 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights
         self.moe = set(cfg.moe_layers)
-        self.inv_freq, self.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.yarn)
+        self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.mla is not None and self.cfg.mla.interleave:  # pairs → halves; q and k alike, so dots agree
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         if self.inv_freq.device != x.device:  # once, not a host→device copy per layer and step
             self.inv_freq = self.inv_freq.to(x.device)
+        if self.cfg.rotary_dim:  # partial rotary: the leading dims carry position, the rest pass through
+            r = self.cfg.rotary_dim
+            return torch.cat((apply_rope(x[..., :r], pos, self.inv_freq, self.rope_scale), x[..., r:]), dim=-1)
         return apply_rope(x, pos, self.inv_freq, self.rope_scale)
 
     @staticmethod
@@ -180,14 +183,14 @@ class MoEModel:
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
         q, k, v = (F.linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
-        if cfg.spec.qk_norm == "full":
+        if cfg.spec.qk_norm == "full" and cfg.qk_norm:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, cfg.num_heads, cfg.head_dim)
         k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.spec.qk_norm == "head":
+        if cfg.spec.qk_norm == "head" and cfg.qk_norm:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)

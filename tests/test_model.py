@@ -9,7 +9,7 @@ from emoe.policies import AllResident
 from emoe.store import DiskStore
 from tiny import make_tiny
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
 
 
 def load_emoe(path):

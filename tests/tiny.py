@@ -50,6 +50,12 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                              rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                   original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
                                                   mscale=1.0, mscale_all_dim=1.0))),
+        # GLM-4.5's shape: V3 routing with grouped-query attention, q/k/v biases, half the head rotary, qk norm
+        "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM,
+                     dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                          first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                          attention_bias=True, use_qk_norm=True, head_dim=16, num_mtp_layers=0,
+                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
     }
     C, M, kw = table[family]
     cfg = C(**{**common, **kw, **over})
