@@ -1,7 +1,9 @@
-"""Write a random-weight Mixtral-format checkpoint (config.json, model.safetensors, tokenizer.json).
+"""Write a random-weight Mixtral- or DeepSeek-V3-format checkpoint (config.json, model.safetensors, tokenizer.json).
 
 For benchmarking the memory path before (or besides) a trained model: `python scripts/make_random_model.py
 --out runs/random-300m --experts 16 --hidden 512 --inter 768 --layers 8` gives ~290 MB of bf16 experts.
+`--family deepseek_v3 --experts 64 --top-k 6` gives fine-grained experts behind latent attention, a shared
+expert, one dense first layer and grouped sigmoid routing, as DeepSeek-V2-Lite / Moonlight are laid out.
 Routers are scaled up so routing is decisive, as in a trained model.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3"])
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,22 +39,51 @@ def main() -> None:
 
     sd = {"model.embed_tokens.weight": r(a.vocab, H), "lm_head.weight": r(a.vocab, H),
           "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    ds = a.family == "deepseek_v3"
+    lora, nope, rope_d, vd = 256, 64, 32, 64  # MLA sizes (DeepSeek-V2-Lite: 512, 128, 64, 128)
     for i in range(a.layers):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
         sd[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
-        for n in "qkvo":
-            sd[p + f"self_attn.{n}_proj.weight"] = r(H, H)
-        sd[p + "block_sparse_moe.gate.weight"] = r(a.experts, H, std=1.0)
+        if ds:
+            sd[p + "self_attn.q_proj.weight"] = r(heads * (nope + rope_d), H)
+            sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = r(lora + rope_d, H)
+            sd[p + "self_attn.kv_a_layernorm.weight"] = torch.ones(lora, dtype=torch.bfloat16)
+            sd[p + "self_attn.kv_b_proj.weight"] = r(heads * (nope + vd), lora)
+            sd[p + "self_attn.o_proj.weight"] = r(H, heads * vd)
+        else:
+            for n in "qkvo":
+                sd[p + f"self_attn.{n}_proj.weight"] = r(H, H)
+        moe, (gk, uk, dk) = ("mlp", ("gate_proj", "up_proj", "down_proj")) if ds else ("block_sparse_moe", ("w1", "w3", "w2"))
+        if ds and i == 0:  # first_k_dense_replace = 1
+            sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"], sd[p + "mlp.down_proj.weight"] = \
+                r(4 * I, H), r(4 * I, H), r(H, 4 * I)
+            continue
+        sd[p + f"{moe}.gate.weight"] = r(a.experts, H, std=1.0)
+        if ds:
+            sd[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(a.experts)
+            sd[p + "mlp.shared_experts.gate_proj.weight"], sd[p + "mlp.shared_experts.up_proj.weight"], \
+                sd[p + "mlp.shared_experts.down_proj.weight"] = r(2 * I, H), r(2 * I, H), r(H, 2 * I)
         for e in range(a.experts):
-            q = p + f"block_sparse_moe.experts.{e}."
-            sd[q + "w1.weight"], sd[q + "w3.weight"], sd[q + "w2.weight"] = r(I, H), r(I, H), r(H, I)
+            q = p + f"{moe}.experts.{e}."
+            sd[q + f"{gk}.weight"], sd[q + f"{uk}.weight"], sd[q + f"{dk}.weight"] = r(I, H), r(I, H), r(H, I)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": a.vocab,
-           "hidden_size": H, "intermediate_size": I, "num_hidden_layers": a.layers, "num_attention_heads": heads,
-           "num_key_value_heads": heads, "num_local_experts": a.experts, "num_experts_per_tok": a.top_k,
-           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 1e4,
-           "rope_type": "default"}, "tie_word_embeddings": False, "eos_token_id": 0, "torch_dtype": "bfloat16"}
+    if ds:
+        cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": a.vocab,
+               "hidden_size": H, "intermediate_size": 4 * I, "moe_intermediate_size": I,
+               "num_hidden_layers": a.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+               "n_routed_experts": a.experts, "num_experts_per_tok": a.top_k, "n_shared_experts": 2,
+               "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+               "norm_topk_prob": True, "q_lora_rank": None, "kv_lora_rank": lora, "qk_nope_head_dim": nope,
+               "qk_rope_head_dim": rope_d, "v_head_dim": vd, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+               "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}, "tie_word_embeddings": False,
+               "eos_token_id": 0, "torch_dtype": "bfloat16"}
+    else:
+            cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": a.vocab,
+               "hidden_size": H, "intermediate_size": I, "num_hidden_layers": a.layers, "num_attention_heads": heads,
+               "num_key_value_heads": heads, "num_local_experts": a.experts, "num_experts_per_tok": a.top_k,
+               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 1e4,
+               "rope_type": "default"}, "tie_word_embeddings": False, "eos_token_id": 0, "torch_dtype": "bfloat16"}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
