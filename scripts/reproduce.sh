@@ -46,6 +46,10 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.3,0.2 --split val --seed 2 --n
   --versus emoe-a-sticky-q48 --json $R/eval_val_q48.json | tee $R/eval_val_q48.txt
 $E eval --profile $P --dtype bfloat16 --budgets 0.4 --split val --seed 2 --n 96 \
   --policies all,q8,emoe-a-sticky-q48 --json $R/eval_val_q8.json | tee $R/eval_val_q8.txt
+# misses run on the host (exact): residency policies then differ only in the share of work the fast tier does
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 \
+  --policies all,random-host,popular-host,task-static-host,moe-infinity-host,emoe-a-host,emoe-a-sticky-host,emoe-e-host \
+  --versus emoe-a-host --n 96 --seed 1 --json $R/eval_host_bf16_seed1.json | tee $R/eval_host_bf16_seed1.txt
 ${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_floor.txt
 $E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
 $E bench dispatch --json $R/bench_dispatch.json | tee $R/bench_dispatch.txt
