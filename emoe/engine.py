@@ -108,17 +108,31 @@ def run_experts(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
     """Σ over each token's top-k of weight × expert(x), fetch(e) giving expert e's tensors. One stable
     sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
     by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
-    are those of a per-expert loop, bit for bit."""
+    are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow tier (the `host`
+    miss policy) run after the others, on one copy of the layer's tokens there, and their sum crosses back
+    once: the fast device works through its queued experts meanwhile."""
     out = torch.zeros_like(x)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
-    start = 0
+    start, deferred = 0, []
     for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
         if n:
-            tok = toks[start: start + n]
-            out.index_add_(0, tok, expert_ffn(x[tok], *fetch(e)) * gates[start: start + n])
+            w = fetch(e)
+            if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
+                deferred.append((start, n, w))
+            else:
+                tok = toks[start: start + n]
+                out.index_add_(0, tok, expert_ffn(x[tok], *w) * gates[start: start + n])
             start += n
+    if deferred:
+        dev = deferred[0][2][0].device
+        hx, ht, hg = x.to(dev), toks.to(dev), gates.to(dev)
+        host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
+        for start, n, w in deferred:
+            tok = ht[start: start + n]
+            host.index_add_(0, tok, expert_ffn(hx[tok], *w) * hg[start: start + n])
+        out += host.to(x.device)
     return out
 
 
