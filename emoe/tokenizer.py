@@ -25,6 +25,9 @@ class TextCodec:
         self.template = self.cfg.get("chat_template")
         if isinstance(self.template, list):  # list of named templates: take the default
             self.template = next((t["template"] for t in self.template if t.get("name") == "default"), None)
+        jinja = directory / "chat_template.jinja"  # where transformers ≥ 4.43 saves it (GLM-4.5, recent Qwen)
+        if not self.template and jinja.is_file():
+            self.template = jinja.read_text()
 
     @staticmethod
     def _token_str(v) -> str | None:

@@ -90,3 +90,19 @@ def test_host_misses_are_exact_and_move_nothing(model, experts_on):
     assert s.misses > 0 and s.host_runs > 0 and s.loads == 0 and s.bytes_loaded == 0
     assert 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
     assert "expert runs on the host" in eng.summary(1.0)
+
+
+def test_chat_template_from_its_own_file(tmp_path):
+    """Recent checkpoints (GLM-4.5, Qwen3) keep the chat template in chat_template.jinja, not in
+    tokenizer_config.json; without any template, messages become role-prefixed text."""
+    from emoe.checkpoint import Checkpoint
+    from emoe.tokenizer import TextCodec
+    path = make_tiny("glm4_moe", tmp_path / "g")
+    ck = Checkpoint(path)
+    msgs = [{"role": "user", "content": "hi"}]
+    (path / "tokenizer_config.json").unlink(missing_ok=True)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    assert TextCodec(path, ck.tokenizer_path, ()).apply_chat(msgs) == "user: hi\nassistant:"
+    (path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert TextCodec(path, ck.tokenizer_path, ()).apply_chat(msgs) == "<|user|>hi<|assistant|>"
