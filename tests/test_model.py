@@ -21,10 +21,14 @@ def load_emoe(path):
     return c, MoEModel(c, {k: v.float() for k, v in ck.dense_state().items()}), ExpertDispatch(cache, AllResident(), None)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(family, tmp_path):
+YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))
+
+
+@pytest.mark.parametrize("family,over", [(f, {}) for f in FAMILIES] + [("qwen3_moe", YARN)],
+                         ids=FAMILIES + ["qwen3_moe-yarn"])
+def test_logits_match_transformers(family, over, tmp_path):
     import transformers
-    path = make_tiny(family, tmp_path / family)
+    path = make_tiny(family, tmp_path / family, **over)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cfg, model, dispatch = load_emoe(path)
     g = torch.Generator().manual_seed(1)
