@@ -151,7 +151,9 @@ class Engine:
         ckpt_dtype = next(iter(self.ckpt.experts.values())).gate.torch_dtype
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else (ckpt_dtype if self.device.type == "cuda" else torch.float32)
         self.codec = TextCodec(self.ckpt.dir, self.ckpt.tokenizer_path, self.cfg.eos_token_ids)
-        dense = {k: v.to(self.device, self.dtype) for k, v in self.ckpt.dense_state().items()}
+        keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained
+        dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
+                         else self.dtype) for k, v in self.ckpt.dense_state().items()}
         self.model = MoEModel(self.cfg, dense)
         self.store = open_store(self.ckpt, cfg.experts_on)
         c = self.cfg

@@ -106,3 +106,12 @@ def test_chat_template_from_its_own_file(tmp_path):
     (path / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     assert TextCodec(path, ck.tokenizer_path, ()).apply_chat(msgs) == "<|user|>hi<|assistant|>"
+
+
+def test_deepseek_router_stays_fp32_in_a_bf16_engine(tmp_path):
+    eng = Engine(EngineConfig(str(make_tiny("deepseek_v3", tmp_path / "d")), miss_policy="all", dtype="bfloat16"))
+    w = eng.model.w
+    assert w["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert w["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert w["model.layers.1.mlp.shared_experts.gate_proj.weight"].dtype == torch.bfloat16
+    assert len(eng.generate(PROMPTS[:1], GREEDY, chat=False)[0].output_ids) == 6
