@@ -115,3 +115,37 @@ def test_deepseek_router_stays_fp32_in_a_bf16_engine(tmp_path):
     assert w["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert w["model.layers.1.mlp.shared_experts.gate_proj.weight"].dtype == torch.bfloat16
     assert len(eng.generate(PROMPTS[:1], GREEDY, chat=False)[0].output_ids) == 6
+
+
+# DeepSeek-V2-Lite's config.json as published (legacy `rope_scaling` key), shapes only: no weights needed
+V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "bos_token_id": 100000,
+           "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+           "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+           "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+           "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+           "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128,
+           "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 1.0,
+           "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                            "original_max_position_embeddings": 4096, "type": "yarn"},
+           "scoring_func": "softmax", "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128,
+           "vocab_size": 102400, "tie_word_embeddings": False}
+
+
+def test_published_deepseek_v2_lite_config_matches_transformers():
+    """The real config's YaRN frequencies, cos/sin factor and softmax scale equal what transformers derives."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+
+    from emoe.config import ModelConfig
+    from emoe.model import rope_frequencies
+    c = ModelConfig.from_hf(V2_LITE)
+    assert c.moe_layers == tuple(range(1, 27)) and c.num_experts == 64 and c.top_k == 6 and c.n_group == 1
+    assert c.shared_expert_intermediate_size == 2 * 1408 and c.kv_numel_per_token == 27 * (512 + 64)
+    ref = transformers.DeepseekV2Config(**{k: v for k, v in V2_LITE.items() if k not in ("architectures", "model_type")})
+    inv_ref, factor_ref = ROPE_INIT_FUNCTIONS["yarn"](ref)
+    inv, factor = rope_frequencies(c.head_dim, c.rope_theta, c.yarn)
+    torch.testing.assert_close(inv, inv_ref)
+    assert factor == pytest.approx(factor_ref)
+    scale = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim) ** -0.5 * c.mla.softmax_mscale
+    assert scale == pytest.approx(DeepseekV2Attention(ref, 0).scaling)
