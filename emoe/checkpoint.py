@@ -58,7 +58,9 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
             continue
         if meta.get("dtype") not in DTYPES:
             hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
-                    if str(meta.get("dtype", "")).startswith("F8") else "")
+                    if str(meta.get("dtype", "")).startswith("F8") else
+                    " (MXFP4 experts, like the original gpt-oss release, need dequantising to bf16 first)"
+                    if name.endswith(("_blocks", "_scales")) else "")
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
         a, b = meta["data_offsets"]
         if not 0 <= a <= b <= size - 8 - n:
@@ -69,16 +71,25 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
 
 @dataclass(frozen=True, slots=True)
 class ExpertLocs:
+    """Where one expert's bytes are. Under the gpt-oss layout `gate` is the expert's [H, 2I] block with
+    gate and up columns interleaved, `up` is None and `down` is [I, H]; `untangle` makes every layout the
+    (gate [I, H], up [I, H], down [H, I]) that the rest of emoe runs."""
     gate: TensorLoc
-    up: TensorLoc
+    up: TensorLoc | None
     down: TensorLoc
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        return sum(p.nbytes for p in self.parts())
 
-    def parts(self) -> tuple[TensorLoc, TensorLoc, TensorLoc]:
-        return (self.gate, self.up, self.down)
+    def parts(self) -> tuple[TensorLoc, ...]:
+        return (self.gate, self.down) if self.up is None else (self.gate, self.up, self.down)
+
+    def untangle(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.up is not None:
+            return tensors
+        gate_up, down = tensors
+        return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
 
 
 class Checkpoint:
@@ -115,7 +126,9 @@ class Checkpoint:
             pre = f"model.layers.{layer}.{cfg.spec.moe_prefix}.experts"
             fused = self.tensors.get(f"{pre}.gate_up_proj")
             for e in range(cfg.num_experts):
-                if fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
+                if cfg.spec.experts == "gpt_oss":
+                    locs = self._gpt_oss_expert(self._need(f"{pre}.gate_up_proj"), self._need(f"{pre}.down_proj"), e)
+                elif fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
                     locs = self._fused_expert(fused, self._need(f"{pre}.down_proj"), e)
                 else:
                     locs = ExpertLocs(*(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
@@ -135,9 +148,17 @@ class Checkpoint:
                           TensorLoc(gate_up.path, g0 + i * h * elt, i * h * elt, gate_up.dtype, (i, h)),
                           TensorLoc(down.path, down.start + e * h * i * elt, h * i * elt, down.dtype, (h, i)))
 
+    def _gpt_oss_expert(self, gate_up: TensorLoc, down: TensorLoc, e: int) -> ExpertLocs:
+        """Expert e's [H, 2I] and [I, H] blocks of gpt-oss's stacked [E, H, 2I] and [E, I, H] tensors."""
+        i, h = self.config.moe_intermediate_size, self.config.hidden_size
+        elt = gate_up.nbytes // max(1, gate_up.shape[0] * gate_up.shape[1] * gate_up.shape[2])
+        return ExpertLocs(TensorLoc(gate_up.path, gate_up.start + e * 2 * i * h * elt, 2 * i * h * elt, gate_up.dtype,
+                                    (h, 2 * i)), None,
+                          TensorLoc(down.path, down.start + e * i * h * elt, i * h * elt, down.dtype, (i, h)))
+
     def _expert_shapes(self):
         i, h = self.config.moe_intermediate_size, self.config.hidden_size
-        return ((i, h), (i, h), (h, i))
+        return ((h, 2 * i), (i, h)) if self.config.spec.experts == "gpt_oss" else ((i, h), (i, h), (h, i))
 
     def _need(self, name: str) -> TensorLoc:
         loc = self.tensors.get(name)
@@ -150,7 +171,7 @@ class Checkpoint:
         return next(iter(self.experts.values())).nbytes
 
     def is_expert(self, name: str) -> bool:
-        return re.search(r"\.experts\.(\d+\.|gate_up_proj|down_proj)", name) is not None
+        return re.search(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$|\w+_(blocks|scales)$)", name) is not None
 
     def is_extra_layer(self, name: str) -> bool:
         """Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction module): never run here."""
@@ -171,7 +192,7 @@ class Checkpoint:
                     out[name] = t.to(dtype) if dtype is not None else t.clone()
         cfg = self.config
         for layer in cfg.moe_layers:
-            self._need(f"model.layers.{layer}.{cfg.spec.moe_prefix}.gate.weight")
+            self._need(f"model.layers.{layer}.{cfg.spec.moe_prefix}.{cfg.spec.router}.weight")
         self._need("model.embed_tokens.weight")
         if "lm_head.weight" not in out:
             if not cfg.tie_word_embeddings:

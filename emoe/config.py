@@ -24,6 +24,9 @@ class Family:
     mla: bool = False                  # DeepSeek multi-head latent attention (cache holds one latent per token)
     scoring: str = "softmax"           # router scores: "softmax" | "sigmoid" (DeepSeek-V3, + selection bias)
     fp32_router: bool = False          # DeepSeek computes router logits in fp32 whatever the model dtype
+    router: str = "gate"               # the router's module name inside moe_prefix (gpt-oss: "router", with a bias)
+    experts: str = "split"             # expert tensors: "split" (gate, up, down or transformers-5 fused) |
+                                       # "gpt_oss" (fused [E, H, 2I] with gate/up interleaved, biases, clamped SwiGLU)
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -36,6 +39,9 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # GLM-4.5(-Air): DeepSeek-V3's router and layout with grouped-query attention, partial rotary, optional qk norm
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
+    # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
+    # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
+    "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
 DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # first_k_dense_replace dense layers, n_shared_experts
 
@@ -100,6 +106,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     rotary_dim: int = 0               # leading dims of each head that rotate (0: all; GLM-4.5 rotates half)
     qk_norm: bool = True              # the family's qk norm is on (GLM-4.5 makes it optional)
+    window_layers: tuple[int, ...] | None = None  # layers the sliding window applies to (None: all)
+    swiglu_limit: float = 0.0         # gpt-oss: gate and up clamped to ±limit, and the GLU's sigmoid slope
+    swiglu_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -158,7 +167,7 @@ class ModelConfig:
         if rope_type not in ("default", "yarn"):
             raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
-        if family == "mixtral":
+        if family in ("mixtral", "gpt_oss"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
         elif family in DEEPSEEK_LAYOUT:
@@ -175,6 +184,8 @@ class ModelConfig:
         window = raw.get("sliding_window")
         if family in ("qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
             window = None
+        types = raw.get("layer_types")
+        window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if types else None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         vocab = int(need("vocab_size"))
@@ -184,7 +195,10 @@ class ModelConfig:
             head_dim=int(raw["qk_rope_head_dim"]) if spec.mla and "qk_rope_head_dim" in raw
             else int(raw.get("head_dim") or hidden // heads),
             num_experts=int(need("num_local_experts", "num_experts", "n_routed_experts")),
-            top_k=int(need("num_experts_per_tok")),
+            window_layers=window_layers,
+            swiglu_limit=float(raw.get("swiglu_limit") or 0.0) if family == "gpt_oss" else 0.0,
+            swiglu_alpha=float(raw.get("swiglu_alpha") or 1.702) if family == "gpt_oss" else 1.0,
+            top_k=int(need("num_experts_per_tok", "experts_per_token")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
             else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe"))),

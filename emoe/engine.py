@@ -90,8 +90,9 @@ class Request:
 class ExpertDispatch:
     """Runs a MoE layer's routed experts: trace → hit accounting → policy.select → per-expert FFN."""
 
-    def __init__(self, cache: ExpertCache, policy, recorder: TraceRecorder | None):
-        self.cache, self.policy, self.recorder = cache, policy, recorder
+    def __init__(self, cache: ExpertCache, policy, recorder: TraceRecorder | None, ffn=None):
+        """ffn(layer) → the family's expert function (e, x, weights) → y, or None for plain SwiGLU."""
+        self.cache, self.policy, self.recorder, self.ffn = cache, policy, recorder, ffn or (lambda layer: None)
 
     def __call__(self, layer, x, probs, weights, ids):
         if self.recorder is not None:
@@ -101,16 +102,19 @@ class ExpertDispatch:
         self.cache.stats.hits += n_hit
         self.cache.stats.misses += ids.numel() - n_hit
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
-        return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts)
+        return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts,
+                           self.ffn(layer))
 
 
-def run_experts(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
+def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Tensor:
     """Σ over each token's top-k of weight × expert(x), fetch(e) giving expert e's tensors. One stable
     sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
     by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
     are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow tier (the `host`
     miss policy) run after the others, on one copy of the layer's tokens there, and their sum crosses back
-    once: the fast device works through its queued experts meanwhile."""
+    once: the fast device works through its queued experts meanwhile. ffn(e, x, w) replaces SwiGLU for
+    families whose experts differ (gpt-oss)."""
+    ffn = ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
@@ -120,18 +124,18 @@ def run_experts(x, weights, ids, fetch, num_experts: int) -> torch.Tensor:
         if n:
             w = fetch(e)
             if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
-                deferred.append((start, n, w))
+                deferred.append((e, start, n, w))
             else:
                 tok = toks[start: start + n]
-                out.index_add_(0, tok, expert_ffn(x[tok], *w) * gates[start: start + n])
+                out.index_add_(0, tok, ffn(e, x[tok], w) * gates[start: start + n])
             start += n
     if deferred:
-        dev = deferred[0][2][0].device
+        dev = deferred[0][3][0].device
         hx, ht, hg = x.to(dev), toks.to(dev), gates.to(dev)
         host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
-        for start, n, w in deferred:
+        for e, start, n, w in deferred:
             tok = ht[start: start + n]
-            host.index_add_(0, tok, expert_ffn(hx[tok], *w) * hg[start: start + n])
+            host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
         out += host.to(x.device)
     return out
 
@@ -186,7 +190,7 @@ class Engine:
         if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:
             self.policy.plan = self.residency.initial()
         if isinstance(self.policy, PreGated) and not self.policy.routers:
-            routers = {l: dense[f"model.layers.{l}.{c.spec.moe_prefix}.gate.weight"] for l in layers}
+            routers = {l: dense[f"model.layers.{l}.{c.spec.moe_prefix}.{c.spec.router}.weight"] for l in layers}
             self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
         short = [l for l in layers if len(self.cache.resident(l)) < c.top_k]
@@ -206,7 +210,7 @@ class Engine:
         self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device)
         tracing = cfg.trace or self.residency is not None
         self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots) if tracing else None
-        self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder)
+        self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder, self.model.expert_fn)
         self.free_slots = list(range(slots))
         self.max_batch = slots
         self.running: list[Request] = []
@@ -227,7 +231,8 @@ class Engine:
             if not kinds:
                 return torch.zeros_like(x)
             pick = torch.tensor(kinds, device=ids.device)[torch.arange(ids.numel(), device=ids.device) % len(kinds)]
-            return run_experts(x, weights, pick.view_as(ids), lambda e: held[e], self.cfg.num_experts)
+            return run_experts(x, weights, pick.view_as(ids), lambda e: held[e], self.cfg.num_experts,
+                               self.model.expert_fn(layer))
         tokens = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         pos = torch.arange(2, device=self.device)[None]
         valid = torch.ones(1, 2, dtype=torch.bool, device=self.device)

@@ -121,6 +121,35 @@ def attention_mask(pos: torch.Tensor, n_keys: int, window: int | None) -> torch.
     return ok[:, None]
 
 
+def sink_attention(q, k, v, mask, sinks):
+    """gpt-oss attention: each head's learned sink logit joins the softmax as a key with no value, so a
+    head can attend to nothing. q [B, H, T, d]; k, v [B, Hkv, n, d]; mask [B, 1, T, n]; sinks [H]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1).float(), dim=-1)[..., :-1].to(v.dtype)
+    return probs @ v
+
+
+def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_bias: torch.Tensor):
+    """gpt-oss experts: biased projections, gate and up clamped to ±limit, glu = gate·σ(α·gate), out =
+    down((up + 1)·glu). Biases are per expert ([E, 2I] with gate/up interleaved, [E, H]) and stay in the
+    dense weights; weights may be full tensors or low-bit copies (quant.linear)."""
+    from .quant import linear
+
+    def ffn(e: int, x: torch.Tensor, w) -> torch.Tensor:
+        gate, up, down = w
+        if isinstance(gate, torch.Tensor) and (gate.device != x.device or gate.dtype != x.dtype):
+            gate, up, down = (t.to(x.device, x.dtype) for t in w)  # slow-tier weights: run them as the fast tier would
+        b = gate_up_bias[e].to(x.device, x.dtype)
+        g = (linear(x, gate) + b[0::2]).clamp(max=limit)
+        u = (linear(x, up) + b[1::2]).clamp(-limit, limit)
+        return linear((u + 1) * g * torch.sigmoid(alpha * g), down) + down_bias[e].to(x.device, x.dtype)
+    return ffn
+
+
 class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights
@@ -199,10 +228,14 @@ class MoEModel:
         else:
             keys, vals = self.cached(i, kv, kv.k, k, pos, valid, slots), self.cached(i, kv, kv.v, v, pos, valid, slots)
             n = keys.shape[1]
-        mask = attention_mask(pos, n, cfg.sliding_window)
-        out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask,
-                                             enable_gqa=cfg.num_heads != cfg.num_kv_heads)
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), w[p + "o_proj.weight"])
+        windowed = cfg.window_layers is None or i in cfg.window_layers
+        mask = attention_mask(pos, n, cfg.sliding_window if windowed else None)
+        keys, vals, sinks = keys.transpose(1, 2), vals.transpose(1, 2), w.get(p + "sinks")
+        if sinks is None:
+            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        else:
+            out = sink_attention(q, keys, vals, mask, sinks)
+        return F.linear(out.transpose(1, 2).reshape(B, T, -1), w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
     def mlp(self, i: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """x: [N, H] valid tokens only, so padding never reaches the router or the traces."""
@@ -211,8 +244,9 @@ class MoEModel:
             p = f"model.layers.{i}.mlp."
             return swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"])
         p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-        gate = w[p + "gate.weight"]
-        logits = F.linear(x.float(), gate.float()) if cfg.spec.fp32_router else F.linear(x, gate)
+        gate, bias = w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias")
+        logits = F.linear(x.float(), gate.float(), None if bias is None else bias.float()) if cfg.spec.fp32_router \
+            else F.linear(x, gate, bias)
         probs, weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob,
                                     scoring=cfg.spec.scoring, n_group=cfg.n_group, topk_group=cfg.topk_group,
                                     bias=w.get(p + "gate.e_score_correction_bias"), scale=cfg.routed_scaling_factor)
@@ -224,6 +258,14 @@ class MoEModel:
                 shared = torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * shared
             out = out + shared
         return out
+
+    def expert_fn(self, i: int):
+        """Layer i's expert function for run_experts, where the family's experts are not plain SwiGLU."""
+        if self.cfg.spec.experts != "gpt_oss":
+            return None
+        p = f"model.layers.{i}.{self.cfg.spec.moe_prefix}.experts."
+        return clamped_swiglu(self.cfg.swiglu_limit, self.cfg.swiglu_alpha, self.w[p + "gate_up_proj_bias"],
+                              self.w[p + "down_proj_bias"])
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,
                 kv: KVCache | None = None, slots: torch.Tensor | None = None,

@@ -95,7 +95,7 @@ class DiskStore:
         self.stats.reads += 1
         self.stats.bytes_read += locs.nbytes
         self.stats.seconds += time.perf_counter() - t0
-        return tuple(got[id(p)] for p in locs.parts())
+        return locs.untangle(tuple(got[id(p)] for p in locs.parts()))
 
     def close(self) -> None:
         for fd, _ in self._fds.values():

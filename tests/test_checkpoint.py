@@ -161,3 +161,14 @@ def test_deepseek_config_errors(tmp_path):
                        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope")):
         with pytest.raises(ConfigError, match=match):
             ModelConfig.from_hf({**raw, **bad})
+
+
+def test_mxfp4_experts_refused_with_a_hint(tmp_path):
+    """The original gpt-oss release stores experts as MXFP4 blocks and scales (uint8)."""
+    import torch
+    from tiny import make_tiny
+    d = make_tiny("gpt_oss", tmp_path / "g")
+    ts = load_tensors(d)
+    ts["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 64, 2, 16, dtype=torch.uint8)
+    save_file(ts, str(d / "model.safetensors"))
+    refused(d, "unsupported dtype U8", "MXFP4", "dequantising to bf16")

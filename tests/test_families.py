@@ -12,7 +12,7 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"])
+@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"])
 def model(request, tmp_path_factory):
     return make_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
 

@@ -9,7 +9,7 @@ from emoe.policies import AllResident
 from emoe.store import DiskStore
 from tiny import make_tiny
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
 
 
 def load_emoe(path):
@@ -18,7 +18,8 @@ def load_emoe(path):
     numel = 3 * c.moe_intermediate_size * c.hidden_size
     cache = ExpertCache(DiskStore(ck), 10**9, "cpu", torch.float32, c.num_layers, c.num_experts, numel)
     AllResident().prepare(cache, list(c.moe_layers))
-    return c, MoEModel(c, {k: v.float() for k, v in ck.dense_state().items()}), ExpertDispatch(cache, AllResident(), None)
+    model = MoEModel(c, {k: v.float() for k, v in ck.dense_state().items()})
+    return c, model, ExpertDispatch(cache, AllResident(), None, model.expert_fn)
 
 
 YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))

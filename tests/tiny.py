@@ -56,14 +56,21 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                           first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                           attention_bias=True, use_qk_norm=True, head_dim=16, num_mtp_layers=0,
                           rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+        # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
+                    dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                              beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
     }
     C, M, kw = table[family]
     cfg = C(**{**common, **kw, **over})
     model = M(cfg).eval()
     with torch.no_grad():  # random routers are near-uniform; sharpen them so routing is decisive
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and "shared" not in name:
+            if name.endswith(("gate.weight", "router.weight")) and "shared" not in name:
                 p.mul_(20)
+            if name.endswith(("sinks", "_bias", "router.bias")):  # zero at init: give them values that matter
+                p.copy_(torch.randn(p.shape) * 0.5)
         for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero; make it matter
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape) * 0.3)
