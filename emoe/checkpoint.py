@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from .config import ConfigError, ModelConfig
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "U8": torch.uint8}  # U8: MXFP4 blocks and scales
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -58,9 +59,7 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
             continue
         if meta.get("dtype") not in DTYPES:
             hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
-                    if str(meta.get("dtype", "")).startswith("F8") else
-                    " (MXFP4 experts, like the original gpt-oss release, need dequantising to bf16 first)"
-                    if name.endswith(("_blocks", "_scales")) else "")
+                    if str(meta.get("dtype", "")).startswith("F8") else "")
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
         a, b = meta["data_offsets"]
         if not 0 <= a <= b <= size - 8 - n:
@@ -69,27 +68,47 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
     return out
 
 
+FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # MXFP4's E2M1 values
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """MXFP4 (OCP microscaling): blocks [R, G, 16] uint8 hold 32 E2M1 values per group (low nibble first),
+    scales [R, G] a power-of-two exponent per group (biased by 127) → [R, G·32]."""
+    lut = torch.tensor(FP4, dtype=torch.float32)
+    vals = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1).flatten(-2)
+    return torch.ldexp(vals, (scales.long() - 127)[..., None].float()).flatten(-2).to(dtype)
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertLocs:
-    """Where one expert's bytes are. Under the gpt-oss layout `gate` is the expert's [H, 2I] block with
-    gate and up columns interleaved, `up` is None and `down` is [I, H]; `untangle` makes every layout the
-    (gate [I, H], up [I, H], down [H, I]) that the rest of emoe runs."""
-    gate: TensorLoc
-    up: TensorLoc | None
-    down: TensorLoc
+    """Where one expert's bytes are, and how they are laid out; `untangle` turns what is read into the
+    (gate [I, H], up [I, H], down [H, I]) that the rest of emoe runs.
+      split:   gate, up, down as they are (per-expert tensors or transformers-5 fused slices)
+      gpt_oss: gate_up [H, 2I] with gate and up columns interleaved, down [I, H]
+      mxfp4:   gpt-oss's original release: blocks and scales of gate_up [2I, H] (rows interleaved) and
+               of down [H, I], dequantised to bf16 as they are read"""
+    locs: tuple[TensorLoc, ...]
+    layout: str = "split"
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts())
+        return sum(p.nbytes for p in self.locs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.layout == "mxfp4" else self.locs[0].torch_dtype
 
     def parts(self) -> tuple[TensorLoc, ...]:
-        return (self.gate, self.down) if self.up is None else (self.gate, self.up, self.down)
+        return self.locs
 
     def untangle(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.up is not None:
-            return tensors
-        gate_up, down = tensors
-        return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
+        if self.layout == "gpt_oss":
+            gate_up, down = tensors
+            return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
+        if self.layout == "mxfp4":
+            gate_up, down = mxfp4_dequantize(*tensors[:2]), mxfp4_dequantize(*tensors[2:])
+            return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
+        return tensors
 
 
 class Checkpoint:
@@ -125,40 +144,48 @@ class Checkpoint:
         for layer in cfg.moe_layers:
             pre = f"model.layers.{layer}.{cfg.spec.moe_prefix}.experts"
             fused = self.tensors.get(f"{pre}.gate_up_proj")
+            mx = cfg.spec.experts == "gpt_oss" and f"{pre}.gate_up_proj_blocks" in self.tensors
             for e in range(cfg.num_experts):
-                if cfg.spec.experts == "gpt_oss":
-                    locs = self._gpt_oss_expert(self._need(f"{pre}.gate_up_proj"), self._need(f"{pre}.down_proj"), e)
+                if mx:
+                    locs = ExpertLocs(tuple(self._slice(self._need(f"{pre}.{n}"), e) for n in (
+                        "gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")), "mxfp4")
+                elif cfg.spec.experts == "gpt_oss":
+                    locs = ExpertLocs((self._slice(self._need(f"{pre}.gate_up_proj"), e),
+                                       self._slice(self._need(f"{pre}.down_proj"), e)), "gpt_oss")
                 elif fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
                     locs = self._fused_expert(fused, self._need(f"{pre}.down_proj"), e)
                 else:
-                    locs = ExpertLocs(*(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
-                for part, shape in zip(locs.parts(), self._expert_shapes()):
+                    locs = ExpertLocs(tuple(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
+                if locs.layout != "mxfp4" and not all(p.torch_dtype.is_floating_point for p in locs.parts()):
+                    raise CheckpointError(f"expert {layer}/{e} is stored as {locs.parts()[0].dtype}: a quantised "
+                                          f"format emoe does not read (it reads float weights and gpt-oss's MXFP4)")
+                for part, shape in zip(locs.parts(), self._expert_shapes(locs.layout)):
                     if part.shape != shape:
                         raise CheckpointError(f"expert {layer}/{e} tensor has shape {part.shape}, "
                                               f"config implies {shape}")
                 out[(layer, e)] = locs
         return out
 
+    @staticmethod
+    def _slice(stacked: TensorLoc, e: int) -> TensorLoc:
+        """Expert e's contiguous [...] block of a tensor stacked over experts [E, ...]."""
+        n = stacked.nbytes // stacked.shape[0]
+        return TensorLoc(stacked.path, stacked.start + e * n, n, stacked.dtype, stacked.shape[1:])
+
     def _fused_expert(self, gate_up: TensorLoc, down: TensorLoc, e: int) -> ExpertLocs:
         """Expert e's slices of the stacked tensors: each is a contiguous byte range."""
         i, h = self.config.moe_intermediate_size, self.config.hidden_size
         elt = gate_up.nbytes // max(1, gate_up.shape[0] * gate_up.shape[1] * gate_up.shape[2])
         g0 = gate_up.start + e * 2 * i * h * elt
-        return ExpertLocs(TensorLoc(gate_up.path, g0, i * h * elt, gate_up.dtype, (i, h)),
-                          TensorLoc(gate_up.path, g0 + i * h * elt, i * h * elt, gate_up.dtype, (i, h)),
-                          TensorLoc(down.path, down.start + e * h * i * elt, h * i * elt, down.dtype, (h, i)))
+        return ExpertLocs((TensorLoc(gate_up.path, g0, i * h * elt, gate_up.dtype, (i, h)),
+                           TensorLoc(gate_up.path, g0 + i * h * elt, i * h * elt, gate_up.dtype, (i, h)),
+                           TensorLoc(down.path, down.start + e * h * i * elt, h * i * elt, down.dtype, (h, i))))
 
-    def _gpt_oss_expert(self, gate_up: TensorLoc, down: TensorLoc, e: int) -> ExpertLocs:
-        """Expert e's [H, 2I] and [I, H] blocks of gpt-oss's stacked [E, H, 2I] and [E, I, H] tensors."""
+    def _expert_shapes(self, layout: str):
         i, h = self.config.moe_intermediate_size, self.config.hidden_size
-        elt = gate_up.nbytes // max(1, gate_up.shape[0] * gate_up.shape[1] * gate_up.shape[2])
-        return ExpertLocs(TensorLoc(gate_up.path, gate_up.start + e * 2 * i * h * elt, 2 * i * h * elt, gate_up.dtype,
-                                    (h, 2 * i)), None,
-                          TensorLoc(down.path, down.start + e * i * h * elt, i * h * elt, down.dtype, (i, h)))
-
-    def _expert_shapes(self):
-        i, h = self.config.moe_intermediate_size, self.config.hidden_size
-        return ((h, 2 * i), (i, h)) if self.config.spec.experts == "gpt_oss" else ((i, h), (i, h), (h, i))
+        return {"gpt_oss": ((h, 2 * i), (i, h)),
+                "mxfp4": ((2 * i, h // 32, 16), (2 * i, h // 32), (h, i // 32, 16), (h, i // 32))}.get(
+                    layout, ((i, h), (i, h), (h, i)))
 
     def _need(self, name: str) -> TensorLoc:
         loc = self.tensors.get(name)
@@ -189,6 +216,9 @@ class Checkpoint:
             with safe_open(path, framework="pt") as f:
                 for name in names:
                     t = f.get_tensor(name)
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"{self.dir}: {name} is stored as {t.dtype}: a quantised format "
+                                              f"emoe does not read")
                     out[name] = t.to(dtype) if dtype is not None else t.clone()
         cfg = self.config
         for layer in cfg.moe_layers:

@@ -152,7 +152,7 @@ class Engine:
         self.ckpt = Checkpoint(cfg.model)
         self.cfg: ModelConfig = self.ckpt.config
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ckpt_dtype = next(iter(self.ckpt.experts.values())).gate.torch_dtype
+        ckpt_dtype = next(iter(self.ckpt.experts.values())).dtype
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else (ckpt_dtype if self.device.type == "cuda" else torch.float32)
         self.codec = TextCodec(self.ckpt.dir, self.ckpt.tokenizer_path, self.cfg.eos_token_ids)
         keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained

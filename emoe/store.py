@@ -56,7 +56,7 @@ class DiskStore:
         span = max(sum(p.nbytes for p in locs.parts()) for locs in ckpt.experts.values())
         self._buf = mmap.mmap(-1, (span // ALIGN + 3) * ALIGN)  # anonymous mmap: page aligned
         self._fds: dict[str, tuple[int, bool]] = {}
-        self.direct = all(self._fd(p)[1] for p in {loc.gate.path for loc in ckpt.experts.values()})
+        self.direct = all(self._fd(p)[1] for p in {loc.locs[0].path for loc in ckpt.experts.values()})
 
     def _fd(self, path: str) -> tuple[int, bool]:
         if path not in self._fds:

@@ -163,12 +163,9 @@ def test_deepseek_config_errors(tmp_path):
             ModelConfig.from_hf({**raw, **bad})
 
 
-def test_mxfp4_experts_refused_with_a_hint(tmp_path):
-    """The original gpt-oss release stores experts as MXFP4 blocks and scales (uint8)."""
+def test_integer_weights_outside_mxfp4_are_refused(ck_dir):
     import torch
-    from tiny import make_tiny
-    d = make_tiny("gpt_oss", tmp_path / "g")
-    ts = load_tensors(d)
-    ts["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 64, 2, 16, dtype=torch.uint8)
-    save_file(ts, str(d / "model.safetensors"))
-    refused(d, "unsupported dtype U8", "MXFP4", "dequantising to bf16")
+    ts = load_tensors(ck_dir)
+    ts["model.layers.0.block_sparse_moe.experts.1.w1.weight"] = torch.zeros(48, 64, dtype=torch.uint8)
+    save_file(ts, str(ck_dir / "model.safetensors"))
+    refused(ck_dir, "expert 0/1 is stored as U8", "quantised format")

@@ -149,3 +149,34 @@ def test_published_deepseek_v2_lite_config_matches_transformers():
     assert factor == pytest.approx(factor_ref)
     scale = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim) ** -0.5 * c.mla.softmax_mscale
     assert scale == pytest.approx(DeepseekV2Attention(ref, 0).scaling)
+
+
+def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
+    """The original gpt-oss checkpoints keep experts in MXFP4: the store dequantises each expert as it is
+    read, to exactly transformers' values, and the engine answers as on those values written in bf16."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from emoe.checkpoint import Checkpoint
+    from emoe.store import DiskStore
+    from tiny import make_mxfp4
+    mx = make_mxfp4(make_tiny("gpt_oss", tmp_path / "mx"))
+    with safe_open(str(mx / "model.safetensors"), framework="pt") as f:
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    deq = tmp_path / "deq"  # the same weights as transformers dequantises them, in the bf16 layout
+    deq.mkdir()
+    for p in mx.iterdir():
+        if p.name != "model.safetensors":
+            (deq / p.name).write_bytes(p.read_bytes())
+    for name in [k[: -len("_blocks")] for k in ts if k.endswith("_blocks")]:
+        ts[name] = convert_moe_packed_tensors(ts.pop(name + "_blocks"), ts.pop(name + "_scales"), dtype=torch.float32)
+    save_file(ts, str(deq / "model.safetensors"))
+    a, b = DiskStore(Checkpoint(mx)), DiskStore(Checkpoint(deq))
+    assert Checkpoint(mx).experts[(0, 0)].layout == "mxfp4" and Checkpoint(mx).experts[(0, 0)].nbytes * 3 < \
+        Checkpoint(deq).experts[(0, 0)].nbytes  # 4.25 bits a weight against fp32
+    for key in [(0, 0), (1, 5), (2, 7)]:
+        assert all(torch.equal(x.float(), y) for x, y in zip(a.read(*key), b.read(*key)))
+    assert run(mx, max_batch=1)[1] == run(deq, max_batch=1)[1]
+    eng, out = run(mx, miss_policy="host", budget=0.4)
+    assert out == run(deq, max_batch=1)[1] and eng.cache.stats.host_runs > 0

@@ -78,7 +78,7 @@ def run(model: str, budgets: list[float], policies: list[str], experts_on: str, 
         for b in budgets:
             if b < 1.0 or policy != "all":
                 rows.append(_spawn({**base, "policy": policy, "budget": b, "reference": ref["outputs"]}))
-    raw = raw_direct_bandwidth(next(iter(Checkpoint(model).experts.values())).gate.path)
+    raw = raw_direct_bandwidth(next(iter(Checkpoint(model).experts.values())).locs[0].path)
     for r in rows:
         r["raw_direct_bandwidth"] = raw
         r.pop("outputs", None)
