@@ -159,7 +159,7 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from emoe.checkpoint import Checkpoint
-    from emoe.store import DiskStore
+    from emoe.store import DiskStore, RamStore
     from tiny import make_mxfp4
     mx = make_mxfp4(make_tiny("gpt_oss", tmp_path / "mx"))
     with safe_open(str(mx / "model.safetensors"), framework="pt") as f:
@@ -175,8 +175,11 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
     a, b = DiskStore(Checkpoint(mx)), DiskStore(Checkpoint(deq))
     assert Checkpoint(mx).experts[(0, 0)].layout == "mxfp4" and Checkpoint(mx).experts[(0, 0)].nbytes * 3 < \
         Checkpoint(deq).experts[(0, 0)].nbytes  # 4.25 bits a weight against fp32
+    ram = RamStore(Checkpoint(mx))  # holds the packed bytes, dequantises per read
+    assert all(t.dtype == torch.uint8 for t in ram._experts[(0, 0)])
     for key in [(0, 0), (1, 5), (2, 7)]:
         assert all(torch.equal(x.float(), y) for x, y in zip(a.read(*key), b.read(*key)))
+        assert all(torch.equal(x, y) for x, y in zip(a.read(*key), ram.read(*key)))
     assert run(mx, max_batch=1)[1] == run(deq, max_batch=1)[1]
     eng, out = run(mx, miss_policy="host", budget=0.4)
     assert out == run(deq, max_batch=1)[1] and eng.cache.stats.host_runs > 0
