@@ -18,7 +18,8 @@ from .config import ModelConfig
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
-from .quant import CopyFile, copies_path, swiglu as expert_ffn
+from .dispatch import ExpertDispatch, run_experts
+from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
 from .traces import Trace, TraceRecorder
@@ -85,59 +86,6 @@ class Request:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-
-class ExpertDispatch:
-    """Runs a MoE layer's routed experts: trace → hit accounting → policy.select → per-expert FFN."""
-
-    def __init__(self, cache: ExpertCache, policy, recorder: TraceRecorder | None, ffn=None):
-        """ffn(layer) → the family's expert function (e, x, weights) → y, or None for plain SwiGLU."""
-        self.cache, self.policy, self.recorder, self.ffn = cache, policy, recorder, ffn or (lambda layer: None)
-
-    def __call__(self, layer, x, probs, weights, ids):
-        if self.recorder is not None:
-            self.recorder.record(layer, ids)
-        hit = self.cache.mask[layer][ids]
-        n_hit = int(hit.sum())
-        self.cache.stats.hits += n_hit
-        self.cache.stats.misses += ids.numel() - n_hit
-        weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
-        return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts,
-                           self.ffn(layer))
-
-
-def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Tensor:
-    """Σ over each token's top-k of weight × expert(x), fetch(e) giving expert e's tensors. One stable
-    sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
-    by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
-    are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow tier (the `host`
-    miss policy) run after the others, on one copy of the layer's tokens there, and their sum crosses back
-    once: the fast device works through its queued experts meanwhile. ffn(e, x, w) replaces SwiGLU for
-    families whose experts differ (gpt-oss)."""
-    ffn = ffn or (lambda e, h, w: expert_ffn(h, *w))
-    out = torch.zeros_like(x)
-    flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
-    start, deferred = 0, []
-    for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
-        if n:
-            w = fetch(e)
-            if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
-                deferred.append((e, start, n, w))
-            else:
-                tok = toks[start: start + n]
-                out.index_add_(0, tok, ffn(e, x[tok], w) * gates[start: start + n])
-            start += n
-    if deferred:
-        dev = deferred[0][3][0].device
-        hx, ht, hg = x.to(dev), toks.to(dev), gates.to(dev)
-        host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
-        for e, start, n, w in deferred:
-            tok = ht[start: start + n]
-            host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
-        out += host.to(x.device)
-    return out
 
 
 def resolve_budget(budget: float, total_bytes: int) -> int:

@@ -3,7 +3,7 @@ import torch
 
 from emoe.cache import ExpertCache
 from emoe.checkpoint import Checkpoint
-from emoe.engine import ExpertDispatch
+from emoe.dispatch import ExpertDispatch
 from emoe.model import KVCache, MoEModel
 from emoe.policies import AllResident
 from emoe.store import DiskStore

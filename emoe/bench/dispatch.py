@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import run_experts
+from ..dispatch import run_experts
 from ..model import route
 from ..quant import swiglu
 from .kernel import best_us
