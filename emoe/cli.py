@@ -125,7 +125,8 @@ def cmd_quantize(args) -> None:
 def cmd_profile(args) -> None:
     from .profile import run_profile
     prof = run_profile(_model(args), args.out, per_task=args.per_task, max_tokens=args.max_tokens,
-                       sens_prompts=args.sens_prompts)
+                       sens_prompts=args.sens_prompts, budget=args.budget, experts_on=args.experts_on,
+                       dtype=args.dtype)
     print(f"profile written to {args.out}: {len(prof.traces)} traces, load latency "
           f"{prof.load_latency_s * 1e3:.2f} ms/expert")
     print(sensitivity_table(prof))
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--per-task", type=int, default=40, help="training prompts per task")
     pr.add_argument("--max-tokens", type=int, default=48)
     pr.add_argument("--sens-prompts", type=int, default=8, help="prompts per task for the sensitivity probe")
+    pr.add_argument("--budget", type=float, default=1.0, help="for a model larger than memory: keep this share of "
+                    "expert bytes in the fast tier and run the rest in the slow tier (same traces and outputs)")
+    pr.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    _dtype_arg(pr)
     pr.set_defaults(fn=cmd_profile)
 
     tp = sub.add_parser("train-predictor", help="fit eMoE-A/L predictors on a profile; report set metrics on the test split")

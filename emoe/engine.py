@@ -115,7 +115,7 @@ class Engine:
                                  kernel=cfg.qkernel)
         self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
         self.policy = policy or make_policy(cfg.miss_policy)
-        full = cfg.miss_policy == "all" and policy is None or self.policy.name in ("all", "random-routing")
+        full = cfg.miss_policy == "all" and policy is None or self.policy.name == "all"
         budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
         need = self.policy.min_experts(layers, c.num_experts, c.top_k) * self.cache.expert_bytes
         if budget < need:

@@ -102,21 +102,6 @@ class LoadOnDemand(AllResident):
         return cache.get(layer, expert)
 
 
-class RandomRouting(AllResident):
-    """All experts resident, but tokens at `layers` go to random experts (weights kept): the probe the
-    sensitivity profile uses to find layers where a task tolerates mis-routing."""
-    name = "random-routing"
-
-    def __init__(self, layers=(), seed: int = 0):
-        self.layers, self.gen = set(layers), torch.Generator().manual_seed(seed)
-
-    def select(self, layer, x, probs, weights, ids, cache):
-        if layer not in self.layers:
-            return weights, ids
-        noise = torch.rand(probs.shape, generator=self.gen).to(probs.device)
-        return weights, noise.topk(ids.shape[-1], dim=-1).indices
-
-
 class PreGated(Reroute):
     """Pre-gated-MoE style: at each MoE layer, the *next* MoE layer's router is applied to the current
     hidden state and the experts it picks are fetched before that layer runs (evicting that layer's
@@ -240,6 +225,23 @@ class Host(Reroute):
 
     def fetch(self, layer, expert, cache):
         return cache.get(layer, expert) if (layer, expert) in cache else cache.host(layer, expert)
+
+
+class RandomRouting(Host):
+    """Tokens at `layers` go to random experts (weights kept), every other token as the router says: the
+    probe the sensitivity profile uses to find layers where a task tolerates mis-routing. Under a budget,
+    experts not resident run in the slow tier (Host), so only the randomised layers differ from the model."""
+    name = "random-routing"
+
+    def __init__(self, layers=(), seed: int = 0):
+        super().__init__()
+        self.layers, self.gen = set(layers), torch.Generator().manual_seed(seed)
+
+    def select(self, layer, x, probs, weights, ids, cache):
+        if layer not in self.layers:
+            return weights, ids
+        noise = torch.rand(probs.shape, generator=self.gen).to(probs.device)
+        return weights, noise.topk(ids.shape[-1], dim=-1).indices
 
 
 MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective,

@@ -108,16 +108,16 @@ def measure_load_latency(engine, n: int = 16) -> float:
 
 
 def sensitivity_curve(model_dir: str, prompts: list[str], refs: list[str], max_tokens: int,
-                      moe_layers: list[int], similarity) -> list[float]:
-    """Similarity to the all-resident outputs when the first m MoE layers route at random, m = 1..M."""
+                      moe_layers: list[int], similarity, **engine) -> list[float]:
+    """Similarity to the all-resident outputs when the first m MoE layers route at random, m = 1..M.
+    `engine`: EngineConfig settings (a budget runs non-resident experts in the slow tier: same outputs)."""
     from .engine import Engine, EngineConfig, SamplingParams
     from .policies import RandomRouting
     if not prompts:
         return [0.0] * len(moe_layers)  # nothing fits: count every layer as sensitive
     curve = []
     for m in range(1, len(moe_layers) + 1):
-        eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=len(prompts)),
-                     policy=RandomRouting(moe_layers[:m], seed=m))
+        eng = Engine(EngineConfig(model_dir, max_batch=len(prompts), **engine), policy=RandomRouting(moe_layers[:m], seed=m))
         outs = eng.generate(prompts, SamplingParams(max_tokens=max_tokens))
         sims = similarity([eng.text(r) for r in outs], refs)
         curve.append(sum(sims) / len(sims))
@@ -135,10 +135,16 @@ def flags_from_curve(curve: list[float], moe_layers: list[int], num_layers: int,
     return s
 
 
-def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_batch=None):
-    """All-resident greedy generation of examples in order, with routing traces (prompt + answer)."""
+def exact_engine(budget: float = 1.0, experts_on: str = "disk", dtype: str | None = None) -> dict:
+    """EngineConfig settings whose outputs are the model's own: everything resident, or under a budget
+    for a model larger than memory, the rest run in the slow tier (the `host` miss policy)."""
+    return dict(budget=budget, miss_policy="all" if budget >= 1.0 else "host", experts_on=experts_on, dtype=dtype)
+
+
+def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_batch=None, **engine):
+    """Greedy generation of examples in order with the model's own routing, traced (prompt + answer)."""
     from .engine import Engine, EngineConfig, SamplingParams
-    eng = Engine(EngineConfig(model_dir, miss_policy="all", max_batch=batch, trace=True))
+    eng = Engine(EngineConfig(model_dir, max_batch=batch, trace=True, **(engine or exact_engine())))
     params = SamplingParams(max_tokens=max_tokens)
     examples = [e for e in examples if eng.fits(e.prompt, max_tokens)]
     reqs, t0 = [], time.perf_counter()
@@ -151,7 +157,8 @@ def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_b
 
 
 def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens: int = 48,
-                sens_prompts: int = 8, batch: int = 8, seed: int = 0, similarity=None, progress=True) -> Profile:
+                sens_prompts: int = 8, batch: int = 8, seed: int = 0, similarity=None, progress=True,
+                budget: float = 1.0, experts_on: str = "disk", dtype: str | None = None) -> Profile:
     from tqdm import tqdm
 
     from .datasets import TASKS, load_split
@@ -166,7 +173,8 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
         stream += [(t, e) for e in rng.sample(by_task[t], min(per_task, len(by_task[t])))]
     rng.shuffle(stream)  # a mixed stream: uniformly random task per request, as in the paper
     bar = tqdm(total=len(stream) + len(TASKS), desc="profile", disable=not progress)
-    eng, reqs, secs = trace_stream(model_dir, [e for _, e in stream], max_tokens, batch, bar.update)
+    engine = exact_engine(budget, experts_on, dtype)
+    eng, reqs, secs = trace_stream(model_dir, [e for _, e in stream], max_tokens, batch, bar.update, **engine)
     n_prompt = sum(len(r.prompt_ids) for r in reqs)
     n_out = sum(len(r.output_ids) for r in reqs)
     # per-token costs from a calibrated split: decode steps dominate; prefill tokens are batched
@@ -178,7 +186,7 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
         mine = [r for r in reqs if r.task == t][:sens_prompts]
         refs = [eng.text(r) for r in mine]
         prompts = [prompt_of[id(r)] for r in mine]
-        curves[t] = sensitivity_curve(model_dir, prompts, refs, max_tokens, list(cfg.moe_layers), similarity)
+        curves[t] = sensitivity_curve(model_dir, prompts, refs, max_tokens, list(cfg.moe_layers), similarity, **engine)
         sens[t] = flags_from_curve(curves[t], list(cfg.moe_layers), cfg.num_layers)
         bar.update(1)
     bar.close()

@@ -26,6 +26,17 @@ def profile_dir(tiny_mixtral, tmp_path_factory, one_thread):
     return out
 
 
+def test_profile_under_a_budget_gives_the_same_traces(profile_dir, tiny_mixtral, tmp_path):
+    """A model larger than memory is profiled with most experts left in the slow tier and run there:
+    the traces, output lengths and sensitivity are those of the all-resident profile."""
+    out = tmp_path / "p"
+    run_profile(str(tiny_mixtral), out, per_task=3, max_tokens=4, sens_prompts=2, similarity=token_sim,
+                progress=False, budget=0.3, experts_on="ram")
+    a, b = Profile.load(profile_dir, tiny_mixtral), Profile.load(out, tiny_mixtral)
+    assert [t.total.tolist() for t in a.traces] == [t.total.tolist() for t in b.traces]
+    assert a.out_len == b.out_len and a.sensitivity == b.sensitivity and a.similarity == b.similarity
+
+
 def test_flags_from_curve():
     assert flags_from_curve([0.9, 0.86, 0.5, 0.9], [0, 1, 2, 3], 4) == [0, 0, 1, 1]
     assert flags_from_curve([0.5, 0.99], [1, 3], 4) == [1, 1, 1, 1]
