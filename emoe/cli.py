@@ -209,13 +209,14 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
 def cmd_train_predictor(args) -> None:
     from .eval import test_stream
     from .predictor import Predictor, baselines, evaluate, hindsight, loader_sizes
-    from .profile import Profile, trace_stream
+    from .profile import Profile, exact_engine, trace_stream
     from .traces import load_traces, save_traces
     model = _model(args)
     prof = Profile.load(args.profile, model)
     test_path = Path(args.profile) / "test_traces.jsonl"
     if not test_path.is_file():  # traced once from the test split; never used for fitting
-        _, reqs, _ = trace_stream(model, test_stream(args.test_n, seed=1), args.max_tokens)
+        _, reqs, _ = trace_stream(model, test_stream(args.test_n, seed=1), args.max_tokens,
+                                  **exact_engine(args.trace_budget, args.experts_on, args.dtype))
         save_traces([r.trace for r in reqs], test_path)
     test = load_traces(test_path)
     methods = {}
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--p", type=lambda t: [int(x) for x in t.split(",")], default=[1, 10, 40])
     tp.add_argument("--test-n", type=int, default=120)
     tp.add_argument("--max-tokens", type=int, default=48)
+    tp.add_argument("--trace-budget", type=float, default=1.0, help="as profile's --budget, for tracing the test split")
+    tp.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    _dtype_arg(tp)
     tp.set_defaults(fn=cmd_train_predictor)
 
     ev = sub.add_parser("eval", help="accuracy/memory/overhead of policies × budgets on the test split")
