@@ -79,6 +79,17 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     return torch.ldexp(vals, (scales.long() - 127)[..., None].float()).flatten(-2).to(dtype)
 
 
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse, for writing MXFP4 checkpoints (benchmarks, tests): [..., R, C] → blocks [..., R, C/32, 16]
+    and scales [..., R, C/32]; each group of 32 gets the smallest power of two that brings its largest
+    value within E2M1's ±6, and each value the nearest E2M1 value."""
+    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    mag = (g.abs() / torch.exp2(exp)[..., None]).clamp(max=6.0)
+    idx = ((mag[..., None] - torch.tensor(FP4[:8])).abs().argmin(-1) + 8 * (g < 0)).to(torch.uint8)
+    return (idx[..., 0::2] | (idx[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertLocs:
     """Where one expert's bytes are, and how they are laid out; `untangle` turns what is read into the

@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3"])
+    ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3", "gpt_oss"])
+    ap.add_argument("--mxfp4", action="store_true", help="gpt_oss: experts in MXFP4, as the original release")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,6 +40,8 @@ def main() -> None:
 
     sd = {"model.embed_tokens.weight": r(a.vocab, H), "lm_head.weight": r(a.vocab, H),
           "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    if a.family == "gpt_oss":
+        return write(out, gpt_oss(a, sd, r), a)
     ds = a.family == "deepseek_v3"
     lora, nope, rope_d, vd = 256, 64, 32, 64  # MLA sizes (DeepSeek-V2-Lite: 512, 128, 64, 128)
     for i in range(a.layers):
@@ -84,6 +87,43 @@ def main() -> None:
                "num_key_value_heads": heads, "num_local_experts": a.experts, "num_experts_per_tok": a.top_k,
                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 1e4,
                "rope_type": "default"}, "tie_word_embeddings": False, "eos_token_id": 0, "torch_dtype": "bfloat16"}
+    write(out, cfg, a)
+
+
+def gpt_oss(a, sd: dict, r) -> dict:
+    """gpt-oss tensors (biased attention with sinks, biased router, fused experts) into sd; the config."""
+    H, I, E, hd = a.hidden, a.inter, a.experts, 64
+    heads, kv = max(1, H // hd), max(1, H // hd // 4)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        for n, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            sd[p + f"self_attn.{n}_proj.weight"], sd[p + f"self_attn.{n}_proj.bias"] = r(rows, H), r(rows)
+        sd[p + "self_attn.o_proj.weight"], sd[p + "self_attn.o_proj.bias"] = r(H, heads * hd), r(H)
+        sd[p + "self_attn.sinks"] = r(heads, std=1.0)
+        sd[p + "mlp.router.weight"], sd[p + "mlp.router.bias"] = r(E, H, std=1.0), r(E)
+        q = p + "mlp.experts."
+        gate_up, down = r(E, H, 2 * I), r(E, I, H)
+        sd[q + "gate_up_proj_bias"], sd[q + "down_proj_bias"] = r(E, 2 * I), r(E, H)
+        if a.mxfp4:  # stored as the release does: [E, 2I, H] and [E, H, I], 32 values per scale
+            from emoe.checkpoint import mxfp4_quantize
+            sd[q + "gate_up_proj_blocks"], sd[q + "gate_up_proj_scales"] = mxfp4_quantize(gate_up.transpose(1, 2))
+            sd[q + "down_proj_blocks"], sd[q + "down_proj_scales"] = mxfp4_quantize(down.transpose(1, 2))
+        else:
+            sd[q + "gate_up_proj"], sd[q + "down_proj"] = gate_up, down
+    save_file(sd, str(Path(a.out) / "model.safetensors"), metadata={"format": "pt"})
+    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": a.vocab, "hidden_size": H,
+            "intermediate_size": I, "num_hidden_layers": a.layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": hd, "num_local_experts": E, "num_experts_per_tok": a.top_k,
+            "sliding_window": 128, "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                   for i in range(a.layers)],
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "attention_bias": True,
+            "rope_parameters": {"rope_theta": 150000.0, "rope_type": "default"}, "swiglu_limit": 7.0,
+            "tie_word_embeddings": False, "eos_token_id": 0, "torch_dtype": "bfloat16"}
+
+
+def write(out: Path, cfg: dict, a) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -93,8 +133,7 @@ def main() -> None:
         vocab_size=a.vocab, special_tokens=["<|end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(out / "tokenizer.json"))
-    n_exp = sum(t.numel() * 2 for k, t in sd.items() if ".experts." in k)
-    print(f"wrote {out}: {n_exp / 2**20:.0f} MiB of experts, {(out / 'model.safetensors').stat().st_size / 2**20:.0f} MiB file")
+    print(f"wrote {out}: {(out / 'model.safetensors').stat().st_size / 2**20:.0f} MiB file")
 
 
 if __name__ == "__main__":

@@ -80,28 +80,17 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
     return directory
 
 
-def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., R, C] → MXFP4 blocks [..., R, C/32, 16] (uint8, low nibble first) and scales [..., R, C/32]:
-    each group of 32 gets the smallest power of two that brings its largest value within E2M1's ±6."""
-    from emoe.checkpoint import FP4
-    g = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
-    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
-    lut = torch.tensor(FP4[:8])
-    mag = (g.abs() / torch.exp2(exp)[..., None]).clamp(max=6.0)
-    idx = (mag[..., None] - lut).abs().argmin(-1) + 8 * (g < 0)
-    idx = idx.to(torch.uint8)
-    return (idx[..., 0::2] | (idx[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
-
-
 def make_mxfp4(directory: Path) -> Path:
     """Rewrite a tiny gpt-oss checkpoint's experts as the original release stores them (MXFP4, with
     gate_up as [E, 2I, H] rows interleaved and down as [E, H, I])."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from emoe.checkpoint import mxfp4_quantize
     f = directory / "model.safetensors"
     with safe_open(str(f), framework="pt") as s:
         ts = {k: s.get_tensor(k) for k in s.keys()}
     for name in [k for k in ts if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        ts[name + "_blocks"], ts[name + "_scales"] = to_mxfp4(ts.pop(name).transpose(1, 2))
+        ts[name + "_blocks"], ts[name + "_scales"] = mxfp4_quantize(ts.pop(name).transpose(1, 2))
     save_file(ts, str(f), metadata={"format": "pt"})
     return directory
