@@ -247,8 +247,8 @@ class ExpertCache:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
                               f"({need} > {self.budget_bytes} bytes)")
         t0 = time.perf_counter()
-        host = self.store.read(layer, expert)
-        w = tuple(t.to(self.device, self.dtype, non_blocking=True) for t in host)
+        packed, unpack = self.store.read_packed(layer, expert)  # unpacked where it lands: fewer bytes cross
+        w = tuple(t.to(self.dtype) for t in unpack(tuple(t.to(self.device, non_blocking=True) for t in packed)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._res[key] = w

@@ -88,6 +88,11 @@ class DiskStore:
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ckpt.experts[(layer, expert)].untangle(self.read_raw(layer, expert))
 
+    def read_packed(self, layer: int, expert: int):
+        """(tensors as stored, the function that unpacks them): a fast tier on another device can copy the
+        packed bytes (MXFP4: 4.25 bits a weight) and unpack them there."""
+        return self.read_raw(layer, expert), self.ckpt.experts[(layer, expert)].untangle
+
     def read_raw(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """The expert's tensors as the checkpoint stores them (before `ExpertLocs.untangle`)."""
         locs = self.ckpt.experts[(layer, expert)]
@@ -122,6 +127,14 @@ class RamStore:
                          for key in ckpt.experts}
         disk.close()
         self.direct = False
+
+    def read_packed(self, layer: int, expert: int):
+        """As DiskStore.read_packed; only MXFP4 experts are held packed here."""
+        key = (layer, expert)
+        self.stats.reads += 1
+        out = self._experts[key]
+        self.stats.bytes_read += sum(t.numel() * t.element_size() for t in out)
+        return out, (self.ckpt.experts[key].untangle if key in self._packed else (lambda ts: ts))
 
     def read(self, layer: int, expert: int):
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ TOTAL = LAYERS * EXPERTS * EB
 
 
 class FakeStore:
-    """The cache only calls store.read(layer, expert); values encode the key so reads can be checked."""
+    """The cache calls store.read / read_packed(layer, expert); values encode the key so reads can be checked."""
 
     def __init__(self):
         self.reads = []
@@ -23,6 +23,9 @@ class FakeStore:
         self.reads.append((layer, expert))
         v = float(layer * 100 + expert)
         return (torch.full((I, H), v), torch.full((I, H), v + 0.25), torch.full((H, I), v + 0.5))
+
+    def read_packed(self, layer, expert):
+        return self.read(layer, expert), lambda ts: ts
 
 
 def make_cache(budget):
