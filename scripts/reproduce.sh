@@ -50,6 +50,8 @@ $E eval --profile $P --dtype bfloat16 --budgets 0.4 --split val --seed 2 --n 96 
 $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 \
   --policies all,random-host,popular-host,task-static-host,moe-infinity-host,emoe-a-host,emoe-a-sticky-host,emoe-e-host \
   --versus emoe-a-host --n 96 --seed 1 --json $R/eval_host_bf16_seed1.json | tee $R/eval_host_bf16_seed1.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --policies all,oracle-host,task-static-host,emoe-a-host \
+  --n 96 --seed 1 --json $R/eval_host_oracle_bf16_seed1.json
 ${PY:-.venv/bin/python} scripts/noise_floor.py --n 96 --seed 1 | tee $R/noise_floor.txt
 $E bench kernel --json $R/bench_kernel.json | tee $R/bench_kernel.txt
 $E bench dispatch --json $R/bench_dispatch.json | tee $R/bench_dispatch.txt
