@@ -29,7 +29,7 @@ from .traces import Trace, TraceRecorder
 class EngineConfig:
     model: str
     budget: float = 1.0            # fraction of all routed-expert bytes (0, 1], or bytes when > 1
-    miss_policy: str = "reroute"   # reroute | load | all
+    miss_policy: str = "reroute"   # a policies.MISS_POLICIES name: reroute | load | host | shadow | all | …
     experts_on: str = "disk"       # disk | ram
     device: str | None = None      # default: cuda when available, else cpu
     dtype: str | None = None       # compute dtype; default float32 on CPU, the checkpoint's on CUDA
