@@ -47,9 +47,15 @@ class TextCodec:
         """Render messages with the checkpoint's template; without one, plain role-prefixed text."""
         if not self.template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        from datetime import datetime
+
+        from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # as transformers renders templates
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # gpt-oss, Llama-style templates
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # no HTML escaping
         return env.from_string(self.template).render(
             messages=messages, add_generation_prompt=True,
             bos_token=self._token_str(self.cfg.get("bos_token")) or "",

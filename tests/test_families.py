@@ -106,6 +106,10 @@ def test_chat_template_from_its_own_file(tmp_path):
     (path / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     assert TextCodec(path, ck.tokenizer_path, ()).apply_chat(msgs) == "<|user|>hi<|assistant|>"
+    # what real templates use: break, strftime_now (gpt-oss), tojson without HTML escaping (tool calls)
+    (path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.content | tojson }}{% break %}{% endfor %}{{ strftime_now('%Y') | length }}")
+    assert TextCodec(path, ck.tokenizer_path, ()).apply_chat([{"role": "user", "content": "<a&b>"}] * 2) == '"<a&b>"4'
 
 
 def test_deepseek_router_stays_fp32_in_a_bf16_engine(tmp_path):
