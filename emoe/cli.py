@@ -162,7 +162,7 @@ def cmd_eval(args) -> None:
     from .eval import deferred_similarity
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
-                    seed=args.seed, split=args.split,
+                    seed=args.seed, split=args.split, reference_budget=args.reference_budget,
                     similarity=deferred_similarity if args.similarity == "deferred" else None)
     print(table(recs))
     if args.versus:
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
     ev.add_argument("--seed", type=int, default=0, help="which test prompts, and in which task order")
+    ev.add_argument("--reference-budget", type=float, default=1.0, help="for a model larger than memory: the "
+                    "reference (all-resident) outputs with this share resident and the rest run in the slow tier")
     ev.add_argument("--split", default="test", choices=["test", "val"],
                     help="val for choosing designs and settings; test for reporting them")
     ev.add_argument("--versus", default=None, help="print every policy's paired difference from this one, with CIs")

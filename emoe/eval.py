@@ -172,16 +172,20 @@ def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[
 
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
-             group_window: int = 0, dtype: str | None = None, split: str = "test") -> list[dict]:
+             group_window: int = 0, dtype: str | None = None, split: str = "test",
+             reference_budget: float = 1.0) -> list[dict]:
     """dtype: the fast tier's (and compute) dtype; default as the engine's (float32 on CPU). bfloat16
     prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy;
-    copies then keep the portable layout a GPU would hold (2-byte scales), not the CPU kernel's."""
+    copies then keep the portable layout a GPU would hold (2-byte scales), not the CPU kernel's.
+    reference_budget < 1: the reference outputs of a model larger than memory, with the experts the
+    budget leaves out run in the slow tier (the model's own outputs, as all-resident gives them)."""
+    from .profile import exact_engine
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     params = SamplingParams(max_tokens=max_tokens)
     oracle = any(name.partition("-")[0] == "oracle" for _, name, _, _ in configs)  # it needs the routing
-    ref_eng = Engine(EngineConfig(model, miss_policy="all", max_batch=batch, experts_on=experts_on, dtype=dtype,
-                                  trace=oracle))
+    ref_eng = Engine(EngineConfig(model, max_batch=batch, trace=oracle,
+                                  **exact_engine(reference_budget, experts_on, dtype)))
     stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64), split=split),
                            group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)

@@ -120,3 +120,18 @@ def test_saving_a_profile_drops_cached_test_traces(profile_dir, tiny_mixtral, tm
     stale.write_text((profile_dir / "traces.jsonl").read_text())
     prof.save(tmp_path)
     assert not stale.exists() and (tmp_path / "traces.jsonl").is_file()
+
+
+def test_eval_reference_under_a_budget_is_the_all_resident_one(profile_dir, tiny_mixtral):
+    """A model larger than memory gets its reference outputs with the rest of the experts run in the slow
+    tier: every policy scores as against the all-resident reference."""
+    from emoe.eval import Setup, evaluate, grid
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    exact = lambda a, b: [float(x == y) for x, y in zip(a, b)]  # noqa: E731
+    kw = dict(n=4, max_tokens=4, batch=2, log=lambda m: None, similarity=exact)
+    configs = grid(Setup(prof, {}), ["popular", "popular-host"], [0.3])
+    full = evaluate(str(tiny_mixtral), configs, **kw)
+    tight = evaluate(str(tiny_mixtral), configs, reference_budget=0.2, **kw)
+    for a, b in zip(full, tight):
+        assert (a["similarity"], a["token_agreement"]) == (b["similarity"], b["token_agreement"])
+    assert tight[1]["token_agreement"] == 1.0  # host misses: the model's own tokens
