@@ -22,3 +22,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def same_model_tokens(got: list[list[int]], want: list[list[int]]) -> bool:
+    """Greedy tokens of the same model computed partly elsewhere (experts run on the host, reference
+    outputs under a budget). On a CPU both paths do the same arithmetic, so the tokens are equal. On a GPU
+    the host's matmuls round differently from the device's and a greedy continuation may part after a
+    near-tie, so only each answer's first token (the prefill's) is held to equality there."""
+    import torch
+    if not torch.cuda.is_available():
+        return got == want
+    return [g[:1] for g in got] == [w[:1] for w in want]

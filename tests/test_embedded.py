@@ -2,6 +2,7 @@
 and come with a profile that matches it."""
 from pathlib import Path
 
+from conftest import same_model_tokens
 from emoe import default_model_dir
 from emoe.datasets import load_split
 from emoe.engine import Engine, EngineConfig, SamplingParams
@@ -88,6 +89,6 @@ def test_emoe_residency_with_misses_run_on_the_host_is_exact(one_thread):
     want = [ref.generate([e.prompt], params, tasks=[e.task])[0].output_ids for e in exs]
     eng = Engine(EngineConfig(MODEL, budget=0.4, max_batch=1, experts_on="ram"), policy=policy, residency=residency)
     got = [eng.generate([e.prompt], params, tasks=[e.task])[0].output_ids for e in exs]
-    assert got == want
+    assert same_model_tokens(got, want)
     s = eng.cache.stats
     assert s.host_runs > 0 and s.hit_rate > 0.5 and eng.cache.used_bytes <= eng.cache.budget_bytes

@@ -3,6 +3,7 @@ batching, budgets and miss policies behave the same whatever the attention and r
 import pytest
 import torch
 
+from conftest import same_model_tokens
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from tiny import make_tiny
 
@@ -85,7 +86,7 @@ def test_host_misses_are_exact_and_move_nothing(model, experts_on):
     output equals all-resident at any budget, nothing is admitted, and the budget holds."""
     _, ref = run(model, max_batch=1)
     eng, out = run(model, miss_policy="host", budget=0.3, experts_on=experts_on)
-    assert out == ref
+    assert same_model_tokens(out, ref)
     s = eng.cache.stats
     assert s.misses > 0 and s.host_runs > 0 and s.loads == 0 and s.bytes_loaded == 0
     assert 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
@@ -186,4 +187,4 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.read(*key), ram.read(*key)))
     assert run(mx, max_batch=1)[1] == run(deq, max_batch=1)[1]
     eng, out = run(mx, miss_policy="host", budget=0.4)
-    assert out == run(deq, max_batch=1)[1] and eng.cache.stats.host_runs > 0
+    assert same_model_tokens(out, run(deq, max_batch=1)[1]) and eng.cache.stats.host_runs > 0
