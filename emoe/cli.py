@@ -51,6 +51,13 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
     return None
 
 
+def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:
+    if prof_dir is None and args.budget < 1.0 and args.miss_policy == "reroute":
+        print(f"[emoe] {model} has no profile: misses are rerouted over an even split of the budget, which "
+              f"changes outputs; profile it (`emoe profile --model {model} --out DIR --budget {args.budget:g}`, "
+              f"then --profile DIR) or pass --miss-policy host (exact: misses run in the slow tier)", file=sys.stderr)
+
+
 def _residency(model: str, profile_dir: str, name: str | None, stickiness: float = 0.0):
     """(miss policy, residency factory, profile) for a named policy. Default: eMoE-A (task-static without a
     predictor) with int4/int8 copies of the experts not held in full: at 40% of expert bytes it keeps
@@ -78,6 +85,7 @@ def cmd_generate(args) -> None:
     prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
     if args.policy is not None and prof_dir is None:
         raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
+    _warn_unprofiled(args, model, _profile_dir(args, model))
     if prof_dir:  # eMoE residency from the profile; the task from the prompt unless given
         from .tasks import TaskExtractor
         policy, residency, prof, name = _residency(model, prof_dir, args.policy)
@@ -273,6 +281,7 @@ def cmd_serve(args) -> None:
     model = _model(args)
     prof = extractor = policy = residency = None
     prof_dir = _profile_dir(args, model)
+    _warn_unprofiled(args, model, prof_dir)
     if prof_dir:  # profiled costs and task extractor for the scheduler; the eMoE loader when rerouting
         from .profile import Profile
         from .tasks import TaskExtractor

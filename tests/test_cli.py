@@ -20,6 +20,15 @@ def test_generate_low_budget_load(tiny_mixtral, capsys):
     assert "hit rate" in err
 
 
+def test_unprofiled_model_under_a_budget_says_what_rerouting_costs(tiny_mixtral, capsys):
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5"])
+    assert "has no profile" in capsys.readouterr().err
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5",
+          "--miss-policy", "host"])
+    err = capsys.readouterr().err
+    assert "has no profile" not in err and "expert runs on the host" in err
+
+
 def test_missing_model_folder():
     with pytest.raises(SystemExit) as exc:
         main(["generate", "hi", "--model", "/nonexistent", "--max-tokens", "3"])
