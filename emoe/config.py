@@ -43,6 +43,7 @@ FAMILIES: dict[str, Family] = {
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
+MAX_LAYERS = 4096
 DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # first_k_dense_replace dense layers, n_shared_experts
 
 
@@ -125,7 +126,7 @@ class ModelConfig:
             raise ConfigError(f"moe_layers {self.moe_layers} must be a non-empty subset of 0..{self.num_layers - 1}")
         if len(self.moe_layers) < self.num_layers and self.dense_intermediate_size <= 0:
             raise ConfigError("dense (non-MoE) layers need intermediate_size > 0")
-        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+        if self.n_group < 1 or self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
             raise ConfigError(f"n_group={self.n_group} must divide num_experts={self.num_experts} and "
                               f"topk_group={self.topk_group} must lie in 1..n_group")
         if self.top_k > self.topk_group * (self.num_experts // self.n_group):
@@ -146,6 +147,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: dict) -> "ModelConfig":
+        """A Hugging Face config.json (as a dict) → ModelConfig; anything malformed is a ConfigError."""
+        try:
+            return cls._from_hf(raw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            raise ConfigError(f"config.json has a malformed value ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_hf(cls, raw: dict) -> "ModelConfig":
         family = raw.get("model_type")
         if family not in FAMILIES:
             arch = raw.get("architectures")
@@ -161,6 +172,10 @@ class ModelConfig:
         n_layers = int(need("num_hidden_layers"))
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
+        if heads <= 0 or hidden <= 0:
+            raise ConfigError(f"num_attention_heads ({heads}) and hidden_size ({hidden}) must be positive")
+        if not 0 < n_layers <= MAX_LAYERS:  # before anything is sized by it: a corrupt value must not exhaust memory
+            raise ConfigError(f"num_hidden_layers={n_layers} is outside 1..{MAX_LAYERS}")
         spec = FAMILIES[family]
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -172,6 +187,8 @@ class ModelConfig:
             dense_inter = 0
         elif family in DEEPSEEK_LAYOUT:
             first_dense = int(raw.get("first_k_dense_replace") or 0)
+            if not 0 <= first_dense < n_layers:
+                raise ConfigError(f"first_k_dense_replace={first_dense} leaves no MoE layer of {n_layers}")
             moe_layers = tuple(range(first_dense, n_layers))
             inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
         else:

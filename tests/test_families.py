@@ -1,5 +1,7 @@
 """The engine end to end on every supported family other than Mixtral (test_engine covers Mixtral in depth):
 batching, budgets and miss policies behave the same whatever the attention and router look like."""
+import os
+
 import pytest
 import torch
 
@@ -188,3 +190,40 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
     assert run(mx, max_batch=1)[1] == run(deq, max_batch=1)[1]
     eng, out = run(mx, miss_policy="host", budget=0.4)
     assert same_model_tokens(out, run(deq, max_batch=1)[1]) and eng.cache.stats.host_runs > 0
+
+
+FAMILY_CONFIGS = {}
+
+
+def family_config(family, tmp_path_factory):
+    if family not in FAMILY_CONFIGS:
+        import json
+        path = make_tiny(family, tmp_path_factory.mktemp("cfg") / family)
+        FAMILY_CONFIGS[family] = json.loads((path / "config.json").read_text())
+    return FAMILY_CONFIGS[family]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                                    "glm4_moe", "gpt_oss"])
+def test_malformed_configs_get_a_config_error(family, tmp_path_factory):
+    """Any key removed or given a value of the wrong kind: the config parses or is refused with a
+    ConfigError (one clear line at the command line), never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from emoe.config import ConfigError, ModelConfig
+    raw = family_config(family, tmp_path_factory)
+    junk = st.one_of(st.none(), st.text(max_size=3), st.integers(-3, 3), st.floats(allow_nan=True),
+                     st.lists(st.integers(0, 2), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+
+    # fixed examples in CI (a red build should mean a change broke something); EMOE_FUZZ=N explores N new ones
+    fuzz = int(os.environ.get("EMOE_FUZZ", 0))
+    @settings(max_examples=fuzz or 150, derandomize=not fuzz, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(sorted(raw)), st.booleans(), junk)
+    def check(key, drop, value):
+        bad = {k: v for k, v in raw.items() if k != key} if drop else {**raw, key: value}
+        try:
+            ModelConfig.from_hf(bad)
+        except ConfigError:
+            pass
+    check()
