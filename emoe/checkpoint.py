@@ -40,6 +40,24 @@ class TensorLoc:
         return DTYPES[self.dtype]
 
 
+def _entry(path: Path, name: str, meta: dict, data_start: int, size: int) -> TensorLoc:
+    """One header entry, checked: a known dtype, offsets inside the file, and a shape that fills them."""
+    if meta.get("dtype") not in DTYPES:
+        hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
+                if str(meta.get("dtype", "")).startswith("F8") else "")
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
+    a, b = (int(x) for x in meta["data_offsets"])
+    if not 0 <= a <= b <= size - data_start:
+        raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+    shape = tuple(int(d) for d in meta["shape"])
+    numel = 1
+    for d in shape:
+        numel *= d
+    if min(shape, default=0) < 0 or numel * DTYPES[meta["dtype"]].itemsize != b - a:
+        raise CheckpointError(f"{path}: tensor {name} has shape {shape} but {b - a} bytes")
+    return TensorLoc(str(path), data_start + a, b - a, meta["dtype"], shape)
+
+
 def read_header(path: Path) -> dict[str, TensorLoc]:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -53,18 +71,18 @@ def read_header(path: Path) -> dict[str, TensorLoc]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta.get("dtype") not in DTYPES:
-            hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
-                    if str(meta.get("dtype", "")).startswith("F8") else "")
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
-        a, b = meta["data_offsets"]
-        if not 0 <= a <= b <= size - 8 - n:
-            raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
-        out[name] = TensorLoc(str(path), 8 + n + a, b - a, meta["dtype"], tuple(meta["shape"]))
+        try:
+            out[name] = _entry(path, name, meta, 8 + n, size)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry ({type(e).__name__}: {e})") from None
     return out
 
 

@@ -169,3 +169,36 @@ def test_integer_weights_outside_mxfp4_are_refused(ck_dir):
     ts["model.layers.0.block_sparse_moe.experts.1.w1.weight"] = torch.zeros(48, 64, dtype=torch.uint8)
     save_file(ts, str(ck_dir / "model.safetensors"))
     refused(ck_dir, "expert 0/1 is stored as U8", "quantised format")
+
+
+def test_malformed_header_entries_get_a_checkpoint_error(tmp_path):
+    """Any header entry (dtype, offsets, shape) of the wrong kind, out of range or inconsistent with its
+    bytes is a CheckpointError naming the file, never another exception."""
+    import os
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from emoe.checkpoint import read_header
+    junk = st.one_of(st.none(), st.text(max_size=3), st.integers(-5, 40), st.floats(allow_nan=True),
+                     st.lists(st.integers(-2, 40), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+    good = {"dtype": "F32", "data_offsets": [0, 32], "shape": [2, 4]}
+    fuzz = int(os.environ.get("EMOE_FUZZ", 0))
+
+    @settings(max_examples=fuzz or 150, derandomize=not fuzz, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["dtype", "data_offsets", "shape", None]), junk)
+    def check(key, value):
+        entry = value if key is None else {**good, key: value}  # one field, or the whole entry, replaced
+        header = json.dumps({"t": entry}).encode()
+        f = tmp_path / "x.safetensors"
+        f.write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
+        try:
+            loc = read_header(f)["t"]
+        except CheckpointError as e:
+            assert str(f) in str(e)
+        else:  # accepted: its bytes lie in the file and its shape fills them exactly
+            numel = 1
+            for d in loc.shape:
+                numel *= d
+            assert loc.start + loc.nbytes <= f.stat().st_size and numel * loc.torch_dtype.itemsize == loc.nbytes
+    check()
