@@ -129,6 +129,8 @@ class ModelConfig:
         if self.n_group < 1 or self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
             raise ConfigError(f"n_group={self.n_group} must divide num_experts={self.num_experts} and "
                               f"topk_group={self.topk_group} must lie in 1..n_group")
+        if self.spec.scoring == "sigmoid" and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ConfigError(f"n_group={self.n_group} leaves fewer than 2 experts per group (a group scores its top 2)")
         if self.top_k > self.topk_group * (self.num_experts // self.n_group):
             raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_group} groups a token may use")
         if self.spec.mla != (self.mla is not None):
