@@ -158,6 +158,7 @@ def test_deepseek_config_errors(tmp_path):
     for bad, match in (({"n_group": 3}, "n_group=3 must divide"), ({"topk_group": 5}, "topk_group=5"),
                        ({"num_experts_per_tok": 5, "topk_group": 1}, "top_k=5 exceeds"),
                        ({"kv_lora_rank": None}, "MLA setting"),
+                       ({"n_group": 8, "topk_group": 4}, "fewer than 2 experts per group"),
                        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope")):
         with pytest.raises(ConfigError, match=match):
             ModelConfig.from_hf({**raw, **bad})
