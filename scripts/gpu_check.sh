@@ -4,7 +4,8 @@
 # Needs, beside the checkout, wheels of what the machine lacks in .whl/ (fastapi, uvicorn, openai, … for
 # the server tests); embedding similarity is deferred (no sentence model there): afterwards, where the
 # eval extra is installed, `emoe rescore OUTDIR/eval_gpu.json` fills it in. Each step has its own time
-# limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step.
+# limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step;
+# STEPS="pytest eval …" runs only the named steps (to split the run over calls under a time limit).
 set -u
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -14,7 +15,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 E="python3 -m emoe.cli"
-step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; local t0=$SECONDS
+step() { local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
+  echo "== $name (limit ${limit}s)"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "== $name: exit $? in $((SECONDS - t0))s"; tail -n 25 "$OUT/$name.txt"; }
 Q=${QUICK:-0}
 P=emoe/models/emoe-tiny/profile
@@ -44,3 +47,9 @@ step profile_random $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $M \
   --configs all:1.0,reroute:0.4,shadow:0.4,load:0.4,host:0.4,host:0.1
 step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow,host \
   --json "$OUT/bench_memory_gpu.json"
+# gpt-oss as released (MXFP4 experts, 354 MiB here): misses run on the host CPU (llama.cpp --n-cpu-moe style)
+# against LRU copies of dequantised experts and all-resident
+G=/tmp/random-gpt-oss
+step random_gpt_oss 60 python3 scripts/make_random_model.py --out $G --family gpt_oss --mxfp4 --experts 32 --top-k 4 \
+  --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
+step profile_gpt_oss $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $G --configs all:1.0,host:0.4,load:0.4,host:0.1
