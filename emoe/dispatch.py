@@ -57,6 +57,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Ten
         host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
         for e, start, n, w in deferred:
             tok = ht[start: start + n]
+            w = tuple(t.to(x.dtype) for t in w)  # run in the activations' dtype (a no-op where they agree)
             host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
         out += host.to(x.device)
     return out

@@ -141,9 +141,7 @@ def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_
 
     def ffn(e: int, x: torch.Tensor, w) -> torch.Tensor:
         gate, up, down = w
-        if isinstance(gate, torch.Tensor) and (gate.device != x.device or gate.dtype != x.dtype):
-            gate, up, down = (t.to(x.device, x.dtype) for t in w)  # slow-tier weights: run them as the fast tier would
-        b = gate_up_bias[e].to(x.device, x.dtype)
+        b = gate_up_bias[e].to(x.device, x.dtype)  # biases stay with the dense weights; the expert may run on the host
         g = (linear(x, gate) + b[0::2]).clamp(max=limit)
         u = (linear(x, up) + b[1::2]).clamp(-limit, limit)
         return linear((u + 1) * g * torch.sigmoid(alpha * g), down) + down_bias[e].to(x.device, x.dtype)

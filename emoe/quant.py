@@ -170,10 +170,6 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     if isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor):
         xb = x.to(torch.bfloat16)
         return _kmm(F.silu(_kmm(xb, gate)) * _kmm(xb, up), down).to(x.dtype)
-    if isinstance(gate, torch.Tensor) and (gate.device != x.device or gate.dtype != x.dtype):
-        # an expert run where its weights live (the host tier), in the activations' dtype: only the tokens
-        # cross, once each way (weights already in that dtype, as on a GPU serving bf16, are not copied)
-        return swiglu(x.to(gate.device), *(w.to(x.dtype) for w in (gate, up, down))).to(x.device)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 

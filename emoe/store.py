@@ -130,21 +130,17 @@ class RamStore:
 
     def read_packed(self, layer: int, expert: int):
         """As DiskStore.read_packed; only MXFP4 experts are held packed here."""
+        t0 = time.perf_counter()
         key = (layer, expert)
-        self.stats.reads += 1
         out = self._experts[key]
+        self.stats.reads += 1
         self.stats.bytes_read += sum(t.numel() * t.element_size() for t in out)
+        self.stats.seconds += time.perf_counter() - t0
         return out, (self.ckpt.experts[key].untangle if key in self._packed else (lambda ts: ts))
 
     def read(self, layer: int, expert: int):
-        t0 = time.perf_counter()
-        out = self._experts[(layer, expert)]
-        self.stats.reads += 1
-        self.stats.bytes_read += sum(t.numel() * t.element_size() for t in out)
-        if (layer, expert) in self._packed:
-            out = self.ckpt.experts[(layer, expert)].untangle(out)
-        self.stats.seconds += time.perf_counter() - t0
-        return out
+        packed, unpack = self.read_packed(layer, expert)
+        return unpack(packed)
 
     def close(self) -> None:
         pass
