@@ -135,6 +135,8 @@ class ModelConfig:
             raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_group} groups a token may use")
         if self.spec.mla != (self.mla is not None):
             raise ConfigError(f"family {self.family} {'needs' if self.spec.mla else 'takes no'} MLA settings")
+        if self.family == "gpt_oss" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
+            raise ConfigError(f"swiglu_limit={self.swiglu_limit} and swiglu_alpha={self.swiglu_alpha} must be positive")
 
     @property
     def kv_numel_per_token(self) -> int:
@@ -215,8 +217,9 @@ class ModelConfig:
             else int(raw.get("head_dim") or hidden // heads),
             num_experts=int(need("num_local_experts", "num_experts", "n_routed_experts")),
             window_layers=window_layers,
-            swiglu_limit=float(raw.get("swiglu_limit") or 0.0) if family == "gpt_oss" else 0.0,
-            swiglu_alpha=float(raw.get("swiglu_alpha") or 1.702) if family == "gpt_oss" else 1.0,
+            # transformers before 5.2x hard-coded 7.0 and 1.702 and wrote neither into config.json
+            swiglu_limit=float(raw.get("swiglu_limit", 7.0)) if family == "gpt_oss" else 0.0,
+            swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)) if family == "gpt_oss" else 1.0,
             top_k=int(need("num_experts_per_tok", "experts_per_token")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None

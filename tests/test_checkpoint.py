@@ -164,6 +164,20 @@ def test_deepseek_config_errors(tmp_path):
             ModelConfig.from_hf({**raw, **bad})
 
 
+def test_gpt_oss_swiglu_defaults_are_transformers_hard_coded_ones(tmp_path):
+    """transformers before 5.2x wrote no swiglu_limit/alpha into config.json and used 7.0 and 1.702: a config
+    without them must clamp as those did (a default of no clamp once gave wrong logits on transformers 5.17)."""
+    from emoe.config import ConfigError, ModelConfig
+    from tiny import make_tiny
+    raw = json.loads((make_tiny("gpt_oss", tmp_path / "g") / "config.json").read_text())
+    bare = {k: v for k, v in raw.items() if k not in ("swiglu_limit", "swiglu_alpha")}
+    cfg = ModelConfig.from_hf(bare)
+    assert (cfg.swiglu_limit, cfg.swiglu_alpha) == (7.0, 1.702)
+    assert ModelConfig.from_hf({**bare, "swiglu_limit": 3.5}).swiglu_limit == 3.5
+    with pytest.raises(ConfigError, match="swiglu_limit=0.0"):
+        ModelConfig.from_hf({**bare, "swiglu_limit": 0})
+
+
 def test_integer_weights_outside_mxfp4_are_refused(ck_dir):
     import torch
     ts = load_tensors(ck_dir)
