@@ -71,7 +71,7 @@ class ExpertCache:
         self._res: OrderedDict[tuple[int, int], Weights] = OrderedDict()  # LRU order, oldest first
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
-        self.stats = CacheStats()
+        self._stats, self._pending = CacheStats(), None  # see stats and count_routed
         # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
         self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
@@ -83,6 +83,24 @@ class ExpertCache:
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
 
     # -- queries ---------------------------------------------------------------------------------
+    @property
+    def stats(self) -> CacheStats:
+        """The counters. Reading them settles the hit count that count_routed keeps on the device."""
+        if self._pending is not None:
+            hits, n = self._pending
+            hits = int(hits)
+            self._stats.hits += hits
+            self._stats.misses += n - hits
+            self._pending = None
+        return self._stats
+
+    def count_routed(self, hit: torch.Tensor) -> None:
+        """Tally a layer's routed assignments (hit: resident or not) without a host sync: on a GPU a decode
+        step is bound by syncs, and the count is read far less often than it is added to."""
+        n = hit.sum()
+        self._pending = (n, hit.numel()) if self._pending is None else (self._pending[0] + n,
+                                                                         self._pending[1] + hit.numel())
+
     @property
     def capacity(self) -> int:
         """Experts the budget holds at full precision (next to the shadows of all the others)."""
@@ -136,12 +154,12 @@ class ExpertCache:
     def host(self, layer: int, expert: int) -> Weights:
         """A non-resident expert's weights where the slow tier holds them (host RAM: no copy; disk: read
         now), to be run there: nothing is admitted, so the budget is untouched."""
-        self.stats.host_runs += 1
+        self._stats.host_runs += 1
         return self.store.read(layer, expert)
 
     def approx(self, layer: int, expert: int) -> tuple[QTensor | KTensor, ...]:
         """A non-resident expert's shadow, for quant.linear (KeyError when there is none)."""
-        self.stats.shadow_uses += 1
+        self._stats.shadow_uses += 1
         return self._shadow[(layer, expert)]
 
     def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32,
@@ -228,8 +246,8 @@ class ExpertCache:
         else:
             t0 = time.perf_counter()
             self._set_shadow(key, self._copy(key, bits))
-            self.stats.bytes_loaded += self._qcost[bits]
-            self.stats.load_seconds += time.perf_counter() - t0
+            self._stats.bytes_loaded += self._qcost[bits]
+            self._stats.load_seconds += time.perf_counter() - t0
 
     # -- moves -----------------------------------------------------------------------------------
     def _check(self, layer: int, expert: int) -> None:
@@ -254,9 +272,9 @@ class ExpertCache:
         self._res[key] = w
         self._set_shadow(key, None)
         self.mask[layer, expert] = self.avail[layer, expert] = True
-        self.stats.loads += 1
-        self.stats.bytes_loaded += self.expert_bytes
-        self.stats.load_seconds += time.perf_counter() - t0
+        self._stats.loads += 1
+        self._stats.bytes_loaded += self.expert_bytes
+        self._stats.load_seconds += time.perf_counter() - t0
 
     def evict(self, layer: int, expert: int, to: int | None = None) -> None:
         """Drop a full-precision expert; with shadows it keeps a copy at `to` bits (default the base
@@ -267,7 +285,7 @@ class ExpertCache:
             bits = self.shadow_bits if to is None else to
             copy = self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None
             self._set_shadow((layer, expert), copy)
-            self.stats.evictions += 1
+            self._stats.evictions += 1
 
     def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:
         """Make each listed layer hold exactly the given experts at full precision (a Plan: every expert at

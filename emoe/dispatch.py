@@ -19,10 +19,7 @@ class ExpertDispatch:
     def __call__(self, layer, x, probs, weights, ids):
         if self.recorder is not None:
             self.recorder.record(layer, ids)
-        hit = self.cache.mask[layer][ids]
-        n_hit = int(hit.sum())
-        self.cache.stats.hits += n_hit
-        self.cache.stats.misses += ids.numel() - n_hit
+        self.cache.count_routed(self.cache.mask[layer][ids])
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
         return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts,
                            self.ffn(layer))

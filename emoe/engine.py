@@ -157,7 +157,7 @@ class Engine:
                                   f"{self.cache.budget_bytes} bytes of experts ({per_slot} bytes per slot)")
         self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device)
         tracing = cfg.trace or self.residency is not None
-        self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots) if tracing else None
+        self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots, device=self.device) if tracing else None
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder, self.model.expert_fn)
         self.free_slots = list(range(slots))
         self.max_batch = slots
@@ -250,10 +250,9 @@ class Engine:
         slots = torch.tensor([r.slot for r in rows])
         if hasattr(self.policy, "begin"):  # per-token task, for policies that treat tasks differently
             self.policy.begin([r.task for r, s in zip(rows, seqs) for _ in s])
-        if self.recorder is not None:
-            self.recorder.phase = phase
-            self.recorder.owners = slots[:, None].expand(len(rows), T)[valid]
         d = self.device
+        if self.recorder is not None:
+            self.recorder.phase, self.recorder.owners = phase, slots[:, None].expand(len(rows), T)[valid].to(d)
         return self.model.forward(tokens.to(d), pos.to(d), valid.to(d), self.dispatch, self.kv,
                                   slots.to(d), last_only=True)
 
@@ -336,7 +335,7 @@ class Engine:
         if hasattr(self.policy, "begin"):
             self.policy.begin([task] * len(seq))
         if self.recorder is not None:
-            self.recorder.phase, self.recorder.owners = "prefill", torch.full((len(seq),), slot)
+            self.recorder.phase, self.recorder.owners = "prefill", torch.full((len(seq),), slot, device=self.device)
         logits = self.model.forward(tokens, pos, valid, self.dispatch, self.kv, torch.tensor([slot], device=self.device))
         if self.recorder is not None:  # routing of prompt + continuation, kept for analysis
             self.last_score_trace = self.recorder.take(slot, "score", None, len(prompt_ids), len(continuation))

@@ -7,7 +7,7 @@ residency, miss handling and traces. The pure functions below are shared with tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,26 @@ class KVCache:
         return self.k[0].shape[1]
 
 
+class Rows(NamedTuple):
+    """Where a step's valid tokens sit, found once per forward: every boolean-mask index is a host sync, and
+    a GPU decode step is bound by syncs. flat indexes the flattened [B*T] tokens; slot and pos are each valid
+    token's KV-cache slot and position; slots [B] and n_keys (max position + 1) say what to read back."""
+    flat: torch.Tensor
+    slot: torch.Tensor | None
+    pos: torch.Tensor
+    slots: torch.Tensor | None
+    n_keys: int
+
+    @classmethod
+    def of(cls, pos: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor | None) -> "Rows":
+        T = pos.shape[1]
+        flat = valid.flatten().nonzero().squeeze(1)
+        p = pos.flatten()[flat]
+        if slots is None:
+            return cls(flat, None, p, None, T)
+        return cls(flat, slots[flat // T], p, slots, int(p.max()) + 1 if len(p) else 0)
+
+
 def attention_mask(pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
     """[B, 1, T, n_keys] boolean: a query at position p sees keys 0..p (within the sliding window)."""
     keys = torch.arange(n_keys, device=pos.device)
@@ -165,16 +185,12 @@ class MoEModel:
         return apply_rope(x, pos, self.inv_freq, self.rope_scale)
 
     @staticmethod
-    def cached(i: int, kv: KVCache, cache: list[torch.Tensor], new: torch.Tensor, pos: torch.Tensor,
-               valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def cached(i: int, cache: list[torch.Tensor], new: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Write valid tokens of new [B, T, h, d] into their slot at their position; read the slots back."""
-        B, T = pos.shape
-        b_idx = slots[:, None].expand(B, T)[valid]
-        cache[i][b_idx, pos[valid]] = new[valid].to(cache[i].dtype)
-        return cache[i][slots, : int(pos[valid].max()) + 1].to(new.dtype)
+        cache[i][rows.slot, rows.pos] = new.flatten(0, 1)[rows.flat].to(cache[i].dtype)
+        return cache[i][rows.slots, : rows.n_keys].to(new.dtype)
 
-    def mla_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                      kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+    def mla_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, rows: Rows, kv: KVCache | None) -> torch.Tensor:
         """Absorbed MLA: queries move into the latent space (through kv_b_proj's key half), attend over the
         cached latents directly, and the value half maps the result back, so no per-head k/v is built."""
         cfg, m, w, p = self.cfg, self.cfg.mla, self.w, f"model.layers.{i}.self_attn."
@@ -192,7 +208,7 @@ class MoEModel:
         keys = torch.cat((latent, self.rotate(k_rot[:, None], pos)[:, 0]), -1)[:, :, None]  # [B, T, 1, r + rope]
         n = T
         if kv is not None:
-            keys = self.cached(i, kv, kv.k, keys, pos, valid, slots)
+            keys = self.cached(i, kv.k, keys, rows)
             n = keys.shape[1]
         w_kv = w[p + "kv_b_proj.weight"].view(H, nope + m.v_head_dim, r)
         query = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :nope]), self.rotate(q_rot, pos)), -1)
@@ -203,10 +219,9 @@ class MoEModel:
         out = torch.einsum("bhtr,hvr->bthv", out, w_kv[:, nope:]).reshape(B, T, H * m.v_head_dim)
         return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
-    def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                  kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, rows: Rows, kv: KVCache | None) -> torch.Tensor:
         if self.cfg.mla is not None:
-            return self.mla_attention(i, x, pos, valid, kv, slots)
+            return self.mla_attention(i, x, pos, rows, kv)
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
         q, k, v = (F.linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
@@ -224,7 +239,7 @@ class MoEModel:
         if kv is None:  # training / stateless forward: attend within the given tokens
             keys, vals, n = k, v, T
         else:
-            keys, vals = self.cached(i, kv, kv.k, k, pos, valid, slots), self.cached(i, kv, kv.v, v, pos, valid, slots)
+            keys, vals = self.cached(i, kv.k, k, rows), self.cached(i, kv.v, v, rows)
             n = keys.shape[1]
         windowed = cfg.window_layers is None or i in cfg.window_layers
         mask = attention_mask(pos, n, cfg.sliding_window if windowed else None)
@@ -271,12 +286,14 @@ class MoEModel:
         """tokens/pos/valid: [B, T]. Returns logits [B, T, V] (or [B, V] at each row's last valid token)."""
         cfg, w = self.cfg, self.w
         x = F.embedding(tokens, w["model.embed_tokens.weight"])
+        B, T, H = x.shape
+        rows = Rows.of(pos, valid, slots if kv is not None else None)
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            x = x + self.attention(i, rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps),
-                                   pos, valid, kv, slots)
-            h = rms_norm(x[valid], w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            x = x.index_put((valid,), x[valid] + self.mlp(i, h, dispatch))
+            x = x + self.attention(i, rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), pos, rows, kv)
+            flat = x.reshape(B * T, H)
+            h = rms_norm(flat[rows.flat], w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            x = flat.index_copy(0, rows.flat, flat[rows.flat] + self.mlp(i, h, dispatch)).view(B, T, H)
         if last_only:
             last = valid.long().cumsum(1).argmax(1)
             x = x[torch.arange(x.shape[0], device=x.device), last]

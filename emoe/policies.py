@@ -28,18 +28,15 @@ def reroute(probs: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, resid
     """eMoE's rule: a token whose top-k includes a non-resident expert goes to its best resident ones.
     The new weights are rescaled to the original top-k weight sum, which equals top-k renormalisation
     for families that normalise (Mixtral, Qwen3) and keeps the magnitude for those that do not."""
-    need = ~resident[ids].all(-1)
-    if not bool(need.any()):
-        return weights, ids
+    # every row is rerouted and the untouched ones put back: no host sync, which a GPU decode step is bound by
+    need = ~resident[ids].all(-1, keepdim=True)
     k = ids.shape[-1]
     # -1 keeps non-resident experts below every resident one even where probabilities underflow to 0
-    w2, i2 = torch.topk(probs[need].masked_fill(~resident, -1.0), k, dim=-1)
+    w2, i2 = torch.topk(probs.masked_fill(~resident, -1.0), k, dim=-1)
     total = w2.sum(-1, keepdim=True)
     share = torch.where(total > 0, w2 / total.clamp_min(1e-30), torch.full_like(w2, 1.0 / k))
-    w2 = share * weights[need].float().sum(-1, keepdim=True)
-    weights, ids = weights.clone(), ids.clone()
-    weights[need], ids[need] = w2.to(weights.dtype), i2
-    return weights, ids
+    w2 = share * weights.float().sum(-1, keepdim=True)
+    return torch.where(need, w2.to(weights.dtype), weights), torch.where(need, i2, ids)
 
 
 class AllResident:

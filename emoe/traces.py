@@ -43,25 +43,27 @@ class TraceRecorder:
     rows: int  # batch rows (KV slots) recorded at once
     phase: str = "prefill"
     owners: torch.Tensor | None = None  # [N] batch row of each valid token, set by the engine per step
+    # counts stay where routing runs, so recording costs no host sync per layer; rows are read back per request
+    device: torch.device | str = "cpu"
     _counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         for ph in ("prefill", "decode"):
-            self._counts[ph] = torch.zeros(self.rows, self.num_layers, self.num_experts, dtype=torch.long)
+            self._counts[ph] = torch.zeros(self.rows, self.num_layers, self.num_experts, dtype=torch.long,
+                                           device=self.device)
 
     def record(self, layer: int, ids: torch.Tensor) -> None:
-        rows = self.owners.to(ids.device)[:, None].expand_as(ids)
+        rows = self.owners.to(ids.device)[:, None].expand_as(ids)  # a no-op where the engine put them there
         flat = (rows * self.num_experts + ids).reshape(-1)
         counts = torch.bincount(flat, minlength=self.rows * self.num_experts).view(self.rows, self.num_experts)
-        self._counts[self.phase][:, layer] += counts.cpu()
+        self._counts[self.phase][:, layer] += counts.to(self.device)
 
     def peek(self, row: int, phase: str = "prefill") -> torch.Tensor:
-        return self._counts[phase][row].clone()
+        return self._counts[phase][row].to("cpu", copy=True)
 
     def take(self, row: int, request_id: str, task: str | None, prompt_tokens: int, output_tokens: int) -> Trace:
         """Hand over a finished row's trace and clear the row for its next occupant."""
-        t = Trace(request_id, task, self._counts["prefill"][row].clone(), self._counts["decode"][row].clone(),
-                  prompt_tokens, output_tokens)
+        t = Trace(request_id, task, self.peek(row, "prefill"), self.peek(row, "decode"), prompt_tokens, output_tokens)
         for c in self._counts.values():
             c[row].zero_()
         return t
