@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--configs", default="all:1.0,reroute:0.4,shadow:0.4")
     ap.add_argument("--experts-on", default="ram")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--trace", action="store_true", help="record routing traces, as eMoE's residency policies do")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one warm run per config")
     a = ap.parse_args()
     params = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)
@@ -36,11 +37,11 @@ def main() -> None:
         policy, budget = spec.split(":")
         t0 = time.perf_counter()
         eng = Engine(EngineConfig(a.model, budget=float(budget), miss_policy=policy, experts_on=a.experts_on,
-                                  max_batch=4))
+                                  max_batch=4, trace=a.trace))
         build = time.perf_counter() - t0
         cold, warm1, warm2 = (timed(eng, params) for _ in range(3))
         st = eng.cache.stats
-        print(f"{policy:8} {float(budget):.2f} on {eng.device.type}/{str(eng.dtype)[6:]}: startup {build:.1f}s, "
+        print(f"{policy + '+trace' * a.trace:8} {float(budget):.2f} on {eng.device.type}/{str(eng.dtype)[6:]}: startup {build:.1f}s, "
               f"tok/s cold {cold:.1f} warm {warm1:.1f} {warm2:.1f}; loaded {st.bytes_loaded / 2**20:.0f} MiB in "
               f"{st.load_seconds:.2f}s, {st.host_runs} expert runs on the host", flush=True)
         if a.profile:
