@@ -97,7 +97,11 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     lut = torch.tensor(FP4, dtype=dtype, device=blocks.device)
     pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # byte → (low, high) nibble values
     vals = pairs.index_select(0, blocks.flatten().int()).view(*blocks.shape[:-1], 32)
-    return (vals * torch.exp2(scales.float() - 127).to(dtype)[..., None]).flatten(-2)
+    # 2^(s-127) built from its float32 bits, exact on every device (exp2 need not be exact on a GPU);
+    # s = 0 is the subnormal 2^-127, as transformers' ldexp gives
+    s = scales.to(torch.int32)
+    scale = torch.where(s > 0, s << 23, torch.full_like(s, 1 << 22)).view(torch.float32)
+    return (vals * scale.to(dtype)[..., None]).flatten(-2)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,6 +178,18 @@ def test_gpt_oss_swiglu_defaults_are_transformers_hard_coded_ones(tmp_path):
         ModelConfig.from_hf({**bare, "swiglu_limit": 0})
 
 
+def test_mxfp4_scales_are_exact_powers_of_two_over_the_whole_range():
+    """Every E8M0 scale, the subnormal 2^-127 included, gives transformers' ldexp result bit for bit."""
+    import torch
+    from emoe.checkpoint import mxfp4_dequantize
+    s = torch.arange(255, dtype=torch.uint8)[:, None]
+    blocks = torch.arange(256, dtype=torch.int32)[:16].repeat(255, 1).view(255, 1, 16).to(torch.uint8)
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    nib = torch.stack((blocks & 15, blocks >> 4), -1).flatten(-2).long()
+    want = torch.ldexp(lut[nib], (s.int() - 127)[..., None].float()).flatten(-2)
+    assert torch.equal(mxfp4_dequantize(blocks, s, dtype=torch.float32), want)
+
+
 def test_integer_weights_outside_mxfp4_are_refused(ck_dir):
     import torch
     ts = load_tensors(ck_dir)

@@ -187,7 +187,10 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
     for key in [(0, 0), (1, 5), (2, 7)]:
         assert all(torch.equal(x.float(), y) for x, y in zip(a.read(*key), b.read(*key)))
         assert all(torch.equal(x, y) for x, y in zip(a.read(*key), ram.read(*key)))
-    assert run(mx, max_batch=1)[1] == run(deq, max_batch=1)[1]
+    (e_mx, out_mx), (e_deq, out_deq) = run(mx, max_batch=1), run(deq, max_batch=1)
+    for key in [(0, 0), (1, 5), (2, 7)]:  # unpacked where they land (on a GPU: on the device) to the same bits
+        assert all(torch.equal(x, y) for x, y in zip(e_mx.cache.get(*key), e_deq.cache.get(*key)))
+    assert out_mx == out_deq
     eng, out = run(mx, miss_policy="host", budget=0.4)
     assert same_model_tokens(out, run(deq, max_batch=1)[1]) and eng.cache.stats.host_runs > 0
 
