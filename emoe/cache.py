@@ -254,6 +254,15 @@ class ExpertCache:
         if not 0 <= expert < self.num_experts or not 0 <= layer < self.mask.shape[0]:
             raise KeyError(f"no expert {expert} in layer {layer}")
 
+    def bring(self, layer: int, expert: int) -> Weights:
+        """An expert's weights copied into the fast tier's device and dtype, admitting nothing (admit's copy;
+        alone, it times a load)."""
+        packed, unpack = self.store.read_packed(layer, expert)  # unpacked where it lands: fewer bytes cross
+        w = tuple(t.to(self.dtype) for t in unpack(tuple(t.to(self.device, non_blocking=True) for t in packed)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return w
+
     def admit(self, layer: int, expert: int) -> None:
         self._check(layer, expert)
         key = (layer, expert)
@@ -265,11 +274,7 @@ class ExpertCache:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
                               f"({need} > {self.budget_bytes} bytes)")
         t0 = time.perf_counter()
-        packed, unpack = self.store.read_packed(layer, expert)  # unpacked where it lands: fewer bytes cross
-        w = tuple(t.to(self.dtype) for t in unpack(tuple(t.to(self.device, non_blocking=True) for t in packed)))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._res[key] = w
+        self._res[key] = self.bring(layer, expert)
         self._set_shadow(key, None)
         self.mask[layer, expert] = self.avail[layer, expert] = True
         self._stats.loads += 1

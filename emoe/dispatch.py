@@ -21,12 +21,12 @@ class ExpertDispatch:
             self.recorder.record(layer, ids)
         self.cache.count_routed(self.cache.mask[layer][ids])
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
-        return run_experts(x, weights, ids, lambda e: self.policy.fetch(layer, e, self.cache), self.cache.num_experts,
+        return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n), self.cache.num_experts,
                            self.ffn(layer))
 
 
 def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Tensor:
-    """Σ over each token's top-k of weight × expert(x), fetch(e) giving expert e's tensors. One stable
+    """Σ over each token's top-k of weight × expert(x), fetch(e, n) giving the tensors of expert e (n tokens). One stable
     sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
     by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
     are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow tier (the `host`
@@ -41,7 +41,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Ten
     start, deferred = 0, []
     for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
         if n:
-            w = fetch(e)
+            w = fetch(e, n)
             if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
                 deferred.append((e, start, n, w))
             else:

@@ -179,7 +179,7 @@ class Engine:
             if not kinds:
                 return torch.zeros_like(x)
             pick = torch.tensor(kinds, device=ids.device)[torch.arange(ids.numel(), device=ids.device) % len(kinds)]
-            return run_experts(x, weights, pick.view_as(ids), lambda e: held[e], self.cfg.num_experts,
+            return run_experts(x, weights, pick.view_as(ids), lambda e, n: held[e], self.cfg.num_experts,
                                self.model.expert_fn(layer))
         tokens = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         pos = torch.arange(2, device=self.device)[None]
@@ -361,6 +361,8 @@ class Engine:
                    f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
         if s.host_runs:
             shadows += f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
+        if getattr(self.policy, "min_tokens", None) not in (None, float("inf")):
+            shadows += f" (misses of {self.policy.min_tokens:.0f}+ tokens are loaded instead)"
         return (f"[emoe] resident experts {c.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
                 f"({c.used_bytes / self.total_expert_bytes:.0%}){shadows}, full-precision hit rate {s.hit_rate:.1%}, "
                 f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "

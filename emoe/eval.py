@@ -18,7 +18,7 @@ import torch
 
 from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
+from .policies import AllResident, Auto, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
 from .profile import Profile
 from .residency import EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
 
@@ -32,8 +32,9 @@ EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-se
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
-# the residency plan only decides how much expert work the fast device does.
-SUFFIXES = SHADOWED + ("host",)
+# the residency plan only decides how much expert work the fast device does. -auto loads the misses that
+# have enough tokens for a copy to pay (policies.Auto).
+SUFFIXES = SHADOWED + ("host", "auto")
 
 
 def known(name: str) -> bool:
@@ -69,7 +70,7 @@ def build(name: str, s: Setup):
         policy, residency = build(base, s)
         if type(policy) is not Reroute:
             raise ValueError(f"{name}: -{q} replaces rerouting; {base} uses the {policy.name} miss policy")
-        return (Host() if q == "host" else _shadow(q)), residency
+        return ({"host": Host, "auto": Auto}[q]() if q in ("host", "auto") else _shadow(q)), residency
 
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:

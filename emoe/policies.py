@@ -3,14 +3,18 @@
 A policy is a small object with three methods, chosen by name from `MISS_POLICIES`:
   prepare(cache, layers)   initial residency before the first request
   select(layer, x, probs, weights, ids, cache) -> (weights, ids)   routing actually executed
-  fetch(layer, expert, cache) -> weights   the tensors to run (may load, may not)
+  fetch(layer, expert, cache, n_tokens) -> weights   the tensors to run for n_tokens (may load, may not)
 Residency *prediction* (which experts to keep) lives in the loader; these only decide the miss.
 """
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 
 from .cache import BudgetError, ExpertCache, Plan
+from .quant import swiglu
 
 
 def even_plan(layers: list[int], num_experts: int, capacity: int, order=None) -> dict[int, list[int]]:
@@ -52,7 +56,7 @@ class AllResident:
     def select(self, layer, x, probs, weights, ids, cache):
         return weights, ids
 
-    def fetch(self, layer: int, expert: int, cache: ExpertCache):
+    def fetch(self, layer: int, expert: int, cache: ExpertCache, n_tokens: int = 1):
         return cache.get(layer, expert)
 
 
@@ -87,7 +91,7 @@ class LoadOnDemand(AllResident):
     def prepare(self, cache, layers):
         cache.set_resident(even_plan(layers, cache.num_experts, cache.capacity))
 
-    def fetch(self, layer, expert, cache):
+    def fetch(self, layer, expert, cache, n_tokens=1):
         key = (layer, expert)
         if key not in cache:
             while cache.used_bytes + cache.expert_bytes > cache.budget_bytes:
@@ -198,7 +202,7 @@ class Shadow(Reroute):
     def select(self, layer, x, probs, weights, ids, cache):
         return reroute(probs, weights, ids, cache.avail[layer])  # only experts with no copy at all
 
-    def fetch(self, layer, expert, cache):
+    def fetch(self, layer, expert, cache, n_tokens=1):
         return cache.get(layer, expert) if (layer, expert) in cache else cache.approx(layer, expert)
 
 
@@ -220,8 +224,70 @@ class Host(Reroute):
     def select(self, layer, x, probs, weights, ids, cache):
         return weights, ids
 
-    def fetch(self, layer, expert, cache):
+    def fetch(self, layer, expert, cache, n_tokens=1):
         return cache.get(layer, expert) if (layer, expert) in cache else cache.host(layer, expert)
+
+
+class Auto(Host):
+    """Fiddler's rule on top of Host: a miss runs where it finishes first. On the host it costs time per
+    token; loaded, it costs one copy whatever the token count plus the fast device's small time per token.
+    So decode misses (a few tokens) run on the host and prefill misses (many) are loaded, evicting the least
+    recently used expert (the loader restores its plan at its next decision). min_tokens, the break-even
+    count, is measured at start (break_even_tokens) unless given."""
+    name = "auto"
+
+    def __init__(self, plan=None, min_tokens: float | None = None):
+        super().__init__(plan)
+        self.min_tokens = min_tokens
+
+    def prepare(self, cache, layers):
+        super().prepare(cache, layers)
+        if self.min_tokens is None:
+            self.min_tokens = break_even_tokens(cache, layers[0])
+
+    def fetch(self, layer, expert, cache, n_tokens=1):
+        if (layer, expert) in cache:
+            return cache.get(layer, expert)
+        if n_tokens >= self.min_tokens and cache.budget_bytes >= cache.expert_bytes:
+            return LoadOnDemand.fetch(self, layer, expert, cache)
+        return cache.host(layer, expert)
+
+
+def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (1, 64), repeats: int = 3) -> float:
+    """Fewest tokens for which loading a missing expert and running it on the fast device beats running it
+    where the slow tier holds it, from best-of-`repeats` timings of one expert at two token counts (the
+    slow tier's read counted on both sides). Where the fast tier is host memory too, a copy never pays."""
+    if cache.device.type == "cpu":
+        return math.inf
+    sync = (lambda: torch.cuda.synchronize(cache.device)) if cache.device.type == "cuda" else (lambda: None)
+
+    def best(f) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    dev_w = cache.bring(layer, 0)
+    load = best(lambda: cache.bring(layer, 0))
+    hidden = dev_w[0].shape[1]
+    host = [best(lambda n=n: swiglu(torch.randn(n, hidden, dtype=cache.dtype),
+                                    *(t.to(cache.dtype) for t in cache.store.read(layer, 0)))) for n in probe]
+    dev = [best(lambda n=n: swiglu(torch.randn(n, hidden, dtype=cache.dtype, device=cache.device), *dev_w))
+           for n in probe]
+    return crossover(load, host, dev, probe)
+
+
+def crossover(load: float, host: tuple[float, float] | list[float], dev: tuple[float, float] | list[float],
+              probe: tuple[int, int]) -> float:
+    """Fewest tokens n with host(n) > load + dev(n), host and dev linear through their two timings."""
+    slope = (host[1] - host[0] - dev[1] + dev[0]) / (probe[1] - probe[0])  # seconds per token a load saves
+    if slope <= 0:
+        return math.inf
+    return float(math.ceil(probe[0] + max(0.0, (load + dev[0] - host[0]) / slope)))
 
 
 class RandomRouting(Host):
@@ -242,7 +308,7 @@ class RandomRouting(Host):
 
 
 MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomRouting, PreGated, Hybrid, Selective,
-                                     Shadow, Host)}
+                                     Shadow, Host, Auto)}
 
 
 def make_policy(name: str, **kw):

@@ -95,6 +95,32 @@ def test_host_misses_are_exact_and_move_nothing(model, experts_on):
     assert "expert runs on the host" in eng.summary(1.0)
 
 
+def test_auto_misses_run_on_the_host_for_few_tokens_and_load_for_many(model):
+    """Fiddler's rule: with a break-even of 2 tokens, prefill misses are loaded (LRU) and one-token decode
+    misses run on the host; output exact, budget held. On a CPU the break-even is infinite (a copy into
+    the same memory never pays), so auto measured there is host."""
+    from emoe.policies import Auto
+    _, ref = run(model, max_batch=1)
+    eng = Engine(EngineConfig(str(model), budget=0.3, max_batch=1, experts_on="ram"), policy=Auto(min_tokens=2))
+    out = [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)]
+    assert same_model_tokens(out, ref)
+    s = eng.cache.stats
+    assert s.loads > 0 and s.host_runs > 0 and 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
+    assert "misses of 2+ tokens are loaded" in eng.summary(1.0)
+    if not torch.cuda.is_available():
+        eng, out = run(model, miss_policy="auto", budget=0.3, experts_on="ram")
+        assert eng.policy.min_tokens == float("inf") and eng.cache.stats.loads == 0 and out == ref
+
+
+def test_auto_break_even_from_timings():
+    """Loading costs 8 ms and the device 0.1 ms; the host 1 ms plus 1 ms a token: loading pays from 9 tokens."""
+    from emoe.policies import crossover
+    ms = 1e-3
+    assert crossover(8 * ms, (1 * ms, 64 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == 9
+    assert crossover(0.0, (5 * ms, 5 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == float("inf")  # host flat: never
+    assert crossover(0.0, (5 * ms, 68 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == 1  # free copies: always
+
+
 def test_chat_template_from_its_own_file(tmp_path):
     """Recent checkpoints (GLM-4.5, Qwen3) keep the chat template in chat_template.jinja, not in
     tokenizer_config.json; without any template, messages become role-prefixed text."""

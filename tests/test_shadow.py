@@ -153,6 +153,9 @@ def test_eval_names_shadowed_policies():
     assert isinstance(pol, Host) and res is not None
     with pytest.raises(ValueError, match="-host replaces rerouting"):
         build("lru-host", s)
+    from emoe.policies import Auto
+    pol, res = build("task-static-auto", s)
+    assert known("emoe-a-auto") and type(pol) is Auto and pol.min_tokens is None and res is not None
 
 
 SB8 = sum(qbytes(tuple(t.shape), 8, 32) for t in RandStore().w[(0, 0)])

@@ -27,7 +27,7 @@ def run(model: str, tokens=(1, 4, 16, 64), calls: int = 50, repeats: int = 5, de
     eng = Engine(EngineConfig(model, miss_policy="all", experts_on="ram", max_batch=1, device=device))
     cfg, layer = eng.cfg, eng.cfg.moe_layers[0]
     gate_w = eng.model.w[f"model.layers.{layer}.{cfg.spec.moe_prefix}.{cfg.spec.router}.weight"]
-    fetch = lambda e: eng.cache.peek((layer, e))  # noqa: E731
+    fetch = lambda e, n=1: eng.cache.peek((layer, e))  # noqa: E731
     sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     rows = []
