@@ -55,7 +55,8 @@ def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:
     if prof_dir is None and args.budget < 1.0 and args.miss_policy == "reroute":
         print(f"[emoe] {model} has no profile: misses are rerouted over an even split of the budget, which "
               f"changes outputs; profile it (`emoe profile --model {model} --out DIR --budget {args.budget:g}`, "
-              f"then --profile DIR) or pass --miss-policy host (exact: misses run in the slow tier)", file=sys.stderr)
+              f"then --profile DIR) or pass --miss-policy auto (exact: misses run in the slow tier, or are loaded where "
+              f"that is faster)", file=sys.stderr)
 
 
 def _residency(model: str, profile_dir: str, name: str | None, stickiness: float = 0.0):

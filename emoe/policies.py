@@ -256,7 +256,10 @@ class Auto(Host):
 def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (1, 64), repeats: int = 3) -> float:
     """Fewest tokens for which loading a missing expert and running it on the fast device beats running it
     where the slow tier holds it, from best-of-`repeats` timings of one expert at two token counts (the
-    slow tier's read counted on both sides). Where the fast tier is host memory too, a copy never pays."""
+    slow tier's read counted on both sides). From disk a host run reads the expert too, and a load keeps
+    it: always load. Where both tiers are host memory, a copy never pays: never load."""
+    if cache.store.tier == "disk":
+        return 1.0
     if cache.device.type == "cpu":
         return math.inf
     sync = (lambda: torch.cuda.synchronize(cache.device)) if cache.device.type == "cuda" else (lambda: None)

@@ -110,6 +110,8 @@ def test_auto_misses_run_on_the_host_for_few_tokens_and_load_for_many(model):
     if not torch.cuda.is_available():
         eng, out = run(model, miss_policy="auto", budget=0.3, experts_on="ram")
         assert eng.policy.min_tokens == float("inf") and eng.cache.stats.loads == 0 and out == ref
+    eng, out = run(model, miss_policy="auto", budget=0.3, experts_on="disk")  # a host run would reread it
+    assert eng.policy.min_tokens == 1 and eng.cache.stats.host_runs == 0 and same_model_tokens(out, ref)
 
 
 def test_auto_break_even_from_timings():
