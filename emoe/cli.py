@@ -299,6 +299,7 @@ def cmd_serve(args) -> None:
     print(f"[emoe] engine threads {torch.get_num_threads()}", file=sys.stderr)
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
+                              prefill_chunk=args.prefill_chunk,
                               dtype=args.dtype,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
     se.add_argument("--max-batch", type=int, default=8, help="KV slots: requests decoded together")
     se.add_argument("--max-len", type=int, default=1024, help="KV slot length (prompt + output tokens)")
+    se.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per forward pass")
     se.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
     se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])

@@ -35,6 +35,7 @@ class EngineConfig:
     dtype: str | None = None       # compute dtype; default float32 on CPU, the checkpoint's on CUDA
     max_batch: int = 8
     max_len: int = 1024            # KV slot length: prompt + output tokens of one request
+    prefill_chunk: int = 512       # prompt tokens per request per forward: bounds activation and score memory
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
@@ -42,8 +43,8 @@ class EngineConfig:
     def __post_init__(self):
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (a fraction up to 1.0, or bytes), got {self.budget}")
-        if self.max_batch < 1 or self.max_len < 2:
-            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        if self.max_batch < 1 or self.max_len < 2 or self.prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_len >= 2")
         if self.experts_on not in ("disk", "ram"):
             raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
@@ -257,9 +258,15 @@ class Engine:
                                   slots.to(d), last_only=True)
 
     def _prefill(self, reqs: list[Request]) -> None:
+        """Prompts go through in chunks of prefill_chunk tokens, each attending to the cache the chunks
+        before it filled: a long prompt's attention scores and expert batches stay bounded."""
+        C, last = self.ecfg.prefill_chunk, {}
+        for k in range(0, max((len(r.prompt_ids) for r in reqs), default=0), C):
+            rows = [r for r in reqs if len(r.prompt_ids) > k]
+            logits = self._forward(rows, [r.prompt_ids[k: k + C] for r in rows], [k] * len(rows), "prefill")
+            last.update((id(r), lg) for r, lg in zip(rows, logits) if len(r.prompt_ids) <= k + C)
         if reqs:
-            logits = self._forward(reqs, [r.prompt_ids for r in reqs], [0] * len(reqs), "prefill")
-            self._emit(reqs, logits)
+            self._emit(reqs, torch.stack([last[id(r)] for r in reqs]))
 
     def step(self) -> list[Request]:
         """Decode one token for every running request; returns the requests that finished."""
@@ -285,8 +292,9 @@ class Engine:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> list[Request]:
         now, done = time.perf_counter(), []
-        for r, lg in zip(rows, logits):
-            tok = self._sample(r, lg)
+        greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
+        for r, lg, best in zip(rows, logits, greedy):
+            tok = best if r.params.temperature == 0 else self._sample(r, lg)
             r.output_ids.append(tok)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now

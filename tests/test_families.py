@@ -35,6 +35,18 @@ def test_batched_equals_one_at_a_time_and_load_on_demand_is_lossless(model):
     assert s.loads > 0 and s.hit_rate < 1.0 and eng.cache.used_bytes <= eng.cache.budget_bytes
 
 
+def test_chunked_prefill_gives_the_unchunked_tokens_and_routing(model):
+    """Prompts prefilled 3 tokens at a time (each chunk attending to the cache before it, sliding windows
+    and MLA latents included) give the same tokens and the same recorded routing as in one pass."""
+    def requests(**kw):
+        eng = Engine(EngineConfig(str(model), miss_policy="all", max_batch=8, trace=True, **kw))
+        return eng.generate(PROMPTS, GREEDY, chat=False)
+    want, got = requests(), requests(prefill_chunk=3)
+    assert same_model_tokens([r.output_ids for r in got], [r.output_ids for r in want])
+    if not torch.cuda.is_available():
+        assert [r.trace.prefill.tolist() for r in got] == [r.trace.prefill.tolist() for r in want]
+
+
 @pytest.mark.parametrize("policy", ["reroute", "shadow"])
 def test_misses_under_a_budget(model, policy):
     eng, out = run(model, miss_policy=policy, budget=0.5)
