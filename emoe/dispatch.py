@@ -21,25 +21,28 @@ class ExpertDispatch:
             self.recorder.record(layer, ids)
         self.cache.count_routed(self.cache.mask[layer][ids])
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
-        return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n), self.cache.num_experts,
-                           self.ffn(layer))
+        return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n),
+                           self.cache.num_experts, self.ffn(layer), getattr(self.policy, "runs_on_host", False))
 
 
-def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Tensor:
-    """Σ over each token's top-k of weight × expert(x), fetch(e, n) giving the tensors of expert e (n tokens). One stable
-    sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a decode step is bound
-    by launches and syncs, not arithmetic. Each expert sees its tokens in ascending order, so the sums
-    are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow tier (the `host`
-    miss policy) run after the others, on one copy of the layer's tokens there, and their sum crosses back
-    once: the fast device works through its queued experts meanwhile. ffn(e, x, w) replaces SwiGLU for
-    families whose experts differ (gpt-oss)."""
+def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, host_first: bool = False) -> torch.Tensor:
+    """Σ over each token's top-k of weight × expert(x), fetch(e, n) giving the tensors of expert e for n
+    tokens. One stable sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a
+    decode step is bound by launches and syncs, not arithmetic. Each expert sees its tokens in ascending
+    order, so the sums are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow
+    tier (the `host` miss policy) run after the others, on one copy of the layer's tokens there, and their
+    sum crosses back once. With host_first that copy is taken at the layer's one sync, before any device
+    expert is queued, so the host runs its experts while the device works through its own (taken later,
+    it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
     ffn = ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
     start, deferred = 0, []
-    for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the sync: x, toks and gates are ready now
+    early = (x.cpu(), toks.cpu(), gates.cpu()) if host_first and x.device.type != "cpu" else None
+    for e, n in enumerate(counts):
         if n:
             w = fetch(e, n)
             if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
@@ -50,7 +53,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None) -> torch.Ten
             start += n
     if deferred:
         dev = deferred[0][3][0].device
-        hx, ht, hg = x.to(dev), toks.to(dev), gates.to(dev)
+        hx, ht, hg = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
         host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
         for e, start, n, w in deferred:
             tok = ht[start: start + n]

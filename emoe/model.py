@@ -159,12 +159,20 @@ def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_
     dense weights; weights may be full tensors or low-bit copies (quant.linear)."""
     from .quant import linear
 
+    copies = {}  # biases stay with the dense weights; a host run gets a host copy, made once, not a sync per call
+
+    def biases(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.device, x.dtype)
+        if key not in copies:
+            copies[key] = (gate_up_bias.to(*key), down_bias.to(*key))
+        return copies[key]
+
     def ffn(e: int, x: torch.Tensor, w) -> torch.Tensor:
         gate, up, down = w
-        b = gate_up_bias[e].to(x.device, x.dtype)  # biases stay with the dense weights; the expert may run on the host
-        g = (linear(x, gate) + b[0::2]).clamp(max=limit)
-        u = (linear(x, up) + b[1::2]).clamp(-limit, limit)
-        return linear((u + 1) * g * torch.sigmoid(alpha * g), down) + down_bias[e].to(x.device, x.dtype)
+        gu_b, d_b = biases(x)
+        g = (linear(x, gate) + gu_b[e, 0::2]).clamp(max=limit)
+        u = (linear(x, up) + gu_b[e, 1::2]).clamp(-limit, limit)
+        return linear((u + 1) * g * torch.sigmoid(alpha * g), down) + d_b[e]
     return ffn
 
 
@@ -172,6 +180,7 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg, self.w = cfg, weights
         self.moe = set(cfg.moe_layers)
+        self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -273,12 +282,15 @@ class MoEModel:
         return out
 
     def expert_fn(self, i: int):
-        """Layer i's expert function for run_experts, where the family's experts are not plain SwiGLU."""
+        """Layer i's expert function for run_experts, where the family's experts are not plain SwiGLU (made
+        once per layer: it keeps its host copies of the biases)."""
         if self.cfg.spec.experts != "gpt_oss":
             return None
-        p = f"model.layers.{i}.{self.cfg.spec.moe_prefix}.experts."
-        return clamped_swiglu(self.cfg.swiglu_limit, self.cfg.swiglu_alpha, self.w[p + "gate_up_proj_bias"],
-                              self.w[p + "down_proj_bias"])
+        if i not in self._expert_fns:
+            p = f"model.layers.{i}.{self.cfg.spec.moe_prefix}.experts."
+            self._expert_fns[i] = clamped_swiglu(self.cfg.swiglu_limit, self.cfg.swiglu_alpha,
+                                                 self.w[p + "gate_up_proj_bias"], self.w[p + "down_proj_bias"])
+        return self._expert_fns[i]
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,
                 kv: KVCache | None = None, slots: torch.Tensor | None = None,

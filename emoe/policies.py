@@ -214,6 +214,7 @@ class Host(Reroute):
     ram` to pay off (from disk, each miss reads its expert again)."""
     name = "host"
     full_topk = False
+    runs_on_host = True  # dispatch copies each layer's tokens to the host before queuing device experts
 
     def min_experts(self, layers, num_experts, top_k):
         return 0
