@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import _floats, _model, _model_arg, _predictors, _slo
+from ..cli import _floats, _model_arg, _slo
+from ..commands import _model, _predictors
 
 
 def cmd_bench_memory(args) -> None:

@@ -1,0 +1,295 @@
+"""The `emoe` subcommands: each wires modules together for one job (the parser is in cli.py)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import default_model_dir
+
+
+def _model(args) -> str:
+    path = args.model or default_model_dir()
+    if args.model is None and not (Path(path) / "model.safetensors").is_file():
+        sys.exit(f"emoe: the embedded model is missing at {path}; train it with `emoe train-model` or pass --model")
+    return path
+
+
+def _profile_dir(args, model: str, required: bool = False) -> str | None:
+    """--profile, else the profile shipped inside the model folder (the embedded model has one)."""
+    if getattr(args, "profile", None):
+        return args.profile
+    shipped = Path(model) / "profile"
+    if (shipped / "profile.json").is_file():
+        return str(shipped)
+    if required:
+        raise ValueError(f"no profile: pass --profile (create one with `emoe profile --model {model} --out DIR`)")
+    return None
+
+
+def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:
+    if prof_dir is None and args.budget < 1.0 and args.miss_policy == "reroute":
+        print(f"[emoe] {model} has no profile: misses are rerouted over an even split of the budget, which "
+              f"changes outputs; profile it (`emoe profile --model {model} --out DIR --budget {args.budget:g}`, "
+              f"then --profile DIR) or pass --miss-policy auto (exact: misses run in the slow tier, or are loaded where "
+              f"that is faster)", file=sys.stderr)
+
+
+def _residency(model: str, profile_dir: str, name: str | None, stickiness: float = 0.0):
+    """(miss policy, residency factory, profile) for a named policy. Default: eMoE-A (task-static without a
+    predictor) with int4/int8 copies of the experts not held in full: at 40% of expert bytes it keeps
+    0.98 teacher-forced agreement where the paper's rerouting keeps 0.42 (README, Results)."""
+    from .eval import Setup, build
+    from .profile import Profile
+    prof = Profile.load(profile_dir, model)
+    if name is None:
+        name = "emoe-a-q48" if (Path(profile_dir) / "predictor-a").is_dir() else "task-static-q48"
+    policy, residency = build(name, Setup(prof, _predictors(profile_dir, [name]), stickiness=stickiness))
+    return policy, residency, prof, name
+
+
+def cmd_generate(args) -> None:
+    from .engine import Engine, EngineConfig, SamplingParams
+    model = _model(args)
+    policy = residency = None
+    task = args.task
+    prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
+    if args.policy is not None and prof_dir is None:
+        raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
+    _warn_unprofiled(args, model, _profile_dir(args, model))
+    if prof_dir:  # eMoE residency from the profile; the task from the prompt unless given
+        from .tasks import TaskExtractor
+        policy, residency, prof, name = _residency(model, prof_dir, args.policy)
+        if prof.extractor:
+            task = TaskExtractor.from_json(prof.extractor).extract(args.prompt, task)
+    eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
+                              experts_on=args.experts_on, max_batch=1, dtype=args.dtype), policy=policy,
+                 residency=residency)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    t0 = time.perf_counter()
+    (req,) = eng.generate([args.prompt], params, tasks=[task], chat=not args.raw)
+    print(eng.text(req))
+    how = f", {name} residency, task {task}" if prof_dir else ""
+    print(eng.summary(time.perf_counter() - t0) + how, file=sys.stderr)
+
+
+def cmd_train_model(args) -> None:
+    import torch
+    from .train import TrainConfig, train
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or default_model_dir())
+    cfg = TrainConfig(minutes=args.minutes, seq=args.seq, batch=args.batch, lr=args.lr, seq_entropy=args.seq_entropy,
+                      trainable=args.trainable)
+    general = Path(args.general_text) if args.general_text else None
+    if general is not None and not general.is_file():
+        sys.exit(f"emoe: general text {general} not found; build it with `python scripts/build_data.py --general-text`")
+    print(train(out, Path(args.run_dir), general, cfg, overwrite=args.overwrite,
+                init=Path(args.init) if args.init else None))
+
+
+def cmd_quantize(args) -> None:
+    """int4/int8 copies of every expert, once, beside the checkpoint: shadow policies read them at startup."""
+    from .checkpoint import Checkpoint
+    from .quant import save_copies
+    from .store import open_store
+    model = _model(args)
+    ckpt = Checkpoint(model)
+    store, t0 = open_store(ckpt, "disk"), time.perf_counter()
+    for b in args.bits:
+        path = save_copies(model, store, sorted(ckpt.experts), b)
+        print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_profile(args) -> None:
+    from .profile import run_profile
+    prof = run_profile(_model(args), args.out, per_task=args.per_task, max_tokens=args.max_tokens,
+                       sens_prompts=args.sens_prompts, budget=args.budget, experts_on=args.experts_on,
+                       dtype=args.dtype)
+    print(f"profile written to {args.out}: {len(prof.traces)} traces, load latency "
+          f"{prof.load_latency_s * 1e3:.2f} ms/expert")
+    print(sensitivity_table(prof))
+
+
+def sensitivity_table(prof) -> str:
+    lines = [f"{'task':14} {'out len':>7}  similarity with first m MoE layers random (m=1..)   s per layer"]
+    for t in prof.tasks:
+        curve = " ".join(f"{x:.2f}" for x in prof.similarity[t])
+        lines.append(f"{t:14} {prof.out_len[t]:>7.1f}  {curve:42}  {prof.sensitivity[t]}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    from .eval import EXTRA, POLICIES, Setup, evaluate, grid, known, plot, table, versus_table
+    from .profile import Profile
+    model = _model(args)
+    prof = Profile.load(args.profile, model)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if not known(p)]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA)} "
+                         f"(a reroute policy + -q4/-q8 serves misses from shadow copies)")
+    predictors = _predictors(args.profile, policies)
+    setup = Setup(prof, predictors, p=args.p, adaptive=args.adaptive, stickiness=args.stickiness)
+    configs = grid(setup, policies, args.budgets)
+    for p in args.p_sweep or []:
+        configs.append((f"emoe-a p={p}", "emoe-a", args.sweep_budget, Setup(prof, predictors, p=p)))
+    for label, adaptive_p in (("emoe-a adaptive", True),) if args.adaptive_compare else ():
+        configs.append((label, "emoe-a", args.sweep_budget, Setup(prof, predictors, p=args.p, adaptive=True)))
+    if args.similarity == "deferred" and not args.json:
+        raise ValueError("--similarity deferred keeps the texts for `emoe rescore`: give --json OUT")
+    from .eval import deferred_similarity
+    recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
+                    log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
+                    seed=args.seed, split=args.split, reference_budget=args.reference_budget,
+                    similarity=deferred_similarity if args.similarity == "deferred" else None)
+    print(table(recs))
+    if args.versus:
+        print("\n" + versus_table(recs, args.versus))
+    print()
+    print(sensitivity_table(prof))
+    if args.json:
+        Path(args.json).write_text(json.dumps(recs, indent=1))
+    if args.plot:
+        plot([r for r in recs if known(r["policy"])], args.plot)
+
+
+def cmd_rescore(args) -> None:
+    from .eval import rescore, table, versus_table
+    path = Path(args.json)
+    try:
+        recs = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not an `emoe eval --json` file: {e}") from None
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise ValueError(f"{path} is not an `emoe eval --json` file: expected a list of records")
+    recs = rescore(recs)
+    path.write_text(json.dumps(recs, indent=1))
+    print(table(recs))
+    if args.versus:
+        print("\n" + versus_table(recs, args.versus))
+
+
+def _predictors(profile_dir: str, policies: list[str]) -> dict:
+    from .predictor import Predictor
+    out = {}
+    for kind in ("a", "l"):
+        d = Path(profile_dir) / f"predictor-{kind}"
+        if d.is_dir():
+            out[kind] = Predictor.load(d)
+    need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l", "emoe-a-hybrid": "a", "emoe-a-prompt": "a",
+            "emoe-a-sticky": "a", "emoe-a-selective": "a"}
+    missing = sorted({need[p] for p in policies if p in need and need[p] not in out})
+    if missing:
+        raise ValueError(f"{profile_dir} has no predictor-{missing[0]}; run `emoe train-predictor {profile_dir}`")
+    return out
+
+
+def cmd_train_predictor(args) -> None:
+    from .eval import test_stream
+    from .predictor import Predictor, baselines, evaluate, hindsight, loader_sizes
+    from .profile import Profile, exact_engine, trace_stream
+    from .traces import load_traces, save_traces
+    model = _model(args)
+    prof = Profile.load(args.profile, model)
+    test_path = Path(args.profile) / "test_traces.jsonl"
+    if not test_path.is_file():  # traced once from the test split; never used for fitting
+        _, reqs, _ = trace_stream(model, test_stream(args.test_n, seed=1), args.max_tokens,
+                                  **exact_engine(args.trace_budget, args.experts_on, args.dtype))
+        save_traces([r.trace for r in reqs], test_path)
+    test = load_traces(test_path)
+    methods = {}
+    for kind in ("a", "l"):
+        t0 = time.perf_counter()
+        pred = Predictor.fit(prof.traces, kind=kind)
+        pred.save(Path(args.profile) / f"predictor-{kind}")
+        print(f"eMoE-{kind.upper()}: fitted on {len(prof.traces)} profile traces in {time.perf_counter() - t0:.1f}s, "
+              f"{pred.nbytes / 1e3:.0f} kB", file=sys.stderr)
+        methods[f"emoe-{kind}"] = pred
+    methods |= baselines(prof.traces)
+    n_res = max(prof.top_k, round(args.budget * prof.num_experts))
+    report = []
+    print(f"test split: {len(test)} traces; {n_res} of {prof.num_experts} experts resident per layer (budget {args.budget})")
+    print(f"{'method':16} {'p':>3} {'precision':>9} {'recall':>7} {'F1':>6} {'coverage':>8}")
+    # uniform: n_res in every layer (the paper's metric); loader: the same bytes split over layers as the
+    # loader splits them for that prediction, i.e. the sets that would actually be resident
+    capacity = n_res * len(prof.moe_layers)
+    sizings = {"uniform": n_res, "loader": loader_sizes(capacity, prof.moe_layers, prof.top_k)}
+    for sizing, n in sizings.items():
+        if sizing == "loader":
+            print(f"L per layer as the loader splits {capacity} experts over the layers:")
+        for p in args.p:
+            for name, fn in methods.items():
+                r = evaluate(fn, test, n, p=p, history=prof.traces)
+                report.append({"method": name, "p": p, "sizing": sizing,
+                               **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
+                print(f"{name:16} {p:>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} "
+                      f"{r['coverage']:>8.3f}")
+        r = hindsight(test, n, prof.moe_layers)  # each prompt's own routing: the ceiling for any predictor
+        report.append({"method": "oracle", "p": None, "sizing": sizing,
+                       **{k: r[k] for k in ("precision", "recall", "f1", "coverage")}})
+        print(f"{'oracle':16} {'-':>3} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>6.3f} {r['coverage']:>8.3f}")
+    (Path(args.profile) / "predictor_report.json").write_text(json.dumps(report, indent=1))
+
+
+def cmd_analyze(args) -> None:
+    from . import analysis
+    rep = analysis.analyze(_model(args), per_task=args.per_task)
+    print(analysis.summary(rep))
+    if args.plot:
+        analysis.heatmap(rep, args.plot)
+    if args.json:
+        analysis.save(rep, args.json)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .engine import Engine, EngineConfig
+    from .metrics import Metrics
+    from .server import create_app, serve_threads
+    from .serving import EngineLoop
+    model = _model(args)
+    prof = extractor = policy = residency = None
+    prof_dir = _profile_dir(args, model)
+    _warn_unprofiled(args, model, prof_dir)
+    if prof_dir:  # profiled costs and task extractor for the scheduler; the eMoE loader when rerouting
+        from .profile import Profile
+        from .tasks import TaskExtractor
+        prof = Profile.load(prof_dir, model)
+        extractor = TaskExtractor.from_json(prof.extractor) if prof.extractor else None
+        if args.miss_policy == "reroute" and args.budget < 1.0:
+            policy, residency, prof, name = _residency(model, prof_dir, args.policy, args.stickiness)
+            print(f"[emoe] residency policy {name} (stickiness {args.stickiness:g}), miss policy {policy.name}",
+                  file=sys.stderr)
+    if args.policy is not None and residency is None:
+        raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
+    import torch
+    torch.set_num_threads(serve_threads(args.threads))
+    print(f"[emoe] engine threads {torch.get_num_threads()}", file=sys.stderr)
+    eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
+                              experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
+                              prefill_chunk=args.prefill_chunk,
+                              dtype=args.dtype,
+                              memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
+                 policy=policy, residency=residency)
+    served = args.served_model_name or Path(model).name
+    from .scheduler import make_scheduler
+    loop = EngineLoop(eng, make_scheduler(args.scheduler, args.admission_control), prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
+                      metrics=Metrics(served))
+    app = create_app(loop, served, args.api_key, extractor, default_slos=dict(args.slo or []),
+                     shutdown_grace_s=args.grace)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: new requests get 503 while in-flight ones finish
+            loop.stop_accepting()
+            super().handle_exit(sig, frame)
+
+    print(f"[emoe] serving {served} ({args.scheduler} scheduler, budget {args.budget}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              timeout_graceful_shutdown=max(1, int(args.grace)))).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the captured SIGINT after its graceful shutdown
+        pass
