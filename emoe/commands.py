@@ -28,6 +28,14 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
     return None
 
 
+def _default_miss_policy(args, model: str) -> None:
+    """Without --miss-policy: where the model has a profile, its residency policy decides (the reroute
+    path, which --policy refines); where it has none, auto, which is exact: each miss runs on the host or
+    is loaded, whichever the start-up timing says is faster."""
+    if args.miss_policy is None:
+        args.miss_policy = "reroute" if _profile_dir(args, model) else "auto"
+
+
 def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:
     if prof_dir is None and args.budget < 1.0 and args.miss_policy == "reroute":
         print(f"[emoe] {model} has no profile: misses are rerouted over an even split of the budget, which "
@@ -52,6 +60,7 @@ def _residency(model: str, profile_dir: str, name: str | None, stickiness: float
 def cmd_generate(args) -> None:
     from .engine import Engine, EngineConfig, SamplingParams
     model = _model(args)
+    _default_miss_policy(args, model)
     policy = residency = None
     task = args.task
     prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
@@ -251,6 +260,7 @@ def cmd_serve(args) -> None:
     from .server import create_app, serve_threads
     from .serving import EngineLoop
     model = _model(args)
+    _default_miss_policy(args, model)
     prof = extractor = policy = residency = None
     prof_dir = _profile_dir(args, model)
     _warn_unprofiled(args, model, prof_dir)

@@ -21,7 +21,13 @@ def test_generate_low_budget_load(tiny_mixtral, capsys):
 
 
 def test_unprofiled_model_under_a_budget_says_what_rerouting_costs(tiny_mixtral, capsys):
+    """Without a profile the default is auto (exact; from disk every miss loads); rerouting, asked for,
+    comes with a warning that it changes outputs."""
     main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5"])
+    err = capsys.readouterr().err
+    assert "has no profile" not in err and "loaded" in err and "0.0 MiB" not in err
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5",
+          "--miss-policy", "reroute"])
     assert "has no profile" in capsys.readouterr().err
     main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--budget", "0.5",
           "--miss-policy", "host"])
@@ -38,10 +44,16 @@ def test_missing_model_folder():
 
 def test_budget_too_small(tiny_mixtral):
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "hi", "--model", str(tiny_mixtral), "--budget", "0.00001"])
+        main(["generate", "hi", "--model", str(tiny_mixtral), "--budget", "0.00001", "--miss-policy", "reroute"])
     msg = str(exc.value.code)
     assert msg.startswith("emoe:") and "budget" in msg and "top-2" in msg
     assert "\n" not in msg  # one line, no traceback
+
+
+def test_auto_runs_every_expert_on_the_host_when_the_budget_holds_none(tiny_mixtral, capsys):
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--budget", "0.00001", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert "resident experts 0.0/" in err and "expert runs on the host" in err
 
 
 def test_bad_argument_exits_with_usage(capsys):
