@@ -286,8 +286,9 @@ def cmd_serve(args) -> None:
                  policy=policy, residency=residency)
     served = args.served_model_name or Path(model).name
     from .scheduler import make_scheduler
-    loop = EngineLoop(eng, make_scheduler(args.scheduler, args.admission_control), prof, max_waiting=args.max_waiting, token_budget=args.token_budget,
-                      metrics=Metrics(served))
+    loop = EngineLoop(eng, make_scheduler(args.scheduler, args.admission_control), prof,
+                      max_waiting=args.max_waiting, token_budget=args.token_budget, metrics=Metrics(served),
+                      interleave=args.prefill_interleave)
     app = create_app(loop, served, args.api_key, extractor, default_slos=dict(args.slo or []),
                      shutdown_grace_s=args.grace)
 

@@ -76,6 +76,7 @@ class Request:
     params: SamplingParams
     task: str | None = None
     slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the KV cache
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     trace: Trace | None = None
@@ -163,6 +164,8 @@ class Engine:
         self.free_slots = list(range(slots))
         self.max_batch = slots
         self.running: list[Request] = []
+        self.prefilling: list[Request] = []  # admitted, prompt not yet all in the KV cache
+        self.last_prefill = (0, 0.0)  # (tokens, seconds) of the last prefill chunk: serving prices prefill by it
         self.tokens_generated = 0
         self._ids = itertools.count()
         if self.device.type == "cuda":
@@ -211,31 +214,49 @@ class Engine:
         text = self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt
         return len(self.codec.encode(text)) + max_tokens <= self.max_len
 
-    def admit(self, reqs: list[Request]) -> None:
+    def admit(self, reqs: list[Request], complete: bool = True) -> None:
+        """Give reqs KV slots and prefill them: every chunk now (complete), or one chunk per `step`,
+        interleaved with decoding, so a long prompt delays the running requests by a chunk per step rather
+        than by its whole prefill (serving)."""
         if len(reqs) > len(self.free_slots):
             raise RuntimeError(f"{len(reqs)} requests but only {len(self.free_slots)} free KV slots")
         if self.residency is not None:  # the loader runs on every scheduling decision
             t0 = time.perf_counter()
-            plan = self.residency.plan(self.running + list(reqs), self.cache)
+            plan = self.residency.plan(self.running + self.prefilling + list(reqs), self.cache)
             if plan:
                 self.loader.apply(plan, t0)
             else:
                 self.loader.stats.seconds += time.perf_counter() - t0
         for r in reqs:
-            r.slot = self.free_slots.pop(0)
-        self._prefill(reqs)
+            r.slot, r.prefilled = self.free_slots.pop(0), 0
+        self.prefilling.extend(reqs)
+        if complete:
+            ready = []
+            while any(r.prefilled < len(r.prompt_ids) for r in reqs):
+                ready += self._prefill_chunk()
+            self._start(ready)
+
+    def _start(self, ready: list[tuple[Request, torch.Tensor]]) -> list[Request]:
+        """Requests whose prompt is in the cache: first token, the residency's prompt-aware refresh, then
+        the running batch. Returns those that finished at once."""
+        if not ready:
+            return []
+        new = [r for r, _ in ready]
+        done = self._emit(new, torch.stack([lg for _, lg in ready]))
+        live = [r for r in new if r.finish_reason is None]
         if self.residency is not None:
             t0 = time.perf_counter()
-            new = [r for r in reqs if r.finish_reason is None]
-            plan = self.residency.after_prefill(self.running + new, new, [self.recorder.peek(r.slot) for r in new])
+            plan = self.residency.after_prefill(self.running + live, live, [self.recorder.peek(r.slot) for r in live])
             if plan:
                 self.loader.apply(plan, t0)
-        self.running.extend(r for r in reqs if r.finish_reason is None)
+        self.running.extend(live)
+        return done
 
     def abort(self, req: Request) -> None:
         if req.finish_reason is None:
             self._finish(req, "abort")
             self.running = [r for r in self.running if r is not req]
+            self.prefilling = [r for r in self.prefilling if r is not req]
 
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -257,24 +278,28 @@ class Engine:
         return self.model.forward(tokens.to(d), pos.to(d), valid.to(d), self.dispatch, self.kv,
                                   slots.to(d), last_only=True)
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        """Prompts go through in chunks of prefill_chunk tokens, each attending to the cache the chunks
-        before it filled: a long prompt's attention scores and expert batches stay bounded."""
-        C, last = self.ecfg.prefill_chunk, {}
-        for k in range(0, max((len(r.prompt_ids) for r in reqs), default=0), C):
-            rows = [r for r in reqs if len(r.prompt_ids) > k]
-            logits = self._forward(rows, [r.prompt_ids[k: k + C] for r in rows], [k] * len(rows), "prefill")
-            last.update((id(r), lg) for r, lg in zip(rows, logits) if len(r.prompt_ids) <= k + C)
-        if reqs:
-            self._emit(reqs, torch.stack([last[id(r)] for r in reqs]))
+    def _prefill_chunk(self) -> list[tuple[Request, torch.Tensor]]:
+        """The next prefill_chunk prompt tokens of every request still prefilling, each attending to the
+        cache its earlier chunks filled: a long prompt's attention scores and expert batches stay bounded.
+        Returns (request, last logits) for those whose prompt is now complete."""
+        t0, rows, C = time.perf_counter(), list(self.prefilling), self.ecfg.prefill_chunk
+        seqs = [r.prompt_ids[r.prefilled: r.prefilled + C] for r in rows]
+        logits = self._forward(rows, seqs, [r.prefilled for r in rows], "prefill")
+        for r, s in zip(rows, seqs):
+            r.prefilled += len(s)
+        self.prefilling = [r for r in rows if r.prefilled < len(r.prompt_ids)]
+        self.last_prefill = (sum(map(len, seqs)), time.perf_counter() - t0)
+        return [(r, lg) for r, lg in zip(rows, logits) if r.prefilled == len(r.prompt_ids)]
 
     def step(self) -> list[Request]:
-        """Decode one token for every running request; returns the requests that finished."""
-        if not self.running:
-            return []
+        """One prefill chunk for the requests admitted without `complete`, then one decoded token for every
+        request that was running; returns the requests that finished."""
         rows = list(self.running)
-        logits = self._forward(rows, [[r.output_ids[-1]] for r in rows], [r.length - 1 for r in rows], "decode")
-        done = self._emit(rows, logits)
+        self.last_prefill = (0, 0.0)
+        done = self._start(self._prefill_chunk()) if self.prefilling else []
+        if rows:
+            logits = self._forward(rows, [[r.output_ids[-1]] for r in rows], [r.length - 1 for r in rows], "decode")
+            done += self._emit(rows, logits)
         self.running = [r for r in self.running if r.finish_reason is None]
         return done
 

@@ -132,13 +132,15 @@ def _restore(obj, state: dict) -> None:
 class EngineLoop:
     def __init__(self, engine: Engine, scheduler: str | Scheduler = "fcfs", profile=None,
                  max_waiting: int = 256, token_budget: int = 2048, metrics: Metrics | None = None,
-                 ema: float = 0.2):
+                 ema: float = 0.2, interleave: bool = True):
+        """interleave: admitted prompts are prefilled a chunk per engine step, between decode steps, so a
+        long prompt delays running requests by one chunk at a time, not by its whole prefill."""
         if max_waiting < 1 or token_budget < 1:
             raise ValueError("max_waiting and token_budget must be >= 1")
         self.engine = engine
         self.scheduler = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
         self.metrics = metrics or Metrics()
-        self.max_waiting, self.ema = max_waiting, ema
+        self.max_waiting, self.ema, self.interleave = max_waiting, ema, interleave
         cost = profile.token_cost_s if profile is not None else {}
         self.ctx = SchedContext(out_len=dict(profile.out_len) if profile is not None else {},
                                 token_budget=token_budget)
@@ -237,7 +239,7 @@ class EngineLoop:
                     self._finalize(j, "abort")
             if waiting and eng.free_slots:
                 self._admit(waiting)
-            if eng.running:
+            if eng.running or eng.prefilling:
                 self._step()
             self._sync_metrics()
 
@@ -271,23 +273,27 @@ class EngineLoop:
             self.metrics.queue.observe(t0 - j.arrival)
             self.metrics.prompt_tokens.inc(j.prompt_len)
         try:
-            eng.admit([j.req for j in batch])
+            eng.admit([j.req for j in batch], complete=not self.interleave)
         except Exception as e:  # noqa: BLE001 — a failed batch must not take the server down
             self._fail(batch, e)
             return
         t1 = time.perf_counter()
-        n_tok = sum(j.prompt_len for j in batch)
-        self._update("prefill_cost_s", (t1 - t0 - (ld.seconds - plan0)) / max(n_tok, 1))
+        if not self.interleave:
+            n_tok = sum(j.prompt_len for j in batch)
+            self._update("prefill_cost_s", (t1 - t0 - (ld.seconds - plan0)) / max(n_tok, 1))
         if st.bytes_loaded > bytes0:  # per full expert's bytes: shadow copies move fractions of one
             per = (st.load_seconds - lsec0) / (st.bytes_loaded - bytes0) * eng.cache.expert_bytes
             self.load_latency_s = per if self.load_latency_s == 0 else \
                 (1 - self.ema) * self.load_latency_s + self.ema * per
         self._running.extend(batch)
-        self._emit(batch, t1)
+        if not self.interleave:
+            self._emit(batch, t1)
 
     def _step(self) -> None:
         eng = self.engine
         rows = [j for j in self._running if j.req.finish_reason is None]
+        before = [len(j.req.output_ids) for j in rows]
+        decoding = len(eng.running)
         t0 = time.perf_counter()
         try:
             eng.step()
@@ -295,8 +301,12 @@ class EngineLoop:
             self._fail(rows, e)
             return
         t1 = time.perf_counter()
-        self._observe_step(len(rows), t1 - t0)
-        self._emit(rows, t1)
+        n_pre, s_pre = eng.last_prefill
+        if n_pre:
+            self._update("prefill_cost_s", s_pre / n_pre)
+        self._observe_step(decoding, t1 - t0 - s_pre)
+        # the jobs that got a token: every decoding one, and those whose prefill ended this step
+        self._emit([j for j, n in zip(rows, before) if len(j.req.output_ids) != n or j.req.finish_reason], t1)
 
     def _observe_step(self, n: int, secs: float) -> None:
         """Each batch size keeps an EMA of its step times (and a capped count, so the fit follows the

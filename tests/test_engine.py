@@ -32,6 +32,30 @@ def reference(tiny_mixtral):
 
 
 # -- batching and sampling ---------------------------------------------------------------------------
+def test_interleaved_prefill_keeps_decoding_the_running_requests(tiny_mixtral, reference):
+    """admit(complete=False): a long prompt is prefilled a chunk per step while a running request gets a
+    token every step; both end with the tokens of a whole-prompt prefill."""
+    eng = engine(tiny_mixtral, max_batch=2, prefill_chunk=4)
+    short = eng.make_request(PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True), chat=False)
+    long_ = eng.make_request(PROMPTS[2], GREEDY, chat=False)
+    eng.admit([short])
+    assert len(short.output_ids) == 1 and eng.running == [short]
+    eng.admit([long_], complete=False)
+    chunks = -(-len(long_.prompt_ids) // 4)
+    assert 3 <= chunks < 20 and long_.prefilled == 0 and long_.slot >= 0
+    for k in range(chunks):
+        eng.step()
+        assert len(short.output_ids) == 2 + k  # decoding never waits for the prefill
+        assert len(long_.output_ids) == (k == chunks - 1) and eng.last_prefill[0] > 0
+    while eng.running:
+        eng.step()
+    assert [short.output_ids[:6], long_.output_ids] == [reference[1], reference[2]]
+    aborted = eng.make_request(PROMPTS[2], GREEDY, chat=False)
+    eng.admit([aborted], complete=False)
+    eng.abort(aborted)  # mid-prefill: its slot comes back, nothing stays queued
+    assert not eng.prefilling and len(eng.free_slots) == 2 and aborted.finish_reason == "abort"
+
+
 def test_prompts_have_different_lengths(tiny_mixtral):
     eng = engine(tiny_mixtral)
     lens = [len(eng.codec.encode(p)) for p in PROMPTS]
