@@ -14,7 +14,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _slo(text: str):
-    from .serving import parse_slo
+    from .scheduler import parse_slo
     try:
         return parse_slo(text)
     except ValueError as e:
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
     se.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
                     help="default SLO of a task's requests (repeatable; TASK 'default' for requests of no known "
-                    "task); a request's own ttft_ms/tpot_ms win. Built-in table: emoe.serving.DEFAULT_SLOS")
+                    "task); a request's own ttft_ms/tpot_ms win. Built-in table: emoe.scheduler.DEFAULT_SLOS")
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(fn=cmd_serve)
     return ap

@@ -19,6 +19,33 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+# (ttft_ms, tpot_ms) per task: short answers (sentiment, comparison, qa) get tight TTFTs, long
+# prompts (summarization) and long answers (conversation, code) looser ones. None = unknown task.
+DEFAULT_SLOS: dict[str | None, tuple[float, float]] = {
+    "sentiment": (1000.0, 200.0), "comparison": (1000.0, 200.0), "qa": (1500.0, 200.0),
+    "summarization": (3000.0, 200.0), "conversation": (2000.0, 200.0), "code": (2000.0, 200.0),
+    None: (2000.0, 200.0),
+}
+
+
+def parse_slo(text: str) -> tuple[str | None, tuple[float, float]]:
+    """'TASK:TTFT_MS:TPOT_MS' (TASK 'default' = requests of no known task) → (task, (ttft, tpot))."""
+    from .datasets import TASKS
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"SLO {text!r} must be TASK:TTFT_MS:TPOT_MS, e.g. qa:1000:150")
+    task, *vals = parts
+    if task != "default" and task not in TASKS:
+        raise ValueError(f"unknown task {task!r} in SLO {text!r}; known: default, {', '.join(TASKS)}")
+    try:
+        ttft, tpot = (float(v) for v in vals)
+    except ValueError:
+        raise ValueError(f"SLO {text!r}: TTFT and TPOT must be milliseconds") from None
+    if not (0 < ttft < math.inf and 0 < tpot < math.inf):
+        raise ValueError(f"SLO {text!r}: TTFT and TPOT must be positive milliseconds")
+    return (None if task == "default" else task), (ttft, tpot)
+
+
 DEFAULT_OUT_LEN = 64.0
 G_RESET = 0.05  # paper: when a request outlives its task's mean length, expect 5% of it more
 

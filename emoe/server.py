@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .datasets import TASKS
 from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
-from .serving import DEFAULT_SLOS, EngineLoop, Job, QueueFull, ShuttingDown
+from .scheduler import DEFAULT_SLOS
+from .serving import EngineLoop, Job, QueueFull, ShuttingDown
 
 
 def serve_threads(n: int | None) -> int:

@@ -282,7 +282,7 @@ def test_delta_e_prices_precision_plans_and_a_failing_scheduler_fails_requests(t
 
 
 def test_parse_slo_flag():
-    from emoe.serving import parse_slo
+    from emoe.scheduler import parse_slo
     assert parse_slo("qa:1000:150") == ("qa", (1000.0, 150.0))
     assert parse_slo("default:2500:80.5") == (None, (2500.0, 80.5))
     for bad, msg in [("qa:1000", "TASK:TTFT_MS:TPOT_MS"), ("astrology:1:1", "unknown task"),
