@@ -288,6 +288,8 @@ class Engine:
         for r, s in zip(rows, seqs):
             r.prefilled += len(s)
         self.prefilling = [r for r in rows if r.prefilled < len(r.prompt_ids)]
+        if self.device.type == "cuda":  # one sync per chunk, so that the chunk's time is its own
+            torch.cuda.synchronize(self.device)
         self.last_prefill = (sum(map(len, seqs)), time.perf_counter() - t0)
         return [(r, lg) for r, lg in zip(rows, logits) if r.prefilled == len(r.prompt_ids)]
 
