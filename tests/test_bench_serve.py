@@ -198,6 +198,10 @@ def test_cli_trace_replay_json(server, tmp_path, capsys):
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(res[key]) >= {"mean", "median", "p99"}
     assert res["completed"] == 6 and res["slo_attainment"]["per_task"] == {"conversation": 1.0}
+    # a trace row's output length is replayed exactly (ignore_eos), not cut short by the model's EOS
+    want = sum(r.max_tokens for r in make_requests(6, trace=TRACES / "AzureLLMInferenceTrace_conv.csv",
+                                                   time_scale=50, max_tokens=4))
+    assert res["total_output_tokens"] == want
     assert res["config"]["time_scale"] == 50 and res["config"]["goodput"] == {"ttft": 2000, "tpot": 2000}
     assert res["config"]["request_rate"] == "inf"
     assert res["config"]["task_slo"] == {"conversation": {"ttft": 2500, "tpot": 2000}}

@@ -272,6 +272,8 @@ def slo_for(task: str, slo: dict, task_slo: dict | None) -> dict:
 async def _send(client, url, model, req: BenchRequest, slo, headers, timeout, sem) -> RequestResult:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "task": req.task}
+    if req.trace_generated_tokens is not None:  # a trace row's output length is the load to replay
+        body["ignore_eos"] = True
     body.update({f"{k}_ms": v for k, v in slo.items()})
     res = RequestResult(req.task, prompt_tokens=req.prompt_tokens)
     async with sem:
