@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-batch", type=int, default=8, help="KV slots: requests decoded together")
     se.add_argument("--max-len", type=int, default=1024, help="KV slot length (prompt + output tokens)")
     se.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per request per forward pass")
+    se.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="a request takes the free KV slot that still holds its longest prefix (a chat's earlier "
+                    "turns) and prefills only the rest (default; --no-prefix-reuse turns it off)")
     se.add_argument("--prefill-interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="prefill admitted prompts a chunk per step between decode steps (default), or whole at "
                     "admission (--no-prefill-interleave)")

@@ -280,7 +280,7 @@ def cmd_serve(args) -> None:
     print(f"[emoe] engine threads {torch.get_num_threads()}", file=sys.stderr)
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
-                              prefill_chunk=args.prefill_chunk,
+                              prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
                               dtype=args.dtype,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)

@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch: int = 8
     max_len: int = 1024            # KV slot length: prompt + output tokens of one request
     prefill_chunk: int = 512       # prompt tokens per request per forward: bounds activation and score memory
+    prefix_reuse: bool = False     # a new request takes the free KV slot whose last occupant shares its prefix
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
@@ -77,6 +78,7 @@ class Request:
     task: str | None = None
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the KV cache
+    fed: int = 0        # output tokens fed back (their KV written)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     trace: Trace | None = None
@@ -166,6 +168,8 @@ class Engine:
         self.running: list[Request] = []
         self.prefilling: list[Request] = []  # admitted, prompt not yet all in the KV cache
         self.last_prefill = (0, 0.0)  # (tokens, seconds) of the last prefill chunk: serving prices prefill by it
+        self.slot_tokens: dict[int, list[int]] = {}  # prefix_reuse: the tokens whose KV a free slot still holds
+        self.reused_tokens = 0  # prompt tokens not prefilled, their KV found in a slot (cumulative)
         self.tokens_generated = 0
         self._ids = itertools.count()
         if self.device.type == "cuda":
@@ -228,13 +232,34 @@ class Engine:
             else:
                 self.loader.stats.seconds += time.perf_counter() - t0
         for r in reqs:
-            r.slot, r.prefilled = self.free_slots.pop(0), 0
+            r.slot, r.prefilled = self._take_slot(r.prompt_ids)
+            self.reused_tokens += r.prefilled
         self.prefilling.extend(reqs)
         if complete:
             ready = []
             while any(r.prefilled < len(r.prompt_ids) for r in reqs):
                 ready += self._prefill_chunk()
             self._start(ready)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """(free slot, prompt tokens whose KV it already holds). With prefix_reuse, the slot whose last
+        occupant's tokens share the longest prefix with this prompt (a chat's next turn re-sends the
+        conversation: its KV is still there, at the same positions); the last prompt token is always
+        prefilled, for its logits."""
+        best, shared = 0, 0
+        if self.ecfg.prefix_reuse:
+            for i, s in enumerate(self.free_slots):
+                held = self.slot_tokens.get(s, ())
+                n = 0
+                for a, b in zip(held, prompt[:-1]):
+                    if a != b:
+                        break
+                    n += 1
+                if n > shared:
+                    best, shared = i, n
+        slot = self.free_slots.pop(best)
+        self.slot_tokens.pop(slot, None)
+        return slot, shared
 
     def _start(self, ready: list[tuple[Request, torch.Tensor]]) -> list[Request]:
         """Requests whose prompt is in the cache: first token, the residency's prompt-aware refresh, then
@@ -301,6 +326,8 @@ class Engine:
         done = self._start(self._prefill_chunk()) if self.prefilling else []
         if rows:
             logits = self._forward(rows, [[r.output_ids[-1]] for r in rows], [r.length - 1 for r in rows], "decode")
+            for r in rows:
+                r.fed += 1
             done += self._emit(rows, logits)
         self.running = [r for r in self.running if r.finish_reason is None]
         return done
@@ -342,6 +369,8 @@ class Engine:
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if self.recorder is not None:
             r.trace = self.recorder.take(r.slot, r.id, r.task, len(r.prompt_ids), len(r.output_ids))
+        if self.ecfg.prefix_reuse:
+            self.slot_tokens[r.slot] = r.prompt_ids[: r.prefilled] + r.output_ids[: r.fed]
         self.free_slots.append(r.slot)
         if self.residency is not None:
             self.residency.observe(r)
@@ -363,6 +392,7 @@ class Engine:
         if not self.free_slots:
             raise RuntimeError("no free KV slot to score in")
         slot = self.free_slots[0]
+        self.slot_tokens.pop(slot, None)  # its KV is about to be overwritten
         seq = prompt_ids + continuation[:-1]
         tokens = torch.tensor([seq], device=self.device)
         pos = torch.arange(len(seq), device=self.device)[None]

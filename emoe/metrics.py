@@ -37,6 +37,8 @@ class Metrics:
         self.e2e = hist("emoe:e2e_request_latency_seconds", "Time from arrival to the last token.", _LAT)
         self.queue = hist("emoe:request_queue_time_seconds", "Time from arrival to admission.", _LAT)
         self.prompt_tokens = counter("emoe:prompt_tokens", "Prompt tokens prefilled.")
+        self.prefix_reused = counter("emoe:prefix_reused_tokens",
+                                     "Prompt tokens whose KV a slot still held from its last request (not prefilled).")
         self.generation_tokens = counter("emoe:generation_tokens", "Output tokens generated.")
         self._success = counter("emoe:request_success", "Finished requests by finish reason.", ["finished_reason"])
         self.expert_hits = counter("emoe:expert_hits", "Routed token-assignments whose expert was resident.")
@@ -55,7 +57,7 @@ class Metrics:
         self.late = counter("emoe:scheduler_late_admissions", "Requests admitted already unable to meet their TTFT.")
         self.step_base = gauge("emoe:decode_step_base_seconds", "Fitted decode step cost a (step = a + c·n).")
         self.step_per_req = gauge("emoe:decode_step_per_request_seconds", "Fitted decode step cost c per request.")
-        self._last = (0, 0, 0, 0, 0)  # cache stats already counted: hits, misses, bytes loaded, shadow and host runs
+        self._last = (0, 0, 0, 0, 0, 0)  # already counted: hits, misses, bytes loaded, shadow and host runs, reused
         self._last_sched = (0, 0)  # scheduler counters already counted: refusals, late admissions
 
     def finished(self, reason: str) -> None:
@@ -67,11 +69,11 @@ class Metrics:
     def sync_engine(self, engine, running: int, waiting: int) -> None:
         """Counters from the cache's cumulative stats (deltas since the last call) and the gauges."""
         s = engine.cache.stats
-        now = (s.hits, s.misses, s.bytes_loaded, s.shadow_uses, s.host_runs)
+        now = (s.hits, s.misses, s.bytes_loaded, s.shadow_uses, s.host_runs, engine.reused_tokens)
         # stats can only grow, except when someone resets them; then count from zero again
         last = self._last if all(a >= b for a, b in zip(now, self._last)) else (0,) * len(now)
         for c, a, b in zip((self.expert_hits, self.expert_misses, self.expert_bytes_loaded, self.expert_shadow_runs,
-                            self.expert_host_runs), now, last):
+                            self.expert_host_runs, self.prefix_reused), now, last):
             c.inc(a - b)
         self._last = now
         self.running.set(running)

@@ -56,6 +56,37 @@ def test_interleaved_prefill_keeps_decoding_the_running_requests(tiny_mixtral, r
     assert not eng.prefilling and len(eng.free_slots) == 2 and aborted.finish_reason == "abort"
 
 
+def test_prefix_reuse_takes_the_slot_holding_the_conversation_so_far(tiny_mixtral):
+    """A chat's next turn re-sends the conversation: with prefix_reuse it goes to the free slot whose last
+    occupant wrote that prefix's KV, prefills only the rest, and decodes what a fresh engine decodes."""
+    def request(eng, ids):
+        r = eng.make_request("x", GREEDY, chat=False)
+        r.prompt_ids = list(ids)
+        return r
+    eng = engine(tiny_mixtral, max_batch=2, prefix_reuse=True)
+    other, first = eng.make_request(PROMPTS[1], GREEDY, chat=False), eng.make_request(PROMPTS[2], GREEDY, chat=False)
+    eng.admit([other, first])  # other takes slot 0, first slot 1
+    while eng.running:
+        eng.step()
+    follow = first.prompt_ids + first.output_ids + eng.codec.encode(" and then?")
+    second = request(eng, follow)
+    eng.admit([second])
+    held = len(first.prompt_ids) + len(first.output_ids) - 1  # the last sampled token was never fed back
+    assert second.slot == first.slot and eng.reused_tokens == held
+    while eng.running:
+        eng.step()
+    fresh = engine(tiny_mixtral, max_batch=1)
+    want = request(fresh, follow)
+    fresh.admit([want])
+    while fresh.running:
+        fresh.step()
+    assert second.output_ids == want.output_ids and fresh.reused_tokens == 0
+    scored = eng.free_slots[0]
+    assert scored in eng.slot_tokens
+    eng.score(follow[:5], follow[5:9])  # scoring overwrites a free slot's KV: nothing is reused from it
+    assert scored not in eng.slot_tokens
+
+
 def test_prompts_have_different_lengths(tiny_mixtral):
     eng = engine(tiny_mixtral)
     lens = [len(eng.codec.encode(p)) for p in PROMPTS]

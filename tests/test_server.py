@@ -25,7 +25,7 @@ MAX_BATCH = 4
 
 @contextlib.contextmanager
 def serve(tiny_mixtral, api_key=KEY, max_waiting=8, scheduler="task-aware", grace=10.0):
-    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=MAX_BATCH))
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=MAX_BATCH, prefix_reuse=True))  # as `serve`
     loop = EngineLoop(eng, scheduler, max_waiting=max_waiting)
     app = create_app(loop, "tiny", api_key, shutdown_grace_s=grace)
     import uvicorn
@@ -128,9 +128,27 @@ def test_streamed_completion_and_endpoints(srv):
                  "emoe:num_requests_waiting", "emoe:resident_expert_bytes", "emoe:expert_budget_bytes",
                  "emoe:kv_cache_bytes", "emoe:slo_met_total", "emoe:scheduler_refusals_total",
                  "emoe:scheduler_late_admissions_total", "emoe:decode_step_base_seconds",
-                 "emoe:decode_step_per_request_seconds"):
+                 "emoe:decode_step_per_request_seconds", "emoe:prefix_reused_tokens_total"):
         assert name in m.text, name
     assert "emoe:time_to_first_token_seconds_count" in m.text
+
+
+def test_a_follow_up_prompt_reuses_the_kv_of_the_one_before(srv):
+    """The next turn re-sends the conversation; its prefix's KV is still in the slot, and /metrics says so."""
+    url, _ = srv
+
+    def reused():
+        line = [ln for ln in httpx.get(f"{url}/metrics").text.splitlines()
+                if ln.startswith("emoe:prefix_reused_tokens_total")][0]
+        return float(line.split()[-1])
+    prompt = "Once upon a time, in a land far away, there lived"
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 4, "ignore_eos": True}).json()
+    before = reused()
+    r2 = httpx.post(f"{url}/v1/completions", headers=AUTH, json={
+        "model": "tiny", "prompt": prompt + r["choices"][0]["text"] + " and then", "max_tokens": 2,
+        "ignore_eos": True})
+    assert r2.status_code == 200 and reused() - before >= 5
 
 
 # -- bad input -------------------------------------------------------------------------------------
