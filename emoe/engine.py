@@ -426,8 +426,10 @@ class Engine:
                    f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
         if s.host_runs:
             shadows += f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
-        if getattr(self.policy, "min_tokens", None) not in (None, float("inf")):
-            shadows += f" (misses of {self.policy.min_tokens:.0f}+ tokens are loaded instead)"
+        n = getattr(self.policy, "min_tokens", None)
+        if n is not None:  # auto
+            shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"
+                        if n <= 1 else f", auto: misses of {n:.0f}+ tokens loaded, fewer run on the host")
         return (f"[emoe] resident experts {c.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
                 f"({c.used_bytes / self.total_expert_bytes:.0%}){shadows}, full-precision hit rate {s.hit_rate:.1%}, "
                 f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "

@@ -118,7 +118,7 @@ def test_auto_misses_run_on_the_host_for_few_tokens_and_load_for_many(model):
     assert same_model_tokens(out, ref)
     s = eng.cache.stats
     assert s.loads > 0 and s.host_runs > 0 and 0 < eng.cache.used_bytes <= eng.cache.budget_bytes
-    assert "misses of 2+ tokens are loaded" in eng.summary(1.0)
+    assert "auto: misses of 2+ tokens loaded" in eng.summary(1.0)
     if not torch.cuda.is_available():
         eng, out = run(model, miss_policy="auto", budget=0.3, experts_on="ram")
         assert eng.policy.min_tokens == float("inf") and eng.cache.stats.loads == 0 and out == ref
