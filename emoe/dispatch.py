@@ -21,19 +21,21 @@ class ExpertDispatch:
             self.recorder.record(layer, ids)
         self.cache.count_routed(self.cache.mask[layer][ids])
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
+        defers = getattr(self.policy, "defers", None)
         return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n),
-                           self.cache.num_experts, self.ffn(layer), getattr(self.policy, "runs_on_host", False))
+                           self.cache.num_experts, self.ffn(layer),
+                           defers and (lambda e, n: defers(layer, e, self.cache, n)))
 
 
-def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, host_first: bool = False) -> torch.Tensor:
+def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None) -> torch.Tensor:
     """Σ over each token's top-k of weight × expert(x), fetch(e, n) giving the tensors of expert e for n
     tokens. One stable sort and one host sync per layer, not a nonzero (a sync) per expert: on a GPU a
     decode step is bound by launches and syncs, not arithmetic. Each expert sees its tokens in ascending
     order, so the sums are those of a per-expert loop, bit for bit. Experts whose weights stay in the slow
     tier (the `host` miss policy) run after the others, on one copy of the layer's tokens there, and their
-    sum crosses back once. With host_first that copy is taken at the layer's one sync, before any device
-    expert is queued, so the host runs its experts while the device works through its own (taken later,
-    it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
+    sum crosses back once. Where defers(e, n) says some will, that copy is taken at the layer's one sync,
+    before any device expert is queued, so the host runs its experts while the device works through its
+    own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
     ffn = ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)
     flat = ids.flatten()
@@ -41,7 +43,9 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, host_first: 
     toks, gates = order // ids.shape[-1], weights.flatten()[order, None]
     start, deferred = 0, []
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # the sync: x, toks and gates are ready now
-    early = (x.cpu(), toks.cpu(), gates.cpu()) if host_first and x.device.type != "cpu" else None
+    early = None
+    if defers is not None and x.device.type != "cpu" and any(defers(e, n) for e, n in enumerate(counts) if n):
+        early = (x.cpu(), toks.cpu(), gates.cpu())
     for e, n in enumerate(counts):
         if n:
             w = fetch(e, n)

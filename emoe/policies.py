@@ -214,7 +214,6 @@ class Host(Reroute):
     ram` to pay off (from disk, each miss reads its expert again)."""
     name = "host"
     full_topk = False
-    runs_on_host = True  # dispatch copies each layer's tokens to the host before queuing device experts
 
     def min_experts(self, layers, num_experts, top_k):
         return 0
@@ -225,8 +224,13 @@ class Host(Reroute):
     def select(self, layer, x, probs, weights, ids, cache):
         return weights, ids
 
+    def defers(self, layer, expert, cache, n_tokens=1) -> bool:
+        """Whether fetch will hand back slow-tier weights (dispatch then copies the layer's tokens to the
+        host before it queues the device's experts)."""
+        return (layer, expert) not in cache
+
     def fetch(self, layer, expert, cache, n_tokens=1):
-        return cache.get(layer, expert) if (layer, expert) in cache else cache.host(layer, expert)
+        return cache.host(layer, expert) if self.defers(layer, expert, cache, n_tokens) else cache.get(layer, expert)
 
 
 class Auto(Host):
@@ -246,12 +250,14 @@ class Auto(Host):
         if self.min_tokens is None:
             self.min_tokens = break_even_tokens(cache, layers[0])
 
+    def defers(self, layer, expert, cache, n_tokens=1) -> bool:
+        return (layer, expert) not in cache and not (n_tokens >= self.min_tokens
+                                                     and cache.budget_bytes >= cache.expert_bytes)
+
     def fetch(self, layer, expert, cache, n_tokens=1):
-        if (layer, expert) in cache:
-            return cache.get(layer, expert)
-        if n_tokens >= self.min_tokens and cache.budget_bytes >= cache.expert_bytes:
-            return LoadOnDemand.fetch(self, layer, expert, cache)
-        return cache.host(layer, expert)
+        if self.defers(layer, expert, cache, n_tokens):
+            return cache.host(layer, expert)
+        return LoadOnDemand.fetch(self, layer, expert, cache)  # a hit, or a miss worth a copy
 
 
 def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (1, 64), repeats: int = 3) -> float:
