@@ -19,7 +19,9 @@ from safetensors import safe_open
 from .config import ConfigError, ModelConfig
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-          "U8": torch.uint8}  # U8: MXFP4 blocks and scales
+          "U8": torch.uint8,  # MXFP4 blocks and scales
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # block-scaled FP8, with weight_scale_inv
+FP8 = ("F8_E4M3", "F8_E5M2")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -43,9 +45,7 @@ class TensorLoc:
 def _entry(path: Path, name: str, meta: dict, data_start: int, size: int) -> TensorLoc:
     """One header entry, checked: a known dtype, offsets inside the file, and a shape that fills them."""
     if meta.get("dtype") not in DTYPES:
-        hint = (" (FP8 checkpoints, like the original DeepSeek-V3 release, need converting to bf16 first)"
-                if str(meta.get("dtype", "")).startswith("F8") else "")
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}{hint}")
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
     a, b = (int(x) for x in meta["data_offsets"])
     if not 0 <= a <= b <= size - data_start:
         raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
@@ -104,6 +104,25 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     return (vals * scale.to(dtype)[..., None]).flatten(-2)
 
 
+def fp8_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   dtype=torch.bfloat16) -> torch.Tensor:
+    """Block-scaled FP8 (the DeepSeek-V3, Qwen3 and GLM-4.5 FP8 releases): w [O, I] times its block's
+    scale_inv [ceil(O/bo), ceil(I/bi)], in fp32, then `dtype`: transformers' dequantisation, value for value."""
+    (bo, bi), (o, i) = block, w.shape
+    s = scale_inv.float().repeat_interleave(bo, 0)[:o].repeat_interleave(bi, 1)[:, :i]
+    return (w.float() * s).to(dtype)
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse, for writing FP8 checkpoints (tests, benchmarks): each block scaled so that its largest
+    value is E4M3's 448 → (weight in float8_e4m3fn, scale_inv in float32)."""
+    (bo, bi), (o, i) = block, w.shape
+    g = torch.nn.functional.pad(w.float(), (0, -i % bi, 0, -o % bo)).unflatten(1, (-1, bi)).unflatten(0, (-1, bo))
+    scale = (g.abs().amax((1, 3)) / 448.0).clamp_min(1e-12)  # [O/bo, I/bi]
+    q = (g / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:o, :i].to(torch.float8_e4m3fn)
+    return q, scale
+
+
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse, for writing MXFP4 checkpoints (benchmarks, tests): [..., R, C] → blocks [..., R, C/32, 16]
     and scales [..., R, C/32]; each group of 32 gets the smallest power of two that brings its largest
@@ -122,9 +141,12 @@ class ExpertLocs:
       split:   gate, up, down as they are (per-expert tensors or transformers-5 fused slices)
       gpt_oss: gate_up [H, 2I] with gate and up columns interleaved, down [I, H]
       mxfp4:   gpt-oss's original release: blocks and scales of gate_up [2I, H] (rows interleaved) and
-               of down [H, I], dequantised to bf16 as they are read"""
+               of down [H, I], dequantised to bf16 as they are read
+      fp8:     gate, its scale_inv, up, its scale_inv, down, its scale_inv: block-scaled FP8, dequantised
+               to bf16 as they are read"""
     locs: tuple[TensorLoc, ...]
     layout: str = "split"
+    block: tuple[int, int] | None = None  # fp8: the scale block [rows, columns]
 
     @property
     def nbytes(self) -> int:
@@ -132,7 +154,7 @@ class ExpertLocs:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.layout == "mxfp4" else self.locs[0].torch_dtype
+        return torch.bfloat16 if self.layout in PACKED else self.locs[0].torch_dtype
 
     def parts(self) -> tuple[TensorLoc, ...]:
         return self.locs
@@ -144,7 +166,12 @@ class ExpertLocs:
         if self.layout == "mxfp4":
             gate_up, down = mxfp4_dequantize(*tensors[:2]), mxfp4_dequantize(*tensors[2:])
             return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
+        if self.layout == "fp8":
+            return tuple(fp8_dequantize(w, s, self.block) for w, s in zip(tensors[0::2], tensors[1::2]))
         return tensors
+
+
+PACKED = ("mxfp4", "fp8")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
 
 
 class Checkpoint:
@@ -163,6 +190,7 @@ class Checkpoint:
             self.config = ModelConfig.from_hf(self.raw_config)
         except ConfigError as e:
             raise CheckpointError(f"{cfg_path}: {e}") from None
+        self.fp8_block = self._fp8_block(self.raw_config.get("quantization_config"), cfg_path)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             bins = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt")]
@@ -172,6 +200,22 @@ class Checkpoint:
         for f in files:
             self.tensors.update(read_header(f))
         self.experts = self._index_experts()
+
+    @staticmethod
+    def _fp8_block(qc, cfg_path: Path) -> tuple[int, int] | None:
+        """The FP8 scale block from quantization_config; other quantisation methods are refused by name."""
+        if not qc:
+            return None
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method == "mxfp4":
+            return None
+        if method != "fp8":
+            raise CheckpointError(f"{cfg_path}: quantization {method!r} is not supported (emoe reads float weights, "
+                                  f"block-scaled FP8 and gpt-oss's MXFP4)")
+        block = qc.get("weight_block_size") or [128, 128]
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{cfg_path}: FP8 weight_block_size must be two positive integers, got {block!r}")
+        return tuple(block)
 
     def _index_experts(self) -> dict[tuple[int, int], ExpertLocs]:
         cfg = self.config
@@ -192,6 +236,13 @@ class Checkpoint:
                     locs = self._fused_expert(fused, self._need(f"{pre}.down_proj"), e)
                 else:
                     locs = ExpertLocs(tuple(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
+                    if locs.locs[0].dtype in FP8:
+                        locs = ExpertLocs(tuple(p for k in (gk, uk, dk) for p in (
+                            self._need(f"{pre}.{e}.{k}.weight"), self._scale(f"{pre}.{e}.{k}.weight"))),
+                            "fp8", self.fp8_block)
+                if locs.layout != "fp8" and any(p.dtype in FP8 for p in locs.parts()):
+                    raise CheckpointError(f"expert {layer}/{e}: FP8 weights are read per expert with their "
+                                          f"weight_scale_inv, not in this layout")
                 if locs.layout != "mxfp4" and not all(p.torch_dtype.is_floating_point for p in locs.parts()):
                     raise CheckpointError(f"expert {layer}/{e} is stored as {locs.parts()[0].dtype}: a quantised "
                                           f"format emoe does not read (it reads float weights and gpt-oss's MXFP4)")
@@ -217,8 +268,18 @@ class Checkpoint:
                            TensorLoc(gate_up.path, g0 + i * h * elt, i * h * elt, gate_up.dtype, (i, h)),
                            TensorLoc(down.path, down.start + e * h * i * elt, h * i * elt, down.dtype, (h, i))))
 
+    def _scale(self, weight: str) -> TensorLoc:
+        """An FP8 weight's block scales; needs the checkpoint's FP8 quantization_config."""
+        if self.fp8_block is None:
+            raise CheckpointError(f"{self.dir}: {weight} is FP8 but config.json has no fp8 quantization_config")
+        return self._need(weight + "_scale_inv")
+
     def _expert_shapes(self, layout: str):
         i, h = self.config.moe_intermediate_size, self.config.hidden_size
+        if layout == "fp8":
+            bo, bi = self.fp8_block
+            grid = lambda o, n: (-(-o // bo), -(-n // bi))  # noqa: E731
+            return ((i, h), grid(i, h), (i, h), grid(i, h), (h, i), grid(h, i))
         return {"gpt_oss": ((h, 2 * i), (i, h)),
                 "mxfp4": ((2 * i, h // 32, 16), (2 * i, h // 32), (h, i // 32, 16), (h, i // 32))}.get(
                     layout, ((i, h), (i, h), (h, i)))
@@ -247,7 +308,7 @@ class Checkpoint:
         for name, loc in self.tensors.items():
             if not self.is_expert(name) and not self.is_extra_layer(name):
                 by_file.setdefault(loc.path, []).append(name)
-        out = {}
+        out, fp8 = {}, {}
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for name in names:
@@ -255,7 +316,14 @@ class Checkpoint:
                     if not t.is_floating_point():
                         raise CheckpointError(f"{self.dir}: {name} is stored as {t.dtype}: a quantised format "
                                               f"emoe does not read")
-                    out[name] = t.to(dtype) if dtype is not None else t.clone()
+                    if self.tensors[name].dtype in FP8 or name.endswith("_scale_inv"):
+                        fp8[name] = t  # dequantised below, once its scales are in
+                    else:
+                        out[name] = t.to(dtype) if dtype is not None else t.clone()
+        for name in [n for n in fp8 if not n.endswith("_scale_inv")]:
+            self._scale(name)
+            w = fp8_dequantize(fp8[name], fp8[name + "_scale_inv"], self.fp8_block)
+            out[name] = w.to(dtype) if dtype is not None else w
         cfg = self.config
         for layer in cfg.moe_layers:
             self._need(f"model.layers.{layer}.{cfg.spec.moe_prefix}.{cfg.spec.router}.weight")

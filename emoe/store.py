@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, ExpertLocs, TensorLoc
+from .checkpoint import PACKED, Checkpoint, ExpertLocs, TensorLoc
 
 ALIGN = 4096
 
@@ -121,7 +121,7 @@ class RamStore:
         self.ckpt, self.stats = ckpt, StoreStats()
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
-        self._packed = {key for key, locs in ckpt.experts.items() if locs.layout == "mxfp4"}
+        self._packed = {key for key, locs in ckpt.experts.items() if locs.layout in PACKED}
         self._experts = {key: tuple(t.pin_memory() if pin else t
                                     for t in (disk.read_raw(*key) if key in self._packed else disk.read(*key)))
                          for key in ckpt.experts}
@@ -129,7 +129,7 @@ class RamStore:
         self.direct = False
 
     def read_packed(self, layer: int, expert: int):
-        """As DiskStore.read_packed; only MXFP4 experts are held packed here."""
+        """As DiskStore.read_packed; only MXFP4 and FP8 experts are held packed here."""
         t0 = time.perf_counter()
         key = (layer, expert)
         out = self._experts[key]

@@ -141,13 +141,39 @@ def test_missing_tokenizer(ck_dir):
         Checkpoint(ck_dir).tokenizer_path
 
 
-def test_fp8_weights_refused_with_a_hint(ck_dir):
-    """FP8 safetensors (the original DeepSeek-V3 release): named, with what to do about it."""
+def test_fp8_weights_without_their_scales_are_refused(ck_dir):
+    """FP8 is read block-scaled, as the releases store it; an FP8 tensor with no fp8 quantization_config
+    (so no scales to apply) is named, not cast to a wrong value."""
     import torch
     ts = load_tensors(ck_dir)
     ts["model.norm.weight"] = ts["model.norm.weight"].to(torch.float8_e4m3fn)
     save_file(ts, str(ck_dir / "model.safetensors"))
-    refused(ck_dir, "unsupported dtype F8_E4M3", "converting to bf16")
+    with pytest.raises(CheckpointError, match="model.norm.weight is FP8 but config.json has no fp8 quantization"):
+        Checkpoint(ck_dir).dense_state()
+
+
+def test_other_quantisation_methods_are_refused_by_name(ck_dir):
+    cfg = json.loads((ck_dir / "config.json").read_text())
+    for qc, match in (({"quant_method": "gptq", "bits": 4}, "quantization 'gptq' is not supported"),
+                      ({"quant_method": "fp8", "weight_block_size": [128]}, "two positive integers")):
+        (ck_dir / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+        with pytest.raises(CheckpointError, match=match):
+            Checkpoint(ck_dir)
+
+
+def test_fp8_blocks_that_do_not_divide_the_matrix():
+    """DeepSeek-V3's grid is ceil(rows/128) × ceil(cols/128): edge blocks are partial."""
+    import torch
+    from emoe.checkpoint import fp8_dequantize, fp8_quantize
+    w = torch.randn(10, 7) * 3
+    q, s = fp8_quantize(w, (4, 3))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 3)
+    want = torch.empty(10, 7)
+    for r in range(10):
+        for c in range(7):
+            want[r, c] = q[r, c].float() * s[r // 4, c // 3]
+    assert torch.equal(fp8_dequantize(q, s, (4, 3), dtype=torch.float32), want)
+    assert (want - w).abs().max() <= 0.07 * w.abs().max()  # E4M3 keeps 3 mantissa bits
 
 
 def test_deepseek_config_errors(tmp_path):

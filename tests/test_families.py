@@ -235,6 +235,51 @@ def test_gpt_oss_mxfp4_release_reads_as_transformers_dequantises_it(tmp_path):
     assert same_model_tokens(out, run(deq, max_batch=1)[1]) and eng.cache.stats.host_runs > 0
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_fp8_release_reads_as_transformers_dequantises_it(family, tmp_path):
+    """Block-scaled FP8 checkpoints (DeepSeek-V3, Qwen3-FP8) are read as they are released: every FP8
+    tensor is dequantised with its weight_scale_inv to transformers' values, bit for bit; the RAM tier keeps
+    experts in FP8 (1 byte a weight) and the tokens equal those of the dequantised checkpoint."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from emoe.checkpoint import Checkpoint
+    from emoe.store import DiskStore, RamStore
+    from tiny import make_fp8
+    fp8 = make_fp8(make_tiny(family, tmp_path / "fp8"))
+    deq = tmp_path / "deq"  # what transformers makes of it with dequantize=True, saved as a bf16 checkpoint
+    shutil.copytree(fp8, deq)
+    with safe_open(str(fp8 / "model.safetensors"), framework="pt") as f:
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    undo = Fp8Dequantize(None)
+    for name in [k for k in ts if k.endswith("_scale_inv")]:
+        w = name[: -len("_scale_inv")]
+        ts[w] = undo._dequantize_one(ts[w], ts.pop(name), output_dtype=torch.bfloat16)
+    save_file(ts, str(deq / "model.safetensors"))
+    cfg = json.loads((deq / "config.json").read_text())
+    del cfg["quantization_config"]
+    (deq / "config.json").write_text(json.dumps(cfg))
+    a, b = Checkpoint(fp8), Checkpoint(deq)
+    # 1 byte a weight plus a 4-byte scale per 4×4 block here (per 128×128 block in the releases), against bf16's 2
+    assert a.experts[(1, 0)].layout == "fp8" and a.expert_nbytes == b.expert_nbytes * (1 + 4 / 16) / 2
+    da, db = a.dense_state(), b.dense_state()
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    ram = RamStore(a)
+    assert ram._experts[(1, 0)][0].dtype == torch.float8_e4m3fn
+    for key in [(1, 0), (1, 5), (2, 7)]:
+        want = DiskStore(b).read(*key)
+        assert all(torch.equal(x, y) for x, y in zip(DiskStore(a).read(*key), want))
+        assert all(torch.equal(x, y) for x, y in zip(ram.read(*key), want))
+    _, ref = run(deq, max_batch=1)
+    assert run(fp8, max_batch=1)[1] == ref
+    eng, out = run(fp8, miss_policy="load", budget=0.4, experts_on="ram")
+    assert out == ref and eng.cache.stats.loads > 0
+
+
 FAMILY_CONFIGS = {}
 
 

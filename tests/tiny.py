@@ -94,3 +94,34 @@ def make_mxfp4(directory: Path) -> Path:
         ts[name + "_blocks"], ts[name + "_scales"] = mxfp4_quantize(ts.pop(name).transpose(1, 2))
     save_file(ts, str(f), metadata={"format": "pt"})
     return directory
+
+
+def make_fp8(directory: Path, block: tuple[int, int] = (4, 4)) -> Path:
+    """Rewrite a tiny checkpoint as the FP8 releases store it (DeepSeek-V3, Qwen3-FP8): experts one tensor
+    each, every projection in float8_e4m3fn with a float32 weight_scale_inv per block; embeddings, norms,
+    routers and lm_head as they were; a fp8 quantization_config in config.json."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from emoe.checkpoint import fp8_quantize
+    f = directory / "model.safetensors"
+    with safe_open(str(f), framework="pt") as s:
+        ts = {k: s.get_tensor(k) for k in s.keys()}
+    for name in [k for k in ts if k.endswith("experts.gate_up_proj")]:  # transformers-5 fused → per expert
+        pre, gate_up, down = name[: -len("gate_up_proj")], ts.pop(name), ts.pop(name[: -len("gate_up_proj")] + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            ts[f"{pre}{e}.gate_proj.weight"] = gate_up[e, :inter].contiguous()
+            ts[f"{pre}{e}.up_proj.weight"] = gate_up[e, inter:].contiguous()
+            ts[f"{pre}{e}.down_proj.weight"] = down[e].contiguous()
+    keep = ("embed_tokens", "lm_head", "norm", "layernorm", "mlp.gate.weight")
+    for name in [k for k in ts if k.endswith(".weight") and ts[k].dim() == 2 and not any(x in k for x in keep)]:
+        ts[name], ts[name + "_scale_inv"] = fp8_quantize(ts[name], block)
+    save_file(ts, str(f), metadata={"format": "pt"})
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
