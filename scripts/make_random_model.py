@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3", "gpt_oss"])
     ap.add_argument("--mxfp4", action="store_true", help="gpt_oss: experts in MXFP4, as the original release")
+    ap.add_argument("--fp8", action="store_true", help="mixtral, deepseek_v3: projections in block-scaled FP8 "
+                    "(128×128 blocks, weight_scale_inv), as the DeepSeek-V3 release")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,11 @@ def main() -> None:
         for e in range(a.experts):
             q = p + f"{moe}.experts.{e}."
             sd[q + f"{gk}.weight"], sd[q + f"{uk}.weight"], sd[q + f"{dk}.weight"] = r(I, H), r(I, H), r(H, I)
+    if a.fp8:
+        from emoe.checkpoint import fp8_quantize
+        keep = ("embed_tokens", "lm_head", "norm", "layernorm", ".gate.weight")
+        for name in [k for k in sd if k.endswith(".weight") and sd[k].dim() == 2 and not any(x in k for x in keep)]:
+            sd[name], sd[name + "_scale_inv"] = fp8_quantize(sd[name], (128, 128))
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     if ds:
         cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": a.vocab,
@@ -82,11 +89,14 @@ def main() -> None:
                "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}, "tie_word_embeddings": False,
                "eos_token_id": 0, "torch_dtype": "bfloat16"}
     else:
-            cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": a.vocab,
+        cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": a.vocab,
                "hidden_size": H, "intermediate_size": I, "num_hidden_layers": a.layers, "num_attention_heads": heads,
                "num_key_value_heads": heads, "num_local_experts": a.experts, "num_experts_per_tok": a.top_k,
                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 1e4,
                "rope_type": "default"}, "tie_word_embeddings": False, "eos_token_id": 0, "torch_dtype": "bfloat16"}
+    if a.fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
     write(out, cfg, a)
 
 
