@@ -263,9 +263,10 @@ class Auto(Host):
 def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (1, 64), repeats: int = 3) -> float:
     """Fewest tokens for which loading a missing expert and running it on the fast device beats running it
     where the slow tier holds it, from best-of-`repeats` timings of one expert at two token counts (the
-    slow tier's read counted on both sides). From disk a host run reads the expert too, and a load keeps
-    it: always load. Where both tiers are host memory, a copy never pays: never load."""
-    if cache.store.tier == "disk":
+    slow tier's read counted on both sides). Where a host run repeats work a load does once and keeps
+    (reading from disk, unpacking FP8 or MXFP4), always load; where both tiers are the same host memory
+    and nothing needs unpacking, a copy never pays: never load."""
+    if cache.store.tier == "disk" or (cache.device.type == "cpu" and getattr(cache.store, "packed", False)):
         return 1.0
     if cache.device.type == "cpu":
         return math.inf

@@ -116,8 +116,8 @@ class RamStore:
     tier = "ram"
 
     def __init__(self, ckpt: Checkpoint):
-        """MXFP4 experts stay MXFP4 in RAM (4.25 bits a weight, dequantised per read): gpt-oss-120b's experts
-        take about 61 GB of host memory that way instead of 230 in bf16."""
+        """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
+        experts take about 61 GB of host memory that way instead of 230 in bf16."""
         self.ckpt, self.stats = ckpt, StoreStats()
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
@@ -127,6 +127,7 @@ class RamStore:
                          for key in ckpt.experts}
         disk.close()
         self.direct = False
+        self.packed = bool(self._packed)  # reads unpack: a host run pays that each time, a load once
 
     def read_packed(self, layer: int, expert: int):
         """As DiskStore.read_packed; only MXFP4 and FP8 experts are held packed here."""

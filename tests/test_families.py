@@ -278,6 +278,9 @@ def test_fp8_release_reads_as_transformers_dequantises_it(family, tmp_path):
     assert run(fp8, max_batch=1)[1] == ref
     eng, out = run(fp8, miss_policy="load", budget=0.4, experts_on="ram")
     assert out == ref and eng.cache.stats.loads > 0
+    if not torch.cuda.is_available():  # a host run would unpack FP8 every time, a load once: auto loads
+        eng, out = run(fp8, miss_policy="auto", budget=0.4, experts_on="ram")
+        assert eng.policy.min_tokens == 1 and eng.cache.stats.host_runs == 0 and out == ref
 
 
 FAMILY_CONFIGS = {}
