@@ -39,12 +39,14 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # GLM-4.5(-Air): DeepSeek-V3's router and layout with grouped-query attention, partial rotary, optional qk norm
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
+    # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
+    "dots1": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
 MAX_LAYERS = 4096
-DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # first_k_dense_replace dense layers, n_shared_experts
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")  # first_k_dense_replace dense layers, n_shared_experts
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,9 @@ class ModelConfig:
         if family in ("qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
             window = None
         types = raw.get("layer_types")
+        if types is None and family == "dots1":  # transformers' default: layers from max_window_layers on
+            types = ["sliding_attention" if window and i >= int(raw.get("max_window_layers", 62)) else "full_attention"
+                     for i in range(n_layers)]
         window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if types else None
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

@@ -15,7 +15,8 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"])
+@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                                        "dots1", "gpt_oss"])
 def model(request, tmp_path_factory):
     return make_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
 
@@ -133,6 +134,19 @@ def test_auto_break_even_from_timings():
     assert crossover(8 * ms, (1 * ms, 64 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == 9
     assert crossover(0.0, (5 * ms, 5 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == float("inf")  # host flat: never
     assert crossover(0.0, (5 * ms, 68 * ms), (0.1 * ms, 0.1 * ms), (1, 64)) == 1  # free copies: always
+
+
+def test_dots1_windows_from_max_window_layers_when_layer_types_are_absent(tmp_path):
+    """dots.llm1's released config.json has no layer_types: as in transformers, layers from
+    max_window_layers on are windowed, and none are when sliding_window is null."""
+    import json
+
+    from emoe.config import ModelConfig
+    raw = json.loads((make_tiny("dots1", tmp_path / "d") / "config.json").read_text())
+    assert ModelConfig.from_hf(raw).window_layers == (2,)
+    bare = {k: v for k, v in raw.items() if k != "layer_types"}
+    assert ModelConfig.from_hf(bare).window_layers == (2,)
+    assert ModelConfig.from_hf({**bare, "sliding_window": None}).sliding_window is None
 
 
 def test_chat_template_from_its_own_file(tmp_path):
@@ -295,7 +309,7 @@ def family_config(family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe", "gpt_oss"])
+                                    "glm4_moe", "dots1", "gpt_oss"])
 def test_malformed_configs_get_a_config_error(family, tmp_path_factory):
     """Any key removed or given a value of the wrong kind: the config parses or is refused with a
     ConfigError (one clear line at the command line), never another exception."""

@@ -9,7 +9,8 @@ from emoe.policies import AllResident
 from emoe.store import DiskStore
 from tiny import make_tiny
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1",
+            "gpt_oss"]
 
 
 def load_emoe(path):

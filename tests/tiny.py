@@ -56,6 +56,11 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                           first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                           attention_bias=True, use_qk_norm=True, head_dim=16, num_mtp_layers=0,
                           rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+        # dots.llm1's shape: V3 routing, per-head qk norm, the last layer windowed
+        "dots1": (tf.Dots1Config, tf.Dots1ForCausalLM,
+                  dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, head_dim=16, sliding_window=4, max_window_layers=2)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
