@@ -27,6 +27,7 @@ class Family:
     router: str = "gate"               # the router's module name inside moe_prefix (gpt-oss: "router", with a bias)
     experts: str = "split"             # expert tensors: "split" (gate, up, down or transformers-5 fused) |
                                        # "gpt_oss" (fused [E, H, 2I] with gate/up interleaved, biases, clamped SwiGLU)
+    bias_key: str = "gate.e_score_correction_bias"  # sigmoid routing's selection bias, inside moe_prefix
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -41,6 +42,10 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
     "dots1": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
+    # MiniMax-M2: Mixtral's layout, sigmoid routing with a selection bias (no groups), whole-projection qk
+    # norm, partial rotary
+    "minimax_m2": Family(("w1", "w3", "w2"), "block_sparse_moe", True, "full", None, None, scoring="sigmoid",
+                         bias_key="e_score_correction_bias"),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -188,7 +193,7 @@ class ModelConfig:
         if rope_type not in ("default", "yarn"):
             raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
-        if family in ("mixtral", "gpt_oss"):
+        if family in ("mixtral", "gpt_oss", "minimax_m2"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
         elif family in DEEPSEEK_LAYOUT:
@@ -266,10 +271,12 @@ def _yarn(rope: dict, raw: dict) -> Yarn:
 
 
 def _rotary_dim(raw: dict, rope: dict, mla: bool) -> int:
+    head = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
     factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0)
+    if factor == 1.0 and raw.get("rotary_dim"):  # MiniMax-M2's released configs give the count itself
+        factor = int(raw["rotary_dim"]) / head
     if mla or factor == 1.0:
         return 0
-    head = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
     dim = int(head * factor)
     if dim <= 0 or dim % 2:
         raise ConfigError(f"partial_rotary_factor {factor} leaves {dim} rotary dims of {head}; need an even count")

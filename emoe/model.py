@@ -271,7 +271,7 @@ class MoEModel:
             else F.linear(x, gate, bias)
         probs, weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob,
                                     scoring=cfg.spec.scoring, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                                    bias=w.get(p + "gate.e_score_correction_bias"), scale=cfg.routed_scaling_factor)
+                                    bias=w.get(p + cfg.spec.bias_key), scale=cfg.routed_scaling_factor)
         out = dispatch(i, x, probs, weights.to(x.dtype), ids)
         if cfg.spec.shared is not None:
             s = p + ("shared_expert." if cfg.spec.shared == "gated" else "shared_experts.")

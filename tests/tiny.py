@@ -61,6 +61,9 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                   dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                        norm_topk_prob=True, head_dim=16, sliding_window=4, max_window_layers=2)),
+        # MiniMax-M2's shape: sigmoid routing with a selection bias, whole-projection qk norm, half the head rotary
+        "minimax_m2": (tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM,
+                       dict(num_local_experts=8, intermediate_size=32, head_dim=16, rotary_dim=8)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
