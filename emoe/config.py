@@ -27,7 +27,8 @@ class Family:
     router: str = "gate"               # the router's module name inside moe_prefix (gpt-oss: "router", with a bias)
     experts: str = "split"             # expert tensors: "split" (gate, up, down or transformers-5 fused) |
                                        # "gpt_oss" (fused [E, H, 2I] with gate/up interleaved, biases, clamped SwiGLU)
-    bias_key: str = "gate.e_score_correction_bias"  # sigmoid routing's selection bias, inside moe_prefix
+    bias_key: str = "gate.e_score_correction_bias"  # the routing's selection bias, inside moe_prefix
+    rope_interleave: bool = False      # rotary pairs (x0, x1), (x2, x3), … (ERNIE; MLA says so in its config)
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -46,6 +47,10 @@ FAMILIES: dict[str, Family] = {
     # norm, partial rotary
     "minimax_m2": Family(("w1", "w3", "w2"), "block_sparse_moe", True, "full", None, None, scoring="sigmoid",
                          bias_key="e_score_correction_bias"),
+    # ERNIE-4.5 MoE: softmax routing whose selection adds a bias, shared experts, interleaved rotary pairs,
+    # MoE layers from moe_layer_start_index to moe_layer_end_index every moe_layer_interval
+    "ernie4_5_moe": Family(_GUD, "mlp", True, None, None, "plain", fp32_router=True,
+                           bias_key="moe_statics.e_score_correction_bias", rope_interleave=True),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -196,6 +201,14 @@ class ModelConfig:
         if family in ("mixtral", "gpt_oss", "minimax_m2"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
+        elif family == "ernie4_5_moe":
+            if raw.get("use_bias"):
+                raise ConfigError("use_bias=True (biased projections and MLPs) is not supported")
+            start, step = int(raw.get("moe_layer_start_index", 1)), int(raw.get("moe_layer_interval", 1) or 1)
+            end = int(raw.get("moe_layer_end_index", -1))
+            end = n_layers - 1 if end < 0 else end
+            moe_layers = tuple(i for i in range(n_layers) if (i + 1) % step == 0 and start <= i <= end)
+            inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
         elif family in DEEPSEEK_LAYOUT:
             first_dense = int(raw.get("first_k_dense_replace") or 0)
             if not 0 <= first_dense < n_layers:
@@ -225,12 +238,12 @@ class ModelConfig:
             num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw["qk_rope_head_dim"]) if spec.mla and "qk_rope_head_dim" in raw
             else int(raw.get("head_dim") or hidden // heads),
-            num_experts=int(need("num_local_experts", "num_experts", "n_routed_experts")),
+            num_experts=int(need("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")),
             window_layers=window_layers,
             # transformers before 5.2x hard-coded 7.0 and 1.702 and wrote neither into config.json
             swiglu_limit=float(raw.get("swiglu_limit", 7.0)) if family == "gpt_oss" else 0.0,
             swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)) if family == "gpt_oss" else 1.0,
-            top_k=int(need("num_experts_per_tok", "experts_per_token")),
+            top_k=int(need("num_experts_per_tok", "experts_per_token", "moe_k")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
             else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe"))),
@@ -243,7 +256,8 @@ class ModelConfig:
             sliding_window=int(window) if window else None,
             dense_intermediate_size=dense_inter,
             shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
-            if family not in DEEPSEEK_LAYOUT else inter * int(raw.get("n_shared_experts") or 0),
+            if family not in DEEPSEEK_LAYOUT + ("ernie4_5_moe",)
+            else inter * int(raw.get("n_shared_experts") or raw.get("moe_num_shared_experts") or 0),
             moe_layers=moe_layers,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),

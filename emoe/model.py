@@ -184,7 +184,8 @@ class MoEModel:
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.cfg.mla is not None and self.cfg.mla.interleave:  # pairs → halves; q and k alike, so dots agree
+        if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
+            # pairs → halves; q and k alike, so their dot products (all attention reads) agree
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         if self.inv_freq.device != x.device:  # once, not a host→device copy per layer and step
             self.inv_freq = self.inv_freq.to(x.device)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                                        "dots1", "minimax_m2", "gpt_oss"])
+                                        "dots1", "minimax_m2", "ernie4_5_moe", "gpt_oss"])
 def model(request, tmp_path_factory):
     return make_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
 
@@ -147,6 +147,21 @@ def test_dots1_windows_from_max_window_layers_when_layer_types_are_absent(tmp_pa
     bare = {k: v for k, v in raw.items() if k != "layer_types"}
     assert ModelConfig.from_hf(bare).window_layers == (2,)
     assert ModelConfig.from_hf({**bare, "sliding_window": None}).sliding_window is None
+
+
+def test_ernie_moe_layers_and_refusals(tmp_path):
+    """ERNIE-4.5 places MoE layers by start, end (-1: the last) and interval; biased MLPs are refused."""
+    import json
+
+    from emoe.config import ConfigError, ModelConfig
+    raw = json.loads((make_tiny("ernie4_5_moe", tmp_path / "e") / "config.json").read_text())
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.moe_layers == (1, 2) and cfg.shared_expert_intermediate_size == 32 and cfg.spec.rope_interleave
+    six = {**raw, "num_hidden_layers": 6, "moe_layer_end_index": -1}
+    assert ModelConfig.from_hf({**six, "moe_layer_interval": 2}).moe_layers == (1, 3, 5)
+    assert ModelConfig.from_hf({**six, "moe_layer_end_index": 3}).moe_layers == (1, 2, 3)
+    with pytest.raises(ConfigError, match="use_bias"):
+        ModelConfig.from_hf({**raw, "use_bias": True})
 
 
 def test_chat_template_from_its_own_file(tmp_path):
@@ -309,7 +324,7 @@ def family_config(family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe", "dots1", "minimax_m2", "gpt_oss"])
+                                    "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "gpt_oss"])
 def test_malformed_configs_get_a_config_error(family, tmp_path_factory):
     """Any key removed or given a value of the wrong kind: the config parses or is refused with a
     ConfigError (one clear line at the command line), never another exception."""

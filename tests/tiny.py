@@ -64,6 +64,10 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
         # MiniMax-M2's shape: sigmoid routing with a selection bias, whole-projection qk norm, half the head rotary
         "minimax_m2": (tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM,
                        dict(num_local_experts=8, intermediate_size=32, head_dim=16, rotary_dim=8)),
+        # ERNIE-4.5's shape: a dense first layer, MoE from layer 1, shared experts, interleaved rotary pairs
+        "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM,
+                         dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, intermediate_size=80,
+                              moe_num_shared_experts=1, head_dim=16, tie_word_embeddings=False)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
