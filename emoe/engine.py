@@ -1,14 +1,15 @@
 """The engine: wires checkpoint → store → cache → policy → model, and runs requests step by step.
 
-Each `step()` prefills newly admitted requests (right-padded batch) and decodes one token for every
-running one. Requests hold a KV slot from admission to finish, so they can join and leave the batch
-between steps (iteration-level batching); `admit` is the hook a scheduler drives.
+`admit` gives requests KV slots and prefills them (in chunks; all at once, or a chunk per step); each
+`step()` decodes one token for every running request. Requests hold a KV slot from admission to finish,
+so they can join and leave the batch between steps (iteration-level batching); `admit` is the hook a
+scheduler drives.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +23,8 @@ from .dispatch import ExpertDispatch, run_experts
 from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
-from .traces import Trace, TraceRecorder
+from .sequence import Request, SamplingParams  # noqa: F401 — part of the engine's interface
+from .traces import TraceRecorder
 
 
 @dataclass(slots=True)
@@ -50,46 +52,6 @@ class EngineConfig:
             raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    task: str | None = None
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens already in the KV cache
-    fed: int = 0        # output tokens fed back (their KV written)
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    trace: Trace | None = None
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    gen: torch.Generator | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
 
 def resolve_budget(budget: float, total_bytes: int) -> int:
