@@ -221,9 +221,11 @@ class Checkpoint:
         cfg = self.config
         gk, uk, dk = cfg.spec.expert_keys
         out = {}
+        fk, fdk = cfg.spec.fused_keys
         for layer in cfg.moe_layers:
-            pre = f"model.layers.{layer}.{cfg.spec.moe_prefix}.experts"
-            fused = self.tensors.get(f"{pre}.gate_up_proj")
+            moe = f"model.layers.{layer}.{cfg.spec.moe_prefix}"
+            pre = f"{moe}.experts"
+            fused = self.tensors.get(f"{moe}.{fk}")
             mx = cfg.spec.experts == "gpt_oss" and f"{pre}.gate_up_proj_blocks" in self.tensors
             for e in range(cfg.num_experts):
                 if mx:
@@ -233,7 +235,7 @@ class Checkpoint:
                     locs = ExpertLocs((self._slice(self._need(f"{pre}.gate_up_proj"), e),
                                        self._slice(self._need(f"{pre}.down_proj"), e)), "gpt_oss")
                 elif fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
-                    locs = self._fused_expert(fused, self._need(f"{pre}.down_proj"), e)
+                    locs = self._fused_expert(fused, self._need(f"{moe}.{fdk}"), e)
                 else:
                     locs = ExpertLocs(tuple(self._need(f"{pre}.{e}.{k}.weight") for k in (gk, uk, dk)))
                     if locs.locs[0].dtype in FP8:
@@ -295,7 +297,8 @@ class Checkpoint:
         return next(iter(self.experts.values())).nbytes
 
     def is_expert(self, name: str) -> bool:
-        return re.search(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$|\w+_(blocks|scales)$)", name) is not None
+        return re.search(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$|\w+_(blocks|scales)$)"
+                         r"|\.block_sparse_moe\.(input|output)_linear\.weight$", name) is not None
 
     def is_extra_layer(self, name: str) -> bool:
         """Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction module): never run here."""

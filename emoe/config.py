@@ -29,6 +29,7 @@ class Family:
                                        # "gpt_oss" (fused [E, H, 2I] with gate/up interleaved, biases, clamped SwiGLU)
     bias_key: str = "gate.e_score_correction_bias"  # the routing's selection bias, inside moe_prefix
     rope_interleave: bool = False      # rotary pairs (x0, x1), (x2, x3), … (ERNIE; MLA says so in its config)
+    fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")  # stacked [E, 2I, H], [E, H, I]
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -51,6 +52,10 @@ FAMILIES: dict[str, Family] = {
     # MoE layers from moe_layer_start_index to moe_layer_end_index every moe_layer_interval
     "ernie4_5_moe": Family(_GUD, "mlp", True, None, None, "plain", fp32_router=True,
                            bias_key="moe_statics.e_score_correction_bias", rope_interleave=True),
+    # Granite MoE (IBM): Mixtral's routing, stacked experts under other names, muP multipliers on the
+    # embeddings, residual branches, attention scores and logits
+    "granitemoe": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", None, router="router.layer",
+                         fused_keys=("input_linear.weight", "output_linear.weight")),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -122,6 +127,12 @@ class ModelConfig:
     window_layers: tuple[int, ...] | None = None  # layers the sliding window applies to (None: all)
     swiglu_limit: float = 0.0         # gpt-oss: gate and up clamped to ±limit, and the GLU's sigmoid slope
     swiglu_alpha: float = 1.0
+    # muP (Granite): embeddings × embedding_multiplier, each residual branch × residual_multiplier,
+    # attention scores × attention_scale (None: head_dim^-½), logits ÷ logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float | None = None
+    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -198,7 +209,7 @@ class ModelConfig:
         if rope_type not in ("default", "yarn"):
             raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
-        if family in ("mixtral", "gpt_oss", "minimax_m2"):
+        if family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
         elif family == "ernie4_5_moe":
@@ -266,6 +277,7 @@ class ModelConfig:
             qk_norm=bool(raw.get("use_qk_norm", False)) if family == "glm4_moe" else True,
             yarn=yarn,
             **_groups(raw, family),
+            **_mup(raw, family),
         )
 
 
@@ -308,6 +320,15 @@ def _mla(raw: dict, yarn: Yarn | None) -> MLA:
                    bool(raw.get("rope_interleave", True)), m * m)
     except (KeyError, TypeError) as e:
         raise ConfigError(f"config.json is missing MLA setting {e}") from None
+
+
+def _mup(raw: dict, family: str) -> dict:
+    if family != "granitemoe":
+        return {}
+    vals = {k: float(raw.get(k, 1.0)) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")}
+    if not all(v > 0 for v in vals.values()):
+        raise ConfigError(f"muP multipliers must be positive, got {vals}")
+    return dict(vals, attention_scale=float(raw["attention_multiplier"]) if raw.get("attention_multiplier") else None)
 
 
 def _groups(raw: dict, family: str) -> dict:

@@ -255,7 +255,8 @@ class MoEModel:
         mask = attention_mask(pos, n, cfg.sliding_window if windowed else None)
         keys, vals, sinks = keys.transpose(1, 2), vals.transpose(1, 2), w.get(p + "sinks")
         if sinks is None:
-            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=cfg.attention_scale,
+                                                 enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         else:
             out = sink_attention(q, keys, vals, mask, sinks)
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
@@ -299,16 +300,22 @@ class MoEModel:
         """tokens/pos/valid: [B, T]. Returns logits [B, T, V] (or [B, V] at each row's last valid token)."""
         cfg, w = self.cfg, self.w
         x = F.embedding(tokens, w["model.embed_tokens.weight"])
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
+        r = cfg.residual_multiplier  # a residual branch's weight (muP); 1 elsewhere, and then not multiplied
         B, T, H = x.shape
         rows = Rows.of(pos, valid, slots if kv is not None else None)
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            x = x + self.attention(i, rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), pos, rows, kv)
+            a = self.attention(i, rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), pos, rows, kv)
+            x = x + (a if r == 1.0 else a * r)
             flat = x.reshape(B * T, H)
             h = rms_norm(flat[rows.flat], w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            x = flat.index_copy(0, rows.flat, flat[rows.flat] + self.mlp(i, h, dispatch)).view(B, T, H)
+            m = self.mlp(i, h, dispatch)
+            x = flat.index_copy(0, rows.flat, flat[rows.flat] + (m if r == 1.0 else m * r)).view(B, T, H)
         if last_only:
             last = valid.long().cumsum(1).argmax(1)
             x = x[torch.arange(x.shape[0], device=x.device), last]
         x = rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
-        return F.linear(x, w["lm_head.weight"]).float()
+        logits = F.linear(x, w["lm_head.weight"]).float()
+        return logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling

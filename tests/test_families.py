@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                                        "dots1", "minimax_m2", "ernie4_5_moe", "gpt_oss"])
+                                        "dots1", "minimax_m2", "ernie4_5_moe", "granitemoe", "gpt_oss"])
 def model(request, tmp_path_factory):
     return make_tiny(request.param, tmp_path_factory.mktemp("fam") / request.param)
 
@@ -324,7 +324,7 @@ def family_config(family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "gpt_oss"])
+                                    "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "granitemoe", "gpt_oss"])
 def test_malformed_configs_get_a_config_error(family, tmp_path_factory):
     """Any key removed or given a value of the wrong kind: the config parses or is refused with a
     ConfigError (one clear line at the command line), never another exception."""

@@ -10,7 +10,7 @@ from emoe.store import DiskStore
 from tiny import make_tiny
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1",
-            "minimax_m2", "ernie4_5_moe", "gpt_oss"]
+            "minimax_m2", "ernie4_5_moe", "granitemoe", "gpt_oss"]
 
 
 def load_emoe(path):

@@ -68,6 +68,10 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
         "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM,
                          dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, intermediate_size=80,
                               moe_num_shared_experts=1, head_dim=16, tie_word_embeddings=False)),
+        # Granite MoE's shape: stacked input/output_linear experts, muP multipliers
+        "granitemoe": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
+                       dict(num_local_experts=8, intermediate_size=32, embedding_multiplier=12.0,
+                            residual_multiplier=0.22, attention_multiplier=0.03, logits_scaling=6.0)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
