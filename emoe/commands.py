@@ -10,6 +10,11 @@ from . import default_model_dir
 
 
 def _model(args) -> str:
+    """--model, else the model folder a --profile sits in (`emoe profile --out DIR/profile`), else the
+    embedded model."""
+    profile = getattr(args, "profile", None)
+    if args.model is None and profile and (Path(profile).parent / "config.json").is_file():
+        return str(Path(profile).parent)
     path = args.model or default_model_dir()
     if args.model is None and not (Path(path) / "model.safetensors").is_file():
         sys.exit(f"emoe: the embedded model is missing at {path}; train it with `emoe train-model` or pass --model")

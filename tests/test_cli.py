@@ -35,6 +35,16 @@ def test_unprofiled_model_under_a_budget_says_what_rerouting_costs(tiny_mixtral,
     assert "has no profile" not in err and "expert runs on the host" in err
 
 
+def test_a_profile_inside_a_model_folder_names_the_model(tiny_mixtral, tmp_path):
+    """`emoe profile --out DIR/profile` then `emoe train-predictor DIR/profile`: the model is DIR."""
+    from argparse import Namespace
+
+    from emoe.commands import _model
+    assert _model(Namespace(model=None, profile=str(tiny_mixtral / "profile"))) == str(tiny_mixtral)
+    assert _model(Namespace(model="/elsewhere", profile=str(tiny_mixtral / "profile"))) == "/elsewhere"
+    assert _model(Namespace(model=None, profile=str(tmp_path / "p"))) != str(tmp_path)  # no config.json there
+
+
 def test_missing_model_folder():
     with pytest.raises(SystemExit) as exc:
         main(["generate", "hi", "--model", "/nonexistent", "--max-tokens", "3"])
