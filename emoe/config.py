@@ -21,6 +21,7 @@ class Family:
     qk_norm: str | None                # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
     qkv_bias_key: str | None           # config key that switches q/k/v biases on
     shared: str | None                 # always-on expert: "gated" (Qwen2-MoE, sigmoid gate) | "plain" (DeepSeek)
+                                       # | "granite" (a layer-level shared_mlp, gate and up stacked)
     mla: bool = False                  # DeepSeek multi-head latent attention (cache holds one latent per token)
     scoring: str = "softmax"           # router scores: "softmax" | "sigmoid" (DeepSeek-V3, + selection bias)
     fp32_router: bool = False          # DeepSeek computes router logits in fp32 whatever the model dtype
@@ -56,6 +57,9 @@ FAMILIES: dict[str, Family] = {
     # embeddings, residual branches, attention scores and logits
     "granitemoe": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", None, router="router.layer",
                          fused_keys=("input_linear.weight", "output_linear.weight")),
+    # Granite MoE with a shared expert (granite-4.0-tiny-preview and the like)
+    "granitemoeshared": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", "granite",
+                               router="router.layer", fused_keys=("input_linear.weight", "output_linear.weight")),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -209,7 +213,7 @@ class ModelConfig:
         if rope_type not in ("default", "yarn"):
             raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
-        if family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe"):
+        if family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe", "granitemoeshared"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
         elif family == "ernie4_5_moe":
@@ -266,7 +270,8 @@ class ModelConfig:
             clip_qkv=raw.get("clip_qkv"),
             sliding_window=int(window) if window else None,
             dense_intermediate_size=dense_inter,
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size")
+                                                or raw.get("shared_intermediate_size") or 0)
             if family not in DEEPSEEK_LAYOUT + ("ernie4_5_moe",)
             else inter * int(raw.get("n_shared_experts") or raw.get("moe_num_shared_experts") or 0),
             moe_layers=moe_layers,
@@ -323,7 +328,7 @@ def _mla(raw: dict, yarn: Yarn | None) -> MLA:
 
 
 def _mup(raw: dict, family: str) -> dict:
-    if family != "granitemoe":
+    if family not in ("granitemoe", "granitemoeshared"):
         return {}
     vals = {k: float(raw.get(k, 1.0)) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")}
     if not all(v > 0 for v in vals.values()):

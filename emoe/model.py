@@ -275,7 +275,10 @@ class MoEModel:
                                     scoring=cfg.spec.scoring, n_group=cfg.n_group, topk_group=cfg.topk_group,
                                     bias=w.get(p + cfg.spec.bias_key), scale=cfg.routed_scaling_factor)
         out = dispatch(i, x, probs, weights.to(x.dtype), ids)
-        if cfg.spec.shared is not None:
+        if cfg.spec.shared == "granite" and cfg.shared_expert_intermediate_size:  # beside the MoE, not in it
+            gate, up = w[f"model.layers.{i}.shared_mlp.input_linear.weight"].chunk(2)
+            out = out + swiglu(x, gate, up, w[f"model.layers.{i}.shared_mlp.output_linear.weight"])
+        elif cfg.spec.shared is not None:
             s = p + ("shared_expert." if cfg.spec.shared == "gated" else "shared_experts.")
             shared = swiglu(x, w[s + "gate_proj.weight"], w[s + "up_proj.weight"], w[s + "down_proj.weight"])
             if cfg.spec.shared == "gated":

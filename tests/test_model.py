@@ -3,14 +3,14 @@ import torch
 
 from emoe.cache import ExpertCache
 from emoe.checkpoint import Checkpoint
+from emoe.config import FAMILIES as emoe_families
 from emoe.dispatch import ExpertDispatch
 from emoe.model import KVCache, MoEModel
 from emoe.policies import AllResident
 from emoe.store import DiskStore
 from tiny import make_tiny
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1",
-            "minimax_m2", "ernie4_5_moe", "granitemoe", "gpt_oss"]
+FAMILIES = list(emoe_families)  # every family the config table knows
 
 
 def load_emoe(path):

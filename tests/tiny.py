@@ -72,6 +72,10 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
         "granitemoe": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
                        dict(num_local_experts=8, intermediate_size=32, embedding_multiplier=12.0,
                             residual_multiplier=0.22, attention_multiplier=0.03, logits_scaling=6.0)),
+        "granitemoeshared": (tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM,
+                             dict(num_local_experts=8, intermediate_size=32, shared_intermediate_size=48,
+                                  embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.03,
+                                  logits_scaling=6.0)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
