@@ -18,7 +18,8 @@ class Family:
     expert_keys: tuple[str, str, str]  # (gate, up, down) tensor names inside one expert
     moe_prefix: str                    # module holding router + experts inside a layer
     router_norm_topk: bool | None      # fixed by the family, or None = read `norm_topk_prob`
-    qk_norm: str | None                # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
+    qk_norm: str | None                # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection) |
+                                       # "head_after_rope" (Hunyuan: per head, on the rotated q and k)
     qkv_bias_key: str | None           # config key that switches q/k/v biases on
     shared: str | None                 # always-on expert: "gated" (Qwen2-MoE, sigmoid gate) | "plain" (DeepSeek)
                                        # | "granite" (a layer-level shared_mlp, gate and up stacked)
@@ -31,12 +32,13 @@ class Family:
     bias_key: str = "gate.e_score_correction_bias"  # the routing's selection bias, inside moe_prefix
     rope_interleave: bool = False      # rotary pairs (x0, x1), (x2, x3), … (ERNIE; MLA says so in its config)
     fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")  # stacked [E, 2I, H], [E, H, I]
+    shared_key: str = "shared_experts."  # the shared expert's module inside moe_prefix
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
 FAMILIES: dict[str, Family] = {
     "mixtral": Family(("w1", "w3", "w2"), "block_sparse_moe", True, None, None, None),
-    "qwen2_moe": Family(_GUD, "mlp", None, None, "qkv_bias", "gated"),
+    "qwen2_moe": Family(_GUD, "mlp", None, None, "qkv_bias", "gated", shared_key="shared_expert."),
     "qwen3_moe": Family(_GUD, "mlp", None, "head", "attention_bias", None),
     "olmoe": Family(_GUD, "mlp", None, "full", "attention_bias", None),
     "deepseek_v2": Family(_GUD, "mlp", False, None, None, "plain", mla=True, fp32_router=True),
@@ -60,6 +62,10 @@ FAMILIES: dict[str, Family] = {
     # Granite MoE with a shared expert (granite-4.0-tiny-preview and the like)
     "granitemoeshared": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", "granite",
                                router="router.layer", fused_keys=("input_linear.weight", "output_linear.weight")),
+    # Hunyuan-A13B: Qwen's routing with an fp32 router, a shared MLP in every layer, per-head qk norm after
+    # the rotary, NTK-alpha rope
+    "hunyuan_v1_moe": Family(_GUD, "mlp", True, "head_after_rope", "attention_bias", "plain", fp32_router=True,
+                             router="gate.wg", shared_key="shared_mlp."),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -210,10 +216,27 @@ class ModelConfig:
         spec = FAMILIES[family]
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "dynamic" and rope.get("alpha"):  # Hunyuan's NTK-alpha: a fixed, larger base
+            head = int(raw.get("head_dim") or hidden // heads)
+            rope = {**rope, "rope_theta": float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+                    * float(rope["alpha"]) ** (head / (head - 2))}
+            rope_type = "default"
         if rope_type not in ("default", "yarn"):
             raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
-        if family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe", "granitemoeshared"):
+        if family == "hunyuan_v1_moe":
+            if raw.get("use_cla"):
+                raise ConfigError("use_cla=True (cross-layer attention) is not supported")
+            for key in ("moe_topk", "num_experts", "moe_intermediate_size", "num_shared_expert"):
+                v = raw.get(key)
+                if isinstance(v, list):  # per-layer lists: one value is what the released models use
+                    if len(set(v)) != 1:
+                        raise ConfigError(f"{key} differs between layers ({sorted(set(v))}); not supported")
+                    raw = {**raw, key: v[0]}
+            # transformers sizes the experts by intermediate_size (the released models set both alike)
+            moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
+            dense_inter = 0
+        elif family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe", "granitemoeshared"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
         elif family == "ernie4_5_moe":
@@ -258,7 +281,7 @@ class ModelConfig:
             # transformers before 5.2x hard-coded 7.0 and 1.702 and wrote neither into config.json
             swiglu_limit=float(raw.get("swiglu_limit", 7.0)) if family == "gpt_oss" else 0.0,
             swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)) if family == "gpt_oss" else 1.0,
-            top_k=int(need("num_experts_per_tok", "experts_per_token", "moe_k")),
+            top_k=int(need("num_experts_per_tok", "experts_per_token", "moe_k", "moe_topk")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
             else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe"))),
@@ -270,10 +293,7 @@ class ModelConfig:
             clip_qkv=raw.get("clip_qkv"),
             sliding_window=int(window) if window else None,
             dense_intermediate_size=dense_inter,
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size")
-                                                or raw.get("shared_intermediate_size") or 0)
-            if family not in DEEPSEEK_LAYOUT + ("ernie4_5_moe",)
-            else inter * int(raw.get("n_shared_experts") or raw.get("moe_num_shared_experts") or 0),
+            shared_expert_intermediate_size=_shared_size(raw, family, inter),
             moe_layers=moe_layers,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),
@@ -325,6 +345,16 @@ def _mla(raw: dict, yarn: Yarn | None) -> MLA:
                    bool(raw.get("rope_interleave", True)), m * m)
     except (KeyError, TypeError) as e:
         raise ConfigError(f"config.json is missing MLA setting {e}") from None
+
+
+def _shared_size(raw: dict, family: str, inter: int) -> int:
+    """The always-on expert's intermediate size: counted in routed experts' sizes (DeepSeek, ERNIE), in
+    dense MLP sizes (Hunyuan), or given (Qwen2-MoE, Granite)."""
+    if family in DEEPSEEK_LAYOUT + ("ernie4_5_moe",):
+        return inter * int(raw.get("n_shared_experts") or raw.get("moe_num_shared_experts") or 0)
+    if family == "hunyuan_v1_moe":
+        return int(raw.get("intermediate_size") or 0) * int(raw.get("num_shared_expert", 1) or 0)
+    return int(raw.get("shared_expert_intermediate_size") or raw.get("shared_intermediate_size") or 0)
 
 
 def _mup(raw: dict, family: str) -> dict:

@@ -246,6 +246,9 @@ class MoEModel:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
+        if cfg.spec.qk_norm == "head_after_rope":  # Hunyuan normalises the rotated heads
+            q = rms_norm(q, w[p + "query_layernorm.weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, w[p + "key_layernorm.weight"], cfg.rms_norm_eps)
         if kv is None:  # training / stateless forward: attend within the given tokens
             keys, vals, n = k, v, T
         else:
@@ -279,7 +282,7 @@ class MoEModel:
             gate, up = w[f"model.layers.{i}.shared_mlp.input_linear.weight"].chunk(2)
             out = out + swiglu(x, gate, up, w[f"model.layers.{i}.shared_mlp.output_linear.weight"])
         elif cfg.spec.shared is not None:
-            s = p + ("shared_expert." if cfg.spec.shared == "gated" else "shared_experts.")
+            s = p + cfg.spec.shared_key
             shared = swiglu(x, w[s + "gate_proj.weight"], w[s + "up_proj.weight"], w[s + "down_proj.weight"])
             if cfg.spec.shared == "gated":
                 shared = torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * shared

@@ -76,6 +76,11 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                              dict(num_local_experts=8, intermediate_size=32, shared_intermediate_size=48,
                                   embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.03,
                                   logits_scaling=6.0)),
+        # Hunyuan-A13B's shape: a shared MLP everywhere, qk norm after the rotary, NTK-alpha rope
+        "hunyuan_v1_moe": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM,
+                           dict(num_experts=8, moe_topk=2, moe_intermediate_size=32, intermediate_size=48,
+                                head_dim=16, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                  alpha=1000.0, factor=1.0))),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
