@@ -164,6 +164,21 @@ def test_ernie_moe_layers_and_refusals(tmp_path):
         ModelConfig.from_hf({**raw, "use_bias": True})
 
 
+def test_hunyuan_config_lists_and_refusals(tmp_path):
+    """Hunyuan-A13B's config gives per-layer lists (all equal in the release) and an NTK-alpha rope."""
+    import json
+
+    from emoe.config import ConfigError, ModelConfig
+    raw = json.loads((make_tiny("hunyuan_v1_moe", tmp_path / "h") / "config.json").read_text())
+    base = ModelConfig.from_hf(raw)
+    assert base.rope_theta == 10000.0 * 1000.0 ** (16 / 14)  # theta · alpha^(d / (d - 2))
+    listed = ModelConfig.from_hf({**raw, "moe_topk": [2] * 3, "num_experts": [8] * 3})
+    assert (listed.top_k, listed.num_experts) == (2, 8)
+    for bad, match in (({"moe_topk": [2, 1, 2]}, "moe_topk differs between layers"), ({"use_cla": True}, "use_cla")):
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_hf({**raw, **bad})
+
+
 def test_chat_template_from_its_own_file(tmp_path):
     """Recent checkpoints (GLM-4.5, Qwen3) keep the chat template in chat_template.jinja, not in
     tokenizer_config.json; without any template, messages become role-prefixed text."""
