@@ -45,6 +45,8 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # GLM-4.5(-Air): DeepSeek-V3's router and layout with grouped-query attention, partial rotary, optional qk norm
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
+    # GLM-4.x MoE "lite" (GLM-4.7-Flash): DeepSeek-V3's latent attention and routing, dense/sparse layer types
+    "glm4_moe_lite": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
     "dots1": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # MiniMax-M2: Mixtral's layout, sigmoid routing with a selection bias (no groups), whole-projection qk
@@ -71,7 +73,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
 MAX_LAYERS = 4096
-DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")  # first_k_dense_replace dense layers, n_shared_experts
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "glm4_moe_lite")  # first_k_dense_replace dense layers, n_shared_experts
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,10 +250,16 @@ class ModelConfig:
             moe_layers = tuple(i for i in range(n_layers) if (i + 1) % step == 0 and start <= i <= end)
             inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
         elif family in DEEPSEEK_LAYOUT:
-            first_dense = int(raw.get("first_k_dense_replace") or 0)
-            if not 0 <= first_dense < n_layers:
-                raise ConfigError(f"first_k_dense_replace={first_dense} leaves no MoE layer of {n_layers}")
-            moe_layers = tuple(range(first_dense, n_layers))
+            kinds = raw.get("mlp_layer_types")  # GLM-4.x lite: "dense" / "sparse" per layer
+            if kinds is not None:
+                if len(kinds) != n_layers or set(kinds) - {"dense", "sparse"} or "sparse" not in kinds:
+                    raise ConfigError(f"mlp_layer_types must give 'dense' or 'sparse' for each of {n_layers} layers")
+                moe_layers = tuple(i for i, k in enumerate(kinds) if k == "sparse")
+            else:
+                first_dense = int(raw.get("first_k_dense_replace") or 0)
+                if not 0 <= first_dense < n_layers:
+                    raise ConfigError(f"first_k_dense_replace={first_dense} leaves no MoE layer of {n_layers}")
+                moe_layers = tuple(range(first_dense, n_layers))
             inter, dense_inter = int(need("moe_intermediate_size")), int(raw.get("intermediate_size") or 0)
         else:
             step = int(raw.get("decoder_sparse_step", 1) or 1)
@@ -284,7 +292,7 @@ class ModelConfig:
             top_k=int(need("num_experts_per_tok", "experts_per_token", "moe_k", "moe_topk")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
-            else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe"))),
+            else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite"))),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),

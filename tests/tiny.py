@@ -81,6 +81,12 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                            dict(num_experts=8, moe_topk=2, moe_intermediate_size=32, intermediate_size=48,
                                 head_dim=16, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
                                                                   alpha=1000.0, factor=1.0))),
+        # GLM-4.x lite's shape: V3's latent attention and routing, layer kinds listed
+        "glm4_moe_lite": (tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM,
+                          dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                               q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                               v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+                               num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"])),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
