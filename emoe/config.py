@@ -45,7 +45,7 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # GLM-4.5(-Air): DeepSeek-V3's router and layout with grouped-query attention, partial rotary, optional qk norm
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
-    # GLM-4.x MoE "lite" (GLM-4.7-Flash): DeepSeek-V3's latent attention and routing, dense/sparse layer types
+    # GLM MoE "lite": DeepSeek-V3's latent attention and routing, dense/sparse layer types
     "glm4_moe_lite": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
     "dots1": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
