@@ -61,7 +61,7 @@ FAMILIES: dict[str, Family] = {
     # embeddings, residual branches, attention scores and logits
     "granitemoe": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", None, router="router.layer",
                          fused_keys=("input_linear.weight", "output_linear.weight")),
-    # Granite MoE with a shared expert (granite-4.0-tiny-preview and the like)
+    # Granite MoE with a shared expert beside the routed ones
     "granitemoeshared": Family(_GUD, "block_sparse_moe", True, None, "attention_bias", "granite",
                                router="router.layer", fused_keys=("input_linear.weight", "output_linear.weight")),
     # Hunyuan-A13B: Qwen's routing with an fp32 router, a shared MLP in every layer, per-head qk norm after
@@ -73,7 +73,8 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
 MAX_LAYERS = 4096
-DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "glm4_moe_lite")  # first_k_dense_replace dense layers, n_shared_experts
+# dense first layers (first_k_dense_replace or mlp_layer_types), n_shared_experts, group-limited routing
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "glm4_moe_lite")
 
 
 @dataclass(frozen=True, slots=True)
