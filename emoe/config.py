@@ -33,6 +33,7 @@ class Family:
     rope_interleave: bool = False      # rotary pairs (x0, x1), (x2, x3), … (ERNIE; MLA says so in its config)
     fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")  # stacked [E, 2I, H], [E, H, I]
     shared_key: str = "shared_experts."  # the shared expert's module inside moe_prefix
+    post_norm: bool = False            # OLMo-2 style: each branch's output is normalised, its input is not
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -47,6 +48,8 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # GLM MoE "lite": DeepSeek-V3's latent attention and routing, dense/sparse layer types
     "glm4_moe_lite": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
+    # FlexOlmo (Ai2): OLMoE's experts and routing with OLMo-2's post-norm layers
+    "flex_olmo": Family(_GUD, "mlp", None, "full", "attention_bias", None, post_norm=True),
     # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
     "dots1": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # MiniMax-M2: Mixtral's layout, sigmoid routing with a selection bias (no groups), whole-projection qk

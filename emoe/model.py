@@ -311,13 +311,16 @@ class MoEModel:
         r = cfg.residual_multiplier  # a residual branch's weight (muP); 1 elsewhere, and then not multiplied
         B, T, H = x.shape
         rows = Rows.of(pos, valid, slots if kv is not None else None)
+        post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            a = self.attention(i, rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps), pos, rows, kv)
+            a = self.attention(i, x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps), pos, rows, kv)
+            a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
             x = x + (a if r == 1.0 else a * r)
             flat = x.reshape(B * T, H)
-            h = rms_norm(flat[rows.flat], w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            h = flat[rows.flat] if post else rms_norm(flat[rows.flat], w[p + "post_attention_layernorm.weight"], eps)
             m = self.mlp(i, h, dispatch)
+            m = rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps) if post else m
             x = flat.index_copy(0, rows.flat, flat[rows.flat] + (m if r == 1.0 else m * r)).view(B, T, H)
         if last_only:
             last = valid.long().cumsum(1).argmax(1)

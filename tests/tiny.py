@@ -87,6 +87,8 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                                q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
                                num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"])),
+        # FlexOlmo's shape: OLMoE's experts behind OLMo-2's post-norm layers
+        "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(num_experts=8, intermediate_size=32)),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
