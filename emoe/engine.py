@@ -23,7 +23,7 @@ from .dispatch import ExpertDispatch, run_experts
 from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
-from .sequence import Request, SamplingParams  # noqa: F401 — part of the engine's interface
+from .sequence import Request, SamplingParams, penalise, sample  # noqa: F401 — Request, SamplingParams: interface
 from .traces import TraceRecorder
 
 
@@ -294,23 +294,16 @@ class Engine:
         self.running = [r for r in self.running if r.finish_reason is None]
         return done
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+    @staticmethod
+    def _sample(r: Request, logits: torch.Tensor) -> int:
         p = r.params
-        if p.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / p.temperature, -1)
-        if p.top_p < 1:
-            sp, si = probs.sort(descending=True)
-            cut = sp.cumsum(-1) - sp > p.top_p  # drop tokens once the mass before them exceeds top_p
-            sp[cut] = 0
-            probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        return int(torch.multinomial(probs, 1, generator=r.gen))
+        return sample(penalise(logits, p, r.prompt_ids, r.output_ids) if p.penalised else logits, p, r.gen)
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> list[Request]:
         now, done = time.perf_counter(), []
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
         for r, lg, best in zip(rows, logits, greedy):
-            tok = best if r.params.temperature == 0 else self._sample(r, lg)
+            tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
             r.output_ids.append(tok)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now

@@ -17,6 +17,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0                   # 0: off
+    min_p: float = 0.0               # drop tokens below min_p × the likeliest one's probability
+    presence_penalty: float = 0.0    # OpenAI's: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0   # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # HF/vLLM's: logits of prompt and output tokens divided (>0) or multiplied
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -25,6 +30,51 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
+
+def penalise(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """One row's logits with the penalties applied (a copy, in fp32)."""
+    logits = logits.float().clone()
+    if output_ids and (p.presence_penalty or p.frequency_penalty):
+        ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    if p.repetition_penalty != 1.0:
+        ids = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        v = logits[ids]
+        logits[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """A token from one row's logits: greedy at temperature 0, else from the tempered distribution cut by
+    top_k, min_p and top_p."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / p.temperature, -1)
+    if p.top_k and p.top_k < probs.numel():
+        probs[probs < probs.topk(p.top_k).values[-1]] = 0
+    if p.min_p:
+        probs[probs < p.min_p * probs.max()] = 0
+    if p.top_p < 1:
+        sp, si = probs.sort(descending=True)
+        mass = sp.sum() if p.top_k or p.min_p else 1.0  # of what top_k and min_p left
+        cut = sp.cumsum(-1) - sp > p.top_p * mass  # drop tokens once the mass before them exceeds top_p
+        sp[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 @dataclass(slots=True, eq=False)

@@ -67,6 +67,11 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None            # vLLM's extensions: top_k, min_p, repetition_penalty
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -188,11 +193,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             task = extractor.extract(task_text) if extractor is not None else None
         ttft_ms, tpot_ms = slos.get(task, slos[None])
         try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
-                                    stop=tuple(stop), ignore_eos=body.ignore_eos)
+            given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                                    "repetition_penalty") if (v := getattr(body, k)) is not None}
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=body.seed,
+                                    stop=tuple(stop), ignore_eos=body.ignore_eos, **given)
         except ValueError as e:
-            raise APIError(400, str(e), param="top_p" if "top_p" in str(e) else None) from None
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
             req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex)
         except ValueError as e:

@@ -87,6 +87,32 @@ def test_prefix_reuse_takes_the_slot_holding_the_conversation_so_far(tiny_mixtra
     assert scored not in eng.slot_tokens
 
 
+def test_penalties_and_sampling_cuts():
+    """presence/frequency penalties (OpenAI) act on output tokens, the repetition penalty (HF/vLLM) on
+    prompt and output tokens by sign; top_k=1 and min_p=1 leave only the likeliest token."""
+    from emoe.sequence import penalise, sample
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    assert penalise(logits, p, [0], [3, 3, 2]).tolist() == [2.0, -1.0, 0.5 - 0.75, 3.0 - 1.0]
+    p = SamplingParams(repetition_penalty=2.0)
+    assert penalise(logits, p, [1], [0]).tolist() == [1.0, -2.0, 0.5, 3.0]
+    assert not SamplingParams().penalised and p.penalised
+    g = torch.Generator().manual_seed(0)
+    for cut in (dict(top_k=1), dict(min_p=1.0)):
+        hot = SamplingParams(temperature=5.0, **cut)
+        assert {sample(logits, hot, g) for _ in range(20)} == {3}
+    assert len({sample(logits, SamplingParams(temperature=5.0), g) for _ in range(200)}) > 1
+
+
+def test_a_frequency_penalty_changes_what_greedy_decoding_repeats(tiny_mixtral):
+    eng = engine(tiny_mixtral)
+    long = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = eng.generate([PROMPTS[1]], long, chat=False)[0].output_ids
+    pen = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=24, ignore_eos=True, frequency_penalty=2.0),
+                       chat=False)[0].output_ids
+    assert pen != plain and max(map(pen.count, pen)) <= max(map(plain.count, plain))
+
+
 def test_prompts_have_different_lengths(tiny_mixtral):
     eng = engine(tiny_mixtral)
     lens = [len(eng.codec.encode(p)) for p in PROMPTS]

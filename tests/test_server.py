@@ -169,6 +169,11 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "max_tokens": -3}, 400, "max_tokens"),
     ("completions", {**GOOD, "temperature": -0.5}, 400, "temperature"),
     ("completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("completions", {**GOOD, "top_k": -1}, 400, "top_k"),
+    ("completions", {**GOOD, "min_p": 1.5}, 400, "min_p"),
+    ("completions", {**GOOD, "frequency_penalty": 3}, 400, "frequency_penalty"),
+    ("completions", {**GOOD, "presence_penalty": -2.5}, 400, "presence_penalty"),
+    ("completions", {**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("completions", {**GOOD, "task": "astrology"}, 400, "task"),
     ("completions", {**GOOD, "ttft_ms": -1}, 400, "ttft_ms"),
     ("completions", {**GOOD, "stop": [""]}, 400, "stop"),
@@ -192,6 +197,14 @@ def test_bad_input(srv, endpoint, body, status, param):
     ok = httpx.post(f"{url}/v1/completions", json=GOOD, headers=AUTH)  # the server keeps serving
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 0
     assert loop.alive and loop.errors == 0
+
+
+def test_sampling_extensions_are_accepted(srv):
+    """top_k, min_p, repetition_penalty (vLLM's) and the OpenAI penalties reach the sampler."""
+    r = httpx.post(f"{srv[0]}/v1/completions", headers=AUTH, json={
+        **GOOD, "temperature": 0.8, "top_k": 5, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+        "repetition_penalty": 1.2, "seed": 3, "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_unknown_route_is_openai_style(srv):
