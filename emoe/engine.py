@@ -304,6 +304,11 @@ class Engine:
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
         for r, lg, best in zip(rows, logits, greedy):
             tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
+            if r.params.logprobs is not None:  # of the model's distribution, before penalties and cuts
+                lp = torch.log_softmax(lg.float(), -1)
+                top = lp.topk(r.params.logprobs) if r.params.logprobs else None
+                r.logprobs.append((float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist()))
+                                   if top is not None else []))
             r.output_ids.append(tok)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now
@@ -311,6 +316,7 @@ class Engine:
             if tok in self.codec.stop_ids and not r.params.ignore_eos:
                 reason = "stop"
                 r.output_ids.pop()
+                del r.logprobs[len(r.output_ids):]  # the end-of-sequence token is not part of the answer
             elif r.params.stop and any(s in self.codec.decode(r.output_ids[-16:]) for s in r.params.stop):
                 reason = "stop"
             elif len(r.output_ids) >= r.params.max_tokens or r.length >= self.max_len:

@@ -22,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0    # OpenAI's: subtracted once from every token already in the output
     frequency_penalty: float = 0.0   # OpenAI's: subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # HF/vLLM's: logits of prompt and output tokens divided (>0) or multiplied
+    logprobs: int | None = None      # record each output token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -39,6 +40,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 10:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
     @property
     def penalised(self) -> bool:
@@ -91,6 +94,8 @@ class Request:
     trace: Trace | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # with params.logprobs: per output token, (its log-probability, [(token, log-probability)] of the top ones)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finished_at: float | None = None
     gen: torch.Generator | None = None
 

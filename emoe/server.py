@@ -85,6 +85,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)  # each output token's and this many alternatives'
 
 
 class ContentPart(BaseModel):
@@ -102,6 +103,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 def _text_of(m: ChatMessage) -> str:
@@ -192,11 +195,19 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         else:
             task = extractor.extract(task_text) if extractor is not None else None
         ttft_ms, tpot_ms = slos.get(task, slos[None])
+        if chat:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
+        if logprobs is not None and body.stream:
+            raise APIError(400, "logprobs are returned with stream=false only", param="logprobs")
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=body.seed,
-                                    stop=tuple(stop), ignore_eos=body.ignore_eos, **given)
+                                    stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs, **given)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
@@ -220,6 +231,29 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             raise APIError(429, f"server busy: {e}", "rate_limit_exceeded", code="rate_limit_exceeded") from None
         except ShuttingDown as e:
             raise APIError(503, str(e), "service_unavailable", code="shutting_down") from None
+
+    def token_logprobs(job: Job, chat: bool) -> dict | None:
+        """The `logprobs` of a finished choice, in OpenAI's completions or chat shape."""
+        req = job.req
+        if req.params.logprobs is None:
+            return None
+        text = [eng.codec.decode([t]) for t in req.output_ids]
+        if chat:
+            def entry(s: str, v: float) -> dict:
+                return {"token": s, "logprob": v, "bytes": list(s.encode())}
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(eng.codec.decode([i]), v) for i, v in top]}
+                                for s, (lp, top) in zip(text, req.logprobs)]}
+        offsets = [0]
+        for s in text[:-1]:
+            offsets.append(offsets[-1] + len(s))
+        def by_text(top: list[tuple[int, float]]) -> dict:  # tokens that decode alike keep the likelier one
+            d: dict[str, float] = {}
+            for i, v in top:
+                d.setdefault(eng.codec.decode([i]), v)
+            return d
+        return {"tokens": text, "token_logprobs": [lp for lp, _ in req.logprobs],
+                "top_logprobs": [by_text(top) for _, top in req.logprobs] if req.params.logprobs else None,
+                "text_offset": offsets}
 
     def usage(job: Job) -> dict:
         p, c = job.prompt_len, job.generated
@@ -308,7 +342,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if ev[0] != "done" or ev[1] == "abort":
             raise end_error(job, ev)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev[1]}],
+                "choices": [{"index": 0, "text": text, "logprobs": token_logprobs(job, False), "finish_reason": ev[1]}],
                 "usage": usage(job)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
@@ -329,7 +363,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             raise end_error(job, ev)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": ev[1]}],
+                             "logprobs": token_logprobs(job, True), "finish_reason": ev[1]}],
                 "usage": usage(job)}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])

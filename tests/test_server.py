@@ -207,6 +207,34 @@ def test_sampling_extensions_are_accepted(srv):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
+def test_logprobs_of_the_answer(srv):
+    """completions: logprobs=N gives each token, its log-probability, N alternatives and text offsets; chat:
+    logprobs/top_logprobs in the chat shape. Greedy picks the likeliest, so its logprob tops its list."""
+    import math
+    url = srv[0]
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={
+        **GOOD, "temperature": 0, "max_tokens": 4, "ignore_eos": True, "logprobs": 3}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert len(lp["text_offset"]) == 4 and lp["text_offset"][0] == 0
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):  # keyed by text: partial bytes can collide
+        assert 1 <= len(top) <= 3 and chosen <= 0 and math.isclose(chosen, max(top.values()), rel_tol=1e-6)
+    c = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True,
+        "logprobs": True, "top_logprobs": 2}).json()
+    content = c["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(e["top_logprobs"]) == 2 and e["bytes"] == list(e["token"].encode())
+                                     for e in content)
+    plain = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 2}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    for body, param in (({**GOOD, "logprobs": 2, "stream": True}, "logprobs"), ({**GOOD, "logprobs": 21}, "logprobs")):
+        bad = httpx.post(f"{url}/v1/completions", headers=AUTH, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+    bad = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
 def test_unknown_route_is_openai_style(srv):
     r = httpx.get(f"{srv[0]}/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["message"]
