@@ -78,10 +78,13 @@ def test_metrics_against_fake_server(server):
     res = run_benchmark(url, _reqs(), goodput={"ttft": 5000, "tpot": 5000})
     assert res["model"] == "fake-moe" and res["completed"] == 4 and res["failed"] == 2
     assert res["total_output_tokens"] == 20 and res["total_input_tokens"] == 28  # usage replaces estimates
-    assert FIRST_S * 1e3 - 5 <= res["ttft_ms"]["mean"] < FIRST_S * 1e3 + 150
-    assert GAP_S * 1e3 - 5 <= res["tpot_ms"]["mean"] < GAP_S * 1e3 + 60
-    assert GAP_S * 1e3 - 5 <= res["itl_ms"]["median"] < GAP_S * 1e3 + 60
+    # the fake server's sleeps are lower bounds; upper bounds only catch unit mistakes (a loaded machine adds
+    # hundreds of ms), and TTFT is told apart from E2E by the four gaps that follow the first token
+    assert FIRST_S * 1e3 - 5 <= res["ttft_ms"]["mean"] < FIRST_S * 1e3 + 1000
+    assert GAP_S * 1e3 - 5 <= res["tpot_ms"]["mean"] < GAP_S * 1e3 + 500
+    assert GAP_S * 1e3 - 5 <= res["itl_ms"]["median"] < GAP_S * 1e3 + 500
     assert res["e2e_ms"]["mean"] >= (FIRST_S + 4 * GAP_S) * 1e3 - 5
+    assert res["e2e_ms"]["mean"] - res["ttft_ms"]["mean"] >= 4 * GAP_S * 1e3 - 5
     assert res["e2e_ms"]["p99"] >= res["e2e_ms"]["median"] >= res["ttft_ms"]["median"]
     assert set(res["ttft_ms"]) >= {"mean", "median", "p99", "std"}
     assert math.isclose(res["request_throughput"], 4 / res["duration_s"])
