@@ -158,13 +158,17 @@ class Engine:
         self.model.forward(tokens, pos, valid, dispatch, self.kv, slot, last_only=True).argmax(-1).tolist()  # syncs
 
     # -- requests --------------------------------------------------------------------------------
-    def make_request(self, prompt: str | list[dict], params: SamplingParams, task: str | None = None,
+    def make_request(self, prompt: str | list[dict] | list[int], params: SamplingParams, task: str | None = None,
                      chat: bool = True, request_id: str | None = None) -> Request:
-        if isinstance(prompt, list):
-            text = self.codec.apply_chat(prompt)
+        """prompt: text (wrapped in the chat template with chat), chat messages, or token ids as they are."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if not all(0 <= t < self.cfg.vocab_size for t in prompt):
+                raise ValueError(f"prompt token ids must lie in 0..{self.cfg.vocab_size - 1}")
+            ids = list(prompt)
+        elif isinstance(prompt, list):
+            ids = self.codec.encode(self.codec.apply_chat(prompt))
         else:
-            text = self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt
-        ids = self.codec.encode(text)
+            ids = self.codec.encode(self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) + 1 > self.max_len:

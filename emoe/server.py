@@ -84,7 +84,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # each output token's and this many alternatives'
 
 
@@ -326,11 +326,14 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise APIError(400, "prompt must be a string or a list of exactly one string", param="prompt")
+                raise APIError(400, "prompt must be a string, token ids, or a list of exactly one of them",
+                               param="prompt")
             prompt = prompt[0]
-        job = make_job(body, prompt, prompt, chat=False)
+        if isinstance(prompt, list) and not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        job = make_job(body, prompt, prompt if isinstance(prompt, str) else eng.codec.decode(prompt), chat=False)
         submit(job)
         rid = f"cmpl-{job.req.id}"
         if body.stream:

@@ -159,7 +159,9 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {"model": "tiny"}, 400, "prompt"),
     ("completions", {"prompt": "hi"}, 400, "model"),
     ("completions", {**GOOD, "max_tokens": "lots"}, 400, "max_tokens"),
-    ("completions", {**GOOD, "prompt": [1, 2, 3]}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": [1, 2, 10 ** 6]}, 400, "prompt"),  # token ids past the vocabulary
+    ("completions", {**GOOD, "prompt": []}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": [[1, 2], [3]]}, 400, "prompt"),
     ("completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt"),
     ("completions", {**GOOD, "stream": "maybe"}, 400, "stream"),
     ("completions", {**GOOD, "model": "gpt-4"}, 404, "model"),
@@ -233,6 +235,18 @@ def test_logprobs_of_the_answer(srv):
     bad = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_prompt_as_token_ids(srv):
+    """OpenAI's completions take token ids as the prompt too; they are used as they are."""
+    url, loop = srv
+    greedy = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    want = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, **greedy}).json()
+    ids = loop.engine.codec.encode(GOOD["prompt"])
+    for prompt in (ids, [ids]):
+        got = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, **greedy, "prompt": prompt}).json()
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_unknown_route_is_openai_style(srv):
