@@ -201,8 +201,6 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
             logprobs = body.logprobs
-        if logprobs is not None and body.stream:
-            raise APIError(400, "logprobs are returned with stream=false only", param="logprobs")
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
@@ -232,18 +230,18 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         except ShuttingDown as e:
             raise APIError(503, str(e), "service_unavailable", code="shutting_down") from None
 
-    def token_logprobs(job: Job, chat: bool) -> dict | None:
-        """The `logprobs` of a finished choice, in OpenAI's completions or chat shape."""
-        req = job.req
-        if req.params.logprobs is None:
+    def token_logprobs(records: list | None, chat: bool, want_top: bool, offset: int = 0) -> dict | None:
+        """[(token, log-probability, top alternatives)] in OpenAI's completions or chat `logprobs` shape;
+        offset: the text length before the first of them (streamed chunks)."""
+        if records is None:
             return None
-        text = [eng.codec.decode([t]) for t in req.output_ids]
+        text = [eng.codec.decode([t]) for t, _, _ in records]
         if chat:
             def entry(s: str, v: float) -> dict:
                 return {"token": s, "logprob": v, "bytes": list(s.encode())}
             return {"content": [{**entry(s, lp), "top_logprobs": [entry(eng.codec.decode([i]), v) for i, v in top]}
-                                for s, (lp, top) in zip(text, req.logprobs)]}
-        offsets = [0]
+                                for s, (_, lp, top) in zip(text, records)]}
+        offsets = [offset]
         for s in text[:-1]:
             offsets.append(offsets[-1] + len(s))
         def by_text(top: list[tuple[int, float]]) -> dict:  # tokens that decode alike keep the likelier one
@@ -251,9 +249,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             for i, v in top:
                 d.setdefault(eng.codec.decode([i]), v)
             return d
-        return {"tokens": text, "token_logprobs": [lp for lp, _ in req.logprobs],
-                "top_logprobs": [by_text(top) for _, top in req.logprobs] if req.params.logprobs else None,
+        return {"tokens": text, "token_logprobs": [lp for _, lp, _ in records],
+                "top_logprobs": [by_text(top) for _, _, top in records] if want_top else None,
                 "text_offset": offsets}
+
+    def answer_logprobs(job: Job, chat: bool) -> dict | None:
+        req = job.req
+        if req.params.logprobs is None:
+            return None
+        return token_logprobs([(t, lp, top) for t, (lp, top) in zip(req.output_ids, req.logprobs)], chat,
+                              bool(req.params.logprobs))
 
     def usage(job: Job) -> dict:
         p, c = job.prompt_len, job.generated
@@ -299,16 +304,19 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
 
         async def gen():
             try:
-                first = chunk_of(None, None, first=True)
+                first = chunk_of(None, None, None, first=True)
                 if first is not None:
                     yield sse(frame(first))
+                sent = 0  # text length streamed so far: completions' logprobs give offsets into the whole answer
                 while True:
                     ev = await job.queue.get()
                     if ev[0] == "delta":
-                        yield sse(frame(chunk_of(ev[1], None)))
+                        yield sse(frame(chunk_of(ev[1], None, token_logprobs(ev[2], obj.startswith("chat"),
+                                                                            bool(job.req.params.logprobs), sent))))
+                        sent += len(ev[1])
                         continue
                     if ev[0] == "done" and ev[1] != "abort":
-                        yield sse(frame(chunk_of(None, ev[1])))
+                        yield sse(frame(chunk_of(None, ev[1], None)))
                         if include_usage:
                             yield sse(frame(None, usage(job)))
                     else:
@@ -337,15 +345,15 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         submit(job)
         rid = f"cmpl-{job.req.id}"
         if body.stream:
-            def chunk(text, reason, first=False):
-                return None if first else {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            def chunk(text, reason, lps, first=False):
+                return None if first else {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "text_completion", inc, chunk)
         text, ev = await collect(request, job)
         if ev[0] != "done" or ev[1] == "abort":
             raise end_error(job, ev)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": token_logprobs(job, False), "finish_reason": ev[1]}],
+                "choices": [{"index": 0, "text": text, "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]}],
                 "usage": usage(job)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
@@ -356,9 +364,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         submit(job)
         rid = f"chatcmpl-{job.req.id}"
         if body.stream:
-            def chunk(text, reason, first=False):
+            def chunk(text, reason, lps, first=False):
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "chat.completion.chunk", inc, chunk)
         text, ev = await collect(request, job)
@@ -366,7 +374,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             raise end_error(job, ev)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": token_logprobs(job, True), "finish_reason": ev[1]}],
+                             "logprobs": answer_logprobs(job, True), "finish_reason": ev[1]}],
                 "usage": usage(job)}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])

@@ -11,7 +11,9 @@ decode step cost a + c·n (fitted over the batch sizes seen), per-prompt-token p
 load latency (moving averages) -- and per request TTFT, inter-token latency, E2E and queue time for
 the metrics.
 
-Events a job receives, in order: ("delta", text)* then ("done", finish_reason) — or ("error", message)
+Events a job receives, in order: ("delta", text, logprobs)* then ("done", finish_reason) — or ("error", message);
+logprobs is None unless the request asked for them, else [(token, log-probability, top alternatives)] of the
+tokens since the last delta
 when the engine failed on it. finish_reason is "stop", "length" or "abort" (client gone / shutdown).
 """
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Job:
     error: str | None = None
     text_sent: str = ""
     n_seen: int = 0                                 # output tokens already accounted
+    lp_sent: int = 0                                # output tokens whose logprobs went out with a delta
     events: list = field(default_factory=list)      # used when there is no asyncio queue (tests)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -318,8 +321,18 @@ class EngineLoop:
                 while end > 0 and text[end - 1] == "\ufffd":
                     end -= 1
                 if end > len(j.text_sent) and text.startswith(j.text_sent):
-                    j.push(("delta", text[len(j.text_sent):end]))
+                    j.push(("delta", text[len(j.text_sent):end], self._logprobs(j)))
                     j.text_sent = text[:end]
+
+    @staticmethod
+    def _logprobs(j: Job) -> list | None:
+        """The logprobs of the tokens sampled since the last delta (None when the request asked for none)."""
+        if j.req.params.logprobs is None:
+            return None
+        n = len(j.req.output_ids)
+        out = [(t, lp, top) for t, (lp, top) in zip(j.req.output_ids[j.lp_sent:n], j.req.logprobs[j.lp_sent:n])]
+        j.lp_sent = n
+        return out
 
     def _finalize(self, j: Job, reason: str) -> None:
         j.finish_reason, j.finished_at = reason, time.perf_counter()
@@ -328,9 +341,10 @@ class EngineLoop:
         if reason != "abort":
             m.e2e.observe(j.finished_at - j.arrival)
             full = self.engine.text(j.req)
-            if full.startswith(j.text_sent) and len(full) > len(j.text_sent):
-                j.push(("delta", full[len(j.text_sent):]))
-                j.text_sent = full
+            lps = self._logprobs(j)
+            if full.startswith(j.text_sent) and len(full) > len(j.text_sent) or lps:
+                j.push(("delta", full[len(j.text_sent):] if full.startswith(j.text_sent) else "", lps))
+                j.text_sent = full if full.startswith(j.text_sent) else j.text_sent
             m.slo(j.task, self.slo_met(j))
         j.push(("done", reason))
         j.done.set()

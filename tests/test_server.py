@@ -5,6 +5,7 @@ exact number of tokens.
 """
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -229,9 +230,17 @@ def test_logprobs_of_the_answer(srv):
                                      for e in content)
     plain = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 2}).json()
     assert plain["choices"][0]["logprobs"] is None
-    for body, param in (({**GOOD, "logprobs": 2, "stream": True}, "logprobs"), ({**GOOD, "logprobs": 21}, "logprobs")):
-        bad = httpx.post(f"{url}/v1/completions", headers=AUTH, json=body)
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+    bad = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "logprobs": 21})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs"
+    # streamed: each chunk carries the logprobs of the tokens it completes, all of them by the end
+    for endpoint, body, key in (("completions", {**GOOD, "logprobs": 1}, "tokens"),
+                                ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                      "logprobs": True, "top_logprobs": 1}, "content")):
+        with httpx.stream("POST", f"{url}/v1/{endpoint}", headers=AUTH, json={
+                **body, "max_tokens": 5, "ignore_eos": True, "stream": True}) as s:
+            chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        got = [e for c in chunks for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"][key]]
+        assert len(got) == 5, (endpoint, chunks)
     bad = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
