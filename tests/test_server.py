@@ -107,6 +107,13 @@ def test_openai_client(srv):
     assert "".join(ch.choices[0].delta.content or "" for ch in again if ch.choices) == same.choices[0].message.content
     assert text is not None
 
+    lp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        logprobs=True, top_logprobs=2, frequency_penalty=0.5,
+                                        extra_body={"ignore_eos": True, "top_k": 20})
+    assert len(lp.choices[0].logprobs.content) == 3 and len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
+    clp = client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=1, extra_body={"ignore_eos": True})
+    assert len(clp.choices[0].logprobs.token_logprobs) == 2
+
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
 
