@@ -216,11 +216,8 @@ class Engine:
         if self.ecfg.prefix_reuse:
             for i, s in enumerate(self.free_slots):
                 held = self.slot_tokens.get(s, ())
-                n = 0
-                for a, b in zip(held, prompt[:-1]):
-                    if a != b:
-                        break
-                    n += 1
+                n = next((k for k, (a, b) in enumerate(zip(held, prompt[:-1])) if a != b),
+                         min(len(held), len(prompt) - 1))
                 if n > shared:
                     best, shared = i, n
         slot = self.free_slots.pop(best)
