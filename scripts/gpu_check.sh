@@ -58,3 +58,6 @@ D=/tmp/random-ds-fp8
 step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
 step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,load:0.4,auto:0.4
+# serving: a long prompt's prefill interleaved with decoding vs whole; a chat's turns with prefix reuse vs without
+step interleave 90 python3 scripts/bench_prefill_interleave.py --model $D --tokens $((Q ? 500 : 1900)) --chunk 256
+step prefix_reuse 60 python3 scripts/bench_prefix_reuse.py
