@@ -23,7 +23,7 @@ from .dispatch import ExpertDispatch, run_experts
 from .quant import CopyFile, copies_path
 from .store import open_store
 from .tokenizer import TextCodec
-from .sequence import Request, SamplingParams, penalise, sample  # noqa: F401 — Request, SamplingParams: interface
+from .sequence import Request, SamplingParams, logprob_entries, penalise, sample  # noqa: F401 — interface too
 from .traces import TraceRecorder
 
 
@@ -197,8 +197,8 @@ class Engine:
                 self.loader.apply(plan, t0)
             else:
                 self.loader.stats.seconds += time.perf_counter() - t0
-        for r in reqs:
-            r.slot, r.prefilled = self._take_slot(r.prompt_ids)
+        for r in reqs:  # echo needs every prompt position's logits: nothing reused
+            r.slot, r.prefilled = self._take_slot(r.prompt_ids if r.params.prompt_logprobs is None else [])
             self.reused_tokens += r.prefilled
         self.prefilling.extend(reqs)
         if complete:
@@ -248,7 +248,8 @@ class Engine:
 
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, rows: list[Request], seqs: list[list[int]], starts: list[int], phase: str) -> torch.Tensor:
+    def _forward(self, rows: list[Request], seqs: list[list[int]], starts: list[int], phase: str,
+                 last_only: bool = True) -> torch.Tensor:
         T = max(len(s) for s in seqs)
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         pos = torch.zeros(len(rows), T, dtype=torch.long)
@@ -264,7 +265,7 @@ class Engine:
         if self.recorder is not None:
             self.recorder.phase, self.recorder.owners = phase, slots[:, None].expand(len(rows), T)[valid].to(d)
         return self.model.forward(tokens.to(d), pos.to(d), valid.to(d), self.dispatch, self.kv,
-                                  slots.to(d), last_only=True)
+                                  slots.to(d), last_only=last_only)
 
     def _prefill_chunk(self) -> list[tuple[Request, torch.Tensor]]:
         """The next prefill_chunk prompt tokens of every request still prefilling, each attending to the
@@ -272,7 +273,15 @@ class Engine:
         Returns (request, last logits) for those whose prompt is now complete."""
         t0, rows, C = time.perf_counter(), list(self.prefilling), self.ecfg.prefill_chunk
         seqs = [r.prompt_ids[r.prefilled: r.prefilled + C] for r in rows]
-        logits = self._forward(rows, seqs, [r.prefilled for r in rows], "prefill")
+        want = [r.params.prompt_logprobs is not None for r in rows]  # `echo`: every position's logits
+        logits = self._forward(rows, seqs, [r.prefilled for r in rows], "prefill", last_only=not any(want))
+        if any(want):
+            for b, r in enumerate(rows):  # position p's logits predict prompt token p + 1
+                n = min(len(seqs[b]), len(r.prompt_ids) - 1 - r.prefilled)
+                if want[b] and n > 0:
+                    nxt = r.prompt_ids[r.prefilled + 1: r.prefilled + 1 + n]
+                    r.prompt_logprobs += logprob_entries(logits[b, :n], nxt, r.params.prompt_logprobs)
+            logits = logits[torch.arange(len(rows)), torch.tensor([len(s) - 1 for s in seqs])]
         for r, s in zip(rows, seqs):
             r.prefilled += len(s)
         self.prefilling = [r for r in rows if r.prefilled < len(r.prompt_ids)]
@@ -305,11 +314,8 @@ class Engine:
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
         for r, lg, best in zip(rows, logits, greedy):
             tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
-            if r.params.logprobs is not None:  # of the model's distribution, before penalties and cuts
-                lp = torch.log_softmax(lg.float(), -1)
-                top = lp.topk(r.params.logprobs) if r.params.logprobs else None
-                r.logprobs.append((float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist()))
-                                   if top is not None else []))
+            if r.params.logprobs is not None:
+                r.logprobs += logprob_entries(lg[None], [tok], r.params.logprobs)
             r.output_ids.append(tok)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now

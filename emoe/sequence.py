@@ -23,6 +23,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0   # OpenAI's: subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # HF/vLLM's: logits of prompt and output tokens divided (>0) or multiplied
     logprobs: int | None = None      # record each output token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -40,8 +41,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 10:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
 
     @property
     def penalised(self) -> bool:
@@ -59,6 +61,17 @@ def penalise(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], out
         v = logits[ids]
         logits[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     return logits
+
+
+def logprob_entries(logits: torch.Tensor, targets: list[int], n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For rows of logits [len(targets), V]: each target's log-probability and the n likeliest alternatives,
+    of the model's own distribution (before penalties and sampling cuts)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    if not n:
+        return [(c, []) for c in chosen]
+    top = lp.topk(n, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -96,6 +109,7 @@ class Request:
     first_token_at: float | None = None
     # with params.logprobs: per output token, (its log-probability, [(token, log-probability)] of the top ones)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # tokens 1..
     finished_at: float | None = None
     gen: torch.Generator | None = None
 

@@ -86,6 +86,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # each output token's and this many alternatives'
+    echo: bool = False                               # the prompt comes back too (with its logprobs)
 
 
 class ContentPart(BaseModel):
@@ -201,11 +202,15 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
             logprobs = body.logprobs
+            if body.echo and body.stream:
+                raise APIError(400, "echo is supported with stream=false", param="echo")
+        prompt_logprobs = logprobs if not chat and body.echo else None
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=body.seed,
-                                    stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs, **given)
+                                    stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                    prompt_logprobs=prompt_logprobs, **given)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
@@ -244,7 +249,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         offsets = [offset]
         for s in text[:-1]:
             offsets.append(offsets[-1] + len(s))
-        def by_text(top: list[tuple[int, float]]) -> dict:  # tokens that decode alike keep the likelier one
+
+        def by_text(top: list[tuple[int, float]] | None) -> dict | None:  # tokens decoding alike: the likelier
+            if top is None:
+                return None
             d: dict[str, float] = {}
             for i, v in top:
                 d.setdefault(eng.codec.decode([i]), v)
@@ -254,11 +262,15 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 "text_offset": offsets}
 
     def answer_logprobs(job: Job, chat: bool) -> dict | None:
+        """The answer's logprobs; with echo, the prompt's first (its first token has none: nothing predicts it)."""
         req = job.req
         if req.params.logprobs is None:
             return None
-        return token_logprobs([(t, lp, top) for t, (lp, top) in zip(req.output_ids, req.logprobs)], chat,
-                              bool(req.params.logprobs))
+        records = [(t, lp, top) for t, (lp, top) in zip(req.output_ids, req.logprobs)]
+        if req.params.prompt_logprobs is not None:
+            records = [(req.prompt_ids[0], None, None)] + [
+                (t, lp, top) for t, (lp, top) in zip(req.prompt_ids[1:], req.prompt_logprobs)] + records
+        return token_logprobs(records, chat, bool(req.params.logprobs))
 
     def usage(job: Job) -> dict:
         p, c = job.prompt_len, job.generated
@@ -352,6 +364,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         text, ev = await collect(request, job)
         if ev[0] != "done" or ev[1] == "abort":
             raise end_error(job, ev)
+        if body.echo:
+            text = (prompt if isinstance(prompt, str) else eng.codec.decode(prompt)) + text
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "text": text, "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]}],
                 "usage": usage(job)}

@@ -253,6 +253,23 @@ def test_logprobs_of_the_answer(srv):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
 
 
+def test_echo_returns_the_prompt_and_its_logprobs(srv):
+    """lm-eval-harness's loglikelihood request: echo + logprobs give every prompt token's log-probability
+    (the first has none) before the answer's."""
+    url, _ = srv
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={
+        **GOOD, "prompt": "Summarize: the cat sat", "echo": True, "logprobs": 1, "max_tokens": 1,
+        "temperature": 0, "ignore_eos": True}).json()
+    choice, n = r["choices"][0], r["usage"]["prompt_tokens"]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith("Summarize: the cat sat")
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == n + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    bad = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "echo": True, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "echo"
+
+
 def test_prompt_as_token_ids(srv):
     """OpenAI's completions take token ids as the prompt too; they are used as they are."""
     url, loop = srv
