@@ -367,7 +367,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if body.echo:
             text = (prompt if isinstance(prompt, str) else eng.codec.decode(prompt)) + text
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]}],
+                "choices": [{"index": 0, "text": text, "logprobs": answer_logprobs(job, False),
+                             "finish_reason": ev[1]}],
                 "usage": usage(job)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
