@@ -83,6 +83,9 @@ class _Common(BaseModel):
     tpot_ms: float | None = Field(None, gt=0)
 
 
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval-harness batches several)
+
+
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # each output token's and this many alternatives'
@@ -345,31 +348,40 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
     # -- endpoints ---------------------------------------------------------------------------------
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request):
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt must be a string, token ids, or a list of exactly one of them",
-                               param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list) and not prompt:
+        # a string, token ids, or a list of either: one choice per prompt, in order
+        prompts = [body.prompt] if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)) \
+            else list(body.prompt)
+        if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt is empty", param="prompt")
-        job = make_job(body, prompt, prompt if isinstance(prompt, str) else eng.codec.decode(prompt), chat=False)
-        submit(job)
-        rid = f"cmpl-{job.req.id}"
+        if len(prompts) > MAX_PROMPTS or (len(prompts) > 1 and body.stream):
+            raise APIError(400, f"up to {MAX_PROMPTS} prompts a request, and one when streaming", param="prompt")
+        texts = [p if isinstance(p, str) else eng.codec.decode(p) for p in prompts]
+        jobs = [make_job(body, p, t, chat=False) for p, t in zip(prompts, texts)]  # all checked before any runs
+        submitted = []
+        try:
+            for job in jobs:
+                submit(job)
+                submitted.append(job)
+        except APIError:
+            for job in submitted:
+                loop.abort(job)
+            raise
+        rid = f"cmpl-{jobs[0].req.id}"
         if body.stream:
             def chunk(text, reason, lps, first=False):
                 return None if first else {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
-            return stream(job, rid, "text_completion", inc, chunk)
-        text, ev = await collect(request, job)
-        if ev[0] != "done" or ev[1] == "abort":
-            raise end_error(job, ev)
-        if body.echo:
-            text = (prompt if isinstance(prompt, str) else eng.codec.decode(prompt)) + text
+            return stream(jobs[0], rid, "text_completion", inc, chunk)
+        results = await asyncio.gather(*(collect(request, job) for job in jobs))
+        choices = []
+        for i, (job, (text, ev)) in enumerate(zip(jobs, results)):
+            if ev[0] != "done" or ev[1] == "abort":
+                raise end_error(job, ev)
+            choices.append({"index": i, "text": (texts[i] if body.echo else "") + text,
+                            "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]})
+        use = [usage(job) for job in jobs]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": answer_logprobs(job, False),
-                             "finish_reason": ev[1]}],
-                "usage": usage(job)}
+                "choices": choices, "usage": {k: sum(u[k] for u in use) for k in use[0]}}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):

@@ -169,8 +169,9 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "max_tokens": "lots"}, 400, "max_tokens"),
     ("completions", {**GOOD, "prompt": [1, 2, 10 ** 6]}, 400, "prompt"),  # token ids past the vocabulary
     ("completions", {**GOOD, "prompt": []}, 400, "prompt"),
-    ("completions", {**GOOD, "prompt": [[1, 2], [3]]}, 400, "prompt"),
-    ("completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": ["a", "b"], "stream": True}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": ["a", ""]}, 400, "prompt"),
+    ("completions", {**GOOD, "prompt": ["a"] * 65}, 400, "prompt"),
     ("completions", {**GOOD, "stream": "maybe"}, 400, "stream"),
     ("completions", {**GOOD, "model": "gpt-4"}, 404, "model"),
     ("completions", {**GOOD, "prompt": "word " * 400}, 400, "prompt"),
@@ -268,6 +269,21 @@ def test_echo_returns_the_prompt_and_its_logprobs(srv):
     assert all(v <= 0 for v in lp["token_logprobs"][1:])
     bad = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "echo": True, "stream": True})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "echo"
+
+
+def test_several_prompts_give_one_choice_each(srv):
+    """A list of prompts (text or token ids) is one choice per prompt, in order, with usage summed; each
+    choice is what the prompt alone gives."""
+    url, loop = srv
+    greedy = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    alone = [httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, **greedy, "prompt": p}).json()
+             for p in ("hi", "Summarize: the cat")]
+    for prompts in (["hi", "Summarize: the cat"], [loop.engine.codec.encode(p) for p in ("hi", "Summarize: the cat")]):
+        both = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, **greedy, "prompt": prompts}).json()
+        assert [c["index"] for c in both["choices"]] == [0, 1]
+        assert [c["text"] for c in both["choices"]] == [a["choices"][0]["text"] for a in alone]
+        assert both["usage"]["completion_tokens"] == 6
+        assert both["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
 
 
 def test_prompt_as_token_ids(srv):
