@@ -111,6 +111,17 @@ class ChatRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None  # rendered through the chat template
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int]
+
+
 def _text_of(m: ChatMessage) -> str:
     if m.content is None or isinstance(m.content, str):
         return m.content or ""
@@ -403,6 +414,22 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": answer_logprobs(job, True), "finish_reason": ev[1]}],
                 "usage": usage(job)}
+
+    # vLLM's token endpoints: what a prompt costs in tokens, and back (the codec reads, never the engine)
+    @app.post("/tokenize", dependencies=[Depends(auth)])
+    async def tokenize(body: TokenizeRequest):
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        text = body.prompt if body.prompt is not None else eng.codec.apply_chat(
+            [{"role": m.role, "content": _text_of(m)} for m in body.messages])
+        ids = eng.codec.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_len}
+
+    @app.post("/detokenize", dependencies=[Depends(auth)])
+    async def detokenize(body: DetokenizeRequest):
+        if not all(0 <= t < eng.cfg.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must lie in 0..{eng.cfg.vocab_size - 1}", param="tokens")
+        return {"prompt": eng.codec.decode(body.tokens)}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():

@@ -298,6 +298,20 @@ def test_prompt_as_token_ids(srv):
         assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] == len(ids)
 
 
+def test_tokenize_and_detokenize(srv):
+    url, loop = srv
+    r = httpx.post(f"{url}/tokenize", headers=AUTH, json={"prompt": "hello there"}).json()
+    assert r["tokens"] == loop.engine.codec.encode("hello there") and r["count"] == len(r["tokens"])
+    chat = httpx.post(f"{url}/tokenize", headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] == len(loop.engine.codec.encode(loop.engine.codec.apply_chat([{"role": "user", "content": "hi"}])))
+    back = httpx.post(f"{url}/detokenize", headers=AUTH, json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == "hello there"
+    for path, body, param in (("tokenize", {}, "prompt"), ("detokenize", {"tokens": [10 ** 6]}, "tokens")):
+        bad = httpx.post(f"{url}/{path}", headers=AUTH, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401  # behind the API key too
+
+
 def test_unknown_route_is_openai_style(srv):
     r = httpx.get(f"{srv[0]}/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["message"]
