@@ -172,7 +172,8 @@ def test_make_scheduler():
 
 # -- the engine loop on a tiny model: ΔE from the residency plan, never applied ------------------------
 @pytest.mark.usefixtures("one_thread")
-def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral):
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleaved-prefill", "whole-prefill"])
+def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral, interleave):
     import torch
 
     from emoe.engine import Engine, EngineConfig, SamplingParams
@@ -193,7 +194,7 @@ def test_engine_loop_delta_e_dry_run_and_serving(tiny_mixtral):
                    traces=[r.trace for r in done])
     eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=2), policy=Reroute(),
                  residency=lambda cap: TaskAwareResidency(prof, cap))
-    loop = EngineLoop(eng, "task-aware", prof, max_waiting=8)
+    loop = EngineLoop(eng, "task-aware", prof, max_waiting=8, interleave=interleave)
     assert loop.ctx.out_len == prof.out_len and loop.ctx.token_cost_s == 0.01
 
     # force a resident set the code task's plan disagrees with, then ask for ΔE
