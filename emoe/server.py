@@ -84,6 +84,7 @@ class _Common(BaseModel):
 
 
 MAX_PROMPTS = 64  # prompts in one completions request (lm-eval-harness batches several)
+MAX_N = 16  # answers per prompt
 
 
 class CompletionRequest(_Common):
@@ -185,12 +186,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                            param=None, code="invalid_api_key")
 
     # -- the shared path of both endpoints -------------------------------------------------------
-    def make_job(body: _Common, prompt, task_text: str, chat: bool) -> Job:
+    def check_n(body: _Common) -> None:
+        if not 1 <= body.n <= MAX_N or (body.n > 1 and body.stream):
+            raise APIError(400, f"n must be in 1..{MAX_N}, and 1 when streaming", param="n")
+
+    def make_job(body: _Common, prompt, task_text: str, chat: bool, sample: int = 0) -> Job:
+        """sample: which of the n answers to one prompt (a given seed is offset by it)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         explicit = max_tokens is not None
         if not explicit:
@@ -222,7 +227,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
-            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=body.seed,
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                    seed=None if body.seed is None else body.seed + sample,
                                     stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs,
                                     prompt_logprobs=prompt_logprobs, **given)
         except ValueError as e:
@@ -285,6 +291,23 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             records = [(req.prompt_ids[0], None, None)] + [
                 (t, lp, top) for t, (lp, top) in zip(req.prompt_ids[1:], req.prompt_logprobs)] + records
         return token_logprobs(records, chat, bool(req.params.logprobs))
+
+    def submit_all(jobs: list[Job]) -> None:
+        """All or none: a refusal part-way (queue full) aborts the ones already in."""
+        done = []
+        try:
+            for job in jobs:
+                submit(job)
+                done.append(job)
+        except APIError:
+            for job in done:
+                loop.abort(job)
+            raise
+
+    def usage_of(jobs: list[Job], n: int) -> dict:
+        """One prompt's tokens once however many answers it got (OpenAI's count), every answer's tokens."""
+        p, c = sum(j.prompt_len for j in jobs[::n]), sum(j.generated for j in jobs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def usage(job: Job) -> dict:
         p, c = job.prompt_len, job.generated
@@ -367,16 +390,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if len(prompts) > MAX_PROMPTS or (len(prompts) > 1 and body.stream):
             raise APIError(400, f"up to {MAX_PROMPTS} prompts a request, and one when streaming", param="prompt")
         texts = [p if isinstance(p, str) else eng.codec.decode(p) for p in prompts]
-        jobs = [make_job(body, p, t, chat=False) for p, t in zip(prompts, texts)]  # all checked before any runs
-        submitted = []
-        try:
-            for job in jobs:
-                submit(job)
-                submitted.append(job)
-        except APIError:
-            for job in submitted:
-                loop.abort(job)
-            raise
+        check_n(body)  # n answers per prompt, all checked before any runs; choice k is prompt k // n's answer k % n
+        jobs = [make_job(body, p, t, chat=False, sample=i) for p, t in zip(prompts, texts) for i in range(body.n)]
+        submit_all(jobs)
         rid = f"cmpl-{jobs[0].req.id}"
         if body.stream:
             def chunk(text, reason, lps, first=False):
@@ -388,18 +404,20 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         for i, (job, (text, ev)) in enumerate(zip(jobs, results)):
             if ev[0] != "done" or ev[1] == "abort":
                 raise end_error(job, ev)
-            choices.append({"index": i, "text": (texts[i] if body.echo else "") + text,
+            choices.append({"index": i, "text": (texts[i // body.n] if body.echo else "") + text,
                             "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]})
-        use = [usage(job) for job in jobs]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": {k: sum(u[k] for u in use) for k in use[0]}}
+                "choices": choices, "usage": usage_of(jobs, body.n)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": _text_of(m)} for m in body.messages]
         users = [m["content"] for m in messages if m["role"] == "user"]
-        job = make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True)
-        submit(job)
+        check_n(body)
+        jobs = [make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True, sample=i)
+                for i in range(body.n)]
+        submit_all(jobs)
+        job = jobs[0]
         rid = f"chatcmpl-{job.req.id}"
         if body.stream:
             def chunk(text, reason, lps, first=False):
@@ -407,13 +425,15 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "chat.completion.chunk", inc, chunk)
-        text, ev = await collect(request, job)
-        if ev[0] != "done" or ev[1] == "abort":
-            raise end_error(job, ev)
+        results = await asyncio.gather(*(collect(request, j) for j in jobs))
+        choices = []
+        for i, (j, (text, ev)) in enumerate(zip(jobs, results)):
+            if ev[0] != "done" or ev[1] == "abort":
+                raise end_error(j, ev)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": answer_logprobs(j, True), "finish_reason": ev[1]})
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": answer_logprobs(job, True), "finish_reason": ev[1]}],
-                "usage": usage(job)}
+                "choices": choices, "usage": usage_of(jobs, body.n)}
 
     # vLLM's token endpoints: what a prompt costs in tokens, and back (the codec reads, never the engine)
     @app.post("/tokenize", dependencies=[Depends(auth)])

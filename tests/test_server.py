@@ -286,6 +286,29 @@ def test_several_prompts_give_one_choice_each(srv):
         assert both["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
 
 
+def test_n_answers_per_prompt(srv):
+    """n sampled answers per prompt: choice k answers prompt k // n; a seed gives each answer its own
+    (seed + i), so seeded requests repeat; the prompt is counted once in usage."""
+    url, _ = srv
+    body = {**GOOD, "max_tokens": 4, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**body, "prompt": ["hi", "Summarize: the cat"],
+                                                                  "n": 3}).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6)) and r["usage"]["completion_tokens"] == 24
+    again = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**body, "prompt": ["hi", "Summarize: the cat"],
+                                                                      "n": 3}).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in r["choices"]]
+    one = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**body, "prompt": "hi"}).json()
+    assert r["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"] + len(
+        httpx.post(f"{url}/tokenize", headers=AUTH, json={"prompt": "Summarize: the cat"}).json()["tokens"])
+    assert r["choices"][0]["text"] == one["choices"][0]["text"]  # answer 0 has the request's own seed
+    chat = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 2}).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    for bad in ({**GOOD, "n": 0}, {**GOOD, "n": 17}, {**GOOD, "n": 2, "stream": True}):
+        res = httpx.post(f"{url}/v1/completions", headers=AUTH, json=bad)
+        assert res.status_code == 400 and res.json()["error"]["param"] == "n"
+
+
 def test_prompt_as_token_ids(srv):
     """OpenAI's completions take token ids as the prompt too; they are used as they are."""
     url, loop = srv
