@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP API over an EngineLoop (FastAPI): what `emoe serve` runs.
 
 /v1/completions, /v1/chat/completions (SSE streaming with `data: [DONE]`, stream_options.include_usage),
-/v1/models, /health, /metrics. Extra request fields: `task` (else extracted from the prompt when a
+/v1/models, /tokenize, /detokenize, /health, /metrics (request bodies and errors: api.py). Extra request fields: `task` (else extracted from the prompt when a
 task extractor is given) and per-request SLOs `ttft_ms`, `tpot_ms` (else the task's defaults).
 Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}; bad input is a
 4xx and never disturbs the engine loop, which runs in its own thread.
@@ -15,14 +15,13 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
-
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .api import (MAX_N, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                  _Common, _error, _text_of)
 from .datasets import TASKS
 from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
@@ -40,96 +39,6 @@ def serve_threads(n: int | None) -> int:
         return n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - 1)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type_, param, code).body(), status_code=status)
-
-
-# -- request bodies (extra fields the OpenAI client may send are accepted and ignored) ---------------
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None            # vLLM's extensions: top_k, min_p, repetition_penalty
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    ignore_eos: bool = False          # vLLM's extension: benchmarks ask for exact output lengths
-    task: str | None = None
-    ttft_ms: float | None = Field(None, gt=0)
-    tpot_ms: float | None = Field(None, gt=0)
-
-
-MAX_PROMPTS = 64  # prompts in one completions request (lm-eval-harness batches several)
-MAX_N = 16  # answers per prompt
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)  # each output token's and this many alternatives'
-    echo: bool = False                               # the prompt comes back too (with its logprobs)
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None  # rendered through the chat template
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    tokens: list[int]
-
-
-def _text_of(m: ChatMessage) -> str:
-    if m.content is None or isinstance(m.content, str):
-        return m.content or ""
-    bad = [p.type for p in m.content if p.type != "text"]
-    if bad:
-        raise APIError(400, f"unsupported content part type {bad[0]!r}; only 'text' is supported", param="messages")
-    return "".join(p.text or "" for p in m.content)
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, extractor=None,
