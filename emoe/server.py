@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API over an EngineLoop (FastAPI): what `emoe serve` runs.
 
 /v1/completions, /v1/chat/completions (SSE streaming with `data: [DONE]`, stream_options.include_usage),
-/v1/models, /tokenize, /detokenize, /health, /metrics (request bodies and errors: api.py). Extra request fields: `task` (else extracted from the prompt when a
-task extractor is given) and per-request SLOs `ttft_ms`, `tpot_ms` (else the task's defaults).
+/v1/models, /tokenize, /detokenize, /health, /metrics; request bodies and errors are in api.py. Extra
+request fields: `task` (else extracted from the prompt when a task extractor is given) and per-request
+SLOs `ttft_ms`, `tpot_ms` (else the task's defaults).
 Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}; bad input is a
 4xx and never disturbs the engine loop, which runs in its own thread.
 """
