@@ -341,5 +341,9 @@ class Checkpoint:
     def tokenizer_path(self) -> Path:
         p = self.dir / "tokenizer.json"
         if not p.is_file():
-            raise CheckpointError(f"{self.dir} has no tokenizer.json")
+            other = [q.name for q in self.dir.glob("*") if q.name in ("tokenizer.model", "vocab.json")
+                     or q.suffix == ".tiktoken"]
+            hint = (f" (it has {other}: write tokenizer.json once with transformers, "
+                    f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))") if other else ""
+            raise CheckpointError(f"{self.dir} has no tokenizer.json{hint}")
         return p
