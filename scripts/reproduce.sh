@@ -92,5 +92,21 @@ $E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-
 $E bench capacity --profile $P --budget 0.4 --json $R/capacity.json | tee $R/capacity.txt
 $E bench capacity --profile $P --budget 0.4 --max-len 128 --memory-mb 72.6 --json $R/capacity_tight.json \
   | tee $R/capacity_tight.txt
+# eighth session: serving defaults re-run, prefill chunking and interleaving, prefix reuse, FP8 vs bf16 RAM tier
+$E bench compare --profile $P --budget 0.4 --trace $T --num-requests 120 --time-scale 40 \
+  --goodput ttft:1500 tpot:150 --repeats 3 --json $R/compare_session8.json | tee $R/compare_session8.txt
+PY=${PYTHON:-.venv/bin/python}
+D=runs/random-ds && $PY scripts/make_random_model.py --out $D --family deepseek_v3 --hidden 1024 --inter 512 \
+  --experts 16 --top-k 4 --layers 2
+$PY scripts/bench_prefill_chunk.py --model $D | tee $R/bench_prefill_chunk.txt
+$PY scripts/bench_prefill_interleave.py --model $D --tokens 2000 --chunk 256 | tee $R/bench_prefill_interleave.txt
+$PY scripts/bench_prefix_reuse.py | tee $R/bench_prefix_reuse.txt
+for f in "" --fp8; do
+  $PY scripts/make_random_model.py --out runs/dsr$f --family deepseek_v3 --experts 32 --top-k 4 --hidden 1024 \
+    --inter 512 --layers 4 $f
+  $E bench memory --model runs/dsr$f --budgets 1.0,0.4 --miss-policy load,host --experts-on ram
+done | tee $R/bench_memory_random_fp8.txt
+# lm-evaluation-harness through the server needs lm_eval installed (not a dependency):
+#   emoe serve --port 8777 & bash scripts/lm_eval_sentiment.sh http://127.0.0.1:8777
 # The CUDA path (docs/results/gpu_h200.txt) needs a GPU machine and is not run here:
 #   bash scripts/gpu_check.sh OUT && emoe rescore OUT/eval_gpu.json --versus emoe-a-sticky-q48
