@@ -198,7 +198,7 @@ class Engine:
             else:
                 self.loader.stats.seconds += time.perf_counter() - t0
         for r in reqs:  # echo needs every prompt position's logits: nothing reused
-            r.slot, r.prefilled = self._take_slot(r.prompt_ids if r.params.prompt_logprobs is None else [])
+            r.slot, r.prefilled = self._take_slot(r.prompt_ids, reuse=r.params.prompt_logprobs is None)
             self.reused_tokens += r.prefilled
         self.prefilling.extend(reqs)
         if complete:
@@ -207,13 +207,13 @@ class Engine:
                 ready += self._prefill_chunk()
             self._start(ready)
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+    def _take_slot(self, prompt: list[int], reuse: bool = True) -> tuple[int, int]:
         """(free slot, prompt tokens whose KV it already holds). With prefix_reuse, the slot whose last
         occupant's tokens share the longest prefix with this prompt (a chat's next turn re-sends the
         conversation: its KV is still there, at the same positions); the last prompt token is always
         prefilled, for its logits."""
         best, shared = 0, 0
-        if self.ecfg.prefix_reuse:
+        if self.ecfg.prefix_reuse and reuse:
             for i, s in enumerate(self.free_slots):
                 held = self.slot_tokens.get(s, ())
                 n = next((k for k, (a, b) in enumerate(zip(held, prompt[:-1])) if a != b),

@@ -249,6 +249,14 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             if job.finish_reason is None:
                 loop.abort(job)
 
+    async def answers(request: Request, jobs: list[Job]) -> list[tuple[Job, str, str]]:
+        """Every job's whole answer and finish reason; the first that failed or was aborted is the error."""
+        results = await asyncio.gather(*(collect(request, job) for job in jobs))
+        for job, (_, ev) in zip(jobs, results):
+            if ev[0] != "done" or ev[1] == "abort":
+                raise end_error(job, ev)
+        return [(job, text, ev[1]) for job, (text, ev) in zip(jobs, results)]
+
     def stream(job: Job, rid: str, obj: str, include_usage: bool, chunk_of):
         """SSE body. Cancelled by Starlette when the client disconnects: `finally` aborts the job."""
         def sse(d: dict) -> str:
@@ -309,13 +317,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 return None if first else {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(jobs[0], rid, "text_completion", inc, chunk)
-        results = await asyncio.gather(*(collect(request, job) for job in jobs))
-        choices = []
-        for i, (job, (text, ev)) in enumerate(zip(jobs, results)):
-            if ev[0] != "done" or ev[1] == "abort":
-                raise end_error(job, ev)
-            choices.append({"index": i, "text": (texts[i // body.n] if body.echo else "") + text,
-                            "logprobs": answer_logprobs(job, False), "finish_reason": ev[1]})
+        choices = [{"index": i, "text": (texts[i // body.n] if body.echo else "") + text,
+                    "logprobs": answer_logprobs(job, False), "finish_reason": reason}
+                   for i, (job, text, reason) in enumerate(await answers(request, jobs))]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage_of(jobs, body.n)}
 
@@ -335,13 +339,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "chat.completion.chunk", inc, chunk)
-        results = await asyncio.gather(*(collect(request, j) for j in jobs))
-        choices = []
-        for i, (j, (text, ev)) in enumerate(zip(jobs, results)):
-            if ev[0] != "done" or ev[1] == "abort":
-                raise end_error(j, ev)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": answer_logprobs(j, True), "finish_reason": ev[1]})
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": answer_logprobs(j, True), "finish_reason": reason}
+                   for i, (j, text, reason) in enumerate(await answers(request, jobs))]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage_of(jobs, body.n)}
 

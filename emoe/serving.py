@@ -341,10 +341,10 @@ class EngineLoop:
         if reason != "abort":
             m.e2e.observe(j.finished_at - j.arrival)
             full = self.engine.text(j.req)
-            lps = self._logprobs(j)
-            if full.startswith(j.text_sent) and len(full) > len(j.text_sent) or lps:
-                j.push(("delta", full[len(j.text_sent):] if full.startswith(j.text_sent) else "", lps))
-                j.text_sent = full if full.startswith(j.text_sent) else j.text_sent
+            rest, lps = full[len(j.text_sent):] if full.startswith(j.text_sent) else "", self._logprobs(j)
+            if rest or lps:
+                j.push(("delta", rest, lps))
+                j.text_sent += rest
             m.slo(j.task, self.slo_met(j))
         j.push(("done", reason))
         j.done.set()
