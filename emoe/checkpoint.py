@@ -143,10 +143,13 @@ class ExpertLocs:
       mxfp4:   gpt-oss's original release: blocks and scales of gate_up [2I, H] (rows interleaved) and
                of down [H, I], dequantised to bf16 as they are read
       fp8:     gate, its scale_inv, up, its scale_inv, down, its scale_inv: block-scaled FP8, dequantised
-               to bf16 as they are read"""
+               to bf16 as they are read
+      gguf:    gate, up, down rows as a llama.cpp GGUF packs them (qtypes: their ggml types), dequantised
+               by gguf-py (on the CPU) as they are read (to float32)"""
     locs: tuple[TensorLoc, ...]
     layout: str = "split"
     block: tuple[int, int] | None = None  # fp8: the scale block [rows, columns]
+    qtypes: tuple[int, ...] = ()  # gguf: each part's ggml type
 
     @property
     def nbytes(self) -> int:
@@ -168,10 +171,20 @@ class ExpertLocs:
             return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
         if self.layout == "fp8":
             return tuple(fp8_dequantize(w, s, self.block) for w, s in zip(tensors[0::2], tensors[1::2]))
+        if self.layout == "gguf":
+            return tuple(gguf_dequantize(t, q) for t, q in zip(tensors, self.qtypes))
         return tensors
 
 
-PACKED = ("mxfp4", "fp8")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
+def gguf_dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
+    """One GGUF tensor's packed rows [R, bytes] → [R, C] in `dtype` on t's device (gguf-py runs on the CPU;
+    float32, as llama.cpp computes, so a float32 engine runs the file's exact values)."""
+    from gguf import GGMLQuantizationType, quants
+    w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype)))
+    return w.to(device=t.device, dtype=dtype)
+
+
+PACKED = ("mxfp4", "fp8", "gguf")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
 
 
 class Checkpoint:
@@ -199,7 +212,11 @@ class Checkpoint:
         self.tensors: dict[str, TensorLoc] = {}
         for f in files:
             self.tensors.update(read_header(f))
-        self.experts = self._index_experts()
+        if (self.dir / "gguf.json").is_file():  # an `emoe import-gguf` folder: experts stay in the GGUF
+            from .gguf_import import index_experts
+            self.experts = index_experts(self.dir, self.config)
+        else:
+            self.experts = self._index_experts()
 
     @staticmethod
     def _fp8_block(qc, cfg_path: Path) -> tuple[int, int] | None:

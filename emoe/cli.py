@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .commands import (cmd_analyze, cmd_eval, cmd_generate, cmd_profile, cmd_quantize, cmd_rescore, cmd_serve,
+from .commands import (cmd_analyze, cmd_eval, cmd_generate, cmd_import_gguf, cmd_profile, cmd_quantize, cmd_rescore, cmd_serve,
                        cmd_train_model, cmd_train_predictor)
 
 
@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(qz)
     qz.add_argument("--bits", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
     qz.set_defaults(fn=cmd_quantize)
+
+    ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF (Qwen2/Qwen3-MoE) → a model folder whose experts "
+                        "stay packed in the GGUF")
+    ig.add_argument("gguf", help="the .gguf file (the first shard of a split one)")
+    ig.add_argument("--out", required=True, help="model folder to write (new or empty)")
+    ig.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="for the dense tensors the GGUF quantised (float tensors stay as stored)")
+    ig.set_defaults(fn=cmd_import_gguf)
 
     pr = sub.add_parser("profile", help="routing traces, output lengths, load latency and sensitivity")
     _model_arg(pr)

@@ -16,6 +16,9 @@ def _model(args) -> str:
     if args.model is None and profile and (Path(profile).parent / "config.json").is_file():
         return str(Path(profile).parent)
     path = args.model or default_model_dir()
+    if str(path).endswith(".gguf"):
+        sys.exit(f"emoe: {path} is a GGUF file; import it once with `emoe import-gguf {path} --out DIR` "
+                 f"(the experts stay in the file) and pass --model DIR")
     if args.model is None and not (Path(path) / "model.safetensors").is_file():
         sys.exit(f"emoe: the embedded model is missing at {path}; train it with `emoe train-model` or pass --model")
     return path
@@ -114,6 +117,21 @@ def cmd_quantize(args) -> None:
     for b in args.bits:
         path = save_copies(model, store, sorted(ckpt.experts), b)
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_import_gguf(args) -> None:
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .gguf_import import import_gguf
+    t0 = time.perf_counter()
+    out = import_gguf(args.gguf, args.out, getattr(torch, args.dtype))
+    ck = Checkpoint(out)  # the folder loads: config, dense tensors and every expert's place in the file
+    c = ck.config
+    print(f"{out}: {c.family}, {c.num_layers} layers, {len(ck.experts)} experts of {ck.expert_nbytes / 2**20:.2f} MiB "
+          f"packed in {len(json.loads((out / 'gguf.json').read_text())['files'])} GGUF file(s); dense tensors "
+          f"{(out / 'dense.safetensors').stat().st_size / 2**20:.1f} MiB; {time.perf_counter() - t0:.1f} s. "
+          f"Serve it with `emoe serve --model {out}`")
 
 
 def cmd_profile(args) -> None:

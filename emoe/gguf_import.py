@@ -1,0 +1,266 @@
+"""A llama.cpp GGUF file → a model folder emoe serves, with the experts left where they are.
+
+`emoe import-gguf FILE --out DIR` writes config.json, tokenizer.json, tokenizer_config.json (chat
+template), generation_config.json and the dense tensors (attention, norms, routers, shared experts,
+embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense.safetensors, and DIR/gguf.json,
+which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
+itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
+O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
+Python package) only where they land. Qwen2-MoE and Qwen3-MoE (llama.cpp's qwen2moe / qwen3moe, e.g.
+Qwen3-30B-A3B and Qwen3-235B-A22B GGUFs) with any quantisation gguf-py reads.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # llama.cpp's name → transformers' model_type
+# llama.cpp's tensor names → Hugging Face names (per layer, then global)
+LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+         "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
+         "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+         "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+# tokenizer.ggml.pre → the split regex of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
+PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+"}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF emoe can import, or the import folder does not match its file."""
+
+
+def _reader(path: Path):
+    import gguf
+    if not path.is_file():
+        raise GGUFError(f"{path} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError/AssertionError on bad magic or a truncated table
+        raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def shards(path: Path) -> list[Path]:
+    """All files of a split GGUF (NAME-00001-of-00003.gguf …) from its first, or [path]."""
+    m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if not m:
+        return [path]
+    if int(m.group(2)) != 1:
+        raise GGUFError(f"{path} is shard {int(m.group(2))} of a split GGUF: give the first, "
+                        f"{m.group(1)}-00001-of-{m.group(3)}.gguf")
+    files = [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise GGUFError(f"split GGUF {path.name} is missing {missing}")
+    return files
+
+
+class GGUFModel:
+    """The metadata and tensor table of a (possibly split) GGUF file."""
+
+    def __init__(self, path: str | Path):
+        self.files = shards(Path(path).resolve())
+        self.readers = [_reader(f) for f in self.files]
+        self.meta = {k: f.contents() for r in self.readers for k, f in r.fields.items() if not k.startswith("GGUF.")}
+        self.tensors = {t.name: (f, t) for f, r in zip(self.files, self.readers) for t in r.tensors}
+        self.arch = self.meta.get("general.architecture")
+        if self.arch not in ARCHS:
+            raise GGUFError(f"{self.files[0].name}: architecture {self.arch!r} is not supported "
+                            f"(emoe imports {sorted(ARCHS)} GGUFs)")
+
+    def get(self, key: str, default=None):
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def need(self, key: str):
+        v = self.get(key)
+        if v is None:
+            raise GGUFError(f"{self.files[0].name}: metadata {self.arch}.{key} is missing")
+        return v
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.need("block_count")) if f"blk.{i}.ffn_gate_exps.weight" in self.tensors]
+
+    def config(self) -> dict:
+        """A Hugging Face config.json for the model (what transformers' own config would hold)."""
+        layers, heads = self.need("block_count"), self.need("attention.head_count")
+        hidden = self.need("embedding_length")
+        moe = self.moe_layers
+        if not moe:
+            raise GGUFError(f"{self.files[0].name}: no layer has routed experts (ffn_gate_exps)")
+        cfg = {"model_type": ARCHS[self.arch], "architectures": [_class(ARCHS[self.arch])],
+               "vocab_size": len(self.meta["tokenizer.ggml.tokens"]), "hidden_size": hidden,
+               "num_hidden_layers": layers, "num_attention_heads": heads,
+               "num_key_value_heads": self.get("attention.head_count_kv", heads),
+               "max_position_embeddings": self.need("context_length"),
+               "rms_norm_eps": float(self.need("attention.layer_norm_rms_epsilon")),
+               "rope_theta": float(self.get("rope.freq_base", 10000.0)),
+               "intermediate_size": self.get("feed_forward_length") or self.need("expert_feed_forward_length"),
+               "moe_intermediate_size": self.need("expert_feed_forward_length"),
+               "num_experts": self.need("expert_count"), "num_experts_per_tok": self.need("expert_used_count"),
+               "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(layers) if i not in moe],
+               "tie_word_embeddings": "output.weight" not in self.tensors,
+               "eos_token_id": self.meta.get("tokenizer.ggml.eos_token_id"),
+               "bos_token_id": self.meta.get("tokenizer.ggml.bos_token_id"),
+               "hidden_act": "silu", "use_sliding_window": False}
+        bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
+        if self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
+            cfg.update(norm_topk_prob=True, attention_bias=bias,
+                       head_dim=self.get("attention.key_length", hidden // heads))
+        else:  # qwen2moe: biased q/k/v, a gated shared expert, no renormalisation
+            cfg.update(norm_topk_prob=False, qkv_bias=bias,
+                       shared_expert_intermediate_size=self.get("expert_shared_feed_forward_length", 0))
+        return cfg
+
+    def tokenizer(self) -> dict:
+        """tokenizer.json for the `tokenizers` library: byte-level BPE from the vocabulary and merges the
+        GGUF carries, split as the model's own tokenizer splits (tokenizer.ggml.pre)."""
+        m = self.meta
+        kind, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2":
+            raise GGUFError(f"tokenizer type {kind!r} is not supported (emoe imports byte-level BPE, 'gpt2')")
+        if pre not in PRE:
+            raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
+        tokens, types = m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.token_type") or []
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": types[i] != CONTROL, "special": types[i] == CONTROL}
+                 for i, t in enumerate(tokens) if i < len(types) and types[i] in (CONTROL, USER_DEFINED)]
+        bos = m.get("tokenizer.ggml.bos_token_id")
+        post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        if m.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
+                                                             {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": PRE[pre]}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                          "ignore_merges": False, "vocab": {t: i for i, t in enumerate(tokens)},
+                          "merges": list(m.get("tokenizer.ggml.merges") or [])}}
+
+    def tokenizer_config(self) -> dict:
+        m, tokens = self.meta, self.meta["tokenizer.ggml.tokens"]
+        name = lambda key: tokens[m[key]] if m.get(key) is not None else None  # noqa: E731
+        return {"chat_template": m.get("tokenizer.chat_template"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+                "bos_token": name("tokenizer.ggml.bos_token_id"), "pad_token": name("tokenizer.ggml.padding_token_id")}
+
+    def stop_ids(self) -> list[int]:
+        keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+        return sorted({self.meta[f"tokenizer.ggml.{k}"] for k in keys if self.meta.get(f"tokenizer.ggml.{k}") is not None})
+
+    def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every tensor but the routed experts, under its Hugging Face name, dequantised: to `dtype` where
+        the file quantised it, as stored where it is a float tensor."""
+        import gguf
+        out = {}
+        for name, (_, t) in self.tensors.items():
+            hf = _hf_name(name)
+            if hf is None:
+                if name.split(".")[2 if name.startswith("blk.") else 0] in EXPERTS or name == "rope_freqs.weight":
+                    continue
+                raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
+            w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+            if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                     gguf.GGMLQuantizationType.BF16):
+                w = w.to(dtype)
+            if hf.endswith("shared_expert_gate.weight"):
+                w = w.reshape(1, -1)  # stored as a vector [H]; transformers' Linear(H, 1)
+            out[hf] = w.contiguous()
+        return out
+
+    def expert_tensor(self, layer: int, kind: str):
+        """(file, gguf-py tensor) of one stacked expert tensor [E, rows, packed row bytes]."""
+        name = f"blk.{layer}.{kind}.weight"
+        if name not in self.tensors:
+            raise GGUFError(f"{self.files[0].name}: tensor {name} is missing")
+        return self.tensors[name]
+
+
+def _class(model_type: str) -> str:
+    return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
+
+
+def _hf_name(name: str) -> str | None:
+    if name in GLOBAL:
+        return GLOBAL[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in LAYER:
+        return f"model.layers.{m.group(1)}.{LAYER[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the model folder for a GGUF file (see the module docstring); returns it."""
+    from safetensors.torch import save_file
+    model, out = GGUFModel(path), Path(out)
+    cfg, tok = model.config(), model.tokenizer()  # both checked before anything is written
+    if out.exists() and any(out.iterdir()) and not (out / "gguf.json").is_file():
+        raise GGUFError(f"{out} exists and is not an emoe GGUF import; choose an empty or new folder")
+    dense = model.dense(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dense, str(out / "dense.safetensors"), metadata={"format": "pt", "source": model.files[0].name})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config(), indent=2, ensure_ascii=False))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": model.stop_ids()}, indent=2))
+    (out / "gguf.json").write_text(json.dumps({"format": FORMAT, "files": [
+        {"path": str(f), "bytes": f.stat().st_size} for f in model.files]}, indent=2))
+    return out
+
+
+def index_experts(directory: Path, config) -> dict:
+    """Where each routed expert's packed rows lie in the GGUF named by DIR/gguf.json: {(layer, e): ExpertLocs}.
+    A GGUF that changed size since the import, or of another shape than config.json, is refused."""
+    from .checkpoint import CheckpointError, ExpertLocs, TensorLoc
+    try:
+        meta = json.loads((directory / "gguf.json").read_text())
+        files = [(Path(f["path"]), int(f["bytes"])) for f in meta["files"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}/gguf.json is malformed ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory}/gguf.json has format {meta.get('format')!r}, this emoe reads {FORMAT}: "
+                              f"run `emoe import-gguf` again")
+    for f, size in files:
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{f} is missing or changed since `emoe import-gguf` wrote {directory}: "
+                                  f"import it again")
+    try:
+        model = GGUFModel(files[0][0])
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    if ARCHS[model.arch] != config.family:
+        raise CheckpointError(f"{files[0][0].name} is a {model.arch} model but {directory}/config.json says "
+                              f"{config.family}")
+    h, i, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    out = {}
+    for layer in config.moe_layers:
+        parts = []
+        for kind, want in zip(EXPERTS, ((h, i), (h, i), (i, h))):
+            path, t = model.expert_tensor(layer, kind)
+            ne = tuple(int(d) for d in t.shape)  # ggml order: columns, rows, experts
+            if ne != (*want, n):
+                raise CheckpointError(f"{path.name}: blk.{layer}.{kind} has ggml shape {ne}, config implies "
+                                      f"{(*want, n)}")
+            per = int(t.n_bytes) // n
+            parts.append((str(path), int(t.data_offset), per, want[1], int(t.tensor_type)))
+        for e in range(n):
+            out[(layer, e)] = ExpertLocs(tuple(TensorLoc(p, start + e * per, per, "U8", (rows, per // rows))
+                                               for p, start, per, rows, _ in parts),
+                                         "gguf", qtypes=tuple(q for *_, q in parts))
+    return out

@@ -1,0 +1,145 @@
+"""Writes a Hugging Face Qwen2-MoE / Qwen3-MoE folder as llama.cpp's convert_hf_to_gguf.py would (tensor
+names, metadata keys, experts stacked per layer), with chosen quantisation types: test fixtures for
+`emoe import-gguf`. K-quants cannot be made by gguf-py, so those tensors get random valid blocks and the
+reference weights are read back from the file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+         "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+         "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
+    """Random bytes in qtype's block layout, with every fp16 super-block scale set small and finite."""
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    scale = np.full(raw.shape[:-1], 0.002, dtype=np.float16).view(np.uint8).reshape(*raw.shape[:-1], 2)
+    if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):
+        raw[..., 0:2], raw[..., 2:4] = scale, scale  # d, dmin lead the block
+    elif qtype == gguf.GGMLQuantizationType.Q6_K:
+        raw[..., -2:] = scale  # d ends it
+    else:
+        raise ValueError(f"no random-block rule for {qtype!r}")
+    return raw.reshape(*shape[:-1], -1)
+
+
+def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, object]:
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    if qtype not in (Q.F32, Q.F16) and w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16  # as llama.cpp's converter falls back for rows its blocks do not divide
+    if qtype in (Q.F32, Q.F16):
+        return w.astype(np.float32 if qtype == Q.F32 else np.float16), None
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return _random_blocks(w.shape, qtype, seed), qtype
+    return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
+
+
+def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
+               chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
+               arch: str | None = None) -> Path:
+    """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
+    (norms, biases and the router stay F32 as llama.cpp keeps them)."""
+    import gguf
+    from safetensors.torch import load_file
+    Q = gguf.GGMLQuantizationType
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = arch or ARCH[cfg["model_type"]]
+    sd = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    w.add_expert_count(n_experts)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if cfg["model_type"] == "qwen3_moe":
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * cfg["vocab_size"]
+    types = [gguf.TokenType.NORMAL] * cfg["vocab_size"]
+    for t, i in vocab.items():
+        tokens[i] = t
+    for a in tok.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    for i, t in enumerate(tokens):  # padding rows of the embedding, as the converter names them
+        if t is None:
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    dense_q = getattr(Q, dense_type)
+    seed = 0
+    for name, t in sd.items():
+        a = t.float().numpy()
+        if name == "model.embed_tokens.weight":
+            gname, q = "token_embd.weight", dense_q
+        elif name == "lm_head.weight":
+            gname, q = "output.weight", dense_q
+        elif name == "model.norm.weight":
+            gname, q = "output_norm.weight", Q.F32
+        else:
+            parts = name.split(".")
+            layer, rest = int(parts[2]), ".".join(parts[3:])
+            if ".experts." in rest:
+                continue
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{DENSE[stem]}.{kind}"
+            q = dense_q if a.ndim == 2 and DENSE[stem] not in ("ffn_gate_inp", "ffn_gate_inp_shexp") else Q.F32
+        data, raw = _quantised(gname, a, q, seed)
+        seed += 1
+        w.add_tensor(gname, data, raw_dtype=raw)
+    for layer in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{layer}.mlp.experts"
+        if f"{pre}.gate_up_proj" in sd:  # transformers 5 writes experts fused: [E, 2I, H], [E, H, I]
+            gu, down = sd[f"{pre}.gate_up_proj"].float(), sd[f"{pre}.down_proj"].float()
+            i = gu.shape[1] // 2
+            stacks = (gu[:, :i], gu[:, i:], down)
+        elif f"{pre}.0.gate_proj.weight" in sd:
+            stacks = tuple(torch.stack([sd[f"{pre}.{e}.{k}.weight"].float() for e in range(n_experts)])
+                           for k in ("gate_proj", "up_proj", "down_proj"))
+        else:
+            continue
+        for kind, stack, qname in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), stacks, expert_types):
+            data, raw = _quantised(kind, stack.numpy(), getattr(Q, qname), seed)
+            seed += 1
+            w.add_tensor(f"blk.{layer}.{kind}.weight", data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

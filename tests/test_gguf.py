@@ -1,0 +1,161 @@
+"""`emoe import-gguf`: a llama.cpp GGUF served with its experts left packed in the file. The references are
+independent of emoe's reader: transformers' own GGUF loader (its own parser and torch dequantisers) for
+weights, logits and the tokenizer, and the Hugging Face config the GGUF was written from."""
+import json
+
+import pytest
+import torch
+
+from emoe.checkpoint import Checkpoint, CheckpointError
+from emoe.engine import Engine, EngineConfig, SamplingParams
+from emoe.gguf_import import GGUFError, import_gguf
+from gguf_writer import write_gguf
+from test_model import load_emoe
+from tiny import make_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# K-quant rows are 256 wide; Qwen2-MoE without its dense middle layer (llama.cpp's converter has none)
+SHAPE = dict(hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
+OVER = {"qwen3_moe": SHAPE, "qwen2_moe": dict(SHAPE, mlp_only_layers=[])}
+
+
+@pytest.fixture(scope="module", params=sorted(OVER))
+def imported(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    hf = make_tiny(request.param, d / "hf", **OVER[request.param])
+    gguf = write_gguf(hf, d / "model-Q4_K_M.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
+    return hf, gguf, import_gguf(gguf, d / "imported", dtype=torch.float32)
+
+
+def transformers_reference(hf, gguf):
+    """transformers' model of the HF config, holding the weights transformers' GGUF loader reads."""
+    import transformers as tf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    raw = json.loads((hf / "config.json").read_text())
+    cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        shell = tf.AutoModelForCausalLM.from_config(cfg)
+    sd = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=shell)["tensors"]
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    own = model.state_dict()
+    model.load_state_dict({k: v.reshape(own[k].shape) for k, v in sd.items()}, strict=True)
+    return model, sd
+
+
+def test_config_matches_the_model_the_gguf_was_written_from(imported):
+    hf, _, out = imported
+    mine, theirs = Checkpoint(out).config, Checkpoint(hf).config
+    for field in ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "num_experts", "top_k", "moe_intermediate_size", "norm_topk_prob", "rope_theta", "qkv_bias",
+                  "shared_expert_intermediate_size", "moe_layers", "tie_word_embeddings", "eos_token_ids"):
+        assert getattr(mine, field) == getattr(theirs, field), field
+    assert mine.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
+
+
+def test_experts_are_read_packed_from_the_gguf_and_match_transformers(imported):
+    hf, gguf, out = imported
+    ck = Checkpoint(out)
+    assert {p.path for locs in ck.experts.values() for p in locs.parts()} == {str(gguf.resolve())}
+    assert not any("experts" in n for n in ck.tensors)  # nothing of the experts was copied out
+    assert (out / "dense.safetensors").stat().st_size < gguf.stat().st_size
+    _, sd = transformers_reference(hf, gguf)
+    from emoe.store import DiskStore, RamStore
+    for store in (DiskStore(ck), RamStore(ck)):
+        for layer, e in [(0, 0), (2, 7), (1, 3)]:
+            gate, up, down = store.read(layer, e)
+            gu, dn = sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e], sd[f"model.layers.{layer}.mlp.experts.down_proj"][e]
+            i = gu.shape[0] // 2
+            torch.testing.assert_close(gate, gu[:i], rtol=0, atol=1e-6)
+            torch.testing.assert_close(up, gu[i:], rtol=0, atol=1e-6)
+            torch.testing.assert_close(down, dn, rtol=0, atol=1e-6)
+    ram = RamStore(ck)
+    assert ram.packed and ram.stats.bytes_read == 0
+    ram.read(0, 0)
+    assert ram.stats.bytes_read == ck.expert_nbytes < 3 * 256 * 256 * 2  # packed: fewer bytes than bf16
+
+
+def test_logits_match_transformers_reading_the_same_gguf(imported):
+    hf, gguf, out = imported
+    ref, _ = transformers_reference(hf, gguf)
+    cfg, model, dispatch = load_emoe(out)
+    seq = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(seq[None]).logits[0]
+        got = model.forward(seq[None], torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool), dispatch)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_matches_transformers_conversion(imported):
+    import transformers as tf
+    from tokenizers import Tokenizer
+    hf, gguf, out = imported
+    ref = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    mine = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in ["Summarize: the cat sat on the mat.", "SELECT name FROM users WHERE id = 3;\n\n  it's 12345",
+                 "héllo wörld — ünïcode\t\ttabs<|end|>after", "   leading spaces and trailing   "]:
+        assert mine.encode(text).ids == ref(text).input_ids, text
+        assert mine.decode(mine.encode(text).ids, skip_special_tokens=False) == text
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert tc["chat_template"].startswith("{% for m in messages %}")
+    assert mine.token_to_id(tc["eos_token"]) == json.loads((hf / "config.json").read_text())["eos_token_id"]
+
+
+def test_engine_serves_the_import_under_a_budget_exactly(imported):
+    """Loads on demand and host runs give all-resident's tokens; the budget holds; the RAM tier stays packed."""
+    _, _, out = imported
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = ["Summarize: the cat sat on the mat.", "hi"]
+
+    def run(**kw):
+        eng = Engine(EngineConfig(str(out), **kw))
+        return eng, [r.output_ids for r in eng.generate(prompts, greedy, chat=False)]
+    _, ref = run(miss_policy="all")
+    for kw in (dict(miss_policy="load", budget=0.4), dict(miss_policy="host", budget=0.4, experts_on="ram"),
+               dict(miss_policy="auto", budget=0.4, experts_on="ram")):
+        eng, got = run(**kw)
+        assert got == ref, kw
+        assert eng.cache.used_bytes <= eng.cache.budget_bytes
+
+
+def test_bad_input_is_refused_with_a_reason(imported, tmp_path):
+    hf, gguf, out = imported
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(GGUFError, match="not a readable GGUF"):
+        import_gguf(junk, tmp_path / "x")
+    with pytest.raises(GGUFError, match="does not exist"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "x")
+    with pytest.raises(GGUFError, match="shard 2 of a split GGUF"):
+        import_gguf(tmp_path / "m-00002-of-00003.gguf", tmp_path / "x")
+    olmoe = write_gguf(hf, tmp_path / "other.gguf", expert_types=("Q8_0",) * 3, arch="olmoe")
+    with pytest.raises(GGUFError, match="architecture 'olmoe' is not supported"):
+        import_gguf(olmoe, tmp_path / "y")
+    assert not (tmp_path / "y").exists()  # refused before anything was written
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(GGUFError, match="not an emoe GGUF import"):
+        import_gguf(gguf, busy)
+    # the import folder is tied to its file: a changed GGUF is refused at load
+    moved = tmp_path / "moved"
+    import shutil
+    shutil.copytree(out, moved)
+    meta = json.loads((moved / "gguf.json").read_text())
+    meta["files"][0]["bytes"] += 1
+    (moved / "gguf.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="changed since `emoe import-gguf`"):
+        Checkpoint(moved)
+
+
+def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, capsys):
+    from emoe.cli import main
+    _, gguf, _ = imported
+    main(["import-gguf", str(gguf), "--out", str(tmp_path / "cli")])
+    assert "Serve it with `emoe serve --model" in capsys.readouterr().out
+    assert Checkpoint(tmp_path / "cli").config.num_experts == 8
+    with pytest.raises(SystemExit, match="import it once with `emoe import-gguf"):
+        main(["generate", "hi", "--model", str(gguf)])
+    with pytest.raises(SystemExit, match="not a readable GGUF"):
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(b"GGUF" + b"\0" * 40)
+        main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
