@@ -113,6 +113,13 @@ class GGUFModel:
                "eos_token_id": self.meta.get("tokenizer.ggml.eos_token_id"),
                "bos_token_id": self.meta.get("tokenizer.ggml.bos_token_id"),
                "hidden_act": "silu", "use_sliding_window": False}
+        scaling = self.get("rope.scaling.type", "none")
+        if scaling == "yarn":  # Qwen3's 128k-context files
+            cfg["rope_scaling"] = {"rope_type": "yarn", "factor": float(self.need("rope.scaling.factor")),
+                                   "original_max_position_embeddings": self.need("rope.scaling.original_context_length"),
+                                   "rope_theta": cfg["rope_theta"]}
+        elif scaling != "none":
+            raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
         if self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
             cfg.update(norm_topk_prob=True, attention_bias=bias,

@@ -49,7 +49,7 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
-               arch: str | None = None) -> Path:
+               arch: str | None = None, split_max_tensors: int = 0) -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
     (norms, biases and the router stay F32 as llama.cpp keeps them)."""
     import gguf
@@ -60,7 +60,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     sd = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         sd.update(load_file(str(f)))
-    w = gguf.GGUFWriter(str(out), arch)
+    w = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -69,6 +69,11 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
     w.add_expert_count(n_experts)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -142,4 +147,6 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:  # NAME-00001-of-0000N.gguf …, as llama.cpp's gguf-split names them
+        return sorted(out.parent.glob(f"{out.stem}-00001-of-*.gguf"))[0]
     return out

@@ -52,6 +52,13 @@ def test_config_matches_the_model_the_gguf_was_written_from(imported):
     assert mine.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
 
 
+def test_yarn_context_extension_is_carried_over(tmp_path):
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)
+    hf = make_tiny("qwen3_moe", tmp_path / "hf", rope_parameters=yarn, **SHAPE)
+    out = import_gguf(write_gguf(hf, tmp_path / "y.gguf", expert_types=("Q8_0",) * 3), tmp_path / "imp")
+    assert Checkpoint(out).config.yarn == Checkpoint(hf).config.yarn is not None
+
+
 def test_experts_are_read_packed_from_the_gguf_and_match_transformers(imported):
     hf, gguf, out = imported
     ck = Checkpoint(out)
@@ -83,6 +90,26 @@ def test_logits_match_transformers_reading_the_same_gguf(imported):
         want = ref(seq[None]).logits[0]
         got = model.forward(seq[None], torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool), dispatch)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_split_gguf_imports_from_its_first_shard_as_the_whole_file(imported, tmp_path):
+    hf, _, out = imported
+    first = write_gguf(hf, tmp_path / "split.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0",
+                       split_max_tensors=12)
+    files = sorted(tmp_path.glob("split-*.gguf"))
+    assert len(files) > 2 and first == files[0]
+    ck = Checkpoint(import_gguf(first, tmp_path / "imp", dtype=torch.float32))
+    assert len({p.path for locs in ck.experts.values() for p in locs.parts()}) > 1  # experts in several shards
+    from emoe.store import DiskStore
+    whole, split = DiskStore(Checkpoint(out)), DiskStore(ck)
+    for key in [(0, 1), (1, 5), (2, 7)]:
+        for a, b in zip(whole.read(*key), split.read(*key)):
+            assert torch.equal(a, b)
+    with pytest.raises(GGUFError, match="give the first"):
+        import_gguf(files[1], tmp_path / "imp2")
+    files[-1].unlink()
+    with pytest.raises(GGUFError, match="is missing"):
+        import_gguf(first, tmp_path / "imp3")
 
 
 def test_tokenizer_matches_transformers_conversion(imported):
