@@ -220,7 +220,7 @@ class ExpertCache:
                 w = source() if source is not None and memo is None else self.store.read(*key)
                 q = tuple(quantize(t, bits, self._group) for t in w)
             if self.kernel:  # memoised in the kernel's layout too: a later move is then a plain copy
-                q = tuple(map(to_kernel, q))
+                q = tuple(t if isinstance(t, KTensor) else to_kernel(t) for t in q)
             if memo is not None:
                 memo[(key, bits)] = q
         if self.device.type != "cpu":

@@ -16,6 +16,7 @@ import torch
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .gguf_copies import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
@@ -93,8 +94,11 @@ class Engine:
         if getattr(self.policy, "shadow_bits", 0):
             # copies are made in policy.prepare, after the initial plan (none only to be dropped), or read
             # from the files `emoe quantize` wrote beside the checkpoint
+            gguf = next(iter(self.ckpt.experts.values())).layout == "gguf"
             for b in (self.policy.shadow_bits, self.policy.hi_bits):
-                if b and copies_path(self.ckpt.dir, b).is_file():
+                if b and gguf:  # the file's own 4/8-bit values, repacked
+                    self.cache.copy_files[b] = GGUFCopies(self.cache, b)
+                elif b and copies_path(self.ckpt.dir, b).is_file():
                     self.cache.copy_files[b] = CopyFile(copies_path(self.ckpt.dir, b), self.ckpt.dir, self.store,
                                                         (layers[0], 0))
             self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False)

@@ -61,9 +61,13 @@ def quantize(w: torch.Tensor, bits: int = 4, group: int = 32) -> QTensor:
 
 
 def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if isinstance(q, KTensor):
-        q = from_kernel(q)
     rows, cols = q.shape
+    if isinstance(q, KTensor):  # Σ over planes of (u − 8)·scale + zero: the kernel's own arithmetic
+        out = torch.zeros(rows, cols // q.group, q.group, dtype=dtype, device=q.planes[0].device)
+        for p, sz in zip(q.planes, q.sz):
+            s, z = (sz[..., i].t().to(dtype)[..., None] for i in (0, 1))
+            out += (_kunpack(p).view(rows, cols // q.group, q.group).to(dtype) - 8) * s + z
+        return out.view(rows, cols)
     if q.bits == 4:  # unpack into one preallocated buffer: fewer passes than stack + reshape on CPU
         v = torch.empty(rows, cols // 2, 2, dtype=torch.uint8, device=q.data.device)
         v[..., 0] = q.data & 0x0F

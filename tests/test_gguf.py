@@ -186,3 +186,62 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(b"GGUF" + b"\0" * 40)
         main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+def test_file_copies_hold_the_files_own_values(qtype):
+    """Q4_0/Q8_0 → emoe's portable int4/int8 copies, Q4_K → the CPU int4 kernel's layout (zero = its minimum):
+    every value equals gguf-py's dequantisation (up to the kernel's bf16 scales), with no second rounding."""
+    import gguf
+    import numpy as np
+
+    from emoe.gguf_copies import file_copy, q4_k_parts
+    from emoe.quant import dequantize, linear, quantize
+    from gguf_writer import _random_blocks
+    Q = gguf.GGMLQuantizationType
+    w = np.random.default_rng(0).standard_normal((128, 512)).astype(np.float32) * 0.02
+    q = getattr(Q, qtype)
+    blocks = _random_blocks(w.shape, q, 0) if qtype == "Q4_K" else gguf.quants.quantize(w, q)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, q))
+    t = torch.from_numpy(np.ascontiguousarray(blocks))
+    if qtype == "Q4_K":
+        u, scale, minimum = q4_k_parts(t)
+        got = (u.float().view(128, -1, 32) * scale[..., None] - minimum[..., None]).view(128, 512)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    bits = 8 if qtype == "Q8_0" else 4
+    kernel = qtype == "Q4_K"
+    c = file_copy(t, int(q), bits, kernel=kernel)
+    assert c is not None and c.bits == bits and c.shape == tuple(want.shape)
+    if not kernel:
+        assert torch.equal(dequantize(c), want)  # exact: the file's integers and fp16 scales
+    else:
+        # scale and zero in bf16: off by at most their rounding, 2^-9 of |8·scale − minimum| per group
+        assert (dequantize(c) - want).abs().max() <= 2 ** -8 * want.abs().max()
+        x = torch.randn(3, 512)
+        err = (linear(x, c) - x @ want.T).abs().mean()
+        again = (linear(x, quantize(want, 4)) - x @ want.T).abs().mean()  # emoe re-quantising the file's values
+        assert err < again / 4
+    if qtype == "Q4_0":
+        assert torch.equal(dequantize(file_copy(t, int(q), 8, kernel=False)), want)  # int8 holds int4 exactly
+    assert file_copy(t, int(Q.Q6_K), 4, kernel=True) is None  # no exact form: quantised as any copy is
+
+
+def test_shadow_policies_run_on_copies_made_from_the_file(imported):
+    """With int8 copies of the experts not held in full, the copies of the Q8_0 up projections are the
+    file's bytes, with the CPU kernel or without; the Q4_K and Q6_K matrices are quantised as usual."""
+    from emoe.gguf_copies import GGUFCopies
+    from emoe.policies import Shadow
+    from emoe.quant import dequantize
+    _, _, out = imported
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True)
+    for qkernel in (True, False):
+        eng = Engine(EngineConfig(str(out), budget=0.6, qkernel=qkernel), policy=Shadow(bits=8))
+        assert isinstance(eng.cache.copy_files[8], GGUFCopies)
+        assert len(eng.generate(["hi there"], greedy, chat=False)[0].output_ids) == 4
+        assert eng.cache.used_bytes <= eng.cache.budget_bytes
+        key = next(k for k in eng.cache._shadow)
+        got, want = dequantize(eng.cache.peek(key)[1]), eng.store.read(*key)[1]
+        if qkernel:  # the kernel holds the fp16 scales in bf16
+            torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
+        else:
+            assert torch.equal(got, want)
