@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     _model_arg(g)
     g.add_argument("--budget", type=float, default=1.0, help="fraction of routed-expert bytes kept resident")
-    g.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "all"],
+    g.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "shadow", "all"],
                    help="what a miss does: reroute it (the paper's rule; with a profile, --policy's residency), "
-                   "load it (LRU), run it on the host CPU in place, or auto: on the host for few tokens, loaded "
-                   "for many (break-even timed at start). Default: reroute with a profile, else auto")
+                   "load it (LRU), run it on the host CPU in place, auto: on the host for few tokens, loaded "
+                   "for many (break-even timed at start), or shadow: run an int4 copy of it held in the budget "
+                   "(a GGUF's copies are its own values). Default: reroute with a profile, else auto")
     g.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, task-aware scheduler)")
     _model_arg(se)
     se.add_argument("--budget", type=float, default=0.4, help="fraction of routed-expert bytes kept resident")
-    se.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "all"],
+    se.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "shadow", "all"],
                     help="what a miss does (see generate); default: reroute with a profile (--policy decides), "
                     "else auto")
     se.add_argument("--policy", default=None, help="residency policy from the profile (default: emoe-a-q48 when "

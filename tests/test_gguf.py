@@ -180,6 +180,9 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
     main(["import-gguf", str(gguf), "--out", str(tmp_path / "cli")])
     assert "Serve it with `emoe serve --model" in capsys.readouterr().out
     assert Checkpoint(tmp_path / "cli").config.num_experts == 8
+    main(["generate", "hi", "--model", str(tmp_path / "cli"), "--budget", "0.5", "--miss-policy", "shadow",
+          "--max-tokens", "3", "--raw"])
+    assert "int4 copies of the" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="import it once with `emoe import-gguf"):
         main(["generate", "hi", "--model", str(gguf)])
     with pytest.raises(SystemExit, match="not a readable GGUF"):
