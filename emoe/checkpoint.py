@@ -145,7 +145,7 @@ class ExpertLocs:
       fp8:     gate, its scale_inv, up, its scale_inv, down, its scale_inv: block-scaled FP8, dequantised
                to bf16 as they are read
       gguf:    gate, up, down rows as a llama.cpp GGUF packs them (qtypes: their ggml types), dequantised
-               by gguf-py (on the CPU) as they are read (to float32)"""
+               as they are read (gguf_blocks; to float32)"""
     locs: tuple[TensorLoc, ...]
     layout: str = "split"
     block: tuple[int, int] | None = None  # fp8: the scale block [rows, columns]
@@ -172,16 +172,9 @@ class ExpertLocs:
         if self.layout == "fp8":
             return tuple(fp8_dequantize(w, s, self.block) for w, s in zip(tensors[0::2], tensors[1::2]))
         if self.layout == "gguf":
-            return tuple(gguf_dequantize(t, q) for t, q in zip(tensors, self.qtypes))
+            from .gguf_blocks import dequantize
+            return tuple(dequantize(t, q) for t, q in zip(tensors, self.qtypes))
         return tensors
-
-
-def gguf_dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
-    """One GGUF tensor's packed rows [R, bytes] → [R, C] in `dtype` on t's device (gguf-py runs on the CPU;
-    float32, as llama.cpp computes, so a float32 engine runs the file's exact values)."""
-    from gguf import GGMLQuantizationType, quants
-    w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype)))
-    return w.to(device=t.device, dtype=dtype)
 
 
 PACKED = ("mxfp4", "fp8", "gguf")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land

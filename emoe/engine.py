@@ -16,7 +16,7 @@ import torch
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .gguf_copies import GGUFCopies
+from .gguf_blocks import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy

@@ -191,6 +191,26 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
         main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "F16"])
+def test_torch_dequantisers_equal_gguf_py(qtype):
+    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others fall back to it."""
+    import gguf
+    import numpy as np
+
+    from emoe.gguf_blocks import dequantize
+    from gguf_writer import _random_blocks
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    w = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        blocks = _random_blocks(w.shape, q, 1)
+    else:
+        blocks = gguf.quants.quantize(w, q) if qtype != "F16" else w.astype(np.float16).view(np.uint8)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, q).reshape(64, 512))
+    got = dequantize(torch.from_numpy(np.ascontiguousarray(blocks)), int(q))
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
 def test_file_copies_hold_the_files_own_values(qtype):
     """Q4_0/Q8_0 → emoe's portable int4/int8 copies, Q4_K → the CPU int4 kernel's layout (zero = its minimum):
@@ -198,7 +218,7 @@ def test_file_copies_hold_the_files_own_values(qtype):
     import gguf
     import numpy as np
 
-    from emoe.gguf_copies import file_copy, q4_k_parts
+    from emoe.gguf_blocks import file_copy, q4_k_parts
     from emoe.quant import dequantize, linear, quantize
     from gguf_writer import _random_blocks
     Q = gguf.GGMLQuantizationType
@@ -232,7 +252,7 @@ def test_file_copies_hold_the_files_own_values(qtype):
 def test_shadow_policies_run_on_copies_made_from_the_file(imported):
     """With int8 copies of the experts not held in full, the copies of the Q8_0 up projections are the
     file's bytes, with the CPU kernel or without; the Q4_K and Q6_K matrices are quantised as usual."""
-    from emoe.gguf_copies import GGUFCopies
+    from emoe.gguf_blocks import GGUFCopies
     from emoe.policies import Shadow
     from emoe.quant import dequantize
     _, _, out = imported

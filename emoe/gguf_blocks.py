@@ -1,0 +1,156 @@
+"""GGUF block formats in torch: dequantised on whatever device the bytes are on, and repacked into low-bit
+copies from the file's own bits instead of being quantised again.
+
+Dequantising: Q4_0, Q8_0, Q4_K, Q5_K and Q6_K (what llama.cpp's Q4/Q5/Q6/Q8 files hold their experts in)
+are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
+type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
+
+Copies: shadow policies (`-q4`, `-q48`, `shadow`) hold int4/int8 copies of experts in the fast tier. For
+a GGUF whose experts are already 4- or 8-bit, re-quantising the dequantised weights would add a second
+rounding on top of the file's; instead the file's integers and scales are repacked: Q4_0 → int4 and Q8_0 →
+int8 (emoe's portable layout: symmetric, an fp16 scale per 32 values, which is exactly theirs) and Q4_K →
+the CPU int4 kernel's layout, whose per-group zero holds Q4_K's minimum (value = (u − 8)·d·sc + 8·d·sc −
+dmin·m). The values are the file's; the kernel holds scales (and zeros) in bf16 and multiplies bf16
+activations, as every int4 copy on the CPU does. A type with no exact form at the requested precision
+(Q6_K, Q5_K, …, or Q4_K where the kernel is not used) is dequantised and quantised by quant.quantize.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
+
+Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = 2, 8, 12, 13, 14  # ggml type ids (gguf.GGMLQuantizationType)
+GROUP = 32
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[..., at:at + 2].contiguous().view(torch.float16)[..., 0]
+
+
+def _emoe_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned values [rows, cols] (0..15) → emoe's int4 packing (even column low, odd column high)."""
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def q4_0(t: torch.Tensor, bits: int) -> QTensor:
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 18)  # fp16 d, then 16 bytes: values 0..15 low nibbles, 16..31 high
+    u = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).reshape(rows, -1)
+    cols = u.shape[1]
+    if bits == 4:
+        return QTensor(_emoe_nibbles(u), _half(b, 0).contiguous(), (rows, cols), 4, GROUP)
+    return QTensor((u.to(torch.int8) - 8).contiguous(), _half(b, 0).contiguous(), (rows, cols), 8, GROUP)
+
+
+def q8_0(t: torch.Tensor) -> QTensor:
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 34)  # fp16 d, then 32 int8 values
+    q = b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1)
+    return QTensor(q, _half(b, 0).contiguous(), (rows, q.shape[1]), 8, GROUP)
+
+
+def q4_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows → (values 0..15 [rows, cols], scale and minimum per 32 values [rows, cols/32], fp32):
+    the weight is scale·u − minimum (ggml's dequantize_row_q4_K)."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 144)  # per 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+    d, dmin = _half(b, 0).float(), _half(b, 2).float()
+    sc, m = _k_scales(b[..., 4:16])
+    qs = b[..., 16:].reshape(rows, -1, 4, 32)  # four 64-value chunks: low nibbles first 32, high the next
+    u = torch.stack((qs & 0x0F, qs >> 4), 3).reshape(rows, -1)
+    return u, (d[..., None] * sc).reshape(rows, -1), (dmin[..., None] * m).reshape(rows, -1)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 bytes of 6-bit scales and minimums of Q4_K/Q5_K's 8 sub-blocks (ggml's get_scale_min_k4)."""
+    sc = torch.cat((s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)), -1).float()
+    m = torch.cat((s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)), -1).float()
+    return sc, m
+
+
+def q5_k(t: torch.Tensor) -> torch.Tensor:
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 176)  # d, dmin, 12 bytes of scales, 32 of fifth bits, 128 of nibbles
+    d, dmin = _half(b, 0).float(), _half(b, 2).float()
+    sc, m = _k_scales(b[..., 4:16])
+    qh, qs = b[..., 16:48], b[..., 48:].reshape(rows, -1, 4, 32)
+    shift = torch.arange(8, device=t.device, dtype=torch.uint8).view(4, 2, 1)  # chunk c: bits 2c (low), 2c+1
+    high = (qh[..., None, None, :] >> shift) & 1  # [rows, blocks, 4, 2, 32]
+    u = torch.stack((qs & 0x0F, qs >> 4), 3) | (high << 4)
+    w = u.float().view(rows, -1, 8, 32) * (d[..., None] * sc)[..., None] - (dmin[..., None] * m)[..., None]
+    return w.reshape(rows, -1)
+
+
+def q6_k(t: torch.Tensor) -> torch.Tensor:
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 210)  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d
+    ql, qh = b[..., :128].reshape(rows, -1, 2, 2, 32), b[..., 128:192].reshape(rows, -1, 2, 1, 32)
+    sc = b[..., 192:208].contiguous().view(torch.int8).float().reshape(rows, -1, 2, 8, 1)
+    d = _half(b, 208).float()
+    shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
+    low = torch.cat((ql & 0x0F, ql >> 4), 3)  # per half of 128: ql[0:32] low, ql[32:64] low, then high
+    q = (low | (((qh >> shift) & 3) << 4)).float() - 32  # [rows, blocks, 2, 4, 32]
+    return (q.view(rows, -1, 2, 8, 16) * sc * d[..., None, None, None]).reshape(rows, -1)
+
+
+def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
+    """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
+    llama.cpp's, so a float32 engine runs the file's exact values."""
+    if qtype == Q4_0:
+        b = t.reshape(t.shape[0], -1, 18)
+        u = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float() - 8
+        w = u * _half(b, 0).float()[..., None]
+    elif qtype == Q8_0:
+        b = t.reshape(t.shape[0], -1, 34)
+        w = b[..., 2:].contiguous().view(torch.int8).float() * _half(b, 0).float()[..., None]
+    elif qtype == Q4_K:
+        u, scale, minimum = q4_k_parts(t)
+        w = u.float().view(t.shape[0], -1, 32) * scale[..., None] - minimum[..., None]
+    elif qtype == Q5_K:
+        w = q5_k(t)
+    elif qtype == Q6_K:
+        w = q6_k(t)
+    else:
+        from gguf import GGMLQuantizationType, quants
+        w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)
+    return w.reshape(t.shape[0], -1).to(dtype)
+
+
+def q4_k_kernel(t: torch.Tensor) -> KTensor:
+    u, scale, minimum = q4_k_parts(t)
+    zero = 8 * scale - minimum  # (u − 8)·scale + zero = scale·u − minimum
+    sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
+    return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, GROUP)
+
+
+def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor | KTensor | None:
+    """The file's own `bits`-bit form of one packed GGUF matrix, or None where it has none."""
+    if qtype == Q4_0:
+        return q4_0(t, bits)
+    if qtype == Q8_0 and bits == 8:
+        return q8_0(t)
+    if qtype == Q4_K and bits == 4 and kernel:
+        u_shape = (t.shape[0], t.shape[1] // 144 * 256)
+        return q4_k_kernel(t) if kernel_fits(u_shape, GROUP) else None
+    return None
+
+
+class GGUFCopies:
+    """`cache.copy_files[bits]` for a GGUF import: copies repacked from the file where they can be, made
+    by quant.quantize otherwise."""
+
+    def __init__(self, cache, bits: int):
+        self.cache, self.bits = cache, bits
+
+    def get(self, key: tuple[int, int]) -> tuple:
+        packed, _ = self.cache.store.read_packed(*key)
+        locs = self.cache.store.ckpt.experts[key]
+        kernel = self.cache.kernel and self.cache.device.type == "cpu"
+        group = getattr(self.cache, "_group", GROUP)
+        out = []
+        for t, qtype in zip(packed, locs.qtypes):
+            t = t.cpu()
+            c = file_copy(t, qtype, self.bits, kernel) if group == GROUP else None
+            out.append(c if c is not None else quantize(dequantize(t, qtype), self.bits, group))
+        return tuple(out)
