@@ -6,8 +6,8 @@ embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense.safetens
 which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
 itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
 O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
-Python package) only where they land. Qwen2-MoE and Qwen3-MoE (llama.cpp's qwen2moe / qwen3moe, e.g.
-Qwen3-30B-A3B and Qwen3-235B-A22B GGUFs) with any quantisation gguf-py reads.
+Python package) only where they land. Qwen2-MoE, Qwen3-MoE and OLMoE (llama.cpp's qwen2moe / qwen3moe /
+olmoe, e.g. Qwen3-30B-A3B and Qwen3-235B-A22B GGUFs) with any quantisation gguf-py reads.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 FORMAT = 1
-ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # llama.cpp's name → transformers' model_type
+ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}  # llama.cpp's → transformers' name
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
@@ -31,8 +31,10 @@ GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight"
           "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # tokenizer.ggml.pre → the split regex of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
+GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+"}
+                r"|\s+(?!\S)|\s+",
+       "default": GPT2, "gpt-2": GPT2, "olmo": GPT2}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
 
 
@@ -105,8 +107,9 @@ class GGUFModel:
                "max_position_embeddings": self.need("context_length"),
                "rms_norm_eps": float(self.need("attention.layer_norm_rms_epsilon")),
                "rope_theta": float(self.get("rope.freq_base", 10000.0)),
+               # OLMoE's converter writes the expert size as feed_forward_length, and no expert_ key
                "intermediate_size": self.get("feed_forward_length") or self.need("expert_feed_forward_length"),
-               "moe_intermediate_size": self.need("expert_feed_forward_length"),
+               "moe_intermediate_size": self.get("expert_feed_forward_length") or self.need("feed_forward_length"),
                "num_experts": self.need("expert_count"), "num_experts_per_tok": self.need("expert_used_count"),
                "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(layers) if i not in moe],
                "tie_word_embeddings": "output.weight" not in self.tensors,
@@ -121,7 +124,9 @@ class GGUFModel:
         elif scaling != "none":
             raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
-        if self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
+        if self.arch == "olmoe":  # softmax top-k, not renormalised; q/k norms over whole projections
+            cfg.update(norm_topk_prob=False, clip_qkv=self.get("attention.clamp_kqv"))
+        elif self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
             cfg.update(norm_topk_prob=True, attention_bias=bias,
                        head_dim=self.get("attention.key_length", hidden // heads))
         else:  # qwen2moe: biased q/k/v, a gated shared expert, no renormalisation
@@ -200,7 +205,7 @@ class GGUFModel:
 
 
 def _class(model_type: str) -> str:
-    return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
+    return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]
 
 
 def _hf_name(name: str) -> str | None:

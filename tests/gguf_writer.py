@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
@@ -77,7 +77,8 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
     w.add_expert_count(n_experts)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
-    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg["model_type"] != "olmoe":  # llama.cpp's OLMoE converter writes the expert size as feed_forward_length
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     if cfg["model_type"] == "qwen3_moe":
@@ -98,7 +99,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
             tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre("olmo" if cfg["model_type"] == "olmoe" else "qwen2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -52,6 +52,30 @@ def test_config_matches_the_model_the_gguf_was_written_from(imported):
     assert mine.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
+def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
+    """Every tensor F32: the import must be the Hugging Face model itself, so emoe's logits on it equal
+    transformers' on the original folder (config, names, layouts and routing all read right)."""
+    import transformers
+    over = dict(SHAPE, mlp_only_layers=[]) if family == "qwen2_moe" else dict(SHAPE, clip_qkv=None) \
+        if family == "olmoe" else SHAPE
+    hf = make_tiny(family, tmp_path / "hf", **over)
+    out = import_gguf(write_gguf(hf, tmp_path / "f32.gguf", expert_types=("F32",) * 3), tmp_path / "imp",
+                      dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    cfg, model, dispatch = load_emoe(out)
+    seq = torch.randint(0, cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(seq[None]).logits[0]
+        got = model.forward(seq[None], torch.arange(10)[None], torch.ones(1, 10, dtype=torch.bool), dispatch)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if family == "olmoe":  # GPT-2's split rule, as the original tokenizer.json splits
+        from tokenizers import Tokenizer
+        mine, orig = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, hf))
+        for text in ["Summarize: the cat sat.\n\n  it's 12345 ok", "héllo — ünïcode\t\ttabs<|end|>x   "]:
+            assert mine.encode(text).ids == orig.encode(text).ids
+
+
 def test_yarn_context_extension_is_carried_over(tmp_path):
     yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)
     hf = make_tiny("qwen3_moe", tmp_path / "hf", rope_parameters=yarn, **SHAPE)
@@ -154,9 +178,9 @@ def test_bad_input_is_refused_with_a_reason(imported, tmp_path):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "x")
     with pytest.raises(GGUFError, match="shard 2 of a split GGUF"):
         import_gguf(tmp_path / "m-00002-of-00003.gguf", tmp_path / "x")
-    olmoe = write_gguf(hf, tmp_path / "other.gguf", expert_types=("Q8_0",) * 3, arch="olmoe")
-    with pytest.raises(GGUFError, match="architecture 'olmoe' is not supported"):
-        import_gguf(olmoe, tmp_path / "y")
+    other = write_gguf(hf, tmp_path / "other.gguf", expert_types=("Q8_0",) * 3, arch="deepseek2")
+    with pytest.raises(GGUFError, match="architecture .deepseek2. is not supported"):
+        import_gguf(other, tmp_path / "y")
     assert not (tmp_path / "y").exists()  # refused before anything was written
     busy = tmp_path / "busy"
     busy.mkdir()
