@@ -78,8 +78,8 @@ def q5_k(t: torch.Tensor) -> torch.Tensor:
     shift = torch.arange(8, device=t.device, dtype=torch.uint8).view(4, 2, 1)  # chunk c: bits 2c (low), 2c+1
     high = (qh[..., None, None, :] >> shift) & 1  # [rows, blocks, 4, 2, 32]
     u = torch.stack((qs & 0x0F, qs >> 4), 3) | (high << 4)
-    w = u.float().view(rows, -1, 8, 32) * (d[..., None] * sc)[..., None] - (dmin[..., None] * m)[..., None]
-    return w.reshape(rows, -1)
+    w = u.float().view(rows, -1, 8, 32)
+    return w.mul_((d[..., None] * sc)[..., None]).sub_((dmin[..., None] * m)[..., None]).reshape(rows, -1)
 
 
 def q6_k(t: torch.Tensor) -> torch.Tensor:
@@ -90,23 +90,23 @@ def q6_k(t: torch.Tensor) -> torch.Tensor:
     d = _half(b, 208).float()
     shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
     low = torch.cat((ql & 0x0F, ql >> 4), 3)  # per half of 128: ql[0:32] low, ql[32:64] low, then high
-    q = (low | (((qh >> shift) & 3) << 4)).float() - 32  # [rows, blocks, 2, 4, 32]
-    return (q.view(rows, -1, 2, 8, 16) * sc * d[..., None, None, None]).reshape(rows, -1)
+    q = (low | (((qh >> shift) & 3) << 4)).float().sub_(32)  # [rows, blocks, 2, 4, 32]
+    return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
 
 
 def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
     """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
-    llama.cpp's, so a float32 engine runs the file's exact values."""
+    llama.cpp's, so a float32 engine runs the file's exact values. In place after the one float32 buffer:
+    temporaries the size of the matrix would fragment the host heap that resident experts live in."""
     if qtype == Q4_0:
         b = t.reshape(t.shape[0], -1, 18)
-        u = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float() - 8
-        w = u * _half(b, 0).float()[..., None]
+        w = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float().sub_(8).mul_(_half(b, 0).float()[..., None])
     elif qtype == Q8_0:
         b = t.reshape(t.shape[0], -1, 34)
-        w = b[..., 2:].contiguous().view(torch.int8).float() * _half(b, 0).float()[..., None]
+        w = b[..., 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0).float()[..., None])
     elif qtype == Q4_K:
         u, scale, minimum = q4_k_parts(t)
-        w = u.float().view(t.shape[0], -1, 32) * scale[..., None] - minimum[..., None]
+        w = u.float().view(t.shape[0], -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
     elif qtype == Q5_K:
         w = q5_k(t)
     elif qtype == Q6_K:
