@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+# llama.cpp's names, written out here rather than inverted from emoe.gguf_import's table, so that a wrong
+# entry there cannot be mirrored by the fixture (transformers' GGUF reader checks both)
 DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",

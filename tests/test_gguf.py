@@ -42,6 +42,16 @@ def transformers_reference(hf, gguf):
     return model, sd
 
 
+def assert_same_logits(model_dir, ref, n: int = 10) -> None:
+    """emoe's logits on model_dir equal the transformers model `ref`'s on one random sequence."""
+    cfg, model, dispatch = load_emoe(model_dir)
+    seq = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(seq[None]).logits[0]
+        got = model.forward(seq[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), dispatch)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_config_matches_the_model_the_gguf_was_written_from(imported):
     hf, _, out = imported
     mine, theirs = Checkpoint(out).config, Checkpoint(hf).config
@@ -62,13 +72,7 @@ def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
     hf = make_tiny(family, tmp_path / "hf", **over)
     out = import_gguf(write_gguf(hf, tmp_path / "f32.gguf", expert_types=("F32",) * 3), tmp_path / "imp",
                       dtype=torch.float32)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    cfg, model, dispatch = load_emoe(out)
-    seq = torch.randint(0, cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        want = ref(seq[None]).logits[0]
-        got = model.forward(seq[None], torch.arange(10)[None], torch.ones(1, 10, dtype=torch.bool), dispatch)[0]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_logits(out, transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval())
     if family == "olmoe":  # GPT-2's split rule, as the original tokenizer.json splits
         from tokenizers import Tokenizer
         mine, orig = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, hf))
@@ -107,13 +111,7 @@ def test_experts_are_read_packed_from_the_gguf_and_match_transformers(imported):
 
 def test_logits_match_transformers_reading_the_same_gguf(imported):
     hf, gguf, out = imported
-    ref, _ = transformers_reference(hf, gguf)
-    cfg, model, dispatch = load_emoe(out)
-    seq = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = ref(seq[None]).logits[0]
-        got = model.forward(seq[None], torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool), dispatch)[0]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_logits(out, transformers_reference(hf, gguf)[0])
 
 
 def test_a_split_gguf_imports_from_its_first_shard_as_the_whole_file(imported, tmp_path):
