@@ -35,7 +35,7 @@ GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",
        "default": GPT2, "gpt-2": GPT2, "olmo": GPT2}
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # llama.cpp's token types
 
 
 class GGUFError(ValueError):
@@ -134,37 +134,45 @@ class GGUFModel:
                        shared_expert_intermediate_size=self.get("expert_shared_feed_forward_length", 0))
         return cfg
 
-    def tokenizer(self) -> dict:
-        """tokenizer.json for the `tokenizers` library: byte-level BPE from the vocabulary and merges the
-        GGUF carries, split as the model's own tokenizer splits (tokenizer.ggml.pre)."""
+    def tokenizer(self):
+        """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE)
+        split as the model's own tokenizer splits (tokenizer.ggml.pre), or SentencePiece BPE ('llama':
+        Mixtral) with byte fallback, its merges recovered from the pieces' scores as transformers does."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
         m = self.meta
-        kind, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
-        if kind != "gpt2":
-            raise GGUFError(f"tokenizer type {kind!r} is not supported (emoe imports byte-level BPE, 'gpt2')")
-        if pre not in PRE:
-            raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
-        tokens, types = m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.token_type") or []
-        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": types[i] != CONTROL, "special": types[i] == CONTROL}
-                 for i, t in enumerate(tokens) if i < len(types) and types[i] in (CONTROL, USER_DEFINED)]
+        kind, tokens = m.get("tokenizer.ggml.model"), list(m["tokenizer.ggml.tokens"])
+        types = list(m.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(x.split(" ", 1)) for x in m.get("tokenizer.ggml.merges") or []]
+        if kind == "gpt2":
+            pre = m.get("tokenizer.ggml.pre", "default")
+            if pre not in PRE:
+                raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
+            tok = Tokenizer(models.BPE(vocab, merges))
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE[pre]), "isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.decoder = decoders.ByteLevel()
+            special = (CONTROL,)
+        elif kind == "llama":
+            scores = m.get("tokenizer.ggml.scores")
+            if not merges and scores is None:
+                raise GGUFError(f"{self.files[0].name}: a SentencePiece vocabulary with neither merges nor scores")
+            tok = Tokenizer(models.BPE(vocab, merges or _spm_merges(vocab, dict(zip(tokens, scores))),
+                                       fuse_unk=True, byte_fallback=True))
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+            tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+            special = (UNKNOWN, CONTROL)
+        else:
+            raise GGUFError(f"tokenizer type {kind!r} is not supported (emoe imports 'gpt2' and 'llama')")
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k in special])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
         bos = m.get("tokenizer.ggml.bos_token_id")
-        post = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        if m.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
-                                                             {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
-        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": PRE[pre]}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-                "post_processor": post,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                          "ignore_merges": False, "vocab": {t: i for i, t in enumerate(tokens)},
-                          "merges": list(m.get("tokenizer.ggml.merges") or [])}}
+        if m.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:  # llama.cpp's default
+            tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                               special_tokens=[(tokens[bos], bos)])
+        return tok
 
     def tokenizer_config(self) -> dict:
         m, tokens = self.meta, self.meta["tokenizer.ggml.tokens"]
@@ -204,6 +212,17 @@ class GGUFModel:
         return self.tensors[name]
 
 
+def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """A SentencePiece vocabulary's BPE merges: every split of a piece into two pieces, best score first
+    (transformers' generate_merges, which its GGUF reader uses)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
 def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]
 
@@ -228,7 +247,7 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
     out.mkdir(parents=True, exist_ok=True)
     save_file(dense, str(out / "dense.safetensors"), metadata={"format": "pt", "source": model.files[0].name})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (out / "tokenizer.json").write_text(tok.to_str())
     (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config(), indent=2, ensure_ascii=False))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": model.stop_ids()}, indent=2))
     (out / "gguf.json").write_text(json.dumps({"format": FORMAT, "files": [
