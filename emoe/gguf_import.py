@@ -6,8 +6,9 @@ embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense.safetens
 which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
 itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
 O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
-Python package) only where they land. Qwen2-MoE, Qwen3-MoE and OLMoE (llama.cpp's qwen2moe / qwen3moe /
-olmoe, e.g. Qwen3-30B-A3B and Qwen3-235B-A22B GGUFs) with any quantisation gguf-py reads.
+Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE and Mixtral (llama.cpp's qwen2moe /
+qwen3moe / olmoe, and llama with experts, in the stacked or the early one-tensor-per-expert layout) with
+any quantisation gguf-py reads.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 FORMAT = 1
-ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}  # llama.cpp's → transformers' name
+# llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
+ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral"}
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
@@ -30,6 +32,7 @@ LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")  # early Mixtral files: one per expert
 # tokenizer.ggml.pre → the split regex of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -91,7 +94,8 @@ class GGUFModel:
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i in range(self.need("block_count")) if f"blk.{i}.ffn_gate_exps.weight" in self.tensors]
+        return [i for i in range(self.need("block_count"))
+                if f"blk.{i}.ffn_gate_exps.weight" in self.tensors or f"blk.{i}.ffn_gate.0.weight" in self.tensors]
 
     def config(self) -> dict:
         """A Hugging Face config.json for the model (what transformers' own config would hold)."""
@@ -124,7 +128,9 @@ class GGUFModel:
         elif scaling != "none":
             raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
-        if self.arch == "olmoe":  # softmax top-k, not renormalised; q/k norms over whole projections
+        if self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
+            cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("rope.dimension_count", hidden // heads))
+        elif self.arch == "olmoe":  # softmax top-k, not renormalised; q/k norms over whole projections
             cfg.update(norm_topk_prob=False, clip_qkv=self.get("attention.clamp_kqv"))
         elif self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
             cfg.update(norm_topk_prob=True, attention_bias=bias,
@@ -189,10 +195,13 @@ class GGUFModel:
         the file quantised it, as stored where it is a float tensor."""
         import gguf
         out = {}
+        heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
+        heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         for name, (_, t) in self.tensors.items():
-            hf = _hf_name(name)
+            hf = _hf_name(name, "block_sparse_moe" if self.arch == "llama" else "mlp")
             if hf is None:
-                if name.split(".")[2 if name.startswith("blk.") else 0] in EXPERTS or name == "rope_freqs.weight":
+                if name.split(".")[2 if name.startswith("blk.") else 0] in EXPERTS or OLD_EXPERT.fullmatch(name) \
+                        or name == "rope_freqs.weight":
                     continue
                 raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
@@ -201,6 +210,9 @@ class GGUFModel:
                 w = w.to(dtype)
             if hf.endswith("shared_expert_gate.weight"):
                 w = w.reshape(1, -1)  # stored as a vector [H]; transformers' Linear(H, 1)
+            kind = name.split(".")[2] if name.startswith("blk.") else ""
+            if self.arch == "llama" and kind in heads and name.endswith(".weight"):
+                w = _unpermute(w, heads[kind])
             out[hf] = w.contiguous()
         return out
 
@@ -224,15 +236,23 @@ def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[s
 
 
 def _class(model_type: str) -> str:
-    return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]
+    return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[model_type]
 
 
-def _hf_name(name: str) -> str | None:
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's converter, which interleaves each head's two rotary halves for its GPT-J-style rope."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()
+
+
+def _hf_name(name: str, moe_prefix: str = "mlp") -> str | None:
     if name in GLOBAL:
         return GLOBAL[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in LAYER:
-        return f"model.layers.{m.group(1)}.{LAYER[m.group(2)]}.{m.group(3)}"
+        hf = LAYER[m.group(2)].replace("mlp.gate", f"{moe_prefix}.gate") if m.group(2) == "ffn_gate_inp" \
+            else LAYER[m.group(2)]
+        return f"model.layers.{m.group(1)}.{hf}.{m.group(3)}"
     return None
 
 
@@ -281,6 +301,18 @@ def index_experts(directory: Path, config) -> dict:
     h, i, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
     out = {}
     for layer in config.moe_layers:
+        if f"blk.{layer}.ffn_gate_exps.weight" not in model.tensors:  # early Mixtral files: one tensor per expert
+            for e in range(n):
+                locs = []
+                for kind, want in zip(("gate", "up", "down"), ((h, i), (h, i), (i, h))):
+                    path, t = model.expert_tensor(layer, f"ffn_{kind}.{e}")
+                    if tuple(int(d) for d in t.shape) != want:
+                        raise CheckpointError(f"{path.name}: blk.{layer}.ffn_{kind}.{e} has ggml shape "
+                                              f"{tuple(t.shape)}, config implies {want}")
+                    locs.append((TensorLoc(str(path), int(t.data_offset), int(t.n_bytes), "U8",
+                                           (want[1], int(t.n_bytes) // want[1])), int(t.tensor_type)))
+                out[(layer, e)] = ExpertLocs(tuple(l for l, _ in locs), "gguf", qtypes=tuple(q for _, q in locs))
+            continue
         parts = []
         for kind, want in zip(EXPERTS, ((h, i), (h, i), (i, h))):
             path, t = model.expert_tensor(layer, kind)

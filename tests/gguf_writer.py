@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
 # llama.cpp's names, written out here rather than inverted from emoe.gguf_import's table, so that a wrong
 # entry there cannot be mirrored by the fixture (transformers' GGUF reader checks both)
 DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -18,7 +18,8 @@ DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.
          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
          "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
          "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "block_sparse_moe.gate": "ffn_gate_inp"}
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
@@ -51,12 +52,13 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
-               arch: str | None = None, split_max_tensors: int = 0) -> Path:
+               arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False) -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
-    (norms, biases and the router stay F32 as llama.cpp keeps them)."""
+    (norms, biases and the router stay F32 as llama.cpp keeps them). Mixtral is written as llama.cpp
+    writes it: architecture 'llama', q/k rows permuted for its rotary, a SentencePiece vocabulary with
+    scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight)."""
     import gguf
     from safetensors.torch import load_file
-    Q = gguf.GGMLQuantizationType
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = arch or ARCH[cfg["model_type"]]
     sd = {}
@@ -79,7 +81,9 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
     w.add_expert_count(n_experts)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
-    if cfg["model_type"] != "olmoe":  # llama.cpp's OLMoE converter writes the expert size as feed_forward_length
+    if cfg["model_type"] == "mixtral":
+        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if cfg["model_type"] not in ("olmoe", "mixtral"):  # their expert size is feed_forward_length
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
@@ -87,6 +91,25 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if cfg["model_type"] == "mixtral":
+        _spm_tokenizer(w, cfg["vocab_size"])
+    else:
+        _byte_level_tokenizer(w, hf_dir, cfg)
+    w.add_eos_token_id(cfg["eos_token_id"])
+    if chat_template:
+        w.add_chat_template(chat_template)
+    _tensors(w, sd, cfg, expert_types, dense_type, per_expert)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if split_max_tensors:  # NAME-00001-of-0000N.gguf …, as llama.cpp's gguf-split names them
+        return sorted(out.parent.glob(f"{out.stem}-00001-of-*.gguf"))[0]
+    return out
+
+
+def _byte_level_tokenizer(w, hf_dir: Path, cfg: dict) -> None:
+    import gguf
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     tokens = [None] * cfg["vocab_size"]
@@ -105,11 +128,49 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_eos_token_id(cfg["eos_token_id"])
     w.add_add_bos_token(False)
-    if chat_template:
-        w.add_chat_template(chat_template)
 
+
+def _spm_tokenizer(w, size: int) -> None:
+    """A SentencePiece-style vocabulary as Llama/Mixtral files carry it: <unk>, <s>, </s>, 256 byte pieces,
+    then learned '▁' pieces scored by merge rank (no merges: readers recover them from the scores)."""
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    text = ["Summarize: the cat sat on the mat.", "Is this review positive or negative? Great food!",
+            "SELECT name FROM users WHERE id = 3;", "Answer the question: who wrote Hamlet?"] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=size - len(tokens), show_progress=False))
+    learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(learned))]
+    tokens += [t for t, _ in learned]
+    types += [T.NORMAL] * len(learned)
+    while len(tokens) < size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(T.UNUSED)
+        scores.append(-1e9)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_add_bos_token(True)
+
+
+def _permute(a: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's rotary halves interleaved."""
+    return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool) -> None:
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    llama = cfg["model_type"] == "mixtral"
     dense_q = getattr(Q, dense_type)
     seed = 0
     for name, t in sd.items():
@@ -128,28 +189,29 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
             stem, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{DENSE[stem]}.{kind}"
             q = dense_q if a.ndim == 2 and DENSE[stem] not in ("ffn_gate_inp", "ffn_gate_inp_shexp") else Q.F32
+            if llama and DENSE[stem] in ("attn_q", "attn_k") and kind == "weight":
+                a = _permute(a, cfg["num_attention_heads" if DENSE[stem] == "attn_q" else "num_key_value_heads"])
         data, raw = _quantised(gname, a, q, seed)
         seed += 1
         w.add_tensor(gname, data, raw_dtype=raw)
     for layer in range(cfg["num_hidden_layers"]):
-        pre = f"model.layers.{layer}.mlp.experts"
+        pre = f"model.layers.{layer}.{'block_sparse_moe' if llama else 'mlp'}.experts"
+        names = ("w1", "w3", "w2") if llama else ("gate_proj", "up_proj", "down_proj")
         if f"{pre}.gate_up_proj" in sd:  # transformers 5 writes experts fused: [E, 2I, H], [E, H, I]
             gu, down = sd[f"{pre}.gate_up_proj"].float(), sd[f"{pre}.down_proj"].float()
             i = gu.shape[1] // 2
             stacks = (gu[:, :i], gu[:, i:], down)
-        elif f"{pre}.0.gate_proj.weight" in sd:
-            stacks = tuple(torch.stack([sd[f"{pre}.{e}.{k}.weight"].float() for e in range(n_experts)])
-                           for k in ("gate_proj", "up_proj", "down_proj"))
+        elif f"{pre}.0.{names[0]}.weight" in sd:
+            stacks = tuple(torch.stack([sd[f"{pre}.{e}.{k}.weight"].float() for e in range(n_experts)]) for k in names)
         else:
             continue
-        for kind, stack, qname in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), stacks, expert_types):
-            data, raw = _quantised(kind, stack.numpy(), getattr(Q, qname), seed)
-            seed += 1
-            w.add_tensor(f"blk.{layer}.{kind}.weight", data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    if split_max_tensors:  # NAME-00001-of-0000N.gguf …, as llama.cpp's gguf-split names them
-        return sorted(out.parent.glob(f"{out.stem}-00001-of-*.gguf"))[0]
-    return out
+        for kind, stack, qname in zip(("gate", "up", "down"), stacks, expert_types):
+            if per_expert:
+                for e in range(n_experts):
+                    data, raw = _quantised(kind, stack[e].numpy(), getattr(Q, qname), seed)
+                    seed += 1
+                    w.add_tensor(f"blk.{layer}.ffn_{kind}.{e}.weight", data, raw_dtype=raw)
+            else:
+                data, raw = _quantised(kind, stack.numpy(), getattr(Q, qname), seed)
+                seed += 1
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", data, raw_dtype=raw)

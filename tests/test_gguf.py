@@ -62,13 +62,13 @@ def test_config_matches_the_model_the_gguf_was_written_from(imported):
     assert mine.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])
 def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
     """Every tensor F32: the import must be the Hugging Face model itself, so emoe's logits on it equal
     transformers' on the original folder (config, names, layouts and routing all read right)."""
     import transformers
-    over = dict(SHAPE, mlp_only_layers=[]) if family == "qwen2_moe" else dict(SHAPE, clip_qkv=None) \
-        if family == "olmoe" else SHAPE
+    over = {"qwen2_moe": dict(SHAPE, mlp_only_layers=[]), "olmoe": dict(SHAPE, clip_qkv=None),
+            "mixtral": dict(hidden_size=256, intermediate_size=256)}.get(family, SHAPE)
     hf = make_tiny(family, tmp_path / "hf", **over)
     out = import_gguf(write_gguf(hf, tmp_path / "f32.gguf", expert_types=("F32",) * 3), tmp_path / "imp",
                       dtype=torch.float32)
@@ -78,6 +78,30 @@ def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
         mine, orig = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, hf))
         for text in ["Summarize: the cat sat.\n\n  it's 12345 ok", "héllo — ünïcode\t\ttabs<|end|>x   "]:
             assert mine.encode(text).ids == orig.encode(text).ids
+
+
+def test_mixtral_files_early_layout_and_sentencepiece_vocabulary(tmp_path):
+    """llama.cpp's Mixtral: architecture 'llama' with experts, in the early one-tensor-per-expert layout
+    too (read as the stacked one), and a SentencePiece vocabulary whose merges come from scores; the
+    tokenizer matches transformers' conversion of the same file, BOS included."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    from emoe.store import DiskStore
+    hf = make_tiny("mixtral", tmp_path / "hf", hidden_size=256, intermediate_size=256)
+    stacked = import_gguf(write_gguf(hf, tmp_path / "s.gguf", expert_types=("Q4_0", "Q4_0", "Q8_0")), tmp_path / "s")
+    early = import_gguf(write_gguf(hf, tmp_path / "e.gguf", expert_types=("Q4_0", "Q4_0", "Q8_0"), per_expert=True),
+                        tmp_path / "e")
+    a, b = DiskStore(Checkpoint(stacked)), DiskStore(Checkpoint(early))
+    for key in [(0, 0), (1, 5), (2, 7)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.read(*key), b.read(*key)))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
+    mine = Tokenizer.from_file(str(stacked / "tokenizer.json"))
+    for text in ["Summarize: the cat sat on the mat.", "SELECT name FROM users WHERE id = 3;\n\n  two  spaces",
+                 "héllo wörld — ünïcode → byte fallback", " leading space</s>after"]:
+        assert mine.encode(text).ids == ref(text).input_ids, text
+        assert mine.encode(text).ids[0] == 1  # <s>
+    assert mine.decode(mine.encode("héllo → wörld").ids) == "héllo → wörld"
 
 
 def test_yarn_context_extension_is_carried_over(tmp_path):
