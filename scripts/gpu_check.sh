@@ -58,6 +58,13 @@ D=/tmp/random-ds-fp8
 step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
 step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,load:0.4,auto:0.4
+# a llama.cpp GGUF (experts Q4_0/Q8_0) imported: packed bytes cross and are dequantised on the GPU; shadow copies
+# are the file's own integers
+GG=/tmp/gguf-pair
+step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 768)) \
+  --layers 8 --experts 32
+step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
+  --configs all:1.0,host:0.4,load:0.4,auto:0.4,shadow:0.4
 # serving: a long prompt's prefill interleaved with decoding vs whole; a chat's turns with prefix reuse vs without
 step interleave 90 python3 scripts/bench_prefill_interleave.py --model $D --tokens $((Q ? 500 : 1900)) --chunk 256
 step prefix_reuse 60 python3 scripts/bench_prefix_reuse.py
