@@ -11,15 +11,9 @@ import numpy as np
 import torch
 
 ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
-# llama.cpp's names, written out here rather than inverted from emoe.gguf_import's table, so that a wrong
-# entry there cannot be mirrored by the fixture (transformers' GGUF reader checks both)
-DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
-         "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-         "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-         "block_sparse_moe.gate": "ffn_gate_inp"}
+# tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
+# not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
+MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA"}
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
@@ -172,25 +166,20 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
     n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
     llama = cfg["model_type"] == "mixtral"
     dense_q = getattr(Q, dense_type)
+    # named as the model's own architecture even where general.architecture is overridden (bad-input tests)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, MODEL_ARCH[ARCH[cfg["model_type"]]]),
+                                     cfg["num_hidden_layers"])
     seed = 0
     for name, t in sd.items():
+        if ".experts." in name:
+            continue
         a = t.float().numpy()
-        if name == "model.embed_tokens.weight":
-            gname, q = "token_embd.weight", dense_q
-        elif name == "lm_head.weight":
-            gname, q = "output.weight", dense_q
-        elif name == "model.norm.weight":
-            gname, q = "output_norm.weight", Q.F32
-        else:
-            parts = name.split(".")
-            layer, rest = int(parts[2]), ".".join(parts[3:])
-            if ".experts." in rest:
-                continue
-            stem, kind = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{DENSE[stem]}.{kind}"
-            q = dense_q if a.ndim == 2 and DENSE[stem] not in ("ffn_gate_inp", "ffn_gate_inp_shexp") else Q.F32
-            if llama and DENSE[stem] in ("attn_q", "attn_k") and kind == "weight":
-                a = _permute(a, cfg["num_attention_heads" if DENSE[stem] == "attn_q" else "num_key_value_heads"])
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, name
+        stem = gname.rsplit(".", 1)[0].split(".")[-1]
+        q = dense_q if a.ndim == 2 and stem not in ("ffn_gate_inp", "ffn_gate_inp_shexp") else Q.F32
+        if llama and stem in ("attn_q", "attn_k") and gname.endswith(".weight"):
+            a = _permute(a, cfg["num_attention_heads" if stem == "attn_q" else "num_key_value_heads"])
         data, raw = _quantised(gname, a, q, seed)
         seed += 1
         w.add_tensor(gname, data, raw_dtype=raw)
