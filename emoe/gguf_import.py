@@ -6,9 +6,9 @@ embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense.safetens
 which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
 itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
 O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
-Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE and Mixtral (llama.cpp's qwen2moe /
-qwen3moe / olmoe, and llama with experts, in the stacked or the early one-tensor-per-expert layout) with
-any quantisation gguf-py reads.
+Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral and gpt-oss (llama.cpp's
+qwen2moe / qwen3moe / olmoe / gpt-oss, and llama with experts; stacked, fused gate/up, or the early
+one-tensor-per-expert layout) with any quantisation gguf-py reads.
 """
 from __future__ import annotations
 
@@ -21,23 +21,29 @@ import torch
 
 FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
-ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral"}
+ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss"}
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
          "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
          "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
          "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+         "attn_sinks": "self_attn.sinks", "post_attention_norm": "post_attention_layernorm"}
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+FUSED = "ffn_gate_up_exps"  # newer converters may stack gate and up: [E, 2I, H], gate rows first
 OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")  # early Mixtral files: one per expert
 # tokenizer.ggml.pre → the split regex of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",
-       "default": GPT2, "gpt-2": GPT2, "olmo": GPT2}
+       "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
+       # o200k (gpt-oss)
+       "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"}
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # llama.cpp's token types
 
 
@@ -94,8 +100,8 @@ class GGUFModel:
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i in range(self.need("block_count"))
-                if f"blk.{i}.ffn_gate_exps.weight" in self.tensors or f"blk.{i}.ffn_gate.0.weight" in self.tensors]
+        return [i for i in range(self.need("block_count")) if any(
+            f"blk.{i}.{k}.weight" in self.tensors for k in ("ffn_gate_exps", FUSED, "ffn_gate.0"))]
 
     def config(self) -> dict:
         """A Hugging Face config.json for the model (what transformers' own config would hold)."""
@@ -128,7 +134,14 @@ class GGUFModel:
         elif scaling != "none":
             raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
-        if self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
+        if self.arch == "gpt-oss":  # every other layer windowed, from the first; clamped SwiGLU (7.0, 1.702)
+            cfg.update(num_local_experts=cfg.pop("num_experts"), attention_bias=True,
+                       head_dim=self.get("attention.key_length", hidden // heads),
+                       sliding_window=self.need("attention.sliding_window"),
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+            if "rope_scaling" in cfg:  # llama.cpp's defaults for what gpt-oss files leave out
+                cfg["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
+        elif self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("rope.dimension_count", hidden // heads))
         elif self.arch == "olmoe":  # softmax top-k, not renormalised; q/k norms over whole projections
             cfg.update(norm_topk_prob=False, clip_qkv=self.get("attention.clamp_kqv"))
@@ -197,11 +210,17 @@ class GGUFModel:
         out = {}
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
+        biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
         for name, (_, t) in self.tensors.items():
-            hf = _hf_name(name, "block_sparse_moe" if self.arch == "llama" else "mlp")
+            m = re.fullmatch(r"blk\.(\d+)\.(ffn_\w+_exps)\.bias", name)
+            if m:
+                biases[(int(m.group(1)), m.group(2))] = torch.from_numpy(np.array(gguf.quants.dequantize(
+                    t.data, t.tensor_type))).float()
+                continue
+            hf = _hf_name(name, {"llama": "block_sparse_moe.gate", "gpt-oss": "mlp.router"}.get(self.arch, "mlp.gate"))
             if hf is None:
-                if name.split(".")[2 if name.startswith("blk.") else 0] in EXPERTS or OLD_EXPERT.fullmatch(name) \
-                        or name == "rope_freqs.weight":
+                if name.split(".")[2 if name.startswith("blk.") else 0] in (*EXPERTS, FUSED) \
+                        or OLD_EXPERT.fullmatch(name) or name == "rope_freqs.weight":
                     continue
                 raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
@@ -213,7 +232,14 @@ class GGUFModel:
             kind = name.split(".")[2] if name.startswith("blk.") else ""
             if self.arch == "llama" and kind in heads and name.endswith(".weight"):
                 w = _unpermute(w, heads[kind])
-            out[hf] = w.contiguous()
+            out[hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf] = w.contiguous()
+        for layer in {k[0] for k in biases}:  # transformers' gpt-oss: [E, 2I] with gate and up interleaved
+            gate_up = biases.get((layer, FUSED))
+            gate, up = gate_up.chunk(2, -1) if gate_up is not None else (biases[(layer, "ffn_gate_exps")],
+                                                                         biases[(layer, "ffn_up_exps")])
+            pre = f"model.layers.{layer}.mlp.experts"
+            out[f"{pre}.gate_up_proj_bias"] = torch.stack((gate, up), -1).flatten(-2).contiguous()
+            out[f"{pre}.down_proj_bias"] = biases[(layer, "ffn_down_exps")].contiguous()
         return out
 
     def expert_tensor(self, layer: int, kind: str):
@@ -237,7 +263,7 @@ def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[s
 
 def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-            "mixtral": "MixtralForCausalLM"}[model_type]
+            "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM"}[model_type]
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -245,13 +271,12 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()
 
 
-def _hf_name(name: str, moe_prefix: str = "mlp") -> str | None:
+def _hf_name(name: str, router: str = "mlp.gate") -> str | None:
     if name in GLOBAL:
         return GLOBAL[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in LAYER:
-        hf = LAYER[m.group(2)].replace("mlp.gate", f"{moe_prefix}.gate") if m.group(2) == "ffn_gate_inp" \
-            else LAYER[m.group(2)]
+        hf = router if m.group(2) == "ffn_gate_inp" else LAYER[m.group(2)]
         return f"model.layers.{m.group(1)}.{hf}.{m.group(3)}"
     return None
 
@@ -301,7 +326,8 @@ def index_experts(directory: Path, config) -> dict:
     h, i, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
     out = {}
     for layer in config.moe_layers:
-        if f"blk.{layer}.ffn_gate_exps.weight" not in model.tensors:  # early Mixtral files: one tensor per expert
+        fused = f"blk.{layer}.{FUSED}.weight" in model.tensors
+        if not fused and f"blk.{layer}.ffn_gate_exps.weight" not in model.tensors:  # early Mixtral: one per expert
             for e in range(n):
                 locs = []
                 for kind, want in zip(("gate", "up", "down"), ((h, i), (h, i), (i, h))):
@@ -314,16 +340,20 @@ def index_experts(directory: Path, config) -> dict:
                 out[(layer, e)] = ExpertLocs(tuple(l for l, _ in locs), "gguf", qtypes=tuple(q for _, q in locs))
             continue
         parts = []
-        for kind, want in zip(EXPERTS, ((h, i), (h, i), (i, h))):
+        for kind, want in ([(FUSED, (h, 2 * i)), (EXPERTS[2], (i, h))] if fused else zip(EXPERTS, ((h, i), (h, i), (i, h)))):
             path, t = model.expert_tensor(layer, kind)
             ne = tuple(int(d) for d in t.shape)  # ggml order: columns, rows, experts
             if ne != (*want, n):
                 raise CheckpointError(f"{path.name}: blk.{layer}.{kind} has ggml shape {ne}, config implies "
                                       f"{(*want, n)}")
-            per = int(t.n_bytes) // n
-            parts.append((str(path), int(t.data_offset), per, want[1], int(t.tensor_type)))
+            per = int(t.n_bytes) // n  # one expert's block; (start, stride, bytes, rows) of each part in it
+            if kind == FUSED:  # gate's rows, then up's: the two halves of each expert's block
+                parts += [(str(path), int(t.data_offset) + half * per // 2, per, per // 2, i, int(t.tensor_type))
+                          for half in (0, 1)]
+            else:
+                parts.append((str(path), int(t.data_offset), per, per, want[1], int(t.tensor_type)))
         for e in range(n):
-            out[(layer, e)] = ExpertLocs(tuple(TensorLoc(p, start + e * per, per, "U8", (rows, per // rows))
-                                               for p, start, per, rows, _ in parts),
+            out[(layer, e)] = ExpertLocs(tuple(TensorLoc(p, start + e * stride, size, "U8", (rows, size // rows))
+                                               for p, start, stride, size, rows, _ in parts),
                                          "gguf", qtypes=tuple(q for *_, q in parts))
     return out

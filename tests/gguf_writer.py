@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
+ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
 # not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
-MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA"}
+MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS"}
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
@@ -46,9 +46,12 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
-               arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False) -> Path:
+               arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False,
+               fuse: bool = False) -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
-    (norms, biases and the router stay F32 as llama.cpp keeps them). Mixtral is written as llama.cpp
+    (norms, biases and the router stay F32 as llama.cpp keeps them); fuse: gate and up experts stacked in
+    one ffn_gate_up_exps tensor, as newer converters may write them. gpt-oss as llama.cpp's GptOssModel
+    writes it: gate/up de-interleaved, expert biases split likewise, sinks as attn_sinks.weight. Mixtral is written as llama.cpp
     writes it: architecture 'llama', q/k rows permuted for its rotary, a SentencePiece vocabulary with
     scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight)."""
     import gguf
@@ -78,10 +81,12 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     if cfg["model_type"] == "mixtral":
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     if cfg["model_type"] not in ("olmoe", "mixtral"):  # their expert size is feed_forward_length
-        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    if cfg["model_type"] == "qwen3_moe":
+    if cfg["model_type"] == "gpt_oss":
+        w.add_sliding_window(cfg["sliding_window"])
+    if cfg["model_type"] in ("qwen3_moe", "gpt_oss"):
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -92,7 +97,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_eos_token_id(cfg["eos_token_id"])
     if chat_template:
         w.add_chat_template(chat_template)
-    _tensors(w, sd, cfg, expert_types, dense_type, per_expert)
+    _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -118,7 +123,7 @@ def _byte_level_tokenizer(w, hf_dir: Path, cfg: dict) -> None:
             tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("olmo" if cfg["model_type"] == "olmoe" else "qwen2")
+    w.add_tokenizer_pre({"olmoe": "olmo", "gpt_oss": "gpt-4o"}.get(cfg["model_type"], "qwen2"))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -160,7 +165,7 @@ def _permute(a: np.ndarray, n_head: int) -> np.ndarray:
     return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
-def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool) -> None:
+def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool, fuse: bool) -> None:
     import gguf
     Q = gguf.GGMLQuantizationType
     n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
@@ -176,6 +181,8 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
         a = t.float().numpy()
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gname is not None, name
+        if not gname.endswith((".weight", ".bias")):  # gpt-oss's sinks: the converter appends .weight
+            gname += ".weight"
         stem = gname.rsplit(".", 1)[0].split(".")[-1]
         q = dense_q if a.ndim == 2 and stem not in ("ffn_gate_inp", "ffn_gate_inp_shexp") else Q.F32
         if llama and stem in ("attn_q", "attn_k") and gname.endswith(".weight"):
@@ -186,7 +193,13 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
     for layer in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{layer}.{'block_sparse_moe' if llama else 'mlp'}.experts"
         names = ("w1", "w3", "w2") if llama else ("gate_proj", "up_proj", "down_proj")
-        if f"{pre}.gate_up_proj" in sd:  # transformers 5 writes experts fused: [E, 2I, H], [E, H, I]
+        biases = None
+        if cfg["model_type"] == "gpt_oss":  # [E, H, 2I] gate/up interleaved, [E, I, H]; biased
+            gu, down = sd[f"{pre}.gate_up_proj"].float().transpose(1, 2), sd[f"{pre}.down_proj"].float().transpose(1, 2)
+            stacks = (gu[:, ::2], gu[:, 1::2], down)
+            gub = sd[f"{pre}.gate_up_proj_bias"].float()
+            biases = (gub[:, ::2], gub[:, 1::2], sd[f"{pre}.down_proj_bias"].float())
+        elif f"{pre}.gate_up_proj" in sd:  # transformers 5 writes experts fused: [E, 2I, H], [E, H, I]
             gu, down = sd[f"{pre}.gate_up_proj"].float(), sd[f"{pre}.down_proj"].float()
             i = gu.shape[1] // 2
             stacks = (gu[:, :i], gu[:, i:], down)
@@ -194,7 +207,14 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
             stacks = tuple(torch.stack([sd[f"{pre}.{e}.{k}.weight"].float() for e in range(n_experts)]) for k in names)
         else:
             continue
-        for kind, stack, qname in zip(("gate", "up", "down"), stacks, expert_types):
+        kinds, types = ["gate", "up", "down"], expert_types
+        if fuse:  # one [E, 2I, H] tensor, gate's rows first
+            kinds, stacks = ["gate_up", "down"], [torch.cat(stacks[:2], 1), stacks[2]]
+            types = (expert_types[0], expert_types[2])
+            biases = biases and (torch.cat(biases[:2], -1), biases[2])
+        for k, (kind, stack, qname) in enumerate(zip(kinds, stacks, types)):
+            if biases is not None:
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.bias", biases[k].numpy())
             if per_expert:
                 for e in range(n_experts):
                     data, raw = _quantised(kind, stack[e].numpy(), getattr(Q, qname), seed)

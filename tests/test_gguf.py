@@ -62,13 +62,14 @@ def test_config_matches_the_model_the_gguf_was_written_from(imported):
     assert mine.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss"])
 def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
     """Every tensor F32: the import must be the Hugging Face model itself, so emoe's logits on it equal
     transformers' on the original folder (config, names, layouts and routing all read right)."""
     import transformers
     over = {"qwen2_moe": dict(SHAPE, mlp_only_layers=[]), "olmoe": dict(SHAPE, clip_qkv=None),
-            "mixtral": dict(hidden_size=256, intermediate_size=256)}.get(family, SHAPE)
+            "mixtral": dict(hidden_size=256, intermediate_size=256),
+            "gpt_oss": dict(hidden_size=256, intermediate_size=256)}.get(family, SHAPE)
     hf = make_tiny(family, tmp_path / "hf", **over)
     out = import_gguf(write_gguf(hf, tmp_path / "f32.gguf", expert_types=("F32",) * 3), tmp_path / "imp",
                       dtype=torch.float32)
@@ -102,6 +103,44 @@ def test_mixtral_files_early_layout_and_sentencepiece_vocabulary(tmp_path):
         assert mine.encode(text).ids == ref(text).input_ids, text
         assert mine.encode(text).ids[0] == 1  # <s>
     assert mine.decode(mine.encode("héllo → wörld").ids) == "héllo → wörld"
+
+
+def test_gpt_oss_files_fused_experts_mxfp4_and_o200k_split(tmp_path):
+    """gpt-oss as llama.cpp writes it (gate/up de-interleaved, biases split, sinks): with gate and up fused
+    in one tensor, logits still equal transformers' on the original folder; MXFP4 experts (ggml's block
+    layout, dequantised by gguf-py) serve under a budget with all-resident's tokens; the tokenizer splits as
+    transformers' conversion of the file does (o200k's rule)."""
+    import transformers
+    from tokenizers import Tokenizer
+    hf = make_tiny("gpt_oss", tmp_path / "hf", hidden_size=256, intermediate_size=256)
+    fused = import_gguf(write_gguf(hf, tmp_path / "f.gguf", expert_types=("F32",) * 3, fuse=True), tmp_path / "f",
+                        dtype=torch.float32)
+    assert_same_logits(fused, transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval())
+    mx = import_gguf(write_gguf(hf, tmp_path / "m.gguf", expert_types=("MXFP4",) * 3), tmp_path / "m")
+    greedy = SamplingParams(max_tokens=5, ignore_eos=True)
+    outs = [[r.output_ids for r in Engine(EngineConfig(str(mx), **kw)).generate(["hi there", "SELECT"], greedy,
+                                                                               chat=False)]
+            for kw in (dict(miss_policy="all"), dict(miss_policy="load", budget=0.4, experts_on="ram"))]
+    assert outs[0] == outs[1]
+    # transformers' own conversion of the file's vocabulary (its config reader has no gpt-oss GGUF support)
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    arch, vocab, _ = get_gguf_tokenizer(str(tmp_path / "m.gguf"))
+    ref = convert_gguf_tokenizer(arch, vocab)[0]
+    mine = Tokenizer.from_file(str(mx / "tokenizer.json"))
+    for text in ["Summarize: the CAT's mat, 12345678.\n\n  x", "héllo wörld — ÜNÏCODE\t\ttabs<|end|>after"]:
+        assert mine.encode(text).ids == ref.encode(text).ids, text
+        # the split itself, which a vocabulary this small could hide
+        assert mine.pre_tokenizer.pre_tokenize_str(text) == ref.pre_tokenizer.pre_tokenize_str(text)
+
+
+def test_fused_gate_up_experts_read_as_the_stacked_ones(tmp_path):
+    from emoe.store import DiskStore
+    hf = make_tiny("qwen3_moe", tmp_path / "hf", **SHAPE)
+    a = import_gguf(write_gguf(hf, tmp_path / "a.gguf", expert_types=("Q8_0",) * 3), tmp_path / "a")
+    b = import_gguf(write_gguf(hf, tmp_path / "b.gguf", expert_types=("Q8_0",) * 3, fuse=True), tmp_path / "b")
+    sa, sb = DiskStore(Checkpoint(a)), DiskStore(Checkpoint(b))
+    for key in [(0, 0), (1, 4), (2, 7)]:
+        assert all(torch.equal(x, y) for x, y in zip(sa.read(*key), sb.read(*key)))
 
 
 def test_yarn_context_extension_is_carried_over(tmp_path):
@@ -167,6 +206,7 @@ def test_tokenizer_matches_transformers_conversion(imported):
     for text in ["Summarize: the cat sat on the mat.", "SELECT name FROM users WHERE id = 3;\n\n  it's 12345",
                  "héllo wörld — ünïcode\t\ttabs<|end|>after", "   leading spaces and trailing   "]:
         assert mine.encode(text).ids == ref(text).input_ids, text
+        assert mine.pre_tokenizer.pre_tokenize_str(text) == ref.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
         assert mine.decode(mine.encode(text).ids, skip_special_tokens=False) == text
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert tc["chat_template"].startswith("{% for m in messages %}")
