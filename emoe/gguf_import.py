@@ -154,7 +154,7 @@ class GGUFModel:
         return cfg
 
     def tokenizer(self):
-        """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE)
+        """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE, gpt-oss)
         split as the model's own tokenizer splits (tokenizer.ggml.pre), or SentencePiece BPE ('llama':
         Mixtral) with byte fallback, its merges recovered from the pieces' scores as transformers does."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
