@@ -1,7 +1,8 @@
 """GGUF block formats in torch: dequantised on whatever device the bytes are on, and repacked into low-bit
 copies from the file's own bits instead of being quantised again.
 
-Dequantising: Q4_0, Q8_0, Q4_K, Q5_K and Q6_K (what llama.cpp's Q4/Q5/Q6/Q8 files hold their experts in)
+Dequantising: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q4/Q5/Q6/Q8 and gpt-oss files hold
+their experts in)
 are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
 type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
 
@@ -20,7 +21,8 @@ import torch
 
 from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 
-Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = 2, 8, 12, 13, 14  # ggml type ids (gguf.GGMLQuantizationType)
+Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 8, 12, 13, 14, 39  # ggml type ids (gguf.GGMLQuantizationType)
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1, doubled (ggml's kvalues_mxfp4)
 GROUP = 32
 
 
@@ -94,6 +96,19 @@ def q6_k(t: torch.Tensor) -> torch.Tensor:
     return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
 
 
+def mxfp4(t: torch.Tensor) -> torch.Tensor:
+    """ggml's MXFP4 (gpt-oss GGUFs): per 32 values an E8M0 exponent byte, then 16 bytes of E2M1 nibbles (low
+    nibbles the first 16 values). The table is doubled, so the scale is half of 2^(e−127), built from its
+    float32 bits as ggml_e8m0_to_fp32_half does (exact on any device)."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 17)
+    e = b[..., 0].to(torch.int32)
+    d = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
+    u = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), -1).long()
+    w = torch.tensor(MXFP4_VALUES, dtype=torch.float32, device=t.device)[u]
+    return w.mul_(d[..., None]).reshape(rows, -1)
+
+
 def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
     """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
     llama.cpp's, so a float32 engine runs the file's exact values. In place after the one float32 buffer:
@@ -111,6 +126,8 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
         w = q5_k(t)
     elif qtype == Q6_K:
         w = q6_k(t)
+    elif qtype == MXFP4:
+        w = mxfp4(t)
     else:
         from gguf import GGMLQuantizationType, quants
         w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)

@@ -277,7 +277,7 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
         main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "F16"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "Q5_0", "F16"])
 def test_torch_dequantisers_equal_gguf_py(qtype):
     """The block formats unpacked with torch ops (on any device) give gguf-py's values; others fall back to it."""
     import gguf
@@ -291,6 +291,8 @@ def test_torch_dequantisers_equal_gguf_py(qtype):
         blocks = _random_blocks(w.shape, q, 1)
     else:
         blocks = gguf.quants.quantize(w, q) if qtype != "F16" else w.astype(np.float16).view(np.uint8)
+    if qtype == "MXFP4":  # every exponent byte, the two subnormal ones (0, 1) included
+        blocks.reshape(64, -1, 17)[..., 0] = np.arange(blocks.size // 17).reshape(64, -1) % 160
     want = torch.from_numpy(gguf.quants.dequantize(blocks, q).reshape(64, 512))
     got = dequantize(torch.from_numpy(np.ascontiguousarray(blocks)), int(q))
     assert got.shape == want.shape and got.dtype == torch.float32
