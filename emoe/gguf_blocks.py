@@ -1,7 +1,7 @@
 """GGUF block formats in torch: dequantised on whatever device the bytes are on, and repacked into low-bit
 copies from the file's own bits instead of being quantised again.
 
-Dequantising: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q4/Q5/Q6/Q8 and gpt-oss files hold
+Dequantising: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q4/Q5/Q6/Q8 and gpt-oss files hold
 their experts in)
 are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
 type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
@@ -21,7 +21,7 @@ import torch
 
 from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 
-Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 8, 12, 13, 14, 39  # ggml type ids (gguf.GGMLQuantizationType)
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 8, 12, 13, 14, 39  # ggml type ids (gguf.GGMLQuantizationType)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1, doubled (ggml's kvalues_mxfp4)
 GROUP = 32
 
@@ -116,6 +116,10 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     if qtype == Q4_0:
         b = t.reshape(t.shape[0], -1, 18)
         w = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float().sub_(8).mul_(_half(b, 0).float()[..., None])
+    elif qtype == Q4_1:  # fp16 d and m, then 16 bytes of nibbles: d·u + m
+        b = t.reshape(t.shape[0], -1, 20)
+        w = torch.cat((b[..., 4:] & 0x0F, b[..., 4:] >> 4), -1).float().mul_(_half(b, 0).float()[..., None])
+        w.add_(_half(b, 2).float()[..., None])
     elif qtype == Q8_0:
         b = t.reshape(t.shape[0], -1, 34)
         w = b[..., 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0).float()[..., None])

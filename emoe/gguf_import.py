@@ -35,11 +35,12 @@ GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight"
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 FUSED = "ffn_gate_up_exps"  # newer converters may stack gate and up: [E, 2I, H], gate rows first
 OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")  # early Mixtral files: one per expert
-# tokenizer.ggml.pre → the split regex of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
+# tokenizer.ggml.pre → the split regex(es) of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",
        "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
+       "smollm": (r"\p{N}", GPT2),  # digits one by one, then GPT-2's rule (llama.cpp applies them in turn)
        # o200k (gpt-oss)
        "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -168,7 +169,8 @@ class GGUFModel:
             if pre not in PRE:
                 raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
             tok = Tokenizer(models.BPE(vocab, merges))
-            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE[pre]), "isolated"),
+            rules = (PRE[pre],) if isinstance(PRE[pre], str) else PRE[pre]
+            tok.pre_tokenizer = pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), "isolated") for r in rules),
                                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             tok.decoder = decoders.ByteLevel()
             special = (CONTROL,)

@@ -39,7 +39,7 @@ def main() -> None:
     Q = gguf.GGMLQuantizationType
     print(f"{a.rows}x{a.cols}, {torch.get_num_threads()} torch threads, best of {a.repeats}")
     print(f"{'type':6} {'gguf-py ms':>10} {'torch ms':>9} {'ratio':>6}  equal")
-    for q in (Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4):
+    for q in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4):
         shape = (a.rows, a.cols)
         b = _random_blocks(shape, q, 0) if q in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else \
             gguf.quants.quantize(np.random.default_rng(0).standard_normal(shape).astype(np.float32), q)

@@ -277,7 +277,7 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
         main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "Q5_0", "F16"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "Q5_0", "F16"])
 def test_torch_dequantisers_equal_gguf_py(qtype):
     """The block formats unpacked with torch ops (on any device) give gguf-py's values; others fall back to it."""
     import gguf
