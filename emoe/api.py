@@ -72,6 +72,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = None                 # rendered by the chat template; calls parsed (tools.py)
+    tool_choice: str | dict | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -81,11 +83,23 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # rendered through the chat template
+    tools: list[dict] | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
+
+
+def template_message(m: ChatMessage) -> dict:
+    """A message as the chat template reads it: role and text, and an assistant's tool_calls or a tool
+    result's tool_call_id and name where the client sent them."""
+    d = {"role": m.role, "content": _text_of(m)}
+    for k in ("tool_calls", "tool_call_id", "name"):
+        v = getattr(m, k, None)
+        if v is not None:
+            d[k] = v
+    return d
 
 
 def _text_of(m: ChatMessage) -> str:

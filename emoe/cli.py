@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
                     help="default SLO of a task's requests (repeatable; TASK 'default' for requests of no known "
                     "task); a request's own ttft_ms/tpot_ms win. Built-in table: emoe.scheduler.DEFAULT_SLOS")
+    se.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "none"],
+                    help="how chat answers' tool calls are read (OpenAI `tools`): hermes, <tool_call> blocks "
+                    "(Qwen2.5/3, Hermes); auto: hermes when the chat template writes that tag; none: refuse tools")
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(fn=cmd_serve)
     return ap

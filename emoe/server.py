@@ -22,12 +22,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (MAX_N, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                  _Common, _error, _text_of)
+                  _Common, _error, template_message)
 from .datasets import TASKS
 from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
 from .scheduler import DEFAULT_SLOS
 from .serving import EngineLoop, Job, QueueFull, ShuttingDown
+from .tools import ToolError, ToolStream, check_tools, parser_for, template_messages
 
 
 def serve_threads(n: int | None) -> int:
@@ -43,9 +44,11 @@ def serve_threads(n: int | None) -> int:
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, extractor=None,
-               default_slos: dict | None = None, shutdown_grace_s: float = 30.0) -> FastAPI:
-    """default_slos: task → (ttft_ms, tpot_ms); the None key is the default for an unknown task."""
+               default_slos: dict | None = None, shutdown_grace_s: float = 30.0, tool_parser: str = "auto") -> FastAPI:
+    """default_slos: task → (ttft_ms, tpot_ms); the None key is the default for an unknown task.
+    tool_parser: how tool calls are read out of chat answers (tools.py; auto: by the chat template)."""
     eng = loop.engine
+    parser = parser_for(tool_parser, eng.codec.template)
     slos = {**DEFAULT_SLOS, **(default_slos or {})}
     known_tasks = tuple(extractor.known_tasks) if extractor is not None else \
         tuple(dict.fromkeys([*TASKS, *(t for t in slos if t)]))
@@ -100,7 +103,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if not 1 <= body.n <= MAX_N or (body.n > 1 and body.stream):
             raise APIError(400, f"n must be in 1..{MAX_N}, and 1 when streaming", param="n")
 
-    def make_job(body: _Common, prompt, task_text: str, chat: bool, sample: int = 0) -> Job:
+    def make_job(body: _Common, prompt, task_text: str, chat: bool, sample: int = 0, tools=None) -> Job:
         """sample: which of the n answers to one prompt (a given seed is offset by it)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
@@ -144,7 +147,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
-            req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex)
+            req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex, tools=tools)
         except ValueError as e:
             code = "context_length_exceeded" if "tokens" in str(e) else None
             raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
@@ -325,23 +328,43 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": _text_of(m)} for m in body.messages]
+        messages = template_messages([template_message(m) for m in body.messages])
         users = [m["content"] for m in messages if m["role"] == "user"]
         check_n(body)
-        jobs = [make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True, sample=i)
-                for i in range(body.n)]
+        try:
+            tools = check_tools(body.tools, body.tool_choice, parser)
+        except ToolError as e:
+            raise APIError(400, str(e), param="tools" if parser is None else "tool_choice") from None
+        jobs = [make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True, sample=i,
+                         tools=tools) for i in range(body.n)]
         submit_all(jobs)
         job = jobs[0]
         rid = f"chatcmpl-{job.req.id}"
         if body.stream:
+            held = ToolStream(parser) if tools else None  # a tool call is held back and sent whole at the end
+
             def chunk(text, reason, lps, first=False):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if first:
+                    return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}
+                text = held.feed(text) if held and text else text
+                delta = {"content": text} if text else {}
+                if held and reason is not None:
+                    rest, calls = held.finish()
+                    delta = {"content": rest} if rest else {}
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                        reason = "tool_calls" if reason == "stop" else reason
                 return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "chat.completion.chunk", inc, chunk)
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                    "logprobs": answer_logprobs(j, True), "finish_reason": reason}
-                   for i, (j, text, reason) in enumerate(await answers(request, jobs))]
+
+        def choice(i: int, j: Job, text: str, reason: str) -> dict:
+            content, calls = parser.parse(text) if tools else (text, [])
+            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            return {"index": i, "message": message, "logprobs": answer_logprobs(j, True),
+                    "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
+        choices = [choice(i, j, text, reason) for i, (j, text, reason) in enumerate(await answers(request, jobs))]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage_of(jobs, body.n)}
 
@@ -351,7 +374,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else eng.codec.apply_chat(
-            [{"role": m.role, "content": _text_of(m)} for m in body.messages])
+            template_messages([template_message(m) for m in body.messages]), body.tools)
         ids = eng.codec.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_len}
 

@@ -25,8 +25,11 @@ MAX_BATCH = 4
 
 
 @contextlib.contextmanager
-def serve(tiny_mixtral, api_key=KEY, max_waiting=8, scheduler="task-aware", grace=10.0):
+def serve(tiny_mixtral, api_key=KEY, max_waiting=8, scheduler="task-aware", grace=10.0, prepare=None):
+    """prepare(engine): a change to the engine before the app is made (e.g. another chat template)."""
     eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, max_batch=MAX_BATCH, prefix_reuse=True))  # as `serve`
+    if prepare is not None:
+        prepare(eng)
     loop = EngineLoop(eng, scheduler, max_waiting=max_waiting)
     app = create_app(loop, "tiny", api_key, shutdown_grace_s=grace)
     import uvicorn
