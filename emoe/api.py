@@ -74,6 +74,7 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict] | None = None                 # rendered by the chat template; calls parsed (tools.py)
     tool_choice: str | dict | None = None
+    chat_template_kwargs: dict | None = None        # vLLM's: the template's own switches (enable_thinking)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -84,6 +85,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # rendered through the chat template
     tools: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
 
 
 class DetokenizeRequest(BaseModel):

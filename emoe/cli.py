@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "none"],
                     help="how chat answers' tool calls are read (OpenAI `tools`): hermes, <tool_call> blocks "
                     "(Qwen2.5/3, Hermes); auto: hermes when the chat template writes that tag; none: refuse tools")
+    se.add_argument("--reasoning-parser", default="auto", choices=["auto", "think", "none"],
+                    help="a thinking model's <think>…</think> goes to the message's reasoning_content (Qwen3, QwQ, "
+                    "DeepSeek-R1); auto: when the chat template writes </think>")
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(fn=cmd_serve)
     return ap

@@ -313,7 +313,7 @@ def cmd_serve(args) -> None:
                       max_waiting=args.max_waiting, token_budget=args.token_budget, metrics=Metrics(served),
                       interleave=args.prefill_interleave)
     app = create_app(loop, served, args.api_key, extractor, default_slos=dict(args.slo or []),
-                     shutdown_grace_s=args.grace, tool_parser=args.tool_call_parser)
+                     shutdown_grace_s=args.grace, tool_parser=args.tool_call_parser, reasoning=args.reasoning_parser)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: new requests get 503 while in-flight ones finish

@@ -163,15 +163,16 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
     def make_request(self, prompt: str | list[dict] | list[int], params: SamplingParams, task: str | None = None,
-                     chat: bool = True, request_id: str | None = None, tools: list[dict] | None = None) -> Request:
-        """prompt: text (wrapped in the chat template with chat), chat messages (rendered with `tools`, if
-        any), or token ids as they are."""
+                     chat: bool = True, request_id: str | None = None, tools: list[dict] | None = None,
+                     template_kwargs: dict | None = None) -> Request:
+        """prompt: text (wrapped in the chat template with chat), chat messages (rendered with `tools` and
+        the template's `template_kwargs`, if any), or token ids as they are."""
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if not all(0 <= t < self.cfg.vocab_size for t in prompt):
                 raise ValueError(f"prompt token ids must lie in 0..{self.cfg.vocab_size - 1}")
             ids = list(prompt)
         elif isinstance(prompt, list):
-            ids = self.codec.encode(self.codec.apply_chat(prompt, tools))
+            ids = self.codec.encode(self.codec.apply_chat(prompt, tools, template_kwargs))
         else:
             ids = self.codec.encode(self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
         if not ids:

@@ -28,7 +28,9 @@ from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
 from .scheduler import DEFAULT_SLOS
 from .serving import EngineLoop, Job, QueueFull, ShuttingDown
-from .tools import ToolError, ToolStream, check_tools, parser_for, template_messages
+from .reasoning import ChatAnswer
+from .reasoning import parser_for as reasoning_parser
+from .tools import ToolError, check_tools, parser_for, template_messages
 
 
 def serve_threads(n: int | None) -> int:
@@ -44,11 +46,14 @@ def serve_threads(n: int | None) -> int:
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, extractor=None,
-               default_slos: dict | None = None, shutdown_grace_s: float = 30.0, tool_parser: str = "auto") -> FastAPI:
+               default_slos: dict | None = None, shutdown_grace_s: float = 30.0, tool_parser: str = "auto",
+               reasoning: str = "auto") -> FastAPI:
     """default_slos: task → (ttft_ms, tpot_ms); the None key is the default for an unknown task.
-    tool_parser: how tool calls are read out of chat answers (tools.py; auto: by the chat template)."""
+    tool_parser, reasoning: how tool calls and reasoning are read out of chat answers (tools.py,
+    reasoning.py; auto: by what the chat template writes)."""
     eng = loop.engine
     parser = parser_for(tool_parser, eng.codec.template)
+    reasoner = reasoning_parser(reasoning, eng.codec.template)
     slos = {**DEFAULT_SLOS, **(default_slos or {})}
     known_tasks = tuple(extractor.known_tasks) if extractor is not None else \
         tuple(dict.fromkeys([*TASKS, *(t for t in slos if t)]))
@@ -147,7 +152,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
-            req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex, tools=tools)
+            req = eng.make_request(prompt, params, task, chat=chat, request_id=uuid.uuid4().hex, tools=tools,
+                                   template_kwargs=template_kwargs(body))
         except ValueError as e:
             code = "context_length_exceeded" if "tokens" in str(e) else None
             raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
@@ -159,6 +165,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         req.params.max_tokens = min(max_tokens, room)
         return Job(req, (body.ttft_ms or ttft_ms) / 1e3, (body.tpot_ms or tpot_ms) / 1e3,
                    queue=asyncio.Queue(), aloop=asyncio.get_running_loop())
+
+    def template_kwargs(body) -> dict | None:
+        kw = getattr(body, "chat_template_kwargs", None)
+        taken = sorted(set(kw or {}) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+        if taken:
+            raise APIError(400, f"chat_template_kwargs may not set {taken}", param="chat_template_kwargs")
+        return kw
 
     def submit(job: Job) -> None:
         try:
@@ -340,30 +353,23 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         submit_all(jobs)
         job = jobs[0]
         rid = f"chatcmpl-{job.req.id}"
+        def shaper(j: Job) -> ChatAnswer:  # reasoning and tool calls out of the answer's text
+            return ChatAnswer(reasoner, parser, tools, eng.codec.decode(j.req.prompt_ids[-8:]))
         if body.stream:
-            held = ToolStream(parser) if tools else None  # a tool call is held back and sent whole at the end
+            shape = shaper(job)
 
             def chunk(text, reason, lps, first=False):
                 if first:
                     return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}
-                text = held.feed(text) if held and text else text
-                delta = {"content": text} if text else {}
-                if held and reason is not None:
-                    rest, calls = held.finish()
-                    delta = {"content": rest} if rest else {}
-                    if calls:
-                        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
-                        reason = "tool_calls" if reason == "stop" else reason
+                delta, reason = shape.delta(text, reason)
                 return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
             inc = bool(body.stream_options and body.stream_options.include_usage)
             return stream(job, rid, "chat.completion.chunk", inc, chunk)
 
         def choice(i: int, j: Job, text: str, reason: str) -> dict:
-            content, calls = parser.parse(text) if tools else (text, [])
-            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-            return {"index": i, "message": message, "logprobs": answer_logprobs(j, True),
-                    "finish_reason": "tool_calls" if calls and reason == "stop" else reason}
+            message, reason = shaper(j).message(text, reason)
+            return {"index": i, "message": message, "logprobs": answer_logprobs(j, True), "finish_reason": reason}
         choices = [choice(i, j, text, reason) for i, (j, text, reason) in enumerate(await answers(request, jobs))]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage_of(jobs, body.n)}
@@ -374,7 +380,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else eng.codec.apply_chat(
-            template_messages([template_message(m) for m in body.messages]), body.tools)
+            template_messages([template_message(m) for m in body.messages]), body.tools, template_kwargs(body))
         ids = eng.codec.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_len}
 

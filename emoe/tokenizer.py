@@ -43,9 +43,10 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """Render messages (and tools, for templates that take them) with the checkpoint's template; without
-        one, plain role-prefixed text."""
+    def apply_chat(self, messages: list[dict], tools: list[dict] | None = None, kwargs: dict | None = None) -> str:
+        """Render messages (and tools, for templates that take them) with the checkpoint's template; kwargs:
+        the template's own switches (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking). Without a
+        template, plain role-prefixed text."""
         if not self.template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         from datetime import datetime
@@ -57,7 +58,7 @@ class TextCodec:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # gpt-oss, Llama-style templates
         env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # no HTML escaping
-        extra = {"tools": tools} if tools else {}  # templates test `tools is defined` as often as truth
+        extra = {**(kwargs or {}), **({"tools": tools} if tools else {})}  # templates test `tools is defined`
         return env.from_string(self.template).render(
             messages=messages, add_generation_prompt=True, **extra,
             bos_token=self._token_str(self.cfg.get("bos_token")) or "",
