@@ -93,6 +93,15 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+def template_kwargs(body) -> dict | None:
+    """A request's chat_template_kwargs, refused where they would set what the server renders itself."""
+    kw = getattr(body, "chat_template_kwargs", None)
+    taken = sorted(set(kw or {}) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {taken}", param="chat_template_kwargs")
+    return kw
+
+
 def template_message(m: ChatMessage) -> dict:
     """A message as the chat template reads it: role and text, and an assistant's tool_calls or a tool
     result's tool_call_id and name where the client sent them."""

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (MAX_N, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                  _Common, _error, template_message)
+                  _Common, _error, template_kwargs, template_message)
 from .datasets import TASKS
 from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
@@ -165,13 +165,6 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         req.params.max_tokens = min(max_tokens, room)
         return Job(req, (body.ttft_ms or ttft_ms) / 1e3, (body.tpot_ms or tpot_ms) / 1e3,
                    queue=asyncio.Queue(), aloop=asyncio.get_running_loop())
-
-    def template_kwargs(body) -> dict | None:
-        kw = getattr(body, "chat_template_kwargs", None)
-        taken = sorted(set(kw or {}) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
-        if taken:
-            raise APIError(400, f"chat_template_kwargs may not set {taken}", param="chat_template_kwargs")
-        return kw
 
     def submit(job: Job) -> None:
         try:
