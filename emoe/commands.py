@@ -130,7 +130,8 @@ def cmd_import_gguf(args) -> None:
     c = ck.config
     print(f"{out}: {c.family}, {c.num_layers} layers, {len(ck.experts)} experts of {ck.expert_nbytes / 2**20:.2f} MiB "
           f"packed in {len(json.loads((out / 'gguf.json').read_text())['files'])} GGUF file(s); dense tensors "
-          f"{(out / 'dense.safetensors').stat().st_size / 2**20:.1f} MiB; {time.perf_counter() - t0:.1f} s. "
+          f"{sum(f.stat().st_size for f in out.glob('dense-*.safetensors')) / 2**20:.1f} MiB; "
+          f"{time.perf_counter() - t0:.1f} s. "
           f"Serve it with `emoe serve --model {out}`")
 
 

@@ -2,7 +2,7 @@
 
 `emoe import-gguf FILE --out DIR` writes config.json, tokenizer.json, tokenizer_config.json (chat
 template), generation_config.json and the dense tensors (attention, norms, routers, shared experts,
-embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense.safetensors, and DIR/gguf.json,
+embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense-*.safetensors, and DIR/gguf.json,
 which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
 itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
 O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
@@ -205,11 +205,21 @@ class GGUFModel:
         keys = ("eos_token_id", "eot_token_id", "eom_token_id")
         return sorted({self.meta[f"tokenizer.ggml.{k}"] for k in keys if self.meta.get(f"tokenizer.ggml.{k}") is not None})
 
-    def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Every tensor but the routed experts, under its Hugging Face name, dequantised: to `dtype` where
-        the file quantised it, as stored where it is a float tensor."""
+    def _router(self) -> str:
+        return {"llama": "block_sparse_moe.gate", "gpt-oss": "mlp.router"}.get(self.arch, "mlp.gate")
+
+    def check_names(self) -> None:
+        """Every tensor is an expert's or has a Hugging Face name (checked before anything is written)."""
+        for name in self.tensors:
+            if _hf_name(name, self._router()) is None and not re.fullmatch(r"blk\.\d+\.ffn_\w+_exps\.bias", name) \
+                    and name.split(".")[2 if name.startswith("blk.") else 0] not in (*EXPERTS, FUSED) \
+                    and not OLD_EXPERT.fullmatch(name) and name != "rope_freqs.weight":
+                raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
+
+    def dense(self, dtype: torch.dtype):
+        """(Hugging Face name, tensor) for every tensor but the routed experts, one at a time, dequantised:
+        to `dtype` where the file quantised it, as stored where it is a float tensor."""
         import gguf
-        out = {}
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
@@ -219,12 +229,9 @@ class GGUFModel:
                 biases[(int(m.group(1)), m.group(2))] = torch.from_numpy(np.array(gguf.quants.dequantize(
                     t.data, t.tensor_type))).float()
                 continue
-            hf = _hf_name(name, {"llama": "block_sparse_moe.gate", "gpt-oss": "mlp.router"}.get(self.arch, "mlp.gate"))
-            if hf is None:
-                if name.split(".")[2 if name.startswith("blk.") else 0] in (*EXPERTS, FUSED) \
-                        or OLD_EXPERT.fullmatch(name) or name == "rope_freqs.weight":
-                    continue
-                raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
+            hf = _hf_name(name, self._router())
+            if hf is None:  # an expert's (check_names has refused anything else)
+                continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
             if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                      gguf.GGMLQuantizationType.BF16):
@@ -234,15 +241,14 @@ class GGUFModel:
             kind = name.split(".")[2] if name.startswith("blk.") else ""
             if self.arch == "llama" and kind in heads and name.endswith(".weight"):
                 w = _unpermute(w, heads[kind])
-            out[hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf] = w.contiguous()
-        for layer in {k[0] for k in biases}:  # transformers' gpt-oss: [E, 2I] with gate and up interleaved
+            yield hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf, w.contiguous()
+        for layer in sorted({k[0] for k in biases}):  # transformers' gpt-oss: [E, 2I], gate and up interleaved
             gate_up = biases.get((layer, FUSED))
             gate, up = gate_up.chunk(2, -1) if gate_up is not None else (biases[(layer, "ffn_gate_exps")],
                                                                          biases[(layer, "ffn_up_exps")])
             pre = f"model.layers.{layer}.mlp.experts"
-            out[f"{pre}.gate_up_proj_bias"] = torch.stack((gate, up), -1).flatten(-2).contiguous()
-            out[f"{pre}.down_proj_bias"] = biases[(layer, "ffn_down_exps")].contiguous()
-        return out
+            yield f"{pre}.gate_up_proj_bias", torch.stack((gate, up), -1).flatten(-2).contiguous()
+            yield f"{pre}.down_proj_bias", biases[(layer, "ffn_down_exps")].contiguous()
 
     def expert_tensor(self, layer: int, kind: str):
         """(file, gguf-py tensor) of one stacked expert tensor [E, rows, packed row bytes]."""
@@ -283,16 +289,34 @@ def _hf_name(name: str, router: str = "mlp.gate") -> str | None:
     return None
 
 
-def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the model folder for a GGUF file (see the module docstring); returns it."""
+def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16,
+                shard_bytes: int = 2 << 30) -> Path:
+    """Write the model folder for a GGUF file (see the module docstring); returns it. The dense tensors go
+    out in shards of about shard_bytes, so a 235B model's (~16 GB) never sit in memory at once."""
     from safetensors.torch import save_file
     model, out = GGUFModel(path), Path(out)
-    cfg, tok = model.config(), model.tokenizer()  # both checked before anything is written
+    cfg, tok = model.config(), model.tokenizer()  # checked, with every tensor's name, before anything is written
+    model.check_names()
     if out.exists() and any(out.iterdir()) and not (out / "gguf.json").is_file():
         raise GGUFError(f"{out} exists and is not an emoe GGUF import; choose an empty or new folder")
-    dense = model.dense(dtype)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(dense, str(out / "dense.safetensors"), metadata={"format": "pt", "source": model.files[0].name})
+    for old in [*out.glob("dense*.safetensors"), out / "gguf.json"]:  # an earlier import's, if any
+        old.unlink(missing_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    n = 0
+
+    def flush() -> None:
+        nonlocal n
+        if shard:
+            n += 1
+            save_file(shard, str(out / f"dense-{n:05d}.safetensors"), metadata={"format": "pt",
+                                                                               "source": model.files[0].name})
+            shard.clear()
+    for name, w in model.dense(dtype):
+        shard[name] = w
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= shard_bytes:
+            flush()
+    flush()
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "tokenizer.json").write_text(tok.to_str())
     (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config(), indent=2, ensure_ascii=False))

@@ -155,7 +155,7 @@ def test_experts_are_read_packed_from_the_gguf_and_match_transformers(imported):
     ck = Checkpoint(out)
     assert {p.path for locs in ck.experts.values() for p in locs.parts()} == {str(gguf.resolve())}
     assert not any("experts" in n for n in ck.tensors)  # nothing of the experts was copied out
-    assert (out / "dense.safetensors").stat().st_size < gguf.stat().st_size
+    assert sum(f.stat().st_size for f in out.glob("dense-*.safetensors")) < gguf.stat().st_size
     _, sd = transformers_reference(hf, gguf)
     from emoe.store import DiskStore, RamStore
     for store in (DiskStore(ck), RamStore(ck)):
@@ -175,6 +175,19 @@ def test_experts_are_read_packed_from_the_gguf_and_match_transformers(imported):
 def test_logits_match_transformers_reading_the_same_gguf(imported):
     hf, gguf, out = imported
     assert_same_logits(out, transformers_reference(hf, gguf)[0])
+
+
+def test_dense_tensors_are_written_in_shards_and_a_reimport_replaces_them(imported, tmp_path):
+    hf, gguf, out = imported
+    small = import_gguf(gguf, tmp_path / "small", dtype=torch.float32, shard_bytes=1 << 20)
+    shards = sorted(small.glob("dense-*.safetensors"))
+    assert len(shards) > 2
+    a, b = Checkpoint(out).dense_state(), Checkpoint(small).dense_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import_gguf(gguf, small, dtype=torch.float32)  # the same folder again: one shard, none left over
+    assert [f.name for f in small.glob("dense-*.safetensors")] == ["dense-00001.safetensors"]
+    b = Checkpoint(small).dense_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_split_gguf_imports_from_its_first_shard_as_the_whole_file(imported, tmp_path):
