@@ -6,9 +6,9 @@ embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense-*.safete
 which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
 itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
 O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
-Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral and gpt-oss (llama.cpp's
-qwen2moe / qwen3moe / olmoe / gpt-oss, and llama with experts; stacked, fused gate/up, or the early
-one-tensor-per-expert layout) with any quantisation gguf-py reads.
+Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, gpt-oss and DeepSeek-V3/R1
+(llama.cpp's qwen2moe / qwen3moe / olmoe / gpt-oss / deepseek2, and llama with experts; stacked, fused
+gate/up, or the early one-tensor-per-expert layout) with any quantisation gguf-py reads.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 
 FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
-ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss"}
+ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
+         "deepseek2": "deepseek_v3"}  # deepseek2: deepseek_v2 where the gating is softmax (config())
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
@@ -29,7 +30,11 @@ LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
          "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
          "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-         "attn_sinks": "self_attn.sinks", "post_attention_norm": "post_attention_layernorm"}
+         "attn_sinks": "self_attn.sinks", "post_attention_norm": "post_attention_layernorm",
+         "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+         "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+         "attn_kv_b": "self_attn.kv_b_proj"}
+FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: kept as stored; quantised dense tensors go to the import's dtype
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -41,6 +46,10 @@ PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"|\s+(?!\S)|\s+",
        "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
        "smollm": (r"\p{N}", GPT2),  # digits one by one, then GPT-2's rule (llama.cpp applies them in turn)
+       # DeepSeek-V3/R1, Kimi: digits in threes, CJK runs, then words and punctuation (llama-vocab.cpp's list)
+       "deepseek-v3": (r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
+                       r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                       r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
        # o200k (gpt-oss)
        "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -135,7 +144,9 @@ class GGUFModel:
         elif scaling != "none":
             raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
-        if self.arch == "gpt-oss":  # every other layer windowed, from the first; clamped SwiGLU (7.0, 1.702)
+        if self.arch == "deepseek2":
+            self._deepseek(cfg, moe)
+        elif self.arch == "gpt-oss":  # every other layer windowed, from the first; clamped SwiGLU (7.0, 1.702)
             cfg.update(num_local_experts=cfg.pop("num_experts"), attention_bias=True,
                        head_dim=self.get("attention.key_length", hidden // heads),
                        sliding_window=self.need("attention.sliding_window"),
@@ -153,6 +164,31 @@ class GGUFModel:
             cfg.update(norm_topk_prob=False, qkv_bias=bias,
                        shared_expert_intermediate_size=self.get("expert_shared_feed_forward_length", 0))
         return cfg
+
+    def _deepseek(self, cfg: dict, moe: list[int]) -> None:
+        """DeepSeek-V2/V3 from llama.cpp's deepseek2 keys. Its converter writes MLA as MQA (one kv head of
+        kv_lora_rank + rope dims); newer files give the per-head sizes as key/value_length_mla."""
+        rank, rope = self.need("attention.kv_lora_rank"), self.need("rope.dimension_count")
+        mla_k = self.get("attention.key_length_mla")
+        key, value = (mla_k, self.need("attention.value_length_mla")) if mla_k else \
+            (self.need("attention.key_length"), self.need("attention.value_length"))
+        sigmoid = self.get("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in self.tensors)
+        groups = int(self.get("expert_group_count") or 1)
+        cfg.update(model_type="deepseek_v3" if sigmoid else "deepseek_v2",
+                   architectures=["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
+                   n_routed_experts=cfg.pop("num_experts"), num_key_value_heads=cfg["num_attention_heads"],
+                   n_shared_experts=self.get("expert_shared_count", 0), first_k_dense_replace=moe[0],
+                   routed_scaling_factor=float(self.get("expert_weights_scale", 1.0)),
+                   norm_topk_prob=bool(self.get("expert_weights_norm", False)),
+                   n_group=groups, topk_group=int(self.get("expert_group_used_count") or 1),
+                   topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if groups > 1 else "greedy",
+                   scoring_func="sigmoid" if sigmoid else "softmax",
+                   q_lora_rank=self.get("attention.q_lora_rank"), kv_lora_rank=rank, qk_rope_head_dim=rope,
+                   qk_nope_head_dim=key - rope, v_head_dim=value, head_dim=rope)
+        log_mul = self.get("rope.scaling.yarn_log_multiplier")
+        if "rope_scaling" in cfg and log_mul:  # the converter writes 0.1·mscale_all_dim; releases set mscale alike
+            cfg["rope_scaling"].update(mscale=10 * float(log_mul), mscale_all_dim=10 * float(log_mul))
+        cfg.pop("mlp_only_layers")
 
     def tokenizer(self):
         """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE, gpt-oss)
@@ -205,13 +241,11 @@ class GGUFModel:
         keys = ("eos_token_id", "eot_token_id", "eom_token_id")
         return sorted({self.meta[f"tokenizer.ggml.{k}"] for k in keys if self.meta.get(f"tokenizer.ggml.{k}") is not None})
 
-    def _router(self) -> str:
-        return {"llama": "block_sparse_moe.gate", "gpt-oss": "mlp.router"}.get(self.arch, "mlp.gate")
-
     def check_names(self) -> None:
         """Every tensor is an expert's or has a Hugging Face name (checked before anything is written)."""
         for name in self.tensors:
-            if _hf_name(name, self._router()) is None and not re.fullmatch(r"blk\.\d+\.ffn_\w+_exps\.bias", name) \
+            if _hf_name(name, self.arch) is None and not re.fullmatch(r"blk\.\d+\.ffn_\w+_exps\.bias", name) \
+                    and not re.fullmatch(r"blk\.\d+\.(attn_k_b|attn_v_b)\.weight", name) \
                     and name.split(".")[2 if name.startswith("blk.") else 0] not in (*EXPERTS, FUSED) \
                     and not OLD_EXPERT.fullmatch(name) and name != "rope_freqs.weight":
                 raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
@@ -223,18 +257,20 @@ class GGUFModel:
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
+        kv_b: dict[tuple[int, str], torch.Tensor] = {}    # DeepSeek's split k_b / v_b, joined below
         for name, (_, t) in self.tensors.items():
-            m = re.fullmatch(r"blk\.(\d+)\.(ffn_\w+_exps)\.bias", name)
+            m = re.fullmatch(r"blk\.(\d+)\.(ffn_\w+_exps\.bias|attn_k_b\.weight|attn_v_b\.weight)", name)
             if m:
-                biases[(int(m.group(1)), m.group(2))] = torch.from_numpy(np.array(gguf.quants.dequantize(
-                    t.data, t.tensor_type))).float()
+                w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).float()
+                if "exps" not in m.group(2) and t.tensor_type not in FLOAT_TYPES:
+                    w = w.to(dtype)
+                (biases if "exps" in m.group(2) else kv_b)[(int(m.group(1)), m.group(2).split(".")[0])] = w
                 continue
-            hf = _hf_name(name, self._router())
+            hf = _hf_name(name, self.arch)
             if hf is None:  # an expert's (check_names has refused anything else)
                 continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
-            if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                     gguf.GGMLQuantizationType.BF16):
+            if t.tensor_type not in FLOAT_TYPES:
                 w = w.to(dtype)
             if hf.endswith("shared_expert_gate.weight"):
                 w = w.reshape(1, -1)  # stored as a vector [H]; transformers' Linear(H, 1)
@@ -242,6 +278,9 @@ class GGUFModel:
             if self.arch == "llama" and kind in heads and name.endswith(".weight"):
                 w = _unpermute(w, heads[kind])
             yield hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf, w.contiguous()
+        for layer in sorted({k[0] for k in kv_b}):  # back to kv_b_proj [heads·(nope + v), rank]
+            k_b, v_b = kv_b[(layer, "attn_k_b")], kv_b[(layer, "attn_v_b")]  # [H, rank, nope], [H, v, rank]
+            yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", torch.cat((k_b.transpose(1, 2), v_b), 1).flatten(0, 1)
         for layer in sorted({k[0] for k in biases}):  # transformers' gpt-oss: [E, 2I], gate and up interleaved
             gate_up = biases.get((layer, FUSED))
             gate, up = gate_up.chunk(2, -1) if gate_up is not None else (biases[(layer, "ffn_gate_exps")],
@@ -271,7 +310,8 @@ def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[s
 
 def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-            "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM"}[model_type]
+            "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+            "deepseek_v2": "DeepseekV2ForCausalLM"}[model_type]
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -279,13 +319,20 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()
 
 
-def _hf_name(name: str, router: str = "mlp.gate") -> str | None:
+# where an architecture names a tensor otherwise than LAYER does
+RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_gate_inp": "mlp.router"},
+           "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                         "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"}}
+
+
+def _hf_name(name: str, arch: str = "") -> str | None:
     if name in GLOBAL:
         return GLOBAL[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in LAYER:
-        hf = router if m.group(2) == "ffn_gate_inp" else LAYER[m.group(2)]
-        return f"model.layers.{m.group(1)}.{hf}.{m.group(3)}"
+    names = {**LAYER, **RENAMED.get(arch, {})}
+    if m and m.group(2) in names:
+        hf = f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+        return hf.replace("e_score_correction.bias", "e_score_correction_bias")  # transformers' spelling
     return None
 
 
@@ -346,7 +393,7 @@ def index_experts(directory: Path, config) -> dict:
         model = GGUFModel(files[0][0])
     except GGUFError as e:
         raise CheckpointError(str(e)) from None
-    if ARCHS[model.arch] != config.family:
+    if model.config()["model_type"] != config.family:
         raise CheckpointError(f"{files[0][0].name} is a {model.arch} model but {directory}/config.json says "
                               f"{config.family}")
     h, i, n = config.hidden_size, config.moe_intermediate_size, config.num_experts

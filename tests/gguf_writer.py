@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss"}
+ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 # tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
 # not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
-MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS"}
+MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS",
+              "deepseek2": "DEEPSEEK2"}
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
@@ -47,11 +49,13 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
                arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False,
-               fuse: bool = False) -> Path:
+               fuse: bool = False, kv_b_whole: bool = False) -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
     (norms, biases and the router stay F32 as llama.cpp keeps them); fuse: gate and up experts stacked in
     one ffn_gate_up_exps tensor, as newer converters may write them. gpt-oss as llama.cpp's GptOssModel
-    writes it: gate/up de-interleaved, expert biases split likewise, sinks as attn_sinks.weight. Mixtral is written as llama.cpp
+    writes it: gate/up de-interleaved, expert biases split likewise, sinks as attn_sinks.weight. DeepSeek as
+    its DeepseekV2Model writes it: MLA as MQA metadata, kv_b split into k_b (transposed) and v_b unless
+    kv_b_whole (older files). Mixtral is written as llama.cpp
     writes it: architecture 'llama', q/k rows permuted for its rotary, a SentencePiece vocabulary with
     scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight)."""
     import gguf
@@ -67,7 +71,8 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    deepseek = cfg["model_type"].startswith("deepseek")
+    w.add_head_count_kv(1 if deepseek else cfg["num_key_value_heads"])  # the converter writes MLA as MQA
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -75,8 +80,10 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    n_experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
     w.add_expert_count(n_experts)
+    if deepseek:
+        _deepseek_keys(w, cfg, rope)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     if cfg["model_type"] == "mixtral":
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -97,7 +104,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_eos_token_id(cfg["eos_token_id"])
     if chat_template:
         w.add_chat_template(chat_template)
-    _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse)
+    _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse, kv_b_whole)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -123,7 +130,8 @@ def _byte_level_tokenizer(w, hf_dir: Path, cfg: dict) -> None:
             tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre({"olmoe": "olmo", "gpt_oss": "gpt-4o"}.get(cfg["model_type"], "qwen2"))
+    w.add_tokenizer_pre({"olmoe": "olmo", "gpt_oss": "gpt-4o", "deepseek_v2": "deepseek-v3",
+                         "deepseek_v3": "deepseek-v3"}.get(cfg["model_type"], "qwen2"))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -165,10 +173,37 @@ def _permute(a: np.ndarray, n_head: int) -> np.ndarray:
     return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
-def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool, fuse: bool) -> None:
+def _deepseek_keys(w, cfg: dict, rope: dict) -> None:
+    """DeepseekV2Model.set_gguf_parameters, with the base class's gating and group keys."""
+    import gguf
+    rank, r = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    w.add_leading_dense_block_count(cfg.get("first_k_dense_replace") or 0)
+    if cfg.get("q_lora_rank"):
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(rank)
+    w.add_key_length(rank + r)
+    w.add_value_length(rank)
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + r)
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
+    w.add_expert_weights_scale(cfg.get("routed_scaling_factor") or 1.0)
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(r)
+    if rope.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    sigmoid = cfg.get("scoring_func", "softmax") == "sigmoid" or cfg["model_type"] == "deepseek_v3"
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    if (cfg.get("n_group") or 1) > 1:
+        w.add_expert_group_count(cfg["n_group"])
+        w.add_expert_group_used_count(cfg["topk_group"])
+
+
+def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool, fuse: bool,
+             kv_b_whole: bool) -> None:
     import gguf
     Q = gguf.GGMLQuantizationType
-    n_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    n_experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
     llama = cfg["model_type"] == "mixtral"
     dense_q = getattr(Q, dense_type)
     # named as the model's own architecture even where general.architecture is overridden (bad-input tests)
@@ -179,7 +214,18 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
         if ".experts." in name:
             continue
         a = t.float().numpy()
-        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if name.endswith("kv_b_proj.weight") and not kv_b_whole:  # DeepseekV2Model.modify_tensors
+            h = cfg["num_key_value_heads"]
+            kv = t.float().view(h, cfg["qk_nope_head_dim"] + cfg["v_head_dim"], t.shape[-1])
+            k_b, v_b = torch.split(kv, [cfg["qk_nope_head_dim"], cfg["v_head_dim"]], dim=1)
+            for part, x in (("k_b_proj", k_b.transpose(1, 2)), ("v_b_proj", v_b)):
+                pname = names.get_name(name.replace("kv_b_proj", part), try_suffixes=(".weight",))
+                w.add_tensor(pname, np.ascontiguousarray(x.numpy()))
+            continue
+        if name.endswith("e_score_correction_bias"):
+            gname = names.get_name(name.removesuffix("_bias")) + ".bias"
+        else:
+            gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gname is not None, name
         if not gname.endswith((".weight", ".bias")):  # gpt-oss's sinks: the converter appends .weight
             gname += ".weight"
