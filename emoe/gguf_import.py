@@ -40,21 +40,6 @@ GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight"
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 FUSED = "ffn_gate_up_exps"  # newer converters may stack gate and up: [E, 2I, H], gate rows first
 OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")  # early Mixtral files: one per expert
-# tokenizer.ggml.pre → the split regex(es) of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
-GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+",
-       "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
-       "smollm": (r"\p{N}", GPT2),  # digits one by one, then GPT-2's rule (llama.cpp applies them in turn)
-       # DeepSeek-V3/R1, Kimi: digits in threes, CJK runs, then words and punctuation (llama-vocab.cpp's list)
-       "deepseek-v3": (r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
-                       r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-                       r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-       # o200k (gpt-oss)
-       "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"}
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # llama.cpp's token types
 
 
 class GGUFError(ValueError):
@@ -191,45 +176,9 @@ class GGUFModel:
         cfg.pop("mlp_only_layers")
 
     def tokenizer(self):
-        """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE, gpt-oss)
-        split as the model's own tokenizer splits (tokenizer.ggml.pre), or SentencePiece BPE ('llama':
-        Mixtral) with byte fallback, its merges recovered from the pieces' scores as transformers does."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-        m = self.meta
-        kind, tokens = m.get("tokenizer.ggml.model"), list(m["tokenizer.ggml.tokens"])
-        types = list(m.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-        vocab = {t: i for i, t in enumerate(tokens)}
-        merges = [tuple(x.split(" ", 1)) for x in m.get("tokenizer.ggml.merges") or []]
-        if kind == "gpt2":
-            pre = m.get("tokenizer.ggml.pre", "default")
-            if pre not in PRE:
-                raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
-            tok = Tokenizer(models.BPE(vocab, merges))
-            rules = (PRE[pre],) if isinstance(PRE[pre], str) else PRE[pre]
-            tok.pre_tokenizer = pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), "isolated") for r in rules),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            tok.decoder = decoders.ByteLevel()
-            special = (CONTROL,)
-        elif kind == "llama":
-            scores = m.get("tokenizer.ggml.scores")
-            if not merges and scores is None:
-                raise GGUFError(f"{self.files[0].name}: a SentencePiece vocabulary with neither merges nor scores")
-            tok = Tokenizer(models.BPE(vocab, merges or _spm_merges(vocab, dict(zip(tokens, scores))),
-                                       fuse_unk=True, byte_fallback=True))
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-            tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(" ", 1, 0)])
-            special = (UNKNOWN, CONTROL)
-        else:
-            raise GGUFError(f"tokenizer type {kind!r} is not supported (emoe imports 'gpt2' and 'llama')")
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, types) if k in special])
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
-        bos = m.get("tokenizer.ggml.bos_token_id")
-        if m.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:  # llama.cpp's default
-            tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
-                                                               special_tokens=[(tokens[bos], bos)])
-        return tok
+        """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries (gguf_vocab)."""
+        from .gguf_vocab import build_tokenizer
+        return build_tokenizer(self.meta, self.files[0].name)
 
     def tokenizer_config(self) -> dict:
         m, tokens = self.meta, self.meta["tokenizer.ggml.tokens"]
@@ -295,17 +244,6 @@ class GGUFModel:
         if name not in self.tensors:
             raise GGUFError(f"{self.files[0].name}: tensor {name} is missing")
         return self.tensors[name]
-
-
-def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """A SentencePiece vocabulary's BPE merges: every split of a piece into two pieces, best score first
-    (transformers' generate_merges, which its GGUF reader uses)."""
-    merges = []
-    for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
-        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
-    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
 
 
 def _class(model_type: str) -> str:
