@@ -30,7 +30,7 @@ def imported(request, tmp_path_factory):
 def transformers_reference(hf, gguf):
     """transformers' model of the HF config, holding the weights transformers' GGUF loader reads."""
     import transformers as tf
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    load_gguf_checkpoint = pytest.importorskip("transformers.modeling_gguf_pytorch_utils").load_gguf_checkpoint
     raw = json.loads((hf / "config.json").read_text())
     cfg = tf.AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
     with torch.device("meta"):
@@ -124,7 +124,8 @@ def test_gpt_oss_files_fused_experts_mxfp4_and_o200k_split(tmp_path):
             for kw in (dict(miss_policy="all"), dict(miss_policy="load", budget=0.4, experts_on="ram"))]
     assert outs[0] == outs[1]
     # transformers' own conversion of the file's vocabulary (its config reader has no gpt-oss GGUF support)
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    conv = pytest.importorskip("transformers.integrations.gguf", reason="transformers without its GGUF tokenizer")
+    convert_gguf_tokenizer, get_gguf_tokenizer = conv.convert_gguf_tokenizer, conv.get_gguf_tokenizer
     arch, vocab, _ = get_gguf_tokenizer(str(tmp_path / "m.gguf"))
     ref = convert_gguf_tokenizer(arch, vocab)[0]
     mine = Tokenizer.from_file(str(mx / "tokenizer.json"))
