@@ -20,7 +20,7 @@ from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
 from .policies import AllResident, Auto, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
 from .profile import Profile
-from .residency import EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
+from .residency import ByLayer, EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
 
 POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "pregated",
             "emoe-a", "emoe-l", "emoe-e")
@@ -29,7 +29,8 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # Any reroute-based policy with a -q4 / -q8 / -q48 suffix serves misses from low-bit shadow copies
 # instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
 EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
-         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48")
+         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
+         "layers-host")  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
 # the residency plan only decides how much expert work the fast device does. -auto loads the misses that
@@ -86,6 +87,7 @@ def build(name: str, s: Setup):
         "lru": lambda: (LoadOnDemand(), None),
         "oracle": lambda: (Reroute(), lambda cap: Hindsight(prof, cap, s.routing)),
         "moe-infinity": lambda: (Reroute(), lambda cap: MoEInfinity(prof, cap)),
+        "layers": lambda: (Reroute(), lambda cap: ByLayer(prof, cap)),  # llama.cpp --n-cpu-moe; with -host
         "pregated": lambda: (PreGated(), lambda cap: Popular(prof, cap)),
         "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
         "emoe-l": lambda: (Reroute(), emoe("l", s.p, "emoe-l")),

@@ -174,6 +174,19 @@ class EMoE(TaskAware):
             self.cover_avg[req.task] = 0.8 * avg + 0.2 * cover
 
 
+class ByLayer(_Base):
+    """Baseline: llama.cpp's `--n-cpu-moe N` placement. Whole layers' experts sit in the fast tier, the last
+    layers first, as many as the budget holds; the first N layers' experts stay in the slow tier, where
+    (with -host) their tokens run. Fixed, and blind to which experts are used."""
+    name = "layers"
+
+    def initial(self):
+        per = len(self.popular[0]) if len(self.popular) else 0
+        whole = self.capacity // max(1, per)
+        fast = set(self.layers[len(self.layers) - whole:]) if whole else set()
+        return {l: list(range(per)) if l in fast else [] for l in self.layers}
+
+
 class MoEInfinity(_Base):
     """MoE-Infinity style: match each new request's observed (prefill) expert-activation matrix against
     the stored traces by cosine, and make the best matches' full activation the residency for decode."""

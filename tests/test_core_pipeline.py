@@ -141,3 +141,31 @@ def test_eval_reference_under_a_budget_is_the_all_resident_one(profile_dir, tiny
     for a, b in zip(full, tight):
         assert (a["similarity"], a["token_agreement"]) == (b["similarity"], b["token_agreement"])
     assert tight[1]["token_agreement"] == 1.0  # host misses: the model's own tokens
+
+
+@CPU_EXACT
+def test_layer_placement_is_llama_cpp_n_cpu_moe(profile_dir, tiny_mixtral, one_thread):
+    """`layers`: whole layers' experts in the fast tier, the last first, as many as fit (llama.cpp's
+    --n-cpu-moe); with -host the output is the model's own, and only those layers' tokens hit. Rerouting
+    needs a resident expert in every layer, so `layers` alone is refused."""
+    from emoe.engine import BudgetError, Engine, EngineConfig, SamplingParams
+    from emoe.eval import Setup, build
+    from emoe.residency import ByLayer
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    E, layers = prof.popular().shape[1], list(prof.moe_layers)
+    plan = ByLayer(prof, int(1.6 * E)).initial()
+    assert plan[layers[-1]] == list(range(E)) and all(plan[l] == [] for l in layers[:-1])
+    assert all(v == [] for v in ByLayer(prof, E - 1).initial().values())
+    policy, residency = build("layers-host", Setup(prof, {}))
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy=policy.name, trace=True), policy=policy,
+                 residency=residency)
+    reqs = eng.generate(["Summarize: the cat sat on the mat.", "hi"], SamplingParams(max_tokens=4, ignore_eos=True))
+    ref = Engine(EngineConfig(str(tiny_mixtral), miss_policy="all")).generate(
+        ["Summarize: the cat sat on the mat.", "hi"], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in ref]
+    fast = {l for l in layers if eng.cache.resident(l)}
+    assert fast and all(len(eng.cache.resident(l)) == E for l in fast)
+    policy, residency = build("layers", Setup(prof, {}))
+    with pytest.raises(BudgetError, match="have no resident expert"):
+        Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy=policy.name), policy=policy,
+               residency=residency)
