@@ -7,6 +7,8 @@ gets an empty block in the prompt) and is all content. A block cut short by max_
 """
 from __future__ import annotations
 
+from .tools import ToolStream
+
 START, END = "<think>", "</think>"
 
 
@@ -104,10 +106,7 @@ class ChatAnswer:
         self.opened = reasoner is not None and reasoner.opened(prompt_tail)
         self.reasoner, self.parser = reasoner, parser if tools else None
         self.think = ThinkStream(self.opened) if reasoner is not None else None
-        self.held = None
-        if self.parser is not None:
-            from .tools import ToolStream
-            self.held = ToolStream(self.parser)
+        self.held = ToolStream(self.parser) if self.parser is not None else None
 
     def message(self, text: str, reason: str) -> tuple[dict, str]:
         reasoning, content = self.reasoner.split(text, self.opened) if self.reasoner else (None, text)
