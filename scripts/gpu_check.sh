@@ -38,6 +38,10 @@ step dispatch 60 $E bench dispatch --json "$OUT/bench_dispatch_gpu.json"
 step eval $((Q ? 120 : 200)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
   --policies all,popular-q48,task-static-q48,emoe-a-sticky-q48,emoe-a-sticky,lru --versus emoe-a-sticky-q48 \
   --similarity deferred --json "$OUT/eval_gpu.json"
+# llama.cpp's placement (--n-cpu-moe: whole layers on the GPU, the rest on the CPU) against eMoE-A's at equal
+# bytes, misses on the host for both: the same tokens, so what differs is tokens/s
+step eval_layers $((Q ? 90 : 150)) $E eval --profile $P --budgets 0.4,0.6 --n $((Q ? 8 : 48)) --seed 1 \
+  --policies layers-host,emoe-a-host,lru --similarity deferred --json "$OUT/eval_layers_gpu.json"
 # a model with Mixtral-like expert matrices (1024×2816, 17 MiB each in bf16, 2.2 GB of experts), so that
 # loads cost what host→device copies cost
 M=/tmp/random-2g
