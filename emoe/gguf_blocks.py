@@ -9,8 +9,8 @@ type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is chec
 Copies: shadow policies (`-q4`, `-q48`, `shadow`) hold int4/int8 copies of experts in the fast tier. For
 a GGUF whose experts are already 4- or 8-bit, re-quantising the dequantised weights would add a second
 rounding on top of the file's; instead the file's integers and scales are repacked: Q4_0 → int4 and Q8_0 →
-int8 (emoe's portable layout: symmetric, an fp16 scale per 32 values, which is exactly theirs) and Q4_K →
-the CPU int4 kernel's layout, whose per-group zero holds Q4_K's minimum (value = (u − 8)·d·sc + 8·d·sc −
+int8 (emoe's portable layout: symmetric, an fp16 scale per 32 values, which is exactly theirs) and Q4_K and
+Q4_1 → the CPU int4 kernel's layout, whose per-group zero holds their minimum (value = (u − 8)·d·sc + 8·d·sc −
 dmin·m). The values are the file's; the kernel holds scales (and zeros) in bf16 and multiplies bf16
 activations, as every int4 copy on the CPU does. A type with no exact form at the requested precision
 (Q6_K, Q5_K, …, or Q4_K where the kernel is not used) is dequantised and quantised by quant.quantize.
@@ -117,9 +117,8 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
         b = t.reshape(t.shape[0], -1, 18)
         w = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float().sub_(8).mul_(_half(b, 0).float()[..., None])
     elif qtype == Q4_1:  # fp16 d and m, then 16 bytes of nibbles: d·u + m
-        b = t.reshape(t.shape[0], -1, 20)
-        w = torch.cat((b[..., 4:] & 0x0F, b[..., 4:] >> 4), -1).float().mul_(_half(b, 0).float()[..., None])
-        w.add_(_half(b, 2).float()[..., None])
+        u, scale, minimum = q4_1_parts(t)
+        w = u.float().view(t.shape[0], -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
     elif qtype == Q8_0:
         b = t.reshape(t.shape[0], -1, 34)
         w = b[..., 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0).float()[..., None])
@@ -138,9 +137,18 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     return w.reshape(t.shape[0], -1).to(dtype)
 
 
-def q4_k_kernel(t: torch.Tensor) -> KTensor:
-    u, scale, minimum = q4_k_parts(t)
-    zero = 8 * scale - minimum  # (u − 8)·scale + zero = scale·u − minimum
+def q4_1_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 rows → (values 0..15, scale d, minimum −m per 32 values): the weight is d·u + m."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 20)
+    u = torch.cat((b[..., 4:] & 0x0F, b[..., 4:] >> 4), -1).reshape(rows, -1)
+    return u, _half(b, 0).float(), -_half(b, 2).float()
+
+
+def kernel_copy(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
+    """An asymmetric 4-bit matrix (weight = scale·u − minimum per 32 values) in the CPU int4 kernel's layout:
+    (u − 8)·scale + zero with zero = 8·scale − minimum."""
+    zero = 8 * scale - minimum
     sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
     return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, GROUP)
 
@@ -151,9 +159,10 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
         return q4_0(t, bits)
     if qtype == Q8_0 and bits == 8:
         return q8_0(t)
-    if qtype == Q4_K and bits == 4 and kernel:
-        u_shape = (t.shape[0], t.shape[1] // 144 * 256)
-        return q4_k_kernel(t) if kernel_fits(u_shape, GROUP) else None
+    parts = {Q4_K: q4_k_parts, Q4_1: q4_1_parts}.get(qtype)
+    if parts is not None and bits == 4 and kernel:  # asymmetric: only the kernel's zero holds the minimum
+        u, scale, minimum = parts(t)
+        return kernel_copy(u, scale, minimum) if kernel_fits(tuple(u.shape), GROUP) else None
     return None
 
 

@@ -331,7 +331,7 @@ def test_torch_dequantisers_equal_gguf_py(qtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q4_1"])
 def test_file_copies_hold_the_files_own_values(qtype):
     """Q4_0/Q8_0 → emoe's portable int4/int8 copies, Q4_K → the CPU int4 kernel's layout (zero = its minimum):
     every value equals gguf-py's dequantisation (up to the kernel's bf16 scales), with no second rounding."""
@@ -352,7 +352,7 @@ def test_file_copies_hold_the_files_own_values(qtype):
         got = (u.float().view(128, -1, 32) * scale[..., None] - minimum[..., None]).view(128, 512)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     bits = 8 if qtype == "Q8_0" else 4
-    kernel = qtype == "Q4_K"
+    kernel = qtype in ("Q4_K", "Q4_1")
     c = file_copy(t, int(q), bits, kernel=kernel)
     assert c is not None and c.bits == bits and c.shape == tuple(want.shape)
     if not kernel:
