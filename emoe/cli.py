@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--max-tokens", type=int, default=48)
     tp.add_argument("--trace-budget", type=float, default=1.0, help="as profile's --budget, for tracing the test split")
     tp.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    tp.add_argument("--unlabelled", action="store_true", help="also fit predictor-u (policy emoe-u): eMoE-A that "
+                    "predicts requests with no task from the recent routing of all traffic")
     _dtype_arg(tp)
     tp.set_defaults(fn=cmd_train_predictor)
 
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--versus", default=None, help="print every policy's paired difference from this one, with CIs")
     ev.add_argument("--max-tokens", type=int, default=48)
     ev.add_argument("--batch", type=int, default=4)
+    ev.add_argument("--unlabelled", action="store_true", help="serve the stream with no task labels (as traffic "
+                    "whose task nobody gives or extracts): task-static falls back to the global mix, emoe-u predicts")
     ev.add_argument("--group-window", type=int, default=0, help="serve each W consecutive arrivals grouped by "
                     "task (batches of mostly one task); 0 = arrival order, as in the paper")
     ev.add_argument("--p", type=int, default=40, help="predictor period in prompts")

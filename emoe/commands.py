@@ -175,6 +175,7 @@ def cmd_eval(args) -> None:
     from .eval import deferred_similarity
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
+                    unlabelled=args.unlabelled,
                     seed=args.seed, split=args.split, reference_budget=args.reference_budget,
                     similarity=deferred_similarity if args.similarity == "deferred" else None)
     print(table(recs))
@@ -207,12 +208,12 @@ def cmd_rescore(args) -> None:
 def _predictors(profile_dir: str, policies: list[str]) -> dict:
     from .predictor import Predictor
     out = {}
-    for kind in ("a", "l"):
+    for kind in ("a", "l", "u"):
         d = Path(profile_dir) / f"predictor-{kind}"
         if d.is_dir():
             out[kind] = Predictor.load(d)
     need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l", "emoe-a-hybrid": "a", "emoe-a-prompt": "a",
-            "emoe-a-sticky": "a", "emoe-a-selective": "a"}
+            "emoe-a-sticky": "a", "emoe-a-selective": "a", "emoe-u": "u"}
     missing = sorted({need[p] for p in policies if p in need and need[p] not in out})
     if missing:
         raise ValueError(f"{profile_dir} has no predictor-{missing[0]}; run `emoe train-predictor {profile_dir}`")
@@ -233,9 +234,9 @@ def cmd_train_predictor(args) -> None:
         save_traces([r.trace for r in reqs], test_path)
     test = load_traces(test_path)
     methods = {}
-    for kind in ("a", "l"):
+    for kind in ("a", "l") + (("u",) if args.unlabelled else ()):  # u: eMoE-A fitted for unlabelled traffic too
         t0 = time.perf_counter()
-        pred = Predictor.fit(prof.traces, kind=kind)
+        pred = Predictor.fit(prof.traces, kind="a" if kind == "u" else kind, unlabelled=kind == "u")
         pred.save(Path(args.profile) / f"predictor-{kind}")
         print(f"eMoE-{kind.upper()}: fitted on {len(prof.traces)} profile traces in {time.perf_counter() - t0:.1f}s, "
               f"{pred.nbytes / 1e3:.0f} kB", file=sys.stderr)

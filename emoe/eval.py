@@ -30,7 +30,8 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
 EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
-         "layers-host")  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
+         "layers-host",  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
+         "emoe-u")  # emoe-u: eMoE-A fitted for unlabelled traffic too (train-predictor --unlabelled)
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
 # the residency plan only decides how much expert work the fast device does. -auto loads the misses that
@@ -92,6 +93,7 @@ def build(name: str, s: Setup):
         "emoe-a": lambda: (Reroute(), emoe("a", s.p, "emoe-a")),
         "emoe-l": lambda: (Reroute(), emoe("l", s.p, "emoe-l")),
         "emoe-e": lambda: (Reroute(), emoe("a", 1, "emoe-e")),
+        "emoe-u": lambda: (Reroute(), emoe("u", s.p, "emoe-u")),  # predictor-u: unlabelled traffic too
         "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
         "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
         "emoe-a-sticky": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky", stickiness=max(s.stickiness, STICKY))),
@@ -142,25 +144,25 @@ def group_by_task(stream, window: int):
     return out
 
 
-def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=None):
+def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=None, unlabelled: bool = False):
     """Serve in arrival order; right after each batch, score it teacher-forced under the residency it
-    was served with. Returns per-request dicts."""
+    was served with. Returns per-request dicts. unlabelled: the engine is told no request's task."""
     rows, t0 = [], time.perf_counter()
     score_s = 0.0
     for i in range(0, len(stream), batch):
         chunk = stream[i: i + batch]
-        reqs = eng.generate([e.prompt for e in chunk], params, tasks=[e.task for e in chunk])
+        reqs = eng.generate([e.prompt for e in chunk], params, tasks=[None if unlabelled else e.task for e in chunk])
         ts = time.perf_counter()
         for j, (e, r) in enumerate(zip(chunk, reqs)):
             row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
                    "trace": r.trace}
             ans = eng.codec.encode(e.answer)[:64] if e.answer else []
             if ans:
-                lp = torch.log_softmax(eng.score(r.prompt_ids, ans, e.task), -1)
+                lp = torch.log_softmax(eng.score(r.prompt_ids, ans, None if unlabelled else e.task), -1)
                 row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans, device=lp.device)[:, None]).mean())
             ref = refs[i + j] if refs else None
             if ref and ref["output_ids"]:
-                pred = eng.score(ref["prompt_ids"], ref["output_ids"], e.task).argmax(-1).cpu()
+                pred = eng.score(ref["prompt_ids"], ref["output_ids"], None if unlabelled else e.task).argmax(-1).cpu()
                 row["agree"] = (int((pred == torch.tensor(ref["output_ids"])).sum()), len(ref["output_ids"]))
             rows.append(row)
         score_s += time.perf_counter() - ts
@@ -176,7 +178,7 @@ def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
              group_window: int = 0, dtype: str | None = None, split: str = "test",
-             reference_budget: float = 1.0) -> list[dict]:
+             reference_budget: float = 1.0, unlabelled: bool = False) -> list[dict]:
     """dtype: the fast tier's (and compute) dtype; default as the engine's (float32 on CPU). bfloat16
     prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy;
     copies then keep the portable layout a GPU would hold (2-byte scales), not the CPU kernel's.
@@ -206,13 +208,13 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
             log(f"{label:13} {b:4.2f} skipped: {e}")
             continue
-        rows, secs = serve_stream(eng, stream, params, batch, refs)
+        rows, secs = serve_stream(eng, stream, params, batch, refs, unlabelled)
         sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
         scored = [r["agree"] for r in rows if "agree" in r]
         agree = sum(a for a, _ in scored) / max(1, sum(n_ for _, n_ in scored))
         st, ld = eng.cache.stats, eng.loader.stats
         rec = {"policy": label, "budget": b, "p": setup.p if name.startswith("emoe") else None,
-               "group_window": group_window, "dtype": str(eng.dtype).removeprefix("torch."),
+               "group_window": group_window, "unlabelled": unlabelled, "dtype": str(eng.dtype).removeprefix("torch."),
                "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
                "resident_bytes": eng.cache.used_bytes, "similarity": None, "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),

@@ -30,11 +30,14 @@ from .datasets import TASKS
 from .traces import Trace, load_traces
 
 FORMAT = "emoe-predictor/1"
+# requests that arrive without a task (and none is extracted) share this pseudo-task when the predictor is
+# fitted with unlabelled=True: its prior is the global mix, its history all recent traffic
+UNLABELLED = "(unlabelled)"
 KINDS = ("a", "l")
 EPS = 1e-4
 COVER = 0.9
 DEFAULTS = {"hidden": 256, "hidden_l": 64, "dropout": 0.1, "decay": 0.7, "window": 16, "lookback": 1024,
-            "lr": 3e-3, "weight_decay": 1e-4, "batch": 64, "patience": 20}
+            "lr": 3e-3, "weight_decay": 1e-4, "batch": 64, "patience": 20, "phase_window": 60}
 PredictFn = Callable[[str, Sequence[Trace]], torch.Tensor]
 
 
@@ -67,6 +70,18 @@ def task_static(traces: Sequence[Trace]) -> dict[str, torch.Tensor]:
 def popular(traces: Sequence[Trace]) -> torch.Tensor:
     """Global mean normalised histogram [L, E] over all traces."""
     return _norm(_norm(torch.stack([t.total for t in traces])).mean(0))
+
+
+def _in_runs(traces: Sequence[Trace], window: int) -> list[int]:
+    """Trace indices with each `window` consecutive arrivals grouped by task (first arrival first)."""
+    out = []
+    for start in range(0, len(traces), window):
+        chunk = list(range(start, min(start + window, len(traces))))
+        first = {}
+        for i in chunk:
+            first.setdefault(traces[i].task, len(first))
+        out += sorted(chunk, key=lambda i: first[traces[i].task])
+    return out
 
 
 def _ema(h: torch.Tensor, decay: float) -> tuple[torch.Tensor, float]:
@@ -155,25 +170,33 @@ class Predictor:
 
     @classmethod
     def fit(cls, traces: Sequence[Trace], kind: str = "a", epochs: int = 200, seed: int = 0,
-            **hyper) -> "Predictor":
+            unlabelled: bool = False, **hyper) -> "Predictor":
         """Train on a mixed stream (arrival order): one pair (history before t -> trace t) per t; the last
-        10% of pairs are the validation set for early stopping. Single-threaded, seconds for ~1000 traces."""
+        10% of pairs are the validation set for early stopping. Single-threaded, seconds for ~1000 traces.
+        unlabelled: every trace is also an example of UNLABELLED, its history the unlabelled traces before it,
+        replayed in runs of one task (each `phase_window` arrivals grouped by task, as traffic drifts), so
+        that traffic with no task is predicted from its recent routing rather than the global mix."""
         H = _norm(torch.stack([t.total for t in traces])) if traces else torch.zeros(0, 0, 0)  # [N, L, E]
         if not (moe := [l for l in range(H.shape[1]) if H[:, l].sum() > 0]):
             raise ValueError("cannot fit a predictor: no routed tokens in the traces")
         static, pop = task_static(traces), popular(traces)
-        tasks = list(TASKS) + sorted(set(static) - set(TASKS))
+        tasks = list(TASKS) + sorted(set(static) - set(TASKS)) + ([UNLABELLED] if unlabelled else [])
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             priors = torch.stack([static.get(t, pop) for t in tasks])
             p = cls(kind, tasks, H.shape[1], H.shape[2], moe, priors, hyper)
             W, lb, feats, tgts, last = p.hyper["window"], p.hyper["lookback"], [], [], {}
+            runs = _in_runs(traces, p.hyper["phase_window"]) if unlabelled else []
             for i, t in enumerate(traces):
                 if t.task is not None:
                     same = [j for j in last.get(t.task, []) if i - j <= lb]
                     feats.append(p._feat(p.tasks.index(t.task), H[same], H[max(0, i - W):i]))
                     tgts.append(H[i])
                     last[t.task] = (same + [i])[-W:]
+                if unlabelled:  # interleaved, so that early stopping watches both kinds
+                    recent = H[runs[max(0, i - W):i]]
+                    feats.append(p._feat(p.tasks.index(UNLABELLED), recent, recent))
+                    tgts.append(H[runs[i]])
             if not feats:
                 raise ValueError("no trace carries a task label")
             X, P = p._batch(feats)
@@ -216,7 +239,7 @@ class Predictor:
                 break
             if len(any_) < W:
                 any_.append(t.total)
-            if len(same) < W and t.task == task:
+            if len(same) < W and (t.task == task or (task == UNLABELLED and t.task is None)):
                 same.append(t.total)
         shape = (self.num_layers, self.num_experts)
         if any_ and tuple(any_[0].shape) != shape:

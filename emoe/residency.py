@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .loader import demands_of, expected_tokens, plan_levels, plan_top
-from .predictor import drifted
+from .predictor import UNLABELLED, drifted
 from .profile import Profile
 
 
@@ -116,11 +116,12 @@ class EMoE(TaskAware):
     def initial(self):
         """Before serving starts, predict every profiled task from the profile's history: the first
         request of a task then finds its shares ready instead of paying for the call (counted in calls)."""
-        for task in self.profile.tasks:
+        for task in [*self.profile.tasks, None]:
             self.shares(task)
         return super().initial()
 
     def shares(self, task):
+        task = self._key(task)  # traffic with no task: from its recent routing, where the predictor learnt it
         if task not in self.predictor.tasks:  # no task (or one the predictor never saw): the static fallback
             return super().shares(task)
         sens = self.sens[task] if self.sens is not None and task in self.sens else None
@@ -133,10 +134,16 @@ class EMoE(TaskAware):
             self.calls += 1
         return self.cached[task]
 
+    def _key(self, task):
+        """A request's task as the predictor knows it: no task (None, or the loader's "unknown") is UNLABELLED
+        where the predictor was fitted with it."""
+        return UNLABELLED if task in (None, "unknown") and UNLABELLED in self.predictor.tasks else task
+
     def plan(self, batch, cache):
         for r in batch:
             if getattr(r, "slot", -1) < 0 or not r.output_ids:  # newly admitted: counts toward p
-                self.since[r.task] = self.since.get(r.task, 0) + 1
+                k = self._key(r.task)
+                self.since[k] = self.since.get(k, 0) + 1
         return super().plan(batch, cache)
 
     def after_prefill(self, batch, new, partial):
@@ -161,17 +168,18 @@ class EMoE(TaskAware):
         if req.trace is None:
             return
         self.history = (self.history + [req.trace])[-self.max_hist:]
-        if self.adaptive and req.task in self.cached:
-            f = self.cached[req.task]
+        key = self._key(req.task)
+        if self.adaptive and key in self.cached:
+            f = self.cached[key]
             got = req.trace.total.float()
             planned = torch.zeros_like(got, dtype=torch.bool)
             for layer in self.layers:  # approximate: was the wanted routing inside the predicted top set?
                 planned[layer, f[layer].topk(max(self.top_k, self.capacity // len(self.layers))).indices] = True
             cover = float(got[planned].sum() / got.sum().clamp_min(1))
-            avg = self.cover_avg.get(req.task, cover)
+            avg = self.cover_avg.get(key, cover)
             if drifted(cover, avg, self.min_hit, self.drift):
-                self.stale.add(req.task)
-            self.cover_avg[req.task] = 0.8 * avg + 0.2 * cover
+                self.stale.add(key)
+            self.cover_avg[key] = 0.8 * avg + 0.2 * cover
 
 
 class ByLayer(_Base):

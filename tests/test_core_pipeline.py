@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from emoe.profile import FORMAT, Profile, ProfileError, flags_from_curve, run_profile
 
@@ -68,6 +69,7 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
     from emoe.predictor import Predictor
     prof = Profile.load(profile_dir, tiny_mixtral)
     preds = {k: Predictor.fit(prof.traces, kind=k, epochs=3) for k in "al"}
+    preds["u"] = Predictor.fit(prof.traces, kind="a", epochs=3, unlabelled=True)
     configs = grid(Setup(prof, preds, p=2), list(POLICIES + EXTRA), [0.5])
     configs.append(("emoe-a adaptive", "emoe-a", 0.5, Setup(prof, preds, p=1000, adaptive=True)))
     recs = evaluate(str(tiny_mixtral), configs, n=6,
@@ -169,3 +171,22 @@ def test_layer_placement_is_llama_cpp_n_cpu_moe(profile_dir, tiny_mixtral, one_t
     with pytest.raises(BudgetError, match="have no resident expert"):
         Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy=policy.name), policy=policy,
                residency=residency)
+
+
+def test_emoe_predicts_unlabelled_requests_only_with_a_predictor_that_learnt_them(profile_dir, tiny_mixtral):
+    """A request with no task (the loader groups it as "unknown") is predicted from recent routing by a
+    predictor fitted with unlabelled=True (policy emoe-u), and falls back to the global mix otherwise."""
+    from emoe.predictor import UNLABELLED, Predictor
+    from emoe.residency import EMoE
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    for unlabelled in (False, True):
+        pred = Predictor.fit(prof.traces, kind="a", epochs=3, unlabelled=unlabelled)
+        res = EMoE(prof, 8, pred, p=1)
+        calls = res.calls
+        f = res.shares("unknown")
+        assert (res.calls > calls) == unlabelled
+        if unlabelled:
+            torch.testing.assert_close(f, pred.predict(UNLABELLED, res.history))
+            assert res.shares(None) is res.cached[UNLABELLED]  # None and "unknown" are the same traffic
+        else:
+            torch.testing.assert_close(f, res.popular / res.popular.sum(1, keepdim=True).clamp_min(1))
