@@ -84,6 +84,14 @@ def _in_runs(traces: Sequence[Trace], window: int) -> list[int]:
     return out
 
 
+def _alike(h: torch.Tensor, moe: list[int]) -> float:
+    """How alike consecutive histograms [k, L, E] are: the mean overlap Σ min(p, q) over MoE layers and
+    neighbouring pairs, raised to the 4th power so that unrelated prompts count for little (0 for k < 2)."""
+    if h.shape[0] < 2:
+        return 0.0
+    return float(torch.minimum(h[1:, moe], h[:-1, moe]).sum(-1).mean()) ** 4
+
+
 def _ema(h: torch.Tensor, decay: float) -> tuple[torch.Tensor, float]:
     """EMA of [k, L, E] histograms (oldest first) -> (ema [L, E], confidence 1 - decay^k in [0, 1))."""
     if h.shape[0] == 0:
@@ -148,8 +156,12 @@ class Predictor:
         self.model.eval()
 
     def _feat(self, ti: int, same: torch.Tensor, any_: torch.Tensor) -> dict:
-        """Features of one example from [k, L, E] histograms (oldest first) of same-task / any-task prompts."""
+        """Features of one example from [k, L, E] histograms (oldest first) of same-task / any-task prompts.
+        For UNLABELLED the history's confidence is scaled by how alike its last prompts are (in a run of
+        one task they overlap; unrelated requests do not), so that unrelated history is not trusted."""
         (es, cs), (ea, ca) = _ema(same, self.hyper["decay"]), _ema(any_, self.hyper["decay"])
+        if self.tasks[ti] == UNLABELLED:
+            cs *= _alike(same[-4:], self.moe_layers)
         return {"task": ti, "ema_s": es, "conf_s": cs, "ema_a": ea, "conf_a": ca,
                 "prev": same[-1] if same.shape[0] else torch.zeros_like(es)}
 
@@ -193,10 +205,11 @@ class Predictor:
                     feats.append(p._feat(p.tasks.index(t.task), H[same], H[max(0, i - W):i]))
                     tgts.append(H[i])
                     last[t.task] = (same + [i])[-W:]
-                if unlabelled:  # interleaved, so that early stopping watches both kinds
-                    recent = H[runs[max(0, i - W):i]]
-                    feats.append(p._feat(p.tasks.index(UNLABELLED), recent, recent))
-                    tgts.append(H[runs[i]])
+                if unlabelled:  # interleaved, so that early stopping watches every kind; runs and arrival order
+                    for order in (runs, range(len(traces))):
+                        recent = H[list(order[max(0, i - W):i])]
+                        feats.append(p._feat(p.tasks.index(UNLABELLED), recent, recent))
+                        tgts.append(H[order[i]])
             if not feats:
                 raise ValueError("no trace carries a task label")
             X, P = p._batch(feats)

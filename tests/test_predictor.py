@@ -230,10 +230,10 @@ def _coverage(f: torch.Tensor, t: Trace) -> float:
 
 
 def test_unlabelled_traffic_is_predicted_from_recent_routing(stream):
-    """Fitted with unlabelled=True (on the traces replayed in runs of one task), a request with no task is
-    predicted from the recent routing of unlabelled traffic: on runs of one task it covers more than the
-    global mix, which is all a task-static plan has for such a request; labelled predictions and the
-    empty-history prior are kept."""
+    """Fitted with unlabelled=True (on the traces replayed in runs of one task and in arrival order), a
+    request with no task is predicted from the recent routing of unlabelled traffic: on runs of one task it
+    covers more than the global mix, which is all a task-static plan has for such a request, and in
+    random order about as much; labelled predictions and the empty-history prior are kept."""
     from dataclasses import replace
 
     from emoe.predictor import UNLABELLED
@@ -248,7 +248,13 @@ def test_unlabelled_traffic_is_predicted_from_recent_routing(stream):
     phased = [t for task in sorted(by_task) for t in by_task[task][:10]]  # phases of up to 10, no labels
     ours = [_coverage(p.predict(UNLABELLED, train + phased[:i]), t) for i, t in enumerate(phased)]
     mix = [_coverage(popular(train), t) for t in phased]
-    # measured (seed 0): 0.778 against the mix's 0.621; the margin below is about half
+    # measured (seed 0): 0.770 against the mix's 0.621; the margin below is about half
     assert sum(ours) / len(ours) >= sum(mix) / len(mix) + 0.07, (sum(ours) / len(ours), sum(mix) / len(mix))
+    # unrelated requests in arrival order: history that does not hang together is barely trusted
+    # (measured 0.589 against the mix's 0.593; fitted on runs alone, without the likeness scaling: 0.553)
+    rnd = [replace(t, task=None) for t in test]
+    ours = [_coverage(p.predict(UNLABELLED, train + rnd[:i]), t) for i, t in enumerate(rnd)]
+    mix = [_coverage(popular(train), t) for t in rnd]
+    assert sum(ours) / len(ours) >= sum(mix) / len(mix) - 0.02
     labelled = evaluate(p, test, RESIDENT, p=1, history=train)["f1"]
     assert labelled >= evaluate(baselines(train)["task-static"], test, RESIDENT, p=1, history=train)["f1"] + 0.03
