@@ -213,7 +213,7 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
         if d.is_dir():
             out[kind] = Predictor.load(d)
     need = {"emoe-a": "a", "emoe-e": "a", "emoe-l": "l", "emoe-a-hybrid": "a", "emoe-a-prompt": "a",
-            "emoe-a-sticky": "a", "emoe-a-selective": "a", "emoe-u": "u"}
+            "emoe-a-sticky": "a", "emoe-a-selective": "a", "emoe-u": "u", "emoe-u-prompt": "u"}
     missing = sorted({need[p] for p in policies if p in need and need[p] not in out})
     if missing:
         raise ValueError(f"{profile_dir} has no predictor-{missing[0]}; run `emoe train-predictor {profile_dir}`")

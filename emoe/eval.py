@@ -31,7 +31,7 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
          "layers-host",  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
-         "emoe-u")  # emoe-u: eMoE-A fitted for unlabelled traffic too (train-predictor --unlabelled)
+         "emoe-u", "emoe-u-prompt")  # emoe-u: eMoE-A fitted for unlabelled traffic too (train-predictor --unlabelled)
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
 # the residency plan only decides how much expert work the fast device does. -auto loads the misses that
@@ -94,6 +94,7 @@ def build(name: str, s: Setup):
         "emoe-l": lambda: (Reroute(), emoe("l", s.p, "emoe-l")),
         "emoe-e": lambda: (Reroute(), emoe("a", 1, "emoe-e")),
         "emoe-u": lambda: (Reroute(), emoe("u", s.p, "emoe-u")),  # predictor-u: unlabelled traffic too
+        "emoe-u-prompt": lambda: (Reroute(), emoe("u", s.p, "emoe-u-prompt", prompt_aware=True)),
         "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
         "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
         "emoe-a-sticky": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky", stickiness=max(s.stickiness, STICKY))),

