@@ -35,21 +35,30 @@ def _emoe_nibbles(u: torch.Tensor) -> torch.Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def q4_0(t: torch.Tensor, bits: int) -> QTensor:
+def q4_0_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 rows → (values 0..15 [rows, cols], fp16 scale d per 32 values): the weight is (u − 8)·d."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 18)  # fp16 d, then 16 bytes: values 0..15 low nibbles, 16..31 high
-    u = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).reshape(rows, -1)
-    cols = u.shape[1]
+    return torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).reshape(rows, -1), _half(b, 0).contiguous()
+
+
+def q8_0_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 rows → (int8 values [rows, cols], fp16 scale d per 32 values): the weight is q·d."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 34)  # fp16 d, then 32 int8 values
+    return b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), _half(b, 0).contiguous()
+
+
+def q4_0(t: torch.Tensor, bits: int) -> QTensor:
+    u, d = q4_0_parts(t)
     if bits == 4:
-        return QTensor(_emoe_nibbles(u), _half(b, 0).contiguous(), (rows, cols), 4, GROUP)
-    return QTensor((u.to(torch.int8) - 8).contiguous(), _half(b, 0).contiguous(), (rows, cols), 8, GROUP)
+        return QTensor(_emoe_nibbles(u), d, tuple(u.shape), 4, GROUP)
+    return QTensor((u.to(torch.int8) - 8).contiguous(), d, tuple(u.shape), 8, GROUP)
 
 
 def q8_0(t: torch.Tensor) -> QTensor:
-    rows = t.shape[0]
-    b = t.reshape(rows, -1, 34)  # fp16 d, then 32 int8 values
-    q = b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1)
-    return QTensor(q, _half(b, 0).contiguous(), (rows, q.shape[1]), 8, GROUP)
+    q, d = q8_0_parts(t)
+    return QTensor(q, d, tuple(q.shape), 8, GROUP)
 
 
 def q4_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,18 +122,16 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
     llama.cpp's, so a float32 engine runs the file's exact values. In place after the one float32 buffer:
     temporaries the size of the matrix would fragment the host heap that resident experts live in."""
+    rows = t.shape[0]
     if qtype == Q4_0:
-        b = t.reshape(t.shape[0], -1, 18)
-        w = torch.cat((b[..., 2:] & 0x0F, b[..., 2:] >> 4), -1).float().sub_(8).mul_(_half(b, 0).float()[..., None])
-    elif qtype == Q4_1:  # fp16 d and m, then 16 bytes of nibbles: d·u + m
-        u, scale, minimum = q4_1_parts(t)
-        w = u.float().view(t.shape[0], -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
+        u, d = q4_0_parts(t)
+        w = u.float().view(rows, -1, 32).sub_(8).mul_(d.float()[..., None])
     elif qtype == Q8_0:
-        b = t.reshape(t.shape[0], -1, 34)
-        w = b[..., 2:].contiguous().view(torch.int8).float().mul_(_half(b, 0).float()[..., None])
-    elif qtype == Q4_K:
-        u, scale, minimum = q4_k_parts(t)
-        w = u.float().view(t.shape[0], -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
+        q, d = q8_0_parts(t)
+        w = q.float().view(rows, -1, 32).mul_(d.float()[..., None])
+    elif qtype in (Q4_1, Q4_K):  # asymmetric: scale·u − minimum
+        u, scale, minimum = (q4_1_parts if qtype == Q4_1 else q4_k_parts)(t)
+        w = u.float().view(rows, -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
     elif qtype == Q5_K:
         w = q5_k(t)
     elif qtype == Q6_K:
@@ -134,7 +141,7 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     else:
         from gguf import GGMLQuantizationType, quants
         w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)
-    return w.reshape(t.shape[0], -1).to(dtype)
+    return w.reshape(rows, -1).to(dtype)
 
 
 def q4_1_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
