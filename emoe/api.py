@@ -39,6 +39,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) → bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -100,6 +101,14 @@ def template_kwargs(body) -> dict | None:
     if taken:
         raise APIError(400, f"chat_template_kwargs may not set {taken}", param="chat_template_kwargs")
     return kw
+
+
+def token_biases(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings."""
+    try:
+        return {int(k): float(v) for k, v in bias.items()}
+    except ValueError:
+        raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:4]}", param="logit_bias") from None
 
 
 def template_message(m: ChatMessage) -> dict:

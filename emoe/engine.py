@@ -177,6 +177,9 @@ class Engine:
             ids = self.codec.encode(self.codec.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        if params.logit_bias and max(params.logit_bias) >= self.cfg.vocab_size:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}; this model's ids lie in "
+                             f"0..{self.cfg.vocab_size - 1}")
         if len(ids) + 1 > self.max_len:
             raise ValueError(f"prompt is {len(ids)} tokens; this engine serves at most {self.max_len - 1} "
                              f"(model context {self.cfg.max_position_embeddings}, max_len {self.max_len})")

@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM's: logits of prompt and output tokens divided (>0) or multiplied
     logprobs: int | None = None      # record each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits before sampling
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -44,10 +45,14 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
                 raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
+        bad = {t: b for t, b in (self.logit_bias or {}).items()
+               if isinstance(t, bool) or not isinstance(t, int) or t < 0 or not -100 <= b <= 100}
+        if bad:
+            raise ValueError(f"logit_bias takes token ids >= 0 with biases in [-100, 100], got {bad}")
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias) or self.repetition_penalty != 1.0
 
 
 def penalise(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
@@ -60,6 +65,9 @@ def penalise(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], out
         ids = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         v = logits[ids]
         logits[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
     return logits
 
 

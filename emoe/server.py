@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (MAX_N, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                  _Common, _error, template_kwargs, template_message)
+                  _Common, _error, template_kwargs, template_message, token_biases)
 from .datasets import TASKS
 from .engine import SamplingParams
 from .metrics import CONTENT_TYPE
@@ -145,6 +145,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
+            if body.logit_bias is not None:
+                given["logit_bias"] = token_biases(body.logit_bias)
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                     seed=None if body.seed is None else body.seed + sample,
                                     stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs,
@@ -156,7 +158,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                                    template_kwargs=template_kwargs(body))
         except ValueError as e:
             code = "context_length_exceeded" if "tokens" in str(e) else None
-            raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
+            param = "logit_bias" if str(e).startswith("logit_bias") else "messages" if chat else "prompt"
+            raise APIError(400, str(e), param=param, code=code) from None
         room = eng.max_len - len(req.prompt_ids)
         if explicit and max_tokens > room:  # vLLM's rule: an explicit request that cannot fit is refused
             raise APIError(400, f"this model's maximum context length is {eng.max_len} tokens; you requested "

@@ -97,6 +97,8 @@ def test_penalties_and_sampling_cuts():
     p = SamplingParams(repetition_penalty=2.0)
     assert penalise(logits, p, [1], [0]).tolist() == [1.0, -2.0, 0.5, 3.0]
     assert not SamplingParams().penalised and p.penalised
+    p = SamplingParams(logit_bias={3: -100, 1: 4.0})
+    assert p.penalised and penalise(logits, p, [0], []).tolist() == [2.0, 3.0, 0.5, -97.0]
     g = torch.Generator().manual_seed(0)
     for cut in (dict(top_k=1), dict(min_p=1.0)):
         hot = SamplingParams(temperature=5.0, **cut)
@@ -111,6 +113,22 @@ def test_a_frequency_penalty_changes_what_greedy_decoding_repeats(tiny_mixtral):
     pen = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=24, ignore_eos=True, frequency_penalty=2.0),
                        chat=False)[0].output_ids
     assert pen != plain and max(map(pen.count, pen)) <= max(map(plain.count, plain))
+
+
+def test_logit_bias_bans_and_steers_greedy_tokens(tiny_mixtral):
+    """OpenAI's logit_bias: -100 on greedy's own choices makes it choose others (its logprobs stay the
+    model's own); a token outside the vocabulary is refused before anything runs."""
+    eng = engine(tiny_mixtral)
+    plain = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=6, ignore_eos=True), chat=False)[0].output_ids
+    banned = {t: -100.0 for t in plain}
+    out = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=6, ignore_eos=True, logit_bias=banned), chat=False)[0]
+    assert not set(out.output_ids) & set(plain)
+    forced = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=3, ignore_eos=True, logit_bias={7: 100.0}),
+                          chat=False)[0].output_ids
+    assert forced == [7, 7, 7]
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        eng.make_request(PROMPTS[1], SamplingParams(logit_bias={eng.cfg.vocab_size: 1.0}), chat=False)
+    assert sorted(eng.free_slots) == list(range(8)) and not eng.running
 
 
 def test_prompt_logprobs_are_the_teacher_forced_ones(tiny_mixtral):
@@ -265,6 +283,9 @@ def test_bad_sampling_params():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    for bias in ({1: 101.0}, {-1: 1.0}, {"1": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bias)
 
 
 def test_bad_engine_config(tiny_mixtral):

@@ -191,6 +191,9 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "task": "astrology"}, 400, "task"),
     ("completions", {**GOOD, "ttft_ms": -1}, 400, "ttft_ms"),
     ("completions", {**GOOD, "stop": [""]}, 400, "stop"),
+    ("completions", {**GOOD, "logit_bias": {"7": 150}}, 400, "logit_bias"),
+    ("completions", {**GOOD, "logit_bias": {"seven": 1}}, 400, "logit_bias"),
+    ("completions", {**GOOD, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -219,6 +222,11 @@ def test_sampling_extensions_are_accepted(srv):
         **GOOD, "temperature": 0.8, "top_k": 5, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5,
         "repetition_penalty": 1.2, "seed": 3, "max_tokens": 4, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    t = httpx.post(f"{srv[0]}/tokenize", headers=AUTH, json={"prompt": " the"}).json()["tokens"][-1]
+    want = httpx.post(f"{srv[0]}/detokenize", headers=AUTH, json={"tokens": [t] * 3}).json()["prompt"]
+    r = httpx.post(f"{srv[0]}/v1/completions", headers=AUTH, json={  # logit_bias steers greedy decoding
+        **GOOD, "temperature": 0, "max_tokens": 3, "ignore_eos": True, "logit_bias": {str(t): 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
 
 
 def test_logprobs_of_the_answer(srv):
