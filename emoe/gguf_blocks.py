@@ -1,9 +1,8 @@
 """GGUF block formats in torch: dequantised on whatever device the bytes are on, and repacked into low-bit
 copies from the file's own bits instead of being quantised again.
 
-Dequantising: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q4/Q5/Q6/Q8 and gpt-oss files hold
-their experts in)
-are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
+Dequantising: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q2–Q8 files,
+their fallbacks for rows K-quants do not divide, and gpt-oss files hold their experts in) are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
 type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
 
 Copies: shadow policies (`-q4`, `-q48`, `shadow`) hold int4/int8 copies of experts in the fast tier. For
@@ -21,7 +20,8 @@ import torch
 
 from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 8, 12, 13, 14, 39  # ggml type ids (gguf.GGMLQuantizationType)
+# ggml type ids (gguf.GGMLQuantizationType)
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 39
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1, doubled (ggml's kvalues_mxfp4)
 GROUP = 32
 
@@ -93,6 +93,50 @@ def q5_k(t: torch.Tensor) -> torch.Tensor:
     return w.mul_((d[..., None] * sc)[..., None]).sub_((dmin[..., None] * m)[..., None]).reshape(rows, -1)
 
 
+def q5_0_1(t: torch.Tensor, offset: bool) -> torch.Tensor:
+    """Q5_0 (fp16 d; weight (u − 16)·d) or Q5_1 (fp16 d, fp16 m; weight u·d + m): per 32 values the scale(s),
+    4 bytes holding each value's fifth bit (bit j for value j), 16 bytes of nibbles (low: values 0..15)."""
+    rows, head = t.shape[0], 4 if offset else 2
+    b = t.reshape(rows, -1, head + 20)
+    qh = b[..., head:head + 4].long()
+    bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)[..., None]
+    high = (bits >> torch.arange(32, device=t.device)) & 1
+    qs = b[..., head + 4:]
+    w = (torch.cat((qs & 0x0F, qs >> 4), -1) | (high << 4).to(torch.uint8)).float()
+    if offset:
+        return w.mul_(_half(b, 0).float()[..., None]).add_(_half(b, 2).float()[..., None]).reshape(rows, -1)
+    return w.sub_(16).mul_(_half(b, 0).float()[..., None]).reshape(rows, -1)
+
+
+def q2_k(t: torch.Tensor) -> torch.Tensor:
+    """Q2_K: per 256 values 16 bytes of 4-bit scale (low) and minimum (high) per 16 values, 64 bytes of
+    2-bit values, fp16 d and dmin; halves of 128 take 32 bytes, each 2-bit plane 32 values."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 84)
+    sc, d, dmin = b[..., :16].float(), _half(b, 80).float()[..., None], _half(b, 82).float()[..., None]
+    shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
+    q = (b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> shift) & 3  # [rows, blocks, half, plane, 32]
+    w = q.float().view(rows, -1, 16, 16)
+    return w.mul_((d * (sc.remainder(16)))[..., None]).sub_((dmin * (sc // 16))[..., None]).reshape(rows, -1)
+
+
+def q3_k(t: torch.Tensor) -> torch.Tensor:
+    """Q3_K: per 256 values 32 bytes of high bits (bit 4h+j of byte l for half h, plane j, value l), 64 bytes
+    of 2-bit values laid out as Q2_K's, 12 bytes of 6-bit signed scales per 16 values, fp16 d. A clear high
+    bit subtracts 4."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 110)
+    s = b[..., 96:108]
+    low = torch.cat((s[..., 0:8] & 0x0F, s[..., 0:8] >> 4), -1)
+    high = torch.cat([(s[..., 8:12] >> k) & 3 for k in (0, 2, 4, 6)], -1)
+    sc = (low | (high << 4)).float().sub_(32)
+    shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
+    q = (b[..., 32:96].reshape(rows, -1, 2, 1, 32) >> shift) & 3
+    hbit = (b[..., None, None, :32] >> torch.arange(8, device=t.device, dtype=torch.uint8).view(2, 4, 1)) & 1
+    w = q.float().sub_(4 * (1 - hbit.float())).view(rows, -1, 16, 16)
+    return w.mul_((_half(b, 108).float()[..., None] * sc)[..., None]).reshape(rows, -1)
+
+
 def q6_k(t: torch.Tensor) -> torch.Tensor:
     rows = t.shape[0]
     b = t.reshape(rows, -1, 210)  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d
@@ -132,6 +176,12 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     elif qtype in (Q4_1, Q4_K):  # asymmetric: scale·u − minimum
         u, scale, minimum = (q4_1_parts if qtype == Q4_1 else q4_k_parts)(t)
         w = u.float().view(rows, -1, 32).mul_(scale[..., None]).sub_(minimum[..., None])
+    elif qtype in (Q5_0, Q5_1):
+        w = q5_0_1(t, qtype == Q5_1)
+    elif qtype == Q2_K:
+        w = q2_k(t)
+    elif qtype == Q3_K:
+        w = q3_k(t)
     elif qtype == Q5_K:
         w = q5_k(t)
     elif qtype == Q6_K:

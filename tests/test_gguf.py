@@ -309,9 +309,11 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
         main(["import-gguf", str(bad), "--out", str(tmp_path / "bad")])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", "Q5_0", "F16"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                   "MXFP4", "IQ4_NL", "F16"])
 def test_torch_dequantisers_equal_gguf_py(qtype):
-    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others fall back to it."""
+    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others (IQ4_NL, F16
+    here) fall back to it."""
     import gguf
     import numpy as np
 
@@ -319,7 +321,7 @@ def test_torch_dequantisers_equal_gguf_py(qtype):
     from gguf_writer import _random_blocks
     q = getattr(gguf.GGMLQuantizationType, qtype)
     w = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)
-    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+    if qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"):  # gguf-py cannot quantise these
         blocks = _random_blocks(w.shape, q, 1)
     else:
         blocks = gguf.quants.quantize(w, q) if qtype != "F16" else w.astype(np.float16).view(np.uint8)
