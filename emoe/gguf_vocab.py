@@ -14,6 +14,14 @@ PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
        "deepseek-v3": (r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
                        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+       # DeepSeek-V2/V2-Lite/V2.5, DeepSeek-MoE (and DeepSeek-Coder): llama-vocab.cpp's lists, applied in turn
+       "deepseek-llm": ("[\r\n]",
+                        "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷ"
+                        "ᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-"
+                        "ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻"
+                        "𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+                        "\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+", "\\s+$", "[一-龥ࠀ-一가-\ud7ff]+", "\\p{N}+"),
+       "deepseek-coder": ("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-\ud7ff]+", "\\p{N}"),
        # o200k (gpt-oss)
        "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -25,7 +33,7 @@ def build_tokenizer(m: dict, source: str):
     """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries: byte-level BPE ('gpt2': Qwen, OLMoE, gpt-oss)
     split as the model's own tokenizer splits (tokenizer.ggml.pre), or SentencePiece BPE ('llama':
     Mixtral) with byte fallback, its merges recovered from the pieces' scores as transformers does."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     kind, tokens = m.get("tokenizer.ggml.model"), list(m["tokenizer.ggml.tokens"])
     types = list(m.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -46,7 +54,11 @@ def build_tokenizer(m: dict, source: str):
             raise GGUFError(f"{source}: a SentencePiece vocabulary with neither merges nor scores")
         tok = Tokenizer(models.BPE(vocab, merges or _spm_merges(vocab, dict(zip(tokens, scores))),
                                    fuse_unk=True, byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        # as SentencePiece (and Hugging Face's Llama/Mixtral tokenizer.json): every text, and every text after a
+        # special token, gets a leading "▁" even where it starts with a space (" Hi" → "▁", "▁Hi")
+        spaces = normalizers.Replace(" ", "\u2581")
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) \
+            if m.get("tokenizer.ggml.add_space_prefix", True) else spaces
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
         special = (UNKNOWN, CONTROL)

@@ -85,7 +85,9 @@ def test_an_unquantised_gguf_is_the_model_it_was_written_from(family, tmp_path):
 def test_mixtral_files_early_layout_and_sentencepiece_vocabulary(tmp_path):
     """llama.cpp's Mixtral: architecture 'llama' with experts, in the early one-tensor-per-expert layout
     too (read as the stacked one), and a SentencePiece vocabulary whose merges come from scores; the
-    tokenizer matches transformers' conversion of the same file, BOS included."""
+    tokenizer matches transformers' conversion of the same file, BOS included, except where SentencePiece
+    itself differs from that conversion: a text (or a text after a special token) that starts with a space
+    gets its own "▁" (checked against llama.cpp's test vectors by scripts/check_gguf_vocab.py)."""
     import transformers
     from tokenizers import Tokenizer
 
@@ -100,9 +102,12 @@ def test_mixtral_files_early_layout_and_sentencepiece_vocabulary(tmp_path):
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
     mine = Tokenizer.from_file(str(stacked / "tokenizer.json"))
     for text in ["Summarize: the cat sat on the mat.", "SELECT name FROM users WHERE id = 3;\n\n  two  spaces",
-                 "héllo wörld — ünïcode → byte fallback", " leading space</s>after"]:
+                 "héllo wörld — ünïcode → byte fallback"]:
         assert mine.encode(text).ids == ref(text).input_ids, text
         assert mine.encode(text).ids[0] == 1  # <s>
+    pieces = mine.encode(" leading space</s>after").tokens
+    assert pieces[:2] == ["<s>", "\u2581"] and pieces[pieces.index("</s>") + 1].startswith("\u2581")
+    assert mine.decode(mine.encode(" leading space").ids) == " leading space"
     assert mine.decode(mine.encode("héllo → wörld").ids) == "héllo → wörld"
 
 
@@ -150,6 +155,20 @@ def test_deepseek_files_with_kv_b_whole_and_the_v3_split_rule(tmp_path):
     split = Tokenizer.from_file(str(out / "tokenizer.json")).pre_tokenizer.pre_tokenize_str
     pieces = [p for p, _ in split("Price: 1234567 yen 日本語テキスト hello,world")]
     assert pieces[:6] == ["Price", ":", "Ġ", "123", "456", "7"] and "æĹ¥æľ¬èªŀãĥĨãĤŃãĤ¹ãĥĪ" in pieces
+
+
+def test_deepseek_v2_split_rule():
+    """DeepSeek-V2/MoE's split (llama.cpp's 'deepseek-llm' list; all 47 of llama.cpp's test vectors equal with
+    scripts/check_gguf_vocab.py): newlines alone, digit runs whole, CJK runs, '_' apart from letters. Its letter
+    class holds code points that Unicode normalisation would rewrite (U+1F7D, the Kelvin sign): kept as written."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from emoe.gguf_vocab import PRE, build_tokenizer
+    tok = build_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm",
+                           "tokenizer.ggml.tokens": ByteLevel.alphabet()}, "v2.gguf")
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("abc_def 12345 日本\nxy")]
+    assert pieces == ["abc", "_", "def", "Ġ", "12345", "Ġ", "æĹ¥æľ¬", "Ċ", "xy"]
+    assert "\u1f7d" in PRE["deepseek-llm"][1] and "\u212a-" in PRE["deepseek-llm"][1]
 
 
 def test_fused_gate_up_experts_read_as_the_stacked_ones(tmp_path):
