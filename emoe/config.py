@@ -34,6 +34,8 @@ class Family:
     fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")  # stacked [E, 2I, H], [E, H, I]
     shared_key: str = "shared_experts."  # the shared expert's module inside moe_prefix
     post_norm: bool = False            # OLMo-2 style: each branch's output is normalised, its input is not
+    norm_offset: bool = False          # RMSNorm weights are stored as w − 1 (Qwen3-Next: the scale is 1 + w)
+    attn_gate: bool = False            # q_proj also gives a per-head output gate, σ(gate)·attention (Qwen3-Next)
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -71,6 +73,10 @@ FAMILIES: dict[str, Family] = {
     # the rotary, NTK-alpha rope
     "hunyuan_v1_moe": Family(_GUD, "mlp", True, "head_after_rope", "attention_bias", "plain", fp32_router=True,
                              router="gate.wg", shared_key="shared_mlp."),
+    # Qwen3-Next: Qwen2-MoE's routing and gated shared expert; three of every four layers mix tokens with a
+    # gated delta rule (linear attention, a fixed-size state per sequence), the fourth with gated attention
+    "qwen3_next": Family(_GUD, "mlp", None, "head", "attention_bias", "gated", shared_key="shared_expert.",
+                         norm_offset=True, attn_gate=True),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -91,6 +97,25 @@ class MLA:
     v_head_dim: int
     interleave: bool = True     # rotary pairs are (x0, x1), (x2, x3), … rather than the two halves
     softmax_mscale: float = 1.0  # YaRN's extra factor on the softmax scale (DeepSeek: mscale(factor, mscale_all_dim)²)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaNet:
+    """Qwen3-Next's linear attention (gated delta rule): per sequence a causal-conv state of conv_kernel − 1
+    inputs and a [v_heads, k_head_dim, v_head_dim] state replace the growing KV cache."""
+    k_heads: int
+    v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.k_heads * self.k_head_dim + self.v_heads * self.v_head_dim
+
+    @property
+    def state_numel(self) -> int:
+        return self.conv_dim * (self.conv_kernel - 1) + self.v_heads * self.k_head_dim * self.v_head_dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +174,8 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
     logits_scaling: float = 1.0
+    delta_net: DeltaNet | None = None          # Qwen3-Next: the linear-attention layers' shape
+    linear_layers: tuple[int, ...] = ()        # layers that use it instead of attention
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -174,15 +201,30 @@ class ModelConfig:
             raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_group} groups a token may use")
         if self.spec.mla != (self.mla is not None):
             raise ConfigError(f"family {self.family} {'needs' if self.spec.mla else 'takes no'} MLA settings")
+        if (self.delta_net is None) != (not self.linear_layers) or \
+                any(not 0 <= i < self.num_layers for i in self.linear_layers):
+            raise ConfigError(f"linear_layers {self.linear_layers} need linear-attention settings and must lie in "
+                              f"0..{self.num_layers - 1}")
+        d = self.delta_net
+        if d is not None and (min(d.k_heads, d.v_heads, d.k_head_dim, d.v_head_dim) <= 0 or d.conv_kernel < 2
+                              or d.v_heads % d.k_heads):
+            raise ConfigError(f"linear attention needs positive sizes, conv kernel >= 2 and value heads a multiple "
+                              f"of key heads, got {d}")
         if self.family == "gpt_oss" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
             raise ConfigError(f"swiglu_limit={self.swiglu_limit} and swiglu_alpha={self.swiglu_alpha} must be positive")
 
     @property
     def kv_numel_per_token(self) -> int:
-        """KV-cache elements one token holds across all layers (MLA caches one latent, not per-head k and v)."""
+        """KV-cache elements one token holds across all layers (MLA caches one latent, not per-head k and v;
+        linear-attention layers cache nothing per token)."""
         if self.mla is not None:
             return self.num_layers * (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim)
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        return 2 * (self.num_layers - len(self.linear_layers)) * self.num_kv_heads * self.head_dim
+
+    @property
+    def state_numel_per_slot(self) -> int:
+        """Fixed per-sequence state elements (float32) of the linear-attention layers."""
+        return len(self.linear_layers) * self.delta_net.state_numel if self.delta_net else 0
 
     @property
     def spec(self) -> Family:
@@ -315,6 +357,7 @@ class ModelConfig:
             yarn=yarn,
             **_groups(raw, family),
             **_mup(raw, family),
+            **_delta_net(raw, family, n_layers),
         )
 
 
@@ -367,6 +410,21 @@ def _shared_size(raw: dict, family: str, inter: int) -> int:
     if family == "hunyuan_v1_moe":
         return int(raw.get("intermediate_size") or 0) * int(raw.get("num_shared_expert", 1) or 0)
     return int(raw.get("shared_expert_intermediate_size") or raw.get("shared_intermediate_size") or 0)
+
+
+def _delta_net(raw: dict, family: str, n_layers: int) -> dict:
+    """Qwen3-Next's linear-attention layers: layer_types, or every full_attention_interval-th layer full."""
+    if family != "qwen3_next":
+        return {}
+    types = raw.get("layer_types")
+    if types is None:
+        every = int(raw.get("full_attention_interval") or 4)
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n_layers)]
+    if len(types) != n_layers or set(types) - {"linear_attention", "full_attention"}:
+        raise ConfigError(f"layer_types must give 'linear_attention' or 'full_attention' for each of {n_layers} layers")
+    d = DeltaNet(int(raw["linear_num_key_heads"]), int(raw["linear_num_value_heads"]), int(raw["linear_key_head_dim"]),
+                 int(raw["linear_value_head_dim"]), int(raw.get("linear_conv_kernel_dim") or 4))
+    return dict(delta_net=d, linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"))
 
 
 def _mup(raw: dict, family: str) -> dict:

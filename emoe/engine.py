@@ -120,7 +120,8 @@ class Engine:
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
         slots = cfg.max_batch
         if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
-            per_slot = c.kv_numel_per_token * self.max_len * self.cache.expert_bytes // self.expert_numel
+            per_slot = c.kv_numel_per_token * self.max_len * self.cache.expert_bytes // self.expert_numel \
+                + 4 * c.state_numel_per_slot  # linear-attention states, float32
             slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot
             if slots < 1:
                 raise BudgetError(f"memory {cfg.memory_bytes} bytes leaves no {self.max_len}-token KV slot next to "
@@ -227,6 +228,8 @@ class Engine:
                 held = self.slot_tokens.get(s, ())
                 n = next((k for k, (a, b) in enumerate(zip(held, prompt[:-1])) if a != b),
                          min(len(held), len(prompt) - 1))
+                if self.cfg.linear_layers and n < len(held):  # a recurrent state holds all it saw, or is no use
+                    n = 0
                 if n > shared:
                     best, shared = i, n
         slot = self.free_slots.pop(best)

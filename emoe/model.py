@@ -1,4 +1,4 @@
-"""The MoE decoder forward for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and GLM-4.5, top to bottom.
+"""The MoE decoder forward for Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4.5, …, top to bottom.
 
 Dense weights live in a flat dict under their Hugging Face names. Routed experts are *not* here: each
 MoE layer computes router probabilities and hands them to a `Dispatch` (see engine.py) that owns
@@ -6,7 +6,7 @@ residency, miss handling and traces. The pure functions below are shared with tr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import math
 
 from .config import ModelConfig, Yarn
+from .deltanet import delta_net
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,22 +91,30 @@ class Dispatch(Protocol):
 @dataclass(slots=True)
 class KVCache:
     """Static per-slot cache: k/v[layer] is [slots, max_len, kv_heads, head_dim]. Under MLA, k[layer] is
-    [slots, max_len, 1, kv_lora_rank + qk_rope_head_dim] (the latent and the roped shared key) and v is empty."""
+    [slots, max_len, 1, kv_lora_rank + qk_rope_head_dim] (the latent and the roped shared key) and v is empty.
+    A linear-attention layer caches no tokens (its k/v are empty) but a fixed state per slot: conv[layer]
+    [slots, conv_dim, kernel − 1] and state[layer] [slots, v_heads, k_head_dim, v_head_dim], float32."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)
+    state: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, slots: int, max_len: int, dtype, device) -> "KVCache":
         def zeros(shape):
-            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+            return [torch.zeros(shape if i not in cfg.linear_layers else (slots, max_len, 0, shape[-1]),
+                                dtype=dtype, device=device) for i in range(cfg.num_layers)]
         if cfg.mla is not None:
             return cls(zeros((slots, max_len, 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)), [])
         shape = (slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(zeros(shape), zeros(shape))
+        d = cfg.delta_net
+        conv = {i: torch.zeros(slots, d.conv_dim, d.conv_kernel - 1, device=device) for i in cfg.linear_layers}
+        state = {i: torch.zeros(slots, d.v_heads, d.k_head_dim, d.v_head_dim, device=device) for i in cfg.linear_layers}
+        return cls(zeros(shape), zeros(shape), conv, state)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in [*self.k, *self.v, *self.conv.values(), *self.state.values()])
 
     @property
     def max_len(self) -> int:
@@ -176,9 +185,16 @@ def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_
     return ffn
 
 
+OFFSET_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                "self_attn.k_norm.weight")
+
+
 class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        if cfg.spec.norm_offset:  # stored as w − 1: hold the scale itself, so rms_norm stays one function
+            weights = {k: v + 1 if k.endswith(OFFSET_NORMS) or k == "model.norm.weight" else v for k, v in weights.items()}
         self.cfg, self.w = cfg, weights
+        self.linear = set(cfg.linear_layers)
         self.moe = set(cfg.moe_layers)
         self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
@@ -235,6 +251,9 @@ class MoEModel:
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
         q, k, v = (F.linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
+        if cfg.spec.attn_gate:  # per head: the query, then as many gate values (Qwen3-Next)
+            q, gate = q.view(B, T, cfg.num_heads, 2 * cfg.head_dim).chunk(2, -1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if cfg.spec.qk_norm == "full" and cfg.qk_norm:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
@@ -262,7 +281,28 @@ class MoEModel:
                                                  enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         else:
             out = sink_attention(q, keys, vals, mask, sinks)
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        if cfg.spec.attn_gate:
+            out = out * torch.sigmoid(gate)
+        return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+
+    def linear_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, lengths: list[int],
+                         kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        """Each row's valid tokens (left-aligned, lengths[b] of them) continue its slot's state; a row
+        whose first position is 0 starts from zero state. Padding never touches a state."""
+        d, p = self.cfg.delta_net, f"model.layers.{i}.linear_attn."
+        out = torch.zeros_like(x)
+        for b, n in enumerate(lengths):
+            if not n:
+                continue
+            fresh = kv is None or int(pos[b, 0]) == 0
+            conv = x.new_zeros(d.conv_dim, d.conv_kernel - 1) if fresh else kv.conv[i][slots[b]]
+            state = x.new_zeros(d.v_heads, d.k_head_dim, d.v_head_dim, dtype=torch.float32) if fresh \
+                else kv.state[i][slots[b]]
+            out[b, :n], conv, state = delta_net(x[b, :n], self.w, p, d, self.cfg.rms_norm_eps, conv, state)
+            if kv is not None:
+                kv.conv[i][slots[b]], kv.state[i][slots[b]] = conv.float(), state
+        return out
 
     def mlp(self, i: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """x: [N, H] valid tokens only, so padding never reaches the router or the traces."""
@@ -300,6 +340,13 @@ class MoEModel:
                                                  self.w[p + "gate_up_proj_bias"], self.w[p + "down_proj_bias"])
         return self._expert_fns[i]
 
+    @staticmethod
+    def _lengths(valid: torch.Tensor) -> list[int]:
+        lengths = valid.sum(1)
+        if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device)[None] < lengths[:, None]):
+            raise ValueError("linear attention needs each row's valid tokens first (left-aligned, no gaps)")
+        return lengths.tolist()
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,
                 kv: KVCache | None = None, slots: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -312,9 +359,12 @@ class MoEModel:
         B, T, H = x.shape
         rows = Rows.of(pos, valid, slots if kv is not None else None)
         post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
+        lengths = self._lengths(valid) if self.linear else None
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            a = self.attention(i, x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps), pos, rows, kv)
+            h = x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps)
+            a = self.linear_attention(i, h, pos, lengths, kv, slots) if i in self.linear \
+                else self.attention(i, h, pos, rows, kv)
             a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
             x = x + (a if r == 1.0 else a * r)
             flat = x.reshape(B * T, H)

@@ -59,7 +59,10 @@ def test_misses_under_a_budget(model, policy):
 def test_kv_cache_holds_what_the_attention_needs(model):
     eng = Engine(EngineConfig(str(model), miss_policy="all", max_len=32, max_batch=2))
     c = eng.cfg
-    assert eng.kv.nbytes == c.kv_numel_per_token * 32 * 2 * eng.kv.k[0].element_size()
+    assert eng.kv.nbytes == c.kv_numel_per_token * 32 * 2 * eng.kv.k[0].element_size() + c.state_numel_per_slot * 2 * 4
+    if c.linear_layers:  # Qwen3-Next: only its attention layers cache tokens; the others hold a fixed state
+        assert c.kv_numel_per_token == 2 * (c.num_layers - len(c.linear_layers)) * c.num_kv_heads * c.head_dim
+        assert c.state_numel_per_slot > 0 and set(eng.kv.state) == set(c.linear_layers)
     if c.mla is not None:  # one latent per token and layer, far less than per-head keys and values
         assert c.kv_numel_per_token == c.num_layers * (c.mla.kv_lora_rank + c.mla.qk_rope_head_dim)
         assert c.kv_numel_per_token < 2 * c.num_layers * c.num_heads * (c.mla.qk_nope_head_dim + c.mla.v_head_dim)
@@ -361,3 +364,29 @@ def test_malformed_configs_get_a_config_error(family, tmp_path_factory):
         except ConfigError:
             pass
     check()
+
+
+def test_qwen3_next_reuses_a_slot_only_where_its_state_saw_exactly_the_prefix(tmp_path):
+    """A linear-attention state holds everything its slot saw: a chat's next turn (the whole conversation so
+    far, then more) continues it; a prompt sharing only part of it starts afresh. Both decode what a fresh
+    engine decodes."""
+    path = make_tiny("qwen3_next", tmp_path / "q3n")
+
+    def decode(eng, ids):
+        r = eng.make_request(list(ids), GREEDY)
+        eng.admit([r])
+        while eng.running:
+            eng.step()
+        return r
+    eng = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1, prefix_reuse=True))
+    first = decode(eng, eng.codec.encode(PROMPTS[2]))
+    follow = first.prompt_ids + first.output_ids + eng.codec.encode(" and then?")
+    second = decode(eng, follow)
+    assert eng.reused_tokens == len(first.prompt_ids) + len(first.output_ids) - 1
+    branch = follow[:len(first.prompt_ids) - 2] + eng.codec.encode(" instead")  # shares a part only
+    before = eng.reused_tokens
+    third = decode(eng, branch)
+    assert eng.reused_tokens == before
+    for r in (second, third):
+        fresh = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1))
+        assert decode(fresh, r.prompt_ids).output_ids == r.output_ids

@@ -89,6 +89,14 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                                num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"])),
         # FlexOlmo's shape: OLMoE's experts behind OLMo-2's post-norm layers
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(num_experts=8, intermediate_size=32)),
+        # Qwen3-Next's shape: linear attention (gated delta rule, 4 value heads over 2 key heads) around one gated
+        # attention layer with a quarter of the head rotary, a gated shared expert, norms stored as w − 1
+        "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM,
+                       dict(num_experts=8, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True,
+                            shared_expert_intermediate_size=40, head_dim=16, partial_rotary_factor=0.25,
+                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                            linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                            layer_types=["linear_attention", "full_attention", "linear_attention"])),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
@@ -104,6 +112,8 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                 p.mul_(20)
             if name.endswith(("sinks", "_bias", "router.bias")):  # zero at init: give them values that matter
                 p.copy_(torch.randn(p.shape) * 0.5)
+            if family == "qwen3_next" and name.endswith("norm.weight"):  # stored as w − 1, zero at init
+                p.add_(torch.randn(p.shape) * 0.2)
         for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero; make it matter
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape) * 0.3)

@@ -1,0 +1,97 @@
+"""Qwen3-Next's linear attention (the gated delta rule, arXiv 2412.06464) as pure functions.
+
+Each sequence carries a fixed-size state instead of a growing KV cache: the last conv_kernel − 1 inputs of
+a causal depthwise convolution, and a [v_heads, k_head_dim, v_head_dim] matrix the rule decays and
+corrects token by token. A prompt is processed in chunks of CHUNK tokens (the WY form: within a chunk the
+delta corrections solve a triangular system; across chunks the state carries), a decode step by the
+one-token recurrence; both in float32, as transformers' reference does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import DeltaNet
+
+CHUNK = 64
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, d: DeltaNet):
+    """in_proj_qkvz / in_proj_ba outputs [n, ·] → the conv input [n, conv_dim] (q, k, v flattened), z
+    [n, Hv, dv], b and a [n, Hv]. The projections are grouped by key head: each holds its q, k, then the
+    values and gates of the Hv/Hk value heads it serves."""
+    n, r = qkvz.shape[0], d.v_heads // d.k_heads
+    q, k, v, z = qkvz.view(n, d.k_heads, -1).split([d.k_head_dim, d.k_head_dim, r * d.v_head_dim, r * d.v_head_dim], -1)
+    b, a = ba.view(n, d.k_heads, 2 * r).split([r, r], -1)
+    mixed = torch.cat((q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)), -1)
+    return mixed, z.reshape(n, d.v_heads, d.v_head_dim), b.reshape(n, d.v_heads), a.reshape(n, d.v_heads)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, C] after the previous inputs prev [C, K−1] → (silu(conv) [n, C], the new prev)."""
+    seq = torch.cat((prev.to(x.dtype), x.t()), -1)  # [C, K−1+n]
+    out = F.conv1d(seq[None], weight.to(x.dtype), groups=seq.shape[0])[0]
+    return F.silu(out).t(), seq[:, -prev.shape[1]:]
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """q, k [n, H, dk] (l2-normalised, q scaled); v [n, H, dv]; g (log decay), beta [n, H]; state [H, dk, dv].
+    All float32. Returns (out [n, H, dv], final state)."""
+    n = q.shape[0]
+    if n == 1:
+        s = state * g[0].exp()[:, None, None]
+        delta = (v[0] - torch.einsum("hkv,hk->hv", s, k[0])) * beta[0][:, None]
+        s = s + k[0][:, :, None] * delta[:, None, :]
+        return torch.einsum("hkv,hk->hv", s, q[0])[None], s
+    outs = []
+    for c in range(0, n, CHUNK):
+        out, state = _chunk(q[c:c + CHUNK], k[c:c + CHUNK], v[c:c + CHUNK], g[c:c + CHUNK], beta[c:c + CHUNK], state)
+        outs.append(out)
+    return torch.cat(outs), state
+
+
+def _chunk(q, k, v, g, beta, state):
+    """One chunk of L tokens at once: with cumulative decays G, the corrected values U solve
+    (I + tril(β·K·Kᵀ·e^{G_i−G_j}, −1))·U = β·(V − e^{G}·K·S); then out = Q·S·e^{G} + tril(Q·Kᵀ·e^{G_i−G_j})·U
+    and S' = e^{G_L}·S + Σ_j e^{G_L−G_j}·k_j·u_jᵀ."""
+    L = q.shape[0]
+    q, k, v, g, beta = (t.transpose(0, 1) for t in (q, k, v, g, beta))  # heads first
+    G = g.cumsum(-1)                                                     # [H, L]
+    decay = (G[:, :, None] - G[:, None, :]).tril().exp().tril()          # e^{G_i − G_j}, i ≥ j
+    kk = (k @ k.transpose(-1, -2)) * decay                               # [H, L, L]
+    a = torch.eye(L, dtype=q.dtype, device=q.device) + (beta[:, :, None] * kk).tril(-1)
+    rhs = beta[:, :, None] * (v - (k * G.exp()[:, :, None]) @ state)
+    u = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    out = (q * G.exp()[:, :, None]) @ state + ((q @ k.transpose(-1, -2)) * decay) @ u
+    tail = (G[:, -1:] - G).exp()                                         # e^{G_L − G_j}
+    state = state * G[:, -1].exp()[:, None, None] + (k * tail[:, :, None]).transpose(-1, -2) @ u
+    return out.transpose(0, 1), state
+
+
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise each value head, scale, and gate by silu(z) (transformers' Qwen3NextRMSNormGated)."""
+    dtype = x.dtype
+    h = x.float()
+    h = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return (h * F.silu(gate.float())).to(dtype)
+
+
+def delta_net(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
+              conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's next n tokens x [n, hidden] through layer prefix p → (output [n, hidden], new conv
+    inputs, new state)."""
+    mixed, z, b, a = split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
+    mixed, conv_prev = causal_conv(mixed, w[p + "conv1d.weight"], conv_prev)
+    kd = d.k_heads * d.k_head_dim
+    q, k, v = mixed.float().split([kd, kd, d.v_heads * d.v_head_dim], -1)
+    r = d.v_heads // d.k_heads
+    q, k = (l2norm(t.view(-1, d.k_heads, d.k_head_dim)).repeat_interleave(r, dim=1) for t in (q, k))
+    g = -w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float())
+    out, state = gated_delta_rule(q * d.k_head_dim ** -0.5, k, v.view(-1, d.v_heads, d.v_head_dim), g,
+                                  b.float().sigmoid(), state)
+    out = gated_rms_norm(out.to(x.dtype), w[p + "norm.weight"], z, eps)
+    return F.linear(out.flatten(1), w[p + "out_proj.weight"]), conv_prev, state
