@@ -177,7 +177,8 @@ class ExpertLocs:
         return tensors
 
 
-PACKED = ("mxfp4", "fp8", "gguf")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
+PACKED = ("mxfp4", "fp8", "gguf")
+LM_PREFIX = "model.language_model."  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
 
 
 class Checkpoint:
@@ -205,6 +206,13 @@ class Checkpoint:
         self.tensors: dict[str, TensorLoc] = {}
         for f in files:
             self.tensors.update(read_header(f))
+        self.file_names: dict[str, str] = {}  # emoe's name → the file's, where a multimodal release nests the LM
+        for name in list(self.tensors):
+            if name.startswith(("model.visual.", "mtp.")):  # a vision tower, a multi-token-prediction head: unused
+                del self.tensors[name]
+            elif name.startswith(LM_PREFIX):
+                short = "model." + name[len(LM_PREFIX):]
+                self.tensors[short], self.file_names[short] = self.tensors.pop(name), name
         if (self.dir / "gguf.json").is_file():  # an `emoe import-gguf` folder: experts stay in the GGUF
             from .gguf_import import index_experts
             self.experts = index_experts(self.dir, self.config)
@@ -325,7 +333,7 @@ class Checkpoint:
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for name in names:
-                    t = f.get_tensor(name)
+                    t = f.get_tensor(self.file_names.get(name, name))
                     if not t.is_floating_point():
                         raise CheckpointError(f"{self.dir}: {name} is stored as {t.dtype}: a quantised format "
                                               f"emoe does not read")

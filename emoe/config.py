@@ -77,6 +77,10 @@ FAMILIES: dict[str, Family] = {
     # gated delta rule (linear attention, a fixed-size state per sequence), the fourth with gated attention
     "qwen3_next": Family(_GUD, "mlp", None, "head", "attention_bias", "gated", shared_key="shared_expert.",
                          norm_offset=True, attn_gate=True),
+    # Qwen3.5 MoE: Qwen3-Next's layers (its linear attention's projections unfused), every layer MoE; the
+    # released multimodal checkpoints are served as text (their language model under model.language_model)
+    "qwen3_5_moe": Family(_GUD, "mlp", True, "head", "attention_bias", "gated", shared_key="shared_expert.",
+                          norm_offset=True, attn_gate=True),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
@@ -243,6 +247,9 @@ class ModelConfig:
     @classmethod
     def _from_hf(cls, raw: dict) -> "ModelConfig":
         family = raw.get("model_type")
+        if family == "qwen3_5_moe" and isinstance(raw.get("text_config"), dict):  # multimodal: its text model
+            raw = {"tie_word_embeddings": raw.get("tie_word_embeddings"), **raw["text_config"], "model_type": family}
+        family = {"qwen3_5_moe_text": "qwen3_5_moe"}.get(family, family)
         if family not in FAMILIES:
             arch = raw.get("architectures")
             raise ConfigError(f"unsupported architecture model_type={family!r} (architectures={arch}); "
@@ -352,7 +359,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),
             mla=_mla(raw, yarn) if spec.mla else None,
-            rotary_dim=_rotary_dim(raw, rope, spec.mla),
+            rotary_dim=_rotary_dim(raw, rope, spec.mla, 0.25 if family == "qwen3_5_moe" else 1.0),
             qk_norm=bool(raw.get("use_qk_norm", False)) if family == "glm4_moe" else True,
             yarn=yarn,
             **_groups(raw, family),
@@ -376,9 +383,9 @@ def _yarn(rope: dict, raw: dict) -> Yarn:
                 bool(rope.get("truncate", True)))
 
 
-def _rotary_dim(raw: dict, rope: dict, mla: bool) -> int:
+def _rotary_dim(raw: dict, rope: dict, mla: bool, default: float = 1.0) -> int:
     head = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
-    factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0)
+    factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", default)) or 1.0)
     if factor == 1.0 and raw.get("rotary_dim"):  # MiniMax-M2's released configs give the count itself
         factor = int(raw["rotary_dim"]) / head
     if mla or factor == 1.0:
@@ -414,7 +421,7 @@ def _shared_size(raw: dict, family: str, inter: int) -> int:
 
 def _delta_net(raw: dict, family: str, n_layers: int) -> dict:
     """Qwen3-Next's linear-attention layers: layer_types, or every full_attention_interval-th layer full."""
-    if family != "qwen3_next":
+    if family not in ("qwen3_next", "qwen3_5_moe"):
         return {}
     types = raw.get("layer_types")
     if types is None:

@@ -84,7 +84,11 @@ def delta_net(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
               conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sequence's next n tokens x [n, hidden] through layer prefix p → (output [n, hidden], new conv
     inputs, new state)."""
-    mixed, z, b, a = split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
+    if p + "in_proj_qkvz.weight" in w:  # Qwen3-Next: fused, grouped by key head
+        mixed, z, b, a = split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
+    else:  # Qwen3.5: one projection each, q/k/v already in order
+        mixed, z = F.linear(x, w[p + "in_proj_qkv.weight"]), F.linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)
+        b, a = F.linear(x, w[p + "in_proj_b.weight"]), F.linear(x, w[p + "in_proj_a.weight"])
     mixed, conv_prev = causal_conv(mixed, w[p + "conv1d.weight"], conv_prev)
     kd = d.k_heads * d.k_head_dim
     q, k, v = mixed.float().split([kd, kd, d.v_heads * d.v_head_dim], -1)

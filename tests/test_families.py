@@ -390,3 +390,22 @@ def test_qwen3_next_reuses_a_slot_only_where_its_state_saw_exactly_the_prefix(tm
     for r in (second, third):
         fresh = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1))
         assert decode(fresh, r.prompt_ids).output_ids == r.output_ids
+
+
+def test_qwen35_multimodal_release_serves_its_language_model(tmp_path):
+    """Qwen3.5-MoE as released (a vision-language checkpoint): config from text_config, weights from
+    model.language_model.*, the vision tower left unread; logits equal transformers' on text, and the
+    engine decodes under a budget with host misses exactly as all-resident."""
+    import transformers
+    from test_model import load_emoe
+    from tiny import make_qwen35_multimodal
+    path = make_qwen35_multimodal(tmp_path / "q35")
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    cfg, model, dispatch = load_emoe(path)
+    assert cfg.family == "qwen3_5_moe" and cfg.linear_layers == (0, 2) and cfg.rotary_dim == 4
+    seq = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=seq).logits
+        got = model.forward(seq, torch.arange(20)[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert run(path, miss_policy="host", budget=0.4)[1] == run(path)[1]

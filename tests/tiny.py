@@ -97,6 +97,15 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                             linear_value_head_dim=8, linear_conv_kernel_dim=4,
                             layer_types=["linear_attention", "full_attention", "linear_attention"])),
+        # Qwen3.5 MoE (text): Qwen3-Next's layers with unfused linear-attention projections, M-RoPE sections
+        # (text-only positions: plain rope on a quarter of the head)
+        "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM,
+                        dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                             head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                                  mrope_section=[1, 1, 0], mrope_interleaved=True))),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
@@ -112,7 +121,7 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                 p.mul_(20)
             if name.endswith(("sinks", "_bias", "router.bias")):  # zero at init: give them values that matter
                 p.copy_(torch.randn(p.shape) * 0.5)
-            if family == "qwen3_next" and name.endswith("norm.weight"):  # stored as w − 1, zero at init
+            if family in ("qwen3_next", "qwen3_5_moe") and name.endswith("norm.weight"):  # stored as w − 1, zero at init
                 p.add_(torch.randn(p.shape) * 0.2)
         for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero; make it matter
             if name.endswith("e_score_correction_bias"):
@@ -167,4 +176,31 @@ def make_fp8(directory: Path, block: tuple[int, int] = (4, 4)) -> Path:
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": list(block)}
     (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def make_qwen35_multimodal(directory: Path) -> Path:
+    """A tiny Qwen3.5-MoE as released: Qwen3_5MoeForConditionalGeneration, its language model under
+    model.language_model., a vision tower beside it (which emoe does not serve)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                num_experts_per_tok=2, max_position_embeddings=256, eos_token_id=VOCAB - 1, num_experts=8,
+                moe_intermediate_size=32, shared_expert_intermediate_size=40, head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                layer_types=["linear_attention", "full_attention", "linear_attention"],
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                     mrope_section=[1, 1, 0], mrope_interleaved=True))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1, num_position_embeddings=16)
+    model = tf.Qwen3_5MoeForConditionalGeneration(tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and "shared" not in name:
+                p.mul_(20)
+            if name.endswith("norm.weight") and "visual" not in name:
+                p.add_(torch.randn(p.shape) * 0.2)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    write_tokenizer(directory)
     return directory
