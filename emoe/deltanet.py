@@ -80,22 +80,45 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, ep
     return (h * F.silu(gate.float())).to(dtype)
 
 
+def _inputs(x: torch.Tensor, w: dict, p: str, d: DeltaNet):
+    """Tokens x [n, hidden] → conv input [n, conv_dim], z [n, Hv, dv], b and a [n, Hv]."""
+    if p + "in_proj_qkvz.weight" in w:  # Qwen3-Next: fused, grouped by key head
+        return split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
+    z = F.linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)  # Qwen3.5: one projection each
+    return F.linear(x, w[p + "in_proj_qkv.weight"]), z, F.linear(x, w[p + "in_proj_b.weight"]), \
+        F.linear(x, w[p + "in_proj_a.weight"])
+
+
+def _rule_inputs(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: dict, p: str, d: DeltaNet):
+    """Convolved q/k/v [n, conv_dim] → float32 (q scaled, k) [n, Hv, dk], v [n, Hv, dv], log decay and beta [n, Hv]."""
+    kd, r = d.k_heads * d.k_head_dim, d.v_heads // d.k_heads
+    q, k, v = mixed.float().split([kd, kd, d.v_heads * d.v_head_dim], -1)
+    q, k = (l2norm(t.view(-1, d.k_heads, d.k_head_dim)).repeat_interleave(r, dim=1) for t in (q, k))
+    g = -w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float())
+    return q * d.k_head_dim ** -0.5, k, v.view(-1, d.v_heads, d.v_head_dim), g, b.float().sigmoid()
+
+
 def delta_net(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
               conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sequence's next n tokens x [n, hidden] through layer prefix p → (output [n, hidden], new conv
     inputs, new state)."""
-    if p + "in_proj_qkvz.weight" in w:  # Qwen3-Next: fused, grouped by key head
-        mixed, z, b, a = split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
-    else:  # Qwen3.5: one projection each, q/k/v already in order
-        mixed, z = F.linear(x, w[p + "in_proj_qkv.weight"]), F.linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)
-        b, a = F.linear(x, w[p + "in_proj_b.weight"]), F.linear(x, w[p + "in_proj_a.weight"])
+    mixed, z, b, a = _inputs(x, w, p, d)
     mixed, conv_prev = causal_conv(mixed, w[p + "conv1d.weight"], conv_prev)
-    kd = d.k_heads * d.k_head_dim
-    q, k, v = mixed.float().split([kd, kd, d.v_heads * d.v_head_dim], -1)
-    r = d.v_heads // d.k_heads
-    q, k = (l2norm(t.view(-1, d.k_heads, d.k_head_dim)).repeat_interleave(r, dim=1) for t in (q, k))
-    g = -w[p + "A_log"].float().exp() * F.softplus(a.float() + w[p + "dt_bias"].float())
-    out, state = gated_delta_rule(q * d.k_head_dim ** -0.5, k, v.view(-1, d.v_heads, d.v_head_dim), g,
-                                  b.float().sigmoid(), state)
+    out, state = gated_delta_rule(*_rule_inputs(mixed, a, b, w, p, d), state)
     out = gated_rms_norm(out.to(x.dtype), w[p + "norm.weight"], z, eps)
     return F.linear(out.flatten(1), w[p + "out_proj.weight"]), conv_prev, state
+
+
+def delta_net_step(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
+                   conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token each of B sequences (a decode step), x [B, hidden], conv_prev [B, C, K−1], state [B, Hv, dk, dv]
+    → (output [B, hidden], new conv inputs, new states): the recurrence batched over sequences."""
+    mixed, z, b, a = _inputs(x, w, p, d)
+    seq = torch.cat((conv_prev.to(x.dtype), mixed[:, :, None]), -1)  # [B, C, K]
+    mixed = F.silu((seq * w[p + "conv1d.weight"][:, 0].to(x.dtype)).sum(-1))
+    q, k, v, g, beta = _rule_inputs(mixed, a, b, w, p, d)
+    s = state * g.exp()[:, :, None, None]
+    delta = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[:, :, None]
+    s = s + k[:, :, :, None] * delta[:, :, None, :]
+    out = gated_rms_norm(torch.einsum("bhkv,bhk->bhv", s, q).to(x.dtype), w[p + "norm.weight"], z, eps)
+    return F.linear(out.flatten(1), w[p + "out_proj.weight"]), seq[:, :, 1:], s

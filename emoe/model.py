@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import math
 
 from .config import ModelConfig, Yarn
-from .deltanet import delta_net
+from .deltanet import delta_net, delta_net_step
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -292,6 +292,11 @@ class MoEModel:
         whose first position is 0 starts from zero state. Padding never touches a state."""
         d, p = self.cfg.delta_net, f"model.layers.{i}.linear_attn."
         out = torch.zeros_like(x)
+        if kv is not None and all(n == 1 for n in lengths) and x.shape[1] == 1 and int(pos.min()) > 0:
+            s = slots  # a decode step: every row one token on from its state, batched
+            out[:, 0], kv.conv[i][s], kv.state[i][s] = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps,
+                                                                      kv.conv[i][s], kv.state[i][s])
+            return out
         for b, n in enumerate(lengths):
             if not n:
                 continue
