@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import gguf_hybrid as hybrid
+
 FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
-         "deepseek2": "deepseek_v3"}  # deepseek2: deepseek_v2 where the gating is softmax (config())
+         "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
+         **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
@@ -145,6 +148,8 @@ class GGUFModel:
         elif self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
             cfg.update(norm_topk_prob=True, attention_bias=bias,
                        head_dim=self.get("attention.key_length", hidden // heads))
+        elif self.arch in hybrid.ARCHS:
+            hybrid.config(self, cfg)
         else:  # qwen2moe: biased q/k/v, a gated shared expert, no renormalisation
             cfg.update(norm_topk_prob=False, qkv_bias=bias,
                        shared_expert_intermediate_size=self.get("expert_shared_feed_forward_length", 0))
@@ -205,6 +210,7 @@ class GGUFModel:
         import gguf
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
+        cfg = self.config() if self.arch in hybrid.ARCHS else None
         biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
         kv_b: dict[tuple[int, str], torch.Tensor] = {}    # DeepSeek's split k_b / v_b, joined below
         for name, (_, t) in self.tensors.items():
@@ -226,6 +232,9 @@ class GGUFModel:
             kind = name.split(".")[2] if name.startswith("blk.") else ""
             if self.arch == "llama" and kind in heads and name.endswith(".weight"):
                 w = _unpermute(w, heads[kind])
+            if cfg is not None:
+                yield from hybrid.convert(self, name, hf, w, cfg)
+                continue
             yield hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf, w.contiguous()
         for layer in sorted({k[0] for k in kv_b}):  # back to kv_b_proj [heads·(nope + v), rank]
             k_b, v_b = kv_b[(layer, "attn_k_b")], kv_b[(layer, "attn_v_b")]  # [H, rank, nope], [H, v, rank]
@@ -249,7 +258,8 @@ class GGUFModel:
 def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-            "deepseek_v2": "DeepseekV2ForCausalLM"}[model_type]
+            "deepseek_v2": "DeepseekV2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -260,12 +270,15 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 # where an architecture names a tensor otherwise than LAYER does
 RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_gate_inp": "mlp.router"},
            "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
-                         "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"}}
+                         "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
+           **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
 
 
 def _hf_name(name: str, arch: str = "") -> str | None:
     if name in GLOBAL:
         return GLOBAL[name]
+    if arch in hybrid.ARCHS and hybrid.hf_name(name):
+        return hybrid.hf_name(name)
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     names = {**LAYER, **RENAMED.get(arch, {})}
     if m and m.group(2) in names:

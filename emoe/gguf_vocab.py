@@ -8,6 +8,9 @@ from .gguf_import import GGUFError
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",
+       # Qwen3.5: Qwen2's with combining marks joining letters
+       "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
        "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
        "smollm": (r"\p{N}", GPT2),  # digits one by one, then GPT-2's rule (llama.cpp applies them in turn)
        # DeepSeek-V3/R1, Kimi: digits in threes, CJK runs, then words and punctuation (llama-vocab.cpp's list)

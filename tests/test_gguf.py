@@ -409,3 +409,27 @@ def test_shadow_policies_run_on_copies_made_from_the_file(imported):
             torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
         else:
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch,family", [("qwen3next", "qwen3_next"), ("qwen35moe", "qwen3_5_moe")])
+def test_linear_attention_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
+    """Qwen3-Next and Qwen3.5-MoE GGUFs written by llama.cpp's own convert_hf_to_gguf.py (f16; made by
+    scripts/make_hybrid_gguf_fixtures.py): its 1 + w norms, −exp(A_log), squeezed conv, split q/k/v and z and
+    (Qwen3.5) tiled value heads are undone, so the import gives the logits transformers gave on the original
+    weights; under a 40% budget with host misses, the tokens of all-resident."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    data = Path(__file__).parent / "data"
+    out = import_gguf(data / f"{arch}.gguf", tmp_path / arch, dtype=torch.float32)
+    ref = load_file(str(data / f"{arch}-logits.safetensors"))
+    cfg, model, dispatch = load_emoe(out)
+    assert cfg.family == family and cfg.linear_layers == (0, 2) and cfg.rotary_dim == 4
+    seq = ref["tokens"][None]
+    with torch.no_grad():
+        got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
+    torch.testing.assert_close(got[0], ref["logits"], atol=1e-4, rtol=1e-4)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = Engine(EngineConfig(str(out), miss_policy="all")).generate(["hello there"], params, chat=False)
+    got = Engine(EngineConfig(str(out), miss_policy="host", budget=0.4)).generate(["hello there"], params, chat=False)
+    assert got[0].output_ids == want[0].output_ids

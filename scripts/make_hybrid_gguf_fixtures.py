@@ -1,0 +1,56 @@
+"""Writes tests/data/{qwen3next,qwen35moe}.gguf with llama.cpp's own converter, and the logits transformers
+gives on a fixed token sequence from the same weights, for tests/test_gguf.py's linear-attention imports.
+
+    python scripts/make_hybrid_gguf_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
+
+Tiny random Qwen3-Next and Qwen3.5-MoE checkpoints (tests/tiny.py), weights rounded to fp16 first so the f16
+GGUF holds them exactly; the converter's Qwen3.5 value-head tiling applies (4 value heads over 2 key heads).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from check_llamacpp import CONVERT  # noqa: E402
+from tiny import make_tiny  # noqa: E402
+
+TOKENS = 40  # past the conv kernel, enough for every state path; one chunk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data")
+    a = ap.parse_args()
+    import transformers
+    a.out.mkdir(parents=True, exist_ok=True)
+    for family, arch in (("qwen3_next", "qwen3next"), ("qwen3_5_moe", "qwen35moe")):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = make_tiny(family, Path(tmp) / family, num_experts=4, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=16)
+            model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.half().float())
+            model.save_pretrained(hf)
+            gguf = a.out / f"{arch}.gguf"
+            subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), "gpt-2", str(hf), "--outtype", "f16",
+                            "--no-mtp", "--outfile", str(gguf)], check=True, stdout=subprocess.DEVNULL)
+            seq = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                logits = model(seq).logits[0]
+            save_file({"tokens": seq[0], "logits": logits.contiguous()}, str(a.out / f"{arch}-logits.safetensors"))
+            print(f"{gguf}: {gguf.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
