@@ -51,14 +51,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 CONVERT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what the converter writes itself; others go through llama-quantize
 
 
-def make_gguf(llama: Path, model: Path, work: Path, qtype: str, pre: str) -> Path:
+def make_gguf(llama: Path, model: Path, work: Path, qtype: str, pre: str, extra: list[str]) -> Path:
     out = work / f"model-{qtype}.gguf"
     if out.is_file():
         return out
     if qtype in CONVERT_TYPES:
-        cmd = [sys.executable, "-c", CONVERT, str(llama), pre, str(model), "--outtype", qtype, "--outfile", str(out)]
+        cmd = [sys.executable, "-c", CONVERT, str(llama), pre, str(model), "--outtype", qtype, "--outfile", str(out), *extra]
     else:
-        cmd = [str(llama / "build/bin/llama-quantize"), str(make_gguf(llama, model, work, "f32", pre)), str(out), qtype]
+        cmd = [str(llama / "build/bin/llama-quantize"), str(make_gguf(llama, model, work, "f32", pre, extra)), str(out),
+               qtype]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--quants", default="f32,q8_0,Q4_0,Q4_K_M,Q3_K_M,Q2_K", help="f32 first: the others are "
                     "compared with it too")
     ap.add_argument("--pre", default="gpt-2", help="tokenizer.ggml.pre to write ('' to let llama.cpp hash it)")
+    ap.add_argument("--convert-arg", action="append", default=[], help="passed to convert_hf_to_gguf.py "
+                    "(e.g. --convert-arg=--no-mtp for Qwen3-Next / Qwen3.5 without their MTP head)")
     ap.add_argument("--n", type=int, default=16, help="test-split prompts")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--budget", type=float, default=0.4)
@@ -158,7 +161,7 @@ def main() -> None:
         return f"{sum(x == y for x, y in zip(mine, f32[key])) / len(mine):.3f}" if key in f32 else "-"
 
     for q in a.quants.split(","):
-        gguf = make_gguf(a.llama_cpp, a.model, a.work, q, a.pre)
+        gguf = make_gguf(a.llama_cpp, a.model, a.work, q, a.pre, a.convert_arg)
         imported = a.work / f"import-{q}"
         subprocess.run([sys.executable, "-m", "emoe.cli", "import-gguf", str(gguf), "--out", str(imported)],
                        check=True, stdout=subprocess.DEVNULL)
