@@ -69,6 +69,15 @@ step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 25
   --layers 8 --experts 32
 step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
   --configs all:1.0,host:0.4,load:0.4,auto:0.4,shadow:0.4
+# Qwen3-Next's layout (linear attention in three of four layers, a fixed state per slot): not yet run on CUDA
+N=/tmp/random-qwen3-next
+step random_qwen3_next 120 python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny import make_tiny
+make_tiny('qwen3_next', Path('$N'), hidden_size=$((Q ? 256 : 1024)), num_hidden_layers=8, num_attention_heads=8,
+          num_key_value_heads=2, head_dim=128, num_experts=32, num_experts_per_tok=4,
+          moe_intermediate_size=$((Q ? 128 : 512)), shared_expert_intermediate_size=$((Q ? 128 : 512)),
+          linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+          layer_types=['linear_attention'] * 3 + ['full_attention'] + ['linear_attention'] * 3 + ['full_attention'])"
+step profile_qwen3_next $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $N --configs all:1.0,host:0.4,load:0.4,shadow:0.4
 # serving: a long prompt's prefill interleaved with decoding vs whole; a chat's turns with prefix reuse vs without
 step interleave 90 python3 scripts/bench_prefill_interleave.py --model $D --tokens $((Q ? 500 : 1900)) --chunk 256
 step prefix_reuse 60 python3 scripts/bench_prefix_reuse.py
