@@ -294,8 +294,9 @@ class MoEModel:
         out = torch.zeros_like(x)
         if kv is not None and all(n == 1 for n in lengths) and x.shape[1] == 1 and int(pos.min()) > 0:
             s = slots  # a decode step: every row one token on from its state, batched
-            out[:, 0], kv.conv[i][s], kv.state[i][s] = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps,
-                                                                      kv.conv[i][s], kv.state[i][s])
+            out[:, 0], conv, state = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps, kv.conv[i][s],
+                                                    kv.state[i][s])
+            kv.conv[i][s], kv.state[i][s] = conv.float(), state
             return out
         for b, n in enumerate(lengths):
             if not n:

@@ -48,6 +48,14 @@ def test_chunked_prefill_gives_the_unchunked_tokens_and_routing(model):
         assert [r.trace.prefill.tolist() for r in got] == [r.trace.prefill.tolist() for r in want]
 
 
+def test_bf16_engine_runs_prefill_and_batched_decode(model):
+    """A bf16 fast tier (the default on a GPU) through every path a family has: chunked prefill, a batched
+    decode, states and caches kept in their own dtypes."""
+    eng = Engine(EngineConfig(str(model), miss_policy="all", dtype="bfloat16", prefill_chunk=4))
+    out = [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)]
+    assert [len(o) for o in out] == [6] * 3
+
+
 @pytest.mark.parametrize("policy", ["reroute", "shadow"])
 def test_misses_under_a_budget(model, policy):
     eng, out = run(model, miss_policy=policy, budget=0.5)
