@@ -25,6 +25,7 @@ FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
+         "glm4moe": "glm4_moe",
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -134,6 +135,12 @@ class GGUFModel:
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
         if self.arch == "deepseek2":
             self._deepseek(cfg, moe)
+        elif self.arch == "glm4moe":  # DeepSeek-V3's routing and layout around grouped-query attention
+            rope, head = self.need("rope.dimension_count"), self.get("attention.key_length", hidden // heads)
+            cfg.update(self._routing(moe), n_routed_experts=cfg.pop("num_experts"), head_dim=head,
+                       partial_rotary_factor=rope / head, attention_bias=bias,
+                       use_qk_norm=f"blk.{moe[0]}.attn_q_norm.weight" in self.tensors)
+            cfg.pop("mlp_only_layers")
         elif self.arch == "gpt-oss":  # every other layer windowed, from the first; clamped SwiGLU (7.0, 1.702)
             cfg.update(num_local_experts=cfg.pop("num_experts"), attention_bias=True,
                        head_dim=self.get("attention.key_length", hidden // heads),
@@ -164,13 +171,9 @@ class GGUFModel:
             (self.need("attention.key_length"), self.need("attention.value_length"))
         sigmoid = self.get("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in self.tensors)
         groups = int(self.get("expert_group_count") or 1)
-        cfg.update(model_type="deepseek_v3" if sigmoid else "deepseek_v2",
+        cfg.update(self._routing(moe), model_type="deepseek_v3" if sigmoid else "deepseek_v2",
                    architectures=["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
                    n_routed_experts=cfg.pop("num_experts"), num_key_value_heads=cfg["num_attention_heads"],
-                   n_shared_experts=self.get("expert_shared_count", 0), first_k_dense_replace=moe[0],
-                   routed_scaling_factor=float(self.get("expert_weights_scale", 1.0)),
-                   norm_topk_prob=bool(self.get("expert_weights_norm", False)),
-                   n_group=groups, topk_group=int(self.get("expert_group_used_count") or 1),
                    topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if groups > 1 else "greedy",
                    scoring_func="sigmoid" if sigmoid else "softmax",
                    q_lora_rank=self.get("attention.q_lora_rank"), kv_lora_rank=rank, qk_rope_head_dim=rope,
@@ -179,6 +182,15 @@ class GGUFModel:
         if "rope_scaling" in cfg and log_mul:  # the converter writes 0.1·mscale_all_dim; releases set mscale alike
             cfg["rope_scaling"].update(mscale=10 * float(log_mul), mscale_all_dim=10 * float(log_mul))
         cfg.pop("mlp_only_layers")
+
+    def _routing(self, moe: list[int]) -> dict:
+        """DeepSeek-style MoE settings (DeepSeek, GLM-4.5): shared experts, dense first layers, routed scale,
+        renormalisation, groups."""
+        return dict(n_shared_experts=self.get("expert_shared_count", 0), first_k_dense_replace=moe[0],
+                    routed_scaling_factor=float(self.get("expert_weights_scale", 1.0)),
+                    norm_topk_prob=bool(self.get("expert_weights_norm", False)),
+                    n_group=int(self.get("expert_group_count") or 1),
+                    topk_group=int(self.get("expert_group_used_count") or 1))
 
     def tokenizer(self):
         """A `tokenizers.Tokenizer` from the vocabulary the GGUF carries (gguf_vocab)."""
@@ -258,7 +270,7 @@ class GGUFModel:
 def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-            "deepseek_v2": "DeepseekV2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+            "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
 
@@ -272,6 +284,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
            "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
+RENAMED["glm4moe"] = RENAMED["deepseek2"]
 
 
 def _hf_name(name: str, arch: str = "") -> str | None:

@@ -6,12 +6,15 @@ from .gguf_import import GGUFError
 
 # tokenizer.ggml.pre → the split regex(es) of Hugging Face's tokenizer for it (llama.cpp's llama-vocab.cpp)
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+IGNORE_MERGES = ("llama-bpe", "glm4", "glm5")  # a word the vocabulary holds whole is one token, merges or not
 PRE = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+",
        # Qwen3.5: Qwen2's with combining marks joining letters
        "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+",
        "default": GPT2, "gpt-2": GPT2, "olmo": GPT2,
+       "llama-bpe": LLAMA3, "glm4": LLAMA3, "glm5": LLAMA3,  # GLM-4.5: Llama 3's rule, merges ignored alike
        "smollm": (r"\p{N}", GPT2),  # digits one by one, then GPT-2's rule (llama.cpp applies them in turn)
        # DeepSeek-V3/R1, Kimi: digits in threes, CJK runs, then words and punctuation (llama-vocab.cpp's list)
        "deepseek-v3": (r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
@@ -45,7 +48,7 @@ def build_tokenizer(m: dict, source: str):
         pre = m.get("tokenizer.ggml.pre", "default")
         if pre not in PRE:
             raise GGUFError(f"pre-tokenizer {pre!r} is not supported (known: {sorted(PRE)})")
-        tok = Tokenizer(models.BPE(vocab, merges))
+        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
         rules = (PRE[pre],) if isinstance(PRE[pre], str) else PRE[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), "isolated") for r in rules),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -6,7 +6,7 @@ folder with `convert_hf_to_gguf.py` (needs `pip install sentencepiece`) and quan
 `llama-quantize`; emoe imports each file (`emoe import-gguf`, experts left packed in the file) and both
 answer the same prompts, given as the same token ids:
 
-- tokenizer: emoe's ids for the chat-templated prompt equal llama-server's /tokenize;
+- tokenizer: the tokenizer emoe builds from the GGUF's vocabulary gives llama-server's /tokenize ids;
 - greedy: emoe's 16 greedy tokens equal llama.cpp's (llama-server /completion, temperature 0);
 - teacher-forced: emoe's next-token argmax along llama.cpp's continuation equals llama.cpp's token, and
   the log-probability each gives that token (llama.cpp's pre-sampling one);
@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from emoe.datasets import load_split
 from emoe.engine import Engine, EngineConfig, SamplingParams
@@ -167,7 +168,9 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         with llama_server(a.llama_cpp, gguf, a.port, a.threads, ctx):
             ref = llama_side(a.port, texts, prompts, a.tokens)
-        tok_ok = sum(x == codec.encode(t) for x, t in zip(ref["tokenize"], texts)) / len(prompts)
+        imported_tok = Tokenizer.from_file(str(imported / "tokenizer.json"))  # built from the GGUF's vocabulary
+        tok_ok = sum(x == imported_tok.encode(t, add_special_tokens=False).ids
+                     for x, t in zip(ref["tokenize"], texts)) / len(prompts)
         llama_tps = sorted(ref["tok_s"])[len(prompts) // 2]
         if q == "f32":
             f32["llama"] = ref["tokens"]

@@ -1,5 +1,6 @@
-"""Writes tests/data/{qwen3next,qwen35moe}.gguf with llama.cpp's own converter, and the logits transformers
-gives on a fixed token sequence from the same weights, for tests/test_gguf.py's linear-attention imports.
+"""Writes tests/data/{qwen3next,qwen35moe,glm4moe}.gguf with llama.cpp's own converter, and the logits
+transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports of the
+families whose GGUF layout only llama.cpp's converter defines (linear attention; GLM-4.5).
 
     python scripts/make_hybrid_gguf_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from check_llamacpp import CONVERT  # noqa: E402
-from tiny import make_tiny  # noqa: E402
+from tiny import make_tiny, write_tokenizer  # noqa: E402
 
 TOKENS = 40  # past the conv kernel, enough for every state path; one chunk
 
@@ -33,17 +34,22 @@ def main() -> None:
     a = ap.parse_args()
     import transformers
     a.out.mkdir(parents=True, exist_ok=True)
-    for family, arch in (("qwen3_next", "qwen3next"), ("qwen3_5_moe", "qwen35moe")):
+    for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
+                              ("glm4_moe", "glm4moe", "glm4")):
         with tempfile.TemporaryDirectory() as tmp:
-            hf = make_tiny(family, Path(tmp) / family, num_experts=4, moe_intermediate_size=16,
-                           shared_expert_intermediate_size=16)
+            size = dict(n_routed_experts=4) if family == "glm4_moe" \
+                else dict(num_experts=4, shared_expert_intermediate_size=16)
+            hf = make_tiny(family, Path(tmp) / family, moe_intermediate_size=16, **size)
+            if family == "glm4_moe":  # the converter names GLM's special tokens
+                write_tokenizer(hf, specials=("<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>",
+                                              "<|observation|>"))
             model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
             with torch.no_grad():
                 for p in model.parameters():
                     p.copy_(p.half().float())
             model.save_pretrained(hf)
             gguf = a.out / f"{arch}.gguf"
-            subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), "gpt-2", str(hf), "--outtype", "f16",
+            subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), pre, str(hf), "--outtype", "f16",
                             "--no-mtp", "--outfile", str(gguf)], check=True, stdout=subprocess.DEVNULL)
             seq = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():

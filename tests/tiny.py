@@ -8,12 +8,12 @@ import torch
 VOCAB = 320
 
 
-def write_tokenizer(directory: Path, vocab: int = VOCAB) -> None:
+def write_tokenizer(directory: Path, vocab: int = VOCAB, specials: tuple[str, ...] = ("<|end|>",)) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab - 1, special_tokens=["<|end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 1, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     text = ["Summarize: the cat sat on the mat.", "Is this review positive or negative? Great food!",
             "SELECT name FROM users WHERE id = 3;", "Answer the question: who wrote Hamlet?"] * 20
