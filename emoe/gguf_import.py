@@ -25,7 +25,7 @@ FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
-         "glm4moe": "glm4_moe",
+         "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -150,6 +150,9 @@ class GGUFModel:
                 cfg["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
         elif self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("rope.dimension_count", hidden // heads))
+        elif self.arch == "minimax-m2":  # sigmoid routing with a selection bias, whole-projection qk norm, partial rotary
+            cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("attention.key_length", hidden // heads),
+                       rotary_dim=self.need("rope.dimension_count"))
         elif self.arch == "olmoe":  # softmax top-k, not renormalised; q/k norms over whole projections
             cfg.update(norm_topk_prob=False, clip_qkv=self.get("attention.clamp_kqv"))
         elif self.arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
@@ -271,6 +274,7 @@ def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
 
@@ -285,6 +289,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
 RENAMED["glm4moe"] = RENAMED["deepseek2"]
+RENAMED["minimax-m2"] = {"ffn_gate_inp": "block_sparse_moe.gate", "exp_probs_b": "block_sparse_moe.e_score_correction"}
 
 
 def _hf_name(name: str, arch: str = "") -> str | None:

@@ -1,8 +1,8 @@
-"""Writes tests/data/{qwen3next,qwen35moe,glm4moe}.gguf with llama.cpp's own converter, and the logits
-transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports of the
-families whose GGUF layout only llama.cpp's converter defines (linear attention; GLM-4.5).
+"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2}.gguf with llama.cpp's own converter, and the
+logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports
+of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2).
 
-    python scripts/make_hybrid_gguf_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
+    python scripts/make_llamacpp_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
 Tiny random Qwen3-Next and Qwen3.5-MoE checkpoints (tests/tiny.py), weights rounded to fp16 first so the f16
 GGUF holds them exactly; the converter's Qwen3.5 value-head tiling applies (4 value heads over 2 key heads).
@@ -10,6 +10,7 @@ GGUF holds them exactly; the converter's Qwen3.5 value-head tiling applies (4 va
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -35,11 +36,15 @@ def main() -> None:
     import transformers
     a.out.mkdir(parents=True, exist_ok=True)
     for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
-                              ("glm4_moe", "glm4moe", "glm4")):
+                              ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2")):
         with tempfile.TemporaryDirectory() as tmp:
-            size = dict(n_routed_experts=4) if family == "glm4_moe" \
-                else dict(num_experts=4, shared_expert_intermediate_size=16)
-            hf = make_tiny(family, Path(tmp) / family, moe_intermediate_size=16, **size)
+            size = {"glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=16),
+                    "minimax_m2": dict(num_local_experts=4, intermediate_size=16)}.get(
+                family, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16))
+            hf = make_tiny(family, Path(tmp) / family, **size)
+            if family == "minimax_m2":  # the release's config says so, and llama.cpp needs it (transformers drops it)
+                cfg = json.loads((hf / "config.json").read_text())
+                (hf / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
             if family == "glm4_moe":  # the converter names GLM's special tokens
                 write_tokenizer(hf, specials=("<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>",
                                               "<|observation|>"))
@@ -49,8 +54,9 @@ def main() -> None:
                     p.copy_(p.half().float())
             model.save_pretrained(hf)
             gguf = a.out / f"{arch}.gguf"
-            subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), pre, str(hf), "--outtype", "f16",
-                            "--no-mtp", "--outfile", str(gguf)], check=True, stdout=subprocess.DEVNULL)
+            mtp = ["--no-mtp"] if family != "minimax_m2" else []
+            subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), pre, str(hf), "--outtype", "f16", *mtp,
+                            "--outfile", str(gguf)], check=True, stdout=subprocess.DEVNULL)
             seq = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 logits = model(seq).logits[0]
