@@ -1,16 +1,11 @@
 """A llama.cpp GGUF file → a model folder emoe serves, with the experts left where they are.
 
-`emoe import-gguf FILE --out DIR` writes config.json, tokenizer.json, tokenizer_config.json (chat
-template), generation_config.json and the dense tensors (attention, norms, routers, shared experts,
-embeddings: a few percent of an MoE's bytes) dequantised into DIR/dense-*.safetensors, and DIR/gguf.json,
-which names the GGUF file(s). The routed experts are not copied: `Checkpoint` indexes them in the GGUF
-itself, one contiguous byte range per expert, so the slow tier reads them packed (from disk with
-O_DIRECT, or held in RAM at the file's own size) and they are dequantised by gguf-py (llama.cpp's own
-Python package) only where they land. Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, gpt-oss and DeepSeek-V3/R1
-(llama.cpp's qwen2moe / qwen3moe / olmoe / gpt-oss / deepseek2, and llama with experts; stacked, fused
-gate/up, or the early one-tensor-per-expert layout) with any quantisation gguf-py reads.
-"""
-from __future__ import annotations
+`emoe import-gguf FILE --out DIR` writes config.json, the tokenizer and chat template, generation_config.json,
+the dense tensors (attention, norms, routers, shared experts, embeddings: a few percent of an MoE's bytes)
+dequantised into DIR/dense-*.safetensors, and DIR/gguf.json naming the GGUF file(s). The routed experts are
+not copied: `Checkpoint` indexes them in the GGUF itself, one contiguous byte range per expert, so the slow
+tier reads them packed and they are dequantised (gguf_blocks) only where they land. Architectures: ARCHS.
+"""from __future__ import annotations
 
 import json
 import re
