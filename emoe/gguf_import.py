@@ -5,7 +5,8 @@ the dense tensors (attention, norms, routers, shared experts, embeddings: a few 
 dequantised into DIR/dense-*.safetensors, and DIR/gguf.json naming the GGUF file(s). The routed experts are
 not copied: `Checkpoint` indexes them in the GGUF itself, one contiguous byte range per expert, so the slow
 tier reads them packed and they are dequantised (gguf_blocks) only where they land. Architectures: ARCHS.
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import json
 import re
