@@ -286,13 +286,14 @@ class MoEModel:
             out = out * torch.sigmoid(gate)
         return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
-    def linear_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, lengths: list[int],
+    def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
-        """Each row's valid tokens (left-aligned, lengths[b] of them) continue its slot's state; a row
-        whose first position is 0 starts from zero state. Padding never touches a state."""
+        """Each row's valid tokens (left-aligned, lengths[b] of them, from position starts[b]) continue its
+        slot's state; a row that starts at position 0 starts from zero state. Padding never touches a state."""
         d, p = self.cfg.delta_net, f"model.layers.{i}.linear_attn."
+        lengths, starts = rows
         out = torch.zeros_like(x)
-        if kv is not None and all(n == 1 for n in lengths) and x.shape[1] == 1 and int(pos.min()) > 0:
+        if kv is not None and x.shape[1] == 1 and all(n == 1 for n in lengths) and min(starts) > 0:
             s = slots  # a decode step: every row one token on from its state, batched
             out[:, 0], conv, state = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps, kv.conv[i][s],
                                                     kv.state[i][s])
@@ -301,7 +302,7 @@ class MoEModel:
         for b, n in enumerate(lengths):
             if not n:
                 continue
-            fresh = kv is None or int(pos[b, 0]) == 0
+            fresh = kv is None or starts[b] == 0
             conv = x.new_zeros(d.conv_dim, d.conv_kernel - 1) if fresh else kv.conv[i][slots[b]]
             state = x.new_zeros(d.v_heads, d.k_head_dim, d.v_head_dim, dtype=torch.float32) if fresh \
                 else kv.state[i][slots[b]]
@@ -347,11 +348,13 @@ class MoEModel:
         return self._expert_fns[i]
 
     @staticmethod
-    def _lengths(valid: torch.Tensor) -> list[int]:
+    def _segments(pos: torch.Tensor, valid: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Each row's valid-token count and first position, read once per forward (one host sync)."""
         lengths = valid.sum(1)
         if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device)[None] < lengths[:, None]):
             raise ValueError("linear attention needs each row's valid tokens first (left-aligned, no gaps)")
-        return lengths.tolist()
+        lengths, starts = torch.stack((lengths, pos[:, 0])).tolist()
+        return lengths, starts
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,
                 kv: KVCache | None = None, slots: torch.Tensor | None = None,
@@ -365,11 +368,11 @@ class MoEModel:
         B, T, H = x.shape
         rows = Rows.of(pos, valid, slots if kv is not None else None)
         post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
-        lengths = self._lengths(valid) if self.linear else None
+        segments = self._segments(pos, valid) if self.linear else None
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             h = x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps)
-            a = self.linear_attention(i, h, pos, lengths, kv, slots) if i in self.linear \
+            a = self.linear_attention(i, h, segments, kv, slots) if i in self.linear \
                 else self.attention(i, h, pos, rows, kv)
             a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
             x = x + (a if r == 1.0 else a * r)
