@@ -171,6 +171,18 @@ def test_deepseek_v2_split_rule():
     assert "\u1f7d" in PRE["deepseek-llm"][1] and "\u212a-" in PRE["deepseek-llm"][1]
 
 
+def test_kimi_k2_split_rule_keeps_han_runs_apart():
+    """Kimi-K2's rule (its GGUFs are deepseek2 files): o200k's word split, but a Han run is a piece of its own
+    even inside a word (checked against llama-server, whose custom handler implements it, on 51 texts with
+    scripts/check_gguf_vocab.py --server)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from emoe.gguf_vocab import PRE
+    split = pre_tokenizers.Split(Regex(PRE["kimi-k2"]), "isolated").pre_tokenize_str
+    pieces = [p for p, _ in split("Hello WORLD it's 12345 中文字符mixed日本語 CamelCase")]
+    assert pieces == ["Hello", " WORLD", " it's", " ", "123", "45", " ", "中文字符", "mixed", "日本語", " Camel", "Case"]
+
+
 def test_fused_gate_up_experts_read_as_the_stacked_ones(tmp_path):
     from emoe.store import DiskStore
     hf = make_tiny("qwen3_moe", tmp_path / "hf", **SHAPE)
