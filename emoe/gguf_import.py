@@ -21,7 +21,7 @@ FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
-         "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
+         "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2",
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -131,10 +131,10 @@ class GGUFModel:
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
         if self.arch == "deepseek2":
             self._deepseek(cfg, moe)
-        elif self.arch == "glm4moe":  # DeepSeek-V3's routing and layout around grouped-query attention
-            rope, head = self.need("rope.dimension_count"), self.get("attention.key_length", hidden // heads)
-            cfg.update(self._routing(moe), n_routed_experts=cfg.pop("num_experts"), head_dim=head,
-                       partial_rotary_factor=rope / head, attention_bias=bias,
+        elif self.arch in ("glm4moe", "dots1"):  # DeepSeek-V3's routing and layout around grouped-query attention
+            head = self.get("attention.key_length", hidden // heads)
+            cfg.update(self._routing(moe), n_routed_experts=cfg.pop("num_experts"), head_dim=head, attention_bias=bias,
+                       partial_rotary_factor=self.get("rope.dimension_count", head) / head, sliding_window=None,
                        use_qk_norm=f"blk.{moe[0]}.attn_q_norm.weight" in self.tensors)
             cfg.pop("mlp_only_layers")
         elif self.arch == "gpt-oss":  # every other layer windowed, from the first; clamped SwiGLU (7.0, 1.702)
@@ -270,6 +270,7 @@ def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+            "dots1": "Dots1ForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
@@ -284,7 +285,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
            "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
-RENAMED["glm4moe"] = RENAMED["deepseek2"]
+RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek2"]
 RENAMED["minimax-m2"] = {"ffn_gate_inp": "block_sparse_moe.gate", "exp_probs_b": "block_sparse_moe.e_score_correction"}
 
 

@@ -1,6 +1,7 @@
-"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2}.gguf with llama.cpp's own converter, and the
+"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1}.gguf with llama.cpp's own converter, and the
 logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports
-of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2).
+of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2,
+dots.llm1).
 
     python scripts/make_llamacpp_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
@@ -36,9 +37,11 @@ def main() -> None:
     import transformers
     a.out.mkdir(parents=True, exist_ok=True)
     for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
-                              ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2")):
+                              ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2"),
+                              ("dots1", "dots1", "gpt-2")):
         with tempfile.TemporaryDirectory() as tmp:
             size = {"glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=16),
+                    "dots1": dict(n_routed_experts=4, moe_intermediate_size=16, n_group=2, sliding_window=None),
                     "minimax_m2": dict(num_local_experts=4, intermediate_size=16)}.get(
                 family, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16))
             hf = make_tiny(family, Path(tmp) / family, **size)
@@ -54,7 +57,7 @@ def main() -> None:
                     p.copy_(p.half().float())
             model.save_pretrained(hf)
             gguf = a.out / f"{arch}.gguf"
-            mtp = ["--no-mtp"] if family != "minimax_m2" else []
+            mtp = ["--no-mtp"] if family in ("qwen3_next", "qwen3_5_moe", "glm4_moe") else []
             subprocess.run([sys.executable, "-c", CONVERT, str(a.llama_cpp), pre, str(hf), "--outtype", "f16", *mtp,
                             "--outfile", str(gguf)], check=True, stdout=subprocess.DEVNULL)
             seq = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
