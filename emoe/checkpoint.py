@@ -214,7 +214,7 @@ class Checkpoint:
                 short = "model." + name[len(LM_PREFIX):]
                 self.tensors[short], self.file_names[short] = self.tensors.pop(name), name
         if (self.dir / "gguf.json").is_file():  # an `emoe import-gguf` folder: experts stay in the GGUF
-            from .gguf_import import index_experts
+            from .gguf_index import index_experts
             self.experts = index_experts(self.dir, self.config)
         else:
             self.experts = self._index_experts()

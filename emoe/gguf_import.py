@@ -21,7 +21,7 @@ FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
-         "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2",
+         "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -146,6 +146,11 @@ class GGUFModel:
                 cfg["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
         elif self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("rope.dimension_count", hidden // heads))
+        elif self.arch == "ernie4_5-moe":  # softmax routing with a selection bias, shared experts, dense first layers
+            cfg.update(moe_num_experts=cfg.pop("num_experts"), moe_k=cfg.pop("num_experts_per_tok"),
+                       moe_num_shared_experts=self.get("expert_shared_count", 0), moe_layer_start_index=moe[0],
+                       moe_layer_interval=self.get("interleave_moe_layer_step", 1),
+                       head_dim=self.get("attention.key_length", hidden // heads))
         elif self.arch == "minimax-m2":  # sigmoid routing with a selection bias, whole-projection qk norm, partial rotary
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("attention.key_length", hidden // heads),
                        rotary_dim=self.need("rope.dimension_count"))
@@ -270,7 +275,7 @@ def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-            "dots1": "Dots1ForCausalLM",
+            "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
@@ -286,6 +291,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
 RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek2"]
+RENAMED["ernie4_5-moe"] = {**RENAMED["deepseek2"], "exp_probs_b": "mlp.moe_statics.e_score_correction"}
 RENAMED["minimax-m2"] = {"ffn_gate_inp": "block_sparse_moe.gate", "exp_probs_b": "block_sparse_moe.e_score_correction"}
 
 
@@ -336,63 +342,4 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": model.stop_ids()}, indent=2))
     (out / "gguf.json").write_text(json.dumps({"format": FORMAT, "files": [
         {"path": str(f), "bytes": f.stat().st_size} for f in model.files]}, indent=2))
-    return out
-
-
-def index_experts(directory: Path, config) -> dict:
-    """Where each routed expert's packed rows lie in the GGUF named by DIR/gguf.json: {(layer, e): ExpertLocs}.
-    A GGUF that changed size since the import, or of another shape than config.json, is refused."""
-    from .checkpoint import CheckpointError, ExpertLocs, TensorLoc
-    try:
-        meta = json.loads((directory / "gguf.json").read_text())
-        files = [(Path(f["path"]), int(f["bytes"])) for f in meta["files"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory}/gguf.json is malformed ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory}/gguf.json has format {meta.get('format')!r}, this emoe reads {FORMAT}: "
-                              f"run `emoe import-gguf` again")
-    for f, size in files:
-        if not f.is_file() or f.stat().st_size != size:
-            raise CheckpointError(f"{f} is missing or changed since `emoe import-gguf` wrote {directory}: "
-                                  f"import it again")
-    try:
-        model = GGUFModel(files[0][0])
-    except GGUFError as e:
-        raise CheckpointError(str(e)) from None
-    if model.config()["model_type"] != config.family:
-        raise CheckpointError(f"{files[0][0].name} is a {model.arch} model but {directory}/config.json says "
-                              f"{config.family}")
-    h, i, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    out = {}
-    for layer in config.moe_layers:
-        fused = f"blk.{layer}.{FUSED}.weight" in model.tensors
-        if not fused and f"blk.{layer}.ffn_gate_exps.weight" not in model.tensors:  # early Mixtral: one per expert
-            for e in range(n):
-                locs = []
-                for kind, want in zip(("gate", "up", "down"), ((h, i), (h, i), (i, h))):
-                    path, t = model.expert_tensor(layer, f"ffn_{kind}.{e}")
-                    if tuple(int(d) for d in t.shape) != want:
-                        raise CheckpointError(f"{path.name}: blk.{layer}.ffn_{kind}.{e} has ggml shape "
-                                              f"{tuple(t.shape)}, config implies {want}")
-                    locs.append((TensorLoc(str(path), int(t.data_offset), int(t.n_bytes), "U8",
-                                           (want[1], int(t.n_bytes) // want[1])), int(t.tensor_type)))
-                out[(layer, e)] = ExpertLocs(tuple(l for l, _ in locs), "gguf", qtypes=tuple(q for _, q in locs))
-            continue
-        parts = []
-        for kind, want in ([(FUSED, (h, 2 * i)), (EXPERTS[2], (i, h))] if fused else zip(EXPERTS, ((h, i), (h, i), (i, h)))):
-            path, t = model.expert_tensor(layer, kind)
-            ne = tuple(int(d) for d in t.shape)  # ggml order: columns, rows, experts
-            if ne != (*want, n):
-                raise CheckpointError(f"{path.name}: blk.{layer}.{kind} has ggml shape {ne}, config implies "
-                                      f"{(*want, n)}")
-            per = int(t.n_bytes) // n  # one expert's block; (start, stride, bytes, rows) of each part in it
-            if kind == FUSED:  # gate's rows, then up's: the two halves of each expert's block
-                parts += [(str(path), int(t.data_offset) + half * per // 2, per, per // 2, i, int(t.tensor_type))
-                          for half in (0, 1)]
-            else:
-                parts.append((str(path), int(t.data_offset), per, per, want[1], int(t.tensor_type)))
-        for e in range(n):
-            out[(layer, e)] = ExpertLocs(tuple(TensorLoc(p, start + e * stride, size, "U8", (rows, size // rows))
-                                               for p, start, stride, size, rows, _ in parts),
-                                         "gguf", qtypes=tuple(q for *_, q in parts))
     return out

@@ -1,7 +1,7 @@
-"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1}.gguf with llama.cpp's own converter, and the
+"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1,ernie4_5-moe}.gguf with llama.cpp's own converter, and the
 logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports
 of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2,
-dots.llm1).
+dots.llm1, ERNIE-4.5).
 
     python scripts/make_llamacpp_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
@@ -38,16 +38,24 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
                               ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2"),
-                              ("dots1", "dots1", "gpt-2")):
+                              ("dots1", "dots1", "gpt-2"), ("ernie4_5_moe", "ernie4_5-moe", "")):
         with tempfile.TemporaryDirectory() as tmp:
             size = {"glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=16),
                     "dots1": dict(n_routed_experts=4, moe_intermediate_size=16, n_group=2, sliding_window=None),
+                    "ernie4_5_moe": dict(moe_num_experts=4, moe_intermediate_size=16),
                     "minimax_m2": dict(num_local_experts=4, intermediate_size=16)}.get(
                 family, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16))
             hf = make_tiny(family, Path(tmp) / family, **size)
             if family == "minimax_m2":  # the release's config says so, and llama.cpp needs it (transformers drops it)
                 cfg = json.loads((hf / "config.json").read_text())
                 (hf / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
+            if family == "ernie4_5_moe":  # ERNIE's converter reads a SentencePiece model, as the release ships
+                import sentencepiece as spm
+                text = ["Summarize: the cat sat on the mat.", "Is this review positive or negative? Great food!",
+                        "SELECT name FROM users WHERE id = 3;", "Answer the question: who wrote Hamlet?"] * 50
+                spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(hf / "tokenizer"),
+                                               vocab_size=320, model_type="bpe", byte_fallback=True,
+                                               hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
             if family == "glm4_moe":  # the converter names GLM's special tokens
                 write_tokenizer(hf, specials=("<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>",
                                               "<|observation|>"))
