@@ -17,6 +17,8 @@ answer the same prompts, given as the same token ids:
 emoe runs all-resident and under a budget with misses on the host (exact) or on low-bit copies.
 
     python scripts/check_llamacpp.py --llama-cpp LLAMA_DIR [--model DIR] [--quants f32,q8_0,Q4_0,Q4_K_M,Q3_K_M,Q2_K]
+    python scripts/check_llamacpp.py --llama-cpp LLAMA_DIR --gguf YOUR-MODEL-Q4_K_M.gguf [...]   (your own files:
+        imported as they are; the prompts come through the file's own tokenizer and chat template)
 """
 from __future__ import annotations
 
@@ -133,6 +135,7 @@ def main() -> None:
     ap.add_argument("--quants", default="f32,q8_0,Q4_0,Q4_K_M,Q3_K_M,Q2_K", help="f32 first: the others are "
                     "compared with it too")
     ap.add_argument("--pre", default="gpt-2", help="tokenizer.ggml.pre to write ('' to let llama.cpp hash it)")
+    ap.add_argument("--gguf", type=Path, nargs="+", help="compare on these GGUF files instead of converting --model")
     ap.add_argument("--convert-arg", action="append", default=[], help="passed to convert_hf_to_gguf.py "
                     "(e.g. --convert-arg=--no-mtp for Qwen3-Next / Qwen3.5 without their MTP head)")
     ap.add_argument("--n", type=int, default=16, help="test-split prompts")
@@ -145,27 +148,30 @@ def main() -> None:
         if not (a.llama_cpp / need).exists():
             sys.exit(f"{a.llama_cpp / need} not found: build llama.cpp first (see this script's docstring)")
     a.work.mkdir(parents=True, exist_ok=True)
-    eng = Engine(EngineConfig(str(a.model), miss_policy="all", max_batch=1))
+    files = [(f.stem, f) for f in a.gguf] if a.gguf else \
+        [(q, make_gguf(a.llama_cpp, a.model, a.work, q, a.pre, a.convert_arg)) for q in a.quants.split(",")]
+    for label, gguf in files:
+        subprocess.run([sys.executable, "-m", "emoe.cli", "import-gguf", str(gguf), "--out", str(a.work / f"import-{label}")],
+                       check=True, stdout=subprocess.DEVNULL)
+    eng = Engine(EngineConfig(str(a.work / f"import-{files[0][0]}" if a.gguf else a.model), miss_policy="all", max_batch=1))
     codec, ctx = eng.codec, eng.max_len
     del eng
     rows = load_split("test")[: a.n]
     texts = [codec.apply_chat([{"role": "user", "content": r.prompt}]) for r in rows]
     prompts = [codec.encode(t)[: ctx - a.tokens - 1] for t in texts]  # a short-context model reads the start
     modes = [("all", 1.0), ("host", a.budget), ("shadow", a.budget)]
-    print(f"model {a.model}, {len(prompts)} test prompts, {a.tokens} greedy tokens each, {a.threads} threads; "
+    print(f"model {[f.name for f in a.gguf] if a.gguf else a.model}, {len(prompts)} test prompts, {a.tokens} greedy tokens each, {a.threads} threads; "
           f"emoe budget {a.budget:.0%} for host/shadow, experts in RAM")
-    print(f"{'gguf':8} {'emoe misses':12} {'tokenizer':>9} {'greedy =':>8} {'agreement':>9} "
+    print(f"{'gguf':{max(8, *(len(q) for q, _ in files))}} {'emoe misses':12} {'tokenizer':>9} {'greedy =':>8} {'agreement':>9} "
           f"{'|Δlogp| mean/max':>17} {'own f32 (llama.cpp/emoe)':>24} {'hit rate':>8} {'emoe tok/s':>10} {'llama.cpp tok/s':>15}")
     f32 = {}  # each system's greedy tokens from the f32 file: how far does quantisation move each?
 
     def drift(mine: list[list[int]], key: str) -> str:
         return f"{sum(x == y for x, y in zip(mine, f32[key])) / len(mine):.3f}" if key in f32 else "-"
 
-    for q in a.quants.split(","):
-        gguf = make_gguf(a.llama_cpp, a.model, a.work, q, a.pre, a.convert_arg)
+    width = max(8, *(len(q) for q, _ in files))
+    for q, gguf in files:
         imported = a.work / f"import-{q}"
-        subprocess.run([sys.executable, "-m", "emoe.cli", "import-gguf", str(gguf), "--out", str(imported)],
-                       check=True, stdout=subprocess.DEVNULL)
         with llama_server(a.llama_cpp, gguf, a.port, a.threads, ctx):
             ref = llama_side(a.port, texts, prompts, a.tokens)
         imported_tok = Tokenizer.from_file(str(imported / "tokenizer.json"))  # built from the GGUF's vocabulary
@@ -179,7 +185,7 @@ def main() -> None:
             if q == "f32" and policy == "all":
                 f32["emoe"] = r["outputs"]
             own = f"{drift(ref['tokens'], 'llama')}/{drift(r['outputs'], 'emoe')}"
-            print(f"{q:8} {policy + f'@{budget:.0%}':12} {tok_ok:9.3f} {r['same']:8.3f} {r['agreement']:9.3f} "
+            print(f"{q:{width}} {policy + f'@{budget:.0%}':12} {tok_ok:9.3f} {r['same']:8.3f} {r['agreement']:9.3f} "
                   f"{r['dlogprob']:8.4f}/{r['max_dlogprob']:.4f} {own:>24} {r['hit_rate']:8.3f} {r['tok_s']:10.1f} {llama_tps:15.1f}", flush=True)
 
 
