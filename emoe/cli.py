@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--bits", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
     qz.set_defaults(fn=cmd_quantize)
 
-    ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF (Qwen2/Qwen3-MoE) → a model folder whose experts "
-                        "stay packed in the GGUF")
+    ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF → a model folder whose experts stay packed in the "
+                        "GGUF (--model FILE.gguf does this once by itself, into $EMOE_CACHE)")
     ig.add_argument("gguf", help="the .gguf file (the first shard of a split one)")
     ig.add_argument("--out", required=True, help="model folder to write (new or empty)")
     ig.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

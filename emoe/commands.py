@@ -17,11 +17,38 @@ def _model(args) -> str:
         return str(Path(profile).parent)
     path = args.model or default_model_dir()
     if str(path).endswith(".gguf"):
-        sys.exit(f"emoe: {path} is a GGUF file; import it once with `emoe import-gguf {path} --out DIR` "
-                 f"(the experts stay in the file) and pass --model DIR")
+        return _gguf_import_dir(Path(path))
     if args.model is None and not (Path(path) / "model.safetensors").is_file():
         sys.exit(f"emoe: the embedded model is missing at {path}; train it with `emoe train-model` or pass --model")
     return path
+
+
+def _gguf_import_dir(path: Path) -> str:
+    """A GGUF given as --model, as llama.cpp takes one: imported once (experts left in the file) into
+    $EMOE_CACHE (default ~/.cache/emoe)/gguf/NAME-BYTES, reused while that file is unchanged."""
+    import os
+
+    from .gguf_import import GGUFError, import_gguf, shards
+    if not path.is_file():
+        sys.exit(f"emoe: {path} does not exist")
+    try:
+        files = shards(path.resolve())
+    except GGUFError as e:
+        sys.exit(f"emoe: {e}")
+    size = sum(f.stat().st_size for f in files)
+    out = Path(os.environ.get("EMOE_CACHE") or Path.home() / ".cache" / "emoe") / "gguf" / f"{path.stem}-{size}"
+    try:
+        meta = json.loads((out / "gguf.json").read_text())
+        if [f["path"] for f in meta["files"]] == [str(f) for f in files] and (out / "config.json").is_file():
+            return str(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f"emoe: importing {path.name} once into {out} (the experts stay in the file; "
+          f"`emoe import-gguf` chooses the folder)", file=sys.stderr)
+    try:
+        return str(import_gguf(path, out))
+    except GGUFError as e:
+        sys.exit(f"emoe: {e}")
 
 
 def _profile_dir(args, model: str, required: bool = False) -> str | None:

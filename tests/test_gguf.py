@@ -323,17 +323,25 @@ def test_bad_input_is_refused_with_a_reason(imported, tmp_path):
         Checkpoint(moved)
 
 
-def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, capsys):
+def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, capsys, monkeypatch):
     from emoe.cli import main
     _, gguf, _ = imported
+    monkeypatch.setenv("EMOE_CACHE", str(tmp_path / "cache"))
     main(["import-gguf", str(gguf), "--out", str(tmp_path / "cli")])
     assert "Serve it with `emoe serve --model" in capsys.readouterr().out
     assert Checkpoint(tmp_path / "cli").config.num_experts == 8
     main(["generate", "hi", "--model", str(tmp_path / "cli"), "--budget", "0.5", "--miss-policy", "shadow",
           "--max-tokens", "3", "--raw"])
     assert "int4 copies of the" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="import it once with `emoe import-gguf"):
-        main(["generate", "hi", "--model", str(gguf)])
+    # a GGUF as --model, as llama.cpp takes one: imported once into $EMOE_CACHE, then reused
+    main(["generate", "hi", "--model", str(gguf), "--max-tokens", "3", "--raw"])
+    assert "importing" in capsys.readouterr().err
+    cached = next((tmp_path / "cache" / "gguf").iterdir())
+    stamp = (cached / "config.json").stat().st_mtime_ns
+    main(["generate", "hi", "--model", str(gguf), "--max-tokens", "3", "--raw"])
+    assert "importing" not in capsys.readouterr().err and (cached / "config.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "hi", "--model", str(tmp_path / "missing.gguf")])
     with pytest.raises(SystemExit, match="not a readable GGUF"):
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(b"GGUF" + b"\0" * 40)
