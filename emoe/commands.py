@@ -336,7 +336,7 @@ def cmd_serve(args) -> None:
                               dtype=args.dtype,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
-    served = args.served_model_name or Path(model).name
+    served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)
     from .scheduler import make_scheduler
     loop = EngineLoop(eng, make_scheduler(args.scheduler, args.admission_control), prof,
                       max_waiting=args.max_waiting, token_budget=args.token_budget, metrics=Metrics(served),
