@@ -2,9 +2,10 @@
 
 Each sequence carries a fixed-size state instead of a growing KV cache: the last conv_kernel − 1 inputs of
 a causal depthwise convolution, and a [v_heads, k_head_dim, v_head_dim] matrix the rule decays and
-corrects token by token. A prompt is processed in chunks of CHUNK tokens (the WY form: within a chunk the
-delta corrections solve a triangular system; across chunks the state carries), a decode step by the
-one-token recurrence; both in float32, as transformers' reference does.
+corrects token by token. Prompts run in chunks of CHUNK tokens (the WY form: within a chunk the delta
+corrections solve a triangular system; across chunks the state carries), all of a step's rows at once
+(padding made inert); a decode step runs the one-token recurrence batched over rows; both in float32, as
+transformers' reference does.
 """
 from __future__ import annotations
 
@@ -29,13 +30,6 @@ def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, d: DeltaNet):
     b, a = ba.view(n, d.k_heads, 2 * r).split([r, r], -1)
     mixed = torch.cat((q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)), -1)
     return mixed, z.reshape(n, d.v_heads, d.v_head_dim), b.reshape(n, d.v_heads), a.reshape(n, d.v_heads)
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, C] after the previous inputs prev [C, K−1] → (silu(conv) [n, C], the new prev)."""
-    seq = torch.cat((prev.to(x.dtype), x.t()), -1)  # [C, K−1+n]
-    out = F.conv1d(seq[None], weight.to(x.dtype), groups=seq.shape[0])[0]
-    return F.silu(out).t(), seq[:, -prev.shape[1]:]
 
 
 def gated_delta_rule(q, k, v, g, beta, state):
@@ -98,15 +92,30 @@ def _rule_inputs(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: dict,
     return q * d.k_head_dim ** -0.5, k, v.view(-1, d.v_heads, d.v_head_dim), g, b.float().sigmoid()
 
 
-def delta_net(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
-              conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sequence's next n tokens x [n, hidden] through layer prefix p → (output [n, hidden], new conv
-    inputs, new state)."""
-    mixed, z, b, a = _inputs(x, w, p, d)
-    mixed, conv_prev = causal_conv(mixed, w[p + "conv1d.weight"], conv_prev)
-    out, state = gated_delta_rule(*_rule_inputs(mixed, a, b, w, p, d), state)
+def delta_net_rows(x: torch.Tensor, lengths: list[int], w: dict, p: str, d: DeltaNet, eps: float,
+                   conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B sequences' next tokens at once, x [B, T, hidden] right-padded (row b's first lengths[b] are real),
+    conv_prev [B, C, K−1], state [B, Hv, dk, dv] → (output [B, T, hidden], new conv inputs, new states). Padding
+    neither decays nor writes a state (g = 0, β = 0) and comes after every real token, so it changes nothing
+    real; each row's conv inputs end at its last real token. Rows fold into heads: one chunked rule for all."""
+    B, T, H = x.shape
+    mixed, z, b, a = _inputs(x.reshape(B * T, H), w, p, d)
+    C, K1 = mixed.shape[-1], conv_prev.shape[-1]
+    seq = torch.cat((conv_prev.to(x.dtype), mixed.view(B, T, C).transpose(1, 2)), -1)  # [B, C, K−1+T]
+    mixed = F.silu(F.conv1d(seq, w[p + "conv1d.weight"].to(x.dtype), groups=C)).transpose(1, 2).reshape(B * T, C)
+    n = torch.tensor(lengths, device=x.device)
+    conv_prev = seq.gather(2, (n[:, None] + torch.arange(K1, device=x.device))[:, None, :].expand(B, C, K1))
+    q, k, v, g, beta = _rule_inputs(mixed, a, b, w, p, d)
+    real = (torch.arange(T, device=x.device)[None] < n[:, None]).reshape(B * T, 1)
+    g, beta = g * real, beta * real
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # [B·T, Hv, …] → [T, B·Hv, …]
+        return t.view(B, T, *t.shape[1:]).transpose(0, 1).reshape(T, B * t.shape[1], *t.shape[2:])
+    out, state = gated_delta_rule(fold(q), fold(k), fold(v), fold(g), fold(beta), state.reshape(-1, *state.shape[2:]))
+    out = out.view(T, B, d.v_heads, d.v_head_dim).transpose(0, 1).reshape(B * T, d.v_heads, d.v_head_dim)
     out = gated_rms_norm(out.to(x.dtype), w[p + "norm.weight"], z, eps)
-    return F.linear(out.flatten(1), w[p + "out_proj.weight"]), conv_prev, state
+    return (F.linear(out.flatten(1), w[p + "out_proj.weight"]).view(B, T, H), conv_prev,
+            state.view(B, d.v_heads, d.k_head_dim, d.v_head_dim))
 
 
 def delta_net_step(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import math
 
 from .config import ModelConfig, Yarn
-from .deltanet import delta_net, delta_net_step
+from .deltanet import delta_net_rows, delta_net_step
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -289,26 +289,26 @@ class MoEModel:
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
         """Each row's valid tokens (left-aligned, lengths[b] of them, from position starts[b]) continue its
-        slot's state; a row that starts at position 0 starts from zero state. Padding never touches a state."""
+        slot's state; a row that starts at position 0 starts from zero state. Padding never touches a state.
+        All rows run at once (deltanet.delta_net_rows)."""
         d, p = self.cfg.delta_net, f"model.layers.{i}.linear_attn."
         lengths, starts = rows
-        out = torch.zeros_like(x)
         if kv is not None and x.shape[1] == 1 and all(n == 1 for n in lengths) and min(starts) > 0:
-            s = slots  # a decode step: every row one token on from its state, batched
-            out[:, 0], conv, state = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps, kv.conv[i][s],
-                                                    kv.state[i][s])
+            s = slots  # a decode step: every row one token on from its state, the plain recurrence
+            out, conv, state = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps, kv.conv[i][s],
+                                              kv.state[i][s])
             kv.conv[i][s], kv.state[i][s] = conv.float(), state
-            return out
-        for b, n in enumerate(lengths):
-            if not n:
-                continue
-            fresh = kv is None or starts[b] == 0
-            conv = x.new_zeros(d.conv_dim, d.conv_kernel - 1) if fresh else kv.conv[i][slots[b]]
-            state = x.new_zeros(d.v_heads, d.k_head_dim, d.v_head_dim, dtype=torch.float32) if fresh \
-                else kv.state[i][slots[b]]
-            out[b, :n], conv, state = delta_net(x[b, :n], self.w, p, d, self.cfg.rms_norm_eps, conv, state)
-            if kv is not None:
-                kv.conv[i][slots[b]], kv.state[i][slots[b]] = conv.float(), state
+            return out[:, None]
+        B = x.shape[0]
+        conv = torch.zeros(B, d.conv_dim, d.conv_kernel - 1, device=x.device)
+        state = torch.zeros(B, d.v_heads, d.k_head_dim, d.v_head_dim, device=x.device)
+        if kv is not None:  # rows that start at position 0 begin from zero state, the others from their slot's
+            going = torch.tensor([s > 0 for s in starts], device=x.device)
+            conv = torch.where(going[:, None, None], kv.conv[i][slots], conv)
+            state = torch.where(going[:, None, None, None], kv.state[i][slots], state)
+        out, conv, state = delta_net_rows(x, lengths, self.w, p, d, self.cfg.rms_norm_eps, conv, state)
+        if kv is not None:
+            kv.conv[i][slots], kv.state[i][slots] = conv.float(), state
         return out
 
     def mlp(self, i: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
