@@ -49,3 +49,28 @@ def test_a_prompt_longer_than_a_chunk_matches_transformers(tmp_path):
         want = ref(seq).logits
         got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_with_padding_equal_each_row_alone(tmp_path):
+    """Right-padded rows of different lengths, some continuing a state, give each row's own outputs, conv
+    inputs and state: padding neither decays nor writes."""
+    from emoe.checkpoint import Checkpoint
+    from emoe.deltanet import delta_net_rows
+    from tiny import make_tiny
+    ck = Checkpoint(make_tiny("qwen3_next", tmp_path / "q3n"))
+    d, w, p = ck.config.delta_net, {k: v.float() for k, v in ck.dense_state().items()}, "model.layers.0.linear_attn."
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 70, 0]  # one past a chunk, one empty
+    x = torch.randn(4, max(lengths), ck.config.hidden_size, generator=g)
+    conv = torch.randn(4, d.conv_dim, d.conv_kernel - 1, generator=g)
+    state = torch.randn(4, d.v_heads, d.k_head_dim, d.v_head_dim, generator=g) * 0.1
+    out, conv_all, state_all = delta_net_rows(x, lengths, w, p, d, 1e-6, conv, state)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            torch.testing.assert_close(conv_all[b], conv[b])
+            torch.testing.assert_close(state_all[b], state[b])
+            continue
+        one, c, s = delta_net_rows(x[b:b + 1, :n], [n], w, p, d, 1e-6, conv[b:b + 1], state[b:b + 1])
+        torch.testing.assert_close(out[b, :n], one[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv_all[b], c[0])
+        torch.testing.assert_close(state_all[b], s[0], atol=1e-5, rtol=1e-5)
