@@ -48,6 +48,20 @@ def test_chunked_prefill_gives_the_unchunked_tokens_and_routing(model):
         assert [r.trace.prefill.tolist() for r in got] == [r.trace.prefill.tolist() for r in want]
 
 
+def test_interleaved_prefill_gives_the_whole_prompt_tokens(model):
+    """A prompt prefilled a chunk per step while another request decodes (the server's default) ends with
+    the tokens of a whole-prompt prefill, whatever the attention (latent, windowed, linear with a state)."""
+    _, ref = run(model, max_batch=1)
+    eng = Engine(EngineConfig(str(model), miss_policy="all", max_batch=2, prefill_chunk=4))
+    short = eng.make_request(PROMPTS[1], SamplingParams(max_tokens=12, ignore_eos=True), chat=False)
+    long_ = eng.make_request(PROMPTS[2], GREEDY, chat=False)
+    eng.admit([short])
+    eng.admit([long_], complete=False)
+    while eng.running or eng.prefilling:
+        eng.step()
+    assert [short.output_ids[:6], long_.output_ids] == [ref[1], ref[2]]
+
+
 def test_bf16_engine_runs_prefill_and_batched_decode(model):
     """A bf16 fast tier (the default on a GPU) through every path a family has: chunked prefill, a batched
     decode, states and caches kept in their own dtypes."""
