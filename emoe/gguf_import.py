@@ -22,6 +22,7 @@ FORMAT = 1
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
          "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
+         "granitemoe": "granitemoe",  # granitemoeshared where the file has a shared expert (config())
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
 # llama.cpp's tensor names → Hugging Face names (per layer, then global)
 LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -151,6 +152,14 @@ class GGUFModel:
                        moe_num_shared_experts=self.get("expert_shared_count", 0), moe_layer_start_index=moe[0],
                        moe_layer_interval=self.get("interleave_moe_layer_step", 1),
                        head_dim=self.get("attention.key_length", hidden // heads))
+        elif self.arch == "granitemoe":  # muP multipliers; a shared expert makes it granitemoeshared
+            shared = self.get("expert_shared_feed_forward_length", 0)
+            cfg.update(model_type="granitemoeshared" if shared else "granitemoe",
+                       architectures=["GraniteMoeSharedForCausalLM" if shared else "GraniteMoeForCausalLM"],
+                       num_local_experts=cfg.pop("num_experts"), shared_intermediate_size=shared,
+                       embedding_multiplier=self.get("embedding_scale", 1.0), logits_scaling=self.get("logit_scale", 1.0),
+                       residual_multiplier=self.get("residual_scale", 1.0),
+                       attention_multiplier=self.get("attention.scale", (hidden // heads) ** -0.5))
         elif self.arch == "minimax-m2":  # sigmoid routing with a selection bias, whole-projection qk norm, partial rotary
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("attention.key_length", hidden // heads),
                        rotary_dim=self.need("rope.dimension_count"))
@@ -228,7 +237,7 @@ class GGUFModel:
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         cfg = self.config() if self.arch in hybrid.ARCHS else None
         biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
-        kv_b: dict[tuple[int, str], torch.Tensor] = {}    # DeepSeek's split k_b / v_b, joined below
+        kv_b: dict[tuple[int, str], torch.Tensor] = {}    # DeepSeek's split k_b / v_b, Granite's shared gate/up
         for name, (_, t) in self.tensors.items():
             m = re.fullmatch(r"blk\.(\d+)\.(ffn_\w+_exps\.bias|attn_k_b\.weight|attn_v_b\.weight)", name)
             if m:
@@ -251,8 +260,15 @@ class GGUFModel:
             if cfg is not None:
                 yield from hybrid.convert(self, name, hf, w, cfg)
                 continue
+            if hf.endswith("shared_mlp.gate.weight") or hf.endswith("shared_mlp.up.weight"):
+                kv_b[(int(name.split(".")[1]), kind)] = w  # Granite stacks them: input_linear [gate; up]
+                continue
             yield hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf, w.contiguous()
-        for layer in sorted({k[0] for k in kv_b}):  # back to kv_b_proj [heads·(nope + v), rank]
+        for layer in sorted({k[0] for k in kv_b}):
+            if (layer, "ffn_gate_shexp") in kv_b:
+                yield f"model.layers.{layer}.shared_mlp.input_linear.weight", \
+                    torch.cat((kv_b[(layer, "ffn_gate_shexp")], kv_b[(layer, "ffn_up_shexp")])).contiguous()
+                continue
             k_b, v_b = kv_b[(layer, "attn_k_b")], kv_b[(layer, "attn_v_b")]  # [H, rank, nope], [H, v, rank]
             yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", torch.cat((k_b.transpose(1, 2), v_b), 1).flatten(0, 1)
         for layer in sorted({k[0] for k in biases}):  # transformers' gpt-oss: [E, 2I], gate and up interleaved
@@ -275,7 +291,7 @@ def _class(model_type: str) -> str:
     return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-            "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+            "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
@@ -292,6 +308,8 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
 RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek2"]
 RENAMED["ernie4_5-moe"] = {**RENAMED["deepseek2"], "exp_probs_b": "mlp.moe_statics.e_score_correction"}
+RENAMED["granitemoe"] = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_shexp": "shared_mlp.gate",
+                         "ffn_up_shexp": "shared_mlp.up", "ffn_down_shexp": "shared_mlp.output_linear"}
 RENAMED["minimax-m2"] = {"ffn_gate_inp": "block_sparse_moe.gate", "exp_probs_b": "block_sparse_moe.e_score_correction"}
 
 

@@ -1,7 +1,7 @@
-"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1,ernie4_5-moe}.gguf with llama.cpp's own converter, and the
+"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1,ernie4_5-moe,granitemoe}.gguf with llama.cpp's own converter, and the
 logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports
 of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2,
-dots.llm1, ERNIE-4.5).
+dots.llm1, ERNIE-4.5, Granite MoE).
 
     python scripts/make_llamacpp_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
@@ -38,11 +38,13 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
                               ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2"),
-                              ("dots1", "dots1", "gpt-2"), ("ernie4_5_moe", "ernie4_5-moe", "")):
+                              ("dots1", "dots1", "gpt-2"), ("ernie4_5_moe", "ernie4_5-moe", ""),
+                              ("granitemoeshared", "granitemoe", "gpt-2")):
         with tempfile.TemporaryDirectory() as tmp:
             size = {"glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=16),
                     "dots1": dict(n_routed_experts=4, moe_intermediate_size=16, n_group=2, sliding_window=None),
                     "ernie4_5_moe": dict(moe_num_experts=4, moe_intermediate_size=16),
+                    "granitemoeshared": dict(num_local_experts=4, intermediate_size=16, shared_intermediate_size=16),
                     "minimax_m2": dict(num_local_experts=4, intermediate_size=16)}.get(
                 family, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16))
             hf = make_tiny(family, Path(tmp) / family, **size)
