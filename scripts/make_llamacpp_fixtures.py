@@ -1,7 +1,8 @@
-"""Writes tests/data/{qwen3next,qwen35moe,glm4moe,minimax-m2,dots1,ernie4_5-moe,granitemoe}.gguf with llama.cpp's own converter, and the
-logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py's imports
-of the families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2,
-dots.llm1, ERNIE-4.5, Granite MoE).
+"""Writes tests/data/ARCH.gguf with llama.cpp's own converter, one tiny random model per family, and the
+logits transformers gives on a fixed token sequence from the same weights, for tests/test_gguf.py: the
+families whose GGUF layout only llama.cpp's converter defines (linear attention, GLM-4.5, MiniMax-M2,
+dots.llm1, ERNIE-4.5, Granite MoE) and those whose conversion rewrites tensors (gpt-oss's interleaved
+gate/up and biases, DeepSeek's split kv_b, Mixtral's permuted q/k).
 
     python scripts/make_llamacpp_fixtures.py --llama-cpp LLAMA_DIR   (its convert needs sentencepiece)
 
@@ -39,16 +40,20 @@ def main() -> None:
     for family, arch, pre in (("qwen3_next", "qwen3next", "qwen2"), ("qwen3_5_moe", "qwen35moe", "qwen35"),
                               ("glm4_moe", "glm4moe", "glm4"), ("minimax_m2", "minimax-m2", "minimax-m2"),
                               ("dots1", "dots1", "gpt-2"), ("ernie4_5_moe", "ernie4_5-moe", ""),
-                              ("granitemoeshared", "granitemoe", "gpt-2")):
+                              ("granitemoeshared", "granitemoe", "gpt-2"), ("gpt_oss", "gpt-oss", "gpt-4o"),
+                              ("deepseek_v3", "deepseek2", "deepseek-v3"), ("mixtral", "llama", "gpt-2")):
         with tempfile.TemporaryDirectory() as tmp:
             size = {"glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=16),
                     "dots1": dict(n_routed_experts=4, moe_intermediate_size=16, n_group=2, sliding_window=None),
                     "ernie4_5_moe": dict(moe_num_experts=4, moe_intermediate_size=16),
                     "granitemoeshared": dict(num_local_experts=4, intermediate_size=16, shared_intermediate_size=16),
+                    "gpt_oss": dict(num_local_experts=4, intermediate_size=16),
+                    "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=16),
+                    "mixtral": dict(num_local_experts=4, intermediate_size=16),
                     "minimax_m2": dict(num_local_experts=4, intermediate_size=16)}.get(
                 family, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16))
             hf = make_tiny(family, Path(tmp) / family, **size)
-            if family == "minimax_m2":  # the release's config says so, and llama.cpp needs it (transformers drops it)
+            if family in ("minimax_m2", "deepseek_v3"):  # the releases' configs say so; transformers drops it
                 cfg = json.loads((hf / "config.json").read_text())
                 (hf / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"}))
             if family == "ernie4_5_moe":  # ERNIE's converter reads a SentencePiece model, as the release ships

@@ -433,7 +433,8 @@ def test_shadow_policies_run_on_copies_made_from_the_file(imported):
 
 @pytest.mark.parametrize("arch,family", [("qwen3next", "qwen3_next"), ("qwen35moe", "qwen3_5_moe"), ("glm4moe", "glm4_moe"),
                                          ("minimax-m2", "minimax_m2"), ("dots1", "dots1"),
-                                         ("ernie4_5-moe", "ernie4_5_moe"), ("granitemoe", "granitemoeshared")])
+                                         ("ernie4_5-moe", "ernie4_5_moe"), ("granitemoe", "granitemoeshared"),
+                                         ("gpt-oss", "gpt_oss"), ("deepseek2", "deepseek_v3"), ("llama", "mixtral")])
 def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     """GGUFs written by llama.cpp's own convert_hf_to_gguf.py (f16; scripts/make_llamacpp_fixtures.py) of
     the families whose GGUF form only that converter defines: for Qwen3-Next and Qwen3.5-MoE its 1 + w norms,
@@ -441,7 +442,8 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     sigmoid routing, shared expert, dense first layer, biased q/k/v, qk norm and half rotary, and MiniMax-M2's
     biased sigmoid routing and whole-projection qk norm, dots.llm1's grouped sigmoid routing and ERNIE-4.5's
     biased softmax routing, interleaved rotary pairs and SentencePiece vocabulary, and Granite's muP
-    multipliers and stacked shared expert are read back. The
+    multipliers and stacked shared expert are read back; gpt-oss's interleaved gate/up and biases, DeepSeek's
+    split kv_b and Mixtral's permuted q/k are undone. The
     import gives the logits transformers gave on the original weights; under a 40% budget with host misses,
     the tokens of all-resident."""
     from pathlib import Path
@@ -453,6 +455,7 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     cfg, model, dispatch = load_emoe(out)
     assert cfg.family == family and cfg.linear_layers == ((0, 2) if "qwen" in arch else ())
     assert cfg.rotary_dim == {"glm4moe": 8, "minimax-m2": 8}.get(arch, 4 if "qwen" in arch else 0)
+    assert (cfg.mla is not None) == (arch == "deepseek2")
     seq = ref["tokens"][None]
     with torch.no_grad():
         got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
