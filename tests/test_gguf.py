@@ -464,3 +464,48 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     want = Engine(EngineConfig(str(out), miss_policy="all")).generate(["hello there"], params, chat=False)
     got = Engine(EngineConfig(str(out), miss_policy="host", budget=0.4)).generate(["hello there"], params, chat=False)
     assert got[0].output_ids == want[0].output_ids
+
+
+def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
+    """Qwen3-Next GGUFs from before llama.cpp split in_proj_qkvz keep it whole as `ssm_in` (grouped by key head,
+    as transformers holds it); llama.cpp still reads them. The converter fixture rewritten that way gives the
+    same logits."""
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    data = Path(__file__).parent / "data"
+    reader = gguf.GGUFReader(data / "qwen3next.gguf")
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(tmp_path / "legacy.gguf"), arch)
+    for f in reader.fields.values():
+        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    meta = {k: reader.fields[f"{arch}.{k}"].contents() for k in ("ssm.group_count", "ssm.state_size", "ssm.inner_size")}
+    hk, dk, vd = meta["ssm.group_count"], meta["ssm.state_size"], meta["ssm.inner_size"]
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    for name, t in tensors.items():
+        if name.endswith("attn_gate.weight"):
+            continue
+        if name.endswith("attn_qkv.weight"):  # back to [per key head: q, k, its values, their gates]
+            z = tensors[name.replace("attn_qkv", "attn_gate")]
+            q, k, v = t[:hk * dk], t[hk * dk:2 * hk * dk], t[2 * hk * dk:]
+            parts = [p.reshape(hk, -1, t.shape[-1]) for p in (q, k, v, z)]
+            name, t = name.replace("attn_qkv", "ssm_in"), np.concatenate(parts, 1).reshape(-1, t.shape[-1])
+            assert t.shape[0] == 2 * hk * dk + 2 * vd
+        writer.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F16 if t.dtype == np.float16 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = import_gguf(tmp_path / "legacy.gguf", tmp_path / "legacy", dtype=torch.float32)
+    names = load_file(str(out / "dense-00001.safetensors")).keys()
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in names and not any("in_proj_qkv." in n for n in names)
+    cfg, model, dispatch = load_emoe(out)
+    ref = load_file(str(data / "qwen3next-logits.safetensors"))
+    seq = ref["tokens"][None]
+    with torch.no_grad():
+        got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
+    torch.testing.assert_close(got[0], ref["logits"], atol=1e-4, rtol=1e-4)
