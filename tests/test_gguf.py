@@ -453,13 +453,13 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     out = import_gguf(data / f"{arch}.gguf", tmp_path / arch, dtype=torch.float32)
     ref = load_file(str(data / f"{arch}-logits.safetensors"))
     cfg, model, dispatch = load_emoe(out)
-    assert cfg.family == family and cfg.linear_layers == ((0, 2) if "qwen" in arch else ())
+    assert cfg.family == family and cfg.linear_layers == ((0,) if "qwen" in arch else ())
     assert cfg.rotary_dim == {"glm4moe": 8, "minimax-m2": 8}.get(arch, 4 if "qwen" in arch else 0)
     assert (cfg.mla is not None) == (arch == "deepseek2")
     seq = ref["tokens"][None]
     with torch.no_grad():
         got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
-    torch.testing.assert_close(got[0], ref["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0, ::5], ref["logits"], atol=1e-4, rtol=1e-4)  # the positions the fixture keeps
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     want = Engine(EngineConfig(str(out), miss_policy="all")).generate(["hello there"], params, chat=False)
     got = Engine(EngineConfig(str(out), miss_policy="host", budget=0.4)).generate(["hello there"], params, chat=False)
@@ -508,4 +508,4 @@ def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
     seq = ref["tokens"][None]
     with torch.no_grad():
         got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
-    torch.testing.assert_close(got[0], ref["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0, ::5], ref["logits"], atol=1e-4, rtol=1e-4)
