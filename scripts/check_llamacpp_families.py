@@ -2,7 +2,8 @@
 
 Each model is tests/tiny.py's, adjusted where llama.cpp's converter or loader needs what a release has:
 the gating function named in config.json (transformers does not write it; llama.cpp falls back to softmax
-without it), as many kv heads as heads for dots.llm1, GLM's special tokens, a SentencePiece model and the
+without it), as many kv heads as heads for dots.llm1 and OLMoE (llama.cpp's loaders take no fewer), GLM's
+special tokens, a SentencePiece model and the
 shared-expert size rule for ERNIE. Then scripts/check_llamacpp.py runs on each (f32 only).
 
     python scripts/check_llamacpp_families.py --llama-cpp LLAMA_DIR [--work runs/llamacpp-families]
@@ -33,6 +34,7 @@ FAMILIES = [
     ("glm4_moe", "glm4_moe (GLM special tokens)", "glm4", {}, {}, ["--no-mtp"]),
     ("ernie4_5_moe", "ernie4_5_moe (SentencePiece)", "", {"intermediate_size": 64}, {}, []),
     ("granitemoeshared", "granitemoeshared", "gpt-2", {}, {}, []),
+    ("olmoe", "olmoe (MHA)", "gpt-2", {"num_key_value_heads": 4}, {}, []),
 ]
 
 
@@ -49,6 +51,9 @@ def main() -> None:
             (hf / "config.json").write_text(json.dumps({**cfg, **extra}))
         if family == "glm4_moe":
             write_tokenizer(hf, specials=GLM_SPECIALS)
+        if family == "olmoe":  # else transformers picks GPT-NeoX's tokenizer class, which adds two tokens
+            (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                  "eos_token": "<|end|>"}))
         if family == "ernie4_5_moe":
             import sentencepiece as spm
             text = ["Summarize: the cat sat on the mat.", "Is this review positive or negative? Great food!",
