@@ -3,8 +3,8 @@
 Each sequence carries a fixed-size state instead of a growing KV cache: the last conv_kernel − 1 inputs of
 a causal depthwise convolution, and a [v_heads, k_head_dim, v_head_dim] matrix the rule decays and
 corrects token by token. Prompts run in chunks of CHUNK tokens (the WY form: within a chunk the delta
-corrections solve a triangular system; across chunks the state carries), all of a step's rows at once
-(padding made inert); a decode step runs the one-token recurrence batched over rows; both in float32, as
+corrections solve a triangular system; across chunks the state carries) and a decode step's single
+tokens by the one-token recurrence, all of a step's rows at once (padding made inert), in float32 as
 transformers' reference does.
 """
 from __future__ import annotations
@@ -116,18 +116,3 @@ def delta_net_rows(x: torch.Tensor, lengths: list[int], w: dict, p: str, d: Delt
     out = gated_rms_norm(out.to(x.dtype), w[p + "norm.weight"], z, eps)
     return (F.linear(out.flatten(1), w[p + "out_proj.weight"]).view(B, T, H), conv_prev,
             state.view(B, d.v_heads, d.k_head_dim, d.v_head_dim))
-
-
-def delta_net_step(x: torch.Tensor, w: dict, p: str, d: DeltaNet, eps: float,
-                   conv_prev: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token each of B sequences (a decode step), x [B, hidden], conv_prev [B, C, K−1], state [B, Hv, dk, dv]
-    → (output [B, hidden], new conv inputs, new states): the recurrence batched over sequences."""
-    mixed, z, b, a = _inputs(x, w, p, d)
-    seq = torch.cat((conv_prev.to(x.dtype), mixed[:, :, None]), -1)  # [B, C, K]
-    mixed = F.silu((seq * w[p + "conv1d.weight"][:, 0].to(x.dtype)).sum(-1))
-    q, k, v, g, beta = _rule_inputs(mixed, a, b, w, p, d)
-    s = state * g.exp()[:, :, None, None]
-    delta = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[:, :, None]
-    s = s + k[:, :, :, None] * delta[:, :, None, :]
-    out = gated_rms_norm(torch.einsum("bhkv,bhk->bhv", s, q).to(x.dtype), w[p + "norm.weight"], z, eps)
-    return F.linear(out.flatten(1), w[p + "out_proj.weight"]), seq[:, :, 1:], s

@@ -237,14 +237,14 @@ class GGUFModel:
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         cfg = self.config() if self.arch in hybrid.ARCHS else None
         biases: dict[tuple[int, str], torch.Tensor] = {}  # gpt-oss's expert biases, joined below
-        kv_b: dict[tuple[int, str], torch.Tensor] = {}    # DeepSeek's split k_b / v_b, Granite's shared gate/up
+        halves: dict[tuple[int, str], torch.Tensor] = {}  # stored apart, joined below: DeepSeek k_b / v_b, Granite gate / up
         for name, (_, t) in self.tensors.items():
             m = re.fullmatch(r"blk\.(\d+)\.(ffn_\w+_exps\.bias|attn_k_b\.weight|attn_v_b\.weight)", name)
             if m:
                 w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).float()
                 if "exps" not in m.group(2) and t.tensor_type not in FLOAT_TYPES:
                     w = w.to(dtype)
-                (biases if "exps" in m.group(2) else kv_b)[(int(m.group(1)), m.group(2).split(".")[0])] = w
+                (biases if "exps" in m.group(2) else halves)[(int(m.group(1)), m.group(2).split(".")[0])] = w
                 continue
             hf = _hf_name(name, self.arch)
             if hf is None:  # an expert's (check_names has refused anything else)
@@ -261,15 +261,15 @@ class GGUFModel:
                 yield from hybrid.convert(self, name, hf, w, cfg)
                 continue
             if hf.endswith("shared_mlp.gate.weight") or hf.endswith("shared_mlp.up.weight"):
-                kv_b[(int(name.split(".")[1]), kind)] = w  # Granite stacks them: input_linear [gate; up]
+                halves[(int(name.split(".")[1]), kind)] = w  # Granite stacks them: input_linear [gate; up]
                 continue
             yield hf.removesuffix(".weight") if hf.endswith("self_attn.sinks.weight") else hf, w.contiguous()
-        for layer in sorted({k[0] for k in kv_b}):
-            if (layer, "ffn_gate_shexp") in kv_b:
+        for layer in sorted({k[0] for k in halves}):
+            if (layer, "ffn_gate_shexp") in halves:
                 yield f"model.layers.{layer}.shared_mlp.input_linear.weight", \
-                    torch.cat((kv_b[(layer, "ffn_gate_shexp")], kv_b[(layer, "ffn_up_shexp")])).contiguous()
+                    torch.cat((halves[(layer, "ffn_gate_shexp")], halves[(layer, "ffn_up_shexp")])).contiguous()
                 continue
-            k_b, v_b = kv_b[(layer, "attn_k_b")], kv_b[(layer, "attn_v_b")]  # [H, rank, nope], [H, v, rank]
+            k_b, v_b = halves[(layer, "attn_k_b")], halves[(layer, "attn_v_b")]  # [H, rank, nope], [H, v, rank]
             yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", torch.cat((k_b.transpose(1, 2), v_b), 1).flatten(0, 1)
         for layer in sorted({k[0] for k in biases}):  # transformers' gpt-oss: [E, 2I], gate and up interleaved
             gate_up = biases.get((layer, FUSED))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import math
 
 from .config import ModelConfig, Yarn
-from .deltanet import delta_net_rows, delta_net_step
+from .deltanet import delta_net_rows
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -293,19 +293,15 @@ class MoEModel:
         All rows run at once (deltanet.delta_net_rows)."""
         d, p = self.cfg.delta_net, f"model.layers.{i}.linear_attn."
         lengths, starts = rows
-        if kv is not None and x.shape[1] == 1 and all(n == 1 for n in lengths) and min(starts) > 0:
-            s = slots  # a decode step: every row one token on from its state, the plain recurrence
-            out, conv, state = delta_net_step(x[:, 0], self.w, p, d, self.cfg.rms_norm_eps, kv.conv[i][s],
-                                              kv.state[i][s])
-            kv.conv[i][s], kv.state[i][s] = conv.float(), state
-            return out[:, None]
         B = x.shape[0]
-        conv = torch.zeros(B, d.conv_dim, d.conv_kernel - 1, device=x.device)
-        state = torch.zeros(B, d.v_heads, d.k_head_dim, d.v_head_dim, device=x.device)
-        if kv is not None:  # rows that start at position 0 begin from zero state, the others from their slot's
-            going = torch.tensor([s > 0 for s in starts], device=x.device)
-            conv = torch.where(going[:, None, None], kv.conv[i][slots], conv)
-            state = torch.where(going[:, None, None, None], kv.state[i][slots], state)
+        if kv is None:
+            conv = torch.zeros(B, d.conv_dim, d.conv_kernel - 1, device=x.device)
+            state = torch.zeros(B, d.v_heads, d.k_head_dim, d.v_head_dim, device=x.device)
+        else:  # the slots' states (a gathered copy); rows that start at position 0 begin from zero
+            conv, state = kv.conv[i][slots], kv.state[i][slots]
+            fresh = [b for b, s in enumerate(starts) if s == 0]
+            if fresh:
+                conv[fresh], state[fresh] = 0, 0
         out, conv, state = delta_net_rows(x, lengths, self.w, p, d, self.cfg.rms_norm_eps, conv, state)
         if kv is not None:
             kv.conv[i][slots], kv.state[i][slots] = conv.float(), state
