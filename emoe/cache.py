@@ -155,7 +155,7 @@ class ExpertCache:
         """A non-resident expert's weights where the slow tier holds them (host RAM: no copy; disk: read
         now), to be run there: nothing is admitted, so the budget is untouched."""
         self._stats.host_runs += 1
-        return self.store.read(layer, expert)
+        return self.store.read_host(layer, expert)
 
     def approx(self, layer: int, expert: int) -> tuple[QTensor | KTensor, ...]:
         """A non-resident expert's shadow, for quant.linear (KeyError when there is none)."""

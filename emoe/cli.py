@@ -37,6 +37,13 @@ def _dtype_arg(p) -> None:
                    "the checkpoint's on CUDA). bfloat16 halves what each full expert costs in the fast tier")
 
 
+def _host_kernel_arg(p) -> None:
+    p.add_argument("--host-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="with host/auto misses and --experts-on ram, hold a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 experts in "
+                   "the CPU int4 kernel's layout and run host misses on it (default; bf16 activations, as llama.cpp "
+                   "rounds them), or dequantise each matrix per run (--no-host-kernel: the file's exact arithmetic)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else task-static-q48); the -q4 / -q8 / -q48 suffix runs misses on low-bit copies, without it "
                    "they are rerouted (the paper's rule, far less exact)")
     _dtype_arg(g)
+    _host_kernel_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     from .bench.cli import add_parsers
@@ -206,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
     se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     _dtype_arg(se)
+    _host_kernel_arg(se)
     se.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine (default: the cores available minus one, at least 1)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")

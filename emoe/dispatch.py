@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .cache import ExpertCache
+from .quant import QTensor
 from .quant import swiglu as expert_ffn
 from .traces import TraceRecorder
 
@@ -49,19 +50,29 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     for e, n in enumerate(counts):
         if n:
             w = fetch(e, n)
-            if isinstance(w[0], torch.Tensor) and (w[0].device != x.device or w[0].dtype != x.dtype):
+            if not _runs_beside(w, x):
                 deferred.append((e, start, n, w))
             else:
                 tok = toks[start: start + n]
                 out.index_add_(0, tok, ffn(e, x[tok], w) * gates[start: start + n])
             start += n
     if deferred:
-        dev = deferred[0][3][0].device
+        dev = _device(deferred[0][3][0])
         hx, ht, hg = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
         host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
         for e, start, n, w in deferred:
             tok = ht[start: start + n]
-            w = tuple(t.to(x.dtype) for t in w)  # run in the activations' dtype (a no-op where they agree)
+            w = tuple(t.to(x.dtype) if isinstance(t, torch.Tensor) else t for t in w)  # copies: quant.linear casts
             host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
         out += host.to(x.device)
     return out
+
+
+def _device(t) -> torch.device:
+    return t.device if isinstance(t, torch.Tensor) else (t.data if isinstance(t, QTensor) else t.planes[0]).device
+
+
+def _runs_beside(w, x) -> bool:
+    """Whether an expert's weights run where x is: same device, full tensors in x's dtype (low-bit copies
+    take any activation dtype). Else they are slow-tier weights, run there after the device's experts."""
+    return all(_device(t) == x.device and not (isinstance(t, torch.Tensor) and t.dtype != x.dtype) for t in w)

@@ -43,6 +43,7 @@ class EngineConfig:
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
+    host_kernel: bool = True       # GGUF Q4/Q8 experts in RAM run host misses on that kernel (gguf_blocks.host_form)
 
     def __post_init__(self):
         if not self.budget > 0:
@@ -74,14 +75,14 @@ class Engine:
         dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
                          else self.dtype) for k, v in self.ckpt.dense_state().items()}
         self.model = MoEModel(self.cfg, dense)
-        self.store = open_store(self.ckpt, cfg.experts_on)
+        self.policy = policy or make_policy(cfg.miss_policy)
+        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"))
         c = self.cfg
         layers = list(c.moe_layers)
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
                                  kernel=cfg.qkernel)
         self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
-        self.policy = policy or make_policy(cfg.miss_policy)
         full = cfg.miss_policy == "all" and policy is None or self.policy.name == "all"
         budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
         need = self.policy.min_experts(layers, c.num_experts, c.top_k) * self.cache.expert_bytes

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
+from .quant import _MM, KTensor, QTensor, _kpack, kernel_fits, quantize, to_kernel
+from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 39
@@ -165,7 +166,10 @@ def mxfp4(t: torch.Tensor) -> torch.Tensor:
 def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
     """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
     llama.cpp's, so a float32 engine runs the file's exact values. In place after the one float32 buffer:
-    temporaries the size of the matrix would fragment the host heap that resident experts live in."""
+    temporaries the size of the matrix would fragment the host heap that resident experts live in. A matrix
+    the RAM tier holds in its host form (host_form) gives that form's values."""
+    if isinstance(t, KTensor):
+        return quant_dequantize(t, dtype)
     rows = t.shape[0]
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
@@ -223,6 +227,26 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
     return None
 
 
+HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0)  # kernel forms at most 1.18x the file's bytes; Q5/Q6/Q2/Q3_K would cost 1.5-3.8x
+
+
+def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
+    """The file's values of one packed matrix in the CPU int4 kernel's layout, for running it where the RAM
+    tier holds it (the `host` miss policy), or None where the type has no form that cheap. Dequantising a
+    matrix per host run costs 10-50x the kernel's matmul; these hold 4 (Q4_*) or 8 (Q8_0, two planes) bits a
+    weight plus bf16 scale and zero per 32, against the file's 4.5-5 and 8.5: the RAM tier grows by at most
+    18%. Values are the file's with scales rounded to bf16, and the kernel multiplies bf16 activations (as
+    llama.cpp rounds them to 8 bits)."""
+    if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
+        return None
+    if qtype == Q8_0:
+        return to_kernel(q8_0(t))
+    if qtype == Q4_0:
+        u, d = q4_0_parts(t)
+        return kernel_copy(u, d.float(), 8 * d.float())
+    return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
+
+
 class GGUFCopies:
     """`cache.copy_files[bits]` for a GGUF import: copies repacked from the file where they can be, made
     by quant.quantize otherwise."""
@@ -237,6 +261,10 @@ class GGUFCopies:
         group = getattr(self.cache, "_group", GROUP)
         out = []
         for t, qtype in zip(packed, locs.qtypes):
+            if isinstance(t, KTensor):  # a RAM tier holding host forms: the kernel copy is that very form
+                same = kernel and t.bits == self.bits and group == GROUP
+                out.append(t if same else quantize(quant_dequantize(t), self.bits, group))
+                continue
             t = t.cpu()
             c = file_copy(t, qtype, self.bits, kernel) if group == GROUP else None
             out.append(c if c is not None else quantize(dequantize(t, qtype), self.bits, group))

@@ -265,10 +265,12 @@ def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (
     where the slow tier holds it, from best-of-`repeats` timings of one expert at two token counts (the
     slow tier's read counted on both sides). Where a host run repeats work a load does once and keeps
     (reading from disk, unpacking FP8 or MXFP4), always load; where both tiers are the same host memory
-    and nothing needs unpacking, a copy never pays: never load."""
-    if cache.store.tier == "disk" or (cache.device.type == "cpu" and getattr(cache.store, "packed", False)):
+    and nothing needs unpacking, a copy never pays: never load. A RAM tier of GGUF kernel forms is timed
+    on a CPU too: the kernel may beat the fast tier's own full-precision matmul."""
+    forms = getattr(cache.store, "forms", False)
+    if cache.store.tier == "disk" or (cache.device.type == "cpu" and getattr(cache.store, "packed", False) and not forms):
         return 1.0
-    if cache.device.type == "cpu":
+    if cache.device.type == "cpu" and not forms:
         return math.inf
     sync = (lambda: torch.cuda.synchronize(cache.device)) if cache.device.type == "cuda" else (lambda: None)
 
@@ -286,7 +288,8 @@ def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (
     load = best(lambda: cache.bring(layer, 0))
     hidden = dev_w[0].shape[1]
     host = [best(lambda n=n: swiglu(torch.randn(n, hidden, dtype=cache.dtype),
-                                    *(t.to(cache.dtype) for t in cache.store.read(layer, 0)))) for n in probe]
+                                    *(t.to(cache.dtype) if isinstance(t, torch.Tensor) else t
+                                      for t in cache.store.read_host(layer, 0)))) for n in probe]
     dev = [best(lambda n=n: swiglu(torch.randn(n, hidden, dtype=cache.dtype, device=cache.device), *dev_w))
            for n in probe]
     return crossover(load, host, dev, probe)

@@ -137,8 +137,10 @@ def flags_from_curve(curve: list[float], moe_layers: list[int], num_layers: int,
 
 def exact_engine(budget: float = 1.0, experts_on: str = "disk", dtype: str | None = None) -> dict:
     """EngineConfig settings whose outputs are the model's own: everything resident, or under a budget
-    for a model larger than memory, the rest run in the slow tier (the `host` miss policy)."""
-    return dict(budget=budget, miss_policy="all" if budget >= 1.0 else "host", experts_on=experts_on, dtype=dtype)
+    for a model larger than memory, the rest run in the slow tier (the `host` miss policy) on the weights
+    as loaded (not a GGUF's kernel forms, whose bf16 activations and scales would differ slightly)."""
+    return dict(budget=budget, miss_policy="all" if budget >= 1.0 else "host", experts_on=experts_on, dtype=dtype,
+                host_kernel=False)
 
 
 def trace_stream(model_dir: str, examples, max_tokens: int, batch: int = 8, on_batch=None, **engine):

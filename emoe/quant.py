@@ -8,7 +8,7 @@ input columns (fp16): on the embedded model's experts int4 keeps ~10% relative w
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,10 +63,11 @@ def quantize(w: torch.Tensor, bits: int = 4, group: int = 32) -> QTensor:
 def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     rows, cols = q.shape
     if isinstance(q, KTensor):  # Σ over planes of (u − 8)·scale + zero: the kernel's own arithmetic
-        out = torch.zeros(rows, cols // q.group, q.group, dtype=dtype, device=q.planes[0].device)
+        out = None  # in place, one full-size temporary at most: loads from a RAM tier of these run it per expert
         for p, sz in zip(q.planes, q.sz):
             s, z = (sz[..., i].t().to(dtype)[..., None] for i in (0, 1))
-            out += (_kunpack(p).view(rows, cols // q.group, q.group).to(dtype) - 8) * s + z
+            v = _kunpack(p).view(rows, cols // q.group, q.group).to(dtype).sub_(8).mul_(s).add_(z)
+            out = v if out is None else out.add_(v)
         return out.view(rows, cols)
     if q.bits == 4:  # unpack into one preallocated buffer: fewer passes than stack + reshape on CPU
         v = torch.empty(rows, cols // 2, 2, dtype=torch.uint8, device=q.data.device)
@@ -99,6 +100,14 @@ class KTensor:
     @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz)
+
+    def to(self, device, non_blocking: bool = False) -> "KTensor":
+        """Moved as a tensor would be (a load copies the bytes and dequantises them where they land)."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, planes=tuple(map(move, self.planes)), sz=tuple(map(move, self.sz)))
+
+    def pin_memory(self) -> "KTensor":
+        return replace(self, planes=tuple(t.pin_memory() for t in self.planes), sz=tuple(t.pin_memory() for t in self.sz))
 
 
 def kernel_fits(shape: tuple[int, int], group: int) -> bool:

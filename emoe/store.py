@@ -7,14 +7,16 @@ expert once into host memory (pinned when CUDA is present) — the classic CPU-o
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checkpoint import PACKED, Checkpoint, ExpertLocs, TensorLoc
+from .quant import KTensor
 
 ALIGN = 4096
 
@@ -50,6 +52,7 @@ def _to_tensor(buf, offset: int, loc: TensorLoc) -> torch.Tensor:
 
 class DiskStore:
     tier = "disk"
+    forms = False
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt, self.stats = ckpt, StoreStats()
@@ -88,6 +91,9 @@ class DiskStore:
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ckpt.experts[(layer, expert)].untangle(self.read_raw(layer, expert))
 
+    def read_host(self, layer: int, expert: int):
+        return self.read(layer, expert)
+
     def read_packed(self, layer: int, expert: int):
         """(tensors as stored, the function that unpacks them): a fast tier on another device can copy the
         packed bytes (MXFP4: 4.25 bits a weight) and unpack them there."""
@@ -115,17 +121,33 @@ class DiskStore:
 class RamStore:
     tier = "ram"
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, host_forms: bool = False):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
-        experts take about 61 GB of host memory that way instead of 230 in bf16."""
+        experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
+        with a CPU-kernel form (gguf_blocks.host_form) are held in it instead, so a host run multiplies
+        them as they are; a load dequantises them where it lands, as it does packed blocks."""
         self.ckpt, self.stats = ckpt, StoreStats()
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
         self._packed = {key for key, locs in ckpt.experts.items() if locs.layout in PACKED}
-        self._experts = {key: tuple(t.pin_memory() if pin else t
-                                    for t in (disk.read_raw(*key) if key in self._packed else disk.read(*key)))
-                         for key in ckpt.experts}
+        self._experts = {}
+        by_layer: dict[int, list] = {}
+        for key in ckpt.experts:
+            by_layer.setdefault(key[0], []).append(key)
+        for keys in by_layer.values():
+            held = []
+            for key in keys:
+                locs = ckpt.experts[key]
+                ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
+                if host_forms and locs.layout == "gguf":
+                    from .gguf_blocks import host_form
+                    ts = tuple(host_form(t, q) or t for t, q in zip(ts, locs.qtypes))
+                held.append(ts)
+            self._experts.update(zip(keys, _contiguous(held, pin)))
+        del held
+        _trim_heap()
         disk.close()
+        self.forms = any(isinstance(t, KTensor) for ts in self._experts.values() for t in ts)
         self.direct = False
         self.packed = bool(self._packed)  # reads unpack: a host run pays that each time, a load once
 
@@ -135,7 +157,7 @@ class RamStore:
         key = (layer, expert)
         out = self._experts[key]
         self.stats.reads += 1
-        self.stats.bytes_read += sum(t.numel() * t.element_size() for t in out)
+        self.stats.bytes_read += sum(t.nbytes for t in out)
         self.stats.seconds += time.perf_counter() - t0
         return out, (self.ckpt.experts[key].untangle if key in self._packed else (lambda ts: ts))
 
@@ -143,15 +165,54 @@ class RamStore:
         packed, unpack = self.read_packed(layer, expert)
         return unpack(packed)
 
+    def read_host(self, layer: int, expert: int):
+        """The expert as a host run takes it: matrices held in a kernel form as they are, others unpacked."""
+        packed, unpack = self.read_packed(layer, expert)
+        if not any(isinstance(t, KTensor) for t in packed):
+            return unpack(packed)
+        from .gguf_blocks import dequantize  # only GGUF matrices have forms
+        qtypes = self.ckpt.experts[(layer, expert)].qtypes
+        return tuple(t if isinstance(t, KTensor) else dequantize(t, q) for t, q in zip(packed, qtypes))
+
     def close(self) -> None:
         pass
 
 
-def open_store(ckpt: Checkpoint, tier: str):
+def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
+    """A layer's expert tensors (kernel forms' too) moved into one allocation, pinned for CUDA copies. Made
+    one expert at a time, they would sit between the holes that reading and repacking left in the heap,
+    which then never shrinks (+70% RSS measured on GGUF kernel forms); held together, the heap's high-water
+    mark stays one layer's temporaries."""
+    parts = [t for ts in experts for t in ts for t in ((t,) if isinstance(t, torch.Tensor) else t.planes + t.sz)]
+    sizes = [-(-t.nbytes // 64) * 64 for t in parts]  # 64-byte aligned, as torch's own allocations
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+    moved, at = {}, 0
+    for t, n in zip(parts, sizes):
+        moved[id(t)] = buf[at: at + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+        at += n
+
+    def place(t):
+        if isinstance(t, torch.Tensor):
+            return moved[id(t)]
+        return replace(t, planes=tuple(moved[id(p)] for p in t.planes), sz=tuple(moved[id(z)] for z in t.sz))
+    return [tuple(place(t) for t in ts) for ts in experts]
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back (glibc's malloc_trim releases holes too, not only the top): what
+    reading and repacking freed would otherwise stay in RSS. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def open_store(ckpt: Checkpoint, tier: str, host_forms: bool = False):
+    """host_forms: hold what host runs can multiply directly (RAM only: from disk a host run reads anyway)."""
     stores = {"disk": DiskStore, "ram": RamStore}
     if tier not in stores:
         raise ValueError(f"unknown expert tier {tier!r}; choose one of {sorted(stores)}")
-    return stores[tier](ckpt)
+    return RamStore(ckpt, host_forms) if tier == "ram" else DiskStore(ckpt)
 
 
 def raw_direct_bandwidth(path: str, block: int = 4 << 20, limit: int = 1 << 30) -> float:

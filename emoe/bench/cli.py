@@ -12,7 +12,9 @@ from ..commands import _model, _predictors
 
 def cmd_bench_memory(args) -> None:
     from . import memory
-    rows = memory.run(_model(args), args.budgets, args.miss_policy.split(","), args.experts_on, args.max_tokens)
+    kernel = {"on": (True,), "off": (False,), "both": (True, False)}[args.host_kernel]
+    rows = memory.run(_model(args), args.budgets, args.miss_policy.split(","), args.experts_on, args.max_tokens,
+                      host_kernel=kernel)
     print(memory.table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -102,6 +104,8 @@ def add_parsers(b) -> None:
     m.add_argument("--miss-policy", default="reroute,load", help="comma-separated: reroute,load,shadow,host,auto")
     m.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     m.add_argument("--max-tokens", type=int, default=32)
+    m.add_argument("--host-kernel", default="on", choices=["on", "off", "both"],
+                   help="host/auto misses on a GGUF's Q4/Q8 experts: on the CPU int4 kernel, dequantised, or both")
     m.add_argument("--json", default=None)
     m.set_defaults(fn=cmd_bench_memory)
 

@@ -32,7 +32,8 @@ def worker(args: dict) -> dict:
     t_build = time.perf_counter()
     try:
         eng = Engine(EngineConfig(args["model"], budget=args["budget"], miss_policy=args["policy"],
-                                  experts_on=args["experts_on"], max_batch=len(args["prompts"])))
+                                  experts_on=args["experts_on"], max_batch=len(args["prompts"]),
+                                  host_kernel=args.get("host_kernel", True)))
     except BudgetError as e:  # e.g. int4 copies of every expert exceed a small budget: a gap, not a failure
         return {"policy": args["policy"], "budget": args["budget"], "skipped": str(e)}
     build_s = time.perf_counter() - t_build
@@ -46,7 +47,7 @@ def worker(args: dict) -> dict:
         agree += int((logits.argmax(-1).cpu() == torch.tensor(ref["output_ids"])).sum())
         n += len(ref["output_ids"])
     s = eng.cache.stats
-    return {"policy": args["policy"], "budget": args["budget"],
+    return {"policy": args["policy"], "budget": args["budget"], "host_kernel": args.get("host_kernel", True),
             "resident_bytes": eng.cache.used_bytes, "total_expert_bytes": eng.total_expert_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             # on a GPU the fast tier is device memory: dense weights + experts + KV + activations
@@ -67,7 +68,9 @@ def _spawn(args: dict) -> dict:
 
 
 def run(model: str, budgets: list[float], policies: list[str], experts_on: str, max_tokens: int,
-        prompts: list[str] | None = None) -> list[dict]:
+        prompts: list[str] | None = None, host_kernel: tuple[bool, ...] = (True,)) -> list[dict]:
+    """host_kernel: for the policies that run misses on the host, with a GGUF's kernel forms (True), with
+    its blocks dequantised per run (False), or both side by side; rows without kernel read "host/dq"."""
     from ..checkpoint import Checkpoint
     from ..store import raw_direct_bandwidth
     base = {"model": model, "experts_on": experts_on, "max_tokens": max_tokens, "prompts": prompts or PROMPTS}
@@ -76,8 +79,10 @@ def run(model: str, budgets: list[float], policies: list[str], experts_on: str, 
     rows = [ref]
     for policy in policies:
         for b in budgets:
-            if b < 1.0 or policy != "all":
-                rows.append(_spawn({**base, "policy": policy, "budget": b, "reference": ref["outputs"]}))
+            for k in host_kernel if policy in ("host", "auto") else (True,):
+                if b < 1.0 or policy != "all":
+                    rows.append(_spawn({**base, "policy": policy, "budget": b, "reference": ref["outputs"],
+                                        "host_kernel": k}))
     raw = raw_direct_bandwidth(next(iter(Checkpoint(model).experts.values())).locs[0].path)
     for r in rows:
         r["raw_direct_bandwidth"] = raw
@@ -94,10 +99,11 @@ def table(rows: list[dict]) -> str:
         head += f" {'peak GPU MiB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        name = r["policy"] + ("" if r.get("host_kernel", True) else "/dq")
         if "skipped" in r:
-            lines.append(f"{r['policy']:8} {r['budget']:>6.2f}  skipped: {r['skipped']}")
+            lines.append(f"{name:8} {r['budget']:>6.2f}  skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['policy']:8} {r['budget']:>6.2f} {r['resident_bytes'] / mib:>13.1f} "
+        lines.append(f"{name:8} {r['budget']:>6.2f} {r['resident_bytes'] / mib:>13.1f} "
                      f"{r['peak_rss_bytes'] / mib:>13.1f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>8.1%} "
                      f"{r['bytes_loaded'] / mib:>10.1f} {r['agreement']:>6.3f} {r['store_bandwidth'] / 1e9:>9.2f}"
                      + (f" {(r.get('peak_device_bytes') or 0) / mib:>12.1f}" if gpu else ""))
