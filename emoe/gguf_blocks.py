@@ -227,20 +227,24 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
     return None
 
 
-HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0)  # kernel forms at most 1.18x the file's bytes; Q5/Q6/Q2/Q3_K would cost 1.5-3.8x
+HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K)  # Q5_*, Q2_K, Q3_K forms would cost 1.8-3.8x the file's bytes
 
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
-    """The file's values of one packed matrix in the CPU int4 kernel's layout, for running it where the RAM
-    tier holds it (the `host` miss policy), or None where the type has no form that cheap. Dequantising a
-    matrix per host run costs 10-50x the kernel's matmul; these hold 4 (Q4_*) or 8 (Q8_0, two planes) bits a
-    weight plus bf16 scale and zero per 32, against the file's 4.5-5 and 8.5: the RAM tier grows by at most
-    18%. Values are the file's with scales rounded to bf16, and the kernel multiplies bf16 activations (as
-    llama.cpp rounds them to 8 bits)."""
+    """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
+    `host` miss policy), or None where the type has no form that cheap. Dequantising a matrix per host run
+    costs 10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against
+    the file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded
+    to bf16: the RAM tier grows by at most 18%. Q6_K (Q4_K_M's down projections in half the layers) scales
+    each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
+    (10 bits against 6.56; error under a quarter of Q6_K's own step where a group's two scales are alike).
+    The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
     if qtype == Q8_0:
         return to_kernel(q8_0(t))
+    if qtype == Q6_K:
+        return to_kernel(quantize(q6_k(t), 8, GROUP))
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())

@@ -108,8 +108,10 @@ def llama_side(port: int, texts: list[str], prompts: list[list[int]], n: int) ->
 
 
 @torch.inference_mode()
-def emoe_side(model: Path, policy: str, budget: float, prompts: list[list[int]], ref: dict, n: int) -> dict:
-    eng = Engine(EngineConfig(str(model), budget=budget, miss_policy=policy, experts_on="ram", max_batch=1))
+def emoe_side(model: Path, policy: str, budget: float, prompts: list[list[int]], ref: dict, n: int,
+              host_kernel: bool = True) -> dict:
+    eng = Engine(EngineConfig(str(model), budget=budget, miss_policy=policy, experts_on="ram", max_batch=1,
+                              host_kernel=host_kernel))
     same, agree, dlp, tok_s, outputs = 0, [], [], [], []
     stops = sorted(eng.codec.stop_ids)  # llama.cpp's ignore_eos bans end-of-generation tokens: so does this
     params = SamplingParams(max_tokens=n, ignore_eos=True, logit_bias={t: -100.0 for t in stops})
@@ -140,7 +142,9 @@ def main() -> None:
                     "(e.g. --convert-arg=--no-mtp for Qwen3-Next / Qwen3.5 without their MTP head)")
     ap.add_argument("--n", type=int, default=16, help="test-split prompts")
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--budget", type=float, default=0.4)
+    ap.add_argument("--modes", default="all@1.0,host@0.4,shadow@0.4",
+                    help="emoe's rows: MISS_POLICY@BUDGET; host/dq@B runs host misses dequantised per run "
+                    "(--no-host-kernel) instead of on the CPU int4 kernel")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--port", type=int, default=8091)
     a = ap.parse_args()
@@ -159,9 +163,9 @@ def main() -> None:
     rows = load_split("test")[: a.n]
     texts = [codec.apply_chat([{"role": "user", "content": r.prompt}]) for r in rows]
     prompts = [codec.encode(t)[: ctx - a.tokens - 1] for t in texts]  # a short-context model reads the start
-    modes = [("all", 1.0), ("host", a.budget), ("shadow", a.budget)]
+    modes = [(m.partition("@")[0], float(m.partition("@")[2])) for m in a.modes.split(",")]
     print(f"model {[f.name for f in a.gguf] if a.gguf else a.model}, {len(prompts)} test prompts, {a.tokens} greedy tokens each, {a.threads} threads; "
-          f"emoe budget {a.budget:.0%} for host/shadow, experts in RAM")
+          f"emoe experts in RAM")
     print(f"{'gguf':{max(8, *(len(q) for q, _ in files))}} {'emoe misses':12} {'tokenizer':>9} {'greedy =':>8} {'agreement':>9} "
           f"{'|Δlogp| mean/max':>17} {'own f32 (llama.cpp/emoe)':>24} {'hit rate':>8} {'emoe tok/s':>10} {'llama.cpp tok/s':>15}")
     f32 = {}  # each system's greedy tokens from the f32 file: how far does quantisation move each?
@@ -181,7 +185,8 @@ def main() -> None:
         if q == "f32":
             f32["llama"] = ref["tokens"]
         for policy, budget in modes:
-            r = emoe_side(imported, policy, budget, prompts, ref, a.tokens)
+            r = emoe_side(imported, policy.removesuffix("/dq"), budget, prompts, ref, a.tokens,
+                          host_kernel=not policy.endswith("/dq"))
             if q == "f32" and policy == "all":
                 f32["emoe"] = r["outputs"]
             own = f"{drift(ref['tokens'], 'llama')}/{drift(r['outputs'], 'emoe')}"

@@ -63,12 +63,12 @@ step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family dee
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
 step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,load:0.4,auto:0.4
 # a llama.cpp GGUF (experts Q4_0/Q8_0) imported: packed bytes cross and are dequantised on the GPU; shadow copies
-# are the file's own integers
+# are the file's own integers; host misses run on the CPU int4 kernel (host/dq: dequantised per run)
 GG=/tmp/gguf-pair
 step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 768)) \
   --layers 8 --experts 32
 step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
-  --configs all:1.0,host:0.4,load:0.4,auto:0.4,shadow:0.4
+  --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,shadow:0.4
 # Qwen3-Next's layout (linear attention in three of four layers, a fixed state per slot): not yet run on CUDA
 N=/tmp/random-qwen3-next
 step random_qwen3_next 120 python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny import make_tiny

@@ -2,6 +2,8 @@
 operators of one warm run under torch.profiler. For `scripts/gpu_check.sh`; runs on CPU too.
 
   python scripts/gpu_profile.py [--model DIR] [--configs all:1.0,reroute:0.4,shadow:0.4] [--profile]
+
+host/dq:B runs host misses with a GGUF's blocks dequantised per run instead of on the CPU int4 kernel.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def main() -> None:
     for spec in a.configs.split(","):
         policy, budget = spec.split(":")
         t0 = time.perf_counter()
-        eng = Engine(EngineConfig(a.model, budget=float(budget), miss_policy=policy, experts_on=a.experts_on,
-                                  max_batch=4, trace=a.trace))
+        eng = Engine(EngineConfig(a.model, budget=float(budget), miss_policy=policy.removesuffix("/dq"),
+                                  experts_on=a.experts_on, max_batch=4, trace=a.trace,
+                                  host_kernel=not policy.endswith("/dq")))
         build = time.perf_counter() - t0
         cold, warm1, warm2 = (timed(eng, params) for _ in range(3))
         st = eng.cache.stats
