@@ -51,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
     _model_arg(g)
-    g.add_argument("--budget", type=float, default=1.0, help="fraction of routed-expert bytes kept resident")
+    g.add_argument("--budget", type=float, default=None, help="fraction of routed-expert bytes kept resident "
+                   "(default 1.0; 0: none, every expert runs in the slow tier with --miss-policy host)")
     g.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "shadow", "all"],
                    help="what a miss does: reroute it (the paper's rule; with a profile, --policy's residency), "
                    "load it (LRU), run it on the host CPU in place, auto: on the host for few tokens, loaded "
                    "for many (break-even timed at start), or shadow: run an int4 copy of it held in the budget "
                    "(a GGUF's copies are its own values). Default: reroute with a profile, else auto")
-    g.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    g.add_argument("--experts-on", default=None, choices=["disk", "ram"], help="the slow tier (default disk)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, task-aware scheduler)")
     _model_arg(se)
-    se.add_argument("--budget", type=float, default=0.4, help="fraction of routed-expert bytes kept resident")
+    se.add_argument("--budget", type=float, default=None, help="fraction of routed-expert bytes kept resident "
+                    "(default 0.4; 0: none, every expert runs in the slow tier with --miss-policy host)")
     se.add_argument("--miss-policy", default=None, choices=["reroute", "load", "host", "auto", "shadow", "all"],
                     help="what a miss does (see generate); default: reroute with a profile (--policy decides), "
                     "else auto")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "admission (--no-prefill-interleave)")
     se.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
-    se.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
+    se.add_argument("--experts-on", default=None, choices=["disk", "ram"], help="the slow tier (default disk)")
     _dtype_arg(se)
     _host_kernel_arg(se)
     se.add_argument("--threads", type=int, default=None,

@@ -31,7 +31,7 @@ from .traces import TraceRecorder
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    budget: float = 1.0            # fraction of all routed-expert bytes (0, 1], or bytes when > 1
+    budget: float = 1.0            # fraction of all routed-expert bytes [0, 1], or bytes when > 1
     miss_policy: str = "reroute"   # a policies.MISS_POLICIES name: reroute | load | host | shadow | all | …
     experts_on: str = "disk"       # disk | ram
     device: str | None = None      # default: cuda when available, else cpu
@@ -46,8 +46,9 @@ class EngineConfig:
     host_kernel: bool = True       # GGUF Q4/Q8 experts in RAM run host misses on that kernel (gguf_blocks.host_form)
 
     def __post_init__(self):
-        if not self.budget > 0:
-            raise ValueError(f"budget must be > 0 (a fraction up to 1.0, or bytes), got {self.budget}")
+        if not self.budget >= 0:
+            raise ValueError(f"budget must be >= 0 (a fraction up to 1.0, or bytes; 0 with the host miss policy: "
+                             f"every expert runs in the slow tier), got {self.budget}")
         if self.max_batch < 1 or self.max_len < 2 or self.prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_len >= 2")
         if self.experts_on not in ("disk", "ram"):
@@ -406,7 +407,8 @@ class Engine:
                    f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
                    f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
         if s.host_runs:
-            shadows += f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
+            shadows += (f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
+                        + (" (GGUF blocks on the CPU int4 kernel)" if self.store.forms else ""))
         n = getattr(self.policy, "min_tokens", None)
         if n is not None:  # auto
             shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"

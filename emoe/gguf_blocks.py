@@ -251,6 +251,16 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
 
 
+def host_formed(model_dir) -> bool:
+    """Whether a model folder is a GGUF import whose every expert matrix has a host form."""
+    from .checkpoint import Checkpoint
+    from pathlib import Path
+    if not (Path(model_dir) / "gguf.json").is_file() or _MM is None:
+        return False
+    experts = Checkpoint(model_dir).experts.values()
+    return all(q in HOST_TYPES for locs in experts for q in locs.qtypes)
+
+
 class GGUFCopies:
     """`cache.copy_files[bits]` for a GGUF import: copies repacked from the file where they can be, made
     by quant.quantize otherwise."""

@@ -128,7 +128,7 @@ if [ -n "${LLAMA_DIR:-}" ]; then
   $PY scripts/check_gguf_vocab.py $LLAMA_DIR/models | tee $R/check_gguf_vocab.txt
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --n 16 --work runs/llamacpp | tee $R/check_llamacpp_tiny.txt
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
-    --quants f32,q8_0,Q4_K_M --work runs/llamacpp-random | tee $R/check_llamacpp_random.txt
+    --quants f32,q8_0,Q4_0,Q4_K_M --modes all@1.0,host@0.4,host/dq@0.4,host@0.05,shadow@0.4 --work runs/llamacpp-random | tee $R/check_llamacpp_random.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files

@@ -289,15 +289,26 @@ def test_bad_sampling_params():
 
 
 def test_bad_engine_config(tiny_mixtral):
-    for bad in (0, -0.5, float("nan")):
+    for bad in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="budget"):
             EngineConfig(str(tiny_mixtral), budget=bad)
+    with pytest.raises(BudgetError, match="smaller than what 'reroute' needs"):  # 0 only where misses need no expert
+        Engine(EngineConfig(str(tiny_mixtral), budget=0))
     with pytest.raises(ValueError, match="experts_on"):
         EngineConfig(str(tiny_mixtral), experts_on="nvme")
     with pytest.raises(ValueError) as err:
         Engine(EngineConfig(str(tiny_mixtral), miss_policy="lru"))
     for name in ("lru", "reroute", "load", "all"):
         assert name in str(err.value)
+
+
+def test_budget_zero_runs_every_expert_in_the_slow_tier(tiny_mixtral):
+    """Budget 0 with host misses: nothing in the fast tier, all-resident's tokens."""
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [r.output_ids for r in engine(tiny_mixtral).generate(["hi there", "a b c"], greedy, chat=False)]
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0, miss_policy="host", experts_on="ram"))
+    assert [r.output_ids for r in eng.generate(["hi there", "a b c"], greedy, chat=False)] == want
+    assert eng.cache.used_bytes == 0 and eng.cache.stats.hit_rate == 0 and eng.cache.stats.host_runs > 0
 
 
 # -- traces ------------------------------------------------------------------------------------------
