@@ -21,13 +21,13 @@ def _slo(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, zero: bool = False) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals or any(not 0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"budgets must be fractions in (0, 1], got {text!r}")
+    if not vals or any(not (0 <= v <= 1 and (zero or v > 0)) for v in vals):
+        raise argparse.ArgumentTypeError(f"budgets must be fractions in {'[' if zero else '('}0, 1], got {text!r}")
     return vals
 
 

@@ -100,7 +100,8 @@ def add_parsers(b) -> None:
     """Register memory, serve, compare and capacity under the `bench` subparsers `b`."""
     m = b.add_parser("memory", help="resident bytes, peak RSS, speed and agreement across budgets")
     _model_arg(m)
-    m.add_argument("--budgets", type=_floats, default=_floats("1.0,0.6,0.4,0.2"))
+    m.add_argument("--budgets", type=lambda t: _floats(t, zero=True), default=_floats("1.0,0.6,0.4,0.2"),
+                   help="fractions of expert bytes in the fast tier (0: none, for host and auto misses)")
     m.add_argument("--miss-policy", default="reroute,load", help="comma-separated: reroute,load,shadow,host,auto")
     m.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     m.add_argument("--max-tokens", type=int, default=32)
