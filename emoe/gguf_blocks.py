@@ -81,7 +81,8 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
-def q5_k(t: torch.Tensor) -> torch.Tensor:
+def q5_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q5_K rows → (values 0..31, scale and minimum per 32 values, fp32): the weight is scale·u − minimum."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 176)  # d, dmin, 12 bytes of scales, 32 of fifth bits, 128 of nibbles
     d, dmin = _half(b, 0).float(), _half(b, 2).float()
@@ -90,23 +91,36 @@ def q5_k(t: torch.Tensor) -> torch.Tensor:
     shift = torch.arange(8, device=t.device, dtype=torch.uint8).view(4, 2, 1)  # chunk c: bits 2c (low), 2c+1
     high = (qh[..., None, None, :] >> shift) & 1  # [rows, blocks, 4, 2, 32]
     u = torch.stack((qs & 0x0F, qs >> 4), 3) | (high << 4)
-    w = u.float().view(rows, -1, 8, 32)
-    return w.mul_((d[..., None] * sc)[..., None]).sub_((dmin[..., None] * m)[..., None]).reshape(rows, -1)
+    return u.reshape(rows, -1), (d[..., None] * sc).reshape(rows, -1), (dmin[..., None] * m).reshape(rows, -1)
 
 
-def q5_0_1(t: torch.Tensor, offset: bool) -> torch.Tensor:
-    """Q5_0 (fp16 d; weight (u − 16)·d) or Q5_1 (fp16 d, fp16 m; weight u·d + m): per 32 values the scale(s),
-    4 bytes holding each value's fifth bit (bit j for value j), 16 bytes of nibbles (low: values 0..15)."""
+def q5_k(t: torch.Tensor) -> torch.Tensor:
+    u, scale, minimum = q5_k_parts(t)
+    rows = t.shape[0]
+    return u.float().view(rows, -1, 32).mul_(scale[..., None]).sub_(minimum[..., None]).reshape(rows, -1)
+
+
+def q5_0_1_parts(t: torch.Tensor, offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q5_0 (fp16 d; weight (u − 16)·d) or Q5_1 (fp16 d, fp16 m; weight u·d + m) → (values 0..31, d, m or
+    None): per 32 values the scale(s), 4 bytes holding each value's fifth bit (bit j for value j), 16 bytes
+    of nibbles (low: values 0..15)."""
     rows, head = t.shape[0], 4 if offset else 2
     b = t.reshape(rows, -1, head + 20)
     qh = b[..., head:head + 4].long()
     bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)[..., None]
     high = (bits >> torch.arange(32, device=t.device)) & 1
     qs = b[..., head + 4:]
-    w = (torch.cat((qs & 0x0F, qs >> 4), -1) | (high << 4).to(torch.uint8)).float()
+    u = torch.cat((qs & 0x0F, qs >> 4), -1) | (high << 4).to(torch.uint8)
+    return u.reshape(rows, -1), _half(b, 0).float(), _half(b, 2).float() if offset else None
+
+
+def q5_0_1(t: torch.Tensor, offset: bool) -> torch.Tensor:
+    u, d, m = q5_0_1_parts(t, offset)
+    rows = t.shape[0]
+    w = u.float().view(rows, -1, 32)
     if offset:
-        return w.mul_(_half(b, 0).float()[..., None]).add_(_half(b, 2).float()[..., None]).reshape(rows, -1)
-    return w.sub_(16).mul_(_half(b, 0).float()[..., None]).reshape(rows, -1)
+        return w.mul_(d[..., None]).add_(m[..., None]).reshape(rows, -1)
+    return w.sub_(16).mul_(d[..., None]).reshape(rows, -1)
 
 
 def q2_k(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +241,19 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
     return None
 
 
-HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K)  # Q5_*, Q2_K, Q3_K forms would cost 1.8-3.8x the file's bytes
+def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
+    """A 5-bit matrix (weight = scale·u − minimum, u 0..31, per 32 values) as two int4 planes: the fifth bit
+    stored as 8 + hi, so the kernel's (v − 8) gives hi itself (stored as hi, every value would carry a
+    −128·scale cancelled by the zero, and their bf16 roundings with it), and lo: 16·scale·hi +
+    scale·(lo − 8) + 8·scale − minimum."""
+    hi, lo = (u >> 4) + 8, u & 0x0F
+    z = torch.zeros_like(scale)
+    sz = [torch.stack((a.t(), b.t()), -1).to(torch.bfloat16).contiguous()
+          for a, b in ((16 * scale, z), (scale, 8 * scale - minimum))]
+    return KTensor((_kpack(hi), _kpack(lo)), tuple(sz), tuple(u.shape), 8, GROUP)
+
+
+HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K, Q5_0, Q5_1, Q5_K)  # Q2_K/Q3_K forms would cost 3-3.8x the file's bytes
 
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
@@ -237,7 +263,9 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     the file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded
     to bf16: the RAM tier grows by at most 18%. Q6_K (Q4_K_M's down projections in half the layers) scales
     each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
-    (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's).
+    (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
+    values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
+    far below the 32 bits a weight of the float32 fast tier). Q2_K and Q3_K have none (3-3.8x).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
@@ -245,6 +273,11 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
         return to_kernel(q8_0(t))
     if qtype == Q6_K:
         return to_kernel(quantize(q6_k(t), 8, GROUP))
+    if qtype in (Q5_0, Q5_1):
+        u, d, m = q5_0_1_parts(t, qtype == Q5_1)
+        return kernel_copy5(u, d, 16 * d if m is None else -m)
+    if qtype == Q5_K:
+        return kernel_copy5(*q5_k_parts(t))
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())

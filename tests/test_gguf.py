@@ -416,7 +416,7 @@ def test_file_copies_hold_the_files_own_values(qtype):
     assert file_copy(t, int(Q.Q6_K), 4, kernel=True) is None  # no exact form: quantised as any copy is
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K"])
 def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     """What a RAM tier holds for host runs: the file's values (scales rounded to bf16; Q6_K's quantised again
     to int8) in the int4 kernel's layout, multiplied without dequantising; types whose form would cost far
@@ -431,7 +431,7 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     Q = gguf.GGMLQuantizationType
     q = getattr(Q, qtype)
     w = np.random.default_rng(2).standard_normal((128, 512)).astype(np.float32) * 0.02
-    blocks = _random_blocks(w.shape, q, 2) if qtype in ("Q4_K", "Q6_K") else gguf.quants.quantize(w, q)
+    blocks = _random_blocks(w.shape, q, 2) if qtype in ("Q4_K", "Q6_K", "Q5_K") else gguf.quants.quantize(w, q)
     t = torch.from_numpy(np.ascontiguousarray(blocks))
     want = torch.from_numpy(gguf.quants.dequantize(blocks, q))
     form = host_form(t, int(q))
@@ -440,13 +440,16 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
         assert form.nbytes <= 1.53 * t.numel()
         err = (dequantize(form) - want).abs()
         assert err.mean() <= 0.01 * want.abs().mean() and err.max() <= 0.01 * want.abs().max()
+    elif qtype.startswith("Q5"):  # two planes, the fifth bit stored so that no constant cancels
+        assert form.nbytes <= 1.82 * t.numel()
+        assert (dequantize(form) - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16 scales and zeros
     else:
         assert form.nbytes <= 1.18 * t.numel()  # the RAM tier grows by at most 18%
         assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()  # bf16 scales
     assert torch.equal(gguf_dequantize(form, int(q)), dequantize(form))  # a load unpacks the form itself
     x = torch.randn(5, 512)
     torch.testing.assert_close(linear(x, form), x @ want.T, rtol=0, atol=2e-2 * (x @ want.T).abs().max().item())
-    for other in (Q.Q5_K, Q.Q5_0, Q.Q2_K, Q.MXFP4):
+    for other in (Q.Q2_K, Q.Q3_K, Q.MXFP4):
         assert host_form(t, int(other)) is None
     assert host_form(t[:96], int(q)) is None  # the kernel packs rows in blocks of 64
 
