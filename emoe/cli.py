@@ -39,7 +39,7 @@ def _dtype_arg(p) -> None:
 
 def _host_kernel_arg(p) -> None:
     p.add_argument("--host-kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="with host/auto misses and --experts-on ram, hold a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K experts "
+                   help="with host/auto misses and --experts-on ram, hold a GGUF's Q4/Q5/Q6_K/Q8_0 experts "
                    "in the CPU int4 kernel's layout and run host misses on it (default; bf16 activations, as llama.cpp "
                    "rounds them), or dequantise each matrix per run (--no-host-kernel: the file's exact arithmetic)")
 

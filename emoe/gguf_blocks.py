@@ -253,7 +253,7 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
     return KTensor((_kpack(hi), _kpack(lo)), tuple(sz), tuple(u.shape), 8, GROUP)
 
 
-HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K, Q5_0, Q5_1, Q5_K)  # Q2_K/Q3_K forms would cost 3-3.8x the file's bytes
+HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K, Q5_0, Q5_1, Q5_K)  # Q2_K/Q3_K forms would cost 2.9-3.8x the file's bytes
 
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
@@ -265,7 +265,7 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
     (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
     values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
-    far below the 32 bits a weight of the float32 fast tier). Q2_K and Q3_K have none (3-3.8x).
+    far below the 32 bits a weight of the float32 fast tier). Q2_K and Q3_K have none (2.9-3.8x).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None

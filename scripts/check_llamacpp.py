@@ -102,7 +102,9 @@ def llama_side(port: int, texts: list[str], prompts: list[list[int]], n: int) ->
                                        "return_tokens": True, "cache_prompt": False, "ignore_eos": True})
             for ids in prompts]
     # llama-server leaves out the probabilities of trailing tokens that end mid-character: compare what it gives
-    lps = [[p["logprob"] for p, t in zip(r["completion_probabilities"], r["tokens"]) if p["id"] == t] for r in runs]
+    # (and the key itself when every token does)
+    lps = [[p["logprob"] for p, t in zip(r.get("completion_probabilities", []), r["tokens"]) if p["id"] == t]
+           for r in runs]
     return {"tokenize": tok, "tokens": [r["tokens"] for r in runs], "logprobs": lps,
             "tok_s": [r["timings"]["predicted_per_second"] for r in runs]}
 
@@ -125,7 +127,7 @@ def emoe_side(model: Path, policy: str, budget: float, prompts: list[list[int]],
         got = lp.gather(-1, torch.tensor(want)[:, None])[:len(want_lp), 0]
         dlp += (got - torch.tensor(want_lp)).abs().tolist()
     return {"same": same / len(prompts), "outputs": outputs, "agreement": sum(agree) / len(agree),
-            "dlogprob": sum(dlp) / len(dlp), "max_dlogprob": max(dlp), "tok_s": sorted(tok_s)[len(tok_s) // 2],
+            "dlogprob": sum(dlp) / len(dlp) if dlp else float("nan"), "max_dlogprob": max(dlp, default=float("nan")), "tok_s": sorted(tok_s)[len(tok_s) // 2],
             "hit_rate": eng.cache.stats.hit_rate}
 
 

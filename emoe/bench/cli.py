@@ -106,7 +106,7 @@ def add_parsers(b) -> None:
     m.add_argument("--experts-on", default="disk", choices=["disk", "ram"])
     m.add_argument("--max-tokens", type=int, default=32)
     m.add_argument("--host-kernel", default="on", choices=["on", "off", "both"],
-                   help="host/auto misses on a GGUF's Q4/Q6/Q8 experts: on the CPU int4 kernel, dequantised, or both")
+                   help="host/auto misses on a GGUF's Q4-Q8 experts: on the CPU int4 kernel, dequantised, or both")
     m.add_argument("--json", default=None)
     m.set_defaults(fn=cmd_bench_memory)
 
