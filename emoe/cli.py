@@ -44,6 +44,13 @@ def _host_kernel_arg(p) -> None:
                    "rounds them), or dequantise each matrix per run (--no-host-kernel: the file's exact arithmetic)")
 
 
+def _dense_int8_arg(p) -> None:
+    p.add_argument("--dense-int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a CPU, run the dense projections (attention, shared experts, lm_head) as int8 copies on "
+                   "the int4 kernel (0.5%% weight error, bf16 activations): they are read whole for every token. "
+                   "Default: on where a GGUF runs in the CPU default, else off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emoe", description="task-aware memory-efficient MoE inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "they are rerouted (the paper's rule, far less exact)")
     _dtype_arg(g)
     _host_kernel_arg(g)
+    _dense_int8_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     from .bench.cli import add_parsers
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--experts-on", default=None, choices=["disk", "ram"], help="the slow tier (default disk)")
     _dtype_arg(se)
     _host_kernel_arg(se)
+    _dense_int8_arg(se)
     se.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine (default: the cores available minus one, at least 1)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")

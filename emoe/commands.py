@@ -76,8 +76,11 @@ def _default_miss_policy(args, model: str, budget: float) -> None:
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and host_formed(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
-        print("[emoe] GGUF on a CPU: experts held in RAM in the file's blocks and run on the CPU int4 kernel "
-              "(--budget, --miss-policy or --experts-on choose otherwise)", file=sys.stderr)
+        args.dense_int8 = True if args.dense_int8 is None else args.dense_int8
+        print("[emoe] GGUF on a CPU: experts held in RAM in the file's blocks and run on the CPU int4 kernel"
+              f"{', dense projections as int8 copies on it' if args.dense_int8 else ''} (--budget, --miss-policy, "
+              "--experts-on or --no-dense-int8 choose otherwise)", file=sys.stderr)
+    args.dense_int8 = bool(args.dense_int8)
     args.budget = budget if args.budget is None else args.budget
     args.experts_on = args.experts_on or "disk"
     if args.miss_policy is None:
@@ -122,7 +125,7 @@ def cmd_generate(args) -> None:
             task = TaskExtractor.from_json(prof.extractor).extract(args.prompt, task)
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=1, dtype=args.dtype,
-                              host_kernel=args.host_kernel), policy=policy,
+                              host_kernel=args.host_kernel, dense_int8=args.dense_int8), policy=policy,
                  residency=residency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
@@ -347,7 +350,7 @@ def cmd_serve(args) -> None:
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
-                              dtype=args.dtype, host_kernel=args.host_kernel,
+                              dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)

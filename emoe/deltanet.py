@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DeltaNet
+from .quant import linear
 
 CHUNK = 64
 
@@ -77,10 +78,10 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, ep
 def _inputs(x: torch.Tensor, w: dict, p: str, d: DeltaNet):
     """Tokens x [n, hidden] → conv input [n, conv_dim], z [n, Hv, dv], b and a [n, Hv]."""
     if p + "in_proj_qkvz.weight" in w:  # Qwen3-Next: fused, grouped by key head
-        return split_projections(F.linear(x, w[p + "in_proj_qkvz.weight"]), F.linear(x, w[p + "in_proj_ba.weight"]), d)
-    z = F.linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)  # Qwen3.5: one projection each
-    return F.linear(x, w[p + "in_proj_qkv.weight"]), z, F.linear(x, w[p + "in_proj_b.weight"]), \
-        F.linear(x, w[p + "in_proj_a.weight"])
+        return split_projections(linear(x, w[p + "in_proj_qkvz.weight"]), linear(x, w[p + "in_proj_ba.weight"]), d)
+    z = linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)  # Qwen3.5: one projection each
+    return linear(x, w[p + "in_proj_qkv.weight"]), z, linear(x, w[p + "in_proj_b.weight"]), \
+        linear(x, w[p + "in_proj_a.weight"])
 
 
 def _rule_inputs(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: dict, p: str, d: DeltaNet):
@@ -114,5 +115,5 @@ def delta_net_rows(x: torch.Tensor, lengths: list[int], w: dict, p: str, d: Delt
     out, state = gated_delta_rule(fold(q), fold(k), fold(v), fold(g), fold(beta), state.reshape(-1, *state.shape[2:]))
     out = out.view(T, B, d.v_heads, d.v_head_dim).transpose(0, 1).reshape(B * T, d.v_heads, d.v_head_dim)
     out = gated_rms_norm(out.to(x.dtype), w[p + "norm.weight"], z, eps)
-    return (F.linear(out.flatten(1), w[p + "out_proj.weight"]).view(B, T, H), conv_prev,
+    return (linear(out.flatten(1), w[p + "out_proj.weight"]).view(B, T, H), conv_prev,
             state.view(B, d.v_heads, d.k_head_dim, d.v_head_dim))

@@ -21,7 +21,7 @@ from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .dispatch import ExpertDispatch, run_experts
-from .quant import CopyFile, copies_path
+from .quant import CopyFile, copies_path, int8_dense
 from .store import open_store
 from .tokenizer import TextCodec
 from .sequence import Request, SamplingParams, logprob_entries, penalise, sample  # noqa: F401 — interface too
@@ -44,6 +44,7 @@ class EngineConfig:
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
     host_kernel: bool = True       # GGUF Q4-Q8 experts in RAM: host misses on the int4 kernel (gguf_blocks.host_form)
+    dense_int8: bool = False       # on CPU, dense projections as int8 copies on that kernel (quant.int8_dense)
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -75,6 +76,8 @@ class Engine:
         keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained
         dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
                          else self.dtype) for k, v in self.ckpt.dense_state().items()}
+        if cfg.dense_int8 and self.device.type == "cpu":
+            dense = int8_dense(dense)
         self.model = MoEModel(self.cfg, dense)
         self.policy = policy or make_policy(cfg.miss_policy)
         self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"))

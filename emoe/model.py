@@ -16,6 +16,7 @@ import math
 
 from .config import ModelConfig, Yarn
 from .deltanet import delta_net_rows
+from .quant import linear
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk: bool, *, scoring: str = "softmax", n_group: int = 1,
@@ -166,8 +167,6 @@ def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_
     """gpt-oss experts: biased projections, gate and up clamped to ±limit, glu = gate·σ(α·gate), out =
     down((up + 1)·glu). Biases are per expert ([E, 2I] with gate/up interleaved, [E, H]) and stay in the
     dense weights; weights may be full tensors or low-bit copies (quant.linear)."""
-    from .quant import linear
-
     copies = {}  # biases stay with the dense weights; a host run gets a host copy, made once, not a sync per call
 
     def biases(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,12 +222,12 @@ class MoEModel:
         B, T, _ = x.shape
         H, nope, r = cfg.num_heads, m.qk_nope_head_dim, m.kv_lora_rank
         if m.q_lora_rank:
-            qa = F.linear(x, w[p + "q_a_proj.weight"], w.get(p + "q_a_proj.bias"))
-            q = F.linear(rms_norm(qa, w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps), w[p + "q_b_proj.weight"])
+            qa = linear(x, w[p + "q_a_proj.weight"], w.get(p + "q_a_proj.bias"))
+            q = linear(rms_norm(qa, w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps), w[p + "q_b_proj.weight"])
         else:
-            q = F.linear(x, w[p + "q_proj.weight"])
+            q = linear(x, w[p + "q_proj.weight"])
         q_nope, q_rot = q.view(B, T, H, nope + m.qk_rope_head_dim).transpose(1, 2).split([nope, m.qk_rope_head_dim], -1)
-        latent, k_rot = F.linear(x, w[p + "kv_a_proj_with_mqa.weight"], w.get(p + "kv_a_proj_with_mqa.bias")
+        latent, k_rot = linear(x, w[p + "kv_a_proj_with_mqa.weight"], w.get(p + "kv_a_proj_with_mqa.bias")
                                  ).split([r, m.qk_rope_head_dim], -1)
         latent = rms_norm(latent, w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
         keys = torch.cat((latent, self.rotate(k_rot[:, None], pos)[:, 0]), -1)[:, :, None]  # [B, T, 1, r + rope]
@@ -243,14 +242,14 @@ class MoEModel:
                                              scale=(nope + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale,
                                              enable_gqa=True)
         out = torch.einsum("bhtr,hvr->bthv", out, w_kv[:, nope:]).reshape(B, T, H * m.v_head_dim)
-        return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+        return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, rows: Rows, kv: KVCache | None) -> torch.Tensor:
         if self.cfg.mla is not None:
             return self.mla_attention(i, x, pos, rows, kv)
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
-        q, k, v = (F.linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
+        q, k, v = (linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
         if cfg.spec.attn_gate:  # per head: the query, then as many gate values (Qwen3-Next)
             q, gate = q.view(B, T, cfg.num_heads, 2 * cfg.head_dim).chunk(2, -1)
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
@@ -284,7 +283,7 @@ class MoEModel:
         out = out.transpose(1, 2).reshape(B, T, -1)
         if cfg.spec.attn_gate:
             out = out * torch.sigmoid(gate)
-        return F.linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+        return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
@@ -328,7 +327,7 @@ class MoEModel:
             s = p + cfg.spec.shared_key
             shared = swiglu(x, w[s + "gate_proj.weight"], w[s + "up_proj.weight"], w[s + "down_proj.weight"])
             if cfg.spec.shared == "gated":
-                shared = torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * shared
+                shared = torch.sigmoid(linear(x, w[p + "shared_expert_gate.weight"])) * shared
             out = out + shared
         return out
 
@@ -381,5 +380,5 @@ class MoEModel:
             last = valid.long().cumsum(1).argmax(1)
             x = x[torch.arange(x.shape[0], device=x.device), last]
         x = rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
-        logits = F.linear(x, w["lm_head.weight"]).float()
+        logits = linear(x, w["lm_head.weight"]).float()
         return logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling

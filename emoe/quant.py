@@ -167,14 +167,35 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
 
-def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor") -> torch.Tensor:
-    """x @ w.T for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (the CPU
-    kernel, which has a fast path only for bf16 activations: x is rounded to bf16 for it)."""
+def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (the
+    CPU kernel, which takes 2-D bf16 activations: x is flattened and rounded to bf16 for it)."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
+        return F.linear(x, w, bias)
     if isinstance(w, QTensor):
-        return F.linear(x, dequantize(w, x.dtype))
-    return _kmm(x.to(torch.bfloat16), w).to(x.dtype)
+        y = F.linear(x, dequantize(w, x.dtype))
+    else:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = _kmm(flat, w).to(x.dtype).view(*x.shape[:-1], w.shape[0])
+    return y if bias is None else y + bias
+
+
+# projections the model only ever multiplies by (quant.linear): the router and kv_b (viewed per head) stay full
+DENSE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                     "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
+                     "down_proj", "lm_head")
+
+
+def int8_dense(weights: dict[str, torch.Tensor]) -> dict:
+    """Dense projections as int8 copies on the CPU kernel (group 32, two planes: 10 bits a weight against
+    float32's 32), where the kernel fits them: on a CPU the dense weights, read whole for every token, cost
+    more time than the few experts a token runs. Error 0.5% of the weights' size, plus bf16 activations."""
+    out = dict(weights)
+    for k, w in weights.items():
+        name = k.removesuffix(".weight").rsplit(".", 1)[-1]
+        if k.endswith(".weight") and name in DENSE_PROJECTIONS and w.dim() == 2 and kernel_fits(tuple(w.shape), 32):
+            out[k] = to_kernel(quantize(w, 8, 32))
+    return out
 
 
 def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:

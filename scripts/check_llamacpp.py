@@ -111,9 +111,9 @@ def llama_side(port: int, texts: list[str], prompts: list[list[int]], n: int) ->
 
 @torch.inference_mode()
 def emoe_side(model: Path, policy: str, budget: float, prompts: list[list[int]], ref: dict, n: int,
-              host_kernel: bool = True) -> dict:
+              host_kernel: bool = True, dense_int8: bool = False) -> dict:
     eng = Engine(EngineConfig(str(model), budget=budget, miss_policy=policy, experts_on="ram", max_batch=1,
-                              host_kernel=host_kernel))
+                              host_kernel=host_kernel, dense_int8=dense_int8))
     same, agree, dlp, tok_s, outputs = 0, [], [], [], []
     stops = sorted(eng.codec.stop_ids)  # llama.cpp's ignore_eos bans end-of-generation tokens: so does this
     params = SamplingParams(max_tokens=n, ignore_eos=True, logit_bias={t: -100.0 for t in stops})
@@ -146,7 +146,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--modes", default="all@1.0,host@0.4,shadow@0.4",
                     help="emoe's rows: MISS_POLICY@BUDGET; host/dq@B runs host misses dequantised per run "
-                    "(--no-host-kernel) instead of on the CPU int4 kernel")
+                    "(--no-host-kernel) instead of on the CPU int4 kernel; a +d8 suffix (host+d8@0) runs the dense "
+                    "projections as int8 copies (--dense-int8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--port", type=int, default=8091)
     a = ap.parse_args()
@@ -187,8 +188,9 @@ def main() -> None:
         if q == "f32":
             f32["llama"] = ref["tokens"]
         for policy, budget in modes:
-            r = emoe_side(imported, policy.removesuffix("/dq"), budget, prompts, ref, a.tokens,
-                          host_kernel=not policy.endswith("/dq"))
+            name = policy.removesuffix("+d8")
+            r = emoe_side(imported, name.removesuffix("/dq"), budget, prompts, ref, a.tokens,
+                          host_kernel=not name.endswith("/dq"), dense_int8=policy.endswith("+d8"))
             if q == "f32" and policy == "all":
                 f32["emoe"] = r["outputs"]
             own = f"{drift(ref['tokens'], 'llama')}/{drift(r['outputs'], 'emoe')}"
