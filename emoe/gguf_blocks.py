@@ -164,17 +164,22 @@ def q6_k(t: torch.Tensor) -> torch.Tensor:
     return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
 
 
-def mxfp4(t: torch.Tensor) -> torch.Tensor:
-    """ggml's MXFP4 (gpt-oss GGUFs): per 32 values an E8M0 exponent byte, then 16 bytes of E2M1 nibbles (low
-    nibbles the first 16 values). The table is doubled, so the scale is half of 2^(e−127), built from its
-    float32 bits as ggml_e8m0_to_fp32_half does (exact on any device)."""
+def mxfp4_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's MXFP4 (gpt-oss GGUFs) → (doubled E2M1 values −12..12 [rows, blocks, 32], int8; scale per 32
+    values): per 32 values an E8M0 exponent byte, then 16 bytes of nibbles (low nibbles the first 16 values).
+    The table is doubled, so the scale is half of 2^(e−127), built from its float32 bits as
+    ggml_e8m0_to_fp32_half does (exact on any device)."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 17)
     e = b[..., 0].to(torch.int32)
     d = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
     u = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), -1).long()
-    w = torch.tensor(MXFP4_VALUES, dtype=torch.float32, device=t.device)[u]
-    return w.mul_(d[..., None]).reshape(rows, -1)
+    return torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=t.device)[u], d
+
+
+def mxfp4(t: torch.Tensor) -> torch.Tensor:
+    q, d = mxfp4_parts(t)
+    return q.float().mul_(d[..., None]).reshape(t.shape[0], -1)
 
 
 def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor:
@@ -242,18 +247,34 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
 
 
 def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
-    """A 5-bit matrix (weight = scale·u − minimum, u 0..31, per 32 values) as two int4 planes: the fifth bit
-    stored as 8 + hi, so the kernel's (v − 8) gives hi itself (stored as hi, every value would carry a
-    −128·scale cancelled by the zero, and their bf16 roundings with it), and lo: 16·scale·hi +
-    scale·(lo − 8) + 8·scale − minimum."""
-    hi, lo = (u >> 4) + 8, u & 0x0F
+    """A 5-bit matrix (weight = scale·u − minimum, u 0..31, per 32 values) as two int4 planes, u = a + 3·b with
+    a in 0..15 and b (0..6) nonzero only where u > 15: (a − 8)·scale + 8·scale − minimum, plus (b + 8 − 8)·3·scale.
+    The kernel rounds each plane's product to bf16, so neither plane may be much larger than the weight
+    (see mxfp4_form)."""
+    b = ((u.to(torch.int16) - 13) // 3).clamp_(min=0).to(torch.uint8)
     z = torch.zeros_like(scale)
-    sz = [torch.stack((a.t(), b.t()), -1).to(torch.bfloat16).contiguous()
-          for a, b in ((16 * scale, z), (scale, 8 * scale - minimum))]
-    return KTensor((_kpack(hi), _kpack(lo)), tuple(sz), tuple(u.shape), 8, GROUP)
+    sz = [torch.stack((m.t(), c.t()), -1).to(torch.bfloat16).contiguous()
+          for m, c in ((scale, 8 * scale - minimum), (3 * scale, z))]
+    return KTensor((_kpack(u - 3 * b), _kpack(b + 8)), tuple(sz), tuple(u.shape), 8, GROUP)
 
 
-HOST_TYPES = (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K, Q5_0, Q5_1, Q5_K)  # Q2_K/Q3_K forms would cost 2.9-3.8x the file's bytes
+# bits a weight: the file's block type → its host form (Q2_K/Q3_K forms would cost 2.9-3.8x the file's bytes)
+FORM_BITS = {Q4_0: (4.5, 5), Q4_1: (5, 5), Q4_K: (4.5, 5), Q8_0: (8.5, 10), Q6_K: (6.5625, 10), Q5_0: (5.5, 10),
+             Q5_1: (6, 10), Q5_K: (5.5, 10), MXFP4: (4.25, 10)}
+HOST_TYPES = tuple(FORM_BITS)
+
+
+def mxfp4_form(t: torch.Tensor) -> KTensor:
+    """MXFP4 as two int4 planes, exactly: the doubled values q (−12..12) = a + b, a = q clamped to −8..7 and b
+    the rest (−4..5), both times the power-of-two scale, exact in bf16. The kernel rounds each plane's product
+    to bf16: split as 16·hi + lo instead, the two products ran to 3x the result on a gpt-oss model's weights
+    and cancelled, and their roundings came to 1% of it (5x rounding the activations alone; now 1.4x)."""
+    q, d = mxfp4_parts(t)
+    q = q.reshape(t.shape[0], -1)
+    a = q.clamp(-8, 7)
+    sz = torch.stack((d.t(), torch.zeros_like(d).t()), -1).to(torch.bfloat16).contiguous()
+    return KTensor((_kpack((a + 8).to(torch.uint8)), _kpack((q - a + 8).to(torch.uint8))), (sz, sz), tuple(q.shape),
+                   8, GROUP)
 
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
@@ -265,7 +286,9 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
     (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
     values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
-    far below the 32 bits a weight of the float32 fast tier). Q2_K and Q3_K have none (2.9-3.8x).
+    far below the 32 bits a weight of the float32 fast tier). MXFP4 (gpt-oss) holds its values exactly as
+    two planes (10 bits against 4.25: 2.35x). Q2_K and Q3_K have none (2.9-3.8x). The RAM tier builds
+    forms only where they fit the memory available (store.RamStore).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
@@ -278,10 +301,18 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
         return kernel_copy5(u, d, 16 * d if m is None else -m)
     if qtype == Q5_K:
         return kernel_copy5(*q5_k_parts(t))
+    if qtype == MXFP4:
+        return mxfp4_form(t)
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())
     return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
+
+
+def forms_bytes(locs) -> int:
+    """Bytes one GGUF expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
+    return int(sum(p.nbytes * (FORM_BITS[q][1] / FORM_BITS[q][0] if q in FORM_BITS else 1)
+                   for p, q in zip(locs.locs, locs.qtypes)))
 
 
 def host_formed(model_dir) -> bool:

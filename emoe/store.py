@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -127,6 +128,8 @@ class RamStore:
         with a CPU-kernel form (gguf_blocks.host_form) are held in it instead, so a host run multiplies
         them as they are; a load dequantises them where it lands, as it does packed blocks."""
         self.ckpt, self.stats = ckpt, StoreStats()
+        if host_forms and any(locs.layout == "gguf" for locs in ckpt.experts.values()):
+            host_forms = _forms_fit(ckpt)
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
         self._packed = {key for key, locs in ckpt.experts.items() if locs.layout in PACKED}
@@ -196,6 +199,28 @@ def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
             return moved[id(t)]
         return replace(t, planes=tuple(moved[id(p)] for p in t.planes), sz=tuple(moved[id(z)] for z in t.sz))
     return [tuple(place(t) for t in ts) for ts in experts]
+
+
+def _mem_available() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _forms_fit(ckpt: Checkpoint) -> bool:
+    """Whether a GGUF's experts fit in RAM as host forms (up to 2.35x the packed bytes, MXFP4): where they do
+    not, they stay packed and host runs dequantise them, slower but in the file's size."""
+    from .gguf_blocks import forms_bytes
+    need, avail = sum(forms_bytes(locs) for locs in ckpt.experts.values()), _mem_available()
+    if avail is None or need <= 0.85 * avail:
+        return True
+    print(f"[emoe] the experts' kernel forms would take {need / 2**30:.1f} GiB, more than 85% of the "
+          f"{avail / 2**30:.1f} GiB of RAM available: they stay packed and host runs dequantise them "
+          f"(--no-host-kernel says so up front)", file=sys.stderr)
+    return False
 
 
 def _trim_heap() -> None:
