@@ -264,17 +264,37 @@ FORM_BITS = {Q4_0: (4.5, 5), Q4_1: (5, 5), Q4_K: (4.5, 5), Q8_0: (8.5, 10), Q6_K
 HOST_TYPES = tuple(FORM_BITS)
 
 
-def mxfp4_form(t: torch.Tensor) -> KTensor:
-    """MXFP4 as two int4 planes, exactly: the doubled values q (−12..12) = a + b, a = q clamped to −8..7 and b
-    the rest (−4..5), both times the power-of-two scale, exact in bf16. The kernel rounds each plane's product
-    to bf16: split as 16·hi + lo instead, the two products ran to 3x the result on a gpt-oss model's weights
-    and cancelled, and their roundings came to 1% of it (5x rounding the activations alone; now 1.4x)."""
-    q, d = mxfp4_parts(t)
-    q = q.reshape(t.shape[0], -1)
+def mxfp4_planes(q: torch.Tensor, d: torch.Tensor) -> KTensor:
+    """Doubled MXFP4 values q (−12..12, [rows, cols]) and their scale per 32 (a power of two) as two int4
+    planes, exactly: q = a + b, a = q clamped to −8..7 and b the rest (−4..5), both times the scale, exact in
+    bf16. The kernel rounds each plane's product to bf16: split as 16·hi + lo instead, the two products ran
+    to 3x the result on a gpt-oss model's weights and cancelled, and their roundings came to 1% of it (5x
+    rounding the activations alone; now 1.4x)."""
     a = q.clamp(-8, 7)
     sz = torch.stack((d.t(), torch.zeros_like(d).t()), -1).to(torch.bfloat16).contiguous()
     return KTensor((_kpack((a + 8).to(torch.uint8)), _kpack((q - a + 8).to(torch.uint8))), (sz, sz), tuple(q.shape),
                    8, GROUP)
+
+
+def mxfp4_form(t: torch.Tensor) -> KTensor:
+    q, d = mxfp4_parts(t)
+    return mxfp4_planes(q.reshape(t.shape[0], -1), d)
+
+
+def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTensor, KTensor] | None:
+    """gpt-oss's released MXFP4 expert (blocks [R, G, 16], low nibble first, and exponents [R, G] of gate_up
+    with gate and up rows interleaved, then of down) as the (gate, up, down) host forms, or None where the
+    kernel cannot hold them. Its exponent s means 2^(s − 127) on the plain table: ggml's scale on the doubled one."""
+    out = []
+    for blocks, scales in zip(tensors[0::2], tensors[1::2]):
+        v = torch.stack((blocks & 0x0F, blocks >> 4), -1).reshape(blocks.shape[0], -1).long()
+        e = scales.to(torch.int32)
+        d = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
+        out.append((torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v], d))
+    (gu, gu_d), (dn, dn_d) = out
+    if gu.shape[0] % 128 or dn.shape[0] % 64 or _MM is None:
+        return None
+    return mxfp4_planes(gu[0::2], gu_d[0::2]), mxfp4_planes(gu[1::2], gu_d[1::2]), mxfp4_planes(dn, dn_d)
 
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
@@ -310,7 +330,9 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
 
 
 def forms_bytes(locs) -> int:
-    """Bytes one GGUF expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
+    """Bytes one expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
+    if locs.layout == "mxfp4":
+        return int(locs.nbytes * 10 / 4.25)
     return int(sum(p.nbytes * (FORM_BITS[q][1] / FORM_BITS[q][0] if q in FORM_BITS else 1)
                    for p, q in zip(locs.locs, locs.qtypes)))
 

@@ -128,7 +128,7 @@ class RamStore:
         with a CPU-kernel form (gguf_blocks.host_form) are held in it instead, so a host run multiplies
         them as they are; a load dequantises them where it lands, as it does packed blocks."""
         self.ckpt, self.stats = ckpt, StoreStats()
-        if host_forms and any(locs.layout == "gguf" for locs in ckpt.experts.values()):
+        if host_forms and any(locs.layout in ("gguf", "mxfp4") for locs in ckpt.experts.values()):
             host_forms = _forms_fit(ckpt)
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
@@ -145,6 +145,9 @@ class RamStore:
                 if host_forms and locs.layout == "gguf":
                     from .gguf_blocks import host_form
                     ts = tuple(host_form(t, q) or t for t, q in zip(ts, locs.qtypes))
+                elif host_forms and locs.layout == "mxfp4":
+                    from .gguf_blocks import mxfp4_release_forms
+                    ts = mxfp4_release_forms(ts) or ts
                 held.append(ts)
             self._experts.update(zip(keys, _contiguous(held, pin)))
         del held
@@ -171,6 +174,8 @@ class RamStore:
     def read_host(self, layer: int, expert: int):
         """The expert as a host run takes it: matrices held in a kernel form as they are, others unpacked."""
         packed, unpack = self.read_packed(layer, expert)
+        if all(isinstance(t, KTensor) for t in packed):
+            return packed
         if not any(isinstance(t, KTensor) for t in packed):
             return unpack(packed)
         from .gguf_blocks import dequantize  # only GGUF matrices have forms
@@ -211,7 +216,7 @@ def _mem_available() -> int | None:
 
 
 def _forms_fit(ckpt: Checkpoint) -> bool:
-    """Whether a GGUF's experts fit in RAM as host forms (up to 2.35x the packed bytes, MXFP4): where they do
+    """Whether packed experts fit in RAM as host forms (up to 2.35x the packed bytes, MXFP4): where they do
     not, they stay packed and host runs dequantise them, slower but in the file's size."""
     from .gguf_blocks import forms_bytes
     need, avail = sum(forms_bytes(locs) for locs in ckpt.experts.values()), _mem_available()

@@ -447,3 +447,25 @@ def test_dense_int8_keeps_the_logits_close(model):
     err = (eng.score(ids, cont) - ref).abs().max()
     bf16 = Engine(EngineConfig(str(model), miss_policy="all", device="cpu", dtype="bfloat16")).score(ids, cont)
     assert err <= 0.04 * ref.abs().max() and err <= 2 * (bf16.float() - ref).abs().max()
+
+
+def test_gpt_oss_release_experts_run_on_exact_kernel_forms(tmp_path):
+    """With host misses and experts in RAM, gpt-oss's released MXFP4 experts are held as exact two-plane
+    forms of the int4 kernel (gate and up rows de-interleaved): their values are the release's, a load
+    unpacks them to the same bf16 weights, and every expert run on them gives all-resident's tokens."""
+    from emoe.checkpoint import Checkpoint
+    from emoe.quant import KTensor, dequantize
+    from emoe.store import DiskStore, RamStore
+    from tiny import make_mxfp4
+    mx = make_mxfp4(make_tiny("gpt_oss", tmp_path / "mx", hidden_size=256, intermediate_size=256))
+    ck = Checkpoint(mx)
+    ram, disk = RamStore(ck, host_forms=True), DiskStore(ck)
+    assert ram.forms
+    for key in [(0, 0), (1, 5), (2, 7)]:
+        forms, want = ram.read_host(*key), disk.read(*key)
+        assert all(isinstance(f, KTensor) for f in forms)
+        assert all(torch.equal(dequantize(f), w.float()) for f, w in zip(forms, want))
+        assert all(torch.equal(x, y) for x, y in zip(ram.read(*key), want))
+    ref = run(mx, miss_policy="all")[1]
+    eng, out = run(mx, miss_policy="host", budget=0, experts_on="ram")
+    assert eng.store.forms and eng.cache.stats.host_runs > 0 and out == ref
