@@ -52,11 +52,11 @@ step profile_random $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $M \
 step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow,host \
   --json "$OUT/bench_memory_gpu.json"
 # gpt-oss as released (MXFP4 experts, 354 MiB here): misses run on the host CPU (llama.cpp --n-cpu-moe style)
-# against LRU copies of dequantised experts and all-resident
+# against LRU copies of dequantised experts and all-resident; host on exact kernel forms vs host/dq dequantising per run
 G=/tmp/random-gpt-oss
 step random_gpt_oss 60 python3 scripts/make_random_model.py --out $G --family gpt_oss --mxfp4 --experts 32 --top-k 4 \
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
-step profile_gpt_oss $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $G --configs all:1.0,host:0.4,load:0.4,auto:0.4,host:0.1
+step profile_gpt_oss $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $G --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,host:0.1
 # DeepSeek-V3 as released (block-scaled FP8 experts, dequantised where they land)
 D=/tmp/random-ds-fp8
 step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
