@@ -66,10 +66,10 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
 def _default_miss_policy(args, model: str, budget: float) -> None:
     """Without --miss-policy: where the model has a profile, its residency policy decides (the reroute
     path, which --policy refines); where it has none, auto, which is exact: each miss runs on the host or
-    is loaded, whichever the start-up timing says is faster. Without a GPU, a GGUF import whose experts all
-    have CPU-kernel forms (gguf_blocks.host_form) and no profile runs as llama.cpp does on a CPU: experts
-    held in RAM in the file's blocks, none dequantised into the fast tier (budget 0, host misses), which
-    decoded 2-3x faster than all-resident float32 in a fraction of its memory (README, GGUF files). Dense
+    is loaded, whichever the start-up timing says is faster. Without a GPU, a model whose experts all have
+    CPU-kernel forms (a GGUF import, gpt-oss's MXFP4 release: gguf_blocks.host_formed) and no profile runs
+    as llama.cpp does on a CPU: experts held in RAM as packed, none dequantised into the fast tier (budget 0,
+    host misses), which decoded 2-3x faster than all-resident float32 in a fraction of its memory. Dense
     int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
@@ -77,9 +77,9 @@ def _default_miss_policy(args, model: str, budget: float) -> None:
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and host_formed(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
-        print("[emoe] GGUF on a CPU: experts held in RAM in the file's blocks and run on the CPU int4 kernel "
-              "(--budget, --miss-policy or --experts-on choose otherwise; --dense-int8 is faster still, at some "
-              "accuracy)", file=sys.stderr)
+        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4) and run on the CPU int4 "
+              "kernel (--budget, --miss-policy or --experts-on choose otherwise; --dense-int8 is faster still, at "
+              "some accuracy)", file=sys.stderr)
     args.budget = budget if args.budget is None else args.budget
     args.experts_on = args.experts_on or "disk"
     if args.miss_policy is None:

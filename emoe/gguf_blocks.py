@@ -338,13 +338,13 @@ def forms_bytes(locs) -> int:
 
 
 def host_formed(model_dir) -> bool:
-    """Whether a model folder is a GGUF import whose every expert matrix has a host form."""
+    """Whether every expert matrix of a model has a host form: a GGUF import of those types, or gpt-oss's
+    MXFP4 release (the kernel's row blocks aside, which the RAM tier checks per matrix)."""
     from .checkpoint import Checkpoint
-    from pathlib import Path
-    if not (Path(model_dir) / "gguf.json").is_file() or _MM is None:
+    if _MM is None:
         return False
-    experts = Checkpoint(model_dir).experts.values()
-    return all(q in HOST_TYPES for locs in experts for q in locs.qtypes)
+    return all(locs.layout == "mxfp4" or locs.layout == "gguf" and all(q in HOST_TYPES for q in locs.qtypes)
+               for locs in Checkpoint(model_dir).experts.values())
 
 
 class GGUFCopies:

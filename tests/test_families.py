@@ -449,7 +449,7 @@ def test_dense_int8_keeps_the_logits_close(model):
     assert err <= 0.04 * ref.abs().max() and err <= 2 * (bf16.float() - ref).abs().max()
 
 
-def test_gpt_oss_release_experts_run_on_exact_kernel_forms(tmp_path):
+def test_gpt_oss_release_experts_run_on_exact_kernel_forms(tmp_path, capsys):
     """With host misses and experts in RAM, gpt-oss's released MXFP4 experts are held as exact two-plane
     forms of the int4 kernel (gate and up rows de-interleaved): their values are the release's, a load
     unpacks them to the same bf16 weights, and every expert run on them gives all-resident's tokens."""
@@ -469,3 +469,7 @@ def test_gpt_oss_release_experts_run_on_exact_kernel_forms(tmp_path):
     ref = run(mx, miss_policy="all")[1]
     eng, out = run(mx, miss_policy="host", budget=0, experts_on="ram")
     assert eng.store.forms and eng.cache.stats.host_runs > 0 and out == ref
+    if not torch.cuda.is_available():  # the CLI's default without a GPU, as for a GGUF
+        from emoe.cli import main
+        main(["generate", "hi", "--model", str(mx), "--max-tokens", "2", "--raw"])
+        assert "no GPU:" in capsys.readouterr().err

@@ -336,14 +336,14 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
     main(["generate", "hi", "--model", str(tmp_path / "cli"), "--budget", "0.5", "--miss-policy", "shadow",
           "--max-tokens", "3", "--raw"])
     err = capsys.readouterr().err
-    assert "int4 copies of the" in err and "GGUF on a CPU" not in err  # choices given: no CPU default
+    assert "int4 copies of the" in err and "no GPU:" not in err  # choices given: no CPU default
     # a GGUF as --model, as llama.cpp takes one: imported once into $EMOE_CACHE, then reused; without a GPU
     # and without choices, its experts stay in the file's blocks in RAM and run on the CPU kernel
     main(["generate", "hi", "--model", str(gguf), "--max-tokens", "3", "--raw"])
     err = capsys.readouterr().err
     assert "importing" in err
     if not torch.cuda.is_available():
-        assert "GGUF on a CPU" in err and "resident experts 0.0/" in err and "on the CPU int4 kernel" in err
+        assert "no GPU:" in err and "resident experts 0.0/" in err and "on the CPU int4 kernel" in err
     cached = next((tmp_path / "cache" / "gguf").iterdir())
     stamp = (cached / "config.json").stat().st_mtime_ns
     main(["generate", "hi", "--model", str(gguf), "--max-tokens", "3", "--raw"])
