@@ -171,10 +171,14 @@ def mxfp4_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ggml_e8m0_to_fp32_half does (exact on any device)."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 17)
-    e = b[..., 0].to(torch.int32)
-    d = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
     u = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), -1).long()
-    return torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=t.device)[u], d
+    return torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=t.device)[u], e8m0_half(b[..., 0])
+
+
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """Half of 2^(e − 127) per exponent byte, from its float32 bits (exact on any device; e < 2 subnormal)."""
+    e = e.to(torch.int32)
+    return torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
 
 
 def mxfp4(t: torch.Tensor) -> torch.Tensor:
@@ -288,9 +292,7 @@ def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTe
     out = []
     for blocks, scales in zip(tensors[0::2], tensors[1::2]):
         v = torch.stack((blocks & 0x0F, blocks >> 4), -1).reshape(blocks.shape[0], -1).long()
-        e = scales.to(torch.int32)
-        d = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23).view(torch.float32)
-        out.append((torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v], d))
+        out.append((torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v], e8m0_half(scales)))
     (gu, gu_d), (dn, dn_d) = out
     if gu.shape[0] % 128 or dn.shape[0] % 64 or _MM is None:
         return None
