@@ -66,20 +66,20 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
 def _default_miss_policy(args, model: str, budget: float) -> None:
     """Without --miss-policy: where the model has a profile, its residency policy decides (the reroute
     path, which --policy refines); where it has none, auto, which is exact: each miss runs on the host or
-    is loaded, whichever the start-up timing says is faster. Without a GPU, a model whose experts all have
-    CPU-kernel forms (a GGUF import, gpt-oss's MXFP4 release: gguf_blocks.host_formed) and no profile runs
-    as llama.cpp does on a CPU: experts held in RAM as packed, none dequantised into the fast tier (budget 0,
-    host misses), which decoded 2-3x faster than all-resident float32 in a fraction of its memory. Dense
-    int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
+    is loaded, whichever the start-up timing says is faster. Without a GPU, a model whose experts are all
+    packed (a GGUF import, gpt-oss's MXFP4 release) and no profile runs as llama.cpp does on a CPU: experts
+    held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
+    four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
+    float32. Dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
-    from .gguf_blocks import host_formed
+    from .gguf_blocks import packed_experts
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
-    if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and host_formed(model):
+    if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
-        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4) and run on the CPU int4 "
-              "kernel (--budget, --miss-policy or --experts-on choose otherwise; --dense-int8 is faster still, at "
-              "some accuracy)", file=sys.stderr)
+        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4) and run there, on the "
+              "CPU int4 kernel where their types allow (--budget 1 holds them all dequantised instead; "
+              "--dense-int8 is faster still, at some accuracy)", file=sys.stderr)
     args.budget = budget if args.budget is None else args.budget
     args.experts_on = args.experts_on or "disk"
     if args.miss_policy is None:

@@ -339,14 +339,11 @@ def forms_bytes(locs) -> int:
                    for p, q in zip(locs.locs, locs.qtypes)))
 
 
-def host_formed(model_dir) -> bool:
-    """Whether every expert matrix of a model has a host form: a GGUF import of those types, or gpt-oss's
-    MXFP4 release (the kernel's row blocks aside, which the RAM tier checks per matrix)."""
+def packed_experts(model_dir) -> bool:
+    """Whether a model's experts are all held packed (a GGUF import, gpt-oss's MXFP4 release): on a CPU they
+    run best where the RAM tier holds them, in their host forms where they have them."""
     from .checkpoint import Checkpoint
-    if _MM is None:
-        return False
-    return all(locs.layout == "mxfp4" or locs.layout == "gguf" and all(q in HOST_TYPES for q in locs.qtypes)
-               for locs in Checkpoint(model_dir).experts.values())
+    return all(locs.layout in ("gguf", "mxfp4") for locs in Checkpoint(model_dir).experts.values())
 
 
 class GGUFCopies:
