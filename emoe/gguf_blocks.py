@@ -13,6 +13,10 @@ Q4_1 → the CPU int4 kernel's layout, whose per-group zero holds their minimum 
 dmin·m). The values are the file's; the kernel holds scales (and zeros) in bf16 and multiplies bf16
 activations, as every int4 copy on the CPU does. A type with no exact form at the requested precision
 (Q6_K, Q5_K, …, or Q4_K where the kernel is not used) is dequantised and quantised by quant.quantize.
+
+Host forms: where misses run on the host (the `host`/`auto` policies, a RAM tier), each matrix is held in the
+CPU int4 kernel's layout instead of packed (host_form; gpt-oss's released MXFP4 too), so a host run
+multiplies it without dequantising it first.
 """
 from __future__ import annotations
 

@@ -125,8 +125,9 @@ class RamStore:
     def __init__(self, ckpt: Checkpoint, host_forms: bool = False):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
         experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
-        with a CPU-kernel form (gguf_blocks.host_form) are held in it instead, so a host run multiplies
-        them as they are; a load dequantises them where it lands, as it does packed blocks."""
+        with a CPU-kernel form (gguf_blocks.host_form) and gpt-oss's released MXFP4 experts are held in it
+        instead, where RAM holds them, so a host run multiplies them as they are; a load dequantises them
+        where it lands, as it does packed blocks."""
         self.ckpt, self.stats = ckpt, StoreStats()
         if host_forms and any(locs.layout in ("gguf", "mxfp4") for locs in ckpt.experts.values()):
             host_forms = _forms_fit(ckpt)
@@ -178,7 +179,7 @@ class RamStore:
             return packed
         if not any(isinstance(t, KTensor) for t in packed):
             return unpack(packed)
-        from .gguf_blocks import dequantize  # only GGUF matrices have forms
+        from .gguf_blocks import dequantize  # forms beside packed matrices: a GGUF's
         qtypes = self.ckpt.experts[(layer, expert)].qtypes
         return tuple(t if isinstance(t, KTensor) else dequantize(t, q) for t, q in zip(packed, qtypes))
 
