@@ -166,10 +166,10 @@ class ExpertLocs:
         if self.layout == "gpt_oss":
             gate_up, down = tensors
             return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
+        if self.layout in ("mxfp4", "fp8") and len(tensors) == 3:  # a RAM tier's host forms (gguf_blocks)
+            from .quant import dequantize
+            return tuple(dequantize(t, torch.bfloat16) for t in tensors)
         if self.layout == "mxfp4":
-            if len(tensors) == 3:  # a RAM tier's host forms (gguf_blocks.mxfp4_release_forms)
-                from .quant import dequantize
-                return tuple(dequantize(t, torch.bfloat16) for t in tensors)
             gate_up, down = mxfp4_dequantize(*tensors[:2]), mxfp4_dequantize(*tensors[2:])
             return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
         if self.layout == "fp8":

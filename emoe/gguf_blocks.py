@@ -15,8 +15,8 @@ activations, as every int4 copy on the CPU does. A type with no exact form at th
 (Q6_K, Q5_K, …, or Q4_K where the kernel is not used) is dequantised and quantised by quant.quantize.
 
 Host forms: where misses run on the host (the `host`/`auto` policies, a RAM tier), each matrix is held in the
-CPU int4 kernel's layout instead of packed (host_form; gpt-oss's released MXFP4 too), so a host run
-multiplies it without dequantising it first.
+CPU int4 kernel's layout instead of packed (host_form; gpt-oss's MXFP4 and the FP8 releases too), so a host
+run multiplies it without dequantising it first.
 """
 from __future__ import annotations
 
@@ -303,6 +303,18 @@ def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTe
     return mxfp4_planes(gu[0::2], gu_d[0::2]), mxfp4_planes(gu[1::2], gu_d[1::2]), mxfp4_planes(dn, dn_d)
 
 
+def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int]) -> tuple[KTensor, ...] | None:
+    """A block-scaled FP8 expert (DeepSeek-V3, Qwen3 and GLM-4.5 FP8 releases: each matrix and its
+    scale_inv) as int8 host forms, or None where the kernel cannot hold them: E4M3 is not a uniform grid, so
+    its values are quantised again per 32 (0.5% of their size; E4M3's own steps are 6% of each value), 10
+    bits a weight against 8 and the block scales."""
+    from .checkpoint import fp8_dequantize
+    ws = [fp8_dequantize(w, s, block, torch.float32) for w, s in zip(tensors[0::2], tensors[1::2])]
+    if _MM is None or any(w.shape[0] % 64 or w.shape[1] % GROUP for w in ws):
+        return None
+    return tuple(to_kernel(quantize(w, 8, GROUP)) for w in ws)
+
+
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
     `host` miss policy), or None where the type has no form that cheap. Dequantising a matrix per host run
@@ -337,17 +349,17 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
 
 def forms_bytes(locs) -> int:
     """Bytes one expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
-    if locs.layout == "mxfp4":
-        return int(locs.nbytes * 10 / 4.25)
+    if locs.layout in ("mxfp4", "fp8"):
+        return int(locs.nbytes * 10 / (4.25 if locs.layout == "mxfp4" else 8))
     return int(sum(p.nbytes * (FORM_BITS[q][1] / FORM_BITS[q][0] if q in FORM_BITS else 1)
                    for p, q in zip(locs.locs, locs.qtypes)))
 
 
 def packed_experts(model_dir) -> bool:
-    """Whether a model's experts are all held packed (a GGUF import, gpt-oss's MXFP4 release): on a CPU they
-    run best where the RAM tier holds them, in their host forms where they have them."""
-    from .checkpoint import Checkpoint
-    return all(locs.layout in ("gguf", "mxfp4") for locs in Checkpoint(model_dir).experts.values())
+    """Whether a model's experts are all held packed (a GGUF import, gpt-oss's MXFP4 release, an FP8 release):
+    on a CPU they run best where the RAM tier holds them, in their host forms where they have them."""
+    from .checkpoint import PACKED, Checkpoint
+    return all(locs.layout in PACKED for locs in Checkpoint(model_dir).experts.values())
 
 
 class GGUFCopies:

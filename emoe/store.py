@@ -125,11 +125,11 @@ class RamStore:
     def __init__(self, ckpt: Checkpoint, host_forms: bool = False):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
         experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
-        with a CPU-kernel form (gguf_blocks.host_form) and gpt-oss's released MXFP4 experts are held in it
+        with a CPU-kernel form (gguf_blocks.host_form), gpt-oss's MXFP4 and FP8 releases' experts are held in it
         instead, where RAM holds them, so a host run multiplies them as they are; a load dequantises them
         where it lands, as it does packed blocks."""
         self.ckpt, self.stats = ckpt, StoreStats()
-        if host_forms and any(locs.layout in ("gguf", "mxfp4") for locs in ckpt.experts.values()):
+        if host_forms and any(locs.layout in PACKED for locs in ckpt.experts.values()):
             host_forms = _forms_fit(ckpt)
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
@@ -149,6 +149,9 @@ class RamStore:
                 elif host_forms and locs.layout == "mxfp4":
                     from .gguf_blocks import mxfp4_release_forms
                     ts = mxfp4_release_forms(ts) or ts
+                elif host_forms and locs.layout == "fp8":
+                    from .gguf_blocks import fp8_release_forms
+                    ts = fp8_release_forms(ts, locs.block) or ts
                 held.append(ts)
             self._experts.update(zip(keys, _contiguous(held, pin)))
         del held
