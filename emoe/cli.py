@@ -40,7 +40,7 @@ def _dtype_arg(p) -> None:
 def _host_kernel_arg(p) -> None:
     p.add_argument("--host-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="with host/auto misses and --experts-on ram, hold a GGUF's Q4/Q5/Q6_K/Q8_0/MXFP4 experts "
-                   "(and gpt-oss's released MXFP4 ones) in the CPU int4 kernel's layout, where RAM holds them, and run "
+                   "(and the MXFP4 / FP8 releases' ones) in the CPU int4 kernel's layout, where RAM holds them, and run "
                    "host misses on it (default; bf16 activations, as llama.cpp rounds them), or dequantise each "
                    "matrix per run (--no-host-kernel: the file's exact arithmetic, in the file's bytes)")
 

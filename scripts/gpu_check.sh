@@ -61,7 +61,7 @@ step profile_gpt_oss $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $G 
 D=/tmp/random-ds-fp8
 step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
-step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,load:0.4,auto:0.4
+step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4
 # a llama.cpp GGUF (experts Q4_0/Q8_0) imported: packed bytes cross and are dequantised on the GPU; shadow copies
 # are the file's own integers; host misses run on the CPU int4 kernel (host/dq: dequantised per run)
 GG=/tmp/gguf-pair
