@@ -347,6 +347,18 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
 
 
+def host_forms_of(locs, tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """An expert as the RAM tier holds it for host runs (ExpertLocs, and its tensors as stored): host forms
+    where its layout and types have them, else as stored."""
+    if locs.layout == "gguf":
+        return tuple(host_form(t, q) or t for t, q in zip(tensors, locs.qtypes))
+    if locs.layout == "mxfp4":
+        return mxfp4_release_forms(tensors) or tensors
+    if locs.layout == "fp8":
+        return fp8_release_forms(tensors, locs.block) or tensors
+    return tensors
+
+
 def forms_bytes(locs) -> int:
     """Bytes one expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
     if locs.layout in ("mxfp4", "fp8"):

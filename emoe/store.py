@@ -138,21 +138,13 @@ class RamStore:
         by_layer: dict[int, list] = {}
         for key in ckpt.experts:
             by_layer.setdefault(key[0], []).append(key)
+        if host_forms:
+            from .gguf_blocks import host_forms_of
         for keys in by_layer.values():
             held = []
             for key in keys:
-                locs = ckpt.experts[key]
                 ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
-                if host_forms and locs.layout == "gguf":
-                    from .gguf_blocks import host_form
-                    ts = tuple(host_form(t, q) or t for t, q in zip(ts, locs.qtypes))
-                elif host_forms and locs.layout == "mxfp4":
-                    from .gguf_blocks import mxfp4_release_forms
-                    ts = mxfp4_release_forms(ts) or ts
-                elif host_forms and locs.layout == "fp8":
-                    from .gguf_blocks import fp8_release_forms
-                    ts = fp8_release_forms(ts, locs.block) or ts
-                held.append(ts)
+                held.append(host_forms_of(ckpt.experts[key], ts) if host_forms else ts)
             self._experts.update(zip(keys, _contiguous(held, pin)))
         del held
         _trim_heap()
