@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import same_model_tokens
 from emoe.cache import BudgetError
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.traces import Trace, load_traces, save_traces
@@ -307,7 +308,7 @@ def test_budget_zero_runs_every_expert_in_the_slow_tier(tiny_mixtral):
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
     want = [r.output_ids for r in engine(tiny_mixtral).generate(["hi there", "a b c"], greedy, chat=False)]
     eng = Engine(EngineConfig(str(tiny_mixtral), budget=0, miss_policy="host", experts_on="ram"))
-    assert [r.output_ids for r in eng.generate(["hi there", "a b c"], greedy, chat=False)] == want
+    assert same_model_tokens([r.output_ids for r in eng.generate(["hi there", "a b c"], greedy, chat=False)], want)
     assert eng.cache.used_bytes == 0 and eng.cache.stats.hit_rate == 0 and eng.cache.stats.host_runs > 0
 
 

@@ -468,7 +468,7 @@ def test_gpt_oss_release_experts_run_on_exact_kernel_forms(tmp_path, capsys):
         assert all(torch.equal(x, y) for x, y in zip(ram.read(*key), want))
     ref = run(mx, miss_policy="all")[1]
     eng, out = run(mx, miss_policy="host", budget=0, experts_on="ram")
-    assert eng.store.forms and eng.cache.stats.host_runs > 0 and out == ref
+    assert eng.store.forms and eng.cache.stats.host_runs > 0 and same_model_tokens(out, ref)
     if not torch.cuda.is_available():  # the CLI's default without a GPU, as for a GGUF
         from emoe.cli import main
         main(["generate", "hi", "--model", str(mx), "--max-tokens", "2", "--raw"])

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import same_model_tokens
 from emoe.checkpoint import Checkpoint, CheckpointError
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.gguf_import import GGUFError, import_gguf
@@ -129,7 +130,7 @@ def test_gpt_oss_files_fused_experts_mxfp4_and_o200k_split(tmp_path):
         dict(miss_policy="host", budget=0, experts_on="ram"))]
     assert engines[2].store.forms  # the last runs every expert on its exact MXFP4 kernel form
     outs = [[r.output_ids for r in e.generate(["hi there", "SELECT"], greedy, chat=False)] for e in engines]
-    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] == outs[1] and same_model_tokens(outs[2], outs[0])
     # transformers' own conversion of the file's vocabulary (its config reader has no gpt-oss GGUF support)
     conv = pytest.importorskip("transformers.integrations.gguf", reason="transformers without its GGUF tokenizer")
     convert_gguf_tokenizer, get_gguf_tokenizer = conv.convert_gguf_tokenizer, conv.get_gguf_tokenizer
@@ -479,7 +480,7 @@ def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
     gate, up, down = eng.store._experts[key]
     assert isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor)
     got = eng.generate(["hello there"], greedy, chat=False)
-    assert got[0].output_ids == ref[0].output_ids and eng.cache.stats.host_runs > 0
+    assert same_model_tokens([got[0].output_ids], [ref[0].output_ids]) and eng.cache.stats.host_runs > 0
     assert eng.cache.used_bytes <= eng.cache.budget_bytes
     for kw in (dict(miss_policy="host", budget=0.2, host_kernel=False), exact_engine(0.2, "ram")):
         plain = Engine(EngineConfig(str(out), **{"experts_on": "ram", **kw}))
