@@ -411,7 +411,7 @@ class Engine:
                    f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
         if s.host_runs:
             shadows += (f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
-                        + (" (GGUF blocks on the CPU int4 kernel)" if self.store.forms else ""))
+                        + (" (packed experts on the CPU int4 kernel)" if self.store.forms else ""))
         n = getattr(self.policy, "min_tokens", None)
         if n is not None:  # auto
             shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"
