@@ -22,7 +22,7 @@ from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .dispatch import ExpertDispatch, run_experts
 from .quant import CopyFile, copies_path, int8_dense
-from .store import open_store
+from .store import check_memory, open_store
 from .tokenizer import TextCodec
 from .sequence import Request, SamplingParams, logprob_entries, penalise, sample  # noqa: F401 — interface too
 from .traces import TraceRecorder
@@ -80,21 +80,23 @@ class Engine:
             dense = int8_dense(dense)
         self.model = MoEModel(self.cfg, dense)
         self.policy = policy or make_policy(cfg.miss_policy)
-        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"))
         c = self.cfg
         layers = list(c.moe_layers)
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
-        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
-                                 kernel=cfg.qkernel)
-        self.total_expert_bytes = self.cache.expert_bytes * len(layers) * c.num_experts
+        expert_bytes = self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
+        self.total_expert_bytes = expert_bytes * len(layers) * c.num_experts
         full = cfg.miss_policy == "all" and policy is None or self.policy.name == "all"
         budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
-        need = self.policy.min_experts(layers, c.num_experts, c.top_k) * self.cache.expert_bytes
+        need = self.policy.min_experts(layers, c.num_experts, c.top_k) * expert_bytes
         if budget < need:
             raise BudgetError(f"budget {budget} bytes ({budget / self.total_expert_bytes:.1%} of expert bytes) "
                               f"is smaller than what '{cfg.miss_policy}' needs: {need} bytes "
-                              f"({need // self.cache.expert_bytes} experts of {self.cache.expert_bytes} bytes; "
+                              f"({need // expert_bytes} experts of {expert_bytes} bytes; "
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
+        check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
+        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"))
+        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
+                                 kernel=cfg.qkernel)
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)
         if getattr(self.policy, "shadow_bits", 0):
             # copies are made in policy.prepare, after the initial plan (none only to be dropped), or read

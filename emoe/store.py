@@ -224,6 +224,27 @@ def _forms_fit(ckpt: Checkpoint) -> bool:
     return False
 
 
+def check_memory(ckpt: Checkpoint, tier: str, device: torch.device, fast_bytes: int) -> None:
+    """Refuse, before the tiers are filled, experts that cannot fit: the RAM tier (as stored) and, on a CPU,
+    the fast tier share host memory; on a GPU the fast tier must fit the device's free memory. Filling them
+    anyway ends in the kernel's OOM kill (or CUDA's error) minutes into loading, with nothing said."""
+    from .cache import BudgetError
+    gib = 2 ** 30
+    ram = sum(locs.nbytes for locs in ckpt.experts.values()) if tier == "ram" else 0
+    host = ram + (fast_bytes if device.type == "cpu" else 0)
+    avail = _mem_available()
+    if avail is not None and host > avail:
+        raise BudgetError(f"the experts need {host / gib:.1f} GiB of host memory ({ram / gib:.1f} GiB in the RAM tier, "
+                          f"{(host - ram) / gib:.1f} GiB in a {device.type} fast tier) and {avail / gib:.1f} GiB are "
+                          f"available: lower --budget" + (", or keep the experts on disk (--experts-on disk)"
+                                                          if ram else ""))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if fast_bytes > free:
+            raise BudgetError(f"the fast tier's {fast_bytes / gib:.1f} GiB of experts exceed the {free / gib:.1f} GiB "
+                              f"free on {device}: lower --budget")
+
+
 def _trim_heap() -> None:
     """Give the heap's free pages back (glibc's malloc_trim releases holes too, not only the top): what
     reading and repacking freed would otherwise stay in RSS. A no-op where there is no glibc."""

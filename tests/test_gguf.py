@@ -488,13 +488,22 @@ def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
 
 
 def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys):
-    """Forms that would not fit in the RAM available are not built: the tier stays packed, and says why."""
+    """Forms that would not fit in the RAM available are not built: the tier stays packed, and says why. Experts
+    that do not fit even packed are refused before anything is read, saying what each tier needs."""
     from emoe import store
+    from emoe.cache import BudgetError
     _, _, out = imported
-    monkeypatch.setattr(store, "_mem_available", lambda: 1 << 20)
+    packed = sum(locs.nbytes for locs in Checkpoint(out).experts.values())
+    monkeypatch.setattr(store, "_mem_available", lambda: int(1.05 * packed))  # packed fits, forms (1.2x+) do not
     eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
     assert not eng.store.forms and "stay packed" in capsys.readouterr().err
     assert len(eng.generate(["hi"], SamplingParams(max_tokens=2), chat=False)[0].output_ids) == 2
+    monkeypatch.setattr(store, "_mem_available", lambda: packed // 2)
+    with pytest.raises(BudgetError, match="GiB in the RAM tier.*--experts-on disk"):
+        Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
+    with pytest.raises(BudgetError, match="cpu fast tier.*lower --budget"):  # all dequantised: 4x+ the packed bytes
+        Engine(EngineConfig(str(out), miss_policy="all", experts_on="disk"))
+    Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="disk"))  # nothing held: fine
 
 
 def test_shadow_policies_run_on_copies_made_from_the_file(imported):
