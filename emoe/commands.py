@@ -365,6 +365,7 @@ def cmd_serve(args) -> None:
             loop.stop_accepting()
             super().handle_exit(sig, frame)
 
+    print(eng.memory_line(), file=sys.stderr)
     print(f"[emoe] serving {served} ({args.scheduler} scheduler, budget {args.budget}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:

@@ -406,6 +406,17 @@ class Engine:
             self.step()
         return all_reqs
 
+    def memory_line(self) -> str:
+        """Where the bytes are: fast-tier experts (of the budget), KV, dense weights, and the RAM tier."""
+        gib, c = 2 ** 30, self.cache
+        nb = lambda t: t.nbytes  # noqa: E731  (tensors and kernel forms alike)
+        dense = sum(nb(t) for t in self.model.w.values())
+        ram = sum(nb(t) for ts in getattr(self.store, "_experts", {}).values() for t in ts)
+        return (f"[emoe] memory: experts {c.used_bytes / gib:.2f} of a {c.budget_bytes / gib:.2f} GiB budget on "
+                f"{self.device.type}, KV {self.kv.nbytes / gib:.2f} GiB, dense {dense / gib:.2f} GiB; "
+                + (f"RAM tier {ram / gib:.2f} GiB" + (" (kernel forms)" if self.store.forms else "")
+                   if self.store.tier == "ram" else "experts read from disk"))
+
     def summary(self, seconds: float) -> str:
         s, c = self.cache.stats, self.cache
         shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "

@@ -435,3 +435,12 @@ def test_bench_dispatch_compares_the_two_loops_on_identical_outputs(tiny_mixtral
     assert rows[1]["experts_used"] > rows[0]["experts_used"] >= 1
     assert all(r["per_expert_us"] > 0 and r["sorted_us"] > 0 for r in rows)
     assert "identical" in dispatch.table(rows)
+
+
+def test_memory_line_says_where_the_bytes_are(tiny_mixtral):
+    eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy="host", experts_on="ram"))
+    line = eng.memory_line()
+    gib = 2 ** 30
+    assert f"experts {eng.cache.used_bytes / gib:.2f} of a {eng.cache.budget_bytes / gib:.2f} GiB budget" in line
+    assert "RAM tier" in line and "KV" in line and "dense" in line
+    assert "experts read from disk" in Engine(EngineConfig(str(tiny_mixtral), budget=0.5)).memory_line()
