@@ -22,6 +22,7 @@ from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .dispatch import ExpertDispatch, run_experts
 from .quant import CopyFile, copies_path, int8_dense
+from .report import memory_line, summary
 from .store import check_memory, open_store
 from .tokenizer import TextCodec
 from .sequence import Request, SamplingParams, logprob_entries, penalise, sample  # noqa: F401 — interface too
@@ -406,30 +407,6 @@ class Engine:
             self.step()
         return all_reqs
 
-    def memory_line(self) -> str:
-        """Where the bytes are: fast-tier experts (of the budget), KV, dense weights, and the RAM tier."""
-        gib, c = 2 ** 30, self.cache
-        nb = lambda t: t.nbytes  # noqa: E731  (tensors and kernel forms alike)
-        dense = sum(nb(t) for t in self.model.w.values())
-        ram = sum(nb(t) for ts in getattr(self.store, "_experts", {}).values() for t in ts)
-        return (f"[emoe] memory: experts {c.used_bytes / gib:.2f} of a {c.budget_bytes / gib:.2f} GiB budget on "
-                f"{self.device.type}, KV {self.kv.nbytes / gib:.2f} GiB, dense {dense / gib:.2f} GiB; "
-                + (f"RAM tier {ram / gib:.2f} GiB" + (" (kernel forms)" if self.store.forms else "")
-                   if self.store.tier == "ram" else "experts read from disk"))
-
-    def summary(self, seconds: float) -> str:
-        s, c = self.cache.stats, self.cache
-        shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
-                   f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
-                   f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
-        if s.host_runs:
-            shadows += (f", {s.host_runs} expert runs on the host from the {self.store.tier} tier"
-                        + (" (packed experts on the CPU int4 kernel)" if self.store.forms else ""))
-        n = getattr(self.policy, "min_tokens", None)
-        if n is not None:  # auto
-            shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"
-                        if n <= 1 else f", auto: misses of {n:.0f}+ tokens loaded, fewer run on the host")
-        return (f"[emoe] resident experts {c.used_bytes / 2**20:.1f}/{self.total_expert_bytes / 2**20:.1f} MiB "
-                f"({c.used_bytes / self.total_expert_bytes:.0%}){shadows}, full-precision hit rate {s.hit_rate:.1%}, "
-                f"loaded {s.bytes_loaded / 2**20:.1f} MiB in {s.load_seconds:.2f}s, "
-                f"{self.tokens_generated / max(seconds, 1e-9):.1f} tokens/s")
+    # what the CLI prints about a run (report.py)
+    memory_line = memory_line
+    summary = summary
