@@ -47,7 +47,8 @@ def main() -> None:
         print(f"{policy + '+trace' * a.trace:8} {float(budget):.2f} on {eng.device.type}/{str(eng.dtype)[6:]}: startup {build:.1f}s, "
               f"tok/s cold {cold:.1f} warm {warm1:.1f} {warm2:.1f}; loaded {st.bytes_loaded / 2**20:.0f} MiB in "
               f"{st.load_seconds:.2f}s, {st.host_runs} expert runs on the host"
-              + (f", auto loads misses of {eng.policy.min_tokens:g}+ tokens" if hasattr(eng.policy, "min_tokens") else ""),
+              + ((", auto runs every miss on the host" if eng.policy.min_tokens == float("inf") else
+                  f", auto loads misses of {eng.policy.min_tokens:g}+ tokens") if hasattr(eng.policy, "min_tokens") else ""),
               flush=True)
         if a.profile:
             acts = [torch.profiler.ProfilerActivity.CPU]
