@@ -45,6 +45,13 @@ def _host_kernel_arg(p) -> None:
                    "matrix per run (--no-host-kernel: the file's exact arithmetic, in the file's bytes)")
 
 
+def _host_int8_arg(p) -> None:
+    p.add_argument("--host-int8", action="store_true",
+                   help="with host/auto misses and --experts-on ram, hold full-precision (bf16/fp16) experts as int8 "
+                   "forms of the CPU int4 kernel too: 0.6x bf16's bytes and faster host runs where the CPU's bf16 "
+                   "matmuls are slow, at 0.5%% weight error")
+
+
 def _dense_int8_arg(p) -> None:
     p.add_argument("--dense-int8", action="store_true",
                    help="on a CPU, run the dense projections (attention, shared experts, lm_head) as int8 copies on "
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_arg(g)
     _host_kernel_arg(g)
     _dense_int8_arg(g)
+    _host_int8_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     from .bench.cli import add_parsers
@@ -228,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_arg(se)
     _host_kernel_arg(se)
     _dense_int8_arg(se)
+    _host_int8_arg(se)
     se.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine (default: the cores available minus one, at least 1)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")

@@ -46,6 +46,7 @@ class EngineConfig:
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
     host_kernel: bool = True       # packed experts in RAM: host misses on the int4 kernel (gguf_blocks.host_form)
     dense_int8: bool = False       # on CPU, dense projections as int8 copies on that kernel (quant.int8_dense)
+    host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -95,7 +96,8 @@ class Engine:
                               f"({need // expert_bytes} experts of {expert_bytes} bytes; "
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
-        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"))
+        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"),
+                                int8=cfg.host_int8)
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
                                  kernel=cfg.qkernel)
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)

@@ -24,6 +24,7 @@ import torch
 
 from .quant import _MM, KTensor, QTensor, _kpack, kernel_fits, quantize, to_kernel
 from .quant import dequantize as quant_dequantize
+from .checkpoint import PACKED
 
 # ggml type ids (gguf.GGMLQuantizationType)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 39
@@ -347,9 +348,15 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
 
 
-def host_forms_of(locs, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """An expert as the RAM tier holds it for host runs (ExpertLocs, and its tensors as stored): host forms
-    where its layout and types have them, else as stored."""
+def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False) -> tuple:
+    """An expert as the RAM tier holds it for host runs (ExpertLocs, and its tensors as stored, or unpacked
+    for full-precision layouts): host forms where its layout and types have them, else as stored. int8:
+    full-precision experts (bf16, fp16, fp32) as int8 forms too (0.5% of the weights' size; 10 bits a weight
+    against bf16's 16), for CPUs whose bf16 matmuls are slow and for RAM: opt-in, they are not the weights."""
+    if locs.layout not in PACKED:
+        fits = int8 and _MM is not None
+        return tuple(to_kernel(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
+                     and t.shape[1] % GROUP == 0 else t for t in tensors)
     if locs.layout == "gguf":
         return tuple(host_form(t, q) or t for t, q in zip(tensors, locs.qtypes))
     if locs.layout == "mxfp4":

@@ -122,12 +122,13 @@ class DiskStore:
 class RamStore:
     tier = "ram"
 
-    def __init__(self, ckpt: Checkpoint, host_forms: bool = False):
+    def __init__(self, ckpt: Checkpoint, host_forms: bool = False, int8: bool = False):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
         experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
         with a CPU-kernel form (gguf_blocks.host_form), gpt-oss's MXFP4 and FP8 releases' experts are held in it
         instead, where RAM holds them, so a host run multiplies them as they are; a load dequantises them
-        where it lands, as it does packed blocks."""
+        where it lands, as it does packed blocks. int8 (with host_forms): full-precision experts too, as int8
+        forms quantised per 32 (gguf_blocks.int8_forms)."""
         self.ckpt, self.stats = ckpt, StoreStats()
         if host_forms and any(locs.layout in PACKED for locs in ckpt.experts.values()):
             host_forms = _forms_fit(ckpt)
@@ -144,7 +145,7 @@ class RamStore:
             held = []
             for key in keys:
                 ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
-                held.append(host_forms_of(ckpt.experts[key], ts) if host_forms else ts)
+                held.append(host_forms_of(ckpt.experts[key], ts, int8) if host_forms else ts)
             self._experts.update(zip(keys, _contiguous(held, pin)))
         del held
         _trim_heap()
@@ -161,7 +162,7 @@ class RamStore:
         self.stats.reads += 1
         self.stats.bytes_read += sum(t.nbytes for t in out)
         self.stats.seconds += time.perf_counter() - t0
-        return out, (self.ckpt.experts[key].untangle if key in self._packed else (lambda ts: ts))
+        return out, (self.ckpt.experts[key].untangle if key in self._packed else _unform)
 
     def read(self, layer: int, expert: int):
         packed, unpack = self.read_packed(layer, expert)
@@ -170,16 +171,22 @@ class RamStore:
     def read_host(self, layer: int, expert: int):
         """The expert as a host run takes it: matrices held in a kernel form as they are, others unpacked."""
         packed, unpack = self.read_packed(layer, expert)
-        if all(isinstance(t, KTensor) for t in packed):
-            return packed
         if not any(isinstance(t, KTensor) for t in packed):
             return unpack(packed)
+        if all(isinstance(t, KTensor) for t in packed) or (layer, expert) not in self._packed:
+            return packed  # forms, and full-precision matrices as they are
         from .gguf_blocks import dequantize  # forms beside packed matrices: a GGUF's
         qtypes = self.ckpt.experts[(layer, expert)].qtypes
         return tuple(t if isinstance(t, KTensor) else dequantize(t, q) for t, q in zip(packed, qtypes))
 
     def close(self) -> None:
         pass
+
+
+def _unform(tensors: tuple) -> tuple:
+    """A full-precision expert as a load takes it: int8 host forms dequantised (bf16), tensors as they are."""
+    from .quant import dequantize
+    return tuple(dequantize(t, torch.bfloat16) if isinstance(t, KTensor) else t for t in tensors)
 
 
 def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
@@ -254,12 +261,13 @@ def _trim_heap() -> None:
         pass
 
 
-def open_store(ckpt: Checkpoint, tier: str, host_forms: bool = False):
-    """host_forms: hold what host runs can multiply directly (RAM only: from disk a host run reads anyway)."""
+def open_store(ckpt: Checkpoint, tier: str, host_forms: bool = False, int8: bool = False):
+    """host_forms: hold what host runs can multiply directly (RAM only: from disk a host run reads anyway);
+    int8: full-precision experts too, quantised."""
     stores = {"disk": DiskStore, "ram": RamStore}
     if tier not in stores:
         raise ValueError(f"unknown expert tier {tier!r}; choose one of {sorted(stores)}")
-    return RamStore(ckpt, host_forms) if tier == "ram" else DiskStore(ckpt)
+    return RamStore(ckpt, host_forms, int8) if tier == "ram" else DiskStore(ckpt)
 
 
 def raw_direct_bandwidth(path: str, block: int = 4 << 20, limit: int = 1 << 30) -> float:

@@ -444,3 +444,25 @@ def test_memory_line_says_where_the_bytes_are(tiny_mixtral):
     assert f"experts {eng.cache.used_bytes / gib:.2f} of a {eng.cache.budget_bytes / gib:.2f} GiB budget" in line
     assert "RAM tier" in line and "KV" in line and "dense" in line
     assert "experts read from disk" in Engine(EngineConfig(str(tiny_mixtral), budget=0.5)).memory_line()
+
+
+def test_host_int8_holds_full_precision_experts_as_int8_forms(tmp_path):
+    """--host-int8: a full-precision checkpoint's experts in RAM as int8 forms of the CPU kernel (0.5%
+    weight error, 10 bits a weight) for host runs; off by default and for profiles."""
+    from emoe.profile import exact_engine
+    from emoe.quant import KTensor, dequantize
+    from tiny import make_tiny
+    m = make_tiny("qwen3_moe", tmp_path / "m", hidden_size=128, moe_intermediate_size=64, num_attention_heads=4)
+    ids, cont = list(range(1, 17)), list(range(40, 50))
+    ref = Engine(EngineConfig(str(m), miss_policy="all", device="cpu")).score(ids, cont)
+    eng = Engine(EngineConfig(str(m), miss_policy="host", budget=0.5, experts_on="ram", device="cpu", host_int8=True))
+    key = next(k for k in eng.store.ckpt.experts if k not in eng.cache)
+    forms = eng.store.read_host(*key)
+    assert all(isinstance(f, KTensor) for f in forms) and eng.store.forms
+    from emoe.store import DiskStore
+    for f, w in zip(forms, DiskStore(eng.store.ckpt).read(*key)):
+        assert (dequantize(f) - w.float()).abs().max() <= 0.01 * w.float().abs().max()
+    assert (eng.score(ids, cont) - ref).abs().max() <= 0.02 * ref.abs().max()
+    for kw in (dict(miss_policy="host", budget=0.5), exact_engine(0.5, "ram")):
+        plain = Engine(EngineConfig(str(m), **{"experts_on": "ram", "device": "cpu", **kw}))
+        assert not plain.store.forms
