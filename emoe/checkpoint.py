@@ -166,7 +166,7 @@ class ExpertLocs:
         if self.layout == "gpt_oss":
             gate_up, down = tensors
             return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
-        if self.layout in ("mxfp4", "fp8") and len(tensors) == 3:  # a RAM tier's host forms (gguf_blocks)
+        if self.layout in ("mxfp4", "fp8") and len(tensors) == 3:  # a RAM tier's host forms (forms.py)
             from .quant import dequantize
             return tuple(dequantize(t, torch.bfloat16) for t in tensors)
         if self.layout == "mxfp4":

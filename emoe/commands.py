@@ -73,7 +73,7 @@ def _default_miss_policy(args, model: str, budget: float) -> None:
     float32. Dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
-    from .gguf_blocks import packed_experts
+    from .forms import packed_experts
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"

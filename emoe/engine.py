@@ -44,7 +44,7 @@ class EngineConfig:
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
-    host_kernel: bool = True       # packed experts in RAM: host misses on the int4 kernel (gguf_blocks.host_form)
+    host_kernel: bool = True       # packed experts in RAM: host misses on the int4 kernel (forms.py)
     dense_int8: bool = False       # on CPU, dense projections as int8 copies on that kernel (quant.int8_dense)
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
 

@@ -14,17 +14,14 @@ dmin·m). The values are the file's; the kernel holds scales (and zeros) in bf16
 activations, as every int4 copy on the CPU does. A type with no exact form at the requested precision
 (Q6_K, Q5_K, …, or Q4_K where the kernel is not used) is dequantised and quantised by quant.quantize.
 
-Host forms: where misses run on the host (the `host`/`auto` policies, a RAM tier), each matrix is held in the
-CPU int4 kernel's layout instead of packed (host_form; gpt-oss's MXFP4 and the FP8 releases too), so a host
-run multiplies it without dequantising it first.
+Host forms (each matrix in the CPU int4 kernel's layout, for misses run on the host) are in forms.py.
 """
 from __future__ import annotations
 
 import torch
 
-from .quant import _MM, KTensor, QTensor, _kpack, kernel_fits, quantize, to_kernel
+from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 from .quant import dequantize as quant_dequantize
-from .checkpoint import PACKED
 
 # ggml type ids (gguf.GGMLQuantizationType)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 39
@@ -195,7 +192,7 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
     """One GGUF matrix's packed rows [R, bytes] → [R, C] in `dtype` on t's device; float32 arithmetic, as
     llama.cpp's, so a float32 engine runs the file's exact values. In place after the one float32 buffer:
     temporaries the size of the matrix would fragment the host heap that resident experts live in. A matrix
-    the RAM tier holds in its host form (host_form) gives that form's values."""
+    the RAM tier holds in its host form (forms.host_form) gives that form's values."""
     if isinstance(t, KTensor):
         return quant_dequantize(t, dtype)
     rows = t.shape[0]
@@ -253,132 +250,6 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
         u, scale, minimum = parts(t)
         return kernel_copy(u, scale, minimum) if kernel_fits(tuple(u.shape), GROUP) else None
     return None
-
-
-def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
-    """A 5-bit matrix (weight = scale·u − minimum, u 0..31, per 32 values) as two int4 planes, u = a + 3·b with
-    a in 0..15 and b (0..6) nonzero only where u > 15: (a − 8)·scale + 8·scale − minimum, plus (b + 8 − 8)·3·scale.
-    The kernel rounds each plane's product to bf16, so neither plane may be much larger than the weight
-    (see mxfp4_form)."""
-    b = ((u.to(torch.int16) - 13) // 3).clamp_(min=0).to(torch.uint8)
-    z = torch.zeros_like(scale)
-    sz = [torch.stack((m.t(), c.t()), -1).to(torch.bfloat16).contiguous()
-          for m, c in ((scale, 8 * scale - minimum), (3 * scale, z))]
-    return KTensor((_kpack(u - 3 * b), _kpack(b + 8)), tuple(sz), tuple(u.shape), 8, GROUP)
-
-
-# bits a weight: the file's block type → its host form (Q2_K/Q3_K forms would cost 2.9-3.8x the file's bytes)
-FORM_BITS = {Q4_0: (4.5, 5), Q4_1: (5, 5), Q4_K: (4.5, 5), Q8_0: (8.5, 10), Q6_K: (6.5625, 10), Q5_0: (5.5, 10),
-             Q5_1: (6, 10), Q5_K: (5.5, 10), MXFP4: (4.25, 10)}
-HOST_TYPES = tuple(FORM_BITS)
-
-
-def mxfp4_planes(q: torch.Tensor, d: torch.Tensor) -> KTensor:
-    """Doubled MXFP4 values q (−12..12, [rows, cols]) and their scale per 32 (a power of two) as two int4
-    planes, exactly: q = a + b, a = q clamped to −8..7 and b the rest (−4..5), both times the scale, exact in
-    bf16. The kernel rounds each plane's product to bf16: split as 16·hi + lo instead, the two products ran
-    to 3x the result on a gpt-oss model's weights and cancelled, and their roundings came to 1% of it (5x
-    rounding the activations alone; now 1.4x)."""
-    a = q.clamp(-8, 7)
-    sz = torch.stack((d.t(), torch.zeros_like(d).t()), -1).to(torch.bfloat16).contiguous()
-    return KTensor((_kpack((a + 8).to(torch.uint8)), _kpack((q - a + 8).to(torch.uint8))), (sz, sz), tuple(q.shape),
-                   8, GROUP)
-
-
-def mxfp4_form(t: torch.Tensor) -> KTensor:
-    q, d = mxfp4_parts(t)
-    return mxfp4_planes(q.reshape(t.shape[0], -1), d)
-
-
-def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTensor, KTensor] | None:
-    """gpt-oss's released MXFP4 expert (blocks [R, G, 16], low nibble first, and exponents [R, G] of gate_up
-    with gate and up rows interleaved, then of down) as the (gate, up, down) host forms, or None where the
-    kernel cannot hold them. Its exponent s means 2^(s − 127) on the plain table: ggml's scale on the doubled one."""
-    out = []
-    for blocks, scales in zip(tensors[0::2], tensors[1::2]):
-        v = torch.stack((blocks & 0x0F, blocks >> 4), -1).reshape(blocks.shape[0], -1).long()
-        out.append((torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v], e8m0_half(scales)))
-    (gu, gu_d), (dn, dn_d) = out
-    if gu.shape[0] % 128 or dn.shape[0] % 64 or _MM is None:
-        return None
-    return mxfp4_planes(gu[0::2], gu_d[0::2]), mxfp4_planes(gu[1::2], gu_d[1::2]), mxfp4_planes(dn, dn_d)
-
-
-def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int]) -> tuple[KTensor, ...] | None:
-    """A block-scaled FP8 expert (DeepSeek-V3, Qwen3 and GLM-4.5 FP8 releases: each matrix and its
-    scale_inv) as int8 host forms, or None where the kernel cannot hold them: E4M3 is not a uniform grid, so
-    its values are quantised again per 32 (0.5% of their size; E4M3's own steps are 6% of each value), 10
-    bits a weight against 8 and the block scales."""
-    from .checkpoint import fp8_dequantize
-    ws = [fp8_dequantize(w, s, block, torch.float32) for w, s in zip(tensors[0::2], tensors[1::2])]
-    if _MM is None or any(w.shape[0] % 64 or w.shape[1] % GROUP for w in ws):
-        return None
-    return tuple(to_kernel(quantize(w, 8, GROUP)) for w in ws)
-
-
-def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
-    """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
-    `host` miss policy), or None where the type has no form that cheap. Dequantising a matrix per host run
-    costs 10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against
-    the file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded
-    to bf16: the RAM tier grows by at most 18%. Q6_K (Q4_K_M's down projections in half the layers) scales
-    each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
-    (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
-    values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
-    far below the 32 bits a weight of the float32 fast tier). MXFP4 (gpt-oss) holds its values exactly as
-    two planes (10 bits against 4.25: 2.35x). Q2_K and Q3_K have none (2.9-3.8x). The RAM tier builds
-    forms only where they fit the memory available (store.RamStore).
-    The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
-    if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
-        return None
-    if qtype == Q8_0:
-        return to_kernel(q8_0(t))
-    if qtype == Q6_K:
-        return to_kernel(quantize(q6_k(t), 8, GROUP))
-    if qtype in (Q5_0, Q5_1):
-        u, d, m = q5_0_1_parts(t, qtype == Q5_1)
-        return kernel_copy5(u, d, 16 * d if m is None else -m)
-    if qtype == Q5_K:
-        return kernel_copy5(*q5_k_parts(t))
-    if qtype == MXFP4:
-        return mxfp4_form(t)
-    if qtype == Q4_0:
-        u, d = q4_0_parts(t)
-        return kernel_copy(u, d.float(), 8 * d.float())
-    return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
-
-
-def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False) -> tuple:
-    """An expert as the RAM tier holds it for host runs (ExpertLocs, and its tensors as stored, or unpacked
-    for full-precision layouts): host forms where its layout and types have them, else as stored. int8:
-    full-precision experts (bf16, fp16, fp32) as int8 forms too (0.5% of the weights' size; 10 bits a weight
-    against bf16's 16), for CPUs whose bf16 matmuls are slow and for RAM: opt-in, they are not the weights."""
-    if locs.layout not in PACKED:
-        fits = int8 and _MM is not None
-        return tuple(to_kernel(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
-                     and t.shape[1] % GROUP == 0 else t for t in tensors)
-    if locs.layout == "gguf":
-        return tuple(host_form(t, q) or t for t, q in zip(tensors, locs.qtypes))
-    if locs.layout == "mxfp4":
-        return mxfp4_release_forms(tensors) or tensors
-    if locs.layout == "fp8":
-        return fp8_release_forms(tensors, locs.block) or tensors
-    return tensors
-
-
-def forms_bytes(locs) -> int:
-    """Bytes one expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
-    if locs.layout in ("mxfp4", "fp8"):
-        return int(locs.nbytes * 10 / (4.25 if locs.layout == "mxfp4" else 8))
-    return int(sum(p.nbytes * (FORM_BITS[q][1] / FORM_BITS[q][0] if q in FORM_BITS else 1)
-                   for p, q in zip(locs.locs, locs.qtypes)))
-
-
-def packed_experts(model_dir) -> bool:
-    """Whether a model's experts are all held packed (a GGUF import, gpt-oss's MXFP4 release, an FP8 release):
-    on a CPU they run best where the RAM tier holds them, in their host forms where they have them."""
-    from .checkpoint import PACKED, Checkpoint
-    return all(locs.layout in PACKED for locs in Checkpoint(model_dir).experts.values())
 
 
 class GGUFCopies:

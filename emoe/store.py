@@ -125,10 +125,10 @@ class RamStore:
     def __init__(self, ckpt: Checkpoint, host_forms: bool = False, int8: bool = False):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
         experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
-        with a CPU-kernel form (gguf_blocks.host_form), gpt-oss's MXFP4 and FP8 releases' experts are held in it
+        with a CPU-kernel form (forms.host_form), gpt-oss's MXFP4 and FP8 releases' experts are held in it
         instead, where RAM holds them, so a host run multiplies them as they are; a load dequantises them
         where it lands, as it does packed blocks. int8 (with host_forms): full-precision experts too, as int8
-        forms quantised per 32 (gguf_blocks.int8_forms)."""
+        forms quantised per 32 (forms.host_forms_of)."""
         self.ckpt, self.stats = ckpt, StoreStats()
         if host_forms and any(locs.layout in PACKED for locs in ckpt.experts.values()):
             host_forms = _forms_fit(ckpt)
@@ -140,7 +140,7 @@ class RamStore:
         for key in ckpt.experts:
             by_layer.setdefault(key[0], []).append(key)
         if host_forms:
-            from .gguf_blocks import host_forms_of
+            from .forms import host_forms_of
         for keys in by_layer.values():
             held = []
             for key in keys:
@@ -221,7 +221,7 @@ def _mem_available() -> int | None:
 def _forms_fit(ckpt: Checkpoint) -> bool:
     """Whether packed experts fit in RAM as host forms (up to 2.35x the packed bytes, MXFP4): where they do
     not, they stay packed and host runs dequantise them, slower but in the file's size."""
-    from .gguf_blocks import forms_bytes
+    from .forms import forms_bytes
     need, avail = sum(forms_bytes(locs) for locs in ckpt.experts.values()), _mem_available()
     if avail is None or need <= 0.85 * avail:
         return True

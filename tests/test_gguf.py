@@ -428,7 +428,7 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     import numpy as np
 
     from emoe.gguf_blocks import dequantize as gguf_dequantize
-    from emoe.gguf_blocks import host_form
+    from emoe.forms import host_form
     from emoe.quant import KTensor, dequantize, linear
     from gguf_writer import _random_blocks
     Q = gguf.GGMLQuantizationType
