@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import PACKED, fp8_dequantize
-from .gguf_blocks import (GROUP, MXFP4, MXFP4_VALUES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, e8m0_half,
-                          kernel_copy, mxfp4_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q6_k,
-                          q8_0)
+from .gguf_blocks import (GROUP, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                          e8m0_half, kernel_copy, mxfp4_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts,
+                          q5_0_1_parts, q5_k_parts, q6_k, q8_0)
 from .quant import _MM, KTensor, _kpack, quantize, to_kernel
 
 
@@ -28,9 +28,10 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
     return KTensor((_kpack(u - 3 * b), _kpack(b + 8)), tuple(sz), tuple(u.shape), 8, GROUP)
 
 
-# bits a weight: the file's block type → its host form (Q2_K/Q3_K forms would cost 2.9-3.8x the file's bytes)
+# bits a weight: the file's block type → its host form (Q2_K has none: its per-16 minimums need a zero per
+# 16 values, which the kernel's groups of 32 cannot hold)
 FORM_BITS = {Q4_0: (4.5, 5), Q4_1: (5, 5), Q4_K: (4.5, 5), Q8_0: (8.5, 10), Q6_K: (6.5625, 10), Q5_0: (5.5, 10),
-             Q5_1: (6, 10), Q5_K: (5.5, 10), MXFP4: (4.25, 10)}
+             Q5_1: (6, 10), Q5_K: (5.5, 10), MXFP4: (4.25, 10), Q3_K: (3.4375, 10)}
 HOST_TYPES = tuple(FORM_BITS)
 
 
@@ -76,6 +77,23 @@ def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int])
     return tuple(to_kernel(quantize(w, 8, GROUP)) for w in ws)
 
 
+def q3_k_form(t: torch.Tensor) -> KTensor:
+    """Q3_K exactly, as two planes: its scales cover 16 values, the kernel's 32, so one plane holds each 32's
+    first 16 values (the others 0) with the first scale, the other the second 16 with theirs (10 bits a weight
+    against 3.44: 2.9x the file's bytes, so built only where RAM holds them)."""
+    v, scale = q3_k_parts(t)
+    rows = v.shape[0]
+    halves = v.view(rows, -1, 2, 16)
+    planes, sz = [], []
+    for h in (0, 1):
+        p = torch.full_like(halves, 8, dtype=torch.uint8)
+        p[:, :, h] = (halves[:, :, h] + 8).to(torch.uint8)
+        planes.append(_kpack(p.view(rows, -1)))
+        sc = scale.view(rows, -1, 2)[..., h]
+        sz.append(torch.stack((sc.t(), torch.zeros_like(sc).t()), -1).to(torch.bfloat16).contiguous())
+    return KTensor(tuple(planes), tuple(sz), tuple(v.shape), 8, GROUP)
+
+
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
     `host` miss policy), or None where the type has no form that cheap. Dequantising a matrix per host run
@@ -86,7 +104,7 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
     values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
     far below the 32 bits a weight of the float32 fast tier). MXFP4 (gpt-oss) holds its values exactly as
-    two planes (10 bits against 4.25: 2.35x). Q2_K and Q3_K have none (2.9-3.8x). The RAM tier builds
+    two planes (10 bits against 4.25: 2.35x), Q3_K too (q3_k_form: 2.9x); Q2_K has none. The RAM tier builds
     forms only where they fit the memory available (store.RamStore).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
@@ -102,6 +120,8 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
         return kernel_copy5(*q5_k_parts(t))
     if qtype == MXFP4:
         return mxfp4_form(t)
+    if qtype == Q3_K:
+        return q3_k_form(t)
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())

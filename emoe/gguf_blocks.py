@@ -137,10 +137,10 @@ def q2_k(t: torch.Tensor) -> torch.Tensor:
     return w.mul_((d * (sc.remainder(16)))[..., None]).sub_((dmin * (sc // 16))[..., None]).reshape(rows, -1)
 
 
-def q3_k(t: torch.Tensor) -> torch.Tensor:
-    """Q3_K: per 256 values 32 bytes of high bits (bit 4h+j of byte l for half h, plane j, value l), 64 bytes
-    of 2-bit values laid out as Q2_K's, 12 bytes of 6-bit signed scales per 16 values, fp16 d. A clear high
-    bit subtracts 4."""
+def q3_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K rows → (values −4..3 [rows, cols], int8; scale per 16 values, fp32): per 256 values 32 bytes of
+    high bits (bit 4h+j of byte l for half h, plane j, value l), 64 bytes of 2-bit values laid out as Q2_K's,
+    12 bytes of 6-bit signed scales per 16 values, fp16 d. A clear high bit subtracts 4."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 110)
     s = b[..., 96:108]
@@ -150,8 +150,14 @@ def q3_k(t: torch.Tensor) -> torch.Tensor:
     shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
     q = (b[..., 32:96].reshape(rows, -1, 2, 1, 32) >> shift) & 3
     hbit = (b[..., None, None, :32] >> torch.arange(8, device=t.device, dtype=torch.uint8).view(2, 4, 1)) & 1
-    w = q.float().sub_(4 * (1 - hbit.float())).view(rows, -1, 16, 16)
-    return w.mul_((_half(b, 108).float()[..., None] * sc)[..., None]).reshape(rows, -1)
+    v = (q.to(torch.int8) - 4 + 4 * hbit.to(torch.int8)).reshape(rows, -1)
+    return v, (_half(b, 108).float()[..., None] * sc).reshape(rows, -1)
+
+
+def q3_k(t: torch.Tensor) -> torch.Tensor:
+    v, scale = q3_k_parts(t)
+    rows = t.shape[0]
+    return v.float().view(rows, -1, 16).mul_(scale[..., None]).reshape(rows, -1)
 
 
 def q6_k(t: torch.Tensor) -> torch.Tensor:

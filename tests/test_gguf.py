@@ -419,7 +419,7 @@ def test_file_copies_hold_the_files_own_values(qtype):
     assert file_copy(t, int(Q.Q6_K), 4, kernel=True) is None  # no exact form: quantised as any copy is
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "MXFP4"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "MXFP4", "Q3_K"])
 def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     """What a RAM tier holds for host runs: the file's values (scales rounded to bf16; Q6_K's quantised again
     to int8) in the int4 kernel's layout, multiplied without dequantising; types whose form would cost far
@@ -434,7 +434,7 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     Q = gguf.GGMLQuantizationType
     q = getattr(Q, qtype)
     w = np.random.default_rng(2).standard_normal((128, 512)).astype(np.float32) * 0.02
-    blocks = _random_blocks(w.shape, q, 2) if qtype in ("Q4_K", "Q6_K", "Q5_K") else gguf.quants.quantize(w, q)
+    blocks = _random_blocks(w.shape, q, 2) if qtype in ("Q4_K", "Q6_K", "Q5_K", "Q3_K") else gguf.quants.quantize(w, q)
     if qtype == "MXFP4":  # exponent bytes 0..239, the subnormal ones included (16x the scale of e >= 252 is inf)
         blocks.reshape(128, -1, 17)[..., 0] = np.arange(blocks.size // 17).reshape(128, -1) % 240
     t = torch.from_numpy(np.ascontiguousarray(blocks))
@@ -445,6 +445,9 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
         assert form.nbytes <= 1.53 * t.numel()
         err = (dequantize(form) - want).abs()
         assert err.mean() <= 0.01 * want.abs().mean() and err.max() <= 0.01 * want.abs().max()
+    elif qtype == "Q3_K":  # its per-16 scales, one plane per half of each 32 (rounded to bf16)
+        assert form.nbytes <= 2.92 * t.numel()
+        assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()
     elif qtype == "MXFP4":  # exact: small integers times powers of two
         assert form.nbytes <= 2.36 * t.numel()
         assert torch.equal(dequantize(form), want)
@@ -462,7 +465,7 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     # as 16·hi + lo measured 5.2x on a gpt-oss model's weights: the two planes' products cancelled)
     act = (x.bfloat16().float() @ want.T - ref).abs().max()
     assert (linear(x, form) - ref).abs().max() <= (6 if qtype == "Q6_K" else 4) * act
-    for other in (Q.Q2_K, Q.Q3_K):
+    for other in (Q.Q2_K,):
         assert host_form(t, int(other)) is None
     assert host_form(t[:96], int(q)) is None  # the kernel packs rows in blocks of 64
 
