@@ -20,7 +20,7 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
     """A 5-bit matrix (weight = scale·u − minimum, u 0..31, per 32 values) as two int4 planes, u = a + 3·b with
     a in 0..15 and b (0..6) nonzero only where u > 15: (a − 8)·scale + 8·scale − minimum, plus (b + 8 − 8)·3·scale.
     The kernel rounds each plane's product to bf16, so neither plane may be much larger than the weight
-    (see mxfp4_form)."""
+    (see mxfp4_planes)."""
     b = ((u.to(torch.int16) - 13) // 3).clamp_(min=0).to(torch.uint8)
     z = torch.zeros_like(scale)
     sz = [torch.stack((m.t(), c.t()), -1).to(torch.bfloat16).contiguous()
@@ -69,7 +69,7 @@ def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTe
 def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int]) -> tuple[KTensor, ...] | None:
     """A block-scaled FP8 expert (DeepSeek-V3, Qwen3 and GLM-4.5 FP8 releases: each matrix and its
     scale_inv) as int8 host forms, or None where the kernel cannot hold them: E4M3 is not a uniform grid, so
-    its values are quantised again per 32 (0.5% of their size; E4M3's own steps are 6% of each value), 10
+    its values are quantised again per 32 (0.5% of their size; E4M3's own steps are 6-12% of each value), 10
     bits a weight against 8 and the block scales."""
     ws = [fp8_dequantize(w, s, block, torch.float32) for w, s in zip(tensors[0::2], tensors[1::2])]
     if _MM is None or any(w.shape[0] % 64 or w.shape[1] % GROUP for w in ws):
