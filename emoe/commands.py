@@ -77,7 +77,7 @@ def _default_miss_policy(args, model: str, budget: float) -> None:
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
-        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4) and run there, on the "
+        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
               "CPU int4 kernel where their types allow (--budget 1 holds them all dequantised instead; "
               "--dense-int8 is faster still, at some accuracy)", file=sys.stderr)
     args.budget = budget if args.budget is None else args.budget
