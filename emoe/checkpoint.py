@@ -166,9 +166,6 @@ class ExpertLocs:
         if self.layout == "gpt_oss":
             gate_up, down = tensors
             return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
-        if self.layout in ("mxfp4", "fp8") and len(tensors) == 3:  # a RAM tier's host forms (forms.py)
-            from .quant import dequantize
-            return tuple(dequantize(t, torch.bfloat16) for t in tensors)
         if self.layout == "mxfp4":
             gate_up, down = mxfp4_dequantize(*tensors[:2]), mxfp4_dequantize(*tensors[2:])
             return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
@@ -180,8 +177,8 @@ class ExpertLocs:
         return tensors
 
 
-PACKED = ("mxfp4", "fp8", "gguf")
-LM_PREFIX = "model.language_model."  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
+PACKED = ("mxfp4", "fp8", "gguf")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
+LM_PREFIX = "model.language_model."  # where multimodal releases (Qwen3.5) keep the language model's tensors
 
 
 class Checkpoint:

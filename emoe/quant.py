@@ -106,9 +106,6 @@ class KTensor:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(self, planes=tuple(map(move, self.planes)), sz=tuple(map(move, self.sz)))
 
-    def pin_memory(self) -> "KTensor":
-        return replace(self, planes=tuple(t.pin_memory() for t in self.planes), sz=tuple(t.pin_memory() for t in self.sz))
-
 
 def kernel_fits(shape: tuple[int, int], group: int) -> bool:
     rows, cols = shape

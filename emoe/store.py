@@ -8,6 +8,7 @@ expert once into host memory (pinned when CUDA is present) — the classic CPU-o
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -17,7 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import PACKED, Checkpoint, ExpertLocs, TensorLoc
-from .quant import KTensor
+from .gguf_blocks import dequantize as unpack_gguf
+from .quant import KTensor, dequantize
 
 ALIGN = 4096
 
@@ -162,7 +164,10 @@ class RamStore:
         self.stats.reads += 1
         self.stats.bytes_read += sum(t.nbytes for t in out)
         self.stats.seconds += time.perf_counter() - t0
-        return out, (self.ckpt.experts[key].untangle if key in self._packed else _unform)
+        locs = self.ckpt.experts[key]
+        if any(isinstance(t, KTensor) for t in out):
+            return out, functools.partial(_unform, locs)
+        return out, (locs.untangle if key in self._packed else (lambda ts: ts))
 
     def read(self, layer: int, expert: int):
         packed, unpack = self.read_packed(layer, expert)
@@ -173,20 +178,20 @@ class RamStore:
         packed, unpack = self.read_packed(layer, expert)
         if not any(isinstance(t, KTensor) for t in packed):
             return unpack(packed)
-        if all(isinstance(t, KTensor) for t in packed) or (layer, expert) not in self._packed:
-            return packed  # forms, and full-precision matrices as they are
-        from .gguf_blocks import dequantize  # forms beside packed matrices: a GGUF's
-        qtypes = self.ckpt.experts[(layer, expert)].qtypes
-        return tuple(t if isinstance(t, KTensor) else dequantize(t, q) for t, q in zip(packed, qtypes))
+        return _unform(self.ckpt.experts[(layer, expert)], packed, keep_forms=True)
 
     def close(self) -> None:
         pass
 
 
-def _unform(tensors: tuple) -> tuple:
-    """A full-precision expert as a load takes it: int8 host forms dequantised (bf16), tensors as they are."""
-    from .quant import dequantize
-    return tuple(dequantize(t, torch.bfloat16) if isinstance(t, KTensor) else t for t in tensors)
+def _unform(locs: ExpertLocs, tensors: tuple, keep_forms: bool = False) -> tuple:
+    """An expert the RAM tier holds with host forms (gate, up, down), as a load takes it (keep_forms: as a
+    host run does): forms dequantised, float32 for a GGUF as its blocks unpack, else bf16 as the releases'
+    do; a GGUF's matrices without a form unpacked by type; full-precision matrices as they are."""
+    gguf = locs.layout == "gguf"
+    return tuple(t if keep_forms and isinstance(t, KTensor) else unpack_gguf(t, q) if gguf
+                 else dequantize(t, torch.bfloat16) if isinstance(t, KTensor) else t
+                 for t, q in zip(tensors, locs.qtypes if gguf else tensors))
 
 
 def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
