@@ -63,11 +63,11 @@ def _profile_dir(args, model: str, required: bool = False) -> str | None:
     return None
 
 
-def _default_miss_policy(args, model: str, budget: float) -> None:
-    """Without --miss-policy: where the model has a profile, its residency policy decides (the reroute
-    path, which --policy refines); where it has none, auto, which is exact: each miss runs on the host or
-    is loaded, whichever the start-up timing says is faster. Without a GPU, a model whose experts are all
-    packed (a GGUF import, gpt-oss's MXFP4 release) and no profile runs as llama.cpp does on a CPU: experts
+def _default_placement(args, model: str, budget: float) -> None:
+    """--miss-policy, --budget and --experts-on where not given. Without --miss-policy: where the model has
+    a profile, its residency policy decides (the reroute path, which --policy refines); where it has none,
+    auto, which is exact: each miss runs on the host or is loaded, whichever the start-up timing says is faster. Without a GPU, a model whose experts are all
+    packed (a GGUF import, an MXFP4 or FP8 release) and no profile runs as llama.cpp does on a CPU: experts
     held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
     four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
     float32. Dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
@@ -110,7 +110,7 @@ def _residency(model: str, profile_dir: str, name: str | None, stickiness: float
 def cmd_generate(args) -> None:
     from .engine import Engine, EngineConfig, SamplingParams
     model = _model(args)
-    _default_miss_policy(args, model, budget=1.0)
+    _default_placement(args, model, budget=1.0)
     policy = residency = None
     task = args.task
     prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
@@ -329,7 +329,7 @@ def cmd_serve(args) -> None:
     from .server import create_app, serve_threads
     from .serving import EngineLoop
     model = _model(args)
-    _default_miss_policy(args, model, budget=0.4)
+    _default_placement(args, model, budget=0.4)
     prof = extractor = policy = residency = None
     prof_dir = _profile_dir(args, model)
     _warn_unprofiled(args, model, prof_dir)
