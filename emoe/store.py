@@ -197,7 +197,7 @@ def _unform(locs: ExpertLocs, tensors: tuple, keep_forms: bool = False) -> tuple
 def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
     """A layer's expert tensors (kernel forms' too) moved into one allocation, pinned for CUDA copies. Made
     one expert at a time, they would sit between the holes that reading and repacking left in the heap,
-    which then never shrinks (+70% RSS measured on GGUF kernel forms); held together, the heap's high-water
+    which then never shrinks (RSS far above the bytes held, with GGUF kernel forms); held together, the heap's high-water
     mark stays one layer's temporaries."""
     parts = [t for ts in experts for t in ts for t in ((t,) if isinstance(t, torch.Tensor) else t.planes + t.sz)]
     sizes = [-(-t.nbytes // 64) * 64 for t in parts]  # 64-byte aligned, as torch's own allocations
