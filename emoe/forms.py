@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import PACKED, fp8_dequantize
-from .gguf_blocks import (GROUP, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                          e8m0_half, kernel_copy, mxfp4_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts,
-                          q5_0_1_parts, q5_k_parts, q6_k, q8_0)
-from .quant import _MM, KTensor, _kpack, quantize, to_kernel
+from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_XS, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0,
+                          Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
+                          q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
+from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
 
 
 def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
@@ -28,11 +28,26 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
     return KTensor((_kpack(u - 3 * b), _kpack(b + 8)), tuple(sz), tuple(u.shape), 8, GROUP)
 
 
-# bits a weight: the file's block type → its host form (Q2_K has none: its per-16 minimums need a zero per
-# 16 values, which the kernel's groups of 32 cannot hold)
-FORM_BITS = {Q4_0: (4.5, 5), Q4_1: (5, 5), Q4_K: (4.5, 5), Q8_0: (8.5, 10), Q6_K: (6.5625, 10), Q5_0: (5.5, 10),
-             Q5_1: (6, 10), Q5_K: (5.5, 10), MXFP4: (4.25, 10), Q3_K: (3.4375, 10)}
-HOST_TYPES = tuple(FORM_BITS)
+ONE_PLANE = (Q4_0, Q4_1, Q4_K)  # 4 bits + a bf16 scale and zero per 32: 5 bits a weight; the others take 10
+
+
+def form_ratio(kind) -> float | None:
+    """A host form's bytes over the packed bytes it replaces, for a GGUF block type or a release layout
+    ("mxfp4", "fp8"); None where there is no form (float types)."""
+    if kind in ("mxfp4", "fp8"):
+        return 10 / (4.25 if kind == "mxfp4" else 8)
+    if kind in FLOAT_TYPES:
+        return None
+    from gguf import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[kind]
+    return (5 if kind in ONE_PLANE else 10) / (8 * size / block)
+
+
+def form_parts(locs) -> list[tuple[object, int]]:
+    """(kind, packed bytes) of each part of an expert (ExpertLocs) that could have a host form."""
+    if locs.layout == "gguf":
+        return [(q, p.nbytes) for p, q in zip(locs.locs, locs.qtypes)]
+    return [(locs.layout, locs.nbytes)] if locs.layout in ("mxfp4", "fp8") else []
 
 
 def mxfp4_planes(q: torch.Tensor, d: torch.Tensor) -> KTensor:
@@ -96,23 +111,21 @@ def q3_k_form(t: torch.Tensor) -> KTensor:
 
 def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
-    `host` miss policy), or None where the type has no form that cheap. Dequantising a matrix per host run
-    costs 10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against
-    the file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded
-    to bf16: the RAM tier grows by at most 18%. Q6_K (Q4_K_M's down projections in half the layers) scales
-    each 16 values, which the kernel's groups of 32 cannot: its values are quantised again to int8 per 32
-    (10 bits against 6.56; error 0.5% of the values' size, as any int8 copy's). Q5_0/Q5_1/Q5_K hold their
-    values as two planes (kernel_copy5: 10 bits against 5.5-6, the RAM tier 1.7-1.8x the file's bytes; still
-    far below the 32 bits a weight of the float32 fast tier). MXFP4 (gpt-oss) holds its values exactly as
-    two planes (10 bits against 4.25: 2.35x), Q3_K too (q3_k_form: 2.9x); Q2_K has none. The RAM tier builds
-    forms only where they fit the memory available (store.RamStore).
+    `host` miss policy), or None where the kernel cannot hold it. Dequantising a matrix per host run costs
+    10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against the
+    file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded to
+    bf16: the RAM tier grows by at most 18%. Q5_0/Q5_1/Q5_K hold their values as two planes (kernel_copy5:
+    10 bits against 5.5-6), MXFP4 (gpt-oss) exactly as two planes (10 bits against 4.25), Q3_K too
+    (q3_k_form), IQ4_NL/IQ4_XS as int8 (their table's values are integers). Every other block type (Q6_K,
+    Q2_K's per-16 minimums, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
+    kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
+    0.5% of the values' size, far below the file's own rounding at 2-6 bits). The
+    RAM tier builds forms only where they fit the memory available, cheapest growth first (store.RamStore).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
-    if qtype not in HOST_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
+    if qtype in FLOAT_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
     if qtype == Q8_0:
         return to_kernel(q8_0(t))
-    if qtype == Q6_K:
-        return to_kernel(quantize(q6_k(t), 8, GROUP))
     if qtype in (Q5_0, Q5_1):
         u, d, m = q5_0_1_parts(t, qtype == Q5_1)
         return kernel_copy5(u, d, 16 * d if m is None else -m)
@@ -122,15 +135,22 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
         return mxfp4_form(t)
     if qtype == Q3_K:
         return q3_k_form(t)
+    if qtype in (IQ4_NL, IQ4_XS):
+        q, scale = iq4_parts(t, qtype == IQ4_XS)
+        return to_kernel(QTensor(q, scale, tuple(q.shape), 8, GROUP))
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())
-    return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
+    if qtype in (Q4_K, Q4_1):
+        return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
+    w = dequantize(t, qtype)
+    return to_kernel(quantize(w, 8, GROUP)) if w.shape[1] % GROUP == 0 else None
 
 
-def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False) -> tuple:
+def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, kinds=None) -> tuple:
     """An expert as the RAM tier holds it for host runs (ExpertLocs, and its tensors as stored, or unpacked
-    for full-precision layouts): host forms where its layout and types have them, else as stored. int8:
+    for full-precision layouts): host forms where its layout and types have them and `kinds` (form_parts'
+    kinds; None: all) admits them, else as stored. int8:
     full-precision experts (bf16, fp16, fp32) as int8 forms too (0.5% of the weights' size; 10 bits a weight
     against bf16's 16), for CPUs whose bf16 matmuls are slow and for RAM: opt-in, they are not the weights."""
     if locs.layout not in PACKED:
@@ -138,20 +158,15 @@ def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False) -
         return tuple(to_kernel(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
                      and t.shape[1] % GROUP == 0 else t for t in tensors)
     if locs.layout == "gguf":
-        return tuple(host_form(t, q) or t for t, q in zip(tensors, locs.qtypes))
+        return tuple((host_form(t, q) if kinds is None or q in kinds else None) or t
+                     for t, q in zip(tensors, locs.qtypes))
+    if kinds is not None and locs.layout not in kinds:
+        return tensors
     if locs.layout == "mxfp4":
         return mxfp4_release_forms(tensors) or tensors
     if locs.layout == "fp8":
         return fp8_release_forms(tensors, locs.block) or tensors
     return tensors
-
-
-def forms_bytes(locs) -> int:
-    """Bytes one expert takes in the RAM tier with host forms (ExpertLocs: its packed parts and types)."""
-    if locs.layout in ("mxfp4", "fp8"):
-        return int(locs.nbytes * 10 / (4.25 if locs.layout == "mxfp4" else 8))
-    return int(sum(p.nbytes * (FORM_BITS[q][1] / FORM_BITS[q][0] if q in FORM_BITS else 1)
-                   for p, q in zip(locs.locs, locs.qtypes)))
 
 
 def packed_experts(model_dir) -> bool:

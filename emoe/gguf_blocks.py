@@ -1,14 +1,15 @@
 """GGUF block formats in torch: dequantised on whatever device the bytes are on, and repacked into low-bit
 copies from the file's own bits instead of being quantised again.
 
-Dequantising: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and MXFP4 (what llama.cpp's Q2–Q8 files,
-their fallbacks for rows K-quants do not divide, and gpt-oss files hold their experts in) are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
+Dequantising: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4 (what
+llama.cpp's Q2–Q8 and IQ4 files, their fallbacks for rows K-quants do not divide, and gpt-oss files hold their
+experts in) are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
 type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
 
 Copies: shadow policies (`-q4`, `-q48`, `shadow`) hold int4/int8 copies of experts in the fast tier. For
 a GGUF whose experts are already 4- or 8-bit, re-quantising the dequantised weights would add a second
-rounding on top of the file's; instead the file's integers and scales are repacked: Q4_0 → int4 and Q8_0 →
-int8 (emoe's portable layout: symmetric, an fp16 scale per 32 values, which is exactly theirs) and Q4_K and
+rounding on top of the file's; instead the file's integers and scales are repacked: Q4_0 → int4 and Q8_0 and
+IQ4_NL/IQ4_XS → int8 (emoe's portable layout: symmetric, an fp16 scale per 32 values, as theirs) and Q4_K and
 Q4_1 → the CPU int4 kernel's layout, whose per-group zero holds their minimum (value = (u − 8)·d·sc + 8·d·sc −
 dmin·m). The values are the file's; the kernel holds scales (and zeros) in bf16 and multiplies bf16
 activations, as every int4 copy on the CPU does. A type with no exact form at the requested precision
@@ -24,7 +25,9 @@ from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 39
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 39
+FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: not blocks
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1, doubled (ggml's kvalues_mxfp4)
 GROUP = 32
 
@@ -172,6 +175,25 @@ def q6_k(t: torch.Tensor) -> torch.Tensor:
     return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
 
 
+def iq4_parts(t: torch.Tensor, xs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ4_NL (per 32 values: fp16 d, 16 bytes of nibbles, low ones the first 16 values) or IQ4_XS (per 256:
+    fp16 d, 2 bytes of high and 4 of low scale bits giving each 32 a 6-bit scale ls, then 8 runs of IQ4_NL's
+    nibbles) → (int8 values from ggml's non-uniform table [rows, cols]; scale per 32, d or d·(ls − 32), fp32)."""
+    rows = t.shape[0]
+    if xs:
+        b = t.reshape(rows, -1, 136)
+        low = torch.stack((b[..., 4:8] & 0x0F, b[..., 4:8] >> 4), -1).reshape(rows, -1, 8).to(torch.int32)
+        high = b[..., 2:4].to(torch.int32)
+        high = ((high[..., 0] | high[..., 1] << 8)[..., None] >> torch.arange(0, 16, 2, device=t.device)) & 3
+        scale = _half(b, 0).float()[..., None] * ((low | high << 4) - 32).float()
+        qs = b[..., 8:].reshape(rows, -1, 16)
+    else:
+        b = t.reshape(rows, -1, 18)
+        scale, qs = _half(b, 0).float(), b[..., 2:]
+    u = torch.cat((qs & 0x0F, qs >> 4), -1).long()
+    return torch.tensor(IQ4_VALUES, dtype=torch.int8, device=t.device)[u].reshape(rows, -1), scale.reshape(rows, -1)
+
+
 def mxfp4_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's MXFP4 (gpt-oss GGUFs) → (doubled E2M1 values −12..12 [rows, blocks, 32], int8; scale per 32
     values): per 32 values an E8M0 exponent byte, then 16 bytes of nibbles (low nibbles the first 16 values).
@@ -223,6 +245,9 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
         w = q6_k(t)
     elif qtype == MXFP4:
         w = mxfp4(t)
+    elif qtype in (IQ4_NL, IQ4_XS):
+        q, scale = iq4_parts(t, qtype == IQ4_XS)
+        w = q.float().view(rows, -1, 32).mul_(scale[..., None])
     else:
         from gguf import GGMLQuantizationType, quants
         w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)
@@ -251,6 +276,9 @@ def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor |
         return q4_0(t, bits)
     if qtype == Q8_0 and bits == 8:
         return q8_0(t)
+    if qtype in (IQ4_NL, IQ4_XS) and bits == 8:  # the table's integers; IQ4_XS's d·(ls − 32) rounded to fp16
+        q, scale = iq4_parts(t, qtype == IQ4_XS)
+        return QTensor(q, scale.half(), tuple(q.shape), 8, GROUP)
     parts = {Q4_K: q4_k_parts, Q4_1: q4_1_parts}.get(qtype)
     if parts is not None and bits == 4 and kernel:  # asymmetric: only the kernel's zero holds the minimum
         u, scale, minimum = parts(t)

@@ -132,8 +132,7 @@ class RamStore:
         where it lands, as it does packed blocks. int8 (with host_forms): full-precision experts too, as int8
         forms quantised per 32 (forms.host_forms_of)."""
         self.ckpt, self.stats = ckpt, StoreStats()
-        if host_forms and any(locs.layout in PACKED for locs in ckpt.experts.values()):
-            host_forms = _forms_fit(ckpt)
+        kinds = _form_kinds(ckpt) if host_forms else None
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
         self._packed = {key for key, locs in ckpt.experts.items() if locs.layout in PACKED}
@@ -147,7 +146,7 @@ class RamStore:
             held = []
             for key in keys:
                 ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
-                held.append(host_forms_of(ckpt.experts[key], ts, int8) if host_forms else ts)
+                held.append(host_forms_of(ckpt.experts[key], ts, int8, kinds) if host_forms else ts)
             self._experts.update(zip(keys, _contiguous(held, pin)))
         del held
         _trim_heap()
@@ -223,17 +222,29 @@ def _mem_available() -> int | None:
         return None
 
 
-def _forms_fit(ckpt: Checkpoint) -> bool:
-    """Whether packed experts fit in RAM as host forms (up to 2.35x the packed bytes, MXFP4): where they do
-    not, they stay packed and host runs dequantise them, slower but in the file's size."""
-    from .forms import forms_bytes
-    need, avail = sum(forms_bytes(locs) for locs in ckpt.experts.values()), _mem_available()
-    if avail is None or need <= 0.85 * avail:
-        return True
-    print(f"[emoe] the experts' kernel forms would take {need / 2**30:.1f} GiB, more than 85% of the "
-          f"{avail / 2**30:.1f} GiB of RAM available: they stay packed and host runs dequantise them "
-          f"(--no-host-kernel says so up front)", file=sys.stderr)
-    return False
+def _form_kinds(ckpt: Checkpoint) -> frozenset:
+    """Which packed kinds (forms.form_parts) the RAM tier holds as host forms: those that grow its bytes least
+    first (Q4_K's 1.1x before Q2_K's 3.8x), while the tier fits 85% of the RAM available. The rest stay packed
+    and host runs dequantise them, slower but in the file's size."""
+    from .forms import form_parts, form_ratio
+    packed: dict = {}
+    for locs in ckpt.experts.values():
+        for kind, nbytes in form_parts(locs):
+            packed[kind] = packed.get(kind, 0) + nbytes
+    growth = {k: (form_ratio(k) - 1) * n for k, n in packed.items() if form_ratio(k) is not None}
+    need, avail = sum(locs.nbytes for locs in ckpt.experts.values()), _mem_available()
+    kinds = []
+    for kind in sorted(growth, key=lambda k: form_ratio(k)):
+        if avail is not None and need + growth[kind] > 0.85 * avail:
+            break
+        need += growth[kind]
+        kinds.append(kind)
+    if len(kinds) < len(growth):
+        left = len(growth) - len(kinds)
+        print(f"[emoe] kernel forms of every expert would take more than 85% of the {avail / 2**30:.1f} GiB of RAM "
+              f"available: {left} of {len(growth)} block types stay packed and host runs dequantise them "
+              f"(--no-host-kernel keeps all packed)", file=sys.stderr)
+    return frozenset(kinds)
 
 
 def check_memory(ckpt: Checkpoint, tier: str, device: torch.device, fast_bytes: int) -> None:

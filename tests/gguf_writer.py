@@ -27,7 +27,8 @@ def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
     scale = np.full(raw.shape[:-1], 0.002, dtype=np.float16).view(np.uint8).reshape(*raw.shape[:-1], 2)
     if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):
         raw[..., 0:2], raw[..., 2:4] = scale, scale  # d, dmin lead the block
-    elif qtype == gguf.GGMLQuantizationType.IQ4_NL:
+    elif qtype in (gguf.GGMLQuantizationType.IQ4_NL, gguf.GGMLQuantizationType.IQ4_XS,
+                   gguf.GGMLQuantizationType.IQ2_XXS):
         raw[..., 0:2] = scale
     elif qtype in (gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q3_K):
         raw[..., -2:] = scale  # d ends it

@@ -358,9 +358,9 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-                                   "MXFP4", "IQ4_NL", "F16"])
+                                   "MXFP4", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "F16"])
 def test_torch_dequantisers_equal_gguf_py(qtype):
-    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others (IQ4_NL, F16
+    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others (IQ2_XXS, F16
     here) fall back to it."""
     import gguf
     import numpy as np
@@ -369,7 +369,7 @@ def test_torch_dequantisers_equal_gguf_py(qtype):
     from gguf_writer import _random_blocks
     q = getattr(gguf.GGMLQuantizationType, qtype)
     w = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)
-    if qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"):  # gguf-py cannot quantise these
+    if qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K") or qtype.startswith("IQ"):  # gguf-py cannot quantise these
         blocks = _random_blocks(w.shape, q, 1)
     else:
         blocks = gguf.quants.quantize(w, q) if qtype != "F16" else w.astype(np.float16).view(np.uint8)
@@ -419,11 +419,12 @@ def test_file_copies_hold_the_files_own_values(qtype):
     assert file_copy(t, int(Q.Q6_K), 4, kernel=True) is None  # no exact form: quantised as any copy is
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "MXFP4", "Q3_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "MXFP4", "Q3_K",
+                                   "Q2_K", "IQ4_NL", "IQ4_XS"])
 def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
-    """What a RAM tier holds for host runs: the file's values (scales rounded to bf16; Q6_K's quantised again
-    to int8) in the int4 kernel's layout, multiplied without dequantising; types whose form would cost far
-    more bytes have none."""
+    """What a RAM tier holds for host runs: the file's values (scales rounded to bf16; Q6_K's and Q2_K's
+    quantised again to int8) in the int4 kernel's layout, multiplied without dequantising; float matrices
+    have none."""
     import gguf
     import numpy as np
 
@@ -434,15 +435,16 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     Q = gguf.GGMLQuantizationType
     q = getattr(Q, qtype)
     w = np.random.default_rng(2).standard_normal((128, 512)).astype(np.float32) * 0.02
-    blocks = _random_blocks(w.shape, q, 2) if qtype in ("Q4_K", "Q6_K", "Q5_K", "Q3_K") else gguf.quants.quantize(w, q)
+    rand = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+    blocks = _random_blocks(w.shape, q, 2) if qtype in rand else gguf.quants.quantize(w, q)
     if qtype == "MXFP4":  # exponent bytes 0..239, the subnormal ones included (16x the scale of e >= 252 is inf)
         blocks.reshape(128, -1, 17)[..., 0] = np.arange(blocks.size // 17).reshape(128, -1) % 240
     t = torch.from_numpy(np.ascontiguousarray(blocks))
     want = torch.from_numpy(gguf.quants.dequantize(blocks, q))
     form = host_form(t, int(q))
     assert isinstance(form, KTensor) and form.shape == tuple(want.shape) and form.bits == (4 if qtype[1] == "4" else 8)
-    if qtype == "Q6_K":  # quantised again, as any int8 copy on the kernel: 0.5% of the values' size
-        assert form.nbytes <= 1.53 * t.numel()
+    if qtype in ("Q6_K", "Q2_K"):  # quantised again, as any int8 copy on the kernel: 0.5% of the values' size
+        assert form.nbytes <= (1.53 if qtype == "Q6_K" else 3.82) * t.numel()
         err = (dequantize(form) - want).abs()
         assert err.mean() <= 0.01 * want.abs().mean() and err.max() <= 0.01 * want.abs().max()
     elif qtype == "Q3_K":  # its per-16 scales, one plane per half of each 32 (rounded to bf16)
@@ -451,6 +453,9 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     elif qtype == "MXFP4":  # exact: small integers times powers of two
         assert form.nbytes <= 2.36 * t.numel()
         assert torch.equal(dequantize(form), want)
+    elif qtype.startswith("IQ4"):  # the table's integers as int8, scales rounded to bf16
+        assert form.nbytes <= 2.36 * t.numel()
+        assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()
     elif qtype.startswith("Q5"):  # two planes, the fifth bit stored so that no constant cancels
         assert form.nbytes <= 1.82 * t.numel()
         assert (dequantize(form) - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16 scales and zeros
@@ -464,9 +469,8 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     # the kernel rounds x and each plane's product to bf16: within a few times rounding x alone (MXFP4 split
     # as 16·hi + lo measured 5.2x on a gpt-oss model's weights: the two planes' products cancelled)
     act = (x.bfloat16().float() @ want.T - ref).abs().max()
-    assert (linear(x, form) - ref).abs().max() <= (6 if qtype == "Q6_K" else 4) * act
-    for other in (Q.Q2_K,):
-        assert host_form(t, int(other)) is None
+    assert (linear(x, form) - ref).abs().max() <= (6 if qtype in ("Q6_K", "Q2_K") else 4) * act
+    assert host_form(torch.from_numpy(w.astype(np.float16)), int(Q.F16)) is None
     assert host_form(t[:96], int(q)) is None  # the kernel packs rows in blocks of 64
 
 
@@ -491,12 +495,24 @@ def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
 
 
 def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys):
-    """Forms that would not fit in the RAM available are not built: the tier stays packed, and says why. Experts
-    that do not fit even packed are refused before anything is read, saying what each tier needs."""
+    """Forms that would not fit in the RAM available are not built: the block types whose forms grow least
+    come first, the rest stay packed, and it says why. Experts that do not fit even packed are refused before
+    anything is read, saying what each tier needs."""
     from emoe import store
     from emoe.cache import BudgetError
+    from emoe.forms import form_ratio
+    from emoe.quant import KTensor
     _, _, out = imported
-    packed = sum(locs.nbytes for locs in Checkpoint(out).experts.values())
+    experts = Checkpoint(out).experts
+    packed = sum(locs.nbytes for locs in experts.values())
+    q4k = sum(p.nbytes for locs in experts.values() for p, q in zip(locs.locs, locs.qtypes) if q == 12)
+    assert form_ratio(12) < form_ratio(8) < form_ratio(14)  # Q4_K, Q8_0, Q6_K
+    monkeypatch.setattr(store, "_mem_available", lambda: int((packed + (form_ratio(12) - 1) * q4k) / 0.85) + 1)
+    eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
+    assert "2 of 3 block types stay packed" in capsys.readouterr().err
+    for key, locs in experts.items():
+        assert [isinstance(t, KTensor) for t in eng.store._experts[key]] == [q == 12 for q in locs.qtypes]
+    assert len(eng.generate(["hi"], SamplingParams(max_tokens=2), chat=False)[0].output_ids) == 2
     monkeypatch.setattr(store, "_mem_available", lambda: int(1.05 * packed))  # packed fits, forms (1.2x+) do not
     eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
     assert not eng.store.forms and "stay packed" in capsys.readouterr().err
