@@ -3,8 +3,9 @@ copies from the file's own bits instead of being quantised again.
 
 Dequantising: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4 (what
 llama.cpp's Q2–Q8 and IQ4 files, their fallbacks for rows K-quants do not divide, and gpt-oss files hold their
-experts in) are unpacked here with torch ops, so on a GPU the packed bytes cross and are unpacked there; any other
-type goes through gguf-py (llama.cpp's numpy reference) on the CPU. Each is checked against gguf-py.
+experts in) are unpacked here, the IQ1–IQ3 codebooks and ternary types in gguf_iq.py, with torch ops, so on
+a GPU the packed bytes cross and are unpacked there; any other type goes through gguf-py (llama.cpp's numpy
+reference) on the CPU. Each is checked against gguf-py.
 
 Copies: shadow policies (`-q4`, `-q48`, `shadow`) hold int4/int8 copies of experts in the fast tier. For
 a GGUF whose experts are already 4- or 8-bit, re-quantising the dequantised weights would add a second
@@ -249,8 +250,12 @@ def dequantize(t: torch.Tensor, qtype: int, dtype=torch.float32) -> torch.Tensor
         q, scale = iq4_parts(t, qtype == IQ4_XS)
         w = q.float().view(rows, -1, 32).mul_(scale[..., None])
     else:
-        from gguf import GGMLQuantizationType, quants
-        w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)
+        from .gguf_iq import IQ_TYPES, iq_dequantize
+        if qtype in IQ_TYPES:
+            w = iq_dequantize(t, qtype)
+        else:
+            from gguf import GGMLQuantizationType, quants
+            w = torch.from_numpy(quants.dequantize(t.cpu().numpy(), GGMLQuantizationType(qtype))).to(t.device)
     return w.reshape(rows, -1).to(dtype)
 
 

@@ -360,8 +360,8 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                                    "MXFP4", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "F16"])
 def test_torch_dequantisers_equal_gguf_py(qtype):
-    """The block formats unpacked with torch ops (on any device) give gguf-py's values; others (IQ2_XXS, F16
-    here) fall back to it."""
+    """The block formats unpacked with torch ops (on any device) give gguf-py's values (IQ2_XXS through
+    gguf_iq); others (F16 here) fall back to it."""
     import gguf
     import numpy as np
 

@@ -1,0 +1,53 @@
+"""emoe.gguf_iq against gguf-py's numpy dequantisers, on random bytes with finite block scales."""
+from __future__ import annotations
+
+import gguf
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+
+from emoe.gguf_iq import IQ1_M, IQ_TYPES, TQ1_0, TQ2_0, iq_dequantize
+
+D = np.float16(0.002)
+
+
+def random_blocks(qtype: int, rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
+    """Random packed rows [rows, bytes] whose fp16 super-scales are all D (random bits there may be inf/nan)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    rng = np.random.default_rng(seed + qtype)
+    b = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+    d = D.view(np.uint16)
+    if qtype == IQ1_M:  # d's four nibbles top the last 4 u16, lowest nibble first: keep the scale bits below
+        for i in range(4):
+            hi = 49 + 2 * i
+            b[..., hi] = (b[..., hi] & 0x0F) | (((d >> (4 * i)) & 0x0F) << 4)
+    else:
+        at = {TQ1_0: 52, TQ2_0: 64}.get(qtype, 0)  # ternary types keep d last, the rest first
+        b[..., at:at + 2] = np.frombuffer(D.tobytes(), dtype=np.uint8)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
+def test_matches_gguf_py(qtype):
+    blocks = random_blocks(qtype)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(qtype)))
+    assert torch.isfinite(want).all()
+    got = iq_dequantize(torch.from_numpy(blocks), qtype)
+    assert got.shape == (64, 512) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
+def test_rows_independent(qtype):
+    t = torch.from_numpy(random_blocks(qtype, rows=32, cols=768, seed=1))
+    whole = iq_dequantize(t, qtype)
+    assert not torch.equal(whole[10], whole[11])
+    torch.testing.assert_close(iq_dequantize(t[10:20], qtype), whole[10:20], rtol=0, atol=0)
+    # a non-contiguous view of the same rows reads the same bytes
+    torch.testing.assert_close(iq_dequantize(t[10:20:3], qtype), whole[10:20:3], rtol=0, atol=0)
+
+
+def test_rejects_other_types():
+    with pytest.raises(NotImplementedError):
+        iq_dequantize(torch.zeros(1, 18, dtype=torch.uint8), 2)
