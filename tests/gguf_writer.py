@@ -19,21 +19,27 @@ MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", 
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
-    """Random bytes in qtype's block layout, with every fp16 super-block scale set small and finite."""
+    """Random bytes in qtype's block layout, with every fp16 super-block scale set small and finite (random
+    bits there may be inf or nan)."""
     import gguf
+    Q = gguf.GGMLQuantizationType
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
-    scale = np.full(raw.shape[:-1], 0.002, dtype=np.float16).view(np.uint8).reshape(*raw.shape[:-1], 2)
-    if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):
+    d = np.float16(0.002)
+    scale = np.full(raw.shape[:-1], d, dtype=np.float16).view(np.uint8).reshape(*raw.shape[:-1], 2)
+    if qtype in (Q.Q4_K, Q.Q5_K):
         raw[..., 0:2], raw[..., 2:4] = scale, scale  # d, dmin lead the block
-    elif qtype in (gguf.GGMLQuantizationType.IQ4_NL, gguf.GGMLQuantizationType.IQ4_XS,
-                   gguf.GGMLQuantizationType.IQ2_XXS):
+    elif qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S):
         raw[..., 0:2] = scale
-    elif qtype in (gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q3_K):
+    elif qtype in (Q.Q6_K, Q.Q3_K, Q.TQ1_0, Q.TQ2_0):
         raw[..., -2:] = scale  # d ends it
-    elif qtype == gguf.GGMLQuantizationType.Q2_K:
+    elif qtype == Q.Q2_K:
         raw[..., -4:-2], raw[..., -2:] = scale, scale  # d, dmin end it
+    elif qtype == Q.IQ1_M:  # d's four nibbles top the last four u16s, lowest first; the scale bits stay below
+        bits = int(d.view(np.uint16))
+        for i in range(4):
+            raw[..., 49 + 2 * i] = (raw[..., 49 + 2 * i] & 0x0F) | (((bits >> (4 * i)) & 0x0F) << 4)
     else:
         raise ValueError(f"no random-block rule for {qtype!r}")
     return raw.reshape(*shape[:-1], -1)

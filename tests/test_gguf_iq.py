@@ -7,25 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from emoe.gguf_iq import IQ1_M, IQ_TYPES, TQ1_0, TQ2_0, iq_dequantize
+from emoe.gguf_iq import IQ_TYPES, iq_dequantize
+from gguf_writer import _random_blocks
 
-D = np.float16(0.002)
 
 
 def random_blocks(qtype: int, rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
-    """Random packed rows [rows, bytes] whose fp16 super-scales are all D (random bits there may be inf/nan)."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-    rng = np.random.default_rng(seed + qtype)
-    b = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
-    d = D.view(np.uint16)
-    if qtype == IQ1_M:  # d's four nibbles top the last 4 u16, lowest nibble first: keep the scale bits below
-        for i in range(4):
-            hi = 49 + 2 * i
-            b[..., hi] = (b[..., hi] & 0x0F) | (((d >> (4 * i)) & 0x0F) << 4)
-    else:
-        at = {TQ1_0: 52, TQ2_0: 64}.get(qtype, 0)  # ternary types keep d last, the rest first
-        b[..., at:at + 2] = np.frombuffer(D.tobytes(), dtype=np.uint8)
-    return b.reshape(rows, -1)
+    return _random_blocks((rows, cols), gguf.GGMLQuantizationType(qtype), seed + qtype)
 
 
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
