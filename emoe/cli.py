@@ -53,6 +53,10 @@ def _host_int8_arg(p) -> None:
 
 
 def _dense_int8_arg(p) -> None:
+    p.add_argument("--dense-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a CPU, run a GGUF import's dense projections (attention, shared experts, lm_head) on the "
+                   "file's own quantised blocks in kernel forms, as llama.cpp does, instead of the import's float "
+                   "copies (default on a CPU; docs/results/check_llamacpp_dense_blocks.txt)")
     p.add_argument("--dense-int8", action="store_true",
                    help="on a CPU, run the dense projections (attention, shared experts, lm_head) as int8 copies on "
                    "the int4 kernel (0.5%% weight error, bf16 activations): they are read whole for every token, so "

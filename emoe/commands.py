@@ -70,7 +70,8 @@ def _default_placement(args, model: str, budget: float) -> None:
     packed (a GGUF import, an MXFP4 or FP8 release) and no profile runs as llama.cpp does on a CPU: experts
     held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
     four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
-    float32. Dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
+    float32. A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
+    dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
     from .forms import packed_experts
@@ -78,8 +79,11 @@ def _default_placement(args, model: str, budget: float) -> None:
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
         print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
-              "CPU int4 kernel where their types allow (--budget 1 holds them all dequantised instead; "
+              "CPU int4 kernel where their types allow, and a GGUF's dense projections on its own blocks "
+              "(--budget 1 holds the experts dequantised instead, --no-dense-blocks the dense as float copies; "
               "--dense-int8 is faster still, at some accuracy)", file=sys.stderr)
+    if args.dense_blocks is None:  # a GGUF's own blocks: llama.cpp's arithmetic, faster than float copies
+        args.dense_blocks = not torch.cuda.is_available()
     args.budget = budget if args.budget is None else args.budget
     args.experts_on = args.experts_on or "disk"
     if args.miss_policy is None:
@@ -125,7 +129,7 @@ def cmd_generate(args) -> None:
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=1, dtype=args.dtype,
                               host_kernel=args.host_kernel, dense_int8=args.dense_int8,
-                              host_int8=args.host_int8), policy=policy,
+                              dense_blocks=args.dense_blocks, host_int8=args.host_int8), policy=policy,
                  residency=residency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
@@ -351,7 +355,7 @@ def cmd_serve(args) -> None:
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
                               dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
-                              host_int8=args.host_int8,
+                              dense_blocks=args.dense_blocks, host_int8=args.host_int8,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)

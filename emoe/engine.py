@@ -21,6 +21,7 @@ from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .dispatch import ExpertDispatch, run_experts
+from .forms import file_dense
 from .quant import CopyFile, copies_path, int8_dense
 from .report import memory_line, summary
 from .store import check_memory, open_store
@@ -46,6 +47,7 @@ class EngineConfig:
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
     host_kernel: bool = True       # packed experts in RAM: host misses on the int4 kernel (forms.py)
     dense_int8: bool = False       # on CPU, dense projections as int8 copies on that kernel (quant.int8_dense)
+    dense_blocks: bool = False     # on CPU, a GGUF import's dense projections on the file's blocks (forms.file_dense)
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
 
     def __post_init__(self):
@@ -78,6 +80,8 @@ class Engine:
         keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained
         dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
                          else self.dtype) for k, v in self.ckpt.dense_state().items()}
+        if cfg.dense_blocks and self.device.type == "cpu" and (self.ckpt.dir / "gguf.json").is_file():
+            dense = file_dense(self.ckpt.dir, dense)
         if cfg.dense_int8 and self.device.type == "cpu":
             dense = int8_dense(dense)
         self.model = MoEModel(self.cfg, dense)

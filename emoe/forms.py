@@ -169,6 +169,23 @@ def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, k
     return tensors
 
 
+def file_dense(model_dir, dense: dict) -> dict:
+    """A GGUF import's dense projections (attention, shared experts, lm_head) as host forms of the file's own
+    blocks, where the file quantised them: what llama.cpp multiplies, at its bytes, instead of the float
+    copies the import wrote (read whole for every token, those cost a CPU more than the experts a token runs)."""
+    import json
+    from pathlib import Path
+
+    from .gguf_import import GGUFModel
+    meta = json.loads((Path(model_dir) / "gguf.json").read_text())
+    out = dict(dense)
+    for name, (rows, qtype) in GGUFModel(meta["files"][0]["path"]).dense_blocks().items():
+        form = host_form(rows, qtype) if name in out else None
+        if form is not None and form.shape == tuple(out[name].shape):
+            out[name] = form
+    return out
+
+
 def packed_experts(model_dir) -> bool:
     """Whether a model's experts are all held packed (a GGUF import, gpt-oss's MXFP4 release, an FP8 release):
     on a CPU they run best where the RAM tier holds them, in their host forms where they have them."""

@@ -190,7 +190,8 @@ def int8_dense(weights: dict[str, torch.Tensor]) -> dict:
     out = dict(weights)
     for k, w in weights.items():
         name = k.removesuffix(".weight").rsplit(".", 1)[-1]
-        if k.endswith(".weight") and name in DENSE_PROJECTIONS and w.dim() == 2 and kernel_fits(tuple(w.shape), 32):
+        if k.endswith(".weight") and name in DENSE_PROJECTIONS and isinstance(w, torch.Tensor) and w.dim() == 2 \
+                and kernel_fits(tuple(w.shape), 32):
             out[k] = to_kernel(quantize(w, 8, 32))
     return out
 

@@ -7,10 +7,13 @@ def memory_line(eng) -> str:
     """Where the bytes are: fast-tier experts (of the budget), KV, dense weights, and the RAM tier."""
     gib, c = 2 ** 30, eng.cache
     nb = lambda t: t.nbytes  # noqa: E731  (tensors and kernel forms alike)
+    from .quant import KTensor
     dense = sum(nb(t) for t in eng.model.w.values())
+    forms = sum(isinstance(t, KTensor) for t in eng.model.w.values())  # --dense-blocks / --dense-int8
     ram = sum(nb(t) for ts in getattr(eng.store, "_experts", {}).values() for t in ts)
     return (f"[emoe] memory: experts {c.used_bytes / gib:.2f} of a {c.budget_bytes / gib:.2f} GiB budget on "
-            f"{eng.device.type}, KV {eng.kv.nbytes / gib:.2f} GiB, dense {dense / gib:.2f} GiB; "
+            f"{eng.device.type}, KV {eng.kv.nbytes / gib:.2f} GiB, dense {dense / gib:.2f} GiB"
+            + (f" ({forms} projections in kernel forms)" if forms else "") + "; "
             + (f"RAM tier {ram / gib:.2f} GiB" + (" (kernel forms)" if eng.store.forms else "")
                if eng.store.tier == "ram" else "experts read from disk"))
 

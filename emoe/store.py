@@ -151,7 +151,9 @@ class RamStore:
         del held
         _trim_heap()
         disk.close()
-        self.forms = any(isinstance(t, KTensor) for ts in self._experts.values() for t in ts)
+        self._formed = {key for key, ts in self._experts.items() if any(isinstance(t, KTensor) for t in ts)}
+        self._nbytes = {key: sum(t.nbytes for t in ts) for key, ts in self._experts.items()}  # read per host run
+        self.forms = bool(self._formed)
         self.direct = False
         self.packed = bool(self._packed)  # reads unpack: a host run pays that each time, a load once
 
@@ -161,10 +163,10 @@ class RamStore:
         key = (layer, expert)
         out = self._experts[key]
         self.stats.reads += 1
-        self.stats.bytes_read += sum(t.nbytes for t in out)
+        self.stats.bytes_read += self._nbytes[key]
         self.stats.seconds += time.perf_counter() - t0
         locs = self.ckpt.experts[key]
-        if any(isinstance(t, KTensor) for t in out):
+        if key in self._formed:
             return out, functools.partial(_unform, locs)
         return out, (locs.untangle if key in self._packed else (lambda ts: ts))
 
@@ -175,7 +177,7 @@ class RamStore:
     def read_host(self, layer: int, expert: int):
         """The expert as a host run takes it: matrices held in a kernel form as they are, others unpacked."""
         packed, unpack = self.read_packed(layer, expert)
-        if not any(isinstance(t, KTensor) for t in packed):
+        if (layer, expert) not in self._formed:
             return unpack(packed)
         return _unform(self.ckpt.experts[(layer, expert)], packed, keep_forms=True)
 

@@ -345,6 +345,7 @@ def test_cli_imports_and_points_a_gguf_model_at_the_import(imported, tmp_path, c
     assert "importing" in err
     if not torch.cuda.is_available():
         assert "no GPU:" in err and "resident experts 0.0/" in err and "on the CPU int4 kernel" in err
+        assert "dense projections on its own blocks" in err
     cached = next((tmp_path / "cache" / "gguf").iterdir())
     stamp = (cached / "config.json").stat().st_mtime_ns
     main(["generate", "hi", "--model", str(gguf), "--max-tokens", "3", "--raw"])
@@ -523,6 +524,50 @@ def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys)
     with pytest.raises(BudgetError, match="cpu fast tier.*lower --budget"):  # all dequantised: 4x+ the packed bytes
         Engine(EngineConfig(str(out), miss_policy="all", experts_on="disk"))
     Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="disk"))  # nothing held: fine
+
+
+def test_dense_blocks_run_the_files_own_dense_projections(imported):
+    """--dense-blocks: a GGUF import's attention, shared-expert and lm_head projections run as host forms of
+    the file's own blocks (Q8_0 here), not the import's float copies: the same values up to bf16 scales, and
+    teacher-forced log-probabilities within what bf16 activations move them. Norms and routers stay."""
+    from emoe.gguf_import import GGUFModel
+    from emoe.quant import KTensor, dequantize
+    hf, gguf, out = imported
+    plain = Engine(EngineConfig(str(out), miss_policy="all"))
+    eng = Engine(EngineConfig(str(out), miss_policy="all", dense_blocks=True))
+    formed = {k for k, v in eng.model.w.items() if isinstance(v, KTensor)}
+    names = ("lm_head.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight")
+    assert all(any(k.endswith(n) for k in formed) for n in names)
+    assert not any(k.endswith(("norm.weight", "gate.weight")) for k in formed)
+    assert f"{len(formed)} projections in kernel forms" in eng.memory_line()
+    if json.loads((hf / "config.json").read_text())["model_type"] == "qwen2_moe":  # 40 rows: the kernel takes 64s
+        assert "model.layers.0.mlp.shared_expert.up_proj.weight" in GGUFModel(gguf).dense_blocks()
+    for k in formed:
+        want = plain.model.w[k]
+        assert (dequantize(eng.model.w[k]) - want).abs().max() <= 2 ** -8 * want.abs().max()
+    ids, cont = eng.codec.encode("hello there, how are"), eng.codec.encode(" you doing today")
+    bf16 = Engine(EngineConfig(str(out), miss_policy="all", dtype="bfloat16"))
+    a, b, c = (torch.log_softmax(e.score(ids, cont).float(), -1) for e in (plain, eng, bf16))
+    assert (a - b).abs().mean() <= 2 * (a - c).abs().mean()  # the kernel's bf16 activations, not other weights
+    other = Engine(EngineConfig(str(hf), miss_policy="all", dense_blocks=True))  # not an import: as it was
+    assert not any(isinstance(v, KTensor) for v in other.model.w.values())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_dense_blocks_hold_the_imports_values_in_every_layout(family, tmp_path):
+    """The file's dense tensors land under the import's names, in its row order (Mixtral's rotary
+    permutation undone on the packed rows) and with its values."""
+    from emoe.forms import file_dense
+    from emoe.quant import KTensor, dequantize
+    over = {"mixtral": dict(hidden_size=256, intermediate_size=256), "gpt_oss": dict(hidden_size=256, intermediate_size=256)}
+    hf = make_tiny(family, tmp_path / "hf", **over.get(family, SHAPE))
+    gguf = write_gguf(hf, tmp_path / "q8.gguf", expert_types=("Q8_0",) * 3, dense_type="Q8_0")
+    out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
+    plain = Checkpoint(out).dense_state()
+    formed = {k: v for k, v in file_dense(out, plain).items() if isinstance(v, KTensor)}
+    assert "lm_head.weight" in formed and any(k.endswith("o_proj.weight") for k in formed)
+    for k, v in formed.items():
+        assert (dequantize(v) - plain[k]).abs().max() <= 2 ** -8 * plain[k].abs().max(), k
 
 
 def test_shadow_policies_run_on_copies_made_from_the_file(imported):
