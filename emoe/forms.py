@@ -179,7 +179,7 @@ def file_dense(model_dir, dense: dict) -> dict:
     from .gguf_import import GGUFModel
     meta = json.loads((Path(model_dir) / "gguf.json").read_text())
     out = dict(dense)
-    for name, (rows, qtype) in GGUFModel(meta["files"][0]["path"]).dense_blocks().items():
+    for name, rows, qtype in GGUFModel(meta["files"][0]["path"]).dense_blocks():
         form = host_form(rows, qtype) if name in out else None
         if form is not None and form.shape == tuple(out[name].shape):
             out[name] = form

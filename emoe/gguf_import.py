@@ -279,16 +279,16 @@ class GGUFModel:
             yield f"{pre}.gate_up_proj_bias", torch.stack((gate, up), -1).flatten(-2).contiguous()
             yield f"{pre}.down_proj_bias", biases[(layer, "ffn_down_exps")].contiguous()
 
-    def dense_blocks(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """The dense projections (quant.DENSE_PROJECTIONS) the file holds quantised, as their packed rows:
-        Hugging Face name → (uint8 [rows, bytes], ggml type), what llama.cpp multiplies. Tensors the import
-        converts (hybrid layers), joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are left out."""
+    def dense_blocks(self):
+        """The dense projections (quant.DENSE_PROJECTIONS) the file holds quantised, one at a time, as their
+        packed rows: (Hugging Face name, uint8 [rows, bytes], ggml type), what llama.cpp multiplies. Tensors
+        the import converts (hybrid layers), joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are
+        left out."""
         from .quant import DENSE_PROJECTIONS
         if self.arch in hybrid.ARCHS:
-            return {}
+            return
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
-        out = {}
         for name, (_, t) in self.tensors.items():
             hf = _hf_name(name, self.arch)
             if hf is None or not hf.endswith(".weight") or t.tensor_type in FLOAT_TYPES or t.data.ndim != 2 \
@@ -298,8 +298,7 @@ class GGUFModel:
             kind = name.split(".")[2] if name.startswith("blk.") else ""
             if self.arch == "llama" and kind in heads:
                 rows = _unpermute(rows, heads[kind])  # rows move whole: blocks run along each row
-            out[hf] = (rows, int(t.tensor_type))
-        return out
+            yield hf, rows, int(t.tensor_type)
 
     def expert_tensor(self, layer: int, kind: str):
         """(file, gguf-py tensor) of one stacked expert tensor [E, rows, packed row bytes]."""

@@ -129,6 +129,16 @@ if [ -n "${LLAMA_DIR:-}" ]; then
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --n 16 --work runs/llamacpp | tee $R/check_llamacpp_tiny.txt
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
     --quants f32,q8_0,Q4_0,Q4_K_M --modes all@1.0,host@0.4,host/dq@0.4,host@0.05,shadow@0.4 --work runs/llamacpp-random | tee $R/check_llamacpp_random.txt
+  # twelfth session: the low-bit files (IQ3_XXS / IQ2_XXS need an imatrix: cmake --build build --target llama-imatrix)
+  B=$LLAMA_DIR/build/bin W=runs/llamacpp-random
+  for q in Q2_K IQ4_XS; do [ -f $W/model-$q.gguf ] || $B/llama-quantize $W/model-f32.gguf $W/model-$q.gguf $q 2; done
+  head -c 60000 README.md > $W/calib.txt
+  [ -f $W/imatrix.gguf ] || $B/llama-imatrix -m $W/model-f32.gguf -f $W/calib.txt -o $W/imatrix.gguf -c 256 --chunks 16 -t 2
+  for q in IQ3_XXS IQ2_XXS; do [ -f $W/model-$q.gguf ] || $B/llama-quantize --imatrix $W/imatrix.gguf $W/model-f32.gguf $W/model-$q.gguf $q 2; done
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 --quants Q2_K,IQ4_XS,IQ3_XXS,IQ2_XXS \
+    --modes all@1.0,host@0,host/dq@0 --work $W | tee $R/check_llamacpp_lowbit.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
+    --quants q8_0,Q4_0,Q4_K_M,Q5_K_M,Q2_K,IQ4_XS,IQ3_XXS,IQ2_XXS --modes all@1.0,host@0,host+db@0 --work $W | tee $R/check_llamacpp_dense_blocks.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
