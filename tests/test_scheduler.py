@@ -316,3 +316,26 @@ def test_scheduler_metrics_count_deltas_and_show_the_fit():
     assert 'emoe:scheduler_refusals_total{model_name="tiny"} 5.0' in text
     assert 'emoe:scheduler_late_admissions_total{model_name="tiny"} 1.0' in text
     assert 'emoe:decode_step_base_seconds{model_name="tiny"} 0.008' in text
+
+
+def test_the_engine_thread_owns_the_only_openmp_team():
+    """EngineLoop.start frees the loading thread's OpenMP workers (torch's CPU ops made them), so that the
+    engine thread's are alone on the cores; torch keeps working in both threads afterwards, with the same
+    results. (Its speed effect is measured by scripts/bench_serve_llamacpp.py, not here.)"""
+    import threading
+
+    import torch
+
+    from emoe.serving import release_openmp
+    torch.manual_seed(0)
+    a, b = torch.randn(256, 512), torch.randn(512, 384)
+    want = a @ b
+    import glob
+    import os
+    gomp = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*"))
+    assert release_openmp() is bool(gomp)  # the CPU wheels' libgomp has omp_pause_resource_all
+    got = []
+    th = threading.Thread(target=lambda: got.append(a @ b))
+    th.start()
+    th.join()
+    assert torch.equal(got[0], want) and torch.equal(a @ b, want)

@@ -14,7 +14,7 @@ def cmd_bench_memory(args) -> None:
     from . import memory
     kernel = {"on": (True,), "off": (False,), "both": (True, False)}[args.host_kernel]
     rows = memory.run(_model(args), args.budgets, args.miss_policy.split(","), args.experts_on, args.max_tokens,
-                      host_kernel=kernel)
+                      host_kernel=kernel, dense_blocks=args.dense_blocks)
     print(memory.table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -107,6 +107,8 @@ def add_parsers(b) -> None:
     m.add_argument("--max-tokens", type=int, default=32)
     m.add_argument("--host-kernel", default="on", choices=["on", "off", "both"],
                    help="host/auto misses on a GGUF's Q4-Q8 experts: on the CPU int4 kernel, dequantised, or both")
+    m.add_argument("--dense-blocks", action="store_true",
+                   help="every row (the all-resident reference too) runs a GGUF's dense projections on its blocks")
     m.add_argument("--json", default=None)
     m.set_defaults(fn=cmd_bench_memory)
 

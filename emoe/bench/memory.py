@@ -33,7 +33,7 @@ def worker(args: dict) -> dict:
     try:
         eng = Engine(EngineConfig(args["model"], budget=args["budget"], miss_policy=args["policy"],
                                   experts_on=args["experts_on"], max_batch=len(args["prompts"]),
-                                  host_kernel=args.get("host_kernel", True)))
+                                  host_kernel=args.get("host_kernel", True), dense_blocks=args.get("dense_blocks", False)))
     except BudgetError as e:  # e.g. int4 copies of every expert exceed a small budget: a gap, not a failure
         return {"policy": args["policy"], "budget": args["budget"], "skipped": str(e)}
     build_s = time.perf_counter() - t_build
@@ -68,12 +68,14 @@ def _spawn(args: dict) -> dict:
 
 
 def run(model: str, budgets: list[float], policies: list[str], experts_on: str, max_tokens: int,
-        prompts: list[str] | None = None, host_kernel: tuple[bool, ...] = (True,)) -> list[dict]:
+        prompts: list[str] | None = None, host_kernel: tuple[bool, ...] = (True,), dense_blocks: bool = False) -> list[dict]:
     """host_kernel: for the policies that run misses on the host, with a GGUF's kernel forms (True), with
-    its blocks dequantised per run (False), or both side by side; rows without kernel read "host/dq"."""
+    its blocks dequantised per run (False), or both side by side; rows without kernel read "host/dq".
+    dense_blocks: every row (the reference too) runs a GGUF's dense projections on the file's blocks."""
     from ..checkpoint import Checkpoint
     from ..store import raw_direct_bandwidth
-    base = {"model": model, "experts_on": experts_on, "max_tokens": max_tokens, "prompts": prompts or PROMPTS}
+    base = {"model": model, "experts_on": experts_on, "max_tokens": max_tokens, "prompts": prompts or PROMPTS,
+            "dense_blocks": dense_blocks}
     ref = _spawn({**base, "policy": "all", "budget": 1.0})
     ref["agreement"] = 1.0
     rows = [ref]
