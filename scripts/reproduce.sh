@@ -139,6 +139,11 @@ if [ -n "${LLAMA_DIR:-}" ]; then
     --modes all@1.0,host@0,host/dq@0 --work $W | tee $R/check_llamacpp_lowbit.txt
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
     --quants q8_0,Q4_0,Q4_K_M,Q5_K_M,Q2_K,IQ4_XS,IQ3_XXS,IQ2_XXS --modes all@1.0,host@0,host+db@0 --work $W | tee $R/check_llamacpp_dense_blocks.txt
+  $PY -m emoe.cli bench memory --model $W/import-Q4_K_M --experts-on ram --budgets 0.4,0 --miss-policy host --max-tokens 32 \
+    # and again with --dense-blocks: docs/results/bench_memory_dense_blocks.txt
+  for f in "" --keep-openmp; do $PY scripts/bench_engine_loop.py --model $W/import-Q4_K_M $f; done  # docs/results/bench_engine_loop.txt
+  for ts in 1000 1; do $PY scripts/bench_serve_llamacpp.py --llama-cpp $LLAMA_DIR --gguf $W/model-Q4_K_M.gguf --slots 4 \
+    --requests 32 --ctx 256 --max-prompt-tokens 50 --time-scale $ts; done  # docs/results/bench_serve_llamacpp.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
