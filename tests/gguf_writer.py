@@ -52,8 +52,8 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
         qtype = Q.F16  # as llama.cpp's converter falls back for rows its blocks do not divide
     if qtype in (Q.F32, Q.F16):
         return w.astype(np.float32 if qtype == Q.F32 else np.float16), None
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        return _random_blocks(w.shape, qtype, seed), qtype
+    if qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K) or qtype.name.startswith(("IQ", "TQ")):
+        return _random_blocks(w.shape, qtype, seed), qtype  # types gguf-py cannot quantise
     return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
 
 

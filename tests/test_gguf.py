@@ -495,6 +495,25 @@ def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
         assert all(isinstance(t, torch.Tensor) for t in plain.store._experts[key])
 
 
+def test_low_bit_files_run_every_expert_on_its_form(tmp_path):
+    """A GGUF with llama.cpp's lowest-bit experts (IQ2_XXS gate, IQ4_XS up, Q2_K down) imports, and at budget
+    0 every expert runs on its host form (IQ4_XS's values exactly as int8, the others quantised again to
+    int8): teacher-forced log-probabilities stay within twice what computing in bf16 moves them."""
+    from emoe.quant import KTensor
+    hf = make_tiny("qwen3_moe", tmp_path / "hf", **SHAPE)
+    gguf = write_gguf(hf, tmp_path / "low.gguf", expert_types=("IQ2_XXS", "IQ4_XS", "Q2_K"), dense_type="Q8_0")
+    out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
+    assert {q for locs in Checkpoint(out).experts.values() for q in locs.qtypes} == {16, 23, 10}
+    ref = Engine(EngineConfig(str(out), miss_policy="all"))
+    eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
+    assert all(isinstance(t, KTensor) for ts in eng.store._experts.values() for t in ts)
+    bf16 = Engine(EngineConfig(str(out), miss_policy="all", dtype="bfloat16"))
+    ids, cont = ref.codec.encode("hello there, how are"), ref.codec.encode(" you doing today")
+    a, b, c = (torch.log_softmax(e.score(ids, cont).float(), -1) for e in (ref, eng, bf16))
+    assert torch.isfinite(a).all() and eng.cache.stats.host_runs > 0
+    assert (a - b).abs().mean() <= 2 * (a - c).abs().mean()
+
+
 def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys):
     """Forms that would not fit in the RAM available are not built: the block types whose forms grow least
     come first, the rest stay packed, and it says why. Experts that do not fit even packed are refused before
