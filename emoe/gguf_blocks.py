@@ -26,7 +26,8 @@ from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 39
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
+IQ4_NL, IQ4_XS, MXFP4 = 20, 23, 39
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: not blocks
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1, doubled (ggml's kvalues_mxfp4)

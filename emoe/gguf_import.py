@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import gguf_hybrid as hybrid
+from .gguf_blocks import FLOAT_TYPES
 
 FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
@@ -35,7 +36,7 @@ LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
          "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
          "attn_kv_b": "self_attn.kv_b_proj"}
-FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: kept as stored; quantised dense tensors go to the import's dtype
+# FLOAT_TYPES (F32, F16, BF16) are kept as stored; quantised dense tensors go to the import's dtype
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")

@@ -455,8 +455,11 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
         assert form.nbytes <= 2.36 * t.numel()
         assert torch.equal(dequantize(form), want)
     elif qtype.startswith("IQ4"):  # the table's integers as int8, scales rounded to bf16
+        from emoe.gguf_blocks import file_copy
         assert form.nbytes <= 2.36 * t.numel()
         assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()
+        copy = file_copy(t, int(q), 8, kernel=False)  # the fast tier's int8 copy: the same integers, fp16 scales
+        assert copy.bits == 8 and (dequantize(copy) - want).abs().max() <= 2 ** -11 * want.abs().max()
     elif qtype.startswith("Q5"):  # two planes, the fifth bit stored so that no constant cancels
         assert form.nbytes <= 1.82 * t.numel()
         assert (dequantize(form) - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16 scales and zeros
