@@ -56,15 +56,20 @@ def _fields(x: torch.Tensor, step: int, count: int, mask: int) -> torch.Tensor:
     return ((x.unsqueeze(-1) >> shifts) & mask).flatten(-2)
 
 
-def _iq2_xxs(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
-    """66 bytes: fp16 d, then 8 × (4 grid indices, u32 of four 7-bit sign indices and a 4-bit scale on top)."""
+def _xxs(b: torch.Tensor, idx: torch.Tensor, aux: torch.Tensor, factor: float, grid, ksigns) -> torch.Tensor:
+    """IQ2_XXS / IQ3_XXS, per 32 values: grid indices (8 values in all) and a u32 of four 7-bit sign indices
+    with a 4-bit scale on top; fp16 d leads the block."""
     n = b.shape[0]
-    q = b[:, 2:].reshape(n, 8, 8)
-    aux = _uint(q[..., 4:], 4).reshape(n, 8)
-    db = _half(b, 0) * (0.5 + (aux >> 28).float()) * 0.25
+    db = _half(b, 0) * (0.5 + (aux >> 28).float()) * factor
     s = ksigns[_fields(aux, 7, 4, 0x7F)].reshape(n, 8, 4, 8)
-    g = grid[q[..., :4].long()].reshape(n, 8, 4, 8)
+    g = grid[idx.long()].reshape(n, 8, 4, 8)
     return db.reshape(n, 8, 1, 1) * g * s
+
+
+def _iq2_xxs(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
+    """66 bytes: fp16 d, then 8 × (4 grid indices of 8 values, the u32)."""
+    q = b[:, 2:].reshape(b.shape[0], 8, 8)
+    return _xxs(b, q[..., :4], _uint(q[..., 4:], 4).reshape(b.shape[0], 8), 0.25, grid, ksigns)
 
 
 def _iq2_xs(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
@@ -89,13 +94,8 @@ def _iq2_s(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
 
 
 def _iq3_xxs(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
-    """98 bytes: fp16 d, 64 grid indices (4 values each), 8 u32 of four 7-bit sign indices and a 4-bit scale."""
-    n = b.shape[0]
-    aux = _uint(b[:, 66:98], 4)
-    db = _half(b, 0) * (0.5 + (aux >> 28).float()) * 0.5
-    s = ksigns[_fields(aux, 7, 4, 0x7F)].reshape(n, 8, 4, 8)
-    g = grid[b[:, 2:66].long()].reshape(n, 8, 4, 8)
-    return db.reshape(n, 8, 1, 1) * g * s
+    """98 bytes: fp16 d, 64 grid indices (4 values each), the 8 u32s."""
+    return _xxs(b, b[:, 2:66], _uint(b[:, 66:98], 4), 0.5, grid, ksigns)
 
 
 def _iq3_s(b: torch.Tensor, grid, signs, ksigns) -> torch.Tensor:
