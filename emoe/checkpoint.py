@@ -323,12 +323,17 @@ class Checkpoint:
         m = re.match(r"model\.layers\.(\d+)\.", name)
         return m is not None and int(m.group(1)) >= self.config.num_layers
 
-    def dense_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Every non-expert tensor (embeddings, attention, norms, routers, shared experts)."""
+    def dense_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → stored shape of every tensor dense_state reads."""
+        return {n: loc.shape for n, loc in self.tensors.items() if not self.is_expert(n) and not self.is_extra_layer(n)}
+
+    def dense_state(self, dtype: torch.dtype | None = None, skip=frozenset()) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor (embeddings, attention, norms, routers, shared experts) but those in `skip`
+        (held otherwise: a GGUF's dense projections as forms of its blocks, forms.file_dense)."""
         by_file: dict[str, list[str]] = {}
-        for name, loc in self.tensors.items():
-            if not self.is_expert(name) and not self.is_extra_layer(name):
-                by_file.setdefault(loc.path, []).append(name)
+        for name in self.dense_shapes():
+            if name not in skip:
+                by_file.setdefault(self.tensors[name].path, []).append(name)
         out, fp8 = {}, {}
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
@@ -349,7 +354,7 @@ class Checkpoint:
         for layer in cfg.moe_layers:
             self._need(f"model.layers.{layer}.{cfg.spec.moe_prefix}.{cfg.spec.router}.weight")
         self._need("model.embed_tokens.weight")
-        if "lm_head.weight" not in out:
+        if "lm_head.weight" not in out and "lm_head.weight" not in skip:
             if not cfg.tie_word_embeddings:
                 raise CheckpointError(f"{self.dir}: lm_head.weight is missing and embeddings are not tied")
             out["lm_head.weight"] = out["model.embed_tokens.weight"]

@@ -22,7 +22,7 @@ from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
 from .dispatch import ExpertDispatch, run_experts
 from .forms import file_dense
-from .quant import CopyFile, KTensor, copies_path, int8_dense
+from .quant import CopyFile, copies_path, int8_dense
 from .report import memory_line, summary
 from .store import check_memory, open_store
 from .tokenizer import TextCodec
@@ -78,11 +78,11 @@ class Engine:
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else (ckpt_dtype if self.device.type == "cuda" else torch.float32)
         self.codec = TextCodec(self.ckpt.dir, self.ckpt.tokenizer_path, self.cfg.eos_token_ids)
         keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained
-        dense = self.ckpt.dense_state()
-        if cfg.dense_blocks and self.device.type == "cpu" and (self.ckpt.dir / "gguf.json").is_file():
-            dense = file_dense(self.ckpt.dir, dense)  # first: a big model's float32 copies would double the peak
-        dense = {k: v if isinstance(v, KTensor) else v.to(self.device, torch.float32 if keep32 and k.endswith(
-                 (".gate.weight", "e_score_correction_bias")) else self.dtype) for k, v in dense.items()}
+        on_blocks = cfg.dense_blocks and self.device.type == "cpu" and (self.ckpt.dir / "gguf.json").is_file()
+        forms = file_dense(self.ckpt.dir, self.ckpt.dense_shapes()) if on_blocks else {}
+        dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
+                         else self.dtype) for k, v in self.ckpt.dense_state(skip=forms.keys()).items()}
+        dense.update(forms)  # the float copies they replace are never read
         if cfg.dense_int8 and self.device.type == "cpu":
             dense = int8_dense(dense)
         self.model = MoEModel(self.cfg, dense)

@@ -169,19 +169,20 @@ def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, k
     return tensors
 
 
-def file_dense(model_dir, dense: dict) -> dict:
+def file_dense(model_dir, shapes: dict) -> dict:
     """A GGUF import's dense projections (attention, shared experts, lm_head) as host forms of the file's own
-    blocks, where the file quantised them: what llama.cpp multiplies, at its bytes, instead of the float
-    copies the import wrote (read whole for every token, those cost a CPU more than the experts a token runs)."""
+    blocks, where the file quantised them and the kernel holds them: {name: form} for the names in `shapes`
+    (name → the import's shape). What llama.cpp multiplies, at its bytes, instead of the float copies the
+    import wrote (read whole for every token, those cost a CPU more than the experts a token runs)."""
     import json
     from pathlib import Path
 
     from .gguf_import import GGUFModel
     meta = json.loads((Path(model_dir) / "gguf.json").read_text())
-    out = dict(dense)
+    out = {}
     for name, rows, qtype in GGUFModel(meta["files"][0]["path"]).dense_blocks():
-        form = host_form(rows, qtype) if name in out else None
-        if form is not None and form.shape == tuple(out[name].shape):
+        form = host_form(rows, qtype) if name in shapes else None
+        if form is not None and form.shape == tuple(shapes[name]):
             out[name] = form
     return out
 
