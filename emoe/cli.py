@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dense_int8_arg(se)
     _host_int8_arg(se)
     se.add_argument("--threads", type=int, default=None,
-                    help="torch threads for the engine (default: the cores available minus one, at least 1)")
+                    help="torch threads for the engine (default: the cores available)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
     se.add_argument("--slo", type=_slo, action="append", metavar="TASK:TTFT_MS:TPOT_MS",
                     help="default SLO of a task's requests (repeatable; TASK 'default' for requests of no known "

@@ -34,15 +34,15 @@ from .tools import ToolError, check_tools, parser_for, template_messages
 
 
 def serve_threads(n: int | None) -> int:
-    """Torch threads for the serving engine. By default one core is left to the HTTP event loop (and to a
-    client on the same machine): on 2 cores, 2 engine threads made every request ~3x slower than 1, as
-    spinning worker threads and the event loop fought over the cores (README, Serving)."""
+    """Torch threads for the serving engine: by default every core available to the process. (One core was
+    left to the HTTP event loop while 2 engine threads on 2 cores made requests ~3x slower than 1; the cause
+    was a second OpenMP team, the loading thread's, which serving.release_openmp now frees. Since, 2 threads
+    beat 1 on 2 cores with the client on them too: docs/results/serve_threads.txt.)"""
     if n is not None:
         if n < 1:
             raise ValueError(f"--threads must be >= 1, got {n}")
         return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, extractor=None,

@@ -79,14 +79,14 @@ def test_policy_without_a_budget_is_refused(tiny_mixtral):
     assert "--policy needs a profile" in str(exc.value.code)
 
 
-def test_serve_threads_leave_a_core_to_the_event_loop(monkeypatch):
+def test_serve_threads_default_to_the_cores_available(monkeypatch):
     import os
 
     from emoe.server import serve_threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert serve_threads(None) == 1
+    assert serve_threads(None) == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert serve_threads(None) == 15
+    assert serve_threads(None) == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert serve_threads(None) == 1 and serve_threads(3) == 3
     with pytest.raises(ValueError, match="--threads"):
