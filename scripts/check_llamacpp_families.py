@@ -7,6 +7,7 @@ special tokens, a SentencePiece model and the
 shared-expert size rule for ERNIE. Then scripts/check_llamacpp.py runs on each (f32 only).
 
     python scripts/check_llamacpp_families.py --llama-cpp LLAMA_DIR [--work runs/llamacpp-families]
+        [--quants q8_0 --modes all@1.0,host@0,host+db@0]   (quantised files, emoe's CPU default's paths)
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("runs/llamacpp-families"))
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--quants", default="f32", help="passed to check_llamacpp.py")
+    ap.add_argument("--modes", default="all@1.0", help="passed to check_llamacpp.py")
     a = ap.parse_args()
     for family, label, pre, over, extra, convert in FAMILIES:
         hf = make_tiny(family, a.work / family / "hf", **over)
@@ -64,9 +67,9 @@ def main() -> None:
         print(f"== {label}", flush=True)
         out = subprocess.run([sys.executable, str(ROOT / "scripts/check_llamacpp.py"), "--llama-cpp", str(a.llama_cpp),
                               "--model", str(hf), "--pre", pre, "--work", str(a.work / family / "run"), "--n", str(a.n),
-                              "--quants", "f32", *(f"--convert-arg={c}" for c in convert)],
+                              "--quants", a.quants, "--modes", a.modes, *(f"--convert-arg={c}" for c in convert)],
                              capture_output=True, text=True)
-        rows = [ln for ln in out.stdout.splitlines() if "all@100%" in ln or ln.startswith("gguf ")]
+        rows = [ln for ln in out.stdout.splitlines() if "%" in ln or ln.startswith("gguf ")]
         print("\n".join(rows) if rows else out.stderr[-2000:], flush=True)
 
 

@@ -144,6 +144,8 @@ if [ -n "${LLAMA_DIR:-}" ]; then
   for f in "" --keep-openmp; do $PY scripts/bench_engine_loop.py --model $W/import-Q4_K_M $f; done  # docs/results/bench_engine_loop.txt
   for ts in 1000 1; do $PY scripts/bench_serve_llamacpp.py --llama-cpp $LLAMA_DIR --gguf $W/model-Q4_K_M.gguf --slots 4 \
     --requests 32 --ctx 256 --max-prompt-tokens 50 --time-scale $ts; done  # docs/results/bench_serve_llamacpp.txt
+  $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR --work runs/llamacpp-families-q8 --quants q8_0 \
+    --modes all@1.0,host@0,host+db@0  # check_llamacpp_families_q8.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
