@@ -34,12 +34,10 @@ log = logging.getLogger("emoe.serving")
 
 
 def release_openmp() -> bool:
-    """Free the calling thread's OpenMP worker team (the threads torch's CPU ops ran on while it loaded the
-    model), so that the engine thread's team is the only one on the CPUs. With two teams, libgomp counts
-    more threads than cores and throttles its spin-waits: every parallel region then waits for sleeping
-    workers, and the int4 kernel ran 2.8x slower in the engine thread (21 vs 59 µs a call, 2 cores; the
-    server decoded 3x slower than Engine.generate on the same requests). False where the runtime lacks
-    omp_pause_resource_all."""
+    """Free the calling thread's OpenMP workers (made by the torch ops that loaded the model), so that the
+    engine thread's are the only ones on the cores: with two teams libgomp stops spin-waiting and every torch
+    op waits for sleeping workers (the server decoded at 0.32x Engine.generate's speed; bench_engine_loop.py).
+    False where the runtime lacks omp_pause_resource_all."""
     import ctypes
     import glob
     import os
@@ -51,8 +49,9 @@ def release_openmp() -> bool:
         except (OSError, AttributeError):
             continue
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        return pause(2) == 0  # omp_pause_hard: the team's threads exit; a later parallel region makes a new one
+        return pause(2) == 0  # omp_pause_hard: this thread's team exits; a later parallel region makes a new one
     return False
+
 
 class QueueFull(RuntimeError):
     """The waiting list is at max_waiting (HTTP 429)."""
