@@ -380,6 +380,10 @@ def test_torch_dequantisers_equal_gguf_py(qtype):
     got = dequantize(torch.from_numpy(np.ascontiguousarray(blocks)), int(q))
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    if torch.cuda.is_available() and qtype != "F16":  # the packed bytes unpack where they land
+        on = dequantize(torch.from_numpy(np.ascontiguousarray(blocks)).cuda(), int(q))
+        assert on.is_cuda
+        torch.testing.assert_close(on.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q4_1"])

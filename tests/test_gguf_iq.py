@@ -24,6 +24,8 @@ def test_matches_gguf_py(qtype):
     got = iq_dequantize(torch.from_numpy(blocks), qtype)
     assert got.shape == (64, 512) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    if torch.cuda.is_available():  # the packed bytes unpack where they land
+        torch.testing.assert_close(iq_dequantize(torch.from_numpy(blocks).cuda(), qtype).cpu(), want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
