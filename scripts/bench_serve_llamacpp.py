@@ -80,6 +80,11 @@ def main() -> None:
         print(f"{name:10} {r['completed']:>5} {r['request_throughput']:6.2f} {r['output_token_throughput']:9.1f} "
               f"{t['mean']:8.0f}/{t['p99']:<9.0f} {p['mean']:7.1f}/{p['p99']:<9.1f}"
               + (f" failed {r['failed']}: {r['errors']}" if r["failed"] else ""))
+    e, l = rows["emoe"], rows["llama.cpp"]
+    if e["completed"] and l["completed"]:
+        print(f"emoe / llama.cpp: output tokens/s {e['output_token_throughput'] / l['output_token_throughput']:.2f}x, "
+              f"mean TTFT {e['ttft_ms']['mean'] / l['ttft_ms']['mean']:.2f}x, "
+              f"mean TPOT {e['tpot_ms']['mean'] / l['tpot_ms']['mean']:.2f}x")
 
 
 if __name__ == "__main__":
