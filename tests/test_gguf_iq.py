@@ -11,13 +11,13 @@ from emoe.gguf_iq import IQ_TYPES, iq_dequantize
 from gguf_writer import _random_blocks
 
 
-
 def random_blocks(qtype: int, rows: int = 64, cols: int = 512, seed: int = 0) -> np.ndarray:
     return _random_blocks((rows, cols), gguf.GGMLQuantizationType(qtype), seed + qtype)
 
 
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
 def test_matches_gguf_py(qtype):
+    """Bit for bit gguf-py's values (its grids and sign tables, decoded once per device)."""
     blocks = random_blocks(qtype)
     want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(qtype)))
     assert torch.isfinite(want).all()
@@ -30,6 +30,7 @@ def test_matches_gguf_py(qtype):
 
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
 def test_rows_independent(qtype):
+    """Each row unpacks from its own bytes: a slice or a strided view of the rows gives those rows."""
     t = torch.from_numpy(random_blocks(qtype, rows=32, cols=768, seed=1))
     whole = iq_dequantize(t, qtype)
     assert not torch.equal(whole[10], whole[11])
@@ -38,6 +39,10 @@ def test_rows_independent(qtype):
     torch.testing.assert_close(iq_dequantize(t[10:20:3], qtype), whole[10:20:3], rtol=0, atol=0)
 
 
-def test_rejects_other_types():
+def test_rejects_other_types_and_torn_rows():
+    """Types gguf_iq does not hold go elsewhere (gguf_blocks.dequantize routes them), and rows that are not
+    whole blocks are refused, never unpacked silently."""
     with pytest.raises(NotImplementedError):
         iq_dequantize(torch.zeros(1, 18, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="66"):  # IQ2_XXS rows are whole 66-byte blocks
+        iq_dequantize(torch.zeros(1, 65, dtype=torch.uint8), 16)
