@@ -144,6 +144,8 @@ if [ -n "${LLAMA_DIR:-}" ]; then
   for f in "" --keep-openmp; do $PY scripts/bench_engine_loop.py --model $W/import-Q4_K_M $f; done  # docs/results/bench_engine_loop.txt
   for ts in 1000 1; do $PY scripts/bench_serve_llamacpp.py --llama-cpp $LLAMA_DIR --gguf $W/model-Q4_K_M.gguf --slots 4 \
     --requests 32 --ctx 256 --max-prompt-tokens 50 --time-scale $ts; done  # docs/results/bench_serve_llamacpp.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --n 16 --quants q8_0,Q4_0,Q4_K_M,Q3_K_M \
+    --modes all@1.0,host@0,host+db@0,host+d8@0 --work runs/llamacpp | tee $R/check_llamacpp_tiny_dense_blocks.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR --work runs/llamacpp-families-q8 --quants q8_0 \
     --modes all@1.0,host@0,host+db@0  # check_llamacpp_families_q8.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
