@@ -2,7 +2,8 @@
 client is `emoe bench serve`'s (an Azure trace's arrival times and token counts, outputs held to the
 trace's length with ignore_eos, prompts from the test split scaled to --max-prompt-tokens), both servers on
 the same threads with --slots requests decoded together (llama-server -np, emoe --max-batch). emoe serves
-the file as its CPU default does (experts and dense projections on the file's blocks, budget 0).
+the file as its CPU default does (experts and dense projections on the file's blocks, budget 0), imported
+once before either server starts; "ready" is each server's start-up, launch to /health answering.
 
     python scripts/bench_serve_llamacpp.py --llama-cpp LLAMA_DIR --gguf FILE.gguf [--slots 4 --requests 32]
 """
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from emoe.bench import serve
+from emoe.commands import _gguf_import_dir
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
 
@@ -26,6 +28,7 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared/traces/AzureLLMInfe
 @contextmanager
 def running(cmd: list[str], port: int, env: dict | None = None, wait_s: float = 600):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    t0 = time.perf_counter()
     try:
         deadline = time.time() + wait_s
         while True:
@@ -36,8 +39,8 @@ def running(cmd: list[str], port: int, env: dict | None = None, wait_s: float = 
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"{cmd[0]} did not come up (exit {proc.poll()})") from None
-                time.sleep(0.5)
-        yield
+                time.sleep(0.1)
+        yield time.perf_counter() - t0  # seconds until /health answered: the server's start-up
     finally:
         proc.terminate()
         proc.wait()
@@ -61,23 +64,25 @@ def main() -> None:
                                max_prompt_tokens=a.max_prompt_tokens)
     llama = [str(a.llama_cpp / "build/bin/llama-server"), "-m", str(a.gguf), "--port", str(a.port), "-np",
              str(a.slots), "-c", str(a.slots * a.ctx), "-t", str(a.threads), "-tb", str(a.threads), "--no-webui"]
-    cache = tempfile.mkdtemp(prefix="emoe-cache-")  # the import, made once before the clock starts
+    os.environ["EMOE_CACHE"] = cache = tempfile.mkdtemp(prefix="emoe-cache-")
+    _gguf_import_dir(a.gguf)  # the import `emoe serve --model FILE.gguf` makes, once, before any clock
     emoe = [sys.executable, "-m", "emoe.cli", "serve", "--model", str(a.gguf), "--port", str(a.port),
             "--max-batch", str(a.slots), "--max-len", str(a.ctx), "--threads", str(a.threads)]
-    rows = {}
+    rows, ready = {}, {}
     for name, cmd in (("llama.cpp", llama), ("emoe", emoe)):
-        with running(cmd, a.port, env={**os.environ, "EMOE_CACHE": cache}):
+        with running(cmd, a.port, env={**os.environ, "EMOE_CACHE": cache}) as ready[name]:
             serve.run_benchmark(f"http://127.0.0.1:{a.port}", reqs[:a.slots])  # warm-up
             rows[name] = serve.run_benchmark(f"http://127.0.0.1:{a.port}", reqs)
     print(f"{a.gguf.name}: {len(reqs)} requests of {a.trace.name} (time scale {a.time_scale:g}), {a.slots} slots, "
           f"{a.threads} threads, outputs up to {a.max_tokens} tokens, prompts up to {a.max_prompt_tokens}")
-    print(f"{'server':10} {'done':>5} {'req/s':>6} {'out tok/s':>9} {'TTFT mean/p99 ms':>18} {'TPOT mean/p99 ms':>17}")
+    print(f"{'server':10} {'ready s':>7} {'done':>5} {'req/s':>6} {'out tok/s':>9} {'TTFT mean/p99 ms':>18} "
+          f"{'TPOT mean/p99 ms':>17}")
     for name, r in rows.items():
         if not r["completed"]:
-            print(f"{name:10} no request completed: {r['errors']}")
+            print(f"{name:10} {ready[name]:7.1f} no request completed: {r['errors']}")
             continue
         t, p = r["ttft_ms"], r["tpot_ms"]
-        print(f"{name:10} {r['completed']:>5} {r['request_throughput']:6.2f} {r['output_token_throughput']:9.1f} "
+        print(f"{name:10} {ready[name]:7.1f} {r['completed']:>5} {r['request_throughput']:6.2f} {r['output_token_throughput']:9.1f} "
               f"{t['mean']:8.0f}/{t['p99']:<9.0f} {p['mean']:7.1f}/{p['p99']:<9.1f}"
               + (f" failed {r['failed']}: {r['errors']}" if r["failed"] else ""))
     e, l = rows["emoe"], rows["llama.cpp"]
