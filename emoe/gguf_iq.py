@@ -11,6 +11,8 @@ import gguf
 import gguf.quants
 import torch
 
+from .gguf_blocks import _half as fp16_at
+
 IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M, TQ1_0, TQ2_0 = 16, 17, 18, 19, 21, 22, 29, 34, 35
 IQ_TYPES: tuple[int, ...] = (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M, TQ1_0, TQ2_0)
 DELTA = 0.125  # IQ1_S/IQ1_M's grid shift (gguf-py's IQ1_S.delta)
@@ -40,7 +42,7 @@ def _tables(qtype: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 def _half(b: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 at byte `at` of each block, as float32 [blocks, 1]."""
-    return b[:, at:at + 2].contiguous().view(torch.float16).float()
+    return fp16_at(b, at).float()[:, None]
 
 
 def _uint(b: torch.Tensor, width: int) -> torch.Tensor:
