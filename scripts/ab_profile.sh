@@ -3,6 +3,8 @@
 # prompts and budgets), with new/old ratios at the end. Made for a GPU lease, where decode is sync-bound:
 #   git archive REV emoe scripts | tar -x -C .old --exclude=emoe/models --exclude=emoe/data   # then carry .old
 #   bash scripts/ab_profile.sh .old [ROUNDS]
+# AB_CONFIGS: the random model's configs (default all:1.0,reroute:0.4,host:0.4,load:0.4); AB_EMBEDDED=0 skips the
+# embedded model's.
 set -u
 OLD=${1:?usage: ab_profile.sh OLD_TREE [ROUNDS]}; ROUNDS=${2:-2}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -13,7 +15,8 @@ cp scripts/gpu_profile.py "$OLD/scripts/"  # the same harness for both trees
 for round in $(seq "$ROUNDS"); do for tree in "$OLD" "$NEW"; do
   echo "## round $round, $([ "$tree" = "$NEW" ] && echo new || echo old) code"
   (cd "$tree" && export PYTHONPATH=$PWD
-   timeout 90 python3 scripts/gpu_profile.py --model $R --configs all:1.0,reroute:0.4,host:0.4,load:0.4 | sed 's/^/random /'
+   timeout 90 python3 scripts/gpu_profile.py --model $R --configs ${AB_CONFIGS:-all:1.0,reroute:0.4,host:0.4,load:0.4} | sed 's/^/random /'
+   [ "${AB_EMBEDDED:-1}" = 0 ] && exit
    timeout 60 python3 scripts/gpu_profile.py --model $M --configs all:1.0,reroute:0.4,host:0.4 | sed 's/^/embedded /'
    timeout 60 python3 scripts/gpu_profile.py --model $M --configs reroute:0.4 --trace | sed 's/^/embedded /')
 done; done 2>&1 | grep -v -i warn | tee "$LOG"

@@ -5,7 +5,8 @@
 # the server tests); embedding similarity is deferred (no sentence model there): afterwards, where the
 # eval extra is installed, `emoe rescore OUTDIR/eval_gpu.json` fills it in. Each step has its own time
 # limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step;
-# STEPS="pytest eval …" runs only the named steps (to split the run over calls under a time limit).
+# STEPS="pytest eval …" runs only the named steps (to split the run over calls under a time limit); PYTEST_ARGS
+# narrows the tests (node ids, -k).
 set -u
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -28,7 +29,7 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
   "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
 
 PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
-step pytest $((Q ? 60 : 150)) python3 -m pytest -q -p no:cacheprovider $PAR
+step pytest $((Q ? 60 : 240)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-}
 step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
@@ -59,7 +60,7 @@ step random_gpt_oss 60 python3 scripts/make_random_model.py --out $G --family gp
 step profile_gpt_oss $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $G --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,host:0.1
 # DeepSeek-V3 as released (block-scaled FP8 experts, dequantised where they land)
 D=/tmp/random-ds-fp8
-step random_ds_fp8 60 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
+step random_ds_fp8 120 python3 scripts/make_random_model.py --out $D --family deepseek_v3 --fp8 --experts 32 --top-k 4 \
   --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 1024)) --layers 6
 step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4
 # a llama.cpp GGUF (experts Q4_0/Q8_0) imported: packed bytes cross and are dequantised on the GPU; shadow copies

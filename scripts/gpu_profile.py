@@ -38,9 +38,11 @@ def main() -> None:
     for spec in a.configs.split(","):
         policy, budget = spec.split(":")
         t0 = time.perf_counter()
+        extra = {"trace": True} if a.trace else {}  # only what is asked: ab_profile.sh runs older trees too
+        if policy.endswith("/dq"):
+            extra["host_kernel"] = False
         eng = Engine(EngineConfig(a.model, budget=float(budget), miss_policy=policy.removesuffix("/dq"),
-                                  experts_on=a.experts_on, max_batch=4, trace=a.trace,
-                                  host_kernel=not policy.endswith("/dq")))
+                                  experts_on=a.experts_on, max_batch=4, **extra))
         build = time.perf_counter() - t0
         cold, warm1, warm2 = (timed(eng, params) for _ in range(3))
         st = eng.cache.stats

@@ -511,8 +511,8 @@ def test_low_bit_files_run_every_expert_on_its_form(tmp_path):
     gguf = write_gguf(hf, tmp_path / "low.gguf", expert_types=("IQ2_XXS", "IQ4_XS", "Q2_K"), dense_type="Q8_0")
     out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
     assert {q for locs in Checkpoint(out).experts.values() for q in locs.qtypes} == {16, 23, 10}
-    ref = Engine(EngineConfig(str(out), miss_policy="all"))
-    eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
+    ref = Engine(EngineConfig(str(out), miss_policy="all", dtype="float32"))  # on a GPU the default is bf16
+    eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram", dtype="float32"))
     assert all(isinstance(t, KTensor) for ts in eng.store._experts.values() for t in ts)
     bf16 = Engine(EngineConfig(str(out), miss_policy="all", dtype="bfloat16"))
     ids, cont = ref.codec.encode("hello there, how are"), ref.codec.encode(" you doing today")
@@ -548,7 +548,7 @@ def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys)
     with pytest.raises(BudgetError, match="GiB in the RAM tier.*--experts-on disk"):
         Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram"))
     with pytest.raises(BudgetError, match="cpu fast tier.*lower --budget"):  # all dequantised: 4x+ the packed bytes
-        Engine(EngineConfig(str(out), miss_policy="all", experts_on="disk"))
+        Engine(EngineConfig(str(out), miss_policy="all", experts_on="disk", device="cpu"))
     Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="disk"))  # nothing held: fine
 
 
@@ -559,8 +559,8 @@ def test_dense_blocks_run_the_files_own_dense_projections(imported):
     from emoe.gguf_import import GGUFModel
     from emoe.quant import KTensor, dequantize
     hf, gguf, out = imported
-    plain = Engine(EngineConfig(str(out), miss_policy="all"))
-    eng = Engine(EngineConfig(str(out), miss_policy="all", dense_blocks=True))
+    plain = Engine(EngineConfig(str(out), miss_policy="all", device="cpu"))  # a CPU option: a GPU ignores it
+    eng = Engine(EngineConfig(str(out), miss_policy="all", dense_blocks=True, device="cpu"))
     formed = {k for k, v in eng.model.w.items() if isinstance(v, KTensor)}
     names = ("lm_head.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight")
     assert all(any(k.endswith(n) for k in formed) for n in names)
@@ -572,10 +572,10 @@ def test_dense_blocks_run_the_files_own_dense_projections(imported):
         want = plain.model.w[k]
         assert (dequantize(eng.model.w[k]) - want).abs().max() <= 2 ** -8 * want.abs().max()
     ids, cont = eng.codec.encode("hello there, how are"), eng.codec.encode(" you doing today")
-    bf16 = Engine(EngineConfig(str(out), miss_policy="all", dtype="bfloat16"))
+    bf16 = Engine(EngineConfig(str(out), miss_policy="all", dtype="bfloat16", device="cpu"))
     a, b, c = (torch.log_softmax(e.score(ids, cont).float(), -1) for e in (plain, eng, bf16))
     assert (a - b).abs().mean() <= 2 * (a - c).abs().mean()  # the kernel's bf16 activations, not other weights
-    other = Engine(EngineConfig(str(hf), miss_policy="all", dense_blocks=True))  # not an import: as it was
+    other = Engine(EngineConfig(str(hf), miss_policy="all", dense_blocks=True, device="cpu"))  # not an import: as it was
     assert not any(isinstance(v, KTensor) for v in other.model.w.values())
 
 
@@ -611,7 +611,7 @@ def test_shadow_policies_run_on_copies_made_from_the_file(imported):
         assert len(eng.generate(["hi there"], greedy, chat=False)[0].output_ids) == 4
         assert eng.cache.used_bytes <= eng.cache.budget_bytes
         key = next(k for k in eng.cache._shadow)
-        got, want = dequantize(eng.cache.peek(key)[1]), eng.store.read(*key)[1]
+        got, want = dequantize(eng.cache.peek(key)[1]).cpu(), eng.store.read(*key)[1]
         if qkernel:  # the kernel holds the fp16 scales in bf16
             torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
         else:
