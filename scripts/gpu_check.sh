@@ -50,6 +50,9 @@ step random_model 60 python3 scripts/make_random_model.py --out $M --experts 16 
   --inter $((Q ? 512 : 2816)) --layers 8
 step profile_random $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $M \
   --configs all:1.0,reroute:0.4,shadow:0.4,load:0.4,host:0.4,auto:0.4,host:0.1,auto:0.1
+# auto measured a break-even of 1 token here (every miss loaded, as LRU) yet ran 152 tok/s against LRU's 188
+# (thirteenth session): alternated, with torch.profiler's table of each
+step auto_vs_load $((Q ? 60 : 120)) python3 scripts/gpu_profile.py --model $M --configs load:0.4,auto:0.4,load:0.4,auto:0.4 --profile
 step bench_memory $((Q ? 60 : 80)) $E bench memory --budgets 1.0,0.4,0.2 --miss-policy reroute,load,shadow,host \
   --json "$OUT/bench_memory_gpu.json"
 # gpt-oss as released (MXFP4 experts, 354 MiB here): misses run on the host CPU (llama.cpp --n-cpu-moe style)
