@@ -50,6 +50,11 @@ def _host_int8_arg(p) -> None:
                    help="with host/auto misses and --experts-on ram, hold full-precision (bf16/fp16) experts as int8 "
                    "forms of the CPU int4 kernel too: 0.6x bf16's bytes and faster host runs where the CPU's bf16 "
                    "matmuls are slow, at 0.5%% weight error")
+    p.add_argument("--host-form-bits", type=int, choices=(8, 4), default=8,
+                   help="forms of a GGUF's sub-4-bit types that are quantised again (Q2_K, IQ1-IQ3, TQ): int8 "
+                   "(default, 10 bits a weight, 0.5%% error) or int4 (5 bits, 1.1-1.3x the tokens/s, but agreement "
+                   "with llama.cpp fell from 0.92-0.94 to 0.80-0.86 on a random model). Where int8 forms would not "
+                   "fit the RAM, int4 is used")
 
 
 def _dense_int8_arg(p) -> None:

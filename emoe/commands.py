@@ -129,8 +129,8 @@ def cmd_generate(args) -> None:
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=1, dtype=args.dtype,
                               host_kernel=args.host_kernel, dense_int8=args.dense_int8,
-                              dense_blocks=args.dense_blocks, host_int8=args.host_int8), policy=policy,
-                 residency=residency)
+                              dense_blocks=args.dense_blocks, host_int8=args.host_int8,
+                              host_form_bits=args.host_form_bits), policy=policy, residency=residency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     t0 = time.perf_counter()
@@ -356,7 +356,7 @@ def cmd_serve(args) -> None:
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
                               dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
                               dense_blocks=args.dense_blocks, host_int8=args.host_int8,
-                              memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
+                              host_form_bits=args.host_form_bits, memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)
     from .scheduler import make_scheduler

@@ -49,6 +49,7 @@ class EngineConfig:
     dense_int8: bool = False       # on CPU, dense projections as int8 copies on that kernel (quant.int8_dense)
     dense_blocks: bool = False     # on CPU, a GGUF import's dense projections on the file's blocks (forms.file_dense)
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
+    host_form_bits: int = 8        # 4: a GGUF's sub-4-bit requantised types (Q2_K, IQ1-IQ3) as int4 forms (lossy)
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -60,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.host_form_bits not in (4, 8):
+            raise ValueError(f"host_form_bits must be 4 or 8, got {self.host_form_bits}")
 
 
 def resolve_budget(budget: float, total_bytes: int) -> int:
@@ -102,7 +105,7 @@ class Engine:
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
         self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"),
-                                int8=cfg.host_int8)
+                                int8=cfg.host_int8, form_bits=cfg.host_form_bits)
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
                                  kernel=cfg.qkernel)
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)

@@ -29,18 +29,45 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
 
 
 ONE_PLANE = (Q4_0, Q4_1, Q4_K)  # 4 bits + a bf16 scale and zero per 32: 5 bits a weight; the others take 10
+# held with the file's own values; every other GGUF type is quantised again (to int8, or int4 where asked)
+EXACT = frozenset({*ONE_PLANE, Q8_0, Q5_0, Q5_1, Q5_K, MXFP4, Q3_K, IQ4_NL, IQ4_XS})
 
 
-def form_ratio(kind) -> float | None:
+def int4_able(kind) -> bool:
+    """Whether a GGUF block type's form is its values quantised again and the file holds fewer than 4 bits a
+    weight (Q2_K, the IQ1-IQ3 codebooks, TQ1_0/TQ2_0): an int4 form then adds little to the file's own
+    rounding. Q6_K's int8 form stays: int4 would round it as coarsely as a Q4 file."""
+    if not isinstance(kind, int) or kind in EXACT or kind in FLOAT_TYPES:
+        return False
+    from gguf import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[kind]
+    return 8 * size / block < 4
+
+
+def form_ratio(kind, bits: int = 8) -> float | None:
     """A host form's bytes over the packed bytes it replaces, for a GGUF block type or a release layout
-    ("mxfp4", "fp8"); None where there is no form (float types)."""
+    ("mxfp4", "fp8"); None where there is no form (float types). bits: a requantised type's form (8 or 4)."""
     if kind in ("mxfp4", "fp8"):
         return 10 / (4.25 if kind == "mxfp4" else 8)
     if kind in FLOAT_TYPES:
         return None
     from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[kind]
-    return (5 if kind in ONE_PLANE else 10) / (8 * size / block)
+    one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
+    return (5 if one else 10) / (8 * size / block)
+
+
+def int4_form(w: torch.Tensor) -> KTensor:
+    """A matrix quantised again to 4 bits per 32 values, asymmetric (16 levels from the group's minimum to its
+    maximum): one kernel plane, 5 bits a weight, half the bytes of the int8 form. Not exact: on llama.cpp's
+    Q2_K / IQ3_XXS / IQ2_XXS files of a random model, 1.1-1.3x the tokens/s of int8 forms, but agreement with
+    llama.cpp 0.86 / 0.84 / 0.80 against 0.92 / 0.93 / 0.94 (docs/results/host_form_bits.txt)."""
+    rows, cols = w.shape
+    x = w.float().view(rows, cols // GROUP, GROUP)
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    u = ((x - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return kernel_copy(u.view(rows, cols), scale, -lo)
 
 
 def form_parts(locs) -> list[tuple[object, int]]:
@@ -109,7 +136,7 @@ def q3_k_form(t: torch.Tensor) -> KTensor:
     return KTensor(tuple(planes), tuple(sz), tuple(v.shape), 8, GROUP)
 
 
-def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
+def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
     `host` miss policy), or None where the kernel cannot hold it. Dequantising a matrix per host run costs
     10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against the
@@ -119,8 +146,9 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     (q3_k_form), IQ4_NL/IQ4_XS as int8 (their table's values are integers). Every other block type (Q6_K,
     Q2_K's per-16 minimums, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
     kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
-    0.5% of the values' size, far below the file's own rounding at 2-6 bits). The
-    RAM tier builds forms only where they fit the memory available, cheapest growth first (store.RamStore).
+    0.5% of the values' size, far below the file's own rounding at 2-6 bits), or with bits=4 to int4
+    (int4_form: half the bytes and kernel time, lossy; int4_able types only). The RAM tier builds forms only where they fit the
+    memory available, int4 ones before none (store._form_kinds).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype in FLOAT_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
@@ -144,7 +172,9 @@ def host_form(t: torch.Tensor, qtype: int) -> KTensor | None:
     if qtype in (Q4_K, Q4_1):
         return kernel_copy(*(q4_k_parts if qtype == Q4_K else q4_1_parts)(t))
     w = dequantize(t, qtype)
-    return to_kernel(quantize(w, 8, GROUP)) if w.shape[1] % GROUP == 0 else None
+    if w.shape[1] % GROUP:
+        return None
+    return int4_form(w) if bits == 4 and int4_able(qtype) else to_kernel(quantize(w, 8, GROUP))
 
 
 def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, kinds=None) -> tuple:
@@ -152,14 +182,15 @@ def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, k
     for full-precision layouts): host forms where its layout and types have them and `kinds` (form_parts'
     kinds; None: all) admits them, else as stored. int8:
     full-precision experts (bf16, fp16, fp32) as int8 forms too (0.5% of the weights' size; 10 bits a weight
-    against bf16's 16), for CPUs whose bf16 matmuls are slow and for RAM: opt-in, they are not the weights."""
+    against bf16's 16), for CPUs whose bf16 matmuls are slow and for RAM: opt-in, they are not the weights.
+    kinds as a dict: kind → bits of its form (4 or 8, for requantised types)."""
     if locs.layout not in PACKED:
         fits = int8 and _MM is not None
         return tuple(to_kernel(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
                      and t.shape[1] % GROUP == 0 else t for t in tensors)
     if locs.layout == "gguf":
-        return tuple((host_form(t, q) if kinds is None or q in kinds else None) or t
-                     for t, q in zip(tensors, locs.qtypes))
+        return tuple((host_form(t, q, kinds.get(q, 8) if isinstance(kinds, dict) else 8)
+                      if kinds is None or q in kinds else None) or t for t, q in zip(tensors, locs.qtypes))
     if kinds is not None and locs.layout not in kinds:
         return tensors
     if locs.layout == "mxfp4":

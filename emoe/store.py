@@ -124,15 +124,15 @@ class DiskStore:
 class RamStore:
     tier = "ram"
 
-    def __init__(self, ckpt: Checkpoint, host_forms: bool = False, int8: bool = False):
+    def __init__(self, ckpt: Checkpoint, host_forms: bool = False, int8: bool = False, form_bits: int = 8):
         """MXFP4 and FP8 experts stay so in RAM (4.25 or 8 bits a weight, dequantised per read): gpt-oss-120b's
         experts take about 61 GB of host memory that way instead of 230 in bf16. host_forms: GGUF matrices
         with a CPU-kernel form (forms.host_form), gpt-oss's MXFP4 and FP8 releases' experts are held in it
         instead, where RAM holds them, so a host run multiplies them as they are; a load dequantises them
         where it lands, as it does packed blocks. int8 (with host_forms): full-precision experts too, as int8
-        forms quantised per 32 (forms.host_forms_of)."""
+        forms quantised per 32 (forms.host_forms_of). form_bits=4: the low-bit types' forms as int4 (_form_kinds)."""
         self.ckpt, self.stats = ckpt, StoreStats()
-        kinds = _form_kinds(ckpt) if host_forms else None
+        kinds = _form_kinds(ckpt, form_bits) if host_forms else None
         disk = DiskStore(ckpt)
         pin = torch.cuda.is_available()
         self._packed = {key for key, locs in ckpt.experts.items() if locs.layout in PACKED}
@@ -224,29 +224,41 @@ def _mem_available() -> int | None:
         return None
 
 
-def _form_kinds(ckpt: Checkpoint) -> frozenset:
-    """Which packed kinds (forms.form_parts) the RAM tier holds as host forms: those that grow its bytes least
-    first (Q4_K's 1.1x before Q2_K's 3.8x), while the tier fits 85% of the RAM available. The rest stay packed
-    and host runs dequantise them, slower but in the file's size."""
-    from .forms import form_parts, form_ratio
+def _form_kinds(ckpt: Checkpoint, bits: int = 8) -> dict:
+    """Which packed kinds (forms.form_parts) the RAM tier holds as host forms, and at how many bits (4 or 8, for
+    the low-bit types that are quantised again: forms.int4_able; bits=4 asks for int4 there), while the tier
+    fits 85% of the RAM available: where it would not, those types' int8 forms become int4 ones first (largest
+    growth first: half the bytes), then the types that grow the tier most stay packed and host runs dequantise
+    them, slower but in the file's size."""
+    from .forms import form_parts, form_ratio, int4_able
     packed: dict = {}
     for locs in ckpt.experts.values():
         for kind, nbytes in form_parts(locs):
             packed[kind] = packed.get(kind, 0) + nbytes
-    growth = {k: (form_ratio(k) - 1) * n for k, n in packed.items() if form_ratio(k) is not None}
-    need, avail = sum(locs.nbytes for locs in ckpt.experts.values()), _mem_available()
-    kinds = []
-    for kind in sorted(growth, key=lambda k: form_ratio(k)):
-        if avail is not None and need + growth[kind] > 0.85 * avail:
+    packed = {k: n for k, n in packed.items() if form_ratio(k) is not None}
+    want = {k: 4 if bits == 4 and int4_able(k) else 8 for k in packed}
+    base, avail = sum(locs.nbytes for locs in ckpt.experts.values()), _mem_available()
+    growth = lambda k, b: (form_ratio(k, b) - 1) * packed[k]  # noqa: E731
+    fits = lambda: avail is None or base + sum(growth(k, b) for k, b in want.items()) <= 0.85 * avail  # noqa: E731
+    halved, dropped = [], []
+    for k in sorted((k for k in want if want[k] == 8 and int4_able(k)), key=lambda k: -growth(k, 8)):
+        if fits():
             break
-        need += growth[kind]
-        kinds.append(kind)
-    if len(kinds) < len(growth):
-        left = len(growth) - len(kinds)
-        print(f"[emoe] kernel forms of every expert would take more than 85% of the {avail / 2**30:.1f} GiB of RAM "
-              f"available: {left} of {len(growth)} block types stay packed and host runs dequantise them "
-              f"(--no-host-kernel keeps all packed)", file=sys.stderr)
-    return frozenset(kinds)
+        want[k] = 4
+        halved.append(k)
+    for k in sorted(want, key=lambda k: -form_ratio(k, want[k])):
+        if fits():
+            break
+        del want[k]
+        dropped.append(k)
+    if halved or dropped:
+        print(f"[emoe] int8 kernel forms of every expert would take more than 85% of the {avail / 2**30:.1f} GiB of "
+              f"RAM available: " + ", ".join(
+                  ([f"{len(halved)} low-bit block types held as int4 forms (lossy: --no-host-kernel keeps all "
+                    f"packed, exact but dequantised per run)"] if halved else [])
+                  + ([f"{len(dropped)} of {len(packed)} block types stay packed and host runs dequantise them "
+                      f"(--no-host-kernel keeps all packed)"] if dropped else [])), file=sys.stderr)
+    return want
 
 
 def check_memory(ckpt: Checkpoint, tier: str, device: torch.device, fast_bytes: int) -> None:
@@ -279,13 +291,13 @@ def _trim_heap() -> None:
         pass
 
 
-def open_store(ckpt: Checkpoint, tier: str, host_forms: bool = False, int8: bool = False):
+def open_store(ckpt: Checkpoint, tier: str, host_forms: bool = False, int8: bool = False, form_bits: int = 8):
     """host_forms: hold what host runs can multiply directly (RAM only: from disk a host run reads anyway);
-    int8: full-precision experts too, quantised."""
+    int8: full-precision experts too, quantised; form_bits=4: low-bit GGUF types' forms as int4."""
     stores = {"disk": DiskStore, "ram": RamStore}
     if tier not in stores:
         raise ValueError(f"unknown expert tier {tier!r}; choose one of {sorted(stores)}")
-    return RamStore(ckpt, host_forms, int8) if tier == "ram" else DiskStore(ckpt)
+    return RamStore(ckpt, host_forms, int8, form_bits) if tier == "ram" else DiskStore(ckpt)
 
 
 def raw_direct_bandwidth(path: str, block: int = 4 << 20, limit: int = 1 << 30) -> float:

@@ -112,9 +112,10 @@ def llama_side(port: int, texts: list[str], prompts: list[list[int]], n: int) ->
 @torch.inference_mode()
 def emoe_side(model: Path, policy: str, budget: float, prompts: list[list[int]], ref: dict, n: int,
               host_kernel: bool = True, dense_int8: bool = False, dtype: str | None = None,
-              dense_blocks: bool = False) -> dict:
+              dense_blocks: bool = False, form_bits: int = 8) -> dict:
     eng = Engine(EngineConfig(str(model), budget=budget, miss_policy=policy, experts_on="ram", max_batch=1,
-                              host_kernel=host_kernel, dense_int8=dense_int8, dtype=dtype, dense_blocks=dense_blocks))
+                              host_kernel=host_kernel, dense_int8=dense_int8, dtype=dtype, dense_blocks=dense_blocks,
+                              host_form_bits=form_bits))
     same, agree, dlp, tok_s, outputs = 0, [], [], [], []
     stops = sorted(eng.codec.stop_ids)  # llama.cpp's ignore_eos bans end-of-generation tokens: so does this
     params = SamplingParams(max_tokens=n, ignore_eos=True, logit_bias={t: -100.0 for t in stops})
@@ -149,7 +150,7 @@ def main() -> None:
                     help="emoe's rows: MISS_POLICY@BUDGET; host/dq@B runs host misses dequantised per run "
                     "(--no-host-kernel) instead of on the CPU int4 kernel; a +d8 suffix (host+d8@0) runs the dense "
                     "projections as int8 copies (--dense-int8), +db on the file's own blocks (--dense-blocks), +bf16 computes "
-                    "in bf16 (--dtype bfloat16)")
+                    "in bf16 (--dtype bfloat16), +f4 holds sub-4-bit types as int4 forms (--host-form-bits 4)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--port", type=int, default=8091)
     a = ap.parse_args()
@@ -193,7 +194,8 @@ def main() -> None:
             name, *flags = policy.split("+")
             r = emoe_side(imported, name.removesuffix("/dq"), budget, prompts, ref, a.tokens,
                           host_kernel=not name.endswith("/dq"), dense_int8="d8" in flags,
-                          dtype="bfloat16" if "bf16" in flags else None, dense_blocks="db" in flags)
+                          dtype="bfloat16" if "bf16" in flags else None, dense_blocks="db" in flags,
+                          form_bits=4 if "f4" in flags else 8)
             if q == "f32" and policy == "all":
                 f32["emoe"] = r["outputs"]
             own = f"{drift(ref['tokens'], 'llama')}/{drift(r['outputs'], 'emoe')}"

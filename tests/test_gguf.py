@@ -480,6 +480,10 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     assert (linear(x, form) - ref).abs().max() <= (6 if qtype in ("Q6_K", "Q2_K") else 4) * act
     assert host_form(torch.from_numpy(w.astype(np.float16)), int(Q.F16)) is None
     assert host_form(t[:96], int(q)) is None  # the kernel packs rows in blocks of 64
+    four = host_form(t, int(q), bits=4)  # int4 only for types quantised again below 4 bits a weight
+    assert four.bits == (4 if qtype in ("Q2_K", "Q4_0", "Q4_1", "Q4_K") else form.bits)
+    if qtype == "Q2_K":  # 16 levels per 32 against Q2_K's 4 per 16: 3.5% of the values' size here
+        assert four.nbytes <= 1.91 * t.numel() and (dequantize(four) - want).abs().mean() <= 0.06 * want.abs().mean()
 
 
 def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
@@ -519,6 +523,41 @@ def test_low_bit_files_run_every_expert_on_its_form(tmp_path):
     a, b, c = (torch.log_softmax(e.score(ids, cont).float(), -1) for e in (ref, eng, bf16))
     assert torch.isfinite(a).all() and eng.cache.stats.host_runs > 0
     assert (a - b).abs().mean() <= 2 * (a - c).abs().mean()
+
+
+def test_low_bit_types_take_int4_forms_when_asked_or_short_of_ram(tmp_path, monkeypatch, capsys):
+    """host_form_bits=4: the types quantised again below 4 bits a weight (IQ2_XXS, Q2_K) become one-plane int4
+    forms, IQ4_XS keeps its exact int8 one: fewer bytes, log-probabilities moved by a fraction of what the
+    file's own rounding moved them from the original model. Where int8 forms would not fit the RAM, int4
+    ones are made before any type stays packed."""
+    from emoe import store
+    from emoe.forms import form_parts, form_ratio
+    hf = make_tiny("qwen3_moe", tmp_path / "hf", **SHAPE)
+    gguf = write_gguf(hf, tmp_path / "low.gguf", expert_types=("IQ2_XXS", "IQ4_XS", "Q2_K"), dense_type="Q8_0")
+    out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
+    kw = dict(miss_policy="host", budget=0, experts_on="ram", dtype="float32")
+    e8, e4 = Engine(EngineConfig(str(out), **kw)), Engine(EngineConfig(str(out), host_form_bits=4, **kw))
+    assert all([t.bits for t in ts] == [4, 8, 4] for ts in e4.store._experts.values())
+    size = lambda e: sum(t.nbytes for ts in e.store._experts.values() for t in ts)  # noqa: E731
+    assert size(e4) < 0.7 * size(e8)
+    ref, orig = (Engine(EngineConfig(str(m), miss_policy="all", dtype="float32")) for m in (out, hf))
+    ids, cont = ref.codec.encode("hello there, how are"), ref.codec.encode(" you doing today")
+    a, b8, b4, o = (torch.log_softmax(e.score(ids, cont).float(), -1) for e in (ref, e8, e4, orig))
+    assert (a - b8).abs().mean() < (a - b4).abs().mean() <= 0.25 * (a - o).abs().mean()
+    with pytest.raises(ValueError, match="host_form_bits"):
+        EngineConfig(str(out), host_form_bits=2)
+    experts = Checkpoint(out).experts
+    packed: dict = {}
+    for locs in experts.values():
+        for kind, n in form_parts(locs):
+            packed[kind] = packed.get(kind, 0) + n
+    small = sum(locs.nbytes for locs in experts.values()) + sum(
+        (form_ratio(k, 4) - 1) * n for k, n in packed.items())  # int4 forms where they may be, int8 for IQ4_XS
+    monkeypatch.setattr(store, "_mem_available", lambda: int(small / 0.85) + 1)
+    capsys.readouterr()
+    short = Engine(EngineConfig(str(out), **kw))
+    assert "2 low-bit block types held as int4 forms" in capsys.readouterr().err
+    assert all([t.bits for t in ts] == [4, 8, 4] for ts in short.store._experts.values())
 
 
 def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys):
