@@ -148,6 +148,9 @@ if [ -n "${LLAMA_DIR:-}" ]; then
     --modes all@1.0,host@0,host+db@0,host+d8@0 --work runs/llamacpp | tee $R/check_llamacpp_tiny_dense_blocks.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR --work runs/llamacpp-families-q8 --quants q8_0 \
     --modes all@1.0,host@0,host+db@0  # check_llamacpp_families_q8.txt
+  # thirteenth session: int4 forms of the sub-4-bit types (--host-form-bits 4) against int8 ones
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 --quants Q2_K,IQ3_XXS,IQ2_XXS \
+    --modes host+db@0,host+db+f4@0,host+db@0,host+db+f4@0 --work $W | tee $R/host_form_bits.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
