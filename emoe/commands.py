@@ -356,7 +356,8 @@ def cmd_serve(args) -> None:
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
                               dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
                               dense_blocks=args.dense_blocks, host_int8=args.host_int8,
-                              host_form_bits=args.host_form_bits, memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
+                              host_form_bits=args.host_form_bits,
+                              memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)
     from .scheduler import make_scheduler

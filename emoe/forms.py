@@ -147,8 +147,8 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     Q2_K's per-16 minimums, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
     kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
     0.5% of the values' size, far below the file's own rounding at 2-6 bits), or with bits=4 to int4
-    (int4_form: half the bytes and kernel time, lossy; int4_able types only). The RAM tier builds forms only where they fit the
-    memory available, int4 ones before none (store._form_kinds).
+    (int4_form: half the bytes and kernel time, lossy; int4_able types only). The RAM tier builds forms only
+    where they fit the memory available, int4 ones before none (store._form_kinds).
     The kernel multiplies bf16 activations, as llama.cpp rounds them to 8 bits."""
     if qtype in FLOAT_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
