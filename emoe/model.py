@@ -21,6 +21,8 @@ from .quant import linear
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
+    if dtype == torch.float32 == w.dtype:  # the same ops in one call (fewer dispatches: a CPU pays per op)
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return w * x.to(dtype)
@@ -43,12 +45,18 @@ def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None) -> tuple[to
     return (1.0 / (yarn.factor * base)) * (1 - keep) + (1.0 / base) * keep, yarn.attention_factor
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """x: [B, heads, T, d]; pos: [B, T]; rotates the two halves of x."""
-    d = x.shape[-1]
-    freqs = pos[:, None, :, None].float() * inv.to(x.device)
+def rope_tables(pos: torch.Tensor, inv: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, d] of positions pos [B, T]: the same for every layer of a forward."""
+    freqs = pos[:, None, :, None].float() * inv.to(pos.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, scale: float = 1.0,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x: [B, heads, T, d]; pos: [B, T]; rotates the two halves of x (tables: rope_tables made beforehand)."""
+    d = x.shape[-1]
+    cos, sin = tables or rope_tables(pos, inv, scale, x.dtype)
     half = torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
     return x * cos + half * sin
 
@@ -197,6 +205,7 @@ class MoEModel:
         self.moe = set(cfg.moe_layers)
         self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
+        self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
@@ -204,10 +213,20 @@ class MoEModel:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         if self.inv_freq.device != x.device:  # once, not a host→device copy per layer and step
             self.inv_freq = self.inv_freq.to(x.device)
+        key = ("rope", x.dtype)
+        tables = self._memo.get(key)
+        if tables is None:
+            tables = self._memo[key] = rope_tables(pos, self.inv_freq, self.rope_scale, x.dtype)
         if self.cfg.rotary_dim:  # partial rotary: the leading dims carry position, the rest pass through
             r = self.cfg.rotary_dim
-            return torch.cat((apply_rope(x[..., :r], pos, self.inv_freq, self.rope_scale), x[..., r:]), dim=-1)
-        return apply_rope(x, pos, self.inv_freq, self.rope_scale)
+            return torch.cat((apply_rope(x[..., :r], pos, self.inv_freq, tables=tables), x[..., r:]), dim=-1)
+        return apply_rope(x, pos, self.inv_freq, tables=tables)
+
+    def mask(self, pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+        key = ("mask", n_keys, window)
+        if key not in self._memo:
+            self._memo[key] = attention_mask(pos, n_keys, window)
+        return self._memo[key]
 
     @staticmethod
     def cached(i: int, cache: list[torch.Tensor], new: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -238,7 +257,7 @@ class MoEModel:
         w_kv = w[p + "kv_b_proj.weight"].view(H, nope + m.v_head_dim, r)
         query = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :nope]), self.rotate(q_rot, pos)), -1)
         keys = keys.transpose(1, 2)  # [B, 1, n, r + rope]: one latent "head" shared by every query head
-        out = F.scaled_dot_product_attention(query, keys, keys[..., :r], attn_mask=attention_mask(pos, n, None),
+        out = F.scaled_dot_product_attention(query, keys, keys[..., :r], attn_mask=self.mask(pos, n, None),
                                              scale=(nope + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale,
                                              enable_gqa=True)
         out = torch.einsum("bhtr,hvr->bthv", out, w_kv[:, nope:]).reshape(B, T, H * m.v_head_dim)
@@ -273,7 +292,7 @@ class MoEModel:
             keys, vals = self.cached(i, kv.k, k, rows), self.cached(i, kv.v, v, rows)
             n = keys.shape[1]
         windowed = cfg.window_layers is None or i in cfg.window_layers
-        mask = attention_mask(pos, n, cfg.sliding_window if windowed else None)
+        mask = self.mask(pos, n, cfg.sliding_window if windowed else None)
         keys, vals, sinks = keys.transpose(1, 2), vals.transpose(1, 2), w.get(p + "sinks")
         if sinks is None:
             out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=cfg.attention_scale,
@@ -362,6 +381,7 @@ class MoEModel:
         r = cfg.residual_multiplier  # a residual branch's weight (muP); 1 elsewhere, and then not multiplied
         B, T, H = x.shape
         rows = Rows.of(pos, valid, slots if kv is not None else None)
+        self._memo = {}
         post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
         segments = self._segments(pos, valid) if self.linear else None
         for i in range(cfg.num_layers):

@@ -9,7 +9,7 @@ set -u
 OLD=${1:?usage: ab_profile.sh OLD_TREE [ROUNDS]}; ROUNDS=${2:-2}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 M=$PWD/emoe/models/emoe-tiny R=${AB_RANDOM:-/tmp/ab-random} NEW=$PWD LOG=$(mktemp)  # AB_RANDOM: a random model made earlier
-[ -f $R/model.safetensors ] || PYTHONPATH=$NEW python3 scripts/make_random_model.py --out $R --experts 16 \
+[ -f $R/config.json ] || PYTHONPATH=$NEW python3 scripts/make_random_model.py --out $R --experts 16 \
   --hidden 1024 --inter 2816 --layers 8
 cp scripts/gpu_profile.py "$OLD/scripts/"  # the same harness for both trees
 for round in $(seq "$ROUNDS"); do for tree in "$OLD" "$NEW"; do
