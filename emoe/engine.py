@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ckernel
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -106,6 +107,8 @@ class Engine:
         check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
         self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"),
                                 int8=cfg.host_int8, form_bits=cfg.host_form_bits)
+        if self.device.type == "cpu":
+            ckernel.library()  # built now (under a second, once per machine), not in the first long prompt
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
                                  kernel=cfg.qkernel)
         self.cache.budget_bytes = min(budget, self.total_expert_bytes)

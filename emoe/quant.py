@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .ckernel import dequant_t
+
 BITS = (4, 8)
 
 
@@ -159,7 +161,16 @@ def from_kernel(k: KTensor) -> QTensor:
     return QTensor(data.contiguous(), k.sz[-1][..., 0].t().half().contiguous(), k.shape, k.bits, k.group)
 
 
+# rows (of one call) from which unpacking a form to bf16 once and multiplying with oneDNN beats the int4 kernel,
+# which costs the same per 4 rows whatever their number: by planes (scripts/bench_prefill_dequant.py)
+DEQUANT_ROWS = {1: 48, 2: 48}
+
+
 def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
+    if xb.shape[0] >= DEQUANT_ROWS.get(len(w.planes), 1 << 30):  # a prefill's many rows
+        wt = dequant_t(w)
+        if wt is not None:  # two planes: W^T = hi + lo, the small product added inside the big one's matmul
+            return xb @ wt[0] if len(wt) == 1 else torch.addmm(xb @ wt[1], xb, wt[0])
     y = _MM(xb, w.planes[0], w.group, w.sz[0])
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
