@@ -151,6 +151,8 @@ if [ -n "${LLAMA_DIR:-}" ]; then
   # thirteenth session: int4 forms of the sub-4-bit types (--host-form-bits 4) against int8 ones
   $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 --quants Q2_K,IQ3_XXS,IQ2_XXS \
     --modes host+db@0,host+db+f4@0,host+db@0,host+db+f4@0 --work $W | tee $R/host_form_bits.txt
+  $PY scripts/bench_prefill_dequant.py --model $W/import-Q4_0 --model $W/import-q8_0 --model $W/import-Q4_K_M \
+    | tee $R/bench_prefill_dequant.txt  # then bench_serve_llamacpp.py as above: its third run
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
