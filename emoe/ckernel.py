@@ -1,6 +1,6 @@
 """A small C routine for many-row products with kernel forms on a CPU: PyTorch's int4 kernel (quant._kmm) costs
-the same per 4 rows whatever their number, so a prefill's hundreds of rows pay hundreds of times what one
-decoded token does. Past a few dozen rows it is cheaper to unpack the form once to bf16 (W^T, in the kernel
+the same per 4 rows whatever their number, so each of a prefill's rows costs about what a decoded token's
+does. Past a few dozen rows it is cheaper to unpack the form once to bf16 (W^T, in the kernel
 layout's own order, so reads and writes run along memory) and let oneDNN's bf16 matmul reuse it across rows:
 `scripts/bench_prefill_dequant.py` measures both. Built at first use with the system C compiler into
 ~/.cache/emoe (keyed by source, flags and CPU), loaded with ctypes; without a compiler, or with
