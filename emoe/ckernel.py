@@ -25,7 +25,7 @@ SOURCE = r"""
 #include <string.h>
 static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
-/* W^T [K, N] in bf16 for row blocks b0..b1 of a matrix held as np (1 or 2) planes of PyTorch's CPU int4 layout
+/* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1 of a matrix held as np (1 or 2) planes of PyTorch's CPU int4 layout
    (per block of 64 rows, byte [k, j] holds row j's nibble low and row j+32's high; bf16 (scale, zero) pairs
    [K / group, N, 2]): out[k, n] = sum over planes of (u - 8) * s[g, n] + z[g, n], g = k / group, summed in
    float and rounded once; with lo, also what that rounding left (a second bf16 matrix: hi + lo holds 16
@@ -33,6 +33,7 @@ static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (ui
    inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
                        uint16_t *restrict lo_out, int N, int K, int group, int b0, int b1) {
+    const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
     for (int b = b0; b < b1; b++) {
         for (int k = 0; k < K; k++) {
@@ -44,7 +45,7 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
             }
             const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
             const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
-            uint16_t *restrict o = out + (long)k * N + b * 64;
+            uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
             for (int j = 0; j < 32; j++) {
                 float lo = (float)(p0[j] & 15) * s[0][j] + z[0][j];
                 float hi = (float)(p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
@@ -55,8 +56,8 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
                 o[j] = tobf(lo);
                 o[j + 32] = tobf(hi);
                 if (np == 2) {
-                    lo_out[(long)k * N + b * 64 + j] = tobf(lo - bf(o[j]));
-                    lo_out[(long)k * N + b * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
+                    lo_out[(long)k * ld + (b - b0) * 64 + j] = tobf(lo - bf(o[j]));
+                    lo_out[(long)k * ld + (b - b0) * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
                 }
             }
         }
@@ -112,23 +113,29 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def dequant_t(w) -> tuple[torch.Tensor, ...] | None:
-    """A KTensor's matrix as bf16 W^T [cols, rows] (contiguous), or None where the routine is unavailable. A
-    two-plane form (int8 values: more significant bits than bf16 holds) comes as (hi, lo), W^T = hi + lo.
-    The tensors are this thread's scratch, valid until its next call: a fresh megabyte-sized allocation is
-    paged in anew each time, which cost as much as the unpacking."""
-    lib = library()
-    if lib is None or w.planes[0].device.type != "cpu" or len(w.planes) > 2:
+def unpackable(w) -> bool:
+    """Whether dequant_t takes this KTensor: the routine is built, and the form is on the CPU in one or two planes."""
+    return w.planes[0].device.type == "cpu" and len(w.planes) <= 2 and library() is not None
+
+
+def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...] | None:
+    """A KTensor's rows b0·64 .. b1·64 (all by default) as bf16 W^T [cols, those rows] (contiguous), or None
+    where the routine is unavailable. A two-plane form (int8 values: more significant bits than bf16 holds)
+    comes as (hi, lo), W^T = hi + lo. The tensors are this thread's scratch, valid until its next call: a
+    fresh megabyte-sized allocation is paged in anew each time, which cost as much as the unpacking."""
+    if not unpackable(w):
         return None
-    rows, cols = w.shape
+    lib, (rows, cols) = library(), w.shape
+    b1 = rows // 64 if b1 is None else b1
+    n = (b1 - b0) * 64
     planes = [p.contiguous() for p in w.planes]
     sz = [t.contiguous() for t in w.sz]
     bufs = _scratch.__dict__.setdefault("bufs", {})
-    out = [bufs.get((cols, rows, i)) for i in range(len(planes))]
-    out = [t if t is not None else bufs.setdefault((cols, rows, i), torch.empty(cols, rows, dtype=torch.bfloat16))
+    out = [bufs.get((cols, n, i)) for i in range(len(planes))]
+    out = [t if t is not None else bufs.setdefault((cols, n, i), torch.empty(cols, n, dtype=torch.bfloat16))
            for i, t in enumerate(out)]
     arr = ctypes.c_void_p * len(planes)
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
-                  rows, cols, w.group, 0, rows // 64)
+                  rows, cols, w.group, b0, b1)
     return tuple(out)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import dequant_t
+from .ckernel import dequant_t, unpackable
 
 BITS = (4, 8)
 
@@ -166,11 +166,16 @@ def from_kernel(k: KTensor) -> QTensor:
 DEQUANT_ROWS = {1: 48, 2: 48}
 
 
+DEQUANT_COLS = 4096  # W^T unpacked this many output columns at a time: a 150k-token lm_head stays in scratch-sized parts
+
+
 def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
-    if xb.shape[0] >= DEQUANT_ROWS.get(len(w.planes), 1 << 30):  # a prefill's many rows
-        wt = dequant_t(w)
-        if wt is not None:  # two planes: W^T = hi + lo, the small product added inside the big one's matmul
-            return xb @ wt[0] if len(wt) == 1 else torch.addmm(xb @ wt[1], xb, wt[0])
+    if xb.shape[0] >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) and unpackable(w):  # a prefill's many rows
+        parts = []
+        for c in range(0, w.shape[0], DEQUANT_COLS):  # two planes: W^T = hi + lo, the small product inside the big one's
+            wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64)
+            parts.append(xb @ wt[0] if len(wt) == 1 else torch.addmm(xb @ wt[1], xb, wt[0]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     y = _MM(xb, w.planes[0], w.group, w.sz[0])
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 

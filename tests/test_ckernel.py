@@ -43,7 +43,7 @@ def test_many_rows_take_the_unpacked_matrix_and_few_the_int4_kernel(monkeypatch)
     activations and weights to bf16 of the exact product."""
     calls = []
     real = quant.dequant_t
-    monkeypatch.setattr(quant, "dequant_t", lambda w: calls.append(w.shape) or real(w))
+    monkeypatch.setattr(quant, "dequant_t", lambda w, *blocks: calls.append(w.shape) or real(w, *blocks))
     for name in ("int4", "int8"):
         k = forms()[name]
         need = quant.DEQUANT_ROWS[len(k.planes)]
@@ -85,7 +85,7 @@ def test_a_long_prompt_scores_as_on_the_int4_kernel(tmp_path, monkeypatch):
     assert len(ids) >= max(quant.DEQUANT_ROWS.values())
     calls = []
     real = quant.dequant_t
-    monkeypatch.setattr(quant, "dequant_t", lambda w: calls.append(1) or real(w))
+    monkeypatch.setattr(quant, "dequant_t", lambda w, *blocks: calls.append(1) or real(w, *blocks))
     fast = torch.log_softmax(eng.score(ids[:1], ids[1:]).float(), -1)
     assert calls  # the routine ran
     monkeypatch.setattr(quant, "DEQUANT_ROWS", {1: 1 << 30, 2: 1 << 30})
@@ -96,3 +96,16 @@ def test_a_long_prompt_scores_as_on_the_int4_kernel(tmp_path, monkeypatch):
     assert (fast - slow).abs().mean() <= moved  # measured 0.0067 against 0.0091
     assert (fast - ref).abs().mean() <= 1.25 * (slow - ref).abs().mean()  # as near float32 as the kernel (0.96x)
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.95
+
+
+def test_wide_matrices_unpack_in_column_parts(monkeypatch):
+    """A matrix with more output rows than DEQUANT_COLS (an lm_head over a large vocabulary) is unpacked and
+    multiplied a part at a time, so the scratch stays small; the product is the one-part product."""
+    k = forms()["int8"]  # 192 rows
+    x = torch.randn(64, k.shape[1])
+    whole = quant.linear(x, k)
+    monkeypatch.setattr(quant, "DEQUANT_COLS", 64)
+    parts = []
+    real = quant.dequant_t
+    monkeypatch.setattr(quant, "dequant_t", lambda w, *blocks: parts.append(blocks) or real(w, *blocks))
+    assert torch.equal(quant.linear(x, k), whole) and parts == [(0, 1), (1, 2), (2, 3)]
