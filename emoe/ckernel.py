@@ -91,9 +91,9 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("EMOE_NO_CKERNEL"):
         return None
     key = hashlib.sha256("\0".join([SOURCE, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emoe"
-    so = cache / f"ckernel-{key}.so"
     try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe"
+        so = cache / f"ckernel-{key}.so"
         if not so.is_file():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -107,8 +107,8 @@ def library() -> ctypes.CDLL | None:
         lib.kplanes_t.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
         _lib = lib
-    except (OSError, subprocess.SubprocessError) as e:
-        print(f"[emoe] no C compiler for the prefill routine ({type(e).__name__}): many-row products stay on "
+    except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
+        print(f"[emoe] the prefill routine could not be built ({type(e).__name__}): many-row products stay on "
               f"PyTorch's int4 kernel", file=sys.stderr)
     return _lib
 

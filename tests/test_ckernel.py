@@ -109,3 +109,11 @@ def test_wide_matrices_unpack_in_column_parts(monkeypatch):
     real = quant.dequant_t
     monkeypatch.setattr(quant, "dequant_t", lambda w, *blocks: parts.append(blocks) or real(w, *blocks))
     assert torch.equal(quant.linear(x, k), whole) and parts == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_no_compiler_or_cache_means_the_int4_kernel_and_a_line_saying_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(ckernel, "_lib", False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert ckernel.library() is None and not ckernel.unpackable(forms()["int4"])
+    assert "could not be built" in capsys.readouterr().err
