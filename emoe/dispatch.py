@@ -47,7 +47,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     early = None
     if defers is not None and x.device.type != "cpu" and any(defers(e, n) for e, n in enumerate(counts) if n):
         early = (x.cpu(), toks.cpu(), gates.cpu())
-    # on a CPU, one gather and one scatter for the layer (each costs ~9 µs however small): index_add_ runs its
+    # on a CPU, one gather and one scatter for the layer (each costs microseconds however small): index_add_ runs its
     # indices in order there, so the sums are the per-expert loop's bit for bit; a GPU's atomics would not be
     cpu = x.device.type == "cpu"
     xs, pieces = (x[toks], []) if cpu else (None, None)
