@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import same_model_tokens
+from conftest import needs_pinned_transformers, same_model_tokens
 from emoe.checkpoint import Checkpoint, CheckpointError
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.gguf_import import GGUFError, import_gguf
@@ -89,6 +89,7 @@ def test_mixtral_files_early_layout_and_sentencepiece_vocabulary(tmp_path):
     tokenizer matches transformers' conversion of the same file, BOS included, except where SentencePiece
     itself differs from that conversion: a text (or a text after a special token) that starts with a space
     gets its own "▁" (checked against llama.cpp's test vectors by scripts/check_gguf_vocab.py)."""
+    needs_pinned_transformers("GGUF tokenizer conversion")
     import transformers
     from tokenizers import Tokenizer
 
@@ -117,6 +118,7 @@ def test_gpt_oss_files_fused_experts_mxfp4_and_o200k_split(tmp_path):
     in one tensor, logits still equal transformers' on the original folder; MXFP4 experts (ggml's block
     layout, dequantised by gguf-py) serve under a budget with all-resident's tokens; the tokenizer splits as
     transformers' conversion of the file does (o200k's rule)."""
+    needs_pinned_transformers("GGUF tokenizer conversion")
     import transformers
     from tokenizers import Tokenizer
     hf = make_tiny("gpt_oss", tmp_path / "hf", hidden_size=256, intermediate_size=256)
@@ -264,6 +266,7 @@ def test_a_split_gguf_imports_from_its_first_shard_as_the_whole_file(imported, t
 
 
 def test_tokenizer_matches_transformers_conversion(imported):
+    needs_pinned_transformers("GGUF tokenizer conversion")
     import transformers as tf
     from tokenizers import Tokenizer
     hf, gguf, out = imported
