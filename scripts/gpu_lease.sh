@@ -17,10 +17,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then   # installed once here: two gpu_check.sh
 fi
 left() { echo $((BUDGET - (SECONDS - T0))); }
 STEPS=pytest timeout "$(left)" bash scripts/gpu_check.sh "$W/tests" > "$W/pytest.log" 2>&1 &
-STEPS="${MAKE_STEPS:-random_model random_gpt_oss gguf_pair random_qwen3_next random_ds_fp8}" \
+STEPS="${MAKE_STEPS:-random_model gguf_pair random_gpt_oss random_ds_fp8}" \
   timeout "$(left)" bash scripts/gpu_check.sh "$W/make" > "$W/make.log" 2>&1
 wait; cat "$W/pytest.log"; grep "^== " "$W/make.log"
-for s in ${GPU_STEPS:-profile_random profile_qwen3_next profile_gguf profile_gpt_oss interleave prefix_reuse profile_ds_fp8}; do
+for s in ${GPU_STEPS:-auto_vs_load eval_layers profile_gguf profile_gpt_oss profile_ds_fp8 interleave}; do
   [ "$(left)" -gt 5 ] || break   # one call each, so that they run in this order (gpu_check.sh keeps its own)
   STEPS=$s timeout "$(left)" bash scripts/gpu_check.sh "$W/gpu" 2>&1 | grep -v "^torch \|^NVIDIA" | tee -a "$W/gpu.log"
 done
