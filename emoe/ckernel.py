@@ -131,9 +131,10 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
     planes = [p.contiguous() for p in w.planes]
     sz = [t.contiguous() for t in w.sz]
     bufs = _scratch.__dict__.setdefault("bufs", {})
-    out = [bufs.get((cols, n, i)) for i in range(len(planes))]
-    out = [t if t is not None else bufs.setdefault((cols, n, i), torch.empty(cols, n, dtype=torch.bfloat16))
-           for i, t in enumerate(out)]
+    for i in range(len(planes)):
+        if (cols, n, i) not in bufs:
+            bufs[(cols, n, i)] = torch.empty(cols, n, dtype=torch.bfloat16)
+    out = [bufs[(cols, n, i)] for i in range(len(planes))]
     arr = ctypes.c_void_p * len(planes)
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
