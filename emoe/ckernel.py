@@ -1,11 +1,16 @@
-"""A small C routine for many-row products with kernel forms on a CPU: PyTorch's int4 kernel (quant._kmm) costs
-the same per 4 rows whatever their number, so each of a prefill's rows costs about what a decoded token's
-does. Past a few dozen rows it is cheaper to unpack the form once to bf16 (W^T, in the kernel
-layout's own order, so reads and writes run along memory) and let oneDNN's bf16 matmul reuse it across rows:
-`scripts/bench_prefill_dequant.py` measures both. Built at first use with the system C compiler into
-~/.cache/emoe (keyed by source, flags and CPU), loaded with ctypes; without a compiler, or with
-EMOE_NO_CKERNEL=1, the int4 kernel serves every row count. One thread: split over two (ctypes drops the GIL)
-it ran slower here, beside torch's own threads.
+"""emoe's C routines for kernel forms on a CPU (the source, with the layout, is ckernel.c beside this file).
+
+- Many rows (a prefill's): PyTorch's int4 kernel (quant._kmm) costs the same per 4 rows whatever their number,
+  so past a few dozen rows the form is unpacked once to bf16 W^T and oneDNN's bf16 matmul reuses it across
+  rows (`scripts/bench_prefill_dequant.py`). One thread: split over two it ran slower, beside torch's own.
+- Few rows (a decode step's): activations rounded to int8 per 32, as llama.cpp's quantised matmuls round
+  them, times the nibbles in int32 (VNNI where the CPU has it): 2.5x the int4 kernel on one expert matrix,
+  and kq_moe runs a MoE layer's experts in one call instead of ~8 torch ops each (`emoe bench kq`). Threads
+  come from PyTorch's own OpenMP runtime (linked to torch's libgomp), so they are its threads, not a second team.
+
+Built at first use with the system C compiler into ~/.cache/emoe (keyed by source, flags and CPU), loaded
+with ctypes (which drops the GIL); without a compiler, or with EMOE_NO_CKERNEL=1, PyTorch's int4 kernel
+serves every row count; EMOE_KQ=off keeps it for few rows only, EMOE_KQ=int8 rounds activations to int8 there.
 """
 from __future__ import annotations
 
@@ -20,56 +25,16 @@ from pathlib import Path
 
 import torch
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
-static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
-/* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1 of a matrix held as np (1 or 2) planes of PyTorch's CPU int4 layout
-   (per block of 64 rows, byte [k, j] holds row j's nibble low and row j+32's high; bf16 (scale, zero) pairs
-   [K / group, N, 2]): out[k, n] = sum over planes of (u - 8) * s[g, n] + z[g, n], g = k / group, summed in
-   float and rounded once; with lo, also what that rounding left (a second bf16 matrix: hi + lo holds 16
-   significant bits, as the int8 values times their scales need). np is a constant in each call of run, so its
-   inner loop vectorises. */
-static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
-                       uint16_t *restrict lo_out, int N, int K, int group, int b0, int b1) {
-    const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
-    float s[2][64], z[2][64];
-    for (int b = b0; b < b1; b++) {
-        for (int k = 0; k < K; k++) {
-            if (k % group == 0) {
-                for (int i = 0; i < np; i++) {
-                    const uint16_t *q = sz[i] + ((long)(k / group) * N + b * 64) * 2;
-                    for (int j = 0; j < 64; j++) { s[i][j] = bf(q[2 * j]); z[i][j] = bf(q[2 * j + 1]) - 8 * s[i][j]; }
-                }
-            }
-            const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
-            const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
-            uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
-            for (int j = 0; j < 32; j++) {
-                float lo = (float)(p0[j] & 15) * s[0][j] + z[0][j];
-                float hi = (float)(p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
-                if (np == 2) {
-                    lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
-                    hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
-                }
-                o[j] = tobf(lo);
-                o[j + 32] = tobf(hi);
-                if (np == 2) {
-                    lo_out[(long)k * ld + (b - b0) * 64 + j] = tobf(lo - bf(o[j]));
-                    lo_out[(long)k * ld + (b - b0) * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
-                }
-            }
-        }
-    }
-}
-void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, uint16_t *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1) {
-    if (np == 1) run(planes, sz, 1, out, lo, N, K, group, b0, b1);
-    else run(planes, sz, 2, out, lo, N, K, group, b0, b1);
-}
-"""
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+SOURCE = (Path(__file__).parent / "ckernel.c").read_text()
+# EMOE_CKERNEL_MARCH: the target (default this CPU); x86-64-v3 builds the AVX2 path, as tests do
+FLAGS = ["-O3", f"-march={os.environ.get('EMOE_CKERNEL_MARCH', 'native')}", "-shared", "-fPIC"]
+
+
+def _openmp_flags() -> list[str]:
+    """OpenMP against the libgomp PyTorch loaded (same soname: the process keeps one runtime), else none: the
+    pragmas are then ignored and the routines run on one thread."""
+    lib = Path(torch.__file__).parent / "lib"
+    return ["-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}"] if (lib / "libgomp.so.1").is_file() else []
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _scratch = threading.local()
 
@@ -90,7 +55,8 @@ def library() -> ctypes.CDLL | None:
     _lib = None
     if os.environ.get("EMOE_NO_CKERNEL"):
         return None
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    flags = FLAGS + _openmp_flags()
+    key = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     try:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe"
         so = cache / f"ckernel-{key}.so"
@@ -99,13 +65,19 @@ def library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
                 src.write_text(SOURCE)
-                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)], check=True,
+                subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(out)], check=True,
                                capture_output=True, timeout=120)
                 os.replace(out, so)  # atomic: a second process sees the whole file or none
         lib = ctypes.CDLL(str(so))
         lib.kplanes_t.restype = None
         lib.kplanes_t.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
+        lib.kq_modes.restype = ctypes.c_int
+        lib.modes = lib.kq_modes()
+        if lib.modes:
+            P, i = ctypes.c_void_p, ctypes.c_int
+            lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
+            lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, P, i, P, i, i], None
         _lib = lib
     except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
         print(f"[emoe] the prefill routine could not be built ({type(e).__name__}): many-row products stay on "
@@ -140,3 +112,51 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
                   rows, cols, w.group, b0, b1)
     return tuple(out)
+
+
+# -- few rows: int8 activations ---------------------------------------------------------------------------------
+def kq_able(w) -> bool:
+    """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
+    is on the CPU in contiguous planes. The form's part is decided once per KTensor (its `cdesc` slot)."""
+    lib = library()
+    if lib is None or not lib.modes & MODES.get(KQ, 0):
+        return False
+    if not w.cdesc:
+        if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)):
+            # the kmat (ckernel.c): addresses of planes and scales, and sizes; lives as long as the tensors do
+            p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
+            d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group], dtype=torch.int64)
+            w.cdesc.extend((d.data_ptr(), d))
+        else:
+            w.cdesc.extend((0, None))
+    return w.cdesc[0] != 0
+
+
+# few rows on kq_linear / kq_moe with activations in bf16 (as PyTorch's kernel takes them: the default) or int8
+# (llama.cpp's rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide.
+MODES = {"int8": 1, "bf16": 2}
+KQ = os.environ.get("EMOE_KQ", "bf16")
+# fewer rows than these take the routines (kq_linear, kq_moe's whole layer): in bf16 each row re-reads the
+# unpacked weights, so past 2 rows PyTorch's kernel (4 rows a pass) is faster on one matrix; a layer's experts
+# each see few of its rows. In int8 every count below a prefill's is faster (`emoe bench kq`).
+ROWS = {"bf16": (3, 9), "int8": (48, 48)}
+if KQ not in (*MODES, "off"):
+    raise ValueError(f"EMOE_KQ must be bf16, int8 or off, got {KQ!r}")
+
+
+def kq_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) times the form's matrix transposed: y [M, N] float32."""
+    y = torch.empty(x.shape[0], w.shape[0])
+    _lib.kq_linear(w.cdesc[0], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+    return y
+
+
+def kq_moe(out: torch.Tensor, x: torch.Tensor, ffns: list, start: list[int], toks: torch.Tensor,
+           gates: torch.Tensor) -> None:
+    """out [T, H] += Σ gate × SwiGLU_e(x[token]) for the experts whose (gate, up, down) forms (kq_able) are ffns,
+    expert i taking rows start[i] .. start[i+1] of toks / gates (int64 token indices, float32 routing weights).
+    x, out: float32, contiguous."""
+    n = len(ffns)
+    descs = (ctypes.c_void_p * (3 * n))(*(m.cdesc[0] for f in ffns for m in f))
+    _lib.kq_moe(descs, n, (ctypes.c_int64 * (n + 1))(*start), toks.data_ptr(), gates.data_ptr(), x.data_ptr(),
+                x.shape[0], out.data_ptr(), torch.get_num_threads(), KQ == "bf16")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .cache import ExpertCache
-from .quant import QTensor
+from .ckernel import kq_moe
+from .quant import QTensor, kq_ffn
 from .quant import swiglu as expert_ffn
 from .traces import TraceRecorder
 
@@ -37,7 +38,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     sum crosses back once. Where defers(e, n) says some will, that copy is taken at the layer's one sync,
     before any device expert is queued, so the host runs its experts while the device works through its
     own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
-    ffn = ffn or (lambda e, h, w: expert_ffn(h, *w))
+    swiglu, ffn = ffn is None, ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
@@ -50,26 +51,31 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     # on a CPU, one gather and one scatter for the layer (each costs microseconds however small): index_add_ runs its
     # indices in order there, so the sums are the per-expert loop's bit for bit; a GPU's atomics would not be
     cpu = x.device.type == "cpu"
-    xs, pieces = (x[toks], []) if cpu else (None, None)
+    xs, pieces, kq = (None, [], []) if cpu else (None, None, None)
     for e, n in enumerate(counts):
         if n:
             w = fetch(e, n)
             if not _runs_beside(w, x):
                 deferred.append((e, start, n, w))
+            elif cpu and swiglu and kq_ffn(x, w):  # few rows on kernel forms: the layer's such experts in one C call
+                kq.append((start, n, w))
             elif cpu:
+                xs = x[toks] if xs is None else xs
                 pieces.append((start, ffn(e, xs[start: start + n], w)))
             else:
                 tok = toks[start: start + n]
                 out.index_add_(0, tok, ffn(e, x[tok], w) * gates[start: start + n])
             start += n
     if pieces:
-        if not deferred:
+        if not deferred and not kq:
             ys = torch.cat([y for _, y in pieces]) if len(pieces) > 1 else pieces[0][1]
-        else:  # deferred rows stay 0 here: adding 0 leaves a sum's bits as they were
+        else:  # deferred and kq rows stay 0 here: adding 0 leaves a sum's bits as they were
             ys = x.new_zeros(len(toks), x.shape[1])
             for s, y in pieces:
                 ys[s: s + len(y)] = y
         out.index_add_(0, toks, ys * gates)
+    if kq:
+        _kq_layer(out, x, toks, gates, kq)
     if deferred:
         dev = _device(deferred[0][3][0])
         hx, ht, hg = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
@@ -80,6 +86,19 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
             host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
         out += host.to(x.device)
     return out
+
+
+def _kq_layer(out, x, toks, gates, kq) -> None:
+    """out += the experts in kq (start, n, forms), each on its rows of toks / gates, through ckernel.kq_moe."""
+    if sum(n for _, n, _ in kq) == len(toks):  # every routed row: toks and gates as they are
+        rows = None
+    else:
+        rows = torch.cat([torch.arange(s, s + n) for s, n, _ in kq])
+    t, g = (toks, gates) if rows is None else (toks[rows], gates[rows])
+    starts = [0]
+    for _, n, _ in kq:
+        starts.append(starts[-1] + n)
+    kq_moe(out, x.contiguous(), [w for _, _, w in kq], starts, t.contiguous(), g.reshape(-1).float().contiguous())
 
 
 def _device(t) -> torch.device:

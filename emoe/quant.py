@@ -8,7 +8,7 @@ input columns (fp16): on the embedded model's experts int4 keeps ~10% relative w
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import dequant_t, unpackable
+from . import ckernel
+from .ckernel import dequant_t, kq_able, kq_linear, kq_moe, unpackable
 
 BITS = (4, 8)
 
@@ -98,6 +99,7 @@ class KTensor:
     shape: tuple[int, int]
     bits: int
     group: int
+    cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel.desc, made once
 
     @property
     def nbytes(self) -> int:
@@ -180,13 +182,28 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
 
+def _few_rows(x: torch.Tensor, ws: tuple[KTensor, ...], moe: bool = False) -> bool:
+    """Whether ckernel's few-row routine runs this product (kq_moe: a layer's experts on x): float32 rows,
+    fewer than ckernel.ROWS for its mode."""
+    rows = x.numel() // x.shape[-1]
+    return x.dtype == torch.float32 and all(kq_able(w) for w in ws) and rows < ckernel.ROWS[ckernel.KQ][moe]
+
+
+def kq_ffn(x: torch.Tensor, w) -> bool:
+    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe, for a layer's rows x."""
+    return len(w) == 3 and all(isinstance(t, KTensor) for t in w) and x.dim() == 2 and _few_rows(x, w, True)
+
+
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (the
-    CPU kernel, which takes 2-D bf16 activations: x is flattened and rounded to bf16 for it)."""
+    """x @ w.T (+ bias) for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (few
+    float32 rows: ckernel's int8-activation routine; else the CPU kernel, which takes 2-D bf16 activations: x
+    is flattened and rounded to bf16 for it)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, QTensor):
         y = F.linear(x, dequantize(w, x.dtype))
+    elif _few_rows(x, (w,)):
+        y = kq_linear(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     else:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         y = _kmm(flat, w).to(x.dtype).view(*x.shape[:-1], w.shape[0])
@@ -216,6 +233,10 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     """One expert's FFN on full weights or copies. An expert whose three matrices are KTensors runs wholly
     in bf16, casting once each way: per-call overhead, not the matmul, dominates small experts on a CPU."""
     if isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor):
+        if kq_ffn(x, (gate, up, down)):
+            out = torch.zeros_like(x)
+            kq_moe(out, x.contiguous(), [(gate, up, down)], [0, len(x)], torch.arange(len(x)), x.new_ones(len(x)))
+            return out
         xb = x.to(torch.bfloat16)
         return _kmm(F.silu(_kmm(xb, gate)) * _kmm(xb, up), down).to(x.dtype)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)

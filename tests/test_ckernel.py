@@ -117,3 +117,119 @@ def test_no_compiler_or_cache_means_the_int4_kernel_and_a_line_saying_so(monkeyp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert ckernel.library() is None and not ckernel.unpackable(forms()["int4"])
     assert "could not be built" in capsys.readouterr().err
+
+
+# -- few rows: kq_linear / kq_moe ---------------------------------------------------------------------------
+kq = pytest.mark.skipif(not (ckernel.library() and ckernel.library().modes), reason="no vector routine for this CPU")
+
+
+def _modes():
+    lib = ckernel.library()
+    return [m for m, bit in ckernel.MODES.items() if lib and lib.modes & bit]
+
+
+@kq
+@pytest.mark.parametrize("name", list(forms()))
+def test_few_rows_match_the_forms_product(name, monkeypatch):
+    """bf16 activations: at least as near the exact product as PyTorch's int4 kernel (measured 0.6-0.7x its
+    error: the sums stay in fp32 to the end). int8 activations (llama.cpp's rounding per 32): within 1%."""
+    k = forms()[name]
+    x = torch.randn(5, k.shape[1], generator=torch.Generator().manual_seed(1))
+    ref = x @ quant.dequantize(k).T
+    kernel = (quant._kmm(x.bfloat16(), k).float() - ref).norm()
+    for mode in _modes():
+        monkeypatch.setattr(ckernel, "KQ", mode)
+        assert ckernel.kq_able(k)
+        for rows in (1, 2, 5):
+            err = (ckernel.kq_linear(x[:rows].contiguous(), k) - ref[:rows]).norm() / ref[:rows].norm()
+            assert err <= (kernel / ref.norm() if mode == "bf16" else 0.01), (mode, rows)
+
+
+def _layer(seed=0, E=6, H=256, I=128):
+    g = torch.Generator().manual_seed(seed)
+    ex = [tuple(quant.to_kernel(quant.quantize(torch.randn(*s, generator=g) / 8, 4, 32)) for s in ((I, H), (I, H), (H, I)))
+          for _ in range(E)]
+    T = 5
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    return ex, x, ids, torch.rand(T, 2, generator=g)
+
+
+@kq
+def test_a_layers_experts_in_one_call_match_the_per_expert_loop(monkeypatch):
+    """run_experts on forms: one kq_moe call for the layer (not one per expert), the sum of each token's
+    experts as the per-expert loop on PyTorch's kernel gives it, and the same bits whatever the thread count."""
+    from emoe.dispatch import run_experts
+    ex, x, ids, wts = _layer()
+    calls = []
+    real = ckernel.kq_moe
+    import emoe.dispatch as dispatch
+    monkeypatch.setattr(dispatch, "kq_moe", lambda *a: calls.append(len(a[2])) or real(*a))
+    exact = torch.zeros_like(x)
+    for t in range(len(x)):
+        for j in range(2):
+            gt, up, dn = (quant.dequantize(m) for m in ex[ids[t, j]])
+            exact[t] += wts[t, j] * (torch.nn.functional.silu(x[t] @ gt.T) * (x[t] @ up.T)) @ dn.T
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    kernel = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
+    assert calls == []
+    for mode in _modes():
+        monkeypatch.setattr(ckernel, "KQ", mode)
+        calls.clear()
+        got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
+        assert calls == [len(ids.unique())]
+        bound = 1.1 * (kernel - exact).norm() if mode == "bf16" else 0.02 * exact.norm()
+        assert (got - exact).norm() <= bound, mode
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(run_experts(x, wts, ids, lambda e, n: ex[e], len(ex)), got)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@kq
+def test_mixed_layers_run_forms_in_c_and_full_weights_in_torch(monkeypatch):
+    """A layer whose resident experts are full tensors and whose others are forms: each kind on its own path,
+    the sum as the per-expert loop's."""
+    from emoe.dispatch import run_experts
+    ex, x, ids, wts = _layer(1)
+    full = {e: tuple(quant.dequantize(m) for m in ex[e]) for e in (0, 2)}
+    fetch = lambda e, n: full.get(e, ex[e])  # noqa: E731
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    want = run_experts(x, wts, ids, fetch, len(ex))
+    monkeypatch.setattr(ckernel, "KQ", "bf16" if "bf16" in _modes() else "int8")
+    got = run_experts(x, wts, ids, fetch, len(ex))
+    assert (got - want).norm() <= 0.01 * want.norm()
+
+
+def test_the_mode_is_checked_and_off_keeps_the_int4_kernel(monkeypatch):
+    import subprocess
+    import sys
+    bad = subprocess.run([sys.executable, "-c", "import emoe.ckernel"], env={**__import__("os").environ, "EMOE_KQ": "fp8"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "EMOE_KQ must be bf16, int8 or off, got 'fp8'" in bad.stderr
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    assert not ckernel.kq_able(forms()["int4"])
+
+
+@kq
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 build target")
+def test_the_avx2_build_gives_the_same_int8_products(tmp_path):
+    """Built for AVX2 only (EMOE_CKERNEL_MARCH=x86-64-v3, as an older CPU would build it): the int8 path runs
+    there (bf16 needs AVX512-BF16) and gives the 512-bit path's products up to float summation order."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from emoe import ckernel, quant\n"
+            "k = quant.to_kernel(quant.quantize(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)), 8, 32))\n"
+            "x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))\n"
+            "print(ckernel.library().modes, ckernel.kq_able(k)); torch.save(ckernel.kq_linear(x, k), 'y.pt')\n")
+    env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64-v3", "EMOE_KQ": "int8", "XDG_CACHE_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True"]
+    got = torch.load(tmp_path / "y.pt")
+    env["EMOE_CKERNEL_MARCH"] = "native"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), got, rtol=1e-5, atol=1e-5)

@@ -489,21 +489,28 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
         assert four.nbytes <= 1.91 * t.numel() and (dequantize(four) - want).abs().mean() <= 0.06 * want.abs().mean()
 
 
-def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported):
+def test_host_runs_multiply_the_forms_the_ram_tier_holds(imported, monkeypatch):
     """`host` with experts in RAM holds the Q4_K, Q8_0 and Q6_K matrices in kernel forms and runs misses on
     them; without host_kernel, or for profiling (exact_engine), the tier stays packed."""
     from emoe.profile import exact_engine
     from emoe.quant import KTensor
     _, _, out = imported
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
-    ref = Engine(EngineConfig(str(out), miss_policy="all")).generate(["hello there"], greedy, chat=False)
     eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0.2, experts_on="ram"))
     key = next(k for k in eng.store.ckpt.experts if k not in eng.cache)
     gate, up, down = eng.store._experts[key]
     assert isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor)
     got = eng.generate(["hello there"], greedy, chat=False)
-    assert same_model_tokens([got[0].output_ids], [ref[0].output_ids]) and eng.cache.stats.host_runs > 0
+    assert len(got[0].output_ids) == 6 and eng.cache.stats.host_runs > 0
     assert eng.cache.used_bytes <= eng.cache.budget_bytes
+    # the forms' arithmetic (bf16 activations) against all-resident's float32: greedy tokens can part at a
+    # near-tie (qwen2_moe's first token: 0.002 apart), so the logits are held to PyTorch's own kernel's deviation
+    from emoe import ckernel
+    ids, cont = list(range(5, 12)), list(range(20, 30))
+    want = Engine(EngineConfig(str(out), miss_policy="all")).score(ids, cont)
+    dev = (eng.score(ids, cont) - want).abs().max()
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    assert dev <= 1.25 * (eng.score(ids, cont) - want).abs().max() + 1e-4
     for kw in (dict(miss_policy="host", budget=0.2, host_kernel=False), exact_engine(0.2, "ram")):
         plain = Engine(EngineConfig(str(out), **{"experts_on": "ram", **kw}))
         assert all(isinstance(t, torch.Tensor) for t in plain.store._experts[key])

@@ -1,0 +1,351 @@
+/* emoe's C routines on kernel forms (quant.KTensor: PyTorch's CPU int4 layout), loaded by ckernel.py.
+
+   Layout: per block of 64 rows, byte [k, j] holds row j's nibble low and row j+32's high; bf16 (scale, zero)
+   pairs [K / group, N, 2] per plane; the value is sum over planes of (u - 8) * s + z.
+
+   1. kplanes_t: W^T unpacked to bf16, for many-row products (a prefill's), run by oneDNN's bf16 matmul.
+   2. kq_linear / kq_moe: few-row products with activations rounded to int8 per 32 (as llama.cpp's quantised
+      matmuls do), nibbles times int8 summed in int32 (VNNI where the CPU has it), scaled per 32 in float. A
+      decode step is bound by per-call overhead and the unpacking, not by bandwidth: this does 64 rows x 4 k
+      in a handful of instructions, and kq_moe runs all of a MoE layer's experts in one call. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
+static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
+
+/* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
+   16 significant bits, as two-plane int8 values times their scales need). np is a constant in each call of
+   run, so its inner loop vectorises. */
+static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
+                       uint16_t *restrict lo_out, int N, int K, int group, int b0, int b1) {
+    const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
+    float s[2][64], z[2][64];
+    for (int b = b0; b < b1; b++) {
+        for (int k = 0; k < K; k++) {
+            if (k % group == 0) {
+                for (int i = 0; i < np; i++) {
+                    const uint16_t *q = sz[i] + ((long)(k / group) * N + b * 64) * 2;
+                    for (int j = 0; j < 64; j++) { s[i][j] = bf(q[2 * j]); z[i][j] = bf(q[2 * j + 1]) - 8 * s[i][j]; }
+                }
+            }
+            const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
+            const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
+            uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
+            for (int j = 0; j < 32; j++) {
+                float lo = (float)(p0[j] & 15) * s[0][j] + z[0][j];
+                float hi = (float)(p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
+                if (np == 2) {
+                    lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
+                    hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
+                }
+                o[j] = tobf(lo);
+                o[j + 32] = tobf(hi);
+                if (np == 2) {
+                    lo_out[(long)k * ld + (b - b0) * 64 + j] = tobf(lo - bf(o[j]));
+                    lo_out[(long)k * ld + (b - b0) * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
+                }
+            }
+        }
+    }
+}
+void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, uint16_t *out, uint16_t *lo, int N, int K,
+               int group, int b0, int b1) {
+    if (np == 1) run(planes, sz, 1, out, lo, N, K, group, b0, b1);
+    else run(planes, sz, 2, out, lo, N, K, group, b0, b1);
+}
+
+/* ---- few-row products: int8 activations ---------------------------------------------------------------- */
+typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; } kmat;  /* ckernel.desc */
+typedef struct { int8_t *q; float *d, *qs; } qrow;  /* a row rounded: int8 per 32, the scale, the scale x sum */
+
+static void quant_row(const float *x, int n, qrow r) {
+    for (int b = 0; b < n / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        int s = 0;
+        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(x[b * 32 + j] * id); r.q[b * 32 + j] = (int8_t)v; s += v; }
+        r.d[b] = amax / 127.f;
+        r.qs[b] = r.d[b] * (float)s;
+    }
+}
+
+/* the bf16 variant: x rounded to bf16 (as PyTorch's int4 kernel takes it), qs the float sum per 32 */
+static void bf16_row(const float *x, int n, qrow r) {
+    uint16_t *h = (uint16_t *)r.q;
+    for (int b = 0; b < n / 32; b++) {
+        float s = 0.f;
+        for (int j = 0; j < 32; j++) { h[b * 32 + j] = tobf(x[b * 32 + j]); s += bf(h[b * 32 + j]); }
+        r.qs[b] = s;
+    }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define KQ_BF16 1
+/* y[b*64 .. b*64+63] = W x with bf16 activations: a byte permute pairs each column's k and k+1, the nibbles
+   widen to 16 bits and a word table maps u to bf16(u - 8), and dpbf16ps sums the pairs' products in fp32
+   (exact products, as the int4 kernel's). Per group: s * sum((u - 8) x) + z * sum(x). */
+static void block_bf16(const kmat *w, qrow x, float *y, int b) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), hz = _mm512_set1_epi32((int)0xFFFF0000u);
+    uint8_t ip[64];
+    uint16_t lut[32] = {0};
+    for (int p = 0; p < 64; p++) ip[p] = (uint8_t)((p % 2) * 32 + p / 2);
+    for (int u = 0; u < 16; u++) lut[u] = tobf((float)(u - 8));
+    const __m512i perm = _mm512_loadu_si512(ip), table = _mm512_loadu_si512(lut);
+    const uint16_t *xh = (const uint16_t *)x.q;
+    const int K = (int)w->K;
+    __m512 f[4], s[4], z[4];
+    for (int i = 0; i < 4; i++) f[i] = _mm512_setzero_ps();
+    for (int pl = 0; pl < w->np; pl++) {
+        const uint8_t *base = w->p[pl] + (long)b * K * 32;
+        int gcur = -1;
+        for (int kb = 0; kb < K / 32; kb++) {
+            __m512 a[4];
+            for (int i = 0; i < 4; i++) a[i] = _mm512_setzero_ps();
+            for (int k2 = 0; k2 < 16; k2++) {
+                const __m512i R = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(base + (long)(kb * 32 + k2 * 2) * 32));
+                const __m512i lo = _mm512_and_si512(R, m4), hi = _mm512_and_si512(_mm512_srli_epi16(R, 4), m4);
+                int32_t x2;
+                memcpy(&x2, xh + kb * 32 + k2 * 2, 4);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
+                const __m512i v[4] = {_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
+                                      _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1))};
+                for (int i = 0; i < 4; i++) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_permutexvar_epi16(v[i], table), xv);
+            }
+            const int g = kb * 32 / (int)w->group;
+            if (g != gcur) {
+                gcur = g;
+                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+                for (int i = 0; i < 4; i++) {
+                    const __m512i vv = _mm512_loadu_si512(p + 16 * i);
+                    s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(vv, 16));
+                    z[i] = _mm512_castsi512_ps(_mm512_and_si512(vv, hz));
+                }
+            }
+            const __m512 sx = _mm512_set1_ps(x.qs[kb]);
+            for (int i = 0; i < 4; i++) f[i] = _mm512_fmadd_ps(a[i], s[i], _mm512_fmadd_ps(z[i], sx, f[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + b * 64 + 16 * i, f[i]);
+}
+#endif
+
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+/* y[b*64 .. b*64+63] = W x for one block of rows: a two-source byte permute gathers each of 32 byte columns'
+   4 k bytes into one 32-bit lane, so one dpbusd sums 4 k for 16 rows, in natural row order (lo nibbles:
+   rows 0-31, hi: 32-63). Sum over a group: s * sum((u) x) + (z - 8 s) * sum(x). */
+static void block_rows(const kmat *w, qrow x, float *y, int b) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), hz = _mm512_set1_epi32((int)0xFFFF0000u);
+    uint8_t i0[64], i1[64];
+    for (int p = 0; p < 64; p++) { i0[p] = (uint8_t)((p % 4) * 32 + p / 4); i1[p] = (uint8_t)((p % 4) * 32 + 16 + p / 4); }
+    const __m512i x0 = _mm512_loadu_si512(i0), x1 = _mm512_loadu_si512(i1);
+    const int K = (int)w->K;
+    __m512 f[4], s[4], z[4];
+    for (int i = 0; i < 4; i++) f[i] = _mm512_setzero_ps();
+    for (int pl = 0; pl < w->np; pl++) {
+        const uint8_t *base = w->p[pl] + (long)b * K * 32;
+        int gcur = -1;
+        for (int kb = 0; kb < K / 32; kb++) {
+            __m512i a[4];
+            for (int i = 0; i < 4; i++) a[i] = _mm512_setzero_si512();
+            for (int k4 = 0; k4 < 8; k4++) {
+                const uint8_t *r = base + (long)(kb * 32 + k4 * 4) * 32;
+                const __m512i A = _mm512_loadu_si512(r), B = _mm512_loadu_si512(r + 64);
+                const __m512i P0 = _mm512_permutex2var_epi8(A, x0, B), P1 = _mm512_permutex2var_epi8(A, x1, B);
+                int32_t xq4;
+                memcpy(&xq4, x.q + kb * 32 + k4 * 4, 4);
+                const __m512i xv = _mm512_set1_epi32(xq4);
+                a[0] = _mm512_dpbusd_epi32(a[0], _mm512_and_si512(P0, m4), xv);
+                a[1] = _mm512_dpbusd_epi32(a[1], _mm512_and_si512(P1, m4), xv);
+                a[2] = _mm512_dpbusd_epi32(a[2], _mm512_and_si512(_mm512_srli_epi16(P0, 4), m4), xv);
+                a[3] = _mm512_dpbusd_epi32(a[3], _mm512_and_si512(_mm512_srli_epi16(P1, 4), m4), xv);
+            }
+            const int g = kb * 32 / (int)w->group;
+            if (g != gcur) {
+                gcur = g;
+                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+                for (int i = 0; i < 4; i++) {
+                    const __m512i v = _mm512_loadu_si512(p + 16 * i);
+                    s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[i], _mm512_castsi512_ps(_mm512_and_si512(v, hz)));
+                }
+            }
+            const __m512 dx = _mm512_set1_ps(x.d[kb]), zx = _mm512_set1_ps(x.qs[kb]);
+            for (int i = 0; i < 4; i++)
+                f[i] = _mm512_fmadd_ps(z[i], zx, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_mul_ps(s[i], dx), f[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + b * 64 + 16 * i, f[i]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256i dp(__m256i acc, __m256i u, __m256i x) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, x);
+#else  /* u <= 15, so the int16 pair sums cannot saturate */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+#endif
+}
+/* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
+   {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. */
+static void block_rows(const kmat *w, qrow x, float *y, int b) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int K = (int)w->K;
+    __m256 f[8];
+    float sf[64], zf[64];
+    for (int i = 0; i < 8; i++) f[i] = _mm256_setzero_ps();
+    for (int pl = 0; pl < w->np; pl++) {
+        int gcur = -1;
+        for (int kb = 0; kb < K / 32; kb++) {
+            __m256i a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+            const uint8_t *base = w->p[pl] + ((long)b * K + kb * 32) * 32;
+            for (int k4 = 0; k4 < 8; k4++) {
+                const uint8_t *r = base + k4 * 128;
+                const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
+                const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
+                int32_t xq4;
+                memcpy(&xq4, x.q + kb * 32 + k4 * 4, 4);
+                const __m256i xv = _mm256_set1_epi32(xq4);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
+                    const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
+                    const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
+                    const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
+                    const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
+                    const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
+                    a[h * 4 + 0] = dp(a[h * 4 + 0], _mm256_unpacklo_epi16(abl, cdl), xv);
+                    a[h * 4 + 1] = dp(a[h * 4 + 1], _mm256_unpackhi_epi16(abl, cdl), xv);
+                    a[h * 4 + 2] = dp(a[h * 4 + 2], _mm256_unpacklo_epi16(abh, cdh), xv);
+                    a[h * 4 + 3] = dp(a[h * 4 + 3], _mm256_unpackhi_epi16(abh, cdh), xv);
+                }
+            }
+            const int g = kb * 32 / (int)w->group;
+            if (g != gcur) {
+                gcur = g;
+                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+                for (int j = 0; j < 64; j++) {
+                    const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
+                    memcpy(&sf[j], &sv, 4);
+                    memcpy(&zf[j], &zv, 4);
+                    zf[j] -= 8.f * sf[j];
+                }
+            }
+            const __m256 dx = _mm256_set1_ps(x.d[kb]), zx = _mm256_set1_ps(x.qs[kb]);
+            for (int i = 0; i < 8; i++) {
+                const int r0 = (i / 4) * 32 + (i % 4) * 4;
+                const __m256 s = _mm256_loadu2_m128(&sf[r0 + 16], &sf[r0]), z = _mm256_loadu2_m128(&zf[r0 + 16], &zf[r0]);
+                f[i] = _mm256_fmadd_ps(z, zx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_mul_ps(s, dx), f[i]));
+            }
+        }
+    }
+    for (int i = 0; i < 8; i++) {
+        const int r0 = b * 64 + (i / 4) * 32 + (i % 4) * 4;
+        _mm256_storeu2_m128(&y[r0 + 16], &y[r0], f[i]);
+    }
+}
+#define KQ_AVX2 1
+#endif
+#if defined(KQ_AVX2) || (defined(__AVX512VBMI__) && defined(__AVX512VNNI__))
+#define KQ_SIMD 1
+#endif
+
+/* which activation modes this build runs: 1 int8, 2 bf16 (0: neither; ckernel keeps PyTorch's kernel) */
+int kq_modes(void) {
+    int m = 0;
+#ifdef KQ_SIMD
+    m |= 1;
+#endif
+#ifdef KQ_BF16
+    m |= 2;
+#endif
+    return m;
+}
+
+#ifdef KQ_SIMD
+typedef void (*rowfn)(const float *, int, qrow);
+typedef void (*blockfn)(const kmat *, qrow, float *, int);
+#ifdef KQ_BF16
+#define PICK(bf16) rowfn quant_ = bf16 ? bf16_row : quant_row; blockfn block_ = bf16 ? block_bf16 : block_rows
+#else
+#define PICK(bf16) rowfn quant_ = quant_row; blockfn block_ = block_rows; (void)bf16
+#endif
+static qrow qrows(void *mem, int M, int K) {  /* M rows' worth, laid out in one allocation */
+    qrow r = {(int8_t *)mem, NULL, NULL};
+    r.d = (float *)((char *)mem + (((long)M * K * 2 + 63) & ~63L));
+    r.qs = r.d + (long)M * K / 32;
+    return r;
+}
+/* 2 bytes an activation: int8 rows use half of each row's space, bf16 rows all of it */
+static size_t qbytes(int M, int K) { return (((long)M * K * 2 + 63) & ~63L) + 2 * sizeof(float) * ((long)M * K / 32); }
+static qrow row(qrow r, int m, int K) { return (qrow){r.q + (long)m * K * 2, r.d + (long)m * K / 32, r.qs + (long)m * K / 32}; }
+
+/* y [M, N] = x [M, K] W^T, float in and out */
+void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int bf16) {
+    PICK(bf16);
+    const int K = (int)w->K, N = (int)w->N, nb = N / 64;
+    void *mem = malloc(qbytes(M, K));
+    qrow q = qrows(mem, M, K);
+    for (int m = 0; m < M; m++) quant_(x + (long)m * K, K, row(q, m, K));
+    #pragma omp parallel for num_threads(threads) schedule(static) if (nb * M >= 4)
+    for (int i = 0; i < nb * M; i++) block_(w, row(q, i % M, K), y + (long)(i % M) * N, i / M);
+    free(mem);
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* out [T, H] += sum over a token's experts of weight x SwiGLU(x) for the n experts given, each with the tokens
+   routed to it: ffn[3e .. 3e+2] its gate, up and down; toks[start[e] .. start[e+1]] its token rows and gates
+   the same entries' routing weights. One call for a MoE layer's experts: each token's input is rounded once,
+   the gate and up products of every expert run as one parallel loop, then the down products; the sums go
+   into out in expert order, so the result does not depend on the thread count. */
+void kq_moe(const kmat **ffn, int n, const int64_t *start, const int64_t *toks, const float *gates, const float *x,
+            int T, float *out, int threads, int bf16) {
+    PICK(bf16);
+    const int H = (int)ffn[0]->K, I = (int)ffn[0]->N, R = (int)start[n];
+    void *mem = malloc(qbytes(T, H) + qbytes(R, I) + sizeof(float) * ((size_t)R * I * 2 + (size_t)R * H));
+    qrow qx = qrows(mem, T, H);
+    qrow qh = qrows((char *)mem + qbytes(T, H), R, I);
+    float *gu = (float *)((char *)mem + qbytes(T, H) + qbytes(R, I)), *ys = gu + (size_t)R * I * 2;
+    int *tok_used = calloc(T, sizeof(int));
+    for (int r = 0; r < R; r++) tok_used[toks[r]] = 1;
+    for (int t = 0; t < T; t++) if (tok_used[t]) quant_(x + (long)t * H, H, row(qx, t, H));
+    free(tok_used);
+    const int nbi = I / 64, nbh = H / 64;
+    /* work items (row r of expert e, block b): gate blocks then up blocks */
+    #pragma omp parallel num_threads(threads) if (R * nbi >= 2)
+    {
+        #pragma omp for schedule(static)
+        for (int i = 0; i < R * nbi * 2; i++) {
+            const int r = i / (nbi * 2), j = i % (nbi * 2), which = j / nbi;
+            int e = 0;
+            while (start[e + 1] <= r) e++;
+            block_(ffn[3 * e + which], row(qx, (int)toks[r], H), gu + ((size_t)r * 2 + which) * I, j % nbi);
+        }
+        #pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            float *g = gu + (size_t)r * 2 * I, *u = g + I;
+            for (int k = 0; k < I; k++) g[k] = silu(g[k]) * u[k];
+            quant_(g, I, row(qh, r, I));
+        }
+        #pragma omp for schedule(static)
+        for (int i = 0; i < R * nbh; i++) {
+            const int r = i / nbh;
+            int e = 0;
+            while (start[e + 1] <= r) e++;
+            block_(ffn[3 * e + 2], row(qh, r, I), ys + (size_t)r * H, i % nbh);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *o = out + toks[r] * (long)H;
+        const float *yr = ys + (size_t)r * H, gr = gates[r];
+        for (int k = 0; k < H; k++) o[k] += gr * yr[k];
+    }
+    free(mem);
+}
+#endif
