@@ -3,10 +3,11 @@
 - Many rows (a prefill's): PyTorch's int4 kernel (quant._kmm) costs the same per 4 rows whatever their number,
   so past a few dozen rows the form is unpacked once to bf16 W^T and oneDNN's bf16 matmul reuses it across
   rows (`scripts/bench_prefill_dequant.py`). One thread: split over two it ran slower, beside torch's own.
-- Few rows (a decode step's): activations rounded to int8 per 32, as llama.cpp's quantised matmuls round
-  them, times the nibbles in int32 (VNNI where the CPU has it): 2.5x the int4 kernel on one expert matrix,
-  and kq_moe runs a MoE layer's experts in one call instead of ~8 torch ops each (`emoe bench kq`). Threads
-  come from PyTorch's own OpenMP runtime (linked to torch's libgomp), so they are its threads, not a second team.
+- Few rows (a decode step's): the nibbles times bf16 activations (as PyTorch's kernel takes them; AVX512-BF16's
+  pair dot products, sums in fp32 to the end) or, with EMOE_KQ=int8, activations rounded to int8 per 32 as
+  llama.cpp's quantised matmuls round them (VNNI or AVX2). kq_moe runs all of a MoE layer's experts on forms
+  in one call instead of ~8 torch ops each (`scripts/bench_kq.py`). Threads come from PyTorch's own OpenMP
+  runtime (linked to torch's libgomp), so they are its threads, not a second team.
 
 Built at first use with the system C compiler into ~/.cache/emoe (keyed by source, flags and CPU), loaded
 with ctypes (which drops the GIL); without a compiler, or with EMOE_NO_CKERNEL=1, PyTorch's int4 kernel
@@ -138,7 +139,7 @@ MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "bf16")
 # fewer rows than these take the routines (kq_linear, kq_moe's whole layer): in bf16 each row re-reads the
 # unpacked weights, so past 2 rows PyTorch's kernel (4 rows a pass) is faster on one matrix; a layer's experts
-# each see few of its rows. In int8 every count below a prefill's is faster (`emoe bench kq`).
+# each see few of its rows. In int8 every count below a prefill's is faster (`scripts/bench_kq.py`).
 ROWS = {"bf16": (3, 9), "int8": (48, 48)}
 if KQ not in (*MODES, "off"):
     raise ValueError(f"EMOE_KQ must be bf16, int8 or off, got {KQ!r}")
