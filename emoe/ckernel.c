@@ -76,6 +76,20 @@ static void quant_row(const float *x, int n, qrow r) {
     }
 }
 
+#if defined(__AVX512F__)
+/* group g's bf16 (scale, zero) pairs for rows b*64 .. b*64+63 as floats, the zeros less off x scale (8 where
+   the routine sums u, not u - 8) */
+static inline void sz16(const kmat *w, int pl, int g, int b, __m512 *s, __m512 *z, float off) {
+    const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512(p + 16 * i);
+        s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(off), s[i],
+                                _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))));
+    }
+}
+#endif
+
 /* the bf16 variant: x rounded to bf16 (as PyTorch's int4 kernel takes it), qs the float sum per 32 */
 static void bf16_row(const float *x, int n, qrow r) {
     uint16_t *h = (uint16_t *)r.q;
@@ -92,7 +106,7 @@ static void bf16_row(const float *x, int n, qrow r) {
    widen to 16 bits and a word table maps u to bf16(u - 8), and dpbf16ps sums the pairs' products in fp32
    (exact products, as the int4 kernel's). Per group: s * sum((u - 8) x) + z * sum(x). */
 static void block_bf16(const kmat *w, qrow x, float *y, int b) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F), hz = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     uint8_t ip[64];
     uint16_t lut[32] = {0};
     for (int p = 0; p < 64; p++) ip[p] = (uint8_t)((p % 2) * 32 + p / 2);
@@ -119,15 +133,7 @@ static void block_bf16(const kmat *w, qrow x, float *y, int b) {
                 for (int i = 0; i < 4; i++) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_permutexvar_epi16(v[i], table), xv);
             }
             const int g = kb * 32 / (int)w->group;
-            if (g != gcur) {
-                gcur = g;
-                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-                for (int i = 0; i < 4; i++) {
-                    const __m512i vv = _mm512_loadu_si512(p + 16 * i);
-                    s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(vv, 16));
-                    z[i] = _mm512_castsi512_ps(_mm512_and_si512(vv, hz));
-                }
-            }
+            if (g != gcur) sz16(w, pl, gcur = g, b, s, z, 0.f);
             const __m512 sx = _mm512_set1_ps(x.qs[kb]);
             for (int i = 0; i < 4; i++) f[i] = _mm512_fmadd_ps(a[i], s[i], _mm512_fmadd_ps(z[i], sx, f[i]));
         }
@@ -141,7 +147,7 @@ static void block_bf16(const kmat *w, qrow x, float *y, int b) {
    4 k bytes into one 32-bit lane, so one dpbusd sums 4 k for 16 rows, in natural row order (lo nibbles:
    rows 0-31, hi: 32-63). Sum over a group: s * sum((u) x) + (z - 8 s) * sum(x). */
 static void block_rows(const kmat *w, qrow x, float *y, int b) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F), hz = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     uint8_t i0[64], i1[64];
     for (int p = 0; p < 64; p++) { i0[p] = (uint8_t)((p % 4) * 32 + p / 4); i1[p] = (uint8_t)((p % 4) * 32 + 16 + p / 4); }
     const __m512i x0 = _mm512_loadu_si512(i0), x1 = _mm512_loadu_si512(i1);
@@ -167,15 +173,7 @@ static void block_rows(const kmat *w, qrow x, float *y, int b) {
                 a[3] = _mm512_dpbusd_epi32(a[3], _mm512_and_si512(_mm512_srli_epi16(P1, 4), m4), xv);
             }
             const int g = kb * 32 / (int)w->group;
-            if (g != gcur) {
-                gcur = g;
-                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-                for (int i = 0; i < 4; i++) {
-                    const __m512i v = _mm512_loadu_si512(p + 16 * i);
-                    s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                    z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[i], _mm512_castsi512_ps(_mm512_and_si512(v, hz)));
-                }
-            }
+            if (g != gcur) sz16(w, pl, gcur = g, b, s, z, 8.f);
             const __m512 dx = _mm512_set1_ps(x.d[kb]), zx = _mm512_set1_ps(x.qs[kb]);
             for (int i = 0; i < 4; i++)
                 f[i] = _mm512_fmadd_ps(z[i], zx, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_mul_ps(s[i], dx), f[i]));
