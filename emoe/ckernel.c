@@ -297,14 +297,30 @@ void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int 
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
-/* out [T, H] += sum over a token's experts of weight x SwiGLU(x) for the n experts given, each with the tokens
-   routed to it: ffn[3e .. 3e+2] its gate, up and down; toks[start[e] .. start[e+1]] its token rows and gates
-   the same entries' routing weights. One call for a MoE layer's experts: each token's input is rounded once,
-   the gate and up products of every expert run as one parallel loop, then the down products; the sums go
-   into out in expert order, so the result does not depend on the thread count. */
-void kq_moe(const kmat **ffn, int n, const int64_t *start, const int64_t *toks, const float *gates, const float *x,
-            int T, float *out, int threads, int bf16) {
+/* out [T, H] += sum over each token's top-k of its routing weight x SwiGLU_e(x[token]), for the n experts
+   used[0..n-1] (ffn[3i .. 3i+2]: expert used[i]'s gate, up and down); entries of ids [T, k] naming other
+   experts are left to the caller. Each expert takes its tokens in ascending order. One call for a MoE
+   layer's experts: each token's input is rounded once, the gate and up products of every expert run as one
+   parallel loop, then the down products; the sums go into out in expert order, so the result does not
+   depend on the thread count. */
+void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
+            const float *x, int T, float *out, int threads, int bf16) {
     PICK(bf16);
+    int64_t *start = calloc(n + 1, sizeof(int64_t)), *slot = malloc(sizeof(int64_t) * (size_t)T * k);
+    for (long r = 0; r < (long)T * k; r++) {
+        slot[r] = -1;
+        for (int i = 0; i < n; i++) if (used[i] == ids[r]) { slot[r] = i; start[i + 1]++; break; }
+    }
+    for (int i = 0; i < n; i++) start[i + 1] += start[i];
+    int64_t *toks = malloc(sizeof(int64_t) * (size_t)(start[n] + 1)), *fill = calloc(n, sizeof(int64_t));
+    float *gates = malloc(sizeof(float) * (size_t)(start[n] + 1));
+    for (long r = 0; r < (long)T * k; r++) if (slot[r] >= 0) {
+        const int64_t at = start[slot[r]] + fill[slot[r]]++;
+        toks[at] = r / k;
+        gates[at] = weights[r];
+    }
+    free(slot);
+    free(fill);
     const int H = (int)ffn[0]->K, I = (int)ffn[0]->N, R = (int)start[n];
     void *mem = malloc(qbytes(T, H) + qbytes(R, I) + sizeof(float) * ((size_t)R * I * 2 + (size_t)R * H));
     qrow qx = qrows(mem, T, H);
@@ -328,7 +344,7 @@ void kq_moe(const kmat **ffn, int n, const int64_t *start, const int64_t *toks, 
         #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             float *g = gu + (size_t)r * 2 * I, *u = g + I;
-            for (int k = 0; k < I; k++) g[k] = silu(g[k]) * u[k];
+            for (int c = 0; c < I; c++) g[c] = silu(g[c]) * u[c];
             quant_(g, I, row(qh, r, I));
         }
         #pragma omp for schedule(static)
@@ -342,8 +358,26 @@ void kq_moe(const kmat **ffn, int n, const int64_t *start, const int64_t *toks, 
     for (int r = 0; r < R; r++) {
         float *o = out + toks[r] * (long)H;
         const float *yr = ys + (size_t)r * H, gr = gates[r];
-        for (int k = 0; k < H; k++) o[k] += gr * yr[k];
+        for (int c = 0; c < H; c++) o[c] += gr * yr[c];
     }
     free(mem);
+    free(start);
+    free(toks);
+    free(gates);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w per row of n, in float */
+void kq_rmsnorm(const float *x, const float *w, float *y, int rows, int n, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (long)r * n;
+        float part[16] = {0}, ss = 0.f;  /* 16 partial sums: the loop vectorises */
+        int j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int i = 0; i < 16; i++) part[i] += xr[j + i] * xr[j + i];
+        for (; j < n; j++) ss += xr[j] * xr[j];
+        for (int i = 0; i < 16; i++) ss += part[i];
+        const float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (int j = 0; j < n; j++) y[(long)r * n + j] = xr[j] * inv * w[j];
+    }
 }
 #endif

@@ -38,6 +38,14 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     sum crosses back once. Where defers(e, n) says some will, that copy is taken at the layer's one sync,
     before any device expert is queued, so the host runs its experts while the device works through its
     own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
+    fetched = None
+    if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
+        flat = ids.flatten().tolist()
+        fetched = {e: fetch(e, flat.count(e)) for e in sorted(set(flat))}
+        if x.dtype == torch.float32 and all(kq_ffn(x, w) for w in fetched.values()):
+            out = torch.zeros_like(x)
+            kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(), weights.float().contiguous())
+            return out
     swiglu, ffn = ffn is None, ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)
     flat = ids.flatten()
@@ -54,11 +62,11 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     xs, pieces, kq = (None, [], []) if cpu else (None, None, None)
     for e, n in enumerate(counts):
         if n:
-            w = fetch(e, n)
+            w = fetch(e, n) if fetched is None else fetched[e]
             if not _runs_beside(w, x):
                 deferred.append((e, start, n, w))
             elif cpu and swiglu and kq_ffn(x, w):  # few rows on kernel forms: the layer's such experts in one C call
-                kq.append((start, n, w))
+                kq.append((e, w))
             elif cpu:
                 xs = x[toks] if xs is None else xs
                 pieces.append((start, ffn(e, xs[start: start + n], w)))
@@ -74,8 +82,8 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
             for s, y in pieces:
                 ys[s: s + len(y)] = y
         out.index_add_(0, toks, ys * gates)
-    if kq:
-        _kq_layer(out, x, toks, gates, kq)
+    if kq:  # the C call skips the entries of experts run here otherwise
+        kq_moe(out, x.contiguous(), [w for _, w in kq], [e for e, _ in kq], ids.long().contiguous(), weights.float().contiguous())
     if deferred:
         dev = _device(deferred[0][3][0])
         hx, ht, hg = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
@@ -86,19 +94,6 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
             host.index_add_(0, tok, ffn(e, hx[tok], w) * hg[start: start + n])
         out += host.to(x.device)
     return out
-
-
-def _kq_layer(out, x, toks, gates, kq) -> None:
-    """out += the experts in kq (start, n, forms), each on its rows of toks / gates, through ckernel.kq_moe."""
-    if sum(n for _, n, _ in kq) == len(toks):  # every routed row: toks and gates as they are
-        rows = None
-    else:
-        rows = torch.cat([torch.arange(s, s + n) for s, n, _ in kq])
-    t, g = (toks, gates) if rows is None else (toks[rows], gates[rows])
-    starts = [0]
-    for _, n, _ in kq:
-        starts.append(starts[-1] + n)
-    kq_moe(out, x.contiguous(), [w for _, _, w in kq], starts, t.contiguous(), g.reshape(-1).float().contiguous())
 
 
 def _device(t) -> torch.device:

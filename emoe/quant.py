@@ -235,7 +235,8 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     if isinstance(gate, KTensor) and isinstance(up, KTensor) and isinstance(down, KTensor):
         if kq_ffn(x, (gate, up, down)):
             out = torch.zeros_like(x)
-            kq_moe(out, x.contiguous(), [(gate, up, down)], [0, len(x)], torch.arange(len(x)), x.new_ones(len(x)))
+            kq_moe(out, x.contiguous(), [(gate, up, down)], [0], torch.zeros(len(x), 1, dtype=torch.long),
+                   torch.ones(len(x), 1))
             return out
         xb = x.to(torch.bfloat16)
         return _kmm(F.silu(_kmm(xb, gate)) * _kmm(xb, up), down).to(x.dtype)
