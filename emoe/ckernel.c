@@ -105,40 +105,53 @@ static void bf16_row(const float *x, int n, qrow r) {
 /* y[b*64 .. b*64+63] = W x with bf16 activations: a byte permute pairs each column's k and k+1, the nibbles
    widen to 16 bits and a word table maps u to bf16(u - 8), and dpbf16ps sums the pairs' products in fp32
    (exact products, as the int4 kernel's). Per group: s * sum((u - 8) x) + z * sum(x). */
-static void block_bf16(const kmat *w, qrow x, float *y, int b) {
+/* R rows (1 or 2, a constant once inlined) share each unpacking of the weights */
+static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const qrow *x, float *const *y, const int R, int b) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     uint8_t ip[64];
     uint16_t lut[32] = {0};
     for (int p = 0; p < 64; p++) ip[p] = (uint8_t)((p % 2) * 32 + p / 2);
     for (int u = 0; u < 16; u++) lut[u] = tobf((float)(u - 8));
     const __m512i perm = _mm512_loadu_si512(ip), table = _mm512_loadu_si512(lut);
-    const uint16_t *xh = (const uint16_t *)x.q;
     const int K = (int)w->K;
-    __m512 f[4], s[4], z[4];
-    for (int i = 0; i < 4; i++) f[i] = _mm512_setzero_ps();
+    __m512 f[2][4], s[4], z[4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) f[r][i] = _mm512_setzero_ps();
     for (int pl = 0; pl < w->np; pl++) {
         const uint8_t *base = w->p[pl] + (long)b * K * 32;
         int gcur = -1;
         for (int kb = 0; kb < K / 32; kb++) {
-            __m512 a[4];
-            for (int i = 0; i < 4; i++) a[i] = _mm512_setzero_ps();
+            __m512 a[2][4];
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
             for (int k2 = 0; k2 < 16; k2++) {
-                const __m512i R = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(base + (long)(kb * 32 + k2 * 2) * 32));
-                const __m512i lo = _mm512_and_si512(R, m4), hi = _mm512_and_si512(_mm512_srli_epi16(R, 4), m4);
-                int32_t x2;
-                memcpy(&x2, xh + kb * 32 + k2 * 2, 4);
-                const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
+                const __m512i P = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(base + (long)(kb * 32 + k2 * 2) * 32));
+                const __m512i lo = _mm512_and_si512(P, m4), hi = _mm512_and_si512(_mm512_srli_epi16(P, 4), m4);
                 const __m512i v[4] = {_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
                                       _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1))};
-                for (int i = 0; i < 4; i++) a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_permutexvar_epi16(v[i], table), xv);
+                __m512bh wv[4];
+                for (int i = 0; i < 4; i++) wv[i] = (__m512bh)_mm512_permutexvar_epi16(v[i], table);
+                for (int r = 0; r < R; r++) {
+                    int32_t x2;
+                    memcpy(&x2, (const uint16_t *)x[r].q + kb * 32 + k2 * 2, 4);
+                    const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
+                    for (int i = 0; i < 4; i++) a[r][i] = _mm512_dpbf16_ps(a[r][i], wv[i], xv);
+                }
             }
             const int g = kb * 32 / (int)w->group;
             if (g != gcur) sz16(w, pl, gcur = g, b, s, z, 0.f);
-            const __m512 sx = _mm512_set1_ps(x.qs[kb]);
-            for (int i = 0; i < 4; i++) f[i] = _mm512_fmadd_ps(a[i], s[i], _mm512_fmadd_ps(z[i], sx, f[i]));
+            for (int r = 0; r < R; r++) {
+                const __m512 sx = _mm512_set1_ps(x[r].qs[kb]);
+                for (int i = 0; i < 4; i++) f[r][i] = _mm512_fmadd_ps(a[r][i], s[i], _mm512_fmadd_ps(z[i], sx, f[r][i]));
+            }
         }
     }
-    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + b * 64 + 16 * i, f[i]);
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(y[r] + b * 64 + 16 * i, f[r][i]);
+}
+static void block_bf16(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+    if (R == 2) bf16_rows(w, x, y, 2, b);
+    else bf16_rows(w, x, y, 1, b);
 }
 #endif
 
@@ -146,7 +159,7 @@ static void block_bf16(const kmat *w, qrow x, float *y, int b) {
 /* y[b*64 .. b*64+63] = W x for one block of rows: a two-source byte permute gathers each of 32 byte columns'
    4 k bytes into one 32-bit lane, so one dpbusd sums 4 k for 16 rows, in natural row order (lo nibbles:
    rows 0-31, hi: 32-63). Sum over a group: s * sum((u) x) + (z - 8 s) * sum(x). */
-static void block_rows(const kmat *w, qrow x, float *y, int b) {
+static void int8_row(const kmat *w, qrow x, float *y, int b) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     uint8_t i0[64], i1[64];
     for (int p = 0; p < 64; p++) { i0[p] = (uint8_t)((p % 4) * 32 + p / 4); i1[p] = (uint8_t)((p % 4) * 32 + 16 + p / 4); }
@@ -191,7 +204,7 @@ static inline __m256i dp(__m256i acc, __m256i u, __m256i x) {
 }
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
    {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. */
-static void block_rows(const kmat *w, qrow x, float *y, int b) {
+static void int8_row(const kmat *w, qrow x, float *y, int b) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const int K = (int)w->K;
     __m256 f[8];
@@ -267,7 +280,10 @@ int kq_modes(void) {
 
 #ifdef KQ_SIMD
 typedef void (*rowfn)(const float *, int, qrow);
-typedef void (*blockfn)(const kmat *, qrow, float *, int);
+typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
+static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {  /* int8: a row at a time */
+    for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);
+}
 #ifdef KQ_BF16
 #define PICK(bf16) rowfn quant_ = bf16 ? bf16_row : quant_row; blockfn block_ = bf16 ? block_bf16 : block_rows
 #else
@@ -290,8 +306,14 @@ void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int 
     void *mem = malloc(qbytes(M, K));
     qrow q = qrows(mem, M, K);
     for (int m = 0; m < M; m++) quant_(x + (long)m * K, K, row(q, m, K));
-    #pragma omp parallel for num_threads(threads) schedule(static) if (nb * M >= 4)
-    for (int i = 0; i < nb * M; i++) block_(w, row(q, i % M, K), y + (long)(i % M) * N, i / M);
+    const int P = (M + 1) / 2;  /* rows in pairs: the bf16 routine unpacks the weights once for both */
+    #pragma omp parallel for num_threads(threads) schedule(static) if (nb * P >= 4)
+    for (int i = 0; i < nb * P; i++) {
+        const int m = 2 * (i % P), R = M - m < 2 ? 1 : 2;
+        const qrow xs[2] = {row(q, m, K), row(q, m + R - 1, K)};
+        float *const ys[2] = {y + (long)m * N, y + (long)(m + R - 1) * N};
+        block_(w, xs, ys, R, i / P);
+    }
     free(mem);
 }
 
@@ -331,15 +353,20 @@ void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, co
     for (int t = 0; t < T; t++) if (tok_used[t]) quant_(x + (long)t * H, H, row(qx, t, H));
     free(tok_used);
     const int nbi = I / 64, nbh = H / 64;
-    /* work items (row r of expert e, block b): gate blocks then up blocks */
-    #pragma omp parallel num_threads(threads) if (R * nbi >= 2)
+    int np = 0;  /* an expert's rows in pairs (r0, rows, expert): the bf16 routine unpacks the weights once for both */
+    int (*pairs)[3] = malloc(sizeof(int[3]) * (size_t)(R + 1));
+    for (int e = 0; e < n; e++)
+        for (int64_t r = start[e]; r < start[e + 1]; r += 2) {
+            pairs[np][0] = (int)r; pairs[np][1] = start[e + 1] - r < 2 ? 1 : 2; pairs[np][2] = e; np++;
+        }
+    #pragma omp parallel num_threads(threads) if (np * nbi >= 2)
     {
         #pragma omp for schedule(static)
-        for (int i = 0; i < R * nbi * 2; i++) {
-            const int r = i / (nbi * 2), j = i % (nbi * 2), which = j / nbi;
-            int e = 0;
-            while (start[e + 1] <= r) e++;
-            block_(ffn[3 * e + which], row(qx, (int)toks[r], H), gu + ((size_t)r * 2 + which) * I, j % nbi);
+        for (int i = 0; i < np * nbi * 2; i++) {  /* (pair, gate or up, block) */
+            const int *pr = pairs[i / (nbi * 2)], j = i % (nbi * 2), which = j / nbi, r0 = pr[0], r1 = r0 + pr[1] - 1;
+            const qrow xs[2] = {row(qx, (int)toks[r0], H), row(qx, (int)toks[r1], H)};
+            float *const ys2[2] = {gu + ((size_t)r0 * 2 + which) * I, gu + ((size_t)r1 * 2 + which) * I};
+            block_(ffn[3 * pr[2] + which], xs, ys2, pr[1], j % nbi);
         }
         #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
@@ -348,13 +375,14 @@ void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, co
             quant_(g, I, row(qh, r, I));
         }
         #pragma omp for schedule(static)
-        for (int i = 0; i < R * nbh; i++) {
-            const int r = i / nbh;
-            int e = 0;
-            while (start[e + 1] <= r) e++;
-            block_(ffn[3 * e + 2], row(qh, r, I), ys + (size_t)r * H, i % nbh);
+        for (int i = 0; i < np * nbh; i++) {
+            const int *pr = pairs[i / nbh], r0 = pr[0], r1 = r0 + pr[1] - 1;
+            const qrow hs[2] = {row(qh, r0, I), row(qh, r1, I)};
+            float *const ys2[2] = {ys + (size_t)r0 * H, ys + (size_t)r1 * H};
+            block_(ffn[3 * pr[2] + 2], hs, ys2, pr[1], i % nbh);
         }
     }
+    free(pairs);
     for (int r = 0; r < R; r++) {
         float *o = out + toks[r] * (long)H;
         const float *yr = ys + (size_t)r * H, gr = gates[r];

@@ -138,10 +138,10 @@ def kq_able(w) -> bool:
 # (llama.cpp's rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide.
 MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "bf16")
-# fewer rows than these take the routines (kq_linear, kq_moe's whole layer): in bf16 each row re-reads the
-# unpacked weights, so past 2 rows PyTorch's kernel (4 rows a pass) is faster on one matrix; a layer's experts
-# each see few of its rows. In int8 every count below a prefill's is faster (`scripts/bench_kq.py`).
-ROWS = {"bf16": (3, 9), "int8": (48, 48)}
+# fewer rows than these take the routines (kq_linear, kq_moe's whole layer); from there a prefill's unpacked
+# matrices (quant.DEQUANT_ROWS). bf16 runs rows in pairs, so both modes beat PyTorch's kernel at every count
+# below (`scripts/bench_kq.py`).
+ROWS = {"bf16": (48, 48), "int8": (48, 48)}
 if KQ not in (*MODES, "off"):
     raise ValueError(f"EMOE_KQ must be bf16, int8 or off, got {KQ!r}")
 
