@@ -55,7 +55,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # the sync: x, toks and gates are ready now
     early = None
     if defers is not None and x.device.type != "cpu" and any(defers(e, n) for e, n in enumerate(counts) if n):
-        early = (x.cpu(), toks.cpu(), gates.cpu())
+        early = (x.cpu(), toks.cpu(), gates.cpu(), ids.cpu(), weights.cpu())
     # on a CPU, one gather and one scatter for the layer (each costs microseconds however small): index_add_ runs its
     # indices in order there, so the sums are the per-expert loop's bit for bit; a GPU's atomics would not be
     cpu = x.device.type == "cpu"
@@ -86,7 +86,16 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
         kq_moe(out, x.contiguous(), [w for _, w in kq], [e for e, _ in kq], ids.long().contiguous(), weights.float().contiguous())
     if deferred:
         dev = _device(deferred[0][3][0])
-        hx, ht, hg = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
+        hx, ht, hg, *routing = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
+        if swiglu and dev.type == "cpu":  # host experts on forms (a GPU's misses): all in one C call, in float32
+            hf = hx.float()
+            if all(kq_ffn(hf, w) for *_, w in deferred):
+                hi, hw = routing or (ids.cpu(), weights.cpu())
+                host = torch.zeros(hx.shape)
+                kq_moe(host, hf.contiguous(), [w for *_, w in deferred], [e for e, *_ in deferred],
+                       hi.long().contiguous(), hw.float().contiguous())
+                out += host.to(x.device, x.dtype)
+                return out
         host = torch.zeros(hx.shape, dtype=x.dtype, device=dev)
         for e, start, n, w in deferred:
             tok = ht[start: start + n]

@@ -233,3 +233,26 @@ def test_the_avx2_build_gives_the_same_int8_products(tmp_path):
     env["EMOE_CKERNEL_MARCH"] = "native"
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), got, rtol=1e-5, atol=1e-5)
+
+
+@kq
+def test_host_experts_of_a_device_layer_run_in_one_call(monkeypatch):
+    """Where the layer's tokens live elsewhere than the forms (a GPU's, with the `host` policy), the host's
+    experts run in one kq_moe call on a float32 copy of the tokens, and the sum crosses back in x's dtype.
+    Simulated here by bf16 tokens (a float32 CPU layer takes the direct path) and a `_runs_beside` that
+    calls the forms another tier's."""
+    dtype = torch.bfloat16
+    import emoe.dispatch as dispatch
+    from emoe.dispatch import run_experts
+    ex, x, ids, wts = _layer(2)
+    x = x.to(dtype)
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    want = run_experts(x.float(), wts, ids, lambda e, n: ex[e], len(ex))
+    monkeypatch.setattr(ckernel, "KQ", _modes()[-1])
+    monkeypatch.setattr(dispatch, "_runs_beside", lambda w, x: False)
+    calls = []
+    real = ckernel.kq_moe
+    monkeypatch.setattr(dispatch, "kq_moe", lambda *a: calls.append(len(a[2])) or real(*a))
+    got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex), defers=lambda e, n: True)
+    assert calls == [len(ids.unique())] and got.dtype == dtype
+    assert (got.float() - want).norm() <= 0.02 * want.norm()
