@@ -138,10 +138,10 @@ def kq_able(w) -> bool:
 # (llama.cpp's rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide.
 MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "bf16")
-# fewer rows than these take the routines (kq_linear, kq_moe's whole layer); from there a prefill's unpacked
-# matrices (quant.DEQUANT_ROWS). bf16 runs rows in pairs, so both modes beat PyTorch's kernel at every count
-# below (`scripts/bench_kq.py`).
-ROWS = {"bf16": (48, 48), "int8": (48, 48)}
+# fewer rows than these (by planes) take the routines, more the prefill unpacking (quant.DEQUANT_ROWS, which
+# rules alone when they are off): bf16 runs rows in pairs and beats PyTorch's kernel at every count below, and
+# the unpacked matrix from about 56 rows (one plane) and 72 (two) (`scripts/bench_kq.py`); int8 is faster still.
+ROWS = {1: 56, 2: 72}
 if KQ not in (*MODES, "off"):
     raise ValueError(f"EMOE_KQ must be bf16, int8 or off, got {KQ!r}")
 

@@ -2,6 +2,8 @@
 expert's FFN on the tokens routed to it. Shared by serving, warm-up and `bench dispatch`."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from .cache import ExpertCache
@@ -40,9 +42,9 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
     fetched = None
     if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
-        flat = ids.flatten().tolist()
-        fetched = {e: fetch(e, flat.count(e)) for e in sorted(set(flat))}
-        if x.dtype == torch.float32 and all(kq_ffn(x, w) for w in fetched.values()):
+        counts = Counter(ids.flatten().tolist())
+        fetched = {e: fetch(e, counts[e]) for e in sorted(counts)}
+        if all(kq_ffn(x, w, counts[e]) for e, w in fetched.items()):
             out = torch.zeros_like(x)
             kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(), weights.float().contiguous())
             return out
@@ -65,7 +67,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
             w = fetch(e, n) if fetched is None else fetched[e]
             if not _runs_beside(w, x):
                 deferred.append((e, start, n, w))
-            elif cpu and swiglu and kq_ffn(x, w):  # few rows on kernel forms: the layer's such experts in one C call
+            elif cpu and swiglu and kq_ffn(x, w, n):  # few rows on kernel forms: the layer's such experts in one C call
                 kq.append((e, w))
             elif cpu:
                 xs = x[toks] if xs is None else xs
@@ -89,7 +91,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
         hx, ht, hg, *routing = early if early is not None and dev.type == "cpu" else (x.to(dev), toks.to(dev), gates.to(dev))
         if swiglu and dev.type == "cpu":  # host experts on forms (a GPU's misses): all in one C call, in float32
             hf = hx.float()
-            if all(kq_ffn(hf, w) for *_, w in deferred):
+            if all(kq_ffn(hf, w, n) for _, _, n, w in deferred):
                 hi, hw = routing or (ids.cpu(), weights.cpu())
                 host = torch.zeros(hx.shape)
                 kq_moe(host, hf.contiguous(), [w for *_, w in deferred], [e for e, *_ in deferred],

@@ -182,16 +182,15 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
 
-def _few_rows(x: torch.Tensor, ws: tuple[KTensor, ...], moe: bool = False) -> bool:
-    """Whether ckernel's few-row routine runs this product (kq_moe: a layer's experts on x): float32 rows,
-    fewer than ckernel.ROWS for its mode."""
-    rows = x.numel() // x.shape[-1]
-    return x.dtype == torch.float32 and all(kq_able(w) for w in ws) and rows < ckernel.ROWS[ckernel.KQ][moe]
+def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
+    """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32, fewer than ckernel.ROWS."""
+    return x.dtype == torch.float32 and all(kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0) for w in ws)
 
 
-def kq_ffn(x: torch.Tensor, w) -> bool:
-    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe, for a layer's rows x."""
-    return len(w) == 3 and all(isinstance(t, KTensor) for t in w) and x.dim() == 2 and _few_rows(x, w, True)
+def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
+    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all)."""
+    return (len(w) == 3 and all(isinstance(t, KTensor) for t in w) and x.dim() == 2
+            and _few_rows(len(x) if rows is None else rows, x, w))
 
 
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,7 +201,7 @@ def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.T
         return F.linear(x, w, bias)
     if isinstance(w, QTensor):
         y = F.linear(x, dequantize(w, x.dtype))
-    elif _few_rows(x, (w,)):
+    elif _few_rows(x.numel() // x.shape[-1], x, (w,)):
         y = kq_linear(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     else:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()

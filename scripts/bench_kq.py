@@ -4,7 +4,7 @@ int4 kernel ("off"), side by side in one run.
   python scripts/bench_kq.py [--model GGUF_IMPORT_DIR ...] [--batch 1,4] [--rounds 2]
 
 Part 1 times one 768x1024 matrix (Q4-class one plane, int8-class two) for 1..48 rows in each mode: it is what
-ckernel.ROWS is read from (the matrix stays in cache here, so this is the arithmetic, not the memory).
+ckernel.ROWS is read from, with scripts/bench_prefill_dequant.py (the matrix stays in cache here, so this is the arithmetic, not the memory).
 Part 2, per --model, decodes 64 tokens (experts at budget 0 on their forms, dense projections on the file's
 blocks) in each mode, alternated, --rounds times, and prints tokens/s and the ratio to "off", and whether the
 first tokens agree with "off".

@@ -41,6 +41,7 @@ def test_many_rows_take_the_unpacked_matrix_and_few_the_int4_kernel(monkeypatch)
     """quant.linear picks per call: past DEQUANT_ROWS rows the unpacked form and oneDNN's bf16 matmul (its
     cost barely grows with rows), below them the int4 kernel (per 4 rows); both within rounding the
     activations and weights to bf16 of the exact product."""
+    monkeypatch.setattr(ckernel, "KQ", "off")  # the choice between these two (with the few-row routine: its tests)
     calls = []
     real = quant.dequant_t
     monkeypatch.setattr(quant, "dequant_t", lambda w, *blocks: calls.append(w.shape) or real(w, *blocks))
@@ -101,6 +102,7 @@ def test_a_long_prompt_scores_as_on_the_int4_kernel(tmp_path, monkeypatch):
 def test_wide_matrices_unpack_in_column_parts(monkeypatch):
     """A matrix with more output rows than DEQUANT_COLS (an lm_head over a large vocabulary) is unpacked and
     multiplied a part at a time, so the scratch stays small; the product is the one-part product."""
+    monkeypatch.setattr(ckernel, "KQ", "off")  # 64 rows of a two-plane form would take the few-row routine
     k = forms()["int8"]  # 192 rows
     x = torch.randn(64, k.shape[1])
     whole = quant.linear(x, k)
@@ -256,3 +258,21 @@ def test_host_experts_of_a_device_layer_run_in_one_call(monkeypatch):
     got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex), defers=lambda e, n: True)
     assert calls == [len(ids.unique())] and got.dtype == dtype
     assert (got.float() - want).norm() <= 0.02 * want.norm()
+
+
+@kq
+def test_experts_with_many_rows_leave_the_call_to_the_others(monkeypatch):
+    """Per expert: one with ckernel.ROWS rows or more runs outside the C call (a prefill's unpacked matrices),
+    the layer's other experts still in one call; the sum as all in one call."""
+    import emoe.dispatch as dispatch
+    from emoe.dispatch import run_experts
+    ex, x, ids, wts = _layer(3)
+    ids[:, 0] = 1  # expert 1 takes every token
+    want = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
+    monkeypatch.setattr(ckernel, "ROWS", {1: len(x)})
+    calls = []
+    real = ckernel.kq_moe
+    monkeypatch.setattr(dispatch, "kq_moe", lambda *a: calls.append(a[3]) or real(*a))
+    got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
+    assert len(calls) == 1 and 1 not in calls[0] and sorted(calls[0]) == sorted(set(ids[:, 1].tolist()) - {1})
+    assert (got - want).norm() <= 0.01 * want.norm()
