@@ -171,8 +171,14 @@ DEQUANT_ROWS = {1: 48, 2: 48}
 DEQUANT_COLS = 4096  # W^T unpacked this many output columns at a time: a 150k-token lm_head stays in scratch-sized parts
 
 
+PAD_ROWS = 32  # the unpacked product's rows rounded up to this: oneDNN builds a primitive per new shape (~0.5 ms)
+
+
 def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     if xb.shape[0] >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) and unpackable(w):  # a prefill's many rows
+        m = xb.shape[0]
+        if m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new shape
+            return _kmm(F.pad(xb, (0, 0, 0, PAD_ROWS - m % PAD_ROWS)), w)[:m]
         parts = []
         for c in range(0, w.shape[0], DEQUANT_COLS):  # two planes: W^T = hi + lo, the small product inside the big one's
             wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64)

@@ -276,3 +276,18 @@ def test_experts_with_many_rows_leave_the_call_to_the_others(monkeypatch):
     got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
     assert len(calls) == 1 and 1 not in calls[0] and sorted(calls[0]) == sorted(set(ids[:, 1].tolist()) - {1})
     assert (got - want).norm() <= 0.01 * want.norm()
+
+
+def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
+    """From DEQUANT_ROWS rows the product runs on rows rounded up to PAD_ROWS (oneDNN makes a primitive per
+    new shape, ~0.5 ms, and every prompt length would be one): the rows asked for, as unpadded."""
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    k = forms()["int4"]
+    x = torch.randn(quant.DEQUANT_ROWS[1] + 3, k.shape[1])
+    shapes = []
+    real = quant.dequant_t
+    monkeypatch.setattr(quant, "dequant_t", lambda w, *b: shapes.append(1) or real(w, *b))
+    got = quant.linear(x, k)
+    assert shapes and got.shape == (len(x), k.shape[0])
+    monkeypatch.setattr(quant, "PAD_ROWS", 1)
+    torch.testing.assert_close(got, quant.linear(x, k), rtol=1e-5, atol=1e-5)
