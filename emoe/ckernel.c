@@ -409,3 +409,56 @@ void kq_rmsnorm(const float *x, const float *w, float *y, int rows, int n, float
     }
 }
 #endif
+
+/* ---- a decode step's attention: one new token per row ------------------------------------------------------ */
+static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* halves convention, rd dims */
+    const int h = rd / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + h] = b * cs[i + h] + a * sn[i + h];
+    }
+}
+
+/* For each row b: rotate q [B, H, d] and k [B, Hkv, d] by its position's cos/sin [B, rd] (rd = 0: none), write
+   k and v into the caches [slots, L, Hkv, d] at (slot[b], pos[b]), then attend over that slot's keys
+   max(0, pos - window + 1) .. pos (window 0: all), head h reading kv head h / (H / Hkv), with an optional
+   sink logit per head joining the softmax (gpt-oss). out [B, H, d]. q and k are rotated in place. */
+void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const int64_t *slot, const int64_t *pos,
+               const float *cs, const float *sn, int rd, int B, int H, int Hkv, int d, int L, int window,
+               float scale, const float *sinks, float *out, int threads) {
+    for (int b = 0; b < B; b++) {
+        for (int g = 0; g < Hkv; g++) {
+            float *kk = k + ((long)b * Hkv + g) * d;
+            if (rd) rope_head(kk, cs + (long)b * rd, sn + (long)b * rd, rd);
+            const long at = (((long)slot[b] * L + pos[b]) * Hkv + g) * d;
+            memcpy(kc + at, kk, sizeof(float) * d);
+            memcpy(vc + at, v + ((long)b * Hkv + g) * d, sizeof(float) * d);
+        }
+    }
+    const int rep = H / Hkv;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H, g = h / rep;
+        float *qq = q + (long)bh * d, *o = out + (long)bh * d;
+        if (rd) rope_head(qq, cs + (long)b * rd, sn + (long)b * rd, rd);
+        const int p = (int)pos[b], j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - j0 + 1;
+        float *s = malloc(sizeof(float) * (size_t)n);
+        float mx = sinks ? sinks[h] : -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const float *kj = kc + (((long)slot[b] * L + j0 + j) * Hkv + g) * d;
+            float dot = 0.f;
+            for (int c = 0; c < d; c++) dot += qq[c] * kj[c];
+            s[j] = dot * scale;
+            mx = fmaxf(mx, s[j]);
+        }
+        float den = sinks ? expf(sinks[h] - mx) : 0.f;
+        for (int j = 0; j < n; j++) { s[j] = expf(s[j] - mx); den += s[j]; }
+        for (int c = 0; c < d; c++) o[c] = 0.f;
+        for (int j = 0; j < n; j++) {
+            const float *vj = vc + (((long)slot[b] * L + j0 + j) * Hkv + g) * d, pj = s[j] / den;
+            for (int c = 0; c < d; c++) o[c] += pj * vj[c];
+        }
+        free(s);
+    }
+}

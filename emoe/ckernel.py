@@ -79,6 +79,9 @@ def library() -> ctypes.CDLL | None:
             P, i = ctypes.c_void_p, ctypes.c_int
             lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
+        P, i = ctypes.c_void_p, ctypes.c_int
+        lib.kq_attend.argtypes = [P] * 9 + [i] * 7 + [ctypes.c_float, P, P, i]
+        lib.kq_attend.restype = None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float], None
         _lib = lib
     except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
@@ -173,3 +176,26 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | Non
     y = torch.empty_like(x)
     _lib.kq_rmsnorm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
+           pos: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None, window: int | None, scale: float,
+           sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """A decode step's attention in one C call (float32, CPU): q [B, H, d], k and v [B, Hkv, d] (one new token
+    per row, rotated here by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
+    L, Hkv, d] at (slot, pos), then each row attends over its slot up to pos (within window), sinks [H] joining
+    the softmax. Returns out [B, H, d]; None where the routine is not built (nothing written then)."""
+    lib = library()
+    if lib is None:
+        return None
+    B, H, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # q and k rotated in place: a step's own tensors
+    slot, pos = slot.long().contiguous(), pos.long().contiguous()
+    cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
+    rd = cs.shape[-1] if cs is not None else 0
+    out = torch.empty(B, H, d)
+    lib.kq_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(), vc.data_ptr(), slot.data_ptr(),
+                  pos.data_ptr(), cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
+                  rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
+                  sinks.contiguous().data_ptr() if sinks is not None else None, out.data_ptr(), torch.get_num_threads())
+    return out

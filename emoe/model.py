@@ -215,14 +215,17 @@ class MoEModel:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         if self.inv_freq.device != x.device:  # once, not a host→device copy per layer and step
             self.inv_freq = self.inv_freq.to(x.device)
-        key = ("rope", x.dtype)
-        tables = self._memo.get(key)
-        if tables is None:
-            tables = self._memo[key] = rope_tables(pos, self.inv_freq, self.rope_scale, x.dtype)
+        tables = self.rope_tables(pos, x.dtype)
         if self.cfg.rotary_dim:  # partial rotary: the leading dims carry position, the rest pass through
             r = self.cfg.rotary_dim
             return torch.cat((apply_rope(x[..., :r], pos, self.inv_freq, tables=tables), x[..., r:]), dim=-1)
         return apply_rope(x, pos, self.inv_freq, tables=tables)
+
+    def rope_tables(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", dtype)
+        if key not in self._memo:
+            self._memo[key] = rope_tables(pos, self.inv_freq.to(pos.device), self.rope_scale, dtype)
+        return self._memo[key]
 
     def mask(self, pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
         key = ("mask", n_keys, window)
@@ -283,6 +286,16 @@ class MoEModel:
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.spec.qk_norm == "head" and cfg.qk_norm:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
+        windowed = cfg.window_layers is None or i in cfg.window_layers
+        if kv is not None and T == 1 and len(rows.flat) == B and self._c_decode(q, kv.k[i]):
+            # a CPU decode step: rope, the cache writes and attention in one C call (~25 small ops otherwise)
+            sinks = w.get(p + "sinks")
+            scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
+            out = ckernel.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
+                                 kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype),
+                                 cfg.sliding_window if windowed else None, scale, sinks)
+            if out is not None:
+                return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
         if cfg.spec.qk_norm == "head_after_rope":  # Hunyuan normalises the rotated heads
@@ -293,7 +306,6 @@ class MoEModel:
         else:
             keys, vals = self.cached(i, kv.k, k, rows), self.cached(i, kv.v, v, rows)
             n = keys.shape[1]
-        windowed = cfg.window_layers is None or i in cfg.window_layers
         mask = self.mask(pos, n, cfg.sliding_window if windowed else None)
         keys, vals, sinks = keys.transpose(1, 2), vals.transpose(1, 2), w.get(p + "sinks")
         if sinks is None:
@@ -301,10 +313,19 @@ class MoEModel:
                                                  enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         else:
             out = sink_attention(q, keys, vals, mask, sinks)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        if cfg.spec.attn_gate:
-            out = out * torch.sigmoid(gate)
-        return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+        return self._attn_out(i, out.transpose(1, 2).reshape(B, T, -1), gate if cfg.spec.attn_gate else None)
+
+    def _attn_out(self, i: int, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        p = f"model.layers.{i}.self_attn."
+        out = out if gate is None else out * torch.sigmoid(gate)
+        return linear(out, self.w[p + "o_proj.weight"], self.w.get(p + "o_proj.bias"))
+
+    def _c_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
+        """Whether a decode step's attention runs in ckernel.attend: float32 on a CPU, rope in halves (or none
+        to interleave), nothing between rope and attention."""
+        spec = self.cfg.spec
+        return (q.device.type == "cpu" and q.dtype == torch.float32 == cache.dtype and cache.is_contiguous()
+                and not spec.rope_interleave and spec.qk_norm != "head_after_rope")
 
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:

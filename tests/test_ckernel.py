@@ -291,3 +291,41 @@ def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
     assert shapes and got.shape == (len(x), k.shape[0])
     monkeypatch.setattr(quant, "PAD_ROWS", 1)
     torch.testing.assert_close(got, quant.linear(x, k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("gpt_oss", {"sliding_window": 4}),
+                                         ("mixtral", {"sliding_window": 3}), ("glm4_moe", {"partial_rotary_factor": 0.5})])
+def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeypatch):
+    """A decode step's rope, cache writes and attention in one C call (ckernel.attend): 12 steps of two rows
+    in different slots give the logits the torch path gives, through sliding windows (gpt-oss with sinks,
+    Mixtral), per-head qk norm (Qwen3) and partial rotary (GLM-4)."""
+    from test_model import load_emoe
+    from tiny import make_tiny
+
+    from emoe.model import KVCache, MoEModel
+    path = make_tiny(family, tmp_path / family, **over)
+    cfg, model, dispatch = load_emoe(path)
+    calls = []
+    real = ckernel.attend
+    monkeypatch.setattr(ckernel, "attend", lambda *a: calls.append(1) or real(*a))
+
+    def run(c_path: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(MoEModel, "_c_decode", lambda self, q, cache: c_path and q.dtype == torch.float32)
+        kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
+        g = torch.Generator().manual_seed(2)
+        prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+        slots, out = torch.tensor([2, 0]), []
+        model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
+        for t in range(12):
+            tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
+            out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
+                                     kv, slots, last_only=True))
+        return out
+
+    with torch.no_grad():
+        want = run(False)
+        assert not calls
+        got = run(True)
+    assert len(calls) == 12 * (cfg.num_layers - len(cfg.linear_layers))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
