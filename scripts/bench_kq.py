@@ -6,8 +6,8 @@ int4 kernel ("off"), side by side in one run.
 Part 1 times one 768x1024 matrix (Q4-class one plane, int8-class two) for 1..48 rows in each mode: it is what
 ckernel.ROWS is read from, with scripts/bench_prefill_dequant.py (the matrix stays in cache here, so this is the arithmetic, not the memory).
 Part 2, per --model, decodes 64 tokens (experts at budget 0 on their forms, dense projections on the file's
-blocks) in each mode, alternated, --rounds times, and prints tokens/s and the ratio to "off", and whether the
-first tokens agree with "off".
+blocks) in each mode, and in bf16 with the decode attention left to torch (ckernel.attend off), alternated,
+--rounds times, and prints tokens/s and the ratio to "off", and whether the first tokens agree with "off".
 """
 from __future__ import annotations
 
@@ -56,10 +56,14 @@ def decode(model: str, batch: int, rounds: int) -> None:
     eng = Engine(EngineConfig(model, miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=batch))
     prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(30)] for i in range(batch)]
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    rates, first = {m: [] for m in modes()}, {}
+    from emoe.model import MoEModel
+    c_decode = MoEModel._c_decode
+    variants = modes() + ["bf16, torch attention"] if "bf16" in modes() else modes()
+    rates, first = {m: [] for m in variants}, {}
     for _ in range(rounds):
-        for m in modes():
-            ckernel.KQ = m
+        for m in variants:
+            ckernel.KQ = m.split(",")[0]
+            MoEModel._c_decode = c_decode if "," not in m else (lambda self, q, cache: False)
             eng.generate(prompts, params)  # warm
             t0 = time.perf_counter()
             out = eng.generate(prompts, params)
@@ -68,7 +72,7 @@ def decode(model: str, batch: int, rounds: int) -> None:
     print(f"\n{model}, batch {batch}: decode tokens/s (64 each, {rounds} rounds alternated)")
     for m, r in rates.items():
         same = sum(a == b for a, b in zip(first[m], first["off"]))
-        print(f"  {m:5s} {' '.join(f'{v:6.1f}' for v in r)}  ratio to off {sum(r) / sum(rates['off']):.2f}x  "
+        print(f"  {m:21s} {' '.join(f'{v:6.1f}' for v in r)}  ratio to off {sum(r) / sum(rates['off']):.2f}x  "
               f"first 16 tokens as off's: {same}/{batch}")
 
 
