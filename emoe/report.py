@@ -22,10 +22,10 @@ def summary(eng, seconds: float) -> str:
     s, c = eng.cache.stats, eng.cache
     shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
                f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
-               f"{', on the CPU int4 kernel' if c.kernel else ''})") if c.shadow_bits else ""
+               f"{', in CPU kernel forms' if c.kernel else ''})") if c.shadow_bits else ""
     if s.host_runs:
         shadows += (f", {s.host_runs} expert runs on the host from the {eng.store.tier} tier"
-                    + (" (packed experts on the CPU int4 kernel)" if eng.store.forms else ""))
+                    + (" (packed experts in CPU kernel forms)" if eng.store.forms else ""))
     n = getattr(eng.policy, "min_tokens", None)
     if n is not None:  # auto
         shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"
