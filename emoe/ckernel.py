@@ -123,6 +123,9 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
 def kq_able(w) -> bool:
     """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
     is on the CPU in contiguous planes. The form's part is decided once per KTensor (its `cdesc` slot)."""
+    d = w.cdesc
+    if d:  # decided for this form: only the mode can have changed
+        return d[0] != 0 and bool(_lib and _lib.modes & MODES.get(KQ, 0))
     lib = library()
     if lib is None or not lib.modes & MODES.get(KQ, 0):
         return False
