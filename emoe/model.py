@@ -287,7 +287,8 @@ class MoEModel:
         if cfg.spec.qk_norm == "head" and cfg.qk_norm:
             q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         windowed = cfg.window_layers is None or i in cfg.window_layers
-        if kv is not None and T == 1 and len(rows.flat) == B and self._c_decode(q, kv.k[i]):
+        if kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
+                and self._c_decode(q, kv.k[i]):  # (a position past the slot's length: the torch path's IndexError)
             # a CPU decode step: rope, the cache writes and attention in one C call (~25 small ops otherwise)
             sinks = w.get(p + "sinks")
             scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
