@@ -16,17 +16,9 @@ import time
 
 import torch
 
+from bench_prefill_dequant import best  # scripts/ is on the path when this runs
+
 from emoe import ckernel, quant
-
-
-def best(f, n: int) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def modes() -> list[str]:
