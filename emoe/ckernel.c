@@ -4,10 +4,12 @@
    pairs [K / group, N, 2] per plane; the value is sum over planes of (u - 8) * s + z.
 
    1. kplanes_t: W^T unpacked to bf16, for many-row products (a prefill's), run by oneDNN's bf16 matmul.
-   2. kq_linear / kq_moe: few-row products with activations rounded to int8 per 32 (as llama.cpp's quantised
-      matmuls do), nibbles times int8 summed in int32 (VNNI where the CPU has it), scaled per 32 in float. A
-      decode step is bound by per-call overhead and the unpacking, not by bandwidth: this does 64 rows x 4 k
-      in a handful of instructions, and kq_moe runs all of a MoE layer's experts in one call. */
+   2. kq_linear / kq_moe: few-row products, the nibbles times bf16 activations (AVX512-BF16 pair dot
+      products, as PyTorch's kernel takes its input; two rows share each unpacking) or, in int8 mode,
+      activations rounded to int8 per 32 as llama.cpp's quantised matmuls round them (VNNI, or AVX2), summed
+      in int32 and scaled per 32 in float. kq_moe runs all of a MoE layer's experts in one call.
+   3. kq_attend: a decode step's rope, KV-cache writes and attention; kq_rmsnorm. A decode step on a CPU pays
+      per torch op: these replace a few dozen of them a layer. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -60,7 +62,7 @@ void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, uint16_t *ou
     else run(planes, sz, 2, out, lo, N, K, group, b0, b1);
 }
 
-/* ---- few-row products: int8 activations ---------------------------------------------------------------- */
+/* ---- few-row products --------------------------------------------------------------------------------------- */
 typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; } kmat;  /* ckernel.desc */
 typedef struct { int8_t *q; float *d, *qs; } qrow;  /* a row rounded: int8 per 32, the scale, the scale x sum */
 
