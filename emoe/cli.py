@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
                     help="a request takes the free KV slot that still holds its longest prefix (a chat's earlier "
                     "turns) and prefills only the rest (default; --no-prefix-reuse turns it off)")
+    se.add_argument("--prompt-cache-mb", type=int, default=1024,
+                    help="with prefix reuse: host memory for the KV of slots taken over, restored for a later "
+                    "prompt with a longer shared prefix than any free slot holds (llama-server's --cache-ram; "
+                    "0: off)")
     se.add_argument("--prefill-interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="prefill admitted prompts a chunk per step between decode steps (default), or whole at "
                     "admission (--no-prefill-interleave)")

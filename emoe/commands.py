@@ -354,6 +354,7 @@ def cmd_serve(args) -> None:
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
+                              prompt_cache_mb=args.prompt_cache_mb,
                               dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
                               dense_blocks=args.dense_blocks, host_int8=args.host_int8,
                               host_form_bits=args.host_form_bits,

@@ -21,6 +21,7 @@ from .gguf_blocks import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
+from .prompt_cache import PromptCache
 from .dispatch import ExpertDispatch, run_experts
 from .forms import file_dense
 from .quant import CopyFile, copies_path, int8_dense
@@ -43,6 +44,7 @@ class EngineConfig:
     max_len: int = 1024            # KV slot length: prompt + output tokens of one request
     prefill_chunk: int = 512       # prompt tokens per request per forward: bounds activation and score memory
     prefix_reuse: bool = False     # a new request takes the free KV slot whose last occupant shares its prefix
+    prompt_cache_mb: int = 0       # with prefix_reuse: a slot's KV kept in host memory when it is taken over (prompt_cache)
     trace: bool = False
     memory_bytes: int | None = None  # experts + KV together; when set, max_batch is what the rest holds
     qkernel: bool = True           # on CPU, run low-bit copies with PyTorch's int4 kernel, not dequantised
@@ -62,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.prompt_cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be >= 0, got {self.prompt_cache_mb}")
         if self.host_form_bits not in (4, 8):
             raise ValueError(f"host_form_bits must be 4 or 8, got {self.host_form_bits}")
 
@@ -157,6 +161,9 @@ class Engine:
         self.prefilling: list[Request] = []  # admitted, prompt not yet all in the KV cache
         self.last_prefill = (0, 0.0)  # (tokens, seconds) of the last prefill chunk: serving prices prefill by it
         self.slot_tokens: dict[int, list[int]] = {}  # prefix_reuse: the tokens whose KV a free slot still holds
+        # a recurrent layer's state holds every token it saw: a prefix of it cannot be restored
+        self.prompt_cache = PromptCache(cfg.prompt_cache_mb << 20) \
+            if cfg.prefix_reuse and cfg.prompt_cache_mb and not c.linear_layers else None
         self.reused_tokens = 0  # prompt tokens not prefilled, their KV found in a slot (cumulative)
         self.tokens_generated = 0
         self._ids = itertools.count()
@@ -254,7 +261,14 @@ class Engine:
                 if n > shared:
                     best, shared = i, n
         slot = self.free_slots.pop(best)
-        self.slot_tokens.pop(slot, None)
+        held = self.slot_tokens.pop(slot, None)
+        if self.prompt_cache is not None:
+            if held:  # about to be overwritten
+                self.prompt_cache.save(held, self.kv, slot)
+            key, n = self.prompt_cache.match(prompt[:-1]) if reuse else (None, 0)
+            if n > shared:
+                self.prompt_cache.restore(key, n, self.kv, slot)
+                shared = n
         return slot, shared
 
     def _start(self, ready: list[tuple[Request, torch.Tensor]]) -> list[Request]:

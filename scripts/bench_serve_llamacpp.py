@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=400)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--port", type=int, default=8093)
+    ap.add_argument("--emoe-arg", action="append", default=[], metavar="ARG",
+                    help="passed on to `emoe serve` (repeat; e.g. --emoe-arg=--scheduler --emoe-arg=fcfs)")
     a = ap.parse_args()
     reqs = serve.make_requests(a.requests, trace=a.trace, time_scale=a.time_scale, max_tokens=a.max_tokens,
                                max_prompt_tokens=a.max_prompt_tokens)
@@ -67,7 +69,7 @@ def main() -> None:
     os.environ["EMOE_CACHE"] = cache = tempfile.mkdtemp(prefix="emoe-cache-")
     _gguf_import_dir(a.gguf)  # the import `emoe serve --model FILE.gguf` makes, once, before any clock
     emoe = [sys.executable, "-m", "emoe.cli", "serve", "--model", str(a.gguf), "--port", str(a.port),
-            "--max-batch", str(a.slots), "--max-len", str(a.ctx), "--threads", str(a.threads)]
+            "--max-batch", str(a.slots), "--max-len", str(a.ctx), "--threads", str(a.threads), *a.emoe_arg]
     rows, ready = {}, {}
     for name, cmd in (("llama.cpp", llama), ("emoe", emoe)):
         with running(cmd, a.port, env={**os.environ, "EMOE_CACHE": cache}) as ready[name]:

@@ -88,6 +88,58 @@ def test_prefix_reuse_takes_the_slot_holding_the_conversation_so_far(tiny_mixtra
     assert scored not in eng.slot_tokens
 
 
+def test_prompt_cache_restores_a_conversation_whose_slot_was_taken(tiny_mixtral):
+    """One KV slot, two conversations alternating: each turn takes the slot over, so prefix reuse alone
+    finds nothing. The prompt cache keeps the slot's KV when it is taken and copies it back for the next
+    turn of that conversation: only the new tokens are prefilled, and the answer is a fresh engine's. A
+    cap smaller than one entry keeps nothing."""
+    def turn(eng, ids):
+        r = eng.make_request("x", GREEDY, chat=False)
+        r.prompt_ids = list(ids)
+        eng.admit([r])
+        while eng.running:
+            eng.step()
+        return r
+    eng = engine(tiny_mixtral, max_batch=1, prefix_reuse=True, prompt_cache_mb=64)
+    a = turn(eng, eng.codec.encode(PROMPTS[1]))
+    turn(eng, eng.codec.encode(PROMPTS[2]))  # takes the slot: a's KV goes to the cache
+    follow = a.prompt_ids + a.output_ids + eng.codec.encode(" and then?")
+    before = eng.reused_tokens
+    second = turn(eng, follow)
+    held = len(a.prompt_ids) + len(a.output_ids) - 1  # the last sampled token was never fed back
+    assert eng.reused_tokens - before == held and eng.prompt_cache.restored_tokens == held
+    fresh = engine(tiny_mixtral, max_batch=1)
+    assert second.output_ids == turn(fresh, follow).output_ids
+    tiny = engine(tiny_mixtral, max_batch=1, prefix_reuse=True, prompt_cache_mb=0)
+    assert tiny.prompt_cache is None
+    with pytest.raises(ValueError, match="prompt_cache_mb must be >= 0"):
+        engine(tiny_mixtral, prompt_cache_mb=-1)
+
+
+def test_prompt_cache_keeps_the_longest_and_its_cap():
+    """An entry whose tokens start a newer one's is dropped; least recently used entries leave first when
+    the byte cap is reached; a match needs the first token and stops at the first difference."""
+    from emoe.model import KVCache
+    from emoe.prompt_cache import PromptCache
+    kv = KVCache([torch.arange(2 * 8 * 4, dtype=torch.float32).view(2, 8, 1, 4)], [torch.zeros(2, 8, 1, 4)])
+    per_token = 2 * 4 * 4  # k and v, 4 floats each
+    pc = PromptCache(6 * per_token)
+    pc.save([1, 2], kv, 0)
+    pc.save([1, 2, 3], kv, 0)  # supersedes [1, 2]
+    assert list(pc.entries) == [(1, 2, 3)] and pc.bytes == 3 * per_token
+    pc.save([1, 2], kv, 0)  # already covered
+    assert list(pc.entries) == [(1, 2, 3)]
+    pc.save([5, 6, 7], kv, 1)
+    assert pc.match([1, 2, 9]) == ((1, 2, 3), 2) and pc.match([5, 6, 7, 8]) == ((5, 6, 7), 3)
+    assert pc.match([2, 1]) == (None, 0) and pc.match([]) == (None, 0)
+    pc.restore((1, 2, 3), 2, kv, 1)  # most recently used now
+    assert torch.equal(kv.k[0][1, :2], kv.k[0][0, :2])
+    pc.save([9, 9, 9], kv, 0)  # over the cap: the least recently used, [5, 6, 7], leaves
+    assert list(pc.entries) == [(1, 2, 3), (9, 9, 9)] and pc.bytes == 6 * per_token
+    pc.save(list(range(10, 17)), kv, 0)  # larger than the whole cap: not kept
+    assert (10,) + tuple(range(11, 17)) not in pc.entries
+
+
 def test_penalties_and_sampling_cuts():
     """presence/frequency penalties (OpenAI) act on output tokens, the repetition penalty (HF/vLLM) on
     prompt and output tokens by sign; top_k=1 and min_p=1 leave only the likeliest token."""
