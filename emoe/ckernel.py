@@ -202,3 +202,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
                   rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
                   sinks.contiguous().data_ptr() if sinks is not None else None, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def describe() -> str:
+    """What runs a few-row product on a kernel form here, for the memory line."""
+    lib = library()
+    if lib is None:
+        return "PyTorch's int4 kernel: no C routines built"
+    if KQ == "off":
+        return "PyTorch's int4 kernel below a prefill's rows: EMOE_KQ=off"
+    if not lib.modes & MODES[KQ]:
+        return f"PyTorch's int4 kernel below a prefill's rows: no {KQ} routine for this CPU"
+    return f"emoe's C routines, {KQ} activations"

@@ -7,6 +7,7 @@ def memory_line(eng) -> str:
     """Where the bytes are: fast-tier experts (of the budget), KV, dense weights, and the RAM tier."""
     gib, c = 2 ** 30, eng.cache
     nb = lambda t: t.nbytes  # noqa: E731  (tensors and kernel forms alike)
+    from .ckernel import describe
     from .quant import KTensor
     dense = sum(nb(t) for t in eng.model.w.values())
     forms = sum(isinstance(t, KTensor) for t in eng.model.w.values())  # --dense-blocks / --dense-int8
@@ -15,17 +16,19 @@ def memory_line(eng) -> str:
             f"{eng.device.type}, KV {eng.kv.nbytes / gib:.2f} GiB, dense {dense / gib:.2f} GiB"
             + (f" ({forms} projections in kernel forms)" if forms else "") + "; "
             + (f"RAM tier {ram / gib:.2f} GiB" + (" (kernel forms)" if eng.store.forms else "")
-               if eng.store.tier == "ram" else "experts read from disk"))
+               if eng.store.tier == "ram" else "experts read from disk")
+            + (f"; forms run by {describe()}" if (forms or eng.store.forms) and eng.device.type == "cpu" else ""))
 
 
 def summary(eng, seconds: float) -> str:
+    from .ckernel import describe
     s, c = eng.cache.stats, eng.cache
     shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
                f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
                f"{', in CPU kernel forms' if c.kernel else ''})") if c.shadow_bits else ""
     if s.host_runs:
         shadows += (f", {s.host_runs} expert runs on the host from the {eng.store.tier} tier"
-                    + (" (packed experts in CPU kernel forms)" if eng.store.forms else ""))
+                    + (f" (packed experts in CPU kernel forms, run by {describe()})" if eng.store.forms else ""))
     n = getattr(eng.policy, "min_tokens", None)
     if n is not None:  # auto
         shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"

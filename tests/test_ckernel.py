@@ -329,3 +329,13 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
     assert len(calls) == 12 * (cfg.num_layers - len(cfg.linear_layers))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_the_summary_says_what_runs_the_forms(monkeypatch):
+    monkeypatch.setattr(ckernel, "KQ", "off")
+    assert ckernel.describe().endswith("EMOE_KQ=off") or "no C routines" in ckernel.describe()
+    if ckernel.library() is not None and ckernel.library().modes & ckernel.MODES["int8"]:
+        monkeypatch.setattr(ckernel, "KQ", "int8")
+        assert ckernel.describe() == "emoe's C routines, int8 activations"
+    monkeypatch.setattr(ckernel, "_lib", None)
+    assert ckernel.describe() == "PyTorch's int4 kernel: no C routines built"
