@@ -79,7 +79,7 @@ def _default_placement(args, model: str, budget: float) -> None:
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
         print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
-              "CPU int4 kernel in kernel forms where RAM holds them, and a GGUF's dense projections on its own blocks "
+              "CPU in kernel forms where RAM holds them (emoe's C routines), and a GGUF's dense projections on its own blocks "
               "(--budget 1 holds the experts dequantised instead, --no-dense-blocks the dense as float copies; "
               "--dense-int8 runs the MXFP4 and FP8 releases' dense projections as int8, at some accuracy)", file=sys.stderr)
     if args.dense_blocks is None:  # a GGUF's own blocks: llama.cpp's arithmetic, faster than float copies
