@@ -48,11 +48,54 @@ def _cpu_key() -> str:
         return ""
 
 
+def _build(flags: list[str]) -> Path:
+    """The shared object for these flags, compiled into the cache unless it is there already."""
+    key = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_key()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe"
+    so = cache / f"ckernel-{key}.so"
+    if not so.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+            src.write_text(SOURCE)
+            subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(out)], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(out, so)  # atomic: a second process sees the whole file or none
+    return so
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled routine, built once per source, flags and CPU; None where it cannot be (said once)."""
+    """The compiled routines, built once per source, flags and CPU; None where they cannot be (said once). A
+    compiler without OpenMP builds them single-threaded."""
     global _lib
     if _lib is not False:
         return _lib
+    _lib = None
+    if os.environ.get("EMOE_NO_CKERNEL"):
+        return None
+    try:
+        try:
+            so = _build(FLAGS + _openmp_flags())
+        except subprocess.CalledProcessError:
+            if not _openmp_flags():
+                raise
+            so = _build(FLAGS)
+        lib = ctypes.CDLL(str(so))
+        P, i = ctypes.c_void_p, ctypes.c_int
+        lib.kplanes_t.restype = None
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 5
+        lib.kq_modes.restype = i
+        lib.modes = lib.kq_modes()
+        if lib.modes:
+            lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
+            lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
+        lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float, P, P, i], None
+        lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
+        _lib = lib
+    except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
+        print(f"[emoe] emoe's C routines could not be built ({type(e).__name__}): kernel forms run on PyTorch's "
+              f"int4 kernel, attention and norms in torch", file=sys.stderr)
+    return _lib
     _lib = None
     if os.environ.get("EMOE_NO_CKERNEL"):
         return None

@@ -339,3 +339,23 @@ def test_the_summary_says_what_runs_the_forms(monkeypatch):
         assert ckernel.describe() == "emoe's C routines, int8 activations"
     monkeypatch.setattr(ckernel, "_lib", None)
     assert ckernel.describe() == "PyTorch's int4 kernel: no C routines built"
+
+
+def test_a_compiler_without_openmp_builds_the_routines_single_threaded(monkeypatch, tmp_path):
+    """cc refusing -fopenmp (clang without libomp): the routines are built again without it."""
+    import os
+    import shutil
+    import stat
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None or not ckernel._openmp_flags():
+        pytest.skip("no compiler, or no OpenMP to leave out")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cc} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ckernel, "_lib", False)
+    lib = ckernel.library()
+    assert lib is not None and ckernel.dequant_t(forms()["int4"]) is not None
+    built = list((tmp_path / "cache" / "emoe").glob("ckernel-*.so"))
+    assert len(built) == 1 and b"GOMP_parallel" not in built[0].read_bytes()
