@@ -194,9 +194,15 @@ def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
 
 
 def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
-    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all)."""
-    return (len(w) == 3 and all(isinstance(t, KTensor) for t in w) and x.dim() == 2
-            and _few_rows(len(x) if rows is None else rows, x, w))
+    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all).
+    Asked per expert and layer in a decode step: plain loops, no generators."""
+    if len(w) != 3 or x.dim() != 2 or x.dtype != torch.float32:
+        return False
+    rows = len(x) if rows is None else rows
+    for t in w:
+        if not (isinstance(t, KTensor) and kq_able(t) and rows < ckernel.ROWS.get(len(t.planes), 0)):
+            return False
+    return True
 
 
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
