@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .datasets import load_split
-from .model import rms_norm, rope, route, swiglu
+from .model import rms_norm, route, swiglu
+from .rope import rope
 
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"

@@ -255,7 +255,7 @@ def test_published_deepseek_v2_lite_config_matches_transformers():
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 
     from emoe.config import ModelConfig
-    from emoe.model import rope_frequencies
+    from emoe.rope import rope_frequencies
     c = ModelConfig.from_hf(V2_LITE)
     assert c.moe_layers == tuple(range(1, 27)) and c.num_experts == 64 and c.top_k == 6 and c.n_group == 1
     assert c.shared_expert_intermediate_size == 2 * 1408 and c.kv_numel_per_token == 27 * (512 + 64)
