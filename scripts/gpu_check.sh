@@ -73,6 +73,10 @@ step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 25
   --layers 8 --experts 32
 step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
   --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,shadow:0.4
+# host misses through emoe's C routines (fourteenth session: a layer's host experts in one kq_moe call, float32
+# copies of the tokens) against PyTorch's int4 kernel per expert, alternated in separate processes
+step host_kq $((Q ? 60 : 120)) bash -c "for m in bf16 off bf16 off; do echo EMOE_KQ=\$m; EMOE_KQ=\$m python3 scripts/gpu_profile.py \
+  --model $GG/imported --configs host:0.4,host:0.1; done"
 # Qwen3-Next's layout (linear attention in three of four layers, a fixed state per slot): not yet run on CUDA
 N=/tmp/random-qwen3-next
 step random_qwen3_next 120 python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny import make_tiny

@@ -20,7 +20,7 @@ STEPS=pytest timeout "$(left)" bash scripts/gpu_check.sh "$W/tests" > "$W/pytest
 STEPS="${MAKE_STEPS:-random_model gguf_pair random_gpt_oss random_ds_fp8}" \
   timeout "$(left)" bash scripts/gpu_check.sh "$W/make" > "$W/make.log" 2>&1
 wait; cat "$W/pytest.log"; grep "^== " "$W/make.log"
-for s in ${GPU_STEPS:-auto_vs_load eval_layers profile_gguf profile_gpt_oss profile_ds_fp8 interleave}; do
+for s in ${GPU_STEPS:-auto_vs_load host_kq eval_layers profile_gguf profile_gpt_oss profile_ds_fp8 interleave}; do
   [ "$(left)" -gt 5 ] || break   # one call each, so that they run in this order (gpu_check.sh keeps its own)
   STEPS=$s timeout "$(left)" bash scripts/gpu_check.sh "$W/gpu" 2>&1 | grep -v "^torch \|^NVIDIA" | tee -a "$W/gpu.log"
 done
