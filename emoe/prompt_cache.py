@@ -22,7 +22,7 @@ class PromptCache:
         if max_bytes < 0:
             raise ValueError(f"prompt cache bytes must be >= 0, got {max_bytes}")
         self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[torch.Tensor]]] = OrderedDict()
         self.saved = self.restored_tokens = 0
 
     def save(self, tokens: list[int], kv: KVCache, slot: int) -> None:
@@ -33,14 +33,14 @@ class PromptCache:
             return
         if self.match(tokens, limit=n)[1] == n:  # as long a prefix is kept already
             return
-        size = sum(k[slot, :n].nbytes + v[slot, :n].nbytes for k, v in zip(kv.k, kv.v))
+        size = sum(t[slot, :n].nbytes for t in _tensors(kv))
         if size > self.max_bytes:
             return
         for other in [o for o in self.entries if len(o) < n and o == key[: len(o)]]:  # its tokens start these
             self._drop(other)
         while self.bytes + size > self.max_bytes:
             self._drop(next(iter(self.entries)))
-        blocks = [(k[slot, :n].to("cpu", copy=True), v[slot, :n].to("cpu", copy=True)) for k, v in zip(kv.k, kv.v)]
+        blocks = [t[slot, :n].to("cpu", copy=True) for t in _tensors(kv)]
         self.entries[key] = (np.asarray(tokens, dtype=np.int64), blocks)
         self.bytes += size
         self.saved += 1
@@ -64,12 +64,16 @@ class PromptCache:
     def restore(self, key: tuple[int, ...], n: int, kv: KVCache, slot: int) -> None:
         """Copy the entry's KV for its first n tokens into the slot's positions 0 .. n - 1."""
         _, blocks = self.entries[key]
-        for (a, b), k, v in zip(blocks, kv.k, kv.v):
-            k[slot, :n].copy_(a[:n], non_blocking=False)
-            v[slot, :n].copy_(b[:n], non_blocking=False)
+        for block, t in zip(blocks, _tensors(kv)):
+            t[slot, :n].copy_(block[:n])
         self.entries.move_to_end(key)
         self.restored_tokens += n
 
     def _drop(self, key: tuple[int, ...]) -> None:
         _, blocks = self.entries.pop(key)
-        self.bytes -= sum(a.nbytes + b.nbytes for a, b in blocks)
+        self.bytes -= sum(b.nbytes for b in blocks)
+
+
+def _tensors(kv: KVCache) -> list[torch.Tensor]:
+    """Every per-token cache tensor [slots, max_len, …]: k and v per layer (under MLA only k, the latents)."""
+    return [*kv.k, *kv.v]

@@ -116,6 +116,32 @@ def test_prompt_cache_restores_a_conversation_whose_slot_was_taken(tiny_mixtral)
         engine(tiny_mixtral, prompt_cache_mb=-1)
 
 
+def test_prompt_cache_restores_latent_attention_too(tmp_path):
+    """Under MLA the cache holds only the latents (k; v is empty): they are what is kept and restored."""
+    from tiny import make_tiny
+    path = make_tiny("deepseek_v3", tmp_path / "ds")
+    eng = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1, prefix_reuse=True, prompt_cache_mb=64))
+    def turn(ids):
+        r = eng.make_request("x", GREEDY, chat=False)
+        r.prompt_ids = list(ids)
+        eng.admit([r])
+        while eng.running:
+            eng.step()
+        return r
+    a = turn(range(3, 15))
+    turn(range(40, 50))
+    follow = a.prompt_ids + a.output_ids + [7, 8, 9]
+    second = turn(follow)
+    assert eng.prompt_cache.restored_tokens == len(a.prompt_ids) + len(a.output_ids) - 1 and not eng.kv.v
+    fresh = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1))
+    r = fresh.make_request("x", GREEDY, chat=False)
+    r.prompt_ids = list(follow)
+    fresh.admit([r])
+    while fresh.running:
+        fresh.step()
+    assert second.output_ids == r.output_ids
+
+
 def test_prompt_cache_keeps_the_longest_and_its_cap():
     """An entry whose tokens start a newer one's is dropped; least recently used entries leave first when
     the byte cap is reached; a match needs the first token and stops at the first difference."""
