@@ -21,7 +21,7 @@ from .gguf_blocks import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader
 from .policies import PreGated, Reroute, make_policy
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, take_slot
 from .dispatch import ExpertDispatch, run_experts
 from .forms import file_dense
 from .quant import CopyFile, copies_path, int8_dense
@@ -246,30 +246,9 @@ class Engine:
             self._start(ready)
 
     def _take_slot(self, prompt: list[int], reuse: bool = True) -> tuple[int, int]:
-        """(free slot, prompt tokens whose KV it already holds). With prefix_reuse, the slot whose last
-        occupant's tokens share the longest prefix with this prompt (a chat's next turn re-sends the
-        conversation: its KV is still there, at the same positions); the last prompt token is always
-        prefilled, for its logits."""
-        best, shared = 0, 0
-        if self.ecfg.prefix_reuse and reuse:
-            for i, s in enumerate(self.free_slots):
-                held = self.slot_tokens.get(s, ())
-                n = next((k for k, (a, b) in enumerate(zip(held, prompt[:-1])) if a != b),
-                         min(len(held), len(prompt) - 1))
-                if self.cfg.linear_layers and n < len(held):  # a recurrent state holds all it saw, or is no use
-                    n = 0
-                if n > shared:
-                    best, shared = i, n
-        slot = self.free_slots.pop(best)
-        held = self.slot_tokens.pop(slot, None)
-        if self.prompt_cache is not None:
-            if held:  # about to be overwritten
-                self.prompt_cache.save(held, self.kv, slot)
-            key, n = self.prompt_cache.match(prompt[:-1]) if reuse else (None, 0)
-            if n > shared:
-                self.prompt_cache.restore(key, n, self.kv, slot)
-                shared = n
-        return slot, shared
+        """(free slot, prompt tokens whose KV it holds): prompt_cache.take_slot, with prefix_reuse."""
+        return take_slot(self.free_slots, self.slot_tokens, prompt, self.ecfg.prefix_reuse and reuse,
+                         bool(self.cfg.linear_layers), self.prompt_cache, self.kv)
 
     def _start(self, ready: list[tuple[Request, torch.Tensor]]) -> list[Request]:
         """Requests whose prompt is in the cache: first token, the residency's prompt-aware refresh, then

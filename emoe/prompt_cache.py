@@ -1,4 +1,5 @@
-"""Finished requests' KV kept in host memory (llama-server's --cache-ram, vLLM's prefix caching).
+"""Which KV slot a request takes, and the KV it finds there: prefix reuse, and finished requests' KV kept
+in host memory (llama-server's --cache-ram, vLLM's prefix caching).
 
 Prefix reuse finds a prompt's prefix only in a free KV slot whose last occupant shared it. With more
 conversations or repeated prompts than slots, that KV is overwritten before it is asked for again. Here the
@@ -15,6 +16,34 @@ import numpy as np
 import torch
 
 from .model import KVCache
+
+
+def take_slot(free: list[int], held: dict[int, list[int]], prompt: list[int], reuse: bool, recurrent: bool,
+              cache: "PromptCache | None", kv: KVCache) -> tuple[int, int]:
+    """(a slot taken from free, prompt tokens whose KV it holds). With reuse, the free slot whose last occupant's
+    tokens (held) share the longest prefix with this prompt: a chat's next turn re-sends the conversation, and
+    its KV is still there at the same positions. A recurrent state holds all it saw, so there only a slot
+    whose every held token matches counts. The cache keeps the taken slot's KV and restores a longer prefix
+    than the slot had. The last prompt token is always prefilled, for its logits."""
+    best, shared = 0, 0
+    if reuse:
+        for i, s in enumerate(free):
+            h = held.get(s, ())
+            n = next((k for k, (a, b) in enumerate(zip(h, prompt[:-1])) if a != b), min(len(h), len(prompt) - 1))
+            if recurrent and n < len(h):
+                n = 0
+            if n > shared:
+                best, shared = i, n
+    slot = free.pop(best)
+    h = held.pop(slot, None)
+    if cache is not None:
+        if h:  # about to be overwritten
+            cache.save(h, kv, slot)
+        key, n = cache.match(prompt[:-1]) if reuse else (None, 0)
+        if n > shared:
+            cache.restore(key, n, kv, slot)
+            shared = n
+    return slot, shared
 
 
 class PromptCache:
