@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import formcache
 from .checkpoint import PACKED, Checkpoint, ExpertLocs, TensorLoc
 from .gguf_blocks import dequantize as unpack_gguf
 from .quant import KTensor, dequantize
@@ -142,13 +143,23 @@ class RamStore:
             by_layer.setdefault(key[0], []).append(key)
         if host_forms:
             from .forms import host_forms_of
-        for keys in by_layer.values():
-            held = []
-            for key in keys:
-                ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
-                held.append(host_forms_of(ckpt.experts[key], ts, int8, kinds) if host_forms else ts)
-            self._experts.update(zip(keys, _contiguous(held, pin)))
-        del held
+        where = formcache.folder(ckpt.dir, {"int8": int8, "kinds": kinds}) if host_forms else None
+        wrote = 0
+        for layer, keys in by_layer.items():
+            got = formcache.load_layer(where, layer, keys, pin)  # a previous start's forms
+            if got is None:
+                held = []
+                for key in keys:
+                    ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
+                    held.append(host_forms_of(ckpt.experts[key], ts, int8, kinds) if host_forms else ts)
+                got, buf = _contiguous(held, pin)
+                del held
+                wrote += buf.nbytes if any(isinstance(t, KTensor) for ts in got for t in ts) and \
+                    formcache.save_layer(where, layer, keys, got, buf) else 0
+                del buf
+            self._experts.update(zip(keys, got))
+        if wrote:
+            formcache.note(where, ckpt.dir, wrote)
         _trim_heap()
         disk.close()
         self._formed = {key for key, ts in self._experts.items() if any(isinstance(t, KTensor) for t in ts)}
@@ -202,12 +213,15 @@ def _unform(locs: ExpertLocs, tensors: tuple, keep_forms: bool = False) -> tuple
                  for t, q in zip(tensors, locs.qtypes if gguf else tensors))
 
 
-def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
-    """A layer's expert tensors (kernel forms' too) moved into one allocation, pinned for CUDA copies. Made
+def _contiguous(experts: list[tuple], pin: bool) -> tuple[list[tuple], torch.Tensor]:
+    """A layer's expert tensors (kernel forms' too) moved into one allocation (returned too: formcache writes
+    it), pinned for CUDA copies. Made
     one expert at a time, they would sit between the holes that reading and repacking left in the heap,
     which then never shrinks (RSS far above the bytes held, with GGUF kernel forms); held together, the heap's high-water
     mark stays one layer's temporaries."""
     parts = [t for ts in experts for t in ts for t in ((t,) if isinstance(t, torch.Tensor) else t.planes + t.sz)]
+    if not parts:
+        return experts, torch.empty(0, dtype=torch.uint8)
     sizes = [-(-t.nbytes // 64) * 64 for t in parts]  # 64-byte aligned, as torch's own allocations
     buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
     moved, at = {}, 0
@@ -219,7 +233,7 @@ def _contiguous(experts: list[tuple], pin: bool) -> list[tuple]:
         if isinstance(t, torch.Tensor):
             return moved[id(t)]
         return replace(t, planes=tuple(moved[id(p)] for p in t.planes), sz=tuple(moved[id(z)] for z in t.sz))
-    return [tuple(place(t) for t in ts) for ts in experts]
+    return [tuple(place(t) for t in ts) for ts in experts], buf
 
 
 def _mem_available() -> int | None:

@@ -1,7 +1,10 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the many checkpoints tests make would each leave their kernel forms in ~/.cache: test_formcache turns it on
+os.environ.setdefault("EMOE_FORMS_CACHE", "0")
 
 import pytest  # noqa: E402
 

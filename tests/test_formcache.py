@@ -1,0 +1,86 @@
+"""emoe.formcache: the RAM tier's kernel forms written at the first start and read back at the next."""
+import os
+
+import pytest
+import torch
+
+from emoe.checkpoint import Checkpoint
+from emoe.engine import Engine, EngineConfig, SamplingParams
+from emoe.quant import KTensor
+from emoe.store import open_store
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    from gguf_writer import write_gguf
+    from tiny import make_tiny
+
+    from emoe.gguf_import import import_gguf
+    d = tmp_path_factory.mktemp("fc")
+    hf = make_tiny("qwen3_moe", d / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
+    gguf = write_gguf(hf, d / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
+    return import_gguf(gguf, d / "imp", dtype=torch.float32)
+
+
+@pytest.fixture
+def cache_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "emoe" / "forms"
+
+
+def _same(a, b) -> bool:
+    for k in a._experts:
+        for x, y in zip(a._experts[k], b._experts[k]):
+            xs = x.planes + x.sz if isinstance(x, KTensor) else (x,)
+            ys = y.planes + y.sz if isinstance(y, KTensor) else (y,)
+            if type(x) is not type(y) or not all(torch.equal(p, q) for p, q in zip(xs, ys)):
+                return False
+            if isinstance(x, KTensor) and (x.shape, x.bits, x.group) != (y.shape, y.bits, y.group):
+                return False
+    return set(a._experts) == set(b._experts)
+
+
+def test_the_second_start_reads_the_forms_the_first_built(imported, cache_on, monkeypatch, capsys):
+    built = []
+    from emoe import forms
+    real = forms.host_forms_of
+    monkeypatch.setattr(forms, "host_forms_of", lambda *a: built.append(1) or real(*a))
+    ck = Checkpoint(imported)
+    first = open_store(ck, "ram", host_forms=True)
+    assert built and "kernel forms saved in" in capsys.readouterr().err
+    n = len(built)
+    second = open_store(ck, "ram", host_forms=True)
+    assert len(built) == n and _same(first, second)  # nothing built again, the same bytes
+    assert len(list(cache_on.iterdir())) == 1
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    got = Engine(EngineConfig(str(imported), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
+    want = Engine(EngineConfig(str(imported), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
+    assert got[0].output_ids == want[0].output_ids
+
+
+def test_a_changed_checkpoint_or_a_torn_file_builds_afresh(imported, cache_on, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(imported, copy)
+    ck = Checkpoint(copy)
+    open_store(ck, "ram", host_forms=True)
+    (old,) = list(cache_on.iterdir())
+    layer0 = old / "layer-0.safetensors"
+    layer0.write_bytes(layer0.read_bytes()[:100])  # torn
+    again = open_store(ck, "ram", host_forms=True)
+    assert layer0.stat().st_size > 100  # written again, whole
+    f = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    newer = open_store(Checkpoint(copy), "ram", host_forms=True)
+    folders = list(cache_on.iterdir())
+    assert len(folders) == 1 and folders[0] != old  # the old checkpoint's forms removed, the new ones kept
+    assert _same(again, newer) and again.forms
+
+
+def test_turned_off_writes_nothing(imported, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    open_store(Checkpoint(imported), "ram", host_forms=True)
+    assert not (tmp_path / "emoe" / "forms").exists()
