@@ -27,16 +27,18 @@ _DTYPES = {str(d): d for d in (torch.uint8, torch.int8, torch.bfloat16, torch.fl
                                torch.int16, torch.int64, torch.float8_e4m3fn)}
 
 
-def folder(ckpt_dir: Path, options: dict) -> Path | None:
-    """Where this checkpoint's forms under these options live; None when EMOE_FORMS_CACHE=0."""
+def folder(ckpt, options: dict) -> Path | None:
+    """Where this checkpoint's forms under these options live; None when EMOE_FORMS_CACHE=0. The key covers the
+    folder's files and every file the experts' bytes come from (a GGUF import reads them from the .gguf)."""
     if os.environ.get("EMOE_FORMS_CACHE", "1") == "0":
         return None
     src = Path(__file__).parent
     h = hashlib.sha256(json.dumps([VERSION, torch.__version__, sorted(options.items())], default=str).encode())
-    for f in sorted(ckpt_dir.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    files = {str(f) for f in ckpt.dir.iterdir() if f.is_file()}
+    files |= {loc.path for locs in ckpt.experts.values() for loc in locs.locs}
+    for f in sorted(files):
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "quant.py", "store.py"):
         h.update((src / name).read_bytes())
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"

@@ -143,7 +143,7 @@ class RamStore:
             by_layer.setdefault(key[0], []).append(key)
         if host_forms:
             from .forms import host_forms_of
-        where = formcache.folder(ckpt.dir, {"int8": int8, "kinds": kinds}) if host_forms else None
+        where = formcache.folder(ckpt, {"int8": int8, "kinds": kinds}) if host_forms else None
         wrote = 0
         for layer, keys in by_layer.items():
             got = formcache.load_layer(where, layer, keys, pin)  # a previous start's forms

@@ -84,3 +84,20 @@ def test_turned_off_writes_nothing(imported, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     open_store(Checkpoint(imported), "ram", host_forms=True)
     assert not (tmp_path / "emoe" / "forms").exists()
+
+
+def test_the_key_follows_the_files_the_experts_come_from(imported, cache_on):
+    """A GGUF import reads its experts from the .gguf itself: touching that file (outside the import folder
+    or not) changes where the forms are looked for."""
+    from emoe import formcache
+    ck = Checkpoint(imported)
+    sources = {loc.path for locs in ck.experts.values() for loc in locs.locs}
+    before = formcache.folder(ck, {"int8": False})
+    assert before == formcache.folder(ck, {"int8": False}) and before != formcache.folder(ck, {"int8": True})
+    src = sorted(sources)[0]
+    st = os.stat(src)
+    try:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert formcache.folder(ck, {"int8": False}) != before
+    finally:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
