@@ -153,6 +153,15 @@ if [ -n "${LLAMA_DIR:-}" ]; then
     --modes host+db@0,host+db+f4@0,host+db@0,host+db+f4@0 --work $W | tee $R/host_form_bits.txt
   $PY scripts/bench_prefill_dequant.py --model $W/import-Q4_0 --model $W/import-q8_0 --model $W/import-Q4_K_M \
     | tee $R/bench_prefill_dequant.txt  # then bench_serve_llamacpp.py as above: its third run
+  # fourteenth session: few-row products, decode attention and rms_norm in C; the prompt cache; forms on disk
+  $PY scripts/bench_kq.py --model $W/import-Q4_0 --model $W/import-q8_0 --model $W/import-Q4_K_M --rounds 3 \
+    | tee $R/bench_kq.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
+    --quants q8_0,Q4_0,Q4_K_M --modes host+db@0 --work $W | tee $R/check_llamacpp_kq.txt
+  $PY scripts/check_llamacpp.py --llama-cpp $LLAMA_DIR --model runs/gguf-pair/hf --pre gpt-2 --n 8 \
+    --quants Q2_K,IQ4_XS,IQ3_XXS,IQ2_XXS,Q5_K_M --modes host+db@0 --work $W | tee $R/check_llamacpp_lowbit_kq.txt
+  $PY scripts/bench_prefill_llamacpp.py --llama-cpp $LLAMA_DIR --gguf $W/model-Q4_K_M.gguf --model $W/import-Q4_K_M
+  # then bench_serve_llamacpp.py as above (runs 4-6), and forms_cache_startup.txt's command
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files
