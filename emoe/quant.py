@@ -190,13 +190,14 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
 
 def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
     """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32, fewer than ckernel.ROWS."""
-    return x.dtype == torch.float32 and all(kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0) for w in ws)
+    return x.dtype == torch.float32 and x.device.type == "cpu" and \
+        all(kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0) for w in ws)
 
 
 def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
     """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all).
     Asked per expert and layer in a decode step: plain loops, no generators."""
-    if len(w) != 3 or x.dim() != 2 or x.dtype != torch.float32:
+    if len(w) != 3 or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     rows = len(x) if rows is None else rows
     for t in w:
