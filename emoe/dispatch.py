@@ -39,7 +39,9 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     tier (the `host` miss policy) run after the others, on one copy of the layer's tokens there, and their
     sum crosses back once. Where defers(e, n) says some will, that copy is taken at the layer's one sync,
     before any device expert is queued, so the host runs its experts while the device works through its
-    own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss)."""
+    own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss).
+    SwiGLU experts in CPU kernel forms with few rows each (ckernel.ROWS) run in one ckernel.kq_moe call per
+    layer, which sorts the routing itself: on a CPU the layer's tokens, and a device layer's host experts."""
     fetched = None
     if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
         counts = Counter(ids.flatten().tolist())
