@@ -253,7 +253,7 @@ def describe() -> str:
     if lib is None:
         return "PyTorch's int4 kernel: no C routines built"
     if KQ == "off":
-        return "PyTorch's int4 kernel below a prefill's rows: EMOE_KQ=off"
+        return "PyTorch's int4 kernel below a prefill's rows: --activations torch / EMOE_KQ=off"
     if not lib.modes & MODES[KQ]:
         return f"PyTorch's int4 kernel below a prefill's rows: no {KQ} routine for this CPU"
     return f"emoe's C routines, {KQ} activations"

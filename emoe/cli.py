@@ -41,8 +41,13 @@ def _host_kernel_arg(p) -> None:
     p.add_argument("--host-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="with host/auto misses and --experts-on ram, hold a GGUF's Q4/Q5/Q6_K/Q8_0/MXFP4 experts "
                    "(and the MXFP4 / FP8 releases' ones) in the CPU int4 kernel's layout, where RAM holds them, and run "
-                   "host misses on it (default; bf16 activations, as llama.cpp rounds them), or dequantise each "
+                   "host misses on it (default; bf16 activations), or dequantise each "
                    "matrix per run (--no-host-kernel: the file's exact arithmetic, in the file's bytes)")
+    p.add_argument("--activations", choices=["bf16", "int8", "torch"], default=None,
+                   help="what a decode step's products on kernel forms round their activations to, on a CPU: bf16 "
+                   "in emoe's C routines (default, as PyTorch's kernel takes them), int8 per 32 (as llama.cpp's "
+                   "quantised matmuls round them; faster where compute-bound), or torch: PyTorch's int4 kernel "
+                   "(the environment's EMOE_KQ=bf16|int8|off says the same)")
 
 
 def _host_int8_arg(p) -> None:
@@ -269,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "activations", None):  # process-wide, as the routines are
+        from . import ckernel
+        ckernel.KQ = {"torch": "off"}.get(args.activations, args.activations)
     try:
         args.fn(args)
     except (ValueError, OSError, KeyError) as e:  # bad input: one clear line, no traceback
