@@ -34,13 +34,16 @@ def folder(ckpt, options: dict) -> Path | None:
         return None
     src = Path(__file__).parent
     h = hashlib.sha256(json.dumps([VERSION, torch.__version__, sorted(options.items())], default=str).encode())
-    files = {str(f) for f in ckpt.dir.iterdir() if f.is_file()}
-    files |= {loc.path for locs in ckpt.experts.values() for loc in locs.locs}
-    for f in sorted(files):
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "quant.py", "store.py"):
-        h.update((src / name).read_bytes())
+    try:
+        files = {str(f) for f in ckpt.dir.iterdir() if f.is_file()}
+        files |= {loc.path for locs in ckpt.experts.values() for loc in locs.locs}
+        for f in sorted(files):
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "quant.py", "store.py"):
+            h.update((src / name).read_bytes())
+    except OSError:  # what cannot be identified is not cached
+        return None
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"
     return base / h.hexdigest()[:20]
 
