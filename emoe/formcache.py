@@ -42,9 +42,9 @@ def folder(ckpt, options: dict) -> Path | None:
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "quant.py", "store.py"):
             h.update((src / name).read_bytes())
-    except OSError:  # what cannot be identified is not cached
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"
+    except (OSError, RuntimeError):  # what cannot be identified, or no home for it: not cached
         return None
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"
     return base / h.hexdigest()[:20]
 
 
