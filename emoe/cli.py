@@ -43,6 +43,10 @@ def _host_kernel_arg(p) -> None:
                    "(and the MXFP4 / FP8 releases' ones) in the CPU int4 kernel's layout, where RAM holds them, and run "
                    "host misses on it (default; bf16 activations), or dequantise each "
                    "matrix per run (--no-host-kernel: the file's exact arithmetic, in the file's bytes)")
+    _activations_arg(p)
+
+
+def _activations_arg(p) -> None:
     p.add_argument("--activations", choices=["bf16", "int8", "torch"], default=None,
                    help="what a decode step's products on kernel forms round their activations to, on a CPU: bf16 "
                    "in emoe's C routines (default, as PyTorch's kernel takes them), int8 per 32 (as llama.cpp's "
@@ -150,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy/memory/overhead of policies × budgets on the test split")
     _model_arg(ev)
     ev.add_argument("--profile", required=True)
+    _activations_arg(ev)  # shadow copies in kernel forms run through them
     ev.add_argument("--budgets", type=_floats, default=_floats("0.8,0.6,0.4,0.2"))
     ev.add_argument("--policies", default=",".join(["all", "random", "popular", "task-static", "lru",
                                                     "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
