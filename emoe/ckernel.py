@@ -96,41 +96,6 @@ def library() -> ctypes.CDLL | None:
         print(f"[emoe] emoe's C routines could not be built ({type(e).__name__}): kernel forms run on PyTorch's "
               f"int4 kernel, attention and norms in torch", file=sys.stderr)
     return _lib
-    _lib = None
-    if os.environ.get("EMOE_NO_CKERNEL"):
-        return None
-    flags = FLAGS + _openmp_flags()
-    key = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_key()]).encode()).hexdigest()[:16]
-    try:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe"
-        so = cache / f"ckernel-{key}.so"
-        if not so.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(SOURCE)
-                subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(out)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(out, so)  # atomic: a second process sees the whole file or none
-        lib = ctypes.CDLL(str(so))
-        lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
-        lib.kq_modes.restype = ctypes.c_int
-        lib.modes = lib.kq_modes()
-        if lib.modes:
-            P, i = ctypes.c_void_p, ctypes.c_int
-            lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
-            lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
-        P, i = ctypes.c_void_p, ctypes.c_int
-        lib.kq_attend.argtypes = [P] * 9 + [i] * 7 + [ctypes.c_float, P, P, i]
-        lib.kq_attend.restype = None
-        lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float], None
-        _lib = lib
-    except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
-        print(f"[emoe] the prefill routine could not be built ({type(e).__name__}): many-row products stay on "
-              f"PyTorch's int4 kernel", file=sys.stderr)
-    return _lib
 
 
 def unpackable(w) -> bool:

@@ -99,7 +99,7 @@ class KTensor:
     shape: tuple[int, int]
     bits: int
     group: int
-    cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel.desc, made once
+    cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel.kq_able's, made once
 
     @property
     def nbytes(self) -> int:
@@ -189,27 +189,26 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
 
 
 def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
-    """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32, fewer than ckernel.ROWS."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and \
-        all(kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0) for w in ws)
-
-
-def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
-    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all).
-    Asked per expert and layer in a decode step: plain loops, no generators."""
-    if len(w) != 3 or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+    """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32 on a CPU, fewer rows
+    than ckernel.ROWS. Asked per expert and layer in a decode step: a plain loop, no generator."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    rows = len(x) if rows is None else rows
-    for t in w:
-        if not (isinstance(t, KTensor) and kq_able(t) and rows < ckernel.ROWS.get(len(t.planes), 0)):
+    for w in ws:
+        if not (kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0)):
             return False
     return True
 
 
+def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
+    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all)."""
+    return len(w) == 3 and x.dim() == 2 and isinstance(w[0], KTensor) and isinstance(w[1], KTensor) \
+        and isinstance(w[2], KTensor) and _few_rows(len(x) if rows is None else rows, x, w)
+
+
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for a full weight, a copy (dequantised for the call: cheap on a GPU) or a KTensor (few
-    float32 rows: ckernel's int8-activation routine; else the CPU kernel, which takes 2-D bf16 activations: x
-    is flattened and rounded to bf16 for it)."""
+    float32 rows: ckernel's few-row routine; else _kmm: the unpacked matrix or PyTorch's int4 kernel, which
+    take 2-D bf16 activations: x is flattened and rounded to bf16 for them)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, QTensor):

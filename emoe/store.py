@@ -154,8 +154,8 @@ class RamStore:
                     held.append(host_forms_of(ckpt.experts[key], ts, int8, kinds) if host_forms else ts)
                 got, buf = _contiguous(held, pin)
                 del held
-                wrote += buf.nbytes if any(isinstance(t, KTensor) for ts in got for t in ts) and \
-                    formcache.save_layer(where, layer, keys, got, buf) else 0
+                if any(isinstance(t, KTensor) for ts in got for t in ts) and formcache.save_layer(where, layer, keys, got, buf):
+                    wrote += buf.nbytes
                 del buf
             self._experts.update(zip(keys, got))
         if wrote:

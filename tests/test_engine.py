@@ -88,28 +88,31 @@ def test_prefix_reuse_takes_the_slot_holding_the_conversation_so_far(tiny_mixtra
     assert scored not in eng.slot_tokens
 
 
+def _turn(eng, ids):
+    """One request of the token ids, run to its end."""
+    r = eng.make_request("x", GREEDY, chat=False)
+    r.prompt_ids = list(ids)
+    eng.admit([r])
+    while eng.running:
+        eng.step()
+    return r
+
+
 def test_prompt_cache_restores_a_conversation_whose_slot_was_taken(tiny_mixtral):
     """One KV slot, two conversations alternating: each turn takes the slot over, so prefix reuse alone
     finds nothing. The prompt cache keeps the slot's KV when it is taken and copies it back for the next
     turn of that conversation: only the new tokens are prefilled, and the answer is a fresh engine's. A
     cap smaller than one entry keeps nothing."""
-    def turn(eng, ids):
-        r = eng.make_request("x", GREEDY, chat=False)
-        r.prompt_ids = list(ids)
-        eng.admit([r])
-        while eng.running:
-            eng.step()
-        return r
     eng = engine(tiny_mixtral, max_batch=1, prefix_reuse=True, prompt_cache_mb=64)
-    a = turn(eng, eng.codec.encode(PROMPTS[1]))
-    turn(eng, eng.codec.encode(PROMPTS[2]))  # takes the slot: a's KV goes to the cache
+    a = _turn(eng, eng.codec.encode(PROMPTS[1]))
+    _turn(eng, eng.codec.encode(PROMPTS[2]))  # takes the slot: a's KV goes to the cache
     follow = a.prompt_ids + a.output_ids + eng.codec.encode(" and then?")
     before = eng.reused_tokens
-    second = turn(eng, follow)
+    second = _turn(eng, follow)
     held = len(a.prompt_ids) + len(a.output_ids) - 1  # the last sampled token was never fed back
     assert eng.reused_tokens - before == held and eng.prompt_cache.restored_tokens == held
     fresh = engine(tiny_mixtral, max_batch=1)
-    assert second.output_ids == turn(fresh, follow).output_ids
+    assert second.output_ids == _turn(fresh, follow).output_ids
     tiny = engine(tiny_mixtral, max_batch=1, prefix_reuse=True, prompt_cache_mb=0)
     assert tiny.prompt_cache is None
     with pytest.raises(ValueError, match="prompt_cache_mb must be >= 0"):
@@ -121,25 +124,13 @@ def test_prompt_cache_restores_latent_attention_too(tmp_path):
     from tiny import make_tiny
     path = make_tiny("deepseek_v3", tmp_path / "ds")
     eng = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1, prefix_reuse=True, prompt_cache_mb=64))
-    def turn(ids):
-        r = eng.make_request("x", GREEDY, chat=False)
-        r.prompt_ids = list(ids)
-        eng.admit([r])
-        while eng.running:
-            eng.step()
-        return r
-    a = turn(range(3, 15))
-    turn(range(40, 50))
+    a = _turn(eng, range(3, 15))
+    _turn(eng, range(40, 50))
     follow = a.prompt_ids + a.output_ids + [7, 8, 9]
-    second = turn(follow)
+    second = _turn(eng, follow)
     assert eng.prompt_cache.restored_tokens == len(a.prompt_ids) + len(a.output_ids) - 1 and not eng.kv.v
     fresh = Engine(EngineConfig(str(path), miss_policy="all", max_batch=1))
-    r = fresh.make_request("x", GREEDY, chat=False)
-    r.prompt_ids = list(follow)
-    fresh.admit([r])
-    while fresh.running:
-        fresh.step()
-    assert second.output_ids == r.output_ids
+    assert second.output_ids == _turn(fresh, follow).output_ids
 
 
 def test_prompt_cache_keeps_the_longest_and_its_cap():
