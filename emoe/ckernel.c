@@ -18,6 +18,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* a dot product in 16 partial sums, so it vectorises (one running sum is a chain of dependent adds) */
+static inline float dotf(const float *restrict a, const float *restrict b, int n) {
+    float part[16] = {0}, acc = 0.f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < 16; i++) part[i] += a[j + i] * b[j + i];
+    for (; j < n; j++) acc += a[j] * b[j];
+    for (int w = 8; w > 0; w /= 2)  /* a tree, not a chain of 16 dependent adds */
+        for (int i = 0; i < w; i++) part[i] += part[i + w];
+    return acc + part[0];
+}
+
 static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
@@ -396,21 +408,50 @@ void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, co
     free(gates);
 }
 
+#endif
+
 /* y = x / sqrt(mean(x^2) + eps) * w per row of n, in float */
 void kq_rmsnorm(const float *x, const float *w, float *y, int rows, int n, float eps) {
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (long)r * n;
-        float part[16] = {0}, ss = 0.f;  /* 16 partial sums: the loop vectorises */
-        int j = 0;
-        for (; j + 16 <= n; j += 16)
-            for (int i = 0; i < 16; i++) part[i] += xr[j + i] * xr[j + i];
-        for (; j < n; j++) ss += xr[j] * xr[j];
-        for (int i = 0; i < 16; i++) ss += part[i];
-        const float inv = 1.f / sqrtf(ss / (float)n + eps);
+        const float inv = 1.f / sqrtf(dotf(xr, xr, n) / (float)n + eps);
         for (int j = 0; j < n; j++) y[(long)r * n + j] = xr[j] * inv * w[j];
     }
 }
-#endif
+
+/* A MoE router for a few tokens (a decode step's): logits = x W^T (+ b), probs = softmax or sigmoid, each token's
+   top k of probs (+ choice: DeepSeek's balancing bias, which picks but never weighs), its weights the probs there,
+   normalised to sum 1 if norm, times scale. Ties go to the lower expert. Replaces ~10 torch ops a layer. */
+void kq_route(const float *x, const float *W, const float *b, const float *choice, int T, int H, int E, int k,
+              int sigmoid, int norm, float scale, float *probs, float *w, int64_t *ids) {
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (long)t * H;
+        float *p = probs + (long)t * E, mx = -INFINITY, sum = 0.f;
+        for (int e = 0; e < E; e++) {
+            const float acc = dotf(xt, W + (long)e * H, H) + (b ? b[e] : 0.f);
+            p[e] = acc;
+            mx = acc > mx ? acc : mx;
+        }
+        for (int e = 0; e < E; e++) {
+            p[e] = sigmoid ? 1.f / (1.f + expf(-p[e])) : expf(p[e] - mx);
+            sum += p[e];
+        }
+        if (!sigmoid)
+            for (int e = 0; e < E; e++) p[e] /= sum;
+        int64_t *it = ids + (long)t * k;
+        float *wt = w + (long)t * k, best[k], tot = 0.f;
+        for (int j = 0; j < k; j++) best[j] = -INFINITY, it[j] = -1;
+        for (int e = 0; e < E; e++) {  /* insertion into the k best so far, kept in descending order */
+            const float v = choice ? p[e] + choice[e] : p[e];
+            if (v <= best[k - 1] && it[k - 1] >= 0) continue;
+            int j = k - 1;
+            for (; j > 0 && (v > best[j - 1] || it[j - 1] < 0); j--) best[j] = best[j - 1], it[j] = it[j - 1];
+            best[j] = v, it[j] = e;
+        }
+        for (int j = 0; j < k; j++) tot += (wt[j] = p[it[j]]);
+        for (int j = 0; j < k; j++) wt[j] = (norm ? wt[j] / (tot + 1e-20f) : wt[j]) * scale;
+    }
+}
 
 /* ---- a decode step's attention: one new token per row ------------------------------------------------------ */
 static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* halves convention, rd dims */
@@ -439,27 +480,38 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
         }
     }
     const int rep = H / Hkv;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
-    for (int bh = 0; bh < B * H; bh++) {
-        const int b = bh / H, h = bh % H, g = h / rep;
-        float *qq = q + (long)bh * d, *o = out + (long)bh * d;
-        if (rd) rope_head(qq, cs + (long)b * rd, sn + (long)b * rd, rd);
+    /* per (row, kv head): its rep query heads read each cached key and value once */
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * Hkv >= 2)
+    for (int bg = 0; bg < B * Hkv; bg++) {
+        const int b = bg / Hkv, g = bg % Hkv, h0 = g * rep;
         const int p = (int)pos[b], j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - j0 + 1;
-        float *s = malloc(sizeof(float) * (size_t)n);
-        float mx = sinks ? sinks[h] : -INFINITY;
-        for (int j = 0; j < n; j++) {
-            const float *kj = kc + (((long)slot[b] * L + j0 + j) * Hkv + g) * d;
-            float dot = 0.f;
-            for (int c = 0; c < d; c++) dot += qq[c] * kj[c];
-            s[j] = dot * scale;
-            mx = fmaxf(mx, s[j]);
+        float *qq = q + ((long)b * H + h0) * d, *restrict o = out + ((long)b * H + h0) * d;
+        if (rd)
+            for (int r = 0; r < rep; r++) rope_head(qq + (long)r * d, cs + (long)b * rd, sn + (long)b * rd, rd);
+        float *restrict s = malloc(sizeof(float) * (size_t)n * rep), mx[rep], den[rep];
+        const float *kv0 = kc + (((long)slot[b] * L + j0) * Hkv + g) * d, *vv0 = vc + (((long)slot[b] * L + j0) * Hkv + g) * d;
+        const long ld = (long)Hkv * d;  /* from one position's key to the next */
+        for (int r = 0; r < rep; r++) mx[r] = sinks ? sinks[h0 + r] : -INFINITY;
+        for (int j = 0; j < n; j++)
+            for (int r = 0; r < rep; r++) {
+                const float v = dotf(qq + (long)r * d, kv0 + j * ld, d) * scale;
+                s[(long)r * n + j] = v;
+                mx[r] = fmaxf(mx[r], v);
+            }
+        for (int r = 0; r < rep; r++) {
+            float *sr = s + (long)r * n, t = sinks ? expf(sinks[h0 + r] - mx[r]) : 0.f;
+            for (int j = 0; j < n; j++) sr[j] = expf(sr[j] - mx[r]);
+            for (int j = 0; j < n; j++) t += sr[j];
+            den[r] = 1.f / t;
         }
-        float den = sinks ? expf(sinks[h] - mx) : 0.f;
-        for (int j = 0; j < n; j++) { s[j] = expf(s[j] - mx); den += s[j]; }
-        for (int c = 0; c < d; c++) o[c] = 0.f;
+        for (int c = 0; c < rep * d; c++) o[c] = 0.f;
         for (int j = 0; j < n; j++) {
-            const float *vj = vc + (((long)slot[b] * L + j0 + j) * Hkv + g) * d, pj = s[j] / den;
-            for (int c = 0; c < d; c++) o[c] += pj * vj[c];
+            const float *restrict vj = vv0 + j * ld;
+            for (int r = 0; r < rep; r++) {
+                const float pj = s[(long)r * n + j] * den[r];
+                float *restrict orow = o + (long)r * d;
+                for (int c = 0; c < d; c++) orow[c] += pj * vj[c];
+            }
         }
         free(s);
     }

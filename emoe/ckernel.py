@@ -91,6 +91,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float, P, P, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
+        lib.kq_route.argtypes, lib.kq_route.restype = [P] * 4 + [i] * 6 + [ctypes.c_float, P, P, P], None
         _lib = lib
     except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
         print(f"[emoe] emoe's C routines could not be built ({type(e).__name__}): kernel forms run on PyTorch's "
@@ -187,6 +188,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | Non
     y = torch.empty_like(x)
     _lib.kq_rmsnorm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
+
+
+# tokens up to which kq_route runs a router (a decode step's few; a prefill's matmul is oneDNN's)
+ROUTE_ROWS = 16
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k: int, norm_topk: bool, scoring: str,
+          choice: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """model.route's (scores, weights, ids) for a few float32 CPU tokens x [T, H] and router gate [E, H] (+ bias),
+    softmax or sigmoid scoring, choice the selection-only bias: in one C call. None where it does not apply."""
+    if library() is None:
+        return None
+    T, (E, H) = x.shape[0], gate.shape
+    if T > ROUTE_ROWS or scoring not in ("softmax", "sigmoid") or x.dim() != 2 or x.device.type != "cpu" \
+            or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in (x, gate, bias, choice)):
+        return None
+    x, gate = x.contiguous(), gate.contiguous()
+    bias, choice = (t.contiguous() if t is not None else None for t in (bias, choice))
+    probs, w, ids = torch.empty(T, E), torch.empty(T, top_k), torch.empty(T, top_k, dtype=torch.int64)
+    _lib.kq_route(x.data_ptr(), gate.data_ptr(), bias.data_ptr() if bias is not None else None,
+                  choice.data_ptr() if choice is not None else None, T, H, E, top_k, scoring == "sigmoid",
+                  norm_topk, scale, probs.data_ptr(), w.data_ptr(), ids.data_ptr())
+    return probs, w, ids
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,

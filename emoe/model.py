@@ -319,11 +319,14 @@ class MoEModel:
             return swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"])
         p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
         gate, bias = w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias")
-        logits = F.linear(x.float(), gate.float(), None if bias is None else bias.float()) if cfg.spec.fp32_router \
-            else F.linear(x, gate, bias)
-        probs, weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob,
-                                    scoring=cfg.spec.scoring, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                                    bias=w.get(p + cfg.spec.bias_key), scale=cfg.routed_scaling_factor)
+        routed = ckernel.route(x, gate, bias, cfg.top_k, cfg.norm_topk_prob, cfg.spec.scoring,
+                               w.get(p + cfg.spec.bias_key), cfg.routed_scaling_factor) if cfg.n_group <= 1 else None
+        if routed is None:  # (the C router: a decode step's few float32 CPU tokens)
+            logits = F.linear(x.float(), gate.float(), None if bias is None else bias.float()) if cfg.spec.fp32_router \
+                else F.linear(x, gate, bias)
+            routed = route(logits, cfg.top_k, cfg.norm_topk_prob, scoring=cfg.spec.scoring, n_group=cfg.n_group,
+                           topk_group=cfg.topk_group, bias=w.get(p + cfg.spec.bias_key), scale=cfg.routed_scaling_factor)
+        probs, weights, ids = routed
         out = dispatch(i, x, probs, weights.to(x.dtype), ids)
         if cfg.spec.shared == "granite" and cfg.shared_expert_intermediate_size:  # beside the MoE, not in it
             gate, up = w[f"model.layers.{i}.shared_mlp.input_linear.weight"].chunk(2)
@@ -370,6 +373,7 @@ class MoEModel:
         self._memo = {}
         post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
         segments = self._segments(pos, valid) if self.linear else None
+        every = len(rows.flat) == B * T
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             h = x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps)
@@ -378,10 +382,12 @@ class MoEModel:
             a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
             x = x + (a if r == 1.0 else a * r)
             flat = x.reshape(B * T, H)
-            h = flat[rows.flat] if post else rms_norm(flat[rows.flat], w[p + "post_attention_layernorm.weight"], eps)
+            h = flat if every else flat[rows.flat]  # every token valid (a decode step's rows): no gather, no scatter
+            h = h if post else rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
             m = self.mlp(i, h, dispatch)
             m = rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps) if post else m
-            x = flat.index_copy(0, rows.flat, flat[rows.flat] + (m if r == 1.0 else m * r)).view(B, T, H)
+            m = m if r == 1.0 else m * r
+            x = (flat + m if every else flat.index_copy(0, rows.flat, flat[rows.flat] + m)).view(B, T, H)
         if last_only:
             last = valid.long().cumsum(1).argmax(1)
             x = x[torch.arange(x.shape[0], device=x.device), last]

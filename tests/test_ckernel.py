@@ -359,3 +359,52 @@ def test_a_compiler_without_openmp_builds_the_routines_single_threaded(monkeypat
     assert lib is not None and ckernel.dequant_t(forms()["int4"]) is not None
     built = list((tmp_path / "cache" / "emoe").glob("ckernel-*.so"))
     assert len(built) == 1 and b"GOMP_parallel" not in built[0].read_bytes()
+
+
+@pytest.mark.skipif(ckernel.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("scoring,norm,choice,scale", [("softmax", True, False, 1.0), ("softmax", False, False, 1.0),
+                                                       ("sigmoid", True, True, 2.5)])
+def test_the_c_router_routes_as_torch_does(scoring, norm, choice, scale):
+    """kq_route (a decode step's router in one call): model.route's scores, weights and ids on the logits of
+    x W^T + b, for softmax, unnormalised top-k, and DeepSeek's sigmoid with a choice-only bias and a scale."""
+    from emoe.model import route
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(5, 256, generator=g), torch.randn(40, 256, generator=g) * 0.05, torch.randn(40, generator=g)
+    c = torch.randn(40, generator=g) * 0.1 if choice else None
+    got = ckernel.route(x, W, b, 6, norm, scoring, c, scale)
+    want = route(torch.nn.functional.linear(x, W, b), 6, norm, scoring=scoring, bias=c, scale=scale)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], want[2])
+
+
+@pytest.mark.skipif(ckernel.library() is None, reason="no C compiler")
+def test_the_c_router_breaks_ties_to_the_lower_expert_and_leaves_prefills_to_torch():
+    x, W = torch.ones(2, 32), torch.zeros(8, 32)
+    W[5] = W[3] = 1.0  # experts 3 and 5 tie first, the rest tie after them
+    _, w, ids = ckernel.route(x, W, None, 3, True, "softmax", None, 1.0)
+    assert ids.tolist() == [[3, 5, 0], [3, 5, 0]]
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    assert ckernel.route(torch.ones(ckernel.ROUTE_ROWS + 1, 32), W, None, 3, True, "softmax", None, 1.0) is None
+    assert ckernel.route(x.double(), W.double(), None, 3, True, "softmax", None, 1.0) is None
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64" or ckernel.library() is None,
+                    reason="an x86-64 build target")
+def test_a_build_without_vector_units_still_loads_its_portable_routines(tmp_path):
+    """Built for the plain x86-64 baseline (as for a CPU with neither AVX2 nor AVX512, or another architecture's
+    portable C): no few-row mode, and PyTorch's kernel serves the forms, but the library loads, and rms_norm and
+    the router run in it. (The norm once sat inside the vector-only part, so such a build failed to load.)"""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from emoe import ckernel\n"
+            "x, w = torch.randn(3, 64), torch.randn(64)\n"
+            "y = ckernel.rms_norm(x, w, 1e-6)\n"
+            "assert torch.allclose(y, torch.nn.functional.rms_norm(x, (64,), w, 1e-6), atol=1e-5)\n"
+            "assert ckernel.route(x, torch.randn(8, 64), None, 2, True, 'softmax', None, 1.0)[2].shape == (3, 2)\n"
+            "print(ckernel.library().modes, ckernel.describe())\n")
+    env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64", "XDG_CACHE_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "0"
