@@ -129,24 +129,38 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
 
 
 # -- few rows: int8 activations ---------------------------------------------------------------------------------
-def kq_able(w) -> bool:
-    """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
-    is on the CPU in contiguous planes. The form's part is decided once per KTensor (its `cdesc` slot)."""
-    d = w.cdesc
-    if d:  # decided for this form: only the mode can have changed
-        return d[0] != 0 and bool(_lib and _lib.modes & MODES.get(KQ, 0))
-    lib = library()
-    if lib is None or not lib.modes & MODES.get(KQ, 0):
-        return False
+def _desc(w) -> list:
+    """The form's C descriptor, made once per KTensor (its `cdesc` slot): [address or 0 where the routines cannot
+    take it (planes elsewhere than the CPU, not contiguous, more than two), the descriptor tensor, planes]."""
     if not w.cdesc:
         if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)):
             # the kmat (ckernel.c): addresses of planes and scales, and sizes; lives as long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group], dtype=torch.int64)
-            w.cdesc.extend((d.data_ptr(), d))
+            w.cdesc.extend((d.data_ptr(), d, len(p)))
         else:
-            w.cdesc.extend((0, None))
-    return w.cdesc[0] != 0
+            w.cdesc.extend((0, None, 0))
+    return w.cdesc
+
+
+def kq_able(w) -> bool:
+    """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
+    is on the CPU in contiguous planes."""
+    lib = library()
+    return bool(lib is not None and lib.modes & MODES.get(KQ, 0) and _desc(w)[0])
+
+
+def kq_rows(ws, rows: int) -> bool:
+    """Whether the few-row routines run all of the forms ws on `rows` rows: each kq_able, and fewer rows than
+    ROWS says for its planes. Asked per expert and layer in a decode step, so it reads each form's `cdesc`."""
+    lib = library()
+    if lib is None or not lib.modes & MODES.get(KQ, 0):
+        return False
+    for w in ws:
+        d = w.cdesc or _desc(w)
+        if not d[0] or rows >= ROWS.get(d[2], 0):
+            return False
+    return True
 
 
 # few rows on kq_linear / kq_moe with activations in bf16 (as PyTorch's kernel takes them: the default) or int8

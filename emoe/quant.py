@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import ckernel
-from .ckernel import dequant_t, kq_able, kq_linear, kq_moe, unpackable
+from .ckernel import dequant_t, kq_linear, kq_moe, kq_rows, unpackable
 
 BITS = (4, 8)
 
@@ -190,19 +190,14 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
 
 def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
     """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32 on a CPU, fewer rows
-    than ckernel.ROWS. Asked per expert and layer in a decode step: a plain loop, no generator."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return False
-    for w in ws:
-        if not (kq_able(w) and rows < ckernel.ROWS.get(len(w.planes), 0)):
-            return False
-    return True
+    than ckernel.ROWS."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and kq_rows(ws, rows)
 
 
 def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
     """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all)."""
-    return len(w) == 3 and x.dim() == 2 and isinstance(w[0], KTensor) and isinstance(w[1], KTensor) \
-        and isinstance(w[2], KTensor) and _few_rows(len(x) if rows is None else rows, x, w)
+    return len(w) == 3 and x.dim() == 2 and type(w[0]) is KTensor and type(w[1]) is KTensor \
+        and type(w[2]) is KTensor and _few_rows(len(x) if rows is None else rows, x, w)
 
 
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
