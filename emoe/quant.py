@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import ckernel
 from .ckernel import dequant_t, kq_linear, kq_moe, kq_rows, unpackable
 
 BITS = (4, 8)
@@ -99,7 +98,7 @@ class KTensor:
     shape: tuple[int, int]
     bits: int
     group: int
-    cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel.kq_able's, made once
+    cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property
     def nbytes(self) -> int:
