@@ -153,7 +153,7 @@ def kq_able(w) -> bool:
 def kq_rows(ws, rows: int) -> bool:
     """Whether the few-row routines run all of the forms ws on `rows` rows: each kq_able, and fewer rows than
     ROWS says for its planes. Asked per expert and layer in a decode step, so it reads each form's `cdesc`."""
-    lib = library()
+    lib = _lib if _lib is not False else library()
     if lib is None or not lib.modes & MODES.get(KQ, 0):
         return False
     for w in ws:

@@ -207,7 +207,7 @@ def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.T
         return F.linear(x, w, bias)
     if isinstance(w, QTensor):
         y = F.linear(x, dequantize(w, x.dtype))
-    elif _few_rows(x.numel() // x.shape[-1], x, (w,)):
+    elif x.dtype == torch.float32 and x.device.type == "cpu" and kq_rows((w,), x.numel() // x.shape[-1]):
         y = kq_linear(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     else:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
