@@ -8,7 +8,7 @@
       products, as PyTorch's kernel takes its input; two rows share each unpacking) or, in int8 mode,
       activations rounded to int8 per 32 as llama.cpp's quantised matmuls round them (VNNI, or AVX2), summed
       in int32 and scaled per 32 in float. kq_moe runs all of a MoE layer's experts in one call.
-   3. kq_attend: a decode step's rope, KV-cache writes and attention; kq_rmsnorm. A decode step on a CPU pays
+   3. kq_attend: a decode step's rope, KV-cache writes and attention; kq_rmsnorm; kq_route. A decode step on a CPU pays
       per torch op: these replace a few dozen of them a layer. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -46,8 +46,9 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
         counts = Counter(ids.flatten().tolist())
         fetched = {e: fetch(e, counts[e]) for e in sorted(counts)}
-        if x.dtype == torch.float32 and x.dim() == 2 and all(
-                len(w) == 3 and type(w[0]) is type(w[1]) is type(w[2]) is KTensor and kq_rows(w, counts[e]) for e, w in fetched.items()):
+        if x.dtype == torch.float32 and x.dim() == 2 and all(  # quant.kq_ffn's test, inline: asked per expert and layer
+                len(w) == 3 and type(w[0]) is type(w[1]) is type(w[2]) is KTensor and kq_rows(w, counts[e])
+                for e, w in fetched.items()):
             out = torch.zeros_like(x)
             kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(), weights.float().contiguous())
             return out

@@ -162,6 +162,10 @@ if [ -n "${LLAMA_DIR:-}" ]; then
     --quants Q2_K,IQ4_XS,IQ3_XXS,IQ2_XXS,Q5_K_M --modes host+db@0 --work $W | tee $R/check_llamacpp_lowbit_kq.txt
   $PY scripts/bench_prefill_llamacpp.py --llama-cpp $LLAMA_DIR --gguf $W/model-Q4_K_M.gguf --model $W/import-Q4_K_M
   # then bench_serve_llamacpp.py as above (runs 4-6), and forms_cache_startup.txt's command
+  # fifteenth session: decode host overhead (C router, attention per KV head) against an older revision, then
+  # check_llamacpp_kq.txt's command again
+  [ -n "${AB_OLD:-}" ] && $PY scripts/ab_decode.py --old "$AB_OLD" --model $W/import-Q4_0 --model $W/import-q8_0 \
+    --model $W/import-Q4_K_M --batch 1,4 --rounds 3 | tee $R/ab_decode.txt
   $PY scripts/check_llamacpp_families.py --llama-cpp $LLAMA_DIR  # check_llamacpp_families.txt (and _qwen3next,
   # _glm4moe, _minimax_m2, _dots1, _ernie: the same models with --quants f32,q8_0, commands in each file)
   $PY scripts/make_llamacpp_fixtures.py --llama-cpp $LLAMA_DIR  # tests/data/: rewrites the same files

@@ -1,0 +1,72 @@
+"""Decode tokens/s of an older revision against this tree on a CPU, alternated in fresh processes on one machine
+(same models, prompts and options), with new/old ratios at the end. For changes to the decode step's host
+overhead, which only side-by-side runs can show on a noisy machine.
+
+  git worktree add /tmp/old REV     # or: git archive REV | tar -x -C /tmp/old
+  python scripts/ab_decode.py --old /tmp/old --model runs/llamacpp-random/import-Q4_0 [--batch 1,4] [--rounds 3]
+
+Each run loads the model (experts at budget 0 on their RAM-tier forms, `--dense-blocks`: the CPU default for
+a GGUF import), warms up, and reports the better of two 128-token greedy decodes from 30-token prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = """
+import sys, time
+from emoe.engine import Engine, EngineConfig, SamplingParams
+B = int(sys.argv[2])
+eng = Engine(EngineConfig(sys.argv[1], miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=B))
+prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(30)] for i in range(B)]
+params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+eng.generate(prompts, params)
+best = 0.0
+for _ in range(2):
+    t0 = time.perf_counter()
+    eng.generate(prompts, params)
+    best = max(best, 128 * B / (time.perf_counter() - t0))
+print(best)
+"""
+
+
+def rate(tree: Path, model: str, batch: int) -> float:
+    """One fresh process importing emoe from `tree` (its directory first on the path, whatever is installed)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch)], cwd=tree, env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode:
+        raise SystemExit(f"{tree}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return float(r.stdout.split()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", required=True, type=Path, help="the older tree (a worktree or an archive's extraction)")
+    ap.add_argument("--model", action="append", required=True, help="a model folder (repeatable)")
+    ap.add_argument("--batch", default="1", help="rows decoded at once, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    new = Path(__file__).resolve().parent.parent
+    old = a.old.resolve()
+    if not (old / "emoe" / "__init__.py").is_file():
+        raise SystemExit(f"--old {old}: no emoe package there")
+    for model in a.model:
+        model = str(Path(model).resolve())
+        for batch in map(int, a.batch.split(",")):
+            got = {"old": [], "new": []}
+            for _ in range(a.rounds):
+                for name, tree in (("old", old), ("new", new)):
+                    got[name].append(rate(tree, model, batch))
+            ratios = [n / o for n, o in zip(got["new"], got["old"])]
+            print(f"{Path(model).name:>16} batch {batch}: old {' '.join(f'{v:6.1f}' for v in got['old'])}  "
+                  f"new {' '.join(f'{v:6.1f}' for v in got['new'])} tokens/s  new/old per round "
+                  f"{' '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
