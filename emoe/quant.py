@@ -152,6 +152,21 @@ def to_kernel(q: QTensor) -> KTensor:
                    q.shape, q.bits, q.group)
 
 
+def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
+    """Weights [N_i, K] stacked into one [sum N_i, K] of the same kind, so that one product serves them all:
+    full tensors of one dtype and device, or KTensors of one layout (bits, group, K, planes); None where they
+    differ (a GGUF's q and v in different types, say). A KTensor's rows run in blocks of 64, so its planes
+    stack along rows and its scale pairs [K / group, N, 2] along N."""
+    if all(isinstance(w, torch.Tensor) and w.dim() == 2 and not w.requires_grad for w in ws):
+        return torch.cat(ws) if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 else None
+    if not all(type(w) is KTensor for w in ws) or len({(w.bits, w.group, w.shape[1], len(w.planes), w.planes[0].device,
+                                                        w.sz[0].dtype) for w in ws}) != 1:
+        return None
+    return KTensor(tuple(torch.cat(p) for p in zip(*(w.planes for w in ws))),
+                   tuple(torch.cat(t, 1) for t in zip(*(w.sz for w in ws))),
+                   (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group)
+
+
 def from_kernel(k: KTensor) -> QTensor:
     """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
     u = [_kunpack(p) for p in k.planes]

@@ -408,3 +408,15 @@ def test_a_build_without_vector_units_still_loads_its_portable_routines(tmp_path
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "0"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stacked_forms_give_each_forms_product(bits):
+    """quant.stack_rows' KTensor (q, k and v as one): its product is the three products side by side, bit for
+    bit, whichever path runs it (few rows in C or PyTorch's kernel, many rows unpacked)."""
+    g = torch.Generator().manual_seed(bits)
+    ws = [quant.to_kernel(quant.quantize(torch.randn(n, 256, generator=g), bits, 32)) for n in (256, 64, 64)]
+    both = quant.stack_rows(ws)
+    for rows in (1, 3, 100):
+        x = torch.randn(rows, 256, generator=g)
+        assert torch.equal(quant.linear(x, both), torch.cat([quant.linear(x, w) for w in ws], -1))

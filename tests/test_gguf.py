@@ -611,7 +611,7 @@ def test_dense_blocks_run_the_files_own_dense_projections(imported):
     plain = Engine(EngineConfig(str(out), miss_policy="all", device="cpu"))  # a CPU option: a GPU ignores it
     eng = Engine(EngineConfig(str(out), miss_policy="all", dense_blocks=True, device="cpu"))
     formed = {k for k, v in eng.model.w.items() if isinstance(v, KTensor)}
-    names = ("lm_head.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight")
+    names = ("lm_head.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight")  # q, k, v stacked (MoEModel)
     assert all(any(k.endswith(n) for k in formed) for n in names)
     assert not any(k.endswith(("norm.weight", "gate.weight")) for k in formed)
     assert f"{len(formed)} projections in kernel forms" in eng.memory_line()

@@ -61,3 +61,31 @@ def test_logits_match_transformers(family, over, tmp_path):
         stateless = model.forward(seqs[0][None], torch.arange(len(seqs[0]))[None],
                                   torch.ones(1, len(seqs[0]), dtype=torch.bool), dispatch)
         torch.testing.assert_close(stateless[0], want[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next"])
+def test_q_k_v_stack_into_one_projection_where_their_kinds_allow(family, tmp_path, monkeypatch):
+    """One qkv_proj per attention layer (biases too, Qwen2's), split back by width: the logits are those of three
+    products. Qwen3-Next's q carries its output gate (twice the width), and its linear-attention layers have no
+    q/k/v. Where the kinds differ (a KTensor v beside full q and k) the three stay apart."""
+    import emoe.model as model_mod
+    from emoe.quant import KTensor, quantize, stack_rows, to_kernel
+    path = make_tiny(family, tmp_path / family)
+    cfg, model, dispatch = load_emoe(path)
+    attn = [i for i in range(cfg.num_layers) if i not in cfg.linear_layers]
+    assert sorted(model.qkv) == attn and not any(k.endswith(("q_proj.weight", "k_proj.weight")) for k in model.w)
+    assert (family == "qwen2_moe") == (f"model.layers.{attn[0]}.self_attn.qkv_proj.bias" in model.w)
+    monkeypatch.setattr(model_mod, "stack_rows", lambda ws: None)
+    _, apart, _ = load_emoe(path)
+    assert not apart.qkv and f"model.layers.{attn[0]}.self_attn.q_proj.weight" in apart.w
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), generator=g)
+    pos, valid = torch.arange(7).expand(2, 7), torch.ones(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward(tokens, pos, valid, dispatch), apart.forward(tokens, pos, valid, dispatch),
+                                   rtol=1e-5, atol=1e-5)
+    v = to_kernel(quantize(torch.randn(64, 128), 8, 32))
+    assert stack_rows([torch.randn(64, 128), torch.randn(64, 128), v]) is None
+    assert stack_rows([v, to_kernel(quantize(torch.randn(64, 128), 4, 32))]) is None  # two planes and one
+    both = stack_rows([v, v])
+    assert isinstance(both, KTensor) and both.shape == (128, 128)
