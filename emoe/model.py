@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import ckernel
 from .config import ModelConfig
 from .deltanet import delta_net_rows
-from .quant import linear, stack_rows
+from .quant import linear, stack_qkv
 from .rope import apply_rope, rope_frequencies, rope_tables
 
 
@@ -164,34 +164,14 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         if cfg.spec.norm_offset:  # stored as w − 1: hold the scale itself, so rms_norm stays one function
             weights = {k: v + 1 if k.endswith(OFFSET_NORMS) or k == "model.norm.weight" else v for k, v in weights.items()}
-        self.cfg, self.linear, self.qkv = cfg, set(cfg.linear_layers), {}
-        self.w = self._stack_qkv(weights) if cfg.mla is None else weights
+        self.cfg, self.linear = cfg, set(cfg.linear_layers)
+        # q, k and v as one qkv_proj where their kinds allow; self.qkv[i]: the widths that split it again
+        attn = [] if cfg.mla is not None else [i for i in range(cfg.num_layers) if i not in self.linear]
+        self.w, self.qkv = stack_qkv(weights, attn)
         self.moe = set(cfg.moe_layers)
         self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
-
-    def _stack_qkv(self, weights: dict) -> dict:
-        """q, k and v (and their biases) stacked into one `qkv_proj` per attention layer, where their kinds allow
-        (quant.stack_rows): a decode step then makes one product instead of three, which on a CPU is a third
-        of the calls, and on a GPU of the launches. self.qkv[i] keeps the three widths to split it again."""
-        out = dict(weights)
-        for i in range(self.cfg.num_layers):
-            p = f"model.layers.{i}.self_attn."
-            names = [p + n + "_proj.weight" for n in "qkv"]
-            biases = [weights.get(p + n + "_proj.bias") for n in "qkv"]
-            if i in self.linear or not all(n in weights for n in names) or len({b is None for b in biases}) > 1:
-                continue
-            stacked = stack_rows([weights[n] for n in names])
-            if stacked is None:
-                continue
-            self.qkv[i] = tuple(weights[n].shape[0] for n in names)
-            out[p + "qkv_proj.weight"] = stacked
-            if biases[0] is not None:
-                out[p + "qkv_proj.bias"] = torch.cat(biases)
-            for n in "qkv":
-                out.pop(p + n + "_proj.weight"), out.pop(p + n + "_proj.bias", None)
-        return out
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):

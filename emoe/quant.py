@@ -167,6 +167,29 @@ def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
                    (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group)
 
 
+def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, int, int]]]:
+    """The weights with each listed attention layer's q, k and v (and biases) stacked into one `qkv_proj`, where
+    their kinds allow (stack_rows), and per stacked layer the three widths that split its output again. A
+    decode step then makes one product instead of three: on a CPU a third of the calls, on a GPU of the launches."""
+    out, widths = dict(weights), {}
+    for i in layers:
+        p = f"model.layers.{i}.self_attn."
+        names = [p + n + "_proj.weight" for n in "qkv"]
+        biases = [weights.get(p + n + "_proj.bias") for n in "qkv"]
+        if not all(n in weights for n in names) or len({b is None for b in biases}) > 1:
+            continue
+        stacked = stack_rows([weights[n] for n in names])
+        if stacked is None:
+            continue
+        widths[i] = tuple(weights[n].shape[0] for n in names)
+        out[p + "qkv_proj.weight"] = stacked
+        if biases[0] is not None:
+            out[p + "qkv_proj.bias"] = torch.cat(biases)
+        for n in "qkv":
+            out.pop(p + n + "_proj.weight"), out.pop(p + n + "_proj.bias", None)
+    return out, widths
+
+
 def from_kernel(k: KTensor) -> QTensor:
     """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
     u = [_kunpack(p) for p in k.planes]

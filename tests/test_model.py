@@ -75,7 +75,7 @@ def test_q_k_v_stack_into_one_projection_where_their_kinds_allow(family, tmp_pat
     attn = [i for i in range(cfg.num_layers) if i not in cfg.linear_layers]
     assert sorted(model.qkv) == attn and not any(k.endswith(("q_proj.weight", "k_proj.weight")) for k in model.w)
     assert (family == "qwen2_moe") == (f"model.layers.{attn[0]}.self_attn.qkv_proj.bias" in model.w)
-    monkeypatch.setattr(model_mod, "stack_rows", lambda ws: None)
+    monkeypatch.setattr(model_mod, "stack_qkv", lambda weights, layers: (weights, {}))
     _, apart, _ = load_emoe(path)
     assert not apart.qkv and f"model.layers.{attn[0]}.self_attn.q_proj.weight" in apart.w
     g = torch.Generator().manual_seed(0)
