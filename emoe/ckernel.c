@@ -463,16 +463,18 @@ static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* 
     }
 }
 
-/* For each row b: rotate q [B, H, d] and k [B, Hkv, d] by its position's cos/sin [B, rd] (rd = 0: none), write
+/* For each row b: normalise each head of q [B, H, d] and k [B, Hkv, d] by RMS with weights qn / kn [d] where given
+   (Qwen3's per-head qk norm), rotate them by its position's cos/sin [B, rd] (rd = 0: none), write
    k and v into the caches [slots, L, Hkv, d] at (slot[b], pos[b]), then attend over that slot's keys
    max(0, pos - window + 1) .. pos (window 0: all), head h reading kv head h / (H / Hkv), with an optional
-   sink logit per head joining the softmax (gpt-oss). out [B, H, d]. q and k are rotated in place. */
+   sink logit per head joining the softmax (gpt-oss). out [B, H, d]. q and k are normalised and rotated in place. */
 void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const int64_t *slot, const int64_t *pos,
                const float *cs, const float *sn, int rd, int B, int H, int Hkv, int d, int L, int window,
-               float scale, const float *sinks, float *out, int threads) {
+               float scale, const float *sinks, const float *qn, const float *kn, float eps, float *out, int threads) {
     for (int b = 0; b < B; b++) {
         for (int g = 0; g < Hkv; g++) {
             float *kk = k + ((long)b * Hkv + g) * d;
+            if (kn) kq_rmsnorm(kk, kn, kk, 1, d, eps);
             if (rd) rope_head(kk, cs + (long)b * rd, sn + (long)b * rd, rd);
             const long at = (((long)slot[b] * L + pos[b]) * Hkv + g) * d;
             memcpy(kc + at, kk, sizeof(float) * d);
@@ -486,8 +488,10 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
         const int b = bg / Hkv, g = bg % Hkv, h0 = g * rep;
         const int p = (int)pos[b], j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - j0 + 1;
         float *qq = q + ((long)b * H + h0) * d, *restrict o = out + ((long)b * H + h0) * d;
-        if (rd)
-            for (int r = 0; r < rep; r++) rope_head(qq + (long)r * d, cs + (long)b * rd, sn + (long)b * rd, rd);
+        for (int r = 0; r < rep; r++) {
+            if (qn) kq_rmsnorm(qq + (long)r * d, qn, qq + (long)r * d, 1, d, eps);
+            if (rd) rope_head(qq + (long)r * d, cs + (long)b * rd, sn + (long)b * rd, rd);
+        }
         float *restrict s = malloc(sizeof(float) * (size_t)n * rep), mx[rep], den[rep];
         const float *kv0 = kc + (((long)slot[b] * L + j0) * Hkv + g) * d, *vv0 = vc + (((long)slot[b] * L + j0) * Hkv + g) * d;
         const long ld = (long)Hkv * d;  /* from one position's key to the next */

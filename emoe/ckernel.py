@@ -89,7 +89,8 @@ def library() -> ctypes.CDLL | None:
         if lib.modes:
             lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
-        lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float, P, P, i], None
+        lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
+            ctypes.c_float, P, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
         lib.kq_route.argtypes, lib.kq_route.restype = [P] * 4 + [i] * 6 + [ctypes.c_float, P, P, P], None
         _lib = lib
@@ -229,9 +230,10 @@ def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
            pos: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None, window: int | None, scale: float,
-           sinks: torch.Tensor | None) -> torch.Tensor | None:
+           sinks: torch.Tensor | None, norms: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor | None:
     """A decode step's attention in one C call (float32, CPU): q [B, H, d], k and v [B, Hkv, d] (one new token
-    per row, rotated here by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
+    per row; each head of q and k normalised here by norms' (q weights [d], k weights [d], eps) when given, then
+    rotated by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
     L, Hkv, d] at (slot, pos), then each row attends over its slot up to pos (within window), sinks [H] joining
     the softmax. Returns out [B, H, d]; None where the routine is not built (nothing written then)."""
     lib = library()
@@ -246,7 +248,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     lib.kq_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(), vc.data_ptr(), slot.data_ptr(),
                   pos.data_ptr(), cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                   rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
-                  sinks.contiguous().data_ptr() if sinks is not None else None, out.data_ptr(), torch.get_num_threads())
+                  sinks.contiguous().data_ptr() if sinks is not None else None,
+                  *((norms[0].contiguous().data_ptr(), norms[1].contiguous().data_ptr(), norms[2]) if norms else (None, None, 0.0)),
+                  out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -251,19 +251,21 @@ class MoEModel:
         q = q.view(B, T, cfg.num_heads, cfg.head_dim)
         k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.spec.qk_norm == "head" and cfg.qk_norm:
-            q, k = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
         windowed = cfg.window_layers is None or i in cfg.window_layers
-        if kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
-                and self._c_decode(q, kv.k[i]):  # (a position past the slot's length: the torch path's IndexError)
-            # a CPU decode step: rope, the cache writes and attention in one C call (~25 small ops otherwise)
+        # a CPU decode step: qk norm, rope, the cache writes and attention in one C call (~25 small ops otherwise)
+        c_path = kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
+            and self._c_decode(q, kv.k[i])  # (a position past the slot's length: the torch path's IndexError)
+        norms = (w[p + "q_norm.weight"], w[p + "k_norm.weight"], cfg.rms_norm_eps) \
+            if cfg.spec.qk_norm == "head" and cfg.qk_norm else None
+        if norms and not (c_path and norms[0].dtype == torch.float32 == norms[1].dtype):
+            q, k, norms = rms_norm(q, norms[0], norms[2]), rms_norm(k, norms[1], norms[2]), None
+        if c_path:
             sinks = w.get(p + "sinks")
             scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
             out = ckernel.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
                                  kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype),
-                                 cfg.sliding_window if windowed else None, scale, sinks)
-            if out is not None:
-                return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
+                                 cfg.sliding_window if windowed else None, scale, sinks, norms)
+            return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
         if cfg.spec.qk_norm == "head_after_rope":  # Hunyuan normalises the rotated heads
@@ -293,7 +295,7 @@ class MoEModel:
         to interleave), nothing between rope and attention."""
         spec = self.cfg.spec
         return (q.device.type == "cpu" and q.dtype == torch.float32 == cache.dtype and cache.is_contiguous()
-                and not spec.rope_interleave and spec.qk_norm != "head_after_rope")
+                and not spec.rope_interleave and spec.qk_norm != "head_after_rope" and ckernel.library() is not None)
 
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
