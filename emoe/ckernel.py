@@ -129,7 +129,7 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
     return tuple(out)
 
 
-# -- few rows: int8 activations ---------------------------------------------------------------------------------
+# -- few rows: a decode step's products ---------------------------------------------------------------------------
 def _desc(w) -> list:
     """The form's C descriptor, made once per KTensor (its `cdesc` slot): [address or 0 where the routines cannot
     take it (planes elsewhere than the CPU, not contiguous, more than two), the descriptor tensor, planes]."""
@@ -213,11 +213,11 @@ def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k:
           choice: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """model.route's (scores, weights, ids) for a few float32 CPU tokens x [T, H] and router gate [E, H] (+ bias),
     softmax or sigmoid scoring, choice the selection-only bias: in one C call. None where it does not apply."""
-    if library() is None:
-        return None
     T, (E, H) = x.shape[0], gate.shape
     if T > ROUTE_ROWS or scoring not in ("softmax", "sigmoid") or x.dim() != 2 or x.device.type != "cpu" \
             or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in (x, gate, bias, choice)):
+        return None
+    if library() is None:  # (asked last: a GPU's forward never builds the routines)
         return None
     x, gate = x.contiguous(), gate.contiguous()
     bias, choice = (t.contiguous() if t is not None else None for t in (bias, choice))
