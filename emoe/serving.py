@@ -29,6 +29,7 @@ from .engine import Engine, Request
 from .loader import demands_of
 from .metrics import Metrics
 from .scheduler import Scheduler, SchedContext, fit_step_cost, make_scheduler
+from .tokenizer import StreamDecoder
 
 log = logging.getLogger("emoe.serving")
 
@@ -79,6 +80,7 @@ class Job:
     text_sent: str = ""
     n_seen: int = 0                                 # output tokens already accounted
     lp_sent: int = 0                                # output tokens whose logprobs went out with a delta
+    detok: StreamDecoder | None = None              # the output's text, decoded a few ids a step
     events: list = field(default_factory=list)      # used when there is no asyncio queue (tests)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -337,7 +339,8 @@ class EngineLoop:
                 self._finalize(j, j.req.finish_reason)
                 continue
             if new > 0:
-                text = codec.decode(j.req.output_ids)
+                j.detok = j.detok or StreamDecoder(codec.decode)
+                text = j.detok.add(j.req.output_ids)
                 # hold back what could still become a stop string, and half-decoded UTF-8
                 end = len(text) - max((len(s) for s in j.req.params.stop), default=1) + 1
                 while end > 0 and text[end - 1] == "\ufffd":

@@ -63,3 +63,24 @@ class TextCodec:
             messages=messages, add_generation_prompt=True, **extra,
             bos_token=self._token_str(self.cfg.get("bos_token")) or "",
             eos_token=self._token_str(self.cfg.get("eos_token")) or "")
+
+
+class StreamDecoder:
+    """The text of a growing list of token ids, decoding only the ids since the last step that completed a
+    character, as vLLM detokenises (decoding the whole list each step costs O(length) a step: 0.33 ms at 4,000
+    tokens here, per stream, holding the GIL). Text that ends in U+FFFD (bytes of a character still arriving)
+    waits for the next token; only a window's leading piece can decode differently than inside the whole list
+    (SentencePiece drops its leading space), and both decodes of a window drop it alike."""
+    __slots__ = ("decode", "text", "_prefix", "_read")
+
+    def __init__(self, decode):
+        self.decode, self.text, self._prefix, self._read = decode, "", 0, 0
+
+    def add(self, ids: list[int]) -> str:
+        """ids: the whole list so far (only its tail is decoded). Returns the text so far."""
+        before = self.decode(ids[self._prefix: self._read]) if self._read > self._prefix else ""
+        after = self.decode(ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text
