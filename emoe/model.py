@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import ckernel
 from .config import ModelConfig
+from .decode_block import attn_block
 from .deltanet import delta_net_rows
 from .quant import linear, stack_qkv
 from .rope import apply_rope, rope_frequencies, rope_tables
@@ -172,6 +173,7 @@ class MoEModel:
         self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
+        self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
@@ -381,16 +383,21 @@ class MoEModel:
         post, eps = cfg.spec.post_norm, cfg.rms_norm_eps  # post: OLMo-2 normalises branch outputs, not inputs
         segments = self._segments(pos, valid) if self.linear else None
         every = len(rows.flat) == B * T
+        step = kv is not None and T == 1 and every and x.device.type == "cpu"  # (decode_block: its one C call)
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            h = x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps)
-            a = self.linear_attention(i, h, segments, kv, slots) if i in self.linear \
-                else self.attention(i, h, pos, rows, kv)
-            a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
-            x = x + (a if r == 1.0 else a * r)
-            flat = x.reshape(B * T, H)
-            h = flat if every else flat[rows.flat]  # every token valid (a decode step's rows): no gather, no scatter
-            h = h if post else rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
+            h = attn_block(self, i, x, pos, rows, kv) if step else None
+            if h is not None:  # x updated in place, h the MLP's input
+                flat = x.reshape(B * T, H)
+            else:
+                h = x if post else rms_norm(x, w[p + "input_layernorm.weight"], eps)
+                a = self.linear_attention(i, h, segments, kv, slots) if i in self.linear \
+                    else self.attention(i, h, pos, rows, kv)
+                a = rms_norm(a, w[p + "post_attention_layernorm.weight"], eps) if post else a
+                x = x + (a if r == 1.0 else a * r)
+                flat = x.reshape(B * T, H)
+                h = flat if every else flat[rows.flat]  # every token valid (a decode step's rows): no gather/scatter
+                h = h if post else rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
             m = self.mlp(i, h, dispatch)
             m = rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps) if post else m
             m = m if r == 1.0 else m * r

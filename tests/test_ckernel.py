@@ -420,3 +420,52 @@ def test_stacked_forms_give_each_forms_product(bits):
     for rows in (1, 3, 100):
         x = torch.randn(rows, 256, generator=g)
         assert torch.equal(quant.linear(x, both), torch.cat([quant.linear(x, w) for w in ws], -1))
+
+
+@kq
+@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3})])
+def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, over, tmp_path, monkeypatch):
+    """decode_block: with q/k/v stacked in one kernel form and o in another (as a GGUF's dense blocks load), a
+    decode step's norm, qkv product, attention (Qwen3's per-head qk norm; Mixtral's window), o product,
+    residual and next norm run as one C call, and give the general path's logits bit for bit, 12 steps of two
+    rows in different slots. A layer with biases (gpt-oss) keeps the general path."""
+    from test_model import load_emoe
+    from tiny import make_tiny
+
+    import emoe.model as model_mod
+    from emoe import decode_block
+    from emoe.model import KVCache
+    path = make_tiny(family, tmp_path / family, hidden_size=128, **over)
+    cfg, model, dispatch = load_emoe(path)
+    for i in model.qkv:
+        for n in ("qkv_proj", "o_proj"):
+            k = f"model.layers.{i}.self_attn.{n}.weight"
+            model.w[k] = quant.to_kernel(quant.quantize(model.w[k], 8, 32))
+    calls, real = [], ckernel.attn_block
+    monkeypatch.setattr(ckernel, "attn_block", lambda *a: calls.append(1) or real(*a))
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block if fused else (lambda *a: None))
+        kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
+        g = torch.Generator().manual_seed(2)
+        prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+        slots, out = torch.tensor([2, 0]), []
+        model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
+        for t in range(12):
+            tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
+            out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
+                                     kv, slots, last_only=True))
+        return out
+
+    with torch.no_grad():
+        want = run(False)
+        got = run(True)
+    assert len(calls) == 12 * cfg.num_layers
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    _, biased, _ = load_emoe(make_tiny("gpt_oss", tmp_path / "gpt_oss", hidden_size=128))
+    for i in biased.qkv:
+        for n in ("qkv_proj", "o_proj"):
+            k = f"model.layers.{i}.self_attn.{n}.weight"
+            biased.w[k] = quant.to_kernel(quant.quantize(biased.w[k], 8, 32))
+    assert biased.qkv and all(decode_block.block_weights(biased, i) is None for i in biased.qkv)
