@@ -154,6 +154,26 @@ def kq_able(w) -> bool:
     return bool(lib is not None and lib.modes & MODES.get(KQ, 0) and _desc(w)[0])
 
 
+def kq_experts(fetched: dict, counts) -> bool:
+    """kq_rows for each expert e of a layer (fetched[e]: its (gate, up, down), counts[e] its rows), in one call:
+    all three forms, each within ROWS for its planes."""
+    lib = _lib if _lib is not False else library()
+    if lib is None or not lib.modes & MODES.get(KQ, 0):
+        return False
+    for e, ws in fetched.items():
+        if len(ws) != 3:
+            return False
+        n = counts[e]
+        for w in ws:
+            d = getattr(w, "cdesc", None)  # a KTensor's (ckernel cannot import quant, which imports it)
+            if d is None:
+                return False
+            d = d or _desc(w)
+            if not d[0] or n >= ROWS.get(d[2], 0):
+                return False
+    return True
+
+
 def kq_rows(ws, rows: int) -> bool:
     """Whether the few-row routines run all of the forms ws on `rows` rows: each kq_able, and fewer rows than
     ROWS says for its planes. Asked per expert and layer in a decode step, so it reads each form's `cdesc`."""
@@ -192,7 +212,7 @@ def kq_moe(out: torch.Tensor, x: torch.Tensor, ffns: list, used: list[int], ids:
     (gate, up, down) forms (kq_able) are ffns[i]; ids / weights [T, k] the routing (int64 / float32; entries
     naming other experts are skipped). x, out: float32, contiguous."""
     n = len(ffns)
-    descs = (ctypes.c_void_p * (3 * n))(*(m.cdesc[0] for f in ffns for m in f))
+    descs = (ctypes.c_void_p * (3 * n))(*[m.cdesc[0] for f in ffns for m in f])
     _lib.kq_moe(descs, n, (ctypes.c_int64 * n)(*used), ids.data_ptr(), weights.data_ptr(), ids.shape[-1],
                 x.data_ptr(), x.shape[0], out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
 
@@ -217,18 +237,21 @@ def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k:
     """model.route's (scores, weights, ids) for a few float32 CPU tokens x [T, H] and router gate [E, H] (+ bias),
     softmax or sigmoid scoring, choice the selection-only bias: in one C call. None where it does not apply."""
     T, (E, H) = x.shape[0], gate.shape
-    if T > ROUTE_ROWS or scoring not in ("softmax", "sigmoid") or x.dim() != 2 or x.device.type != "cpu" \
-            or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in (x, gate, bias, choice)):
-        return None
+    if T > ROUTE_ROWS or scoring not in ("softmax", "sigmoid") or x.dim() != 2 or not _f32(x) or not _f32(gate) \
+            or (bias is not None and not _f32(bias)) or (choice is not None and not _f32(choice)):
+        return None  # (plain tests, not generators: asked per layer and step)
     if library() is None:  # (asked last: a GPU's forward never builds the routines)
         return None
-    x, gate = x.contiguous(), gate.contiguous()
-    bias, choice = (t.contiguous() if t is not None else None for t in (bias, choice))
     probs, w, ids = torch.empty(T, E), torch.empty(T, top_k), torch.empty(T, top_k, dtype=torch.int64)
-    _lib.kq_route(x.data_ptr(), gate.data_ptr(), bias.data_ptr() if bias is not None else None,
-                  choice.data_ptr() if choice is not None else None, T, H, E, top_k, scoring == "sigmoid",
-                  norm_topk, scale, probs.data_ptr(), w.data_ptr(), ids.data_ptr())
+    _lib.kq_route(x.contiguous().data_ptr(), gate.contiguous().data_ptr(),
+                  bias.contiguous().data_ptr() if bias is not None else None,
+                  choice.contiguous().data_ptr() if choice is not None else None, T, H, E, top_k,
+                  scoring == "sigmoid", norm_topk, scale, probs.data_ptr(), w.data_ptr(), ids.data_ptr())
     return probs, w, ids
+
+
+def _f32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,

@@ -7,8 +7,8 @@ from collections import Counter
 import torch
 
 from .cache import ExpertCache
-from .ckernel import kq_moe, kq_rows
-from .quant import KTensor, QTensor, kq_ffn
+from .ckernel import kq_experts, kq_moe
+from .quant import QTensor, kq_ffn
 from .quant import swiglu as expert_ffn
 from .traces import TraceRecorder
 
@@ -46,9 +46,7 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
         counts = Counter(ids.flatten().tolist())
         fetched = {e: fetch(e, counts[e]) for e in sorted(counts)}
-        if x.dtype == torch.float32 and x.dim() == 2 and all(  # quant.kq_ffn's test, inline: asked per expert and layer
-                len(w) == 3 and type(w[0]) is type(w[1]) is type(w[2]) is KTensor and kq_rows(w, counts[e])
-                for e, w in fetched.items()):
+        if x.dtype == torch.float32 and x.dim() == 2 and kq_experts(fetched, counts):  # kq_ffn's test, for the layer
             out = torch.zeros_like(x)
             kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(), weights.float().contiguous())
             return out
