@@ -293,6 +293,22 @@ def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
     torch.testing.assert_close(got, quant.linear(x, k), rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def _decode_steps(cfg, model, dispatch) -> list[torch.Tensor]:
+    """A 5-token prompt then 12 decode steps, two rows in KV slots 2 and 0: each step's last-token logits."""
+    from emoe.model import KVCache
+    kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+    slots, out = torch.tensor([2, 0]), []
+    model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
+    for t in range(12):
+        tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
+        out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
+                                 kv, slots, last_only=True))
+    return out
+
+
 @pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("gpt_oss", {"sliding_window": 4}),
                                          ("mixtral", {"sliding_window": 3}), ("glm4_moe", {"partial_rotary_factor": 0.5})])
 def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeypatch):
@@ -302,7 +318,7 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
     from test_model import load_emoe
     from tiny import make_tiny
 
-    from emoe.model import KVCache, MoEModel
+    from emoe.model import MoEModel
     path = make_tiny(family, tmp_path / family, **over)
     cfg, model, dispatch = load_emoe(path)
     calls = []
@@ -311,21 +327,11 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
 
     def run(c_path: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(MoEModel, "_c_decode", lambda self, q, cache: c_path and q.dtype == torch.float32)
-        kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
-        g = torch.Generator().manual_seed(2)
-        prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
-        slots, out = torch.tensor([2, 0]), []
-        model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
-        for t in range(12):
-            tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
-            out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
-                                     kv, slots, last_only=True))
-        return out
+        return _decode_steps(cfg, model, dispatch)
 
-    with torch.no_grad():
-        want = run(False)
-        assert not calls
-        got = run(True)
+    want = run(False)
+    assert not calls
+    got = run(True)
     assert len(calls) == 12 * (cfg.num_layers - len(cfg.linear_layers))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
@@ -422,6 +428,14 @@ def test_stacked_forms_give_each_forms_product(bits):
         assert torch.equal(quant.linear(x, both), torch.cat([quant.linear(x, w) for w in ws], -1))
 
 
+def _form_attention(model) -> None:
+    """The stacked q/k/v and o of every attention layer as int8 kernel forms, as a GGUF's dense blocks load."""
+    for i in model.qkv:
+        for n in ("qkv_proj", "o_proj"):
+            k = f"model.layers.{i}.self_attn.{n}.weight"
+            model.w[k] = quant.to_kernel(quant.quantize(model.w[k], 8, 32))
+
+
 @kq
 @pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3})])
 def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, over, tmp_path, monkeypatch):
@@ -434,38 +448,21 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
 
     import emoe.model as model_mod
     from emoe import decode_block
-    from emoe.model import KVCache
     path = make_tiny(family, tmp_path / family, hidden_size=128, **over)
     cfg, model, dispatch = load_emoe(path)
-    for i in model.qkv:
-        for n in ("qkv_proj", "o_proj"):
-            k = f"model.layers.{i}.self_attn.{n}.weight"
-            model.w[k] = quant.to_kernel(quant.quantize(model.w[k], 8, 32))
+    _form_attention(model)
     calls, real = [], ckernel.attn_block
     monkeypatch.setattr(ckernel, "attn_block", lambda *a: calls.append(1) or real(*a))
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block if fused else (lambda *a: None))
-        kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
-        g = torch.Generator().manual_seed(2)
-        prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
-        slots, out = torch.tensor([2, 0]), []
-        model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
-        for t in range(12):
-            tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
-            out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
-                                     kv, slots, last_only=True))
-        return out
+        return _decode_steps(cfg, model, dispatch)
 
-    with torch.no_grad():
-        want = run(False)
-        got = run(True)
+    want = run(False)
+    got = run(True)
     assert len(calls) == 12 * cfg.num_layers
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     _, biased, _ = load_emoe(make_tiny("gpt_oss", tmp_path / "gpt_oss", hidden_size=128))
-    for i in biased.qkv:
-        for n in ("qkv_proj", "o_proj"):
-            k = f"model.layers.{i}.self_attn.{n}.weight"
-            biased.w[k] = quant.to_kernel(quant.quantize(biased.w[k], 8, 32))
+    _form_attention(biased)
     assert biased.qkv and all(decode_block.block_weights(biased, i) is None for i in biased.qkv)
