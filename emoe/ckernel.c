@@ -523,22 +523,24 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
 
 #ifdef KQ_SIMD
 /* A decode step's attention half of a layer in one call, composing the routines above for few rows on forms:
-   h = rmsnorm(x) ln; [q k v] = h Wqkv^T; kq_attend (qk norm, rope, cache writes, attention); x += att Wo^T;
-   hn = rmsnorm(x) ln2. x [B, D] is updated in place; q is H * d wide, k and v Hkv * d. One eps for all norms. */
+   h = rmsnorm(x) ln; [q k v] = h Wqkv^T (or [q k] = h Wqk^T and v = h Wv^T, wv given); kq_attend (qk norm, rope,
+   cache writes, attention); x += att Wo^T; hn = rmsnorm(x) ln2. x [B, D] is updated in place; q is H * d wide,
+   k and v Hkv * d. One eps for all norms. */
 void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
-                   const kmat *wqkv, const kmat *wo, float *kc, float *vc, const int64_t *slot, const int64_t *pos,
-                   const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L, int window, float scale,
-                   const float *sinks, const float *qn, const float *kn, int threads, int bf16) {
-    const int nq = H * d, nk = Hkv * d, N = nq + 2 * nk;
-    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + nq));
+                   const kmat *wqkv, const kmat *wv, const kmat *wo, float *kc, float *vc, const int64_t *slot,
+                   const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
+                   int window, float scale, const float *sinks, const float *qn, const float *kn, int threads, int bf16) {
+    const int nq = H * d, nk = Hkv * d, N = nq + 2 * nk, ld = wv ? nq + nk : N;  /* ld: a row of the stacked product */
+    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + nq + nk));
     float *qkv = h + (size_t)B * D, *q = qkv + (size_t)B * N, *k = q + (size_t)B * nq, *v = k + (size_t)B * nk,
-          *att = v + (size_t)B * nk, *o = att + (size_t)B * nq;
+          *att = v + (size_t)B * nk, *o = att + (size_t)B * nq, *va = o + (size_t)B * D;
     kq_rmsnorm(x, ln, h, B, D, eps);
     kq_linear(wqkv, h, B, qkv, threads, bf16);
+    if (wv) kq_linear(wv, h, B, va, threads, bf16);
     for (int b = 0; b < B; b++) {
-        memcpy(q + (size_t)b * nq, qkv + (size_t)b * N, sizeof(float) * nq);
-        memcpy(k + (size_t)b * nk, qkv + (size_t)b * N + nq, sizeof(float) * nk);
-        memcpy(v + (size_t)b * nk, qkv + (size_t)b * N + nq + nk, sizeof(float) * nk);
+        memcpy(q + (size_t)b * nq, qkv + (size_t)b * ld, sizeof(float) * nq);
+        memcpy(k + (size_t)b * nk, qkv + (size_t)b * ld + nq, sizeof(float) * nk);
+        memcpy(v + (size_t)b * nk, wv ? va + (size_t)b * nk : qkv + (size_t)b * ld + nq + nk, sizeof(float) * nk);
     }
     kq_attend(q, k, v, kc, vc, slot, pos, cs, sn, rd, B, H, Hkv, d, L, window, scale, sinks, qn, kn, eps, att, threads);
     kq_linear(wo, att, B, o, threads, bf16);

@@ -90,7 +90,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
             f = ctypes.c_float
-            lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 8 + [i] * 6 + [f, P, P, P, i, i]
+            lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, i]
             lib.kq_attn_block.restype = None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
             ctypes.c_float, P, i], None
@@ -280,19 +280,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     return out
 
 
-def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, wqkv, wo, kc: torch.Tensor,
+def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, wqkv, wv, wo, kc: torch.Tensor,
                vc: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, tables, heads: int, window: int | None,
                scale: float, sinks: torch.Tensor | None, norms: tuple | None) -> torch.Tensor:
     """A decode step's attention half of a layer in one C call, for x [B, D] float32 on a CPU with q/k/v stacked
-    in one form (wqkv) and o in another (kq_rows of both for B rows): rms_norm, the qkv product, attend's work
-    (norms: per-head q and k weights), the o product added to x in place, and the next rms_norm, returned."""
+    in one form (wqkv; or q/k, with v in wv) and o in another (kq_rows of them all for B rows): rms_norm, the
+    products, attend's work (norms: per-head q and k weights), the o product added to x in place, and the next
+    rms_norm, returned."""
     B, D = x.shape
     d, Hkv = kc.shape[-1], kc.shape[-2]
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
     slot, pos = slot.long().contiguous(), pos.long().contiguous()
     hn = torch.empty_like(x)
     _lib.kq_attn_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps, wqkv.cdesc[0],
-                       wo.cdesc[0], kc.data_ptr(), vc.data_ptr(), slot.data_ptr(), pos.data_ptr(),
+                       wv.cdesc[0] if wv is not None else None, wo.cdesc[0], kc.data_ptr(), vc.data_ptr(), slot.data_ptr(), pos.data_ptr(),
                        cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                        cs.shape[-1] if cs is not None else 0, heads, Hkv, d, kc.shape[1], window or 0, scale,
                        sinks.data_ptr() if sinks is not None else None, *(

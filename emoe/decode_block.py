@@ -3,9 +3,9 @@
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
-form and o in another (a GGUF's dense blocks), pre-norm, no biases, no output gate or clipping, qk norm per
-head or none; every other layer, and a prefill, goes through MoEModel.attention as before, with the same
-routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
+form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, no biases, no output gate or
+clipping, qk norm per head or none. Every other layer, and a prefill, goes through MoEModel.attention as
+before, with the same routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
 """
 from __future__ import annotations
 
@@ -22,19 +22,22 @@ def block_weights(model, i: int) -> tuple | None:
     spec = cfg.spec
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
             or spec.attn_gate or cfg.clip_qkv is not None or spec.rope_interleave \
-            or (cfg.qk_norm and spec.qk_norm not in (None, "head")) or a + "qkv_proj.bias" in w or a + "o_proj.bias" in w:
+            or (cfg.qk_norm and spec.qk_norm not in (None, "head")) \
+            or any(a + n + "_proj.bias" in w for n in ("qkv", "qk", "v", "o")):
         return None
-    wqkv, wo = w[a + "qkv_proj.weight"], w[a + "o_proj.weight"]
+    three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
+    wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
+        w[a + "o_proj.weight"]
     norms = (w[a + "q_norm.weight"], w[a + "k_norm.weight"]) if cfg.qk_norm and spec.qk_norm == "head" else None
     sinks = w.get(a + "sinks")
     plain = [w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"], *(norms or ()),
              *((sinks,) if sinks is not None else ())]
-    if type(wqkv) is not KTensor or type(wo) is not KTensor \
+    if type(wqkv) is not KTensor or type(wo) is not KTensor or not (wv is None or type(wv) is KTensor) \
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in plain):
         return None
     scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
     window = cfg.sliding_window if cfg.window_layers is None or i in cfg.window_layers else None
-    return wqkv, wo, plain[0], plain[1], norms, sinks, scale, window
+    return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, sinks, scale, window
 
 
 def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> torch.Tensor | None:
@@ -45,9 +48,9 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     ws = model._blocks[i]
     B = x.shape[0]
     if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) \
-            or not x.is_contiguous() or not ckernel.kq_rows(ws[:2], B):
+            or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
-    wqkv, wo, ln, ln2, norms, sinks, scale, window = ws
-    return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wo, kv.k[i], kv.v[i], rows.slot,
+    (wqkv, wo, *_), wv, ln, ln2, norms, sinks, scale, window = ws
+    return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
                               norms)

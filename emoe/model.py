@@ -166,7 +166,7 @@ class MoEModel:
         if cfg.spec.norm_offset:  # stored as w − 1: hold the scale itself, so rms_norm stays one function
             weights = {k: v + 1 if k.endswith(OFFSET_NORMS) or k == "model.norm.weight" else v for k, v in weights.items()}
         self.cfg, self.linear = cfg, set(cfg.linear_layers)
-        # q, k and v as one qkv_proj where their kinds allow; self.qkv[i]: the widths that split it again
+        # q, k and v as one qkv_proj (or q and k as one qk_proj) where their kinds allow; self.qkv[i]: the widths
         attn = [] if cfg.mla is not None else [i for i in range(cfg.num_layers) if i not in self.linear]
         self.w, self.qkv = stack_qkv(weights, attn)
         self.moe = set(cfg.moe_layers)
@@ -239,8 +239,11 @@ class MoEModel:
             return self.mla_attention(i, x, pos, rows, kv)
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
-        if i in self.qkv:
+        if len(self.qkv.get(i, ())) == 3:
             q, k, v = linear(x, w[p + "qkv_proj.weight"], w.get(p + "qkv_proj.bias")).split(self.qkv[i], -1)
+        elif i in self.qkv:  # q and k stacked, v apart
+            q, k = linear(x, w[p + "qk_proj.weight"], w.get(p + "qk_proj.bias")).split(self.qkv[i], -1)
+            v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
         else:
             q, k, v = (linear(x, w[p + n + "_proj.weight"], w.get(p + n + "_proj.bias")) for n in "qkv")
         if cfg.spec.attn_gate:  # per head: the query, then as many gate values (Qwen3-Next)

@@ -167,10 +167,11 @@ def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
                    (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group)
 
 
-def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, int, int]]]:
+def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, ...]]]:
     """The weights with each listed attention layer's q, k and v (and biases) stacked into one `qkv_proj`, where
-    their kinds allow (stack_rows), and per stacked layer the three widths that split its output again. A
-    decode step then makes one product instead of three: on a CPU a third of the calls, on a GPU of the launches."""
+    their kinds allow (stack_rows), else q and k into one `qk_proj` beside v (a Q4_K_M file holds v as Q6_K in
+    about half its layers), and per stacked layer the widths that split its output again. A decode step then
+    makes one product instead of three (or two): on a CPU fewer calls, on a GPU fewer launches."""
     out, widths = dict(weights), {}
     for i in layers:
         p = f"model.layers.{i}.self_attn."
@@ -178,14 +179,17 @@ def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[i
         biases = [weights.get(p + n + "_proj.bias") for n in "qkv"]
         if not all(n in weights for n in names) or len({b is None for b in biases}) > 1:
             continue
-        stacked = stack_rows([weights[n] for n in names])
-        if stacked is None:
+        for parts in ("qkv", "qk"):
+            stacked = stack_rows([weights[p + n + "_proj.weight"] for n in parts])
+            if stacked is not None:
+                break
+        else:
             continue
-        widths[i] = tuple(weights[n].shape[0] for n in names)
-        out[p + "qkv_proj.weight"] = stacked
+        widths[i] = tuple(weights[p + n + "_proj.weight"].shape[0] for n in parts)
+        out[p + parts + "_proj.weight"] = stacked
         if biases[0] is not None:
-            out[p + "qkv_proj.bias"] = torch.cat(biases)
-        for n in "qkv":
+            out[p + parts + "_proj.bias"] = torch.cat(biases[: len(parts)])
+        for n in parts:
             out.pop(p + n + "_proj.weight"), out.pop(p + n + "_proj.bias", None)
     return out, widths
 
