@@ -5,6 +5,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 # the many checkpoints tests make would each leave their kernel forms in ~/.cache: test_formcache turns it on
 os.environ.setdefault("EMOE_FORMS_CACHE", "0")
+# the default decode activations (bf16), whatever the shell says: tests that hold results to PyTorch's kernel are
+# written for them, and the tests of the other modes set ckernel.KQ themselves
+os.environ["EMOE_KQ"] = "bf16"
 
 import pytest  # noqa: E402
 

@@ -72,7 +72,9 @@ def test_without_the_routine_every_row_count_runs_on_the_int4_kernel(monkeypatch
 def test_a_long_prompt_scores_as_on_the_int4_kernel(tmp_path, monkeypatch):
     """A GGUF import at budget 0 (experts and dense projections on forms): a prompt long enough that its
     prefill takes the unpacked matrices scores the tokens after it as near float32 as the int4 kernel does,
-    within what bf16 rounding moves them from the kernel's, and picks the same next tokens almost everywhere."""
+    within what bf16 rounding moves them from the kernel's, and picks the same next tokens almost everywhere.
+    Decode rows in bf16, as by default (EMOE_KQ=int8 rounds them further; not what this measures)."""
+    monkeypatch.setattr(ckernel, "KQ", "bf16")
     from gguf_writer import write_gguf
     from tiny import make_tiny
 
@@ -266,6 +268,8 @@ def test_experts_with_many_rows_leave_the_call_to_the_others(monkeypatch):
     the layer's other experts still in one call; the sum as all in one call."""
     import emoe.dispatch as dispatch
     from emoe.dispatch import run_experts
+    mode = _modes()[-1]  # whatever EMOE_KQ says: the routine must run
+    monkeypatch.setattr(ckernel, "KQ", mode)
     ex, x, ids, wts = _layer(3)
     ids[:, 0] = 1  # expert 1 takes every token
     want = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
@@ -275,7 +279,7 @@ def test_experts_with_many_rows_leave_the_call_to_the_others(monkeypatch):
     monkeypatch.setattr(dispatch, "kq_moe", lambda *a: calls.append(a[3]) or real(*a))
     got = run_experts(x, wts, ids, lambda e, n: ex[e], len(ex))
     assert len(calls) == 1 and 1 not in calls[0] and sorted(calls[0]) == sorted(set(ids[:, 1].tolist()) - {1})
-    assert (got - want).norm() <= 0.01 * want.norm()
+    assert (got - want).norm() <= (0.01 if mode == "bf16" else 0.02) * want.norm()  # int8 rounds expert 1's input
 
 
 def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
@@ -449,6 +453,7 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
 
     import emoe.model as model_mod
     from emoe import decode_block
+    monkeypatch.setattr(ckernel, "KQ", _modes()[-1])  # whatever EMOE_KQ says: the routines must run
     path = make_tiny(family, tmp_path / family, hidden_size=128, **over)
     cfg, model, dispatch = load_emoe(path)
     _form_attention(model)
