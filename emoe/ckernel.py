@@ -147,42 +147,43 @@ def _desc(w) -> list:
     return w.cdesc
 
 
+def _mode_on() -> bool:
+    """The routines are built for this CPU and run the mode KQ names."""
+    lib = _lib if _lib is not False else library()
+    return lib is not None and bool(lib.modes & MODES.get(KQ, 0))
+
+
+def _within(ws, rows: int) -> bool:
+    """Each of ws is a form the routines take (a KTensor's `cdesc`: ckernel cannot import quant, which imports
+    it) and `rows` is fewer than ROWS says for its planes."""
+    for w in ws:
+        d = getattr(w, "cdesc", None)
+        if d is None:
+            return False
+        d = d or _desc(w)
+        if not d[0] or rows >= ROWS.get(d[2], 0):
+            return False
+    return True
+
+
 def kq_able(w) -> bool:
     """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
     is on the CPU in contiguous planes."""
-    lib = library()
-    return bool(lib is not None and lib.modes & MODES.get(KQ, 0) and _desc(w)[0])
-
-
-def kq_experts(fetched: dict, counts) -> bool:
-    """kq_rows for each expert e of a layer (fetched[e]: its (gate, up, down), counts[e] its rows), in one call:
-    all three forms, each within ROWS for its planes."""
-    lib = _lib if _lib is not False else library()
-    if lib is None or not lib.modes & MODES.get(KQ, 0):
-        return False
-    for e, ws in fetched.items():
-        if len(ws) != 3:
-            return False
-        n = counts[e]
-        for w in ws:
-            d = getattr(w, "cdesc", None)  # a KTensor's (ckernel cannot import quant, which imports it)
-            if d is None:
-                return False
-            d = d or _desc(w)
-            if not d[0] or n >= ROWS.get(d[2], 0):
-                return False
-    return True
+    return _mode_on() and _desc(w)[0] != 0
 
 
 def kq_rows(ws, rows: int) -> bool:
     """Whether the few-row routines run all of the forms ws on `rows` rows: each kq_able, and fewer rows than
-    ROWS says for its planes. Asked per expert and layer in a decode step, so it reads each form's `cdesc`."""
-    lib = _lib if _lib is not False else library()
-    if lib is None or not lib.modes & MODES.get(KQ, 0):
+    ROWS says for its planes. Asked per projection in a decode step, so it reads each form's `cdesc`."""
+    return _mode_on() and _within(ws, rows)
+
+
+def kq_experts(fetched: dict, counts) -> bool:
+    """kq_rows for each expert e of a layer (fetched[e]: its (gate, up, down), counts[e] its rows), in one call."""
+    if not _mode_on():
         return False
-    for w in ws:
-        d = w.cdesc or _desc(w)
-        if not d[0] or rows >= ROWS.get(d[2], 0):
+    for e, ws in fetched.items():
+        if len(ws) != 3 or not _within(ws, counts[e]):
             return False
     return True
 

@@ -29,14 +29,12 @@ def block_weights(model, i: int) -> tuple | None:
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
         w[a + "o_proj.weight"]
     norms = (w[a + "q_norm.weight"], w[a + "k_norm.weight"]) if cfg.qk_norm and spec.qk_norm == "head" else None
-    sinks = w.get(a + "sinks")
+    sinks, scale, window = model.c_attention(i)
     plain = [w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"], *(norms or ()),
              *((sinks,) if sinks is not None else ())]
     if type(wqkv) is not KTensor or type(wo) is not KTensor or not (wv is None or type(wv) is KTensor) \
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in plain):
         return None
-    scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
-    window = cfg.sliding_window if cfg.window_layers is None or i in cfg.window_layers else None
     return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, sinks, scale, window
 
 

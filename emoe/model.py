@@ -265,11 +265,10 @@ class MoEModel:
         if norms and not (c_path and norms[0].dtype == torch.float32 == norms[1].dtype):
             q, k, norms = rms_norm(q, norms[0], norms[2]), rms_norm(k, norms[1], norms[2]), None
         if c_path:
-            sinks = w.get(p + "sinks")
-            scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
+            sinks, scale, window = self.c_attention(i)
             out = ckernel.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
-                                 kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype),
-                                 cfg.sliding_window if windowed else None, scale, sinks, norms)
+                                 kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype), window, scale,
+                                 sinks, norms)
             return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
@@ -294,6 +293,12 @@ class MoEModel:
         p = f"model.layers.{i}.self_attn."
         out = out if gate is None else out * torch.sigmoid(gate)
         return linear(out, self.w[p + "o_proj.weight"], self.w.get(p + "o_proj.bias"))
+
+    def c_attention(self, i: int) -> tuple[torch.Tensor | None, float, int | None]:
+        """Layer i's sink logits, score scale and sliding window as the C attention takes them."""
+        cfg, sinks = self.cfg, self.w.get(f"model.layers.{i}.self_attn.sinks")
+        scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
+        return sinks, scale, cfg.sliding_window if cfg.window_layers is None or i in cfg.window_layers else None
 
     def _c_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         """Whether a decode step's attention runs in ckernel.attend: float32 on a CPU, rope in halves (or none

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import dequant_t, kq_linear, kq_moe, kq_rows, unpackable
+from .ckernel import dequant_t, kq_experts, kq_linear, kq_moe, kq_rows, unpackable
 
 BITS = (4, 8)
 
@@ -229,16 +229,11 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
 
-def _few_rows(rows: int, x: torch.Tensor, ws: tuple[KTensor, ...]) -> bool:
-    """Whether ckernel's few-row routine runs these products on `rows` rows of x: float32 on a CPU, fewer rows
-    than ckernel.ROWS."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and kq_rows(ws, rows)
-
-
 def kq_ffn(x: torch.Tensor, w, rows: int | None = None) -> bool:
-    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all)."""
-    return len(w) == 3 and x.dim() == 2 and type(w[0]) is KTensor and type(w[1]) is KTensor \
-        and type(w[2]) is KTensor and _few_rows(len(x) if rows is None else rows, x, w)
+    """Whether an expert's (gate, up, down) run as SwiGLU through ckernel.kq_moe on `rows` of x's rows (all):
+    float32 on a CPU, and ckernel.kq_experts for its forms."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 \
+        and kq_experts({0: w}, {0: len(x) if rows is None else rows})
 
 
 def linear(x: torch.Tensor, w: "torch.Tensor | QTensor | KTensor", bias: torch.Tensor | None = None) -> torch.Tensor:
