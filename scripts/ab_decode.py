@@ -7,6 +7,7 @@ overhead, which only side-by-side runs can show on a noisy machine.
 
 Each run loads the model (experts at budget 0 on their RAM-tier forms, `--dense-blocks`: the CPU default for
 a GGUF import), warms up, and reports the better of two 128-token greedy decodes from 30-token prompts.
+--host-only stubs out the C routines that do the arithmetic, so what is left is the host's own work per token.
 """
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ from pathlib import Path
 
 RUN = """
 import sys, time
+from emoe import ckernel
 from emoe.engine import Engine, EngineConfig, SamplingParams
 B = int(sys.argv[2])
+if sys.argv[3] == "1":  # --host-only: the C routines that do a step's arithmetic return at once (the router stays)
+    lib, skip = ckernel.library(), {"kq_moe", "kq_linear", "kq_attend", "kq_rmsnorm", "kq_attn_block"}
+    class HostOnly:
+        def __getattr__(self, name):
+            return (lambda *a: None) if name in skip else getattr(lib, name)
+    ckernel._lib = HostOnly()
 eng = Engine(EngineConfig(sys.argv[1], miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=B))
 prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(30)] for i in range(B)]
 params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
@@ -34,10 +42,11 @@ print(best)
 """
 
 
-def rate(tree: Path, model: str, batch: int) -> float:
+def rate(tree: Path, model: str, batch: int, host_only: bool = False) -> float:
     """One fresh process importing emoe from `tree` (its directory first on the path, whatever is installed)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch)], cwd=tree, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch), str(int(host_only))], cwd=tree, env=env,
+                       capture_output=True,
                        text=True, timeout=600)
     if r.returncode:
         raise SystemExit(f"{tree}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
@@ -50,6 +59,9 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="a model folder (repeatable)")
     ap.add_argument("--batch", default="1", help="rows decoded at once, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host-only", action="store_true",
+                    help="stub out the C routines that do the arithmetic: tokens/s of the host work alone (Python, "
+                         "ctypes, small torch ops); the tokens are garbage then, the time is what is measured")
     a = ap.parse_args()
     new = Path(__file__).resolve().parent.parent
     old = a.old.resolve()
@@ -61,7 +73,7 @@ def main() -> None:
             got = {"old": [], "new": []}
             for _ in range(a.rounds):
                 for name, tree in (("old", old), ("new", new)):
-                    got[name].append(rate(tree, model, batch))
+                    got[name].append(rate(tree, model, batch, a.host_only))
             ratios = [n / o for n, o in zip(got["new"], got["old"])]
             print(f"{Path(model).name:>16} batch {batch}: old {' '.join(f'{v:6.1f}' for v in got['old'])}  "
                   f"new {' '.join(f'{v:6.1f}' for v in got['new'])} tokens/s  new/old per round "
