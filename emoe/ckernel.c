@@ -34,10 +34,10 @@ static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; me
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
 /* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
-   16 significant bits, as two-plane int8 values times their scales need). np is a constant in each call of
-   run, so its inner loop vectorises. */
+   16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
+   np is a constant in each call of run, so its inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
-                       uint16_t *restrict lo_out, int N, int K, int group, int b0, int b1) {
+                       uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1) {
     const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
     for (int b = b0; b < b1; b++) {
@@ -58,6 +58,12 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
                     lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
                     hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
                 }
+                if (fout) {  /* float32 W^T: for a CPU whose bf16 matmuls are slow (no AVX512-BF16) */
+                    float *f = fout + (long)k * ld + (b - b0) * 64;
+                    f[j] = lo;
+                    f[j + 32] = hi;
+                    continue;
+                }
                 o[j] = tobf(lo);
                 o[j + 32] = tobf(hi);
                 if (np == 2) {
@@ -68,10 +74,13 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
         }
     }
 }
-void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, uint16_t *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1) {
-    if (np == 1) run(planes, sz, 1, out, lo, N, K, group, b0, b1);
-    else run(planes, sz, 2, out, lo, N, K, group, b0, b1);
+void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
+               int group, int b0, int b1, int f32) {
+    if (f32) {
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1);
 }
 
 /* ---- few-row products --------------------------------------------------------------------------------------- */
@@ -163,6 +172,53 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(y[r] + b * 64 + 16 * i, f[r][i]);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KQ_BF16 1
+/* The AVX2 variant (no bf16 dot product): 8 rows' nibbles widen to int32, u - 8 becomes an exact float and
+   multiplies the bf16 activations in fp32 FMAs (exact products, as above). 32 rows at a time (a byte's low
+   nibbles, then its high ones: the 1 KiB of a group stays in L1), so R rows' sums fit the 16 registers. */
+static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const qrow *x, float *const *y, const int R, int b) {
+    const __m256i m4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8), hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int K = (int)w->K;
+    float acc[2][64] = {{0.f}}, xs[2][32];
+    for (int pl = 0; pl < w->np; pl++) {
+        const uint8_t *base = w->p[pl] + (long)b * K * 32;
+        for (int kb = 0; kb < K / 32; kb++) {
+            const uint32_t *p = w->sz[pl] + (long)(kb * 32 / (int)w->group) * w->N + b * 64;
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 32; j++) xs[r][j] = bf(((const uint16_t *)x[r].q)[kb * 32 + j]);
+            for (int h = 0; h < 2; h++) {
+                __m256 a[2][4];
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 4; i++) a[r][i] = _mm256_setzero_ps();
+                for (int k = 0; k < 32; k++) {
+                    const uint8_t *c = base + (long)(kb * 32 + k) * 32;
+                    __m256 wv[4];
+                    for (int i = 0; i < 4; i++) {
+                        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8 * i)));
+                        wv[i] = _mm256_cvtepi32_ps(_mm256_sub_epi32(h ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4), eight));
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const __m256 xv = _mm256_broadcast_ss(&xs[r][k]);
+                        for (int i = 0; i < 4; i++) a[r][i] = _mm256_fmadd_ps(wv[i], xv, a[r][i]);
+                    }
+                }
+                for (int i = 0; i < 4; i++) {
+                    const int j0 = h * 32 + 8 * i;
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + j0));
+                    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), z = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+                    for (int r = 0; r < R; r++) {
+                        const __m256 f = _mm256_fmadd_ps(z, _mm256_set1_ps(x[r].qs[kb]), _mm256_loadu_ps(acc[r] + j0));
+                        _mm256_storeu_ps(acc[r] + j0, _mm256_fmadd_ps(a[r][i], s, f));
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) memcpy(y[r] + b * 64, acc[r], sizeof acc[r]);
+}
+#endif
+#ifdef KQ_BF16
 static void block_bf16(const kmat *w, const qrow *x, float *const *y, int R, int b) {
     if (R == 2) bf16_rows(w, x, y, 2, b);
     else bf16_rows(w, x, y, 1, b);

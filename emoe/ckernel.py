@@ -4,8 +4,10 @@
   so past a few dozen rows the form is unpacked once to bf16 W^T and oneDNN's bf16 matmul reuses it across
   rows (`scripts/bench_prefill_dequant.py`). One thread: split over two it ran slower, beside torch's own.
 - Few rows (a decode step's): the nibbles times bf16 activations (as PyTorch's kernel takes them; AVX512-BF16's
-  pair dot products, sums in fp32 to the end) or, with EMOE_KQ=int8, activations rounded to int8 per 32 as
-  llama.cpp's quantised matmuls round them (VNNI or AVX2). kq_moe runs all of a MoE layer's experts on forms
+  pair dot products, or fp32 FMAs of the same exact products on AVX2; sums in fp32 to the end) or, with
+  EMOE_KQ=int8, activations rounded to int8 per 32 as llama.cpp's quantised matmuls round them (VNNI or AVX2).
+  Under AVX2 PyTorch's own int4 kernel reads another layout than the forms' (quant.kernel_reads_forms), so
+  there these routines, or the unpacked matrix, are what multiplies a form. kq_moe runs all of a MoE layer's experts on forms
   in one call instead of ~8 torch ops each (`scripts/bench_kq.py`). Threads come from PyTorch's own OpenMP
   runtime (linked to torch's libgomp), so they are its threads, not a second team.
 
@@ -83,7 +85,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(so))
         P, i = ctypes.c_void_p, ctypes.c_int
         lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 5
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
         if lib.modes:
@@ -108,11 +110,12 @@ def unpackable(w) -> bool:
     return w.planes[0].device.type == "cpu" and len(w.planes) <= 2 and library() is not None
 
 
-def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...] | None:
+def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple[torch.Tensor, ...] | None:
     """A KTensor's rows b0·64 .. b1·64 (all by default) as bf16 W^T [cols, those rows] (contiguous), or None
     where the routine is unavailable. A two-plane form (int8 values: more significant bits than bf16 holds)
-    comes as (hi, lo), W^T = hi + lo. The tensors are this thread's scratch, valid until its next call: a
-    fresh megabyte-sized allocation is paged in anew each time, which cost as much as the unpacking."""
+    comes as (hi, lo), W^T = hi + lo; with f32, as one float32 W^T (for a CPU whose bf16 matmuls are slow).
+    The tensors are this thread's scratch, valid until its next call: a fresh megabyte-sized allocation is
+    paged in anew each time, which cost as much as the unpacking."""
     if not unpackable(w):
         return None
     lib, (rows, cols) = library(), w.shape
@@ -121,14 +124,15 @@ def dequant_t(w, b0: int = 0, b1: int | None = None) -> tuple[torch.Tensor, ...]
     planes = [p.contiguous() for p in w.planes]
     sz = [t.contiguous() for t in w.sz]
     bufs = _scratch.__dict__.setdefault("bufs", {})
-    for i in range(len(planes)):
-        if (cols, n, i) not in bufs:
-            bufs[(cols, n, i)] = torch.empty(cols, n, dtype=torch.bfloat16)
-    out = [bufs[(cols, n, i)] for i in range(len(planes))]
+    keys = [(cols, n, "f32")] if f32 else [(cols, n, i) for i in range(len(planes))]
+    for key in keys:
+        if key not in bufs:
+            bufs[key] = torch.empty(cols, n, dtype=torch.float32 if f32 else torch.bfloat16)
+    out = [bufs[key] for key in keys]
     arr = ctypes.c_void_p * len(planes)
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
-                  rows, cols, w.group, b0, b1)
+                  rows, cols, w.group, b0, b1, f32)
     return tuple(out)
 
 

@@ -215,16 +215,46 @@ DEQUANT_COLS = 4096  # W^T unpacked this many output columns at a time: a 150k-t
 PAD_ROWS = 32  # the unpacked product's rows rounded up to this: oneDNN builds a primitive per new shape (~0.5 ms)
 
 
+_READS_FORMS: bool | None = None
+
+
+def kernel_reads_forms() -> bool:
+    """Whether PyTorch's int4 kernel reads the forms as emoe packs them. ATen lays its blocks out by the vector
+    width it dispatched for: 64 rows under AVX512 (the forms' layout, and ckernel.c's), 32 under AVX2, where
+    it would multiply our forms as garbage (relative error 1.4 on a 2-core AVX2 EPYC). Probed once on a
+    known matrix; where it fails, the forms run on ckernel's routines, or dequantised in torch."""
+    global _READS_FORMS
+    if _READS_FORMS is None:
+        w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+        k, x = to_kernel(quantize(w, 4, 32)), torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+        want = x @ dequantize(k).T
+        _READS_FORMS = _MM is not None and bool(
+            (_MM(x.bfloat16(), k.planes[0], k.group, k.sz[0]).float() - want).norm() <= 0.05 * want.norm())
+    return _READS_FORMS
+
+
+def _bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's test: AVX512 or AMX); elsewhere a bf16 matmul ran 12x
+    slower than float32's, so the unpacked matrix is float32 there."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
-    if xb.shape[0] >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) and unpackable(w):  # a prefill's many rows
-        m = xb.shape[0]
-        if m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new shape
+    """xb [M, K] @ W^T: bf16 out where PyTorch's kernel or a bf16 matmul makes it, float32 where the CPU's bf16
+    matmuls are slow (the callers cast to their activations' dtype)."""
+    m, reads = xb.shape[0], kernel_reads_forms()
+    if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads) and unpackable(w):  # a prefill's many rows
+        bf = _bf16_matmul()
+        if bf and m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new oneDNN shape
             return _kmm(F.pad(xb, (0, 0, 0, PAD_ROWS - m % PAD_ROWS)), w)[:m]
-        parts = []
+        x, parts = (xb if bf else xb.float()), []
         for c in range(0, w.shape[0], DEQUANT_COLS):  # two planes: W^T = hi + lo, the small product inside the big one's
-            wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64)
-            parts.append(xb @ wt[0] if len(wt) == 1 else torch.addmm(xb @ wt[1], xb, wt[0]))
+            wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64, f32=not bf)
+            parts.append(x @ wt[0] if len(wt) == 1 else torch.addmm(x @ wt[1], x, wt[0]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if not reads:  # neither kernel nor routine: the exact arithmetic, dequantised for the call
+        return F.linear(xb.float(), dequantize(w))
+    xb = xb.to(torch.bfloat16)
     y = _MM(xb, w.planes[0], w.group, w.sz[0])
     return y if w.bits == 4 else y + _MM(xb, w.planes[1], w.group, w.sz[1])
 
