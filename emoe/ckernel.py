@@ -88,6 +88,7 @@ def library() -> ctypes.CDLL | None:
         lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
+        _resolve(lib.modes)
         if lib.modes:
             lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], None
@@ -192,16 +193,25 @@ def kq_experts(fetched: dict, counts) -> bool:
     return True
 
 
-# few rows on kq_linear / kq_moe with activations in bf16 (as PyTorch's kernel takes them: the default) or int8
-# (llama.cpp's rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide.
+# few rows on kq_linear / kq_moe with activations in bf16 (as PyTorch's kernel takes them) or int8 (llama.cpp's
+# rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide. "auto" (the
+# default) becomes bf16 where the CPU has AVX512-BF16 and int8 elsewhere, when the routines load: on AVX2 bf16
+# costs fp32 FMAs, and decoded 1.2-1.7x slower than int8 with the same agreement with llama.cpp
+# (docs/results/avx2.txt).
 MODES = {"int8": 1, "bf16": 2}
-KQ = os.environ.get("EMOE_KQ", "bf16")
+KQ = os.environ.get("EMOE_KQ", "auto")
 # fewer rows than these (by planes) take the routines, more the prefill unpacking (quant.DEQUANT_ROWS, which
 # rules alone when they are off): bf16 runs rows in pairs and beats PyTorch's kernel at every count below, and
 # the unpacked matrix from about 56 rows (one plane) and 72 (two) (`scripts/bench_kq.py`); int8 is faster still.
 ROWS = {1: 56, 2: 72}
-if KQ not in (*MODES, "off"):
-    raise ValueError(f"EMOE_KQ must be bf16, int8 or off, got {KQ!r}")
+if KQ not in (*MODES, "off", "auto"):
+    raise ValueError(f"EMOE_KQ must be auto, bf16, int8 or off, got {KQ!r}")
+
+
+def _resolve(modes: int) -> None:
+    global KQ
+    if KQ == "auto":
+        KQ = "bf16" if modes & 4 else "int8" if modes & 1 else "off"
 
 
 def kq_linear(x: torch.Tensor, w) -> torch.Tensor:

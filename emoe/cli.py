@@ -49,9 +49,10 @@ def _host_kernel_arg(p) -> None:
 def _activations_arg(p) -> None:
     p.add_argument("--activations", choices=["bf16", "int8", "torch"], default=None,
                    help="what a decode step's products on kernel forms round their activations to, on a CPU: bf16 "
-                   "in emoe's C routines (default, as PyTorch's kernel takes them), int8 per 32 (as llama.cpp's "
-                   "quantised matmuls round them; faster where compute-bound), or torch: PyTorch's int4 kernel "
-                   "(the environment's EMOE_KQ=bf16|int8|off says the same)")
+                   "in emoe's C routines (as PyTorch's kernel takes them), int8 per 32 (as llama.cpp's quantised "
+                   "matmuls round them; faster where compute-bound), or torch: PyTorch's int4 kernel where it reads "
+                   "the forms' layout (AVX512), else the unpacked matrix. Default: bf16 where the CPU has "
+                   "AVX512-BF16, else int8 (the environment's EMOE_KQ=auto|bf16|int8|off says the same)")
 
 
 def _host_int8_arg(p) -> None:

@@ -249,12 +249,36 @@ def test_mixed_layers_run_forms_in_c_and_full_weights_in_torch(monkeypatch):
     assert (got - want).norm() <= 0.01 * want.norm()
 
 
+@pytest.mark.parametrize("modes, want", [(7, "bf16"), (3, "int8"), (1, "int8"), (0, "off")])
+def test_auto_takes_bf16_where_the_cpu_has_its_dot_products_else_int8(modes, want, monkeypatch):
+    """The default: bf16 where AVX512-BF16 makes it about int8's speed, int8 on AVX2 (bf16 there decoded 1.2-1.7x
+    slower), PyTorch's kernel where neither routine is built; a mode asked for is kept."""
+    monkeypatch.setattr(ckernel, "KQ", "auto")
+    ckernel._resolve(modes)
+    assert ckernel.KQ == want
+    monkeypatch.setattr(ckernel, "KQ", "bf16")
+    ckernel._resolve(modes)
+    assert ckernel.KQ == "bf16"
+
+
+def test_without_emoe_kq_the_loaded_routines_pick_the_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "EMOE_KQ"}
+    code = "from emoe import ckernel; print(ckernel.KQ); lib = ckernel.library(); print(ckernel.KQ, lib.modes)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    before, after, modes = r.stdout.split()
+    assert before == "auto" and after == ("bf16" if int(modes) & 4 else "int8" if int(modes) & 1 else "off")
+
+
 def test_the_mode_is_checked_and_off_keeps_the_int4_kernel(monkeypatch):
     import subprocess
     import sys
     bad = subprocess.run([sys.executable, "-c", "import emoe.ckernel"], env={**__import__("os").environ, "EMOE_KQ": "fp8"},
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "EMOE_KQ must be bf16, int8 or off, got 'fp8'" in bad.stderr
+    assert bad.returncode != 0 and "EMOE_KQ must be auto, bf16, int8 or off, got 'fp8'" in bad.stderr
     monkeypatch.setattr(ckernel, "KQ", "off")
     assert not ckernel.kq_able(forms()["int4"])
 
