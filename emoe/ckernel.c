@@ -340,7 +340,7 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
 #endif
 
 /* which activation modes this build runs: 1 int8, 2 bf16 (0: neither; ckernel keeps PyTorch's kernel); 4 where
-   bf16 has AVX512-BF16's pair dot products (about int8's speed there; the AVX2 variant ran 1.1-1.7x slower) */
+   bf16 has AVX512-BF16's pair dot products (about int8's speed there; the AVX2 variant decoded 1.0-1.7x slower) */
 int kq_modes(void) {
     int m = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)

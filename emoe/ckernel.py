@@ -196,7 +196,7 @@ def kq_experts(fetched: dict, counts) -> bool:
 # few rows on kq_linear / kq_moe with activations in bf16 (as PyTorch's kernel takes them) or int8 (llama.cpp's
 # rounding, faster where the product is compute-bound), or "off": PyTorch's kernel. Process-wide. "auto" (the
 # default) becomes bf16 where the CPU has AVX512-BF16 and int8 elsewhere, when the routines load: on AVX2 bf16
-# costs fp32 FMAs, and decoded 1.2-1.7x slower than int8 with the same agreement with llama.cpp
+# costs fp32 FMAs, and decoded 1.0-1.7x slower than int8 with the same agreement with llama.cpp
 # (docs/results/avx2.txt).
 MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "auto")

@@ -251,7 +251,7 @@ def test_mixed_layers_run_forms_in_c_and_full_weights_in_torch(monkeypatch):
 
 @pytest.mark.parametrize("modes, want", [(7, "bf16"), (3, "int8"), (1, "int8"), (0, "off")])
 def test_auto_takes_bf16_where_the_cpu_has_its_dot_products_else_int8(modes, want, monkeypatch):
-    """The default: bf16 where AVX512-BF16 makes it about int8's speed, int8 on AVX2 (bf16 there decoded 1.2-1.7x
+    """The default: bf16 where AVX512-BF16 makes it about int8's speed, int8 on AVX2 (bf16 there decoded 1.0-1.7x
     slower), PyTorch's kernel where neither routine is built; a mode asked for is kept."""
     monkeypatch.setattr(ckernel, "KQ", "auto")
     ckernel._resolve(modes)
