@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 E=${EMOE:-.venv/bin/emoe}
 export PYTHONUNBUFFERED=1
+# the results were measured with bf16 decode activations on the CPU kernel forms; `auto` picks int8 on a CPU without
+# AVX512-BF16, which moves the copies' numbers slightly (a speed run may set EMOE_KQ=auto)
+export EMOE_KQ=${EMOE_KQ:-bf16}
 R=runs/results
 mkdir -p "$R"
 P=emoe/models/emoe-tiny/profile  # the profile shipped with the embedded model
