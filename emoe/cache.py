@@ -71,6 +71,7 @@ class ExpertCache:
         self._res: OrderedDict[tuple[int, int], Weights] = OrderedDict()  # LRU order, oldest first
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
+        self.n_resident = [0] * num_layers  # per layer, as the mask says (read per call without a torch op)
         self._stats, self._pending = CacheStats(), None  # see stats and count_routed
         # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
@@ -93,6 +94,14 @@ class ExpertCache:
             self._stats.misses += n - hits
             self._pending = None
         return self._stats
+
+    def count_hosted(self, layer: int, assignments: int, experts: int, nbytes: int) -> None:
+        """A layer call whose every expert ran in the slow tier: its routed assignments (all misses) and
+        `experts` host runs of nbytes in all, counted as count_routed and host() count them."""
+        n = self._pending
+        self._pending = (0, assignments) if n is None else (n[0], n[1] + assignments)
+        self._stats.host_runs += experts
+        self.store.ran_host(layer, experts, nbytes)
 
     def count_routed(self, hit: torch.Tensor) -> None:
         """Tally a layer's routed assignments (hit: resident or not) without a host sync: on a GPU a decode
@@ -277,6 +286,7 @@ class ExpertCache:
         self._res[key] = self.bring(layer, expert)
         self._set_shadow(key, None)
         self.mask[layer, expert] = self.avail[layer, expert] = True
+        self.n_resident[layer] += 1
         self._stats.loads += 1
         self._stats.bytes_loaded += self.expert_bytes
         self._stats.load_seconds += time.perf_counter() - t0
@@ -287,6 +297,7 @@ class ExpertCache:
         w = self._res.pop((layer, expert), None)
         if w is not None:
             self.mask[layer, expert] = False
+            self.n_resident[layer] -= 1
             bits = self.shadow_bits if to is None else to
             copy = self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None
             self._set_shadow((layer, expert), copy)

@@ -401,9 +401,9 @@ static inline float silu(float v) { return v / (1.f + expf(-v)); }
    experts are left to the caller. Each expert takes its tokens in ascending order. One call for a MoE
    layer's experts: each token's input is rounded once, the gate and up products of every expert run as one
    parallel loop, then the down products; the sums go into out in expert order, so the result does not
-   depend on the thread count. */
-void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
-            const float *x, int T, float *out, int threads, int bf16) {
+   depend on the thread count. Returns how many of the n experts had tokens. */
+int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
+           const float *x, int T, float *out, int threads, int bf16) {
     PICK(bf16);
     int64_t *start = calloc(n + 1, sizeof(int64_t)), *slot = malloc(sizeof(int64_t) * (size_t)T * k);
     for (long r = 0; r < (long)T * k; r++) {
@@ -465,10 +465,13 @@ void kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, co
         const float *yr = ys + (size_t)r * H, gr = gates[r];
         for (int c = 0; c < H; c++) o[c] += gr * yr[c];
     }
+    int ran = 0;
+    for (int e = 0; e < n; e++) ran += start[e + 1] > start[e];
     free(mem);
     free(start);
     free(toks);
     free(gates);
+    return ran;
 }
 
 #endif

@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 
 from .cache import ExpertCache
+from . import ckernel
 from .ckernel import kq_experts, kq_moe
 from .quant import QTensor, kq_ffn
 from .quant import swiglu as expert_ffn
@@ -19,16 +20,48 @@ class ExpertDispatch:
     def __init__(self, cache: ExpertCache, policy, recorder: TraceRecorder | None, ffn=None):
         """ffn(layer) → the family's expert function (e, x, weights) → y, or None for plain SwiGLU."""
         self.cache, self.policy, self.recorder, self.ffn = cache, policy, recorder, ffn or (lambda layer: None)
+        self._tables: dict = {}  # (layer, ckernel mode) → the layer's host forms as one C table, or None
 
     def __call__(self, layer, x, probs, weights, ids):
         if self.recorder is not None:
             self.recorder.record(layer, ids)
+        table = self._host_table(layer, x)
+        if table is not None:  # every expert runs on its host forms (a CPU's budget 0): one C call, none per expert
+            weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
+            out = torch.zeros_like(x)
+            ran = ckernel.kq_moe_all(out, x.contiguous(), table[0], ids.long().contiguous(), weights.float().contiguous())
+            self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
+            return out
         self.cache.count_routed(self.cache.mask[layer][ids])
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
         defers = getattr(self.policy, "defers", None)
         return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n),
                            self.cache.num_experts, self.ffn(layer),
                            defers and (lambda e, n: defers(layer, e, self.cache, n)))
+
+
+    def _host_table(self, layer, x):
+        """The layer's kq table and per-expert bytes where this call may skip per-expert fetches: float32 CPU
+        rows few enough for the routines, SwiGLU experts that all run on their host forms (the policy's
+        hosts_all: none resident) and are all the same size (counted per run), else None."""
+        hosts_all = getattr(self.policy, "hosts_all", None)
+        if hosts_all is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+            return None
+        key = (layer, ckernel.KQ)
+        if key not in self._tables:
+            self._tables[key] = self._build(layer)
+        t = self._tables[key]
+        return t if t is not None and len(x) < t[0][3] and hosts_all(layer, self.cache, len(x)) else None
+
+    def _build(self, layer):
+        forms_of = getattr(self.cache.store, "host_forms", None)
+        if forms_of is None or self.ffn(layer) is not None:
+            return None
+        ffns = [forms_of(layer, e) for e in range(self.cache.num_experts)]
+        if any(f is None for f in ffns) or len({sum(t.nbytes for t in f) for f in ffns}) != 1:
+            return None
+        table = ckernel.moe_table(ffns)
+        return None if table is None else (table, sum(t.nbytes for t in ffns[0]))
 
 
 def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None) -> torch.Tensor:

@@ -232,6 +232,11 @@ class Host(Reroute):
     def fetch(self, layer, expert, cache, n_tokens=1):
         return cache.host(layer, expert) if self.defers(layer, expert, cache, n_tokens) else cache.get(layer, expert)
 
+    def hosts_all(self, layer, cache, n_tokens) -> bool:
+        """Whether fetch hands back slow-tier weights for every expert of the layer at up to n_tokens each
+        (dispatch then runs the layer without asking per expert)."""
+        return cache.n_resident[layer] == 0
+
 
 class Auto(Host):
     """Fiddler's rule on top of Host: a miss runs where it finishes first. On the host it costs time per
@@ -258,6 +263,10 @@ class Auto(Host):
         if self.defers(layer, expert, cache, n_tokens):
             return cache.host(layer, expert)
         return LoadOnDemand.fetch(self, layer, expert, cache)  # a hit, or a miss worth a copy
+
+    def hosts_all(self, layer, cache, n_tokens) -> bool:
+        return super().hosts_all(layer, cache, n_tokens) and not (
+            n_tokens >= self.min_tokens and cache.budget_bytes >= cache.expert_bytes)
 
 
 def break_even_tokens(cache: ExpertCache, layer: int, probe: tuple[int, int] = (1, 64), repeats: int = 3) -> float:

@@ -187,6 +187,16 @@ class RamStore:
         packed, unpack = self.read_packed(layer, expert)
         return unpack(packed)
 
+    def host_forms(self, layer: int, expert: int) -> tuple | None:
+        """The expert's (gate, up, down) kernel forms where it is held wholly in them, else None; reads nothing
+        and counts nothing (a caller that runs them counts with `ran_host`)."""
+        return self._as_forms.get((layer, expert))
+
+    def ran_host(self, layer: int, n: int, nbytes: int) -> None:
+        """Count n host runs of the layer's form-held experts, nbytes in all, as read_host would have."""
+        self.stats.reads += n
+        self.stats.bytes_read += nbytes
+
     def read_host(self, layer: int, expert: int):
         """The expert as a host run takes it: matrices held in a kernel form as they are, others unpacked."""
         forms = self._as_forms.get((layer, expert))

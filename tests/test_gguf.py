@@ -745,3 +745,42 @@ def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
     with torch.no_grad():
         got = model.forward(seq, torch.arange(seq.shape[1])[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
     torch.testing.assert_close(got[0, ::5], ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+@pytest.mark.parametrize("policy", ["host", "auto"])
+def test_a_layer_whose_experts_all_run_on_host_forms_takes_one_table_call(imported, policy, monkeypatch):
+    """At budget 0 on a CPU every expert runs on its host forms: the layer goes to the C routine as one table of
+    all its experts, without a fetch per expert. Same logits bit for bit, same tokens and the same counters
+    (misses, host runs, slow-tier reads and bytes) as the per-expert path; with an expert resident, or rows
+    past the routine's, the per-expert path runs."""
+    from emoe import ckernel
+    from emoe.dispatch import ExpertDispatch
+    _, _, out = imported
+    ids = [(7 * i) % 200 + 3 for i in range(12)]
+    calls = []
+    real = ckernel.kq_moe_all
+    monkeypatch.setattr(ckernel, "kq_moe_all", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0, experts_on="ram"))
+        logits = eng.score(ids[:1], ids[1:])
+        toks = [r.output_ids for r in eng.generate([ids], SamplingParams(max_tokens=5, ignore_eos=True))]
+        s, st = eng.cache.stats, eng.store.stats
+        return logits, toks, (s.hits, s.misses, s.host_runs, st.reads, st.bytes_read)
+    fast = run()
+    assert calls
+    monkeypatch.setattr(ExpertDispatch, "_host_table", lambda self, layer, x: None)
+    calls.clear()
+    slow = run()
+    assert not calls
+    assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1] and fast[2] == slow[2], (fast[2], slow[2])
+    monkeypatch.undo()
+    eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0.4, experts_on="ram"))  # experts resident
+    layer = next(iter(eng.model.moe))
+    x = torch.randn(2, eng.cfg.hidden_size)
+    assert eng.cache.n_resident[layer] > 0 and eng.dispatch._host_table(layer, x) is None
+    eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0, experts_on="ram"))
+    assert eng.dispatch._host_table(layer, x) is not None
+    assert eng.dispatch._host_table(layer, torch.randn(256, eng.cfg.hidden_size)) is None  # a prefill's rows
