@@ -102,7 +102,8 @@ def library() -> ctypes.CDLL | None:
         _lib = lib
     except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
         print(f"[emoe] emoe's C routines could not be built ({type(e).__name__}): kernel forms run on PyTorch's "
-              f"int4 kernel, attention and norms in torch", file=sys.stderr)
+              f"int4 kernel where it reads their layout (AVX512), else dequantised per product (slow); attention and "
+              f"norms in torch", file=sys.stderr)
     return _lib
 
 
@@ -339,11 +340,15 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
 
 def describe() -> str:
     """What runs a few-row product on a kernel form here, for the memory line."""
+    from .quant import kernel_reads_forms  # (quant imports this module)
     lib = library()
+    torch_side = "PyTorch's int4 kernel" if kernel_reads_forms() else \
+        "the unpacked matrix (PyTorch's int4 kernel reads another layout on this CPU)" if lib is not None else \
+        "dequantised copies, slowly (PyTorch's int4 kernel reads another layout on this CPU)"
     if lib is None:
-        return "PyTorch's int4 kernel: no C routines built"
+        return f"{torch_side}: no C routines built"
     if KQ == "off":
-        return "PyTorch's int4 kernel below a prefill's rows: --activations torch / EMOE_KQ=off"
+        return f"{torch_side} below a prefill's rows: --activations torch / EMOE_KQ=off"
     if not lib.modes & MODES[KQ]:
-        return f"PyTorch's int4 kernel below a prefill's rows: no {KQ} routine for this CPU"
+        return f"{torch_side} below a prefill's rows: no {KQ} routine for this CPU"
     return f"emoe's C routines, {KQ} activations"

@@ -422,7 +422,10 @@ def test_the_summary_says_what_runs_the_forms(monkeypatch):
         monkeypatch.setattr(ckernel, "KQ", "int8")
         assert ckernel.describe() == "emoe's C routines, int8 activations"
     monkeypatch.setattr(ckernel, "_lib", None)
+    monkeypatch.setattr(quant, "_READS_FORMS", True)
     assert ckernel.describe() == "PyTorch's int4 kernel: no C routines built"
+    monkeypatch.setattr(quant, "_READS_FORMS", False)  # as under AVX2: the forms are dequantised then
+    assert ckernel.describe().startswith("dequantised copies, slowly") and ckernel.describe().endswith("no C routines built")
 
 
 def test_a_compiler_without_openmp_builds_the_routines_single_threaded(monkeypatch, tmp_path):
