@@ -225,8 +225,8 @@ def kernel_reads_forms() -> bool:
     known matrix; where it fails, the forms run on ckernel's routines, or dequantised in torch."""
     global _READS_FORMS
     if _READS_FORMS is None:
-        w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-        k, x = to_kernel(quantize(w, 4, 32)), torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0), device="cpu")
+        k, x = to_kernel(quantize(w, 4, 32)), torch.randn(2, 64, generator=torch.Generator().manual_seed(1), device="cpu")
         want = x @ dequantize(k).T
         _READS_FORMS = _MM is not None and bool(
             (_MM(x.bfloat16(), k.planes[0], k.group, k.sz[0]).float() - want).norm() <= 0.05 * want.norm())
