@@ -18,6 +18,7 @@ serves every row count; EMOE_KQ=off keeps it for few rows only, EMOE_KQ=int8 rou
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -201,10 +202,24 @@ def kq_experts(fetched: dict, counts) -> bool:
 # (docs/results/avx2.txt).
 MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "auto")
+
+
+@functools.cache
+def bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN's test: AVX512 or AMX); elsewhere a bf16 matmul ran 12x
+    slower than float32's, so the unpacked matrix is float32 there (quant._kmm)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # fewer rows than these (by planes) take the routines, more the prefill unpacking (quant.DEQUANT_ROWS, which
 # rules alone when they are off): bf16 runs rows in pairs and beats PyTorch's kernel at every count below, and
 # the unpacked matrix from about 56 rows (one plane) and 72 (two) (`scripts/bench_kq.py`); int8 is faster still.
-ROWS = {1: 56, 2: 72}
+# Without native bf16 matmuls the unpacked matrix is float32, twice the bytes and no faster to multiply: on an
+# AVX2 EPYC the routines beat it up to about 240 rows (one plane) and 175 (two) (docs/results/avx2.txt).
+ROWS = {1: 56, 2: 72} if bf16_matmul() else {1: 192, 2: 160}
 if KQ not in (*MODES, "off", "auto"):
     raise ValueError(f"EMOE_KQ must be auto, bf16, int8 or off, got {KQ!r}")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import dequant_t, kq_experts, kq_linear, kq_moe, kq_rows, unpackable
+from .ckernel import bf16_matmul, dequant_t, kq_experts, kq_linear, kq_moe, kq_rows, unpackable
 
 BITS = (4, 8)
 
@@ -233,18 +233,12 @@ def kernel_reads_forms() -> bool:
     return _READS_FORMS
 
 
-def _bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 natively (oneDNN's test: AVX512 or AMX); elsewhere a bf16 matmul ran 12x
-    slower than float32's, so the unpacked matrix is float32 there."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     """xb [M, K] @ W^T: bf16 out where PyTorch's kernel or a bf16 matmul makes it, float32 where the CPU's bf16
     matmuls are slow (the callers cast to their activations' dtype)."""
     m, reads = xb.shape[0], kernel_reads_forms()
     if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads) and unpackable(w):  # a prefill's many rows
-        bf = _bf16_matmul()
+        bf = bf16_matmul()
         if bf and m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new oneDNN shape
             return _kmm(F.pad(xb, (0, 0, 0, PAD_ROWS - m % PAD_ROWS)), w)[:m]
         x, parts = (xb if bf else xb.float()), []

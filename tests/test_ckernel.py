@@ -90,7 +90,7 @@ def test_where_the_int4_kernel_reads_another_layout_forms_still_multiply_right(b
     monkeypatch.setattr(ckernel, "KQ", "off")
     monkeypatch.setattr(quant, "_READS_FORMS", False)
     monkeypatch.setattr(quant, "_MM", None)  # a call would raise
-    monkeypatch.setattr(quant, "_bf16_matmul", lambda: bf16_matmul)
+    monkeypatch.setattr(quant, "bf16_matmul", lambda: bf16_matmul)
     if not routine:
         monkeypatch.setattr(ckernel, "_lib", None)
     for name in ("int4", "int8", "q5"):
@@ -109,6 +109,7 @@ def test_a_long_prompt_scores_as_on_the_int4_kernel(tmp_path, monkeypatch):
     within what bf16 rounding moves them from the kernel's, and picks the same next tokens almost everywhere.
     Decode rows in bf16, as by default (EMOE_KQ=int8 rounds them further; not what this measures)."""
     monkeypatch.setattr(ckernel, "KQ", "bf16")
+    monkeypatch.setattr(ckernel, "ROWS", {1: 56, 2: 72})  # the unpacked matrices from 56 rows, as with native bf16 matmuls
     from gguf_writer import write_gguf
     from tiny import make_tiny
 
