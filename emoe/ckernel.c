@@ -268,11 +268,22 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + b * 64 + 16 * i, f[i]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
+/* acc += u . x over each lane's 4 bytes, for the 8 steps of a group of 32 k; dp_sum turns acc into int32 sums.
+   Without VNNI the pair products stay in int16 lanes across the group: u <= 15 and |x| <= 127, so a pair
+   is at most 3810 and 8 of them 30480 (exact: no saturation), and the widening madd runs once a group, not
+   once a step (madd and maddubs share the multiply ports, which bound this loop). */
 static inline __m256i dp(__m256i acc, __m256i u, __m256i x) {
 #if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, u, x);
-#else  /* u <= 15, so the int16 pair sums cannot saturate */
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+#else
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, x));
+#endif
+}
+static inline __m256i dp_sum(__m256i acc) {
+#if defined(__AVXVNNI__)
+    return acc;
+#else
+    return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
 #endif
 }
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
@@ -309,6 +320,7 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
                     a[h * 4 + 3] = dp(a[h * 4 + 3], _mm256_unpackhi_epi16(abh, cdh), xv);
                 }
             }
+            for (int i = 0; i < 8; i++) a[i] = dp_sum(a[i]);
             const int g = kb * 32 / (int)w->group;
             if (g != gcur) {
                 gcur = g;
@@ -331,6 +343,70 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
     for (int i = 0; i < 8; i++) {
         const int r0 = b * 64 + (i / 4) * 32 + (i % 4) * 4;
         _mm256_storeu2_m128(&y[r0 + 16], &y[r0], f[i]);
+    }
+}
+/* R rows of one block: each group of 32 k is unpacked once into the lanes int8_row builds (2 KiB, in L1) and
+   every row's dot products run on that, so the unpacking (about 60% of a row's work) is shared; each row's
+   sums are int8_row's, in the same order, bit for bit. */
+static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int K = (int)w->K;
+    __m256i u[8][8];
+    float sf[64], zf[64];
+    for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
+    for (int pl = 0; pl < w->np; pl++) {
+        int gcur = -1;
+        for (int kb = 0; kb < K / 32; kb++) {
+            const uint8_t *base = w->p[pl] + ((long)b * K + kb * 32) * 32;
+            for (int k4 = 0; k4 < 8; k4++) {
+                const uint8_t *r = base + k4 * 128;
+                const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
+                const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
+                for (int h = 0; h < 2; h++) {
+                    const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
+                    const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
+                    const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
+                    const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
+                    const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
+                    const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
+                    u[k4][h * 4 + 0] = _mm256_unpacklo_epi16(abl, cdl);
+                    u[k4][h * 4 + 1] = _mm256_unpackhi_epi16(abl, cdl);
+                    u[k4][h * 4 + 2] = _mm256_unpacklo_epi16(abh, cdh);
+                    u[k4][h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
+                }
+            }
+            const int g = kb * 32 / (int)w->group;
+            if (g != gcur) {
+                gcur = g;
+                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+                for (int j = 0; j < 64; j++) {
+                    const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
+                    memcpy(&sf[j], &sv, 4);
+                    memcpy(&zf[j], &zv, 4);
+                    zf[j] -= 8.f * sf[j];
+                }
+            }
+            for (int rr = 0; rr < R; rr++) {
+                __m256i a[8];
+                for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+                for (int k4 = 0; k4 < 8; k4++) {
+                    int32_t xq4;
+                    memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
+                    const __m256i xv = _mm256_set1_epi32(xq4);
+                    for (int i = 0; i < 8; i++) a[i] = dp(a[i], u[k4][i], xv);
+                }
+                for (int i = 0; i < 8; i++) a[i] = dp_sum(a[i]);
+                const __m256 dx = _mm256_set1_ps(x[rr].d[kb]), zx = _mm256_set1_ps(x[rr].qs[kb]);
+                float *yr = y[rr] + b * 64;
+                for (int i = 0; i < 8; i++) {
+                    const int r0 = (i / 4) * 32 + (i % 4) * 4;
+                    const __m256 s = _mm256_loadu2_m128(&sf[r0 + 16], &sf[r0]), z = _mm256_loadu2_m128(&zf[r0 + 16], &zf[r0]);
+                    const __m256 f = _mm256_loadu2_m128(&yr[r0 + 16], &yr[r0]);
+                    _mm256_storeu2_m128(&yr[r0 + 16], &yr[r0],
+                                        _mm256_fmadd_ps(z, zx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_mul_ps(s, dx), f)));
+                }
+            }
+        }
     }
 }
 #define KQ_AVX2 1
@@ -358,13 +434,19 @@ int kq_modes(void) {
 #ifdef KQ_SIMD
 typedef void (*rowfn)(const float *, int, qrow);
 typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
-static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {  /* int8: a row at a time */
-    for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);
+/* rows a call of block_ takes at most: the bf16 routine unpacks once for 2 rows, the AVX2 int8 one for any number */
+#define GROUP 8
+static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+#ifdef KQ_AVX2
+    if (R > 1) { int8_rows(w, x, y, R, b); return; }
+#endif
+    for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);  /* (AVX512: a row at a time) */
 }
 #ifdef KQ_BF16
-#define PICK(bf16) rowfn quant_ = bf16 ? bf16_row : quant_row; blockfn block_ = bf16 ? block_bf16 : block_rows
+#define PICK(bf16) rowfn quant_ = bf16 ? bf16_row : quant_row; blockfn block_ = bf16 ? block_bf16 : block_rows; \
+    const int G = bf16 ? 2 : GROUP
 #else
-#define PICK(bf16) rowfn quant_ = quant_row; blockfn block_ = block_rows; (void)bf16
+#define PICK(bf16) rowfn quant_ = quant_row; blockfn block_ = block_rows; const int G = GROUP; (void)bf16
 #endif
 static qrow qrows(void *mem, int M, int K) {  /* M rows' worth, laid out in one allocation */
     qrow r = {(int8_t *)mem, NULL, NULL};
@@ -383,12 +465,13 @@ void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int 
     void *mem = malloc(qbytes(M, K));
     qrow q = qrows(mem, M, K);
     for (int m = 0; m < M; m++) quant_(x + (long)m * K, K, row(q, m, K));
-    const int P = (M + 1) / 2;  /* rows in pairs: the bf16 routine unpacks the weights once for both */
+    const int P = (M + G - 1) / G;  /* rows in groups of G: the routine unpacks the weights once for a group */
     #pragma omp parallel for num_threads(threads) schedule(static) if (nb * P >= 4)
     for (int i = 0; i < nb * P; i++) {
-        const int m = 2 * (i % P), R = M - m < 2 ? 1 : 2;
-        const qrow xs[2] = {row(q, m, K), row(q, m + R - 1, K)};
-        float *const ys[2] = {y + (long)m * N, y + (long)(m + R - 1) * N};
+        const int m = G * (i % P), R = M - m < G ? M - m : G;
+        qrow xs[GROUP];
+        float *ys[GROUP];
+        for (int r = 0; r < R; r++) { xs[r] = row(q, m + r, K); ys[r] = y + (long)(m + r) * N; }
         block_(w, xs, ys, R, i / P);
     }
     free(mem);
@@ -430,19 +513,20 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
     for (int t = 0; t < T; t++) if (tok_used[t]) quant_(x + (long)t * H, H, row(qx, t, H));
     free(tok_used);
     const int nbi = I / 64, nbh = H / 64;
-    int np = 0;  /* an expert's rows in pairs (r0, rows, expert): the bf16 routine unpacks the weights once for both */
+    int np = 0;  /* an expert's rows in groups of G (r0, rows, expert): the routine unpacks the weights once a group */
     int (*pairs)[3] = malloc(sizeof(int[3]) * (size_t)(R + 1));
     for (int e = 0; e < n; e++)
-        for (int64_t r = start[e]; r < start[e + 1]; r += 2) {
-            pairs[np][0] = (int)r; pairs[np][1] = start[e + 1] - r < 2 ? 1 : 2; pairs[np][2] = e; np++;
+        for (int64_t r = start[e]; r < start[e + 1]; r += G) {
+            pairs[np][0] = (int)r; pairs[np][1] = start[e + 1] - r < G ? (int)(start[e + 1] - r) : G; pairs[np][2] = e; np++;
         }
     #pragma omp parallel num_threads(threads) if (np * nbi >= 2)
     {
         #pragma omp for schedule(static)
         for (int i = 0; i < np * nbi * 2; i++) {  /* (pair, gate or up, block) */
-            const int *pr = pairs[i / (nbi * 2)], j = i % (nbi * 2), which = j / nbi, r0 = pr[0], r1 = r0 + pr[1] - 1;
-            const qrow xs[2] = {row(qx, (int)toks[r0], H), row(qx, (int)toks[r1], H)};
-            float *const ys2[2] = {gu + ((size_t)r0 * 2 + which) * I, gu + ((size_t)r1 * 2 + which) * I};
+            const int *pr = pairs[i / (nbi * 2)], j = i % (nbi * 2), which = j / nbi, r0 = pr[0];
+            qrow xs[GROUP];
+            float *ys2[GROUP];
+            for (int r = 0; r < pr[1]; r++) { xs[r] = row(qx, (int)toks[r0 + r], H); ys2[r] = gu + ((size_t)(r0 + r) * 2 + which) * I; }
             block_(ffn[3 * pr[2] + which], xs, ys2, pr[1], j % nbi);
         }
         #pragma omp for schedule(static)
@@ -453,9 +537,10 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
         }
         #pragma omp for schedule(static)
         for (int i = 0; i < np * nbh; i++) {
-            const int *pr = pairs[i / nbh], r0 = pr[0], r1 = r0 + pr[1] - 1;
-            const qrow hs[2] = {row(qh, r0, I), row(qh, r1, I)};
-            float *const ys2[2] = {ys + (size_t)r0 * H, ys + (size_t)r1 * H};
+            const int *pr = pairs[i / nbh], r0 = pr[0];
+            qrow hs[GROUP];
+            float *ys2[GROUP];
+            for (int r = 0; r < pr[1]; r++) { hs[r] = row(qh, r0 + r, I); ys2[r] = ys + (size_t)(r0 + r) * H; }
             block_(ffn[3 * pr[2] + 2], hs, ys2, pr[1], i % nbh);
         }
     }

@@ -185,6 +185,21 @@ def test_few_rows_match_the_forms_product(name, monkeypatch):
             assert err <= (kernel / ref.norm() if mode == "bf16" else 0.01), (mode, rows)
 
 
+@kq
+def test_rows_run_together_give_each_rows_own_bits(monkeypatch):
+    """Groups of rows share one unpacking of the weights (int8: up to 8 rows, bf16: pairs); each row's product
+    is the one it gets alone, bit for bit, on one and two planes, for row counts across and between groups."""
+    for mode in _modes():
+        monkeypatch.setattr(ckernel, "KQ", mode)
+        for name in ("int4", "int8"):
+            k = forms()[name]
+            assert ckernel.kq_able(k)
+            x = torch.randn(19, k.shape[1], generator=torch.Generator().manual_seed(2))
+            alone = torch.cat([ckernel.kq_linear(x[i:i + 1].contiguous(), k) for i in range(len(x))])
+            for rows in (3, 8, 9, 19):
+                assert torch.equal(ckernel.kq_linear(x[:rows].contiguous(), k), alone[:rows]), (mode, name, rows)
+
+
 def _layer(seed=0, E=6, H=256, I=128):
     g = torch.Generator().manual_seed(seed)
     ex = [tuple(quant.to_kernel(quant.quantize(torch.randn(*s, generator=g) / 8, 4, 32)) for s in ((I, H), (I, H), (H, I)))
