@@ -287,9 +287,36 @@ static inline __m256i dp_sum(__m256i acc) {
 #endif
 }
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
-   {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. */
-static void int8_row(const kmat *w, qrow x, float *y, int b) {
+   {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. u[h * 4 + j]: the 4 k at
+   r (128 bytes) of a block's rows, h the low or high nibbles. */
+static inline __attribute__((always_inline)) void unpack_k4(const uint8_t *r, __m256i *u) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
+    const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
+    for (int h = 0; h < 2; h++) {
+        const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
+        const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
+        const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
+        const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
+        const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
+        const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
+        u[h * 4 + 0] = _mm256_unpacklo_epi16(abl, cdl);
+        u[h * 4 + 1] = _mm256_unpackhi_epi16(abl, cdl);
+        u[h * 4 + 2] = _mm256_unpacklo_epi16(abh, cdh);
+        u[h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
+    }
+}
+/* group g's scales, and zeros less 8 x scale (the routine sums u, not u - 8), of rows b*64 .. b*64+63 */
+static inline void scales64(const kmat *w, int pl, int g, int b, float *sf, float *zf) {
+    const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+    for (int j = 0; j < 64; j++) {
+        const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
+        memcpy(&sf[j], &sv, 4);
+        memcpy(&zf[j], &zv, 4);
+        zf[j] -= 8.f * sf[j];
+    }
+}
+static void int8_row(const kmat *w, qrow x, float *y, int b) {
     const int K = (int)w->K;
     __m256 f[8];
     float sf[64], zf[64];
@@ -301,37 +328,16 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
             const uint8_t *base = w->p[pl] + ((long)b * K + kb * 32) * 32;
             for (int k4 = 0; k4 < 8; k4++) {
-                const uint8_t *r = base + k4 * 128;
-                const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
-                const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
+                __m256i u[8];
+                unpack_k4(base + k4 * 128, u);
                 int32_t xq4;
                 memcpy(&xq4, x.q + kb * 32 + k4 * 4, 4);
                 const __m256i xv = _mm256_set1_epi32(xq4);
-                for (int h = 0; h < 2; h++) {
-                    const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
-                    const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
-                    const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
-                    const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
-                    const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
-                    const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
-                    a[h * 4 + 0] = dp(a[h * 4 + 0], _mm256_unpacklo_epi16(abl, cdl), xv);
-                    a[h * 4 + 1] = dp(a[h * 4 + 1], _mm256_unpackhi_epi16(abl, cdl), xv);
-                    a[h * 4 + 2] = dp(a[h * 4 + 2], _mm256_unpacklo_epi16(abh, cdh), xv);
-                    a[h * 4 + 3] = dp(a[h * 4 + 3], _mm256_unpackhi_epi16(abh, cdh), xv);
-                }
+                for (int i = 0; i < 8; i++) a[i] = dp(a[i], u[i], xv);
             }
             for (int i = 0; i < 8; i++) a[i] = dp_sum(a[i]);
             const int g = kb * 32 / (int)w->group;
-            if (g != gcur) {
-                gcur = g;
-                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-                for (int j = 0; j < 64; j++) {
-                    const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
-                    memcpy(&sf[j], &sv, 4);
-                    memcpy(&zf[j], &zv, 4);
-                    zf[j] -= 8.f * sf[j];
-                }
-            }
+            if (g != gcur) scales64(w, pl, gcur = g, b, sf, zf);
             const __m256 dx = _mm256_set1_ps(x.d[kb]), zx = _mm256_set1_ps(x.qs[kb]);
             for (int i = 0; i < 8; i++) {
                 const int r0 = (i / 4) * 32 + (i % 4) * 4;
@@ -349,7 +355,6 @@ static void int8_row(const kmat *w, qrow x, float *y, int b) {
    every row's dot products run on that, so the unpacking (about 60% of a row's work) is shared; each row's
    sums are int8_row's, in the same order, bit for bit. */
 static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
     const int K = (int)w->K;
     __m256i u[8][8];
     float sf[64], zf[64];
@@ -358,34 +363,9 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
         int gcur = -1;
         for (int kb = 0; kb < K / 32; kb++) {
             const uint8_t *base = w->p[pl] + ((long)b * K + kb * 32) * 32;
-            for (int k4 = 0; k4 < 8; k4++) {
-                const uint8_t *r = base + k4 * 128;
-                const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
-                const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
-                for (int h = 0; h < 2; h++) {
-                    const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
-                    const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
-                    const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
-                    const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
-                    const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
-                    const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
-                    u[k4][h * 4 + 0] = _mm256_unpacklo_epi16(abl, cdl);
-                    u[k4][h * 4 + 1] = _mm256_unpackhi_epi16(abl, cdl);
-                    u[k4][h * 4 + 2] = _mm256_unpacklo_epi16(abh, cdh);
-                    u[k4][h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
-                }
-            }
+            for (int k4 = 0; k4 < 8; k4++) unpack_k4(base + k4 * 128, u[k4]);
             const int g = kb * 32 / (int)w->group;
-            if (g != gcur) {
-                gcur = g;
-                const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-                for (int j = 0; j < 64; j++) {
-                    const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
-                    memcpy(&sf[j], &sv, 4);
-                    memcpy(&zf[j], &zv, 4);
-                    zf[j] -= 8.f * sf[j];
-                }
-            }
+            if (g != gcur) scales64(w, pl, gcur = g, b, sf, zf);
             for (int rr = 0; rr < R; rr++) {
                 __m256i a[8];
                 for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
