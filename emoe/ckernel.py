@@ -243,27 +243,29 @@ def kq_moe(out: torch.Tensor, x: torch.Tensor, ffns: list, used: list[int], ids:
     (gate, up, down) forms (kq_able) are ffns[i]; ids / weights [T, k] the routing (int64 / float32; entries
     naming other experts are skipped). x, out: float32, contiguous."""
     n = len(ffns)
-    descs = (ctypes.c_void_p * (3 * n))(*[m.cdesc[0] for f in ffns for m in f])
-    _lib.kq_moe(descs, n, (ctypes.c_int64 * n)(*used), ids.data_ptr(), weights.data_ptr(), ids.shape[-1],
+    _lib.kq_moe(_descs(ffns), n, (ctypes.c_int64 * n)(*used), ids.data_ptr(), weights.data_ptr(), ids.shape[-1],
                 x.data_ptr(), x.shape[0], out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+
+
+def _descs(ffns: list):
+    """The (gate, up, down) forms' C descriptors, expert after expert, as kq_moe takes them."""
+    return (ctypes.c_void_p * (3 * len(ffns)))(*[m.cdesc[0] for f in ffns for m in f])
 
 
 def moe_table(ffns: list) -> tuple | None:
     """A layer's experts (gate, up, down forms, one tuple per expert in expert order) made ready for kq_moe_all
-    once: their descriptors and ids as C arrays, and the row count below which every form takes the routine.
-    None where some form is not kq_able."""
+    once: their descriptors and ids as C arrays, their count, and the row count below which every form takes
+    the routine. None where some form is not kq_able."""
     if not _mode_on() or not all(len(f) == 3 and all(_desc(m)[0] for m in f) for f in ffns):
         return None
     n = len(ffns)
-    descs = (ctypes.c_void_p * (3 * n))(*[m.cdesc[0] for f in ffns for m in f])
-    rows = min(ROWS.get(m.cdesc[2], 0) for f in ffns for m in f)
-    return descs, (ctypes.c_int64 * n)(*range(n)), n, rows, KQ
+    return _descs(ffns), (ctypes.c_int64 * n)(*range(n)), n, min(ROWS.get(m.cdesc[2], 0) for f in ffns for m in f)
 
 
 def kq_moe_all(out: torch.Tensor, x: torch.Tensor, table: tuple, ids: torch.Tensor, weights: torch.Tensor) -> int:
     """kq_moe over every expert of a layer (moe_table's), without listing the used ones first (the routine
     skips experts without tokens, and sums in expert order as kq_moe does). Returns how many ran."""
-    descs, used, n = table[:3]
+    descs, used, n, _ = table
     return _lib.kq_moe(descs, n, used, ids.data_ptr(), weights.data_ptr(), ids.shape[-1], x.data_ptr(), x.shape[0],
                        out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
 
