@@ -27,6 +27,8 @@ PROMPT="Is this review positive, negative, neutral or ambivalent? Old rooms with
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
   "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+python3 -c 'from emoe import ckernel; print("host CPU:", ckernel.describe())' 2>&1 | tail -1
+grep -m1 "model name" /proc/cpuinfo; grep -o "avx512_bf16\|avx512_vnni\|avx2" /proc/cpuinfo | sort -u | tr "\n" " "; echo
 
 PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
 step pytest $((Q ? 60 : 240)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-}
@@ -74,9 +76,10 @@ step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 25
 step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
   --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,shadow:0.4
 # host misses through emoe's C routines (fourteenth session: a layer's host experts in one kq_moe call, float32
-# copies of the tokens) against PyTorch's int4 kernel per expert, alternated in separate processes
-step host_kq $((Q ? 60 : 120)) bash -c "for m in bf16 off bf16 off; do echo EMOE_KQ=\$m; EMOE_KQ=\$m python3 scripts/gpu_profile.py \
-  --model $GG/imported --configs host:0.4,host:0.1; done"
+# copies of the tokens; sixteenth: at budget 0 a layer's whole table in one call) against PyTorch's int4 kernel
+# per expert (off), alternated in separate processes; auto is the routine this CPU gets by default
+step host_kq $((Q ? 60 : 150)) bash -c "for m in auto off int8 auto off int8; do echo EMOE_KQ=\$m; EMOE_KQ=\$m python3 scripts/gpu_profile.py \
+  --model $GG/imported --configs host:0.0,host:0.4; done"
 # Qwen3-Next's layout (linear attention in three of four layers, a fixed state per slot): not yet run on CUDA
 N=/tmp/random-qwen3-next
 step random_qwen3_next 120 python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny import make_tiny
