@@ -6,7 +6,7 @@
 # eval extra is installed, `emoe rescore OUTDIR/eval_gpu.json` fills it in. Each step has its own time
 # limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step;
 # STEPS="pytest eval …" runs only the named steps (to split the run over calls under a time limit); PYTEST_ARGS
-# narrows the tests (node ids, -k).
+# narrows the tests (paths, node ids: split at spaces) and PYTEST_K selects by a -k expression ("a or b").
 set -u
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -31,7 +31,7 @@ python3 -c 'from emoe import ckernel; print("host CPU:", ckernel.describe())' 2>
 grep -m1 "model name" /proc/cpuinfo; grep -o "avx512_bf16\|avx512_vnni\|avx2" /proc/cpuinfo | sort -u | tr "\n" " "; echo
 
 PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
-step pytest $((Q ? 60 : 240)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-}
+step pytest $((Q ? 60 : 240)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
 step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk

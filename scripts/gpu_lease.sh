@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of scripts/gpu_check.sh, packed to fit a short lease and the tool's 8-file return:
 #   bash scripts/gpu_lease.sh OUTDIR [SECONDS]
-# MAKE_STEPS / GPU_STEPS: gpu_check.sh's steps for each phase; PYTEST_ARGS narrows the tests; AB_OLD=TREE (with
+# MAKE_STEPS / GPU_STEPS: gpu_check.sh's steps for each phase; PYTEST_ARGS / PYTEST_K narrow the tests; AB_OLD=TREE (with
 # AB_CONFIGS, AB_ROUNDS) ends with scripts/ab_profile.sh of that older tree against this one.
 # The tests run beside the CPU-only steps that write the random models (they do not touch the GPU), then the
 # GPU steps run alone so that their tokens/s are not shared with pytest. Every step's log lands in one
