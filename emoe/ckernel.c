@@ -679,4 +679,35 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     kq_rmsnorm(x, ln2, hn, B, D, eps);
     free(h);
 }
+
+/* A decode step's layers, one after another, in one call where every layer is kq_attn_block's, routed by
+   kq_route and runs all its experts on host forms (a budget-0 table, as kq_moe takes it): per layer, the
+   attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each
+   layer's 18 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
+   router weight, router bias, choice bias, the experts' descriptors, their count, their ids, the cache length;
+   scales[l] its attention scale. Writes each layer's probs [B, E], weights and ids [B, k] and how many experts
+   ran, for the caller's accounting; the arithmetic is the three routines', in their order, bit for bit. */
+void kq_layers(const int64_t *lf, const float *scales, int nl, float *x, int B, int D, float eps,
+               const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
+               int d, int E, int k, int sigmoid, int norm, float rscale, float *probs, float *w, int64_t *ids,
+               int *ran, int threads, int bf16) {
+    float *hn = malloc(sizeof(float) * (size_t)B * D * 2), *out = hn + (size_t)B * D;
+    for (int l = 0; l < nl; l++) {
+        const int64_t *f = lf + (size_t)l * 18;
+#define F_(i, T) ((T)(intptr_t)f[i])
+        kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
+                      F_(3, const kmat *), F_(4, const kmat *), F_(5, float *), F_(6, float *), slot, pos, cs, sn, rd,
+                      H, Hkv, d, (int)f[17], (int)f[7], scales[l], F_(8, const float *), F_(9, const float *),
+                      F_(10, const float *), threads, bf16);
+        float *pl = probs + (size_t)l * B * E, *wl = w + (size_t)l * B * k;
+        int64_t *il = ids + (size_t)l * B * k;
+        kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
+                 rscale, pl, wl, il);
+        memset(out, 0, sizeof(float) * (size_t)B * D);
+        ran[l] = kq_moe(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads, bf16);
+        for (long i = 0; i < (long)B * D; i++) x[i] += out[i];
+#undef F_
+    }
+    free(hn);
+}
 #endif

@@ -96,6 +96,8 @@ def library() -> ctypes.CDLL | None:
             f = ctypes.c_float
             lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, i]
             lib.kq_attn_block.restype = None
+            lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, P, P, P, P, i, i]
+            lib.kq_layers.restype = None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
             ctypes.c_float, P, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
@@ -369,3 +371,21 @@ def describe() -> str:
     if not lib.modes & MODES[KQ]:
         return f"{torch_side} below a prefill's rows: no {KQ} routine for this CPU"
     return f"emoe's C routines, {KQ} activations"
+
+
+def layers(fields: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, eps: float, slot: torch.Tensor,
+           pos: torch.Tensor, tables, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
+           sigmoid: bool, norm: bool, rscale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A decode step's layers in one C call (kq_layers: each layer's attn_block, route and table of host experts,
+    fields [layers, 18] int64 and scales [layers] as it reads them), x [B, D] float32 updated in place. Returns
+    each layer's routing weights and ids [layers, B, k] and how many of its experts ran."""
+    nl, (B, D) = fields.shape[0], x.shape
+    cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
+    slot, pos = slot.long().contiguous(), pos.long().contiguous()
+    probs, w = torch.empty(nl, B, experts), torch.empty(nl, B, top_k)
+    ids, ran = torch.empty(nl, B, top_k, dtype=torch.int64), (ctypes.c_int * nl)()
+    _lib.kq_layers(fields.data_ptr(), scales.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(), pos.data_ptr(),
+                   cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
+                   cs.shape[-1] if cs is not None else 0, heads, kv_heads, head_dim, experts, top_k, sigmoid, norm,
+                   rscale, probs.data_ptr(), w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), KQ == "bf16")
+    return w, ids, list(ran)

@@ -1,4 +1,5 @@
-"""A CPU decode step's attention half of a layer in one C call (ckernel.attn_block), where the layer allows it.
+"""A CPU decode step's attention half of a layer in one C call (ckernel.attn_block), where the layer allows it;
+and where every layer allows it and runs all its experts on host forms, the whole step's layers in one.
 
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
@@ -6,8 +7,14 @@ and their glue. This runs them as one. It applies to the common layer only: q, k
 form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, no biases, no output gate or
 clipping, qk norm per head or none. Every other layer, and a prefill, goes through MoEModel.attention as
 before, with the same routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
+
+decode_layers: a GGUF at budget 0 on a CPU (llama.cpp's own case) still paid Python between a layer's three C
+calls (attention half, router, experts: ~0.2 ms a layer-step of host work on a 2-core EPYC); kq_layers runs
+them for every layer in one, and the traces and counters are kept afterwards from the ids it hands back.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -52,3 +59,70 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
                               norms)
+
+
+def _routable(model) -> bool:
+    """Every layer is a MoE layer that ckernel.route takes (softmax or sigmoid, no groups, float32 CPU weights),
+    with nothing beside its routed experts (no shared expert)."""
+    cfg, w = model.cfg, model.w
+    if cfg.n_group > 1 or cfg.spec.scoring not in ("softmax", "sigmoid") or cfg.spec.shared is not None \
+            or len(model.moe) != cfg.num_layers:
+        return False
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
+        for t in (w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias"), w.get(p + cfg.spec.bias_key)):
+            if t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()):
+                return False
+    return True
+
+
+def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """kq_layers' per-layer fields and attention scales, made once per KV cache and tables (they hold addresses)."""
+    key = (ckernel.KQ, kv.k[0].data_ptr(), *map(id, tables))
+    if model._step.get("key") != key:
+        cfg, w, rows, scales = model.cfg, model.w, [], []
+        ptr = (lambda t: t.data_ptr() if t is not None else 0)
+        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, sinks, scale, window) in enumerate(blocks):
+            p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
+            (descs, used, n, _), _ = tables[i]
+            rows.append([ln.data_ptr(), ln2.data_ptr(), wqkv.cdesc[0], wv.cdesc[0] if wv is not None else 0, wo.cdesc[0],
+                         kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0, ptr(sinks), *(map(ptr, norms or (None, None))),
+                         w[p + cfg.spec.router + ".weight"].data_ptr(), ptr(w.get(p + cfg.spec.router + ".bias")),
+                         ptr(w.get(p + cfg.spec.bias_key)), ctypes.addressof(descs), n, ctypes.addressof(used),
+                         kv.k[i].shape[1]])
+            scales.append(scale)
+        model._step.update(key=key, fields=torch.tensor(rows, dtype=torch.int64), scales=torch.tensor(scales))
+    return model._step["fields"], model._step["scales"]
+
+
+def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> bool:
+    """For a decode step on a CPU where every layer takes attn_block and routes to experts that all run on
+    their host forms: every layer in one C call (ckernel.layers), x [B, 1, D] updated in place, the traces and
+    counters kept as the per-layer calls keep them. False, with nothing run, where some layer needs those."""
+    cfg, B = model.cfg, x.shape[0]
+    step_tables = getattr(dispatch, "step_tables", None)
+    if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
+        return False
+    if "routable" not in model._step:
+        model._step["routable"] = _routable(model)
+    if not model._step["routable"]:
+        return False
+    blocks = []
+    for i in range(cfg.num_layers):
+        if i not in model._blocks:
+            model._blocks[i] = block_weights(model, i)
+        ws = model._blocks[i]
+        if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) or not ckernel.kq_rows(ws[0], B):
+            return False
+        blocks.append(ws)
+    flat = x.view(B, -1)
+    tables = step_tables(range(cfg.num_layers), flat)
+    if tables is None:
+        return False
+    fields, scales = _fields(model, blocks, tables, kv)
+    _, ids, ran = ckernel.layers(fields, scales, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
+                                 cfg.num_heads, kv.k[0].shape[-2], kv.k[0].shape[-1], cfg.num_experts, cfg.top_k,
+                                 cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    for i in range(cfg.num_layers):
+        dispatch.hosted(i, ids[i], ran[i], tables[i])
+    return True

@@ -53,6 +53,26 @@ class ExpertDispatch:
         t = self._tables[key]
         return t if t is not None and len(x) < t[0][3] and hosts_all(layer, self.cache, len(x)) else None
 
+    def step_tables(self, layers, x) -> list | None:
+        """Each layer's _host_table where a decode step may route and run all of `layers` in one C call
+        (decode_block.decode_layers): the policy keeps the router's choice (none rerouted or randomised) and
+        every layer's experts run on their host forms; else None."""
+        if not getattr(self.policy, "keeps_routing", False):
+            return None
+        tables = []
+        for layer in layers:
+            t = self._host_table(layer, x)
+            if t is None:
+                return None
+            tables.append(t)
+        return tables
+
+    def hosted(self, layer, ids, ran: int, table) -> None:
+        """The traces and counters of a layer that ran on its table outside __call__, as __call__ keeps them."""
+        if self.recorder is not None:
+            self.recorder.record(layer, ids)
+        self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
+
     def _build(self, layer):
         forms_of = getattr(self.cache.store, "host_forms", None)
         if forms_of is None or self.ffn(layer) is not None:

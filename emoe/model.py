@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import ckernel
 from .config import ModelConfig
-from .decode_block import attn_block
+from .decode_block import attn_block, decode_layers
 from .deltanet import delta_net_rows
 from .quant import linear, stack_qkv
 from .rope import apply_rope, rope_frequencies, rope_tables
@@ -174,6 +174,7 @@ class MoEModel:
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
+        self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
@@ -392,7 +393,8 @@ class MoEModel:
         segments = self._segments(pos, valid) if self.linear else None
         every = len(rows.flat) == B * T
         step = kv is not None and T == 1 and every and x.device.type == "cpu"  # (decode_block: its one C call)
-        for i in range(cfg.num_layers):
+        fused = step and decode_layers(self, x, pos, rows, kv, dispatch)  # every layer in one C call, x in place
+        for i in range(0 if fused else cfg.num_layers):
             p = f"model.layers.{i}."
             h = attn_block(self, i, x, pos, rows, kv) if step else None
             if h is not None:  # x updated in place, h the MLP's input

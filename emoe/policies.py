@@ -214,6 +214,7 @@ class Host(Reroute):
     ram` to pay off (from disk, each miss reads its expert again)."""
     name = "host"
     full_topk = False
+    keeps_routing = True  # select is the router's choice: a decode step may route in C (decode_block.decode_layers)
 
     def min_experts(self, layers, num_experts, top_k):
         return 0
@@ -318,6 +319,7 @@ class RandomRouting(Host):
     probe the sensitivity profile uses to find layers where a task tolerates mis-routing. Under a budget,
     experts not resident run in the slow tier (Host), so only the randomised layers differ from the model."""
     name = "random-routing"
+    keeps_routing = False
 
     def __init__(self, layers=(), seed: int = 0):
         super().__init__()

@@ -24,7 +24,7 @@ from emoe import ckernel
 from emoe.engine import Engine, EngineConfig, SamplingParams
 B = int(sys.argv[2])
 if sys.argv[3] == "1":  # --host-only: the C routines that do a step's arithmetic return at once (the router stays)
-    lib, skip = ckernel.library(), {"kq_moe", "kq_linear", "kq_attend", "kq_rmsnorm", "kq_attn_block"}
+    lib, skip = ckernel.library(), {"kq_moe", "kq_linear", "kq_attend", "kq_rmsnorm", "kq_attn_block", "kq_layers"}
     class HostOnly:
         def __getattr__(self, name):
             return (lambda *a: 0) if name in skip else getattr(lib, name)  # (kq_moe returns a count)

@@ -752,6 +752,46 @@ def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
 @pytest.mark.parametrize("policy", ["host", "auto"])
+def test_a_decode_step_whose_layers_all_run_on_host_forms_is_one_call(imported, policy, monkeypatch):
+    """At budget 0 on a CPU, with the dense projections on the file's blocks (the CPU default for a GGUF), a
+    decode step of a model whose layers all take the attention block and the table call (Qwen3-MoE) runs every layer in one C call (kq_layers): the same tokens, log-probabilities bit for bit,
+    counters and routing traces as layer by layer. A shared expert (Qwen2-MoE) keeps the per-layer path, as
+    do policies that change the router's choice (the sensitivity probe's random routing)."""
+    import emoe.model as model_mod
+    from emoe import ckernel
+    from emoe.policies import RandomRouting
+    _, _, out = imported
+    ids = [(7 * i) % 200 + 3 for i in range(12)]
+    calls = []
+    real = ckernel.layers
+    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0, experts_on="ram", device="cpu", trace=True,
+                                  max_batch=2, dense_blocks=True))
+        got = eng.generate([ids, ids[3:]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2))
+        s, st = eng.cache.stats, eng.store.stats
+        return ([(r.output_ids, r.logprobs) for r in got], [torch.stack((r.trace.prefill, r.trace.decode)) for r in got],
+                (s.hits, s.misses, s.host_runs, st.reads, st.bytes_read))
+    fast = run()
+    shared = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram", device="cpu")).cfg.spec.shared is not None
+    assert bool(calls) != shared  # one call a decode step, for the family without a shared expert
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    slow = run()
+    assert fast[0] == slow[0] and fast[2] == slow[2], (fast[2], slow[2])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
+    monkeypatch.undo()
+    eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram", device="cpu"))
+    x = torch.randn(1, eng.cfg.hidden_size)
+    from emoe.decode_block import _routable
+    assert eng.dispatch.step_tables(range(eng.cfg.num_layers), x) is not None and _routable(eng.model) != shared
+    eng.dispatch.policy = RandomRouting([0])
+    assert eng.dispatch.step_tables(range(eng.cfg.num_layers), x) is None
+
+
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+@pytest.mark.parametrize("policy", ["host", "auto"])
 def test_a_layer_whose_experts_all_run_on_host_forms_takes_one_table_call(imported, policy, monkeypatch):
     """At budget 0 on a CPU every expert runs on its host forms: the layer goes to the C routine as one table of
     all its experts, without a fetch per expert. Same logits bit for bit, same tokens and the same counters
