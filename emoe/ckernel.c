@@ -464,9 +464,12 @@ static inline float silu(float v) { return v / (1.f + expf(-v)); }
    experts are left to the caller. Each expert takes its tokens in ascending order. One call for a MoE
    layer's experts: each token's input is rounded once, the gate and up products of every expert run as one
    parallel loop, then the down products; the sums go into out in expert order, so the result does not
-   depend on the thread count. Returns how many of the n experts had tokens. */
-int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
-           const float *x, int T, float *out, int threads, int bf16) {
+   depend on the thread count. Returns how many of the n experts had tokens. With gb (gpt-oss's experts), the
+   gate and up products get expert used[i]'s biases gb and ub [., I] and are clamped, h = (u + 1) g sigmoid(alpha g)
+   replaces SiLU(g) u, and the down product gets db [., H]: clamped_swiglu's arithmetic. */
+static int moe_(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
+                const float *x, int T, float *out, int threads, int bf16, const float *gb, const float *ub,
+                const float *db, float limit, float alpha) {
     PICK(bf16);
     int64_t *start = calloc(n + 1, sizeof(int64_t)), *slot = malloc(sizeof(int64_t) * (size_t)T * k);
     for (long r = 0; r < (long)T * k; r++) {
@@ -494,7 +497,9 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
     free(tok_used);
     const int nbi = I / 64, nbh = H / 64;
     int np = 0;  /* an expert's rows in groups of G (r0, rows, expert): the routine unpacks the weights once a group */
-    int (*pairs)[3] = malloc(sizeof(int[3]) * (size_t)(R + 1));
+    int (*pairs)[3] = malloc(sizeof(int[3]) * (size_t)(R + 1)), *rexp = malloc(sizeof(int) * (size_t)(R + 1));
+    for (int e = 0; e < n; e++)
+        for (int64_t r = start[e]; r < start[e + 1]; r++) rexp[r] = e;
     for (int e = 0; e < n; e++)
         for (int64_t r = start[e]; r < start[e + 1]; r += G) {
             pairs[np][0] = (int)r; pairs[np][1] = start[e + 1] - r < G ? (int)(start[e + 1] - r) : G; pairs[np][2] = e; np++;
@@ -512,7 +517,15 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
         #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             float *g = gu + (size_t)r * 2 * I, *u = g + I;
-            for (int c = 0; c < I; c++) g[c] = silu(g[c]) * u[c];
+            if (gb) {
+                const int64_t e = used[rexp[r]];
+                const float *bg = gb + e * I, *bu = ub + e * I;
+                for (int c = 0; c < I; c++) {
+                    const float gc = fminf(g[c] + bg[c], limit), uc = fmaxf(fminf(u[c] + bu[c], limit), -limit);
+                    g[c] = (uc + 1.f) * gc * (1.f / (1.f + expf(-alpha * gc)));
+                }
+            } else
+                for (int c = 0; c < I; c++) g[c] = silu(g[c]) * u[c];
             quant_(g, I, row(qh, r, I));
         }
         #pragma omp for schedule(static)
@@ -528,8 +541,13 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
     for (int r = 0; r < R; r++) {
         float *o = out + toks[r] * (long)H;
         const float *yr = ys + (size_t)r * H, gr = gates[r];
-        for (int c = 0; c < H; c++) o[c] += gr * yr[c];
+        if (db) {
+            const float *bd = db + used[rexp[r]] * H;
+            for (int c = 0; c < H; c++) o[c] += gr * (yr[c] + bd[c]);
+        } else
+            for (int c = 0; c < H; c++) o[c] += gr * yr[c];
     }
+    free(rexp);
     int ran = 0;
     for (int e = 0; e < n; e++) ran += start[e + 1] > start[e];
     free(mem);
@@ -537,6 +555,17 @@ int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, con
     free(toks);
     free(gates);
     return ran;
+}
+
+int kq_moe(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
+           const float *x, int T, float *out, int threads, int bf16) {
+    return moe_(ffn, n, used, ids, weights, k, x, T, out, threads, bf16, NULL, NULL, NULL, 0.f, 0.f);
+}
+
+int kq_moe_act(const kmat **ffn, int n, const int64_t *used, const int64_t *ids, const float *weights, int k,
+               const float *x, int T, float *out, int threads, int bf16, const float *gb, const float *ub,
+               const float *db, float limit, float alpha) {
+    return moe_(ffn, n, used, ids, weights, k, x, T, out, threads, bf16, gb, ub, db, limit, alpha);
 }
 
 #endif

@@ -94,6 +94,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_linear.argtypes, lib.kq_linear.restype = [P, P, i, P, i, i], None
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], i
             f = ctypes.c_float
+            lib.kq_moe_act.argtypes, lib.kq_moe_act.restype = [P, i, P, P, P, i, P, i, P, i, i, P, P, P, f, f], i
             lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, i]
             lib.kq_attn_block.restype = None
             lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, P, P, P, P, i, i]
@@ -240,13 +241,12 @@ def kq_linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def kq_moe(out: torch.Tensor, x: torch.Tensor, ffns: list, used: list[int], ids: torch.Tensor,
-           weights: torch.Tensor) -> None:
+           weights: torch.Tensor, act: tuple | None = None) -> None:
     """out [T, H] += Σ over each token's top-k of weight × SwiGLU_e(x[token]) for the experts used[i] whose
     (gate, up, down) forms (kq_able) are ffns[i]; ids / weights [T, k] the routing (int64 / float32; entries
-    naming other experts are skipped). x, out: float32, contiguous."""
+    naming other experts are skipped). x, out: float32, contiguous. act: gpt-oss's activation (_moe)."""
     n = len(ffns)
-    _lib.kq_moe(_descs(ffns), n, (ctypes.c_int64 * n)(*used), ids.data_ptr(), weights.data_ptr(), ids.shape[-1],
-                x.data_ptr(), x.shape[0], out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+    _moe(_descs(ffns), n, (ctypes.c_int64 * n)(*used), ids, weights, x, out, act)
 
 
 def _descs(ffns: list):
@@ -264,12 +264,24 @@ def moe_table(ffns: list) -> tuple | None:
     return _descs(ffns), (ctypes.c_int64 * n)(*range(n)), n, min(ROWS.get(m.cdesc[2], 0) for f in ffns for m in f)
 
 
-def kq_moe_all(out: torch.Tensor, x: torch.Tensor, table: tuple, ids: torch.Tensor, weights: torch.Tensor) -> int:
+def kq_moe_all(out: torch.Tensor, x: torch.Tensor, table: tuple, ids: torch.Tensor, weights: torch.Tensor,
+               act: tuple | None = None) -> int:
     """kq_moe over every expert of a layer (moe_table's), without listing the used ones first (the routine
     skips experts without tokens, and sums in expert order as kq_moe does). Returns how many ran."""
     descs, used, n, _ = table
-    return _lib.kq_moe(descs, n, used, ids.data_ptr(), weights.data_ptr(), ids.shape[-1], x.data_ptr(), x.shape[0],
-                       out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+    return _moe(descs, n, used, ids, weights, x, out, act)
+
+
+def _moe(descs, n: int, used, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+         act: tuple | None) -> int:
+    """kq_moe, or kq_moe_act with act's (gate bias, up bias, down bias, limit, alpha): gpt-oss's experts, the
+    biases float32 CPU tensors [experts, I] / [experts, I] / [experts, H] indexed by expert id."""
+    args = (descs, n, used, ids.data_ptr(), weights.data_ptr(), ids.shape[-1], x.data_ptr(), x.shape[0],
+            out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+    if act is None:
+        return _lib.kq_moe(*args)
+    gb, ub, db, limit, alpha = act
+    return _lib.kq_moe_act(*args, gb.data_ptr(), ub.data_ptr(), db.data_ptr(), limit, alpha)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -84,7 +84,7 @@ def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
         for i, ((wqkv, wo, *_), wv, ln, ln2, norms, sinks, scale, window) in enumerate(blocks):
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-            (descs, used, n, _), _ = tables[i]
+            (descs, used, n, _), *_ = tables[i]
             rows.append([ln.data_ptr(), ln2.data_ptr(), wqkv.cdesc[0], wv.cdesc[0] if wv is not None else 0, wo.cdesc[0],
                          kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0, ptr(sinks), *(map(ptr, norms or (None, None))),
                          w[p + cfg.spec.router + ".weight"].data_ptr(), ptr(w.get(p + cfg.spec.router + ".bias")),
@@ -117,7 +117,7 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
         blocks.append(ws)
     flat = x.view(B, -1)
     tables = step_tables(range(cfg.num_layers), flat)
-    if tables is None:
+    if tables is None or any(t[2] is not None for t in tables):  # (kq_layers runs SwiGLU experts only)
         return False
     fields, scales = _fields(model, blocks, tables, kv)
     _, ids, ran = ckernel.layers(fields, scales, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),

@@ -29,7 +29,8 @@ class ExpertDispatch:
         if table is not None:  # every expert runs on its host forms (a CPU's budget 0): one C call, none per expert
             weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
             out = torch.zeros_like(x)
-            ran = ckernel.kq_moe_all(out, x.contiguous(), table[0], ids.long().contiguous(), weights.float().contiguous())
+            ran = ckernel.kq_moe_all(out, x.contiguous(), table[0], ids.long().contiguous(), weights.float().contiguous(),
+                                     table[2])
             self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
             return out
         self.cache.count_routed(self.cache.mask[layer][ids])
@@ -42,7 +43,7 @@ class ExpertDispatch:
 
     def _host_table(self, layer, x):
         """The layer's kq table and per-expert bytes where this call may skip per-expert fetches: float32 CPU
-        rows few enough for the routines, SwiGLU experts that all run on their host forms (the policy's
+        rows few enough for the routines, SwiGLU (or gpt-oss) experts that all run on their host forms (the policy's
         hosts_all: none resident) and are all the same size (counted per run), else None."""
         hosts_all = getattr(self.policy, "hosts_all", None)
         if hosts_all is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
@@ -74,14 +75,15 @@ class ExpertDispatch:
         self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
 
     def _build(self, layer):
-        forms_of = getattr(self.cache.store, "host_forms", None)
-        if forms_of is None or self.ffn(layer) is not None:
+        forms_of, ffn = getattr(self.cache.store, "host_forms", None), self.ffn(layer)
+        act = getattr(ffn, "kq_act", None)  # gpt-oss's experts: their biases and clamp, in the routine too
+        if forms_of is None or (ffn is not None and act is None):
             return None
         ffns = [forms_of(layer, e) for e in range(self.cache.num_experts)]
         if any(f is None for f in ffns) or len({sum(t.nbytes for t in f) for f in ffns}) != 1:
             return None
         table = ckernel.moe_table(ffns)
-        return None if table is None else (table, sum(t.nbytes for t in ffns[0]))
+        return None if table is None else (table, sum(t.nbytes for t in ffns[0]), act and act())
 
 
 def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None) -> torch.Tensor:
@@ -94,14 +96,16 @@ def run_experts(x, weights, ids, fetch, num_experts: int, ffn=None, defers=None)
     before any device expert is queued, so the host runs its experts while the device works through its
     own (taken later, it would wait for them). ffn(e, x, w) replaces SwiGLU for families whose experts differ (gpt-oss).
     SwiGLU experts in CPU kernel forms with few rows each (ckernel.ROWS) run in one ckernel.kq_moe call per
-    layer, which sorts the routing itself: on a CPU the layer's tokens, and a device layer's host experts."""
-    fetched = None
-    if ffn is None and x.device.type == "cpu":  # SwiGLU experts on forms: the layer in one C call, sorted there
+    layer, which sorts the routing itself: on a CPU the layer's tokens, and a device layer's host experts. So do
+    gpt-oss's on a CPU (ffn.kq_act: their biases and clamp, which the routine applies)."""
+    fetched, act = None, getattr(ffn, "kq_act", None)  # act: gpt-oss's experts, which the routine also runs
+    if (ffn is None or act is not None) and x.device.type == "cpu":  # experts on forms: the layer in one C call
         counts = Counter(ids.flatten().tolist())
         fetched = {e: fetch(e, counts[e]) for e in sorted(counts)}
         if x.dtype == torch.float32 and x.dim() == 2 and kq_experts(fetched, counts):  # kq_ffn's test, for the layer
             out = torch.zeros_like(x)
-            kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(), weights.float().contiguous())
+            kq_moe(out, x.contiguous(), list(fetched.values()), list(fetched), ids.long().contiguous(),
+                   weights.float().contiguous(), act and act())
             return out
     swiglu, ffn = ffn is None, ffn or (lambda e, h, w: expert_ffn(h, *w))
     out = torch.zeros_like(x)

@@ -154,6 +154,14 @@ def clamped_swiglu(limit: float, alpha: float, gate_up_bias: torch.Tensor, down_
         g = (linear(x, gate) + gu_b[e, 0::2]).clamp(max=limit)
         u = (linear(x, up) + gu_b[e, 1::2]).clamp(-limit, limit)
         return linear((u + 1) * g * torch.sigmoid(alpha * g), down) + d_b[e]
+
+    def kq_act() -> tuple:  # the same for ckernel's kq_moe on forms: biases as float32 CPU copies, gate and up apart
+        if "kq" not in copies:
+            gu = gate_up_bias.float().cpu()
+            copies["kq"] = (gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous(), down_bias.float().cpu().contiguous(),
+                            float("inf") if limit is None else float(limit), float(alpha))
+        return copies["kq"]
+    ffn.kq_act = kq_act
     return ffn
 
 
