@@ -5,7 +5,7 @@ Why: with the products, the attention and the norms already in C, a CPU decode s
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
 form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, no biases, no output gate or
-clipping, qk norm per head, over the whole projection (OLMoE, MiniMax-M2) or none. Every other layer, and a prefill, goes through MoEModel.attention as
+clipping, qk norm per head, over the whole projection (OLMoE) or none. Every other layer, and a prefill, goes through MoEModel.attention as
 before, with the same routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
 
 decode_layers: a GGUF at budget 0 on a CPU (llama.cpp's own case) still paid Python between a layer's three C
