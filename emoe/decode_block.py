@@ -78,9 +78,12 @@ def _routable(model) -> bool:
 
 
 def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.Tensor]:
-    """kq_layers' per-layer fields and attention scales, made once per KV cache and tables (they hold addresses)."""
-    key = (ckernel.KQ, kv.k[0].data_ptr(), *map(id, tables))
-    if model._step.get("key") != key:
+    """kq_layers' per-layer fields and attention scales, made once per KV cache and tables: they hold their
+    addresses, so the same objects are held here too (compared by identity: none can be freed and another
+    take its place at the same address)."""
+    held = (*kv.k, *kv.v, *tables)
+    old = model._step.get("held")
+    if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
         cfg, w, rows, scales = model.cfg, model.w, [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
         for i, ((wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window) in enumerate(blocks):
@@ -92,7 +95,7 @@ def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.
                          ptr(w.get(p + cfg.spec.bias_key)), ctypes.addressof(descs), n, ctypes.addressof(used),
                          kv.k[i].shape[1], int(full)])
             scales.append(scale)
-        model._step.update(key=key, fields=torch.tensor(rows, dtype=torch.int64), scales=torch.tensor(scales))
+        model._step.update(held=held, fields=torch.tensor(rows, dtype=torch.int64), scales=torch.tensor(scales))
     return model._step["fields"], model._step["scales"]
 
 
