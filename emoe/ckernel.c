@@ -686,12 +686,12 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
    h = rmsnorm(x) ln; [q k v] = h Wqkv^T (or [q k] = h Wqk^T and v = h Wv^T, wv given); kq_attend (qk norm, rope,
    cache writes, attention); x += att Wo^T; hn = rmsnorm(x) ln2. x [B, D] is updated in place; q is H * d wide,
    k and v Hkv * d. One eps for all norms. With full, qn and kn normalise the whole q and k (H * d, Hkv * d wide)
-   before attention, not each head. */
+   before attention, not each head. bqkv (the stacked product's), bv and bo: the projections' biases, or NULL. */
 void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
                    const kmat *wqkv, const kmat *wv, const kmat *wo, float *kc, float *vc, const int64_t *slot,
                    const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
-                   int window, float scale, const float *sinks, const float *qn, const float *kn, int full, int threads,
-                   int bf16) {
+                   int window, float scale, const float *sinks, const float *qn, const float *kn, int full,
+                   const float *bqkv, const float *bv, const float *bo, int threads, int bf16) {
     const int nq = H * d, nk = Hkv * d, N = nq + 2 * nk, ld = wv ? nq + nk : N;  /* ld: a row of the stacked product */
     float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + nq + nk));
     float *qkv = h + (size_t)B * D, *q = qkv + (size_t)B * N, *k = q + (size_t)B * nq, *v = k + (size_t)B * nk,
@@ -699,6 +699,10 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     kq_rmsnorm(x, ln, h, B, D, eps);
     kq_linear(wqkv, h, B, qkv, threads, bf16);
     if (wv) kq_linear(wv, h, B, va, threads, bf16);
+    for (int b = 0; b < B; b++) {  /* biases (gpt-oss, Qwen2-MoE, GLM): added to the products, as linear adds them */
+        if (bqkv) for (int c = 0; c < ld; c++) qkv[(size_t)b * ld + c] += bqkv[c];
+        if (bv) for (int c = 0; c < nk; c++) va[(size_t)b * nk + c] += bv[c];
+    }
     for (int b = 0; b < B; b++) {
         memcpy(q + (size_t)b * nq, qkv + (size_t)b * ld, sizeof(float) * nq);
         memcpy(k + (size_t)b * nk, qkv + (size_t)b * ld + nq, sizeof(float) * nk);
@@ -711,6 +715,7 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     kq_attend(q, k, v, kc, vc, slot, pos, cs, sn, rd, B, H, Hkv, d, L, window, scale, sinks, full ? NULL : qn,
               full ? NULL : kn, eps, att, threads);
     kq_linear(wo, att, B, o, threads, bf16);
+    if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
     for (long i = 0; i < (long)B * D; i++) x[i] += o[i];
     kq_rmsnorm(x, ln2, hn, B, D, eps);
     free(h);
@@ -719,29 +724,31 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
 /* A decode step's layers, one after another, in one call where every layer is kq_attn_block's, routed by
    kq_route and runs all its experts on host forms (a budget-0 table, as kq_moe takes it): per layer, the
    attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each
-   layer's 19 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
+   layer's 25 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
    router weight, router bias, choice bias, the experts' descriptors, their count, their ids, the cache length,
-   whether the q and k norms are whole-projection ones;
-   scales[l] its attention scale. Writes each layer's probs [B, E], weights and ids [B, k] and how many experts
+   whether the q and k norms are whole-projection ones, the qkv, v and o biases, and gpt-oss's expert biases
+   (gate, up, down: kq_moe_act's); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each layer's probs [B, E], weights and ids [B, k] and how many experts
    ran, for the caller's accounting; the arithmetic is the three routines', in their order, bit for bit. */
-void kq_layers(const int64_t *lf, const float *scales, int nl, float *x, int B, int D, float eps,
+void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int D, float eps,
                const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
                int d, int E, int k, int sigmoid, int norm, float rscale, float *probs, float *w, int64_t *ids,
                int *ran, int threads, int bf16) {
     float *hn = malloc(sizeof(float) * (size_t)B * D * 2), *out = hn + (size_t)B * D;
     for (int l = 0; l < nl; l++) {
-        const int64_t *f = lf + (size_t)l * 19;
+        const int64_t *f = lf + (size_t)l * 25;
 #define F_(i, T) ((T)(intptr_t)f[i])
         kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
                       F_(3, const kmat *), F_(4, const kmat *), F_(5, float *), F_(6, float *), slot, pos, cs, sn, rd,
-                      H, Hkv, d, (int)f[17], (int)f[7], scales[l], F_(8, const float *), F_(9, const float *),
-                      F_(10, const float *), (int)f[18], threads, bf16);
+                      H, Hkv, d, (int)f[17], (int)f[7], fl[3 * l], F_(8, const float *), F_(9, const float *),
+                      F_(10, const float *), (int)f[18], F_(19, const float *), F_(20, const float *),
+                      F_(21, const float *), threads, bf16);
         float *pl = probs + (size_t)l * B * E, *wl = w + (size_t)l * B * k;
         int64_t *il = ids + (size_t)l * B * k;
         kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
                  rscale, pl, wl, il);
         memset(out, 0, sizeof(float) * (size_t)B * D);
-        ran[l] = kq_moe(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads, bf16);
+        ran[l] = moe_(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads, bf16,
+                      F_(22, const float *), F_(23, const float *), F_(24, const float *), fl[3 * l + 1], fl[3 * l + 2]);
         for (long i = 0; i < (long)B * D; i++) x[i] += out[i];
 #undef F_
     }

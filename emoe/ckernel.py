@@ -95,7 +95,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_moe.argtypes, lib.kq_moe.restype = [P, i, P, P, P, i, P, i, P, i, i], i
             f = ctypes.c_float
             lib.kq_moe_act.argtypes, lib.kq_moe_act.restype = [P, i, P, P, P, i, P, i, P, i, i, P, P, P, f, f], i
-            lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, i, i]
+            lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, P, P, P, i, i]
             lib.kq_attn_block.restype = None
             lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, P, P, P, P, i, i]
             lib.kq_layers.restype = None
@@ -349,11 +349,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
 
 def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, wqkv, wv, wo, kc: torch.Tensor,
                vc: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, tables, heads: int, window: int | None,
-               scale: float, sinks: torch.Tensor | None, norms: tuple | None, full: bool = False) -> torch.Tensor:
+               scale: float, sinks: torch.Tensor | None, norms: tuple | None, full: bool = False,
+               biases: tuple = (None, None, None)) -> torch.Tensor:
     """A decode step's attention half of a layer in one C call, for x [B, D] float32 on a CPU with q/k/v stacked
     in one form (wqkv; or q/k, with v in wv) and o in another (kq_rows of them all for B rows): rms_norm, the
     products, attend's work (norms: per-head q and k weights; with full, whole-projection ones applied before
-    it), the o product added to x in place, and the next rms_norm, returned."""
+    it), the o product added to x in place, and the next rms_norm, returned. biases: the qkv (or qk), v and o
+    projections' (float32, contiguous) or None."""
     B, D = x.shape
     d, Hkv = kc.shape[-1], kc.shape[-2]
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
@@ -365,7 +367,8 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
                        cs.shape[-1] if cs is not None else 0, heads, Hkv, d, kc.shape[1], window or 0, scale,
                        sinks.data_ptr() if sinks is not None else None, *(
                            (norms[0].data_ptr(), norms[1].data_ptr()) if norms else (None, None)),
-                       full, torch.get_num_threads(), KQ == "bf16")
+                       full, *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
+                       KQ == "bf16")
     return hn
 
 
@@ -385,18 +388,18 @@ def describe() -> str:
     return f"emoe's C routines, {KQ} activations"
 
 
-def layers(fields: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, eps: float, slot: torch.Tensor,
+def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, slot: torch.Tensor,
            pos: torch.Tensor, tables, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
            sigmoid: bool, norm: bool, rscale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """A decode step's layers in one C call (kq_layers: each layer's attn_block, route and table of host experts,
-    fields [layers, 19] int64 and scales [layers] as it reads them), x [B, D] float32 updated in place. Returns
+    fields [layers, 25] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
     each layer's routing weights and ids [layers, B, k] and how many of its experts ran."""
     nl, (B, D) = fields.shape[0], x.shape
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
     slot, pos = slot.long().contiguous(), pos.long().contiguous()
     probs, w = torch.empty(nl, B, experts), torch.empty(nl, B, top_k)
     ids, ran = torch.empty(nl, B, top_k, dtype=torch.int64), (ctypes.c_int * nl)()
-    _lib.kq_layers(fields.data_ptr(), scales.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(), pos.data_ptr(),
+    _lib.kq_layers(fields.data_ptr(), fl.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(), pos.data_ptr(),
                    cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                    cs.shape[-1] if cs is not None else 0, heads, kv_heads, head_dim, experts, top_k, sigmoid, norm,
                    rscale, probs.data_ptr(), w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), KQ == "bf16")

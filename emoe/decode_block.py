@@ -4,7 +4,7 @@ and where every layer allows it and runs all its experts on host forms, the whol
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
-form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, no biases, no output gate or
+form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, no output gate or
 clipping, qk norm per head, over the whole projection (OLMoE) or none. Every other layer, and a prefill, goes through MoEModel.attention as
 before, with the same routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
 
@@ -29,8 +29,7 @@ def block_weights(model, i: int) -> tuple | None:
     spec = cfg.spec
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
             or spec.attn_gate or cfg.clip_qkv is not None or spec.rope_interleave \
-            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full")) \
-            or any(a + n + "_proj.bias" in w for n in ("qkv", "qk", "v", "o")):
+            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full")):
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
@@ -38,12 +37,14 @@ def block_weights(model, i: int) -> tuple | None:
     norms = (w[a + "q_norm.weight"], w[a + "k_norm.weight"]) if cfg.qk_norm and spec.qk_norm in ("head", "full") else None
     full = norms is not None and spec.qk_norm == "full"  # OLMoE's: the whole projection, before the heads split
     sinks, scale, window = model.c_attention(i)
+    biases = (w.get(a + ("qkv" if three else "qk") + "_proj.bias"), None if three else w.get(a + "v_proj.bias"),
+              w.get(a + "o_proj.bias"))
     plain = [w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"], *(norms or ()),
-             *((sinks,) if sinks is not None else ())]
+             *((sinks,) if sinks is not None else ()), *(b for b in biases if b is not None)]
     if type(wqkv) is not KTensor or type(wo) is not KTensor or not (wv is None or type(wv) is KTensor) \
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in plain):
         return None
-    return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, full, sinks, scale, window
+    return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, full, sinks, scale, window, biases
 
 
 def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> torch.Tensor | None:
@@ -56,10 +57,10 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) \
             or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
-    (wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window = ws
+    (wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window, biases = ws
     return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
-                              norms, full)
+                              norms, full, biases)
 
 
 def _routable(model) -> bool:
@@ -84,19 +85,20 @@ def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.
     held = (*kv.k, *kv.v, *tables)
     old = model._step.get("held")
     if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
-        cfg, w, rows, scales = model.cfg, model.w, [], []
+        cfg, w, rows, fl = model.cfg, model.w, [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
-        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window) in enumerate(blocks):
+        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window, biases) in enumerate(blocks):
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-            (descs, used, n, _), *_ = tables[i]
+            (descs, used, n, _), _, act = tables[i]
+            gb, ub, db, limit, alpha = act or (None, None, None, 0.0, 0.0)  # gpt-oss's experts: kq_moe_act's
             rows.append([ln.data_ptr(), ln2.data_ptr(), wqkv.cdesc[0], wv.cdesc[0] if wv is not None else 0, wo.cdesc[0],
                          kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0, ptr(sinks), *(map(ptr, norms or (None, None))),
                          w[p + cfg.spec.router + ".weight"].data_ptr(), ptr(w.get(p + cfg.spec.router + ".bias")),
                          ptr(w.get(p + cfg.spec.bias_key)), ctypes.addressof(descs), n, ctypes.addressof(used),
-                         kv.k[i].shape[1], int(full)])
-            scales.append(scale)
-        model._step.update(held=held, fields=torch.tensor(rows, dtype=torch.int64), scales=torch.tensor(scales))
-    return model._step["fields"], model._step["scales"]
+                         kv.k[i].shape[1], int(full), *map(ptr, biases), ptr(gb), ptr(ub), ptr(db)])
+            fl.append([scale, limit, alpha])
+        model._step.update(held=held, fields=torch.tensor(rows, dtype=torch.int64), fl=torch.tensor(fl))
+    return model._step["fields"], model._step["fl"]
 
 
 def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> bool:
@@ -121,10 +123,10 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
         blocks.append(ws)
     flat = x.view(B, -1)
     tables = step_tables(range(cfg.num_layers), flat)
-    if tables is None or any(t[2] is not None for t in tables):  # (kq_layers runs SwiGLU experts only)
+    if tables is None:
         return False
-    fields, scales = _fields(model, blocks, tables, kv)
-    _, ids, ran = ckernel.layers(fields, scales, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
+    fields, fl = _fields(model, blocks, tables, kv)
+    _, ids, ran = ckernel.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
                                  cfg.num_heads, kv.k[0].shape[-2], kv.k[0].shape[-1], cfg.num_experts, cfg.top_k,
                                  cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor)
     for i in range(cfg.num_layers):

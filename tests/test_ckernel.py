@@ -535,14 +535,16 @@ def _form_attention(model) -> None:
 
 
 @kq
-@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3}), ("olmoe", {"clip_qkv": None})])
+@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3}), ("olmoe", {"clip_qkv": None}),
+                                         ("gpt_oss", {"sliding_window": 4})])
 def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, over, tmp_path, monkeypatch):
     """decode_block: with q/k/v stacked in one kernel form and o in another (as a GGUF's dense blocks load), a
     decode step's norm, qkv product, attention (Qwen3's per-head qk norm, OLMoE's over the whole projection;
     Mixtral's window), o product,
     residual and next norm run as one C call, and give the general path's logits bit for bit, 12 steps of two
-    rows in different slots; so do layers whose v is of another kind than q and k (stacked apart). A layer with
-    biases (gpt-oss) keeps the general path."""
+    rows in different slots; so do layers whose v is of another kind than q and k (stacked apart), and gpt-oss's
+    (q/k/v and o biases, sink logits, every other layer windowed). A layer with clipping (OLMoE's tiny default)
+    keeps the general path."""
     from test_model import load_emoe
     from tiny import make_tiny
 
@@ -564,22 +566,23 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     assert len(calls) == 12 * cfg.num_layers
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    # q and k in 4-bit forms and v in 8-bit ones (as a Q4_K_M file's Q6_K v): q and k stack, v stays apart
-    from emoe.checkpoint import Checkpoint
-    from emoe.model import MoEModel
-    dense = {k: v.float() for k, v in Checkpoint(path).dense_state().items()}
-    for k in list(dense):
-        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
-            dense[k] = quant.to_kernel(quant.quantize(dense[k], 8 if k.endswith("v_proj.weight") else 4, 32))
-    mixed = MoEModel(cfg, dense)
-    assert mixed.qkv and all(len(v) == 2 for v in mixed.qkv.values())
-    assert all(f"model.layers.{i}.self_attn.{n}_proj.weight" in mixed.w for i in mixed.qkv for n in ("qk", "v"))
-    calls.clear()
-    monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
-    want = _decode_steps(cfg, mixed, dispatch)
-    monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block)
-    got = _decode_steps(cfg, mixed, dispatch)
-    assert len(calls) == 12 * cfg.num_layers and all(torch.equal(a, b) for a, b in zip(got, want))
-    _, biased, _ = load_emoe(make_tiny("gpt_oss", tmp_path / "gpt_oss", hidden_size=128))
-    _form_attention(biased)
-    assert biased.qkv and all(decode_block.block_weights(biased, i) is None for i in biased.qkv)
+    if family != "gpt_oss":  # (its tiny k and v are 32 rows: no kernel form of their own)
+        # q and k in 4-bit forms and v in 8-bit ones (as a Q4_K_M file's Q6_K v): q and k stack, v stays apart
+        from emoe.checkpoint import Checkpoint
+        from emoe.model import MoEModel
+        dense = {k: v.float() for k, v in Checkpoint(path).dense_state().items()}
+        for k in list(dense):
+            if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                dense[k] = quant.to_kernel(quant.quantize(dense[k], 8 if k.endswith("v_proj.weight") else 4, 32))
+        mixed = MoEModel(cfg, dense)
+        assert mixed.qkv and all(len(v) == 2 for v in mixed.qkv.values())
+        assert all(f"model.layers.{i}.self_attn.{n}_proj.weight" in mixed.w for i in mixed.qkv for n in ("qk", "v"))
+        calls.clear()
+        monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
+        want = _decode_steps(cfg, mixed, dispatch)
+        monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block)
+        got = _decode_steps(cfg, mixed, dispatch)
+        assert len(calls) == 12 * cfg.num_layers and all(torch.equal(a, b) for a, b in zip(got, want))
+    _, clipped, _ = load_emoe(make_tiny("olmoe", tmp_path / "olmoe_clip", hidden_size=128, clip_qkv=8.0))
+    _form_attention(clipped)
+    assert clipped.qkv and all(decode_block.block_weights(clipped, i) is None for i in clipped.qkv)

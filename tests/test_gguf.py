@@ -751,20 +751,24 @@ def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
 
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
 @pytest.mark.parametrize("policy", ["host", "auto"])
 def test_a_decode_step_whose_layers_all_run_on_host_forms_is_one_call(family, policy, tmp_path, monkeypatch):
     """At budget 0 on a CPU, with the dense projections on the file's blocks (the CPU default for a GGUF), a
-    decode step of a model whose layers all take the attention block and the table call (Qwen3-MoE, OLMoE) runs every layer in one C call (kq_layers): the same tokens, log-probabilities bit for bit,
+    decode step of a model whose layers all take the attention block and the table call (Qwen3-MoE, OLMoE, gpt-oss
+    with MXFP4 experts and its biases, sinks and windows) runs every layer in one C call (kq_layers): the same tokens, log-probabilities bit for bit,
     counters and routing traces as layer by layer. A shared expert (Qwen2-MoE) keeps the per-layer path, as
     do policies that change the router's choice (the sensitivity probe's random routing)."""
     import emoe.model as model_mod
     from emoe import ckernel
     from emoe.policies import RandomRouting
     olmoe = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, clip_qkv=None)  # (OLMoE-1B-7B: no clip)
-    hf = make_tiny(family, tmp_path / "hf", **(olmoe if family == "olmoe" else OVER[family]))
-    out = import_gguf(write_gguf(hf, tmp_path / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0"),
-                      tmp_path / "imported", dtype=torch.float32)
+    over = {"olmoe": olmoe, "gpt_oss": dict(hidden_size=256, intermediate_size=256, sliding_window=4, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=64)}  # (k and v: 128 rows, a form each)
+    hf = make_tiny(family, tmp_path / "hf", **over.get(family) or OVER[family])
+    types = ("MXFP4",) * 3 if family == "gpt_oss" else ("Q4_K", "Q8_0", "Q6_K")
+    out = import_gguf(write_gguf(hf, tmp_path / "m.gguf", expert_types=types, dense_type="Q8_0"), tmp_path / "imported",
+                      dtype=torch.float32)
     ids = [(7 * i) % 200 + 3 for i in range(12)]
     calls = []
     real = ckernel.layers
