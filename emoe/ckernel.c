@@ -699,7 +699,7 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     kq_rmsnorm(x, ln, h, B, D, eps);
     kq_linear(wqkv, h, B, qkv, threads, bf16);
     if (wv) kq_linear(wv, h, B, va, threads, bf16);
-    for (int b = 0; b < B; b++) {  /* biases (gpt-oss, Qwen2-MoE, GLM): added to the products, as linear adds them */
+    for (int b = 0; b < B; b++) {  /* biases (gpt-oss, Qwen2-MoE): added to the products, as linear adds them */
         if (bqkv) for (int c = 0; c < ld; c++) qkv[(size_t)b * ld + c] += bqkv[c];
         if (bv) for (int c = 0; c < nk; c++) va[(size_t)b * nk + c] += bv[c];
     }

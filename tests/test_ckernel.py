@@ -536,14 +536,14 @@ def _form_attention(model) -> None:
 
 @kq
 @pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3}), ("olmoe", {"clip_qkv": None}),
-                                         ("gpt_oss", {"sliding_window": 4})])
+                                         ("gpt_oss", {"sliding_window": 4}), ("qwen2_moe", {})])
 def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, over, tmp_path, monkeypatch):
     """decode_block: with q/k/v stacked in one kernel form and o in another (as a GGUF's dense blocks load), a
     decode step's norm, qkv product, attention (Qwen3's per-head qk norm, OLMoE's over the whole projection;
     Mixtral's window), o product,
     residual and next norm run as one C call, and give the general path's logits bit for bit, 12 steps of two
-    rows in different slots; so do layers whose v is of another kind than q and k (stacked apart), and gpt-oss's
-    (q/k/v and o biases, sink logits, every other layer windowed). A layer with clipping (OLMoE's tiny default)
+    rows in different slots; so do layers whose v is of another kind than q and k (stacked apart), gpt-oss's
+    (q/k/v and o biases, sink logits, every other layer windowed) and Qwen2-MoE's (q/k/v biases). A layer with clipping (OLMoE's tiny default)
     keeps the general path."""
     from test_model import load_emoe
     from tiny import make_tiny
