@@ -726,16 +726,22 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
    attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each
    layer's 25 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
    router weight, router bias, choice bias, the experts' descriptors, their count, their ids, the cache length,
-   whether the q and k norms are whole-projection ones, the qkv, v and o biases, and gpt-oss's expert biases
-   (gate, up, down: kq_moe_act's); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each layer's probs [B, E], weights and ids [B, k] and how many experts
-   ran, for the caller's accounting; the arithmetic is the three routines', in their order, bit for bit. */
+   whether the q and k norms are whole-projection ones, the qkv, v and o biases, gpt-oss's expert biases (gate,
+   up, down: kq_moe_act's), a shared expert's or a dense layer's (gate, up, down) descriptors, its gate vector
+   (Qwen2-MoE: its output times sigmoid(h . g)) and whether the layer routes (0: a dense layer, its MLP the
+   shared one alone); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
+   layer's probs [B, E], weights and ids [B, k] and how many experts ran, for the caller's accounting; the
+   arithmetic is the routines', in their order (a shared expert's sum added to the routed one's, as the
+   model adds them), bit for bit but for the shared gate's dot product. */
 void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int D, float eps,
                const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
                int d, int E, int k, int sigmoid, int norm, float rscale, float *probs, float *w, int64_t *ids,
                int *ran, int threads, int bf16) {
-    float *hn = malloc(sizeof(float) * (size_t)B * D * 2), *out = hn + (size_t)B * D;
+    float *hn = malloc(sizeof(float) * ((size_t)B * D * 3 + B)), *out = hn + (size_t)B * D, *out2 = out + (size_t)B * D,
+          *sg = out2 + (size_t)B * D;
+    int64_t *zeros = calloc(B + 1, sizeof(int64_t));
     for (int l = 0; l < nl; l++) {
-        const int64_t *f = lf + (size_t)l * 25;
+        const int64_t *f = lf + (size_t)l * 28;
 #define F_(i, T) ((T)(intptr_t)f[i])
         kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
                       F_(3, const kmat *), F_(4, const kmat *), F_(5, float *), F_(6, float *), slot, pos, cs, sn, rd,
@@ -744,14 +750,26 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
                       F_(21, const float *), threads, bf16);
         float *pl = probs + (size_t)l * B * E, *wl = w + (size_t)l * B * k;
         int64_t *il = ids + (size_t)l * B * k;
-        kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
-                 rscale, pl, wl, il);
         memset(out, 0, sizeof(float) * (size_t)B * D);
-        ran[l] = moe_(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads, bf16,
-                      F_(22, const float *), F_(23, const float *), F_(24, const float *), fl[3 * l + 1], fl[3 * l + 2]);
+        ran[l] = 0;
+        if (f[27]) {
+            kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
+                     rscale, pl, wl, il);
+            ran[l] = moe_(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads,
+                          bf16, F_(22, const float *), F_(23, const float *), F_(24, const float *), fl[3 * l + 1],
+                          fl[3 * l + 2]);
+        }
+        if (f[25]) {  /* the shared expert (or a dense layer's MLP) as a one-expert table, each row weighted 1 or its gate */
+            const float *g = F_(26, const float *);
+            for (int b = 0; b < B; b++) sg[b] = g ? 1.f / (1.f + expf(-dotf(hn + (size_t)b * D, g, D))) : 1.f;
+            memset(out2, 0, sizeof(float) * (size_t)B * D);
+            moe_(F_(25, const kmat **), 1, zeros, zeros, sg, 1, hn, B, out2, threads, bf16, NULL, NULL, NULL, 0.f, 0.f);
+            for (long i = 0; i < (long)B * D; i++) out[i] += out2[i];
+        }
         for (long i = 0; i < (long)B * D; i++) x[i] += out[i];
 #undef F_
     }
+    free(zeros);
     free(hn);
 }
 #endif

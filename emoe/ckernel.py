@@ -392,7 +392,7 @@ def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, 
            pos: torch.Tensor, tables, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
            sigmoid: bool, norm: bool, rscale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """A decode step's layers in one C call (kq_layers: each layer's attn_block, route and table of host experts,
-    fields [layers, 25] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
+    fields [layers, 28] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
     each layer's routing weights and ids [layers, B, k] and how many of its experts ran."""
     nl, (B, D) = fields.shape[0], x.shape
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)

@@ -63,41 +63,58 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
                               norms, full, biases)
 
 
-def _routable(model) -> bool:
-    """Every layer is a MoE layer that ckernel.route takes (softmax or sigmoid, no groups, float32 CPU weights),
-    with nothing beside its routed experts (no shared expert)."""
-    cfg, w = model.cfg, model.w
-    if cfg.n_group > 1 or cfg.spec.scoring not in ("softmax", "sigmoid") or cfg.spec.shared is not None \
-            or len(model.moe) != cfg.num_layers:
-        return False
+def _mlps(model) -> list | None:
+    """Per layer, what kq_layers runs after the attention half: (routes, shared) where routes says the layer is a
+    MoE layer that ckernel.route takes (softmax or sigmoid, no groups, float32 CPU weights) and shared is its
+    shared expert's (gate, up, down) forms and gate vector (Qwen2-MoE's; None: weight 1), or a dense layer's MLP
+    (routes False); None where some layer has anything else (Granite's shared MLP, weights not on forms)."""
+    cfg, w, spec = model.cfg, model.w, model.cfg.spec
+    if cfg.n_group > 1 or spec.scoring not in ("softmax", "sigmoid") or spec.shared not in (None, "plain", "gated"):
+        return None
+    f32 = (lambda t: t is None or (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
+                                   and t.is_contiguous()))
+    out = []
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-        for t in (w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias"), w.get(p + cfg.spec.bias_key)):
-            if t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()):
-                return False
-    return True
+        p = f"model.layers.{i}.{spec.moe_prefix}."
+        routes = i in model.moe
+        if routes and not all(map(f32, (w[p + spec.router + ".weight"], w.get(p + spec.router + ".bias"),
+                                        w.get(p + spec.bias_key)))):
+            return None
+        mlp = p + spec.shared_key if routes else f"model.layers.{i}.mlp."
+        forms = tuple(w.get(mlp + n + "_proj.weight") for n in ("gate", "up", "down")) if not routes or spec.shared else None
+        gate = w[p + "shared_expert_gate.weight"].view(-1) if routes and spec.shared == "gated" else None
+        if forms is not None and not (all(type(t) is KTensor for t in forms) and f32(gate)):
+            return None
+        out.append((routes, forms and (forms, gate)))
+    return out
 
 
-def _fields(model, blocks: list, tables: list, kv) -> tuple[torch.Tensor, torch.Tensor]:
+def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.Tensor]:
     """kq_layers' per-layer fields and attention scales, made once per KV cache and tables: they hold their
     addresses, so the same objects are held here too (compared by identity: none can be freed and another
     take its place at the same address)."""
-    held = (*kv.k, *kv.v, *tables)
+    held = (*kv.k, *kv.v, *tables.values())
     old = model._step.get("held")
     if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
-        cfg, w, rows, fl = model.cfg, model.w, [], []
+        cfg, w, rows, fl, arrays = model.cfg, model.w, [], [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
         for i, ((wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window, biases) in enumerate(blocks):
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
-            (descs, used, n, _), _, act = tables[i]
+            routes, shared = model._step["mlps"][i]
+            (descs, used, n, _), _, act = tables[i] if routes else ((None, None, 0, 0), 0, None)
             gb, ub, db, limit, alpha = act or (None, None, None, 0.0, 0.0)  # gpt-oss's experts: kq_moe_act's
+            if shared is not None:
+                arrays.append(ckernel._descs([shared[0]]))  # (held with the fields: they hold its address)
             rows.append([ln.data_ptr(), ln2.data_ptr(), wqkv.cdesc[0], wv.cdesc[0] if wv is not None else 0, wo.cdesc[0],
                          kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0, ptr(sinks), *(map(ptr, norms or (None, None))),
-                         w[p + cfg.spec.router + ".weight"].data_ptr(), ptr(w.get(p + cfg.spec.router + ".bias")),
-                         ptr(w.get(p + cfg.spec.bias_key)), ctypes.addressof(descs), n, ctypes.addressof(used),
-                         kv.k[i].shape[1], int(full), *map(ptr, biases), ptr(gb), ptr(ub), ptr(db)])
+                         *(map(ptr, (w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias"),
+                                     w.get(p + cfg.spec.bias_key))) if routes else (0, 0, 0)),
+                         ctypes.addressof(descs) if routes else 0, n, ctypes.addressof(used) if routes else 0,
+                         kv.k[i].shape[1], int(full), *map(ptr, biases), ptr(gb), ptr(ub), ptr(db),
+                         ctypes.addressof(arrays[-1]) if shared is not None else 0,
+                         ptr(shared[1]) if shared is not None else 0, int(routes)])
             fl.append([scale, limit, alpha])
-        model._step.update(held=held, fields=torch.tensor(rows, dtype=torch.int64), fl=torch.tensor(fl))
+        model._step.update(held=held, arrays=arrays, fields=torch.tensor(rows, dtype=torch.int64), fl=torch.tensor(fl))
     return model._step["fields"], model._step["fl"]
 
 
@@ -109,26 +126,30 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
     step_tables = getattr(dispatch, "step_tables", None)
     if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
         return False
-    if "routable" not in model._step:
-        model._step["routable"] = _routable(model)
-    if not model._step["routable"]:
+    if "mlps" not in model._step:
+        model._step["mlps"] = _mlps(model)
+    mlps = model._step["mlps"]
+    if mlps is None:
         return False
     blocks = []
     for i in range(cfg.num_layers):
         if i not in model._blocks:
             model._blocks[i] = block_weights(model, i)
         ws = model._blocks[i]
-        if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) or not ckernel.kq_rows(ws[0], B):
+        if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) or not ckernel.kq_rows(ws[0], B) \
+                or (mlps[i][1] is not None and not ckernel.kq_rows(mlps[i][1][0], B)):
             return False
         blocks.append(ws)
     flat = x.view(B, -1)
-    tables = step_tables(range(cfg.num_layers), flat)
+    moe = [i for i, (routes, _) in enumerate(mlps) if routes]
+    tables = step_tables(moe, flat)
     if tables is None:
         return False
+    tables = dict(zip(moe, tables))
     fields, fl = _fields(model, blocks, tables, kv)
     _, ids, ran = ckernel.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
                                  cfg.num_heads, kv.k[0].shape[-2], kv.k[0].shape[-1], cfg.num_experts, cfg.top_k,
                                  cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor)
-    for i in range(cfg.num_layers):
+    for i in moe:
         dispatch.hosted(i, ids[i], ran[i], tables[i])
     return True

@@ -509,6 +509,32 @@ def test_gpt_oss_experts_on_forms_run_in_one_c_call_per_layer(tmp_path, budget, 
     assert fast[1] == slow[1] and fast[2] == slow[2] > 0
 
 
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkeypatch):
+    """A Qwen3-MoE with a dense middle layer (mlp_only_layers), its FP8 experts on host forms and its dense
+    projections int8 forms (--dense-int8), at budget 0: a decode step's layers, the dense one's MLP included,
+    run in one C call, with the per-layer path's tokens and log-probabilities bit for bit."""
+    import emoe.model as model_mod
+    from emoe import ckernel
+    from tiny import make_fp8
+    fp8 = make_fp8(make_tiny("qwen3_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
+                             intermediate_size=256, num_attention_heads=4, mlp_only_layers=[1]))
+    calls, real = [], ckernel.layers
+    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+
+    def run_it():
+        eng = Engine(EngineConfig(str(fp8), miss_policy="host", budget=0, experts_on="ram", device="cpu", dense_int8=True))
+        assert eng.model.moe == {0, 2}
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                           chat=False)
+        return [(r.output_ids, r.logprobs) for r in got], eng.cache.stats.host_runs
+    fast = run_it()
+    assert len(calls) == 5
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    assert run_it() == fast
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_fp8_release_experts_run_on_int8_kernel_forms(family, tmp_path):
     """With host misses and experts in RAM, an FP8 release's experts are held as int8 forms of the kernel
