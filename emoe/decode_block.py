@@ -5,8 +5,9 @@ Why: with the products, the attention and the norms already in C, a CPU decode s
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
 form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, no output gate or
-clipping, qk norm per head, over the whole projection (OLMoE) or none. Every other layer, and a prefill, goes through MoEModel.attention as
-before, with the same routines in the same order, so the two paths agree bit for bit (tests/test_ckernel.py).
+clipping, qk norm per head, over the whole projection (OLMoE) or none. Every other layer, and a prefill, goes
+through MoEModel.attention as before, with the same routines in the same order, so the two paths agree bit for
+bit (tests/test_ckernel.py).
 
 decode_layers: a GGUF at budget 0 on a CPU (llama.cpp's own case) still paid Python between a layer's three C
 calls (attention half, router, experts: ~0.2 ms a layer-step of host work on a 2-core EPYC); kq_layers runs
@@ -119,9 +120,10 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
 
 
 def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> bool:
-    """For a decode step on a CPU where every layer takes attn_block and routes to experts that all run on
-    their host forms: every layer in one C call (ckernel.layers), x [B, 1, D] updated in place, the traces and
-    counters kept as the per-layer calls keep them. False, with nothing run, where some layer needs those."""
+    """For a decode step on a CPU where every layer takes attn_block and its MLP is one _mlps describes (routed
+    experts that all run on their host forms, a shared expert beside them, or a dense layer's, on forms): every
+    layer in one C call (ckernel.layers), x [B, 1, D] updated in place, the traces and counters kept as the
+    per-layer calls keep them. False, with nothing run, where some layer needs those."""
     cfg, B = model.cfg, x.shape[0]
     step_tables = getattr(dispatch, "step_tables", None)
     if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
