@@ -37,7 +37,8 @@ static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (ui
    16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
    np is a constant in each call of run, so its inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
-                       uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1) {
+                       uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
+                       const uint8_t *lut) {
     const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
     for (int b = b0; b < b1; b++) {
@@ -52,8 +53,8 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
             const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
             uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
             for (int j = 0; j < 32; j++) {
-                float lo = (float)(p0[j] & 15) * s[0][j] + z[0][j];
-                float hi = (float)(p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
+                float lo = (float)(lut ? lut[p0[j] & 15] : p0[j] & 15) * s[0][j] + z[0][j];
+                float hi = (float)(lut ? lut[p0[j] >> 4] : p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
                 if (np == 2) {
                     lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
                     hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
@@ -75,16 +76,20 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
     }
 }
 void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1, int f32) {
-    if (f32) {
-        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1);
-        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1);
-    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1);
-    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1);
+               int group, int b0, int b1, int f32, const uint8_t *lut) {
+    if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut);
+    } else if (f32) {
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL);
 }
 
 /* ---- few-row products --------------------------------------------------------------------------------------- */
-typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; } kmat;  /* ckernel.desc */
+/* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL */
+typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; } kmat;
 typedef struct { int8_t *q; float *d, *qs; } qrow;  /* a row rounded: int8 per 32, the scale, the scale x sum */
 
 static void quant_row(const float *x, int n, qrow r) {
@@ -174,13 +179,17 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KQ_BF16 1
+#define KQ_BF16_AVX2 1
 /* The AVX2 variant (no bf16 dot product): 8 rows' nibbles widen to int32, become exact floats u and multiply
    the bf16 activations in fp32 FMAs (exact products, as above); per group s * sum(u x) + (z - 8 s) * sum(x),
    which saves a subtraction per 8 weights. 32 rows at a time (a byte's low nibbles, then its high ones: the
    1 KiB of a group stays in L1), so R rows' sums fit the 16 registers. */
 static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const qrow *x, float *const *y, const int R, int b) {
-    const __m256i m4 = _mm256_set1_epi32(15), hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.f);
+    const uint8_t *lut = w->lut;
+    const __m128i table = lut ? _mm_loadu_si128((const __m128i *)lut) : m4;
     const int K = (int)w->K;
     float acc[2][64] = {{0.f}}, xs[2][32];
     for (int pl = 0; pl < w->np; pl++) {
@@ -197,8 +206,10 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
                     const uint8_t *c = base + (long)(kb * 32 + k) * 32;
                     __m256 wv[4];
                     for (int i = 0; i < 4; i++) {
-                        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8 * i)));
-                        wv[i] = _mm256_cvtepi32_ps(h ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4));
+                        const __m128i v = _mm_loadl_epi64((const __m128i *)(c + 8 * i));
+                        __m128i u = _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
+                        if (lut) u = _mm_shuffle_epi8(table, u);  /* (a loop invariant: the compiler unswitches it) */
+                        wv[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(u));
                     }
                     for (int r = 0; r < R; r++) {
                         const __m256 xv = _mm256_broadcast_ss(&xs[r][k]);
@@ -389,6 +400,48 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
         }
     }
 }
+/* a codebook form (MXFP4: ckernel.lut_able): one plane whose nibbles index 16 values up to 24 (lut), which a
+   byte shuffle puts in place of u after the unpacking; the rest is int8_rows'. Pair products up to 2 x 24 x 127
+   in int16 lanes would pass 32767 over a group's 8 steps, so the lanes widen to int32 after 4 steps as well. */
+static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+    const int K = (int)w->K;
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut));
+    __m256i u[8][8];
+    float sf[64], zf[64];
+    int gcur = -1;
+    for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
+    for (int kb = 0; kb < K / 32; kb++) {
+        const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * 32;
+        for (int k4 = 0; k4 < 8; k4++) {
+            unpack_k4(base + k4 * 128, u[k4]);
+            for (int i = 0; i < 8; i++) u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
+        }
+        const int g = kb * 32 / (int)w->group;
+        if (g != gcur) scales64(w, 0, gcur = g, b, sf, zf);
+        for (int rr = 0; rr < R; rr++) {
+            __m256i a[8], c[8];
+            for (int half = 0; half < 2; half++) {
+                for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+                for (int k4 = half * 4; k4 < half * 4 + 4; k4++) {
+                    int32_t xq4;
+                    memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
+                    const __m256i xv = _mm256_set1_epi32(xq4);
+                    for (int i = 0; i < 8; i++) a[i] = dp(a[i], u[k4][i], xv);
+                }
+                for (int i = 0; i < 8; i++) c[i] = half ? _mm256_add_epi32(c[i], dp_sum(a[i])) : dp_sum(a[i]);
+            }
+            const __m256 dx = _mm256_set1_ps(x[rr].d[kb]), zx = _mm256_set1_ps(x[rr].qs[kb]);
+            float *yr = y[rr] + b * 64;
+            for (int i = 0; i < 8; i++) {
+                const int r0 = (i / 4) * 32 + (i % 4) * 4;
+                const __m256 s = _mm256_loadu2_m128(&sf[r0 + 16], &sf[r0]), z = _mm256_loadu2_m128(&zf[r0 + 16], &zf[r0]);
+                const __m256 f = _mm256_loadu2_m128(&yr[r0 + 16], &yr[r0]);
+                _mm256_storeu2_m128(&yr[r0 + 16], &yr[r0],
+                                    _mm256_fmadd_ps(z, zx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[i]), _mm256_mul_ps(s, dx), f)));
+            }
+        }
+    }
+}
 #define KQ_AVX2 1
 #endif
 #if defined(KQ_AVX2) || (defined(__AVX512VBMI__) && defined(__AVX512VNNI__))
@@ -408,6 +461,9 @@ int kq_modes(void) {
 #ifdef KQ_BF16
     m |= 2;
 #endif
+#if defined(KQ_AVX2) && defined(KQ_BF16_AVX2)
+    m |= 8;  /* both modes take codebook forms (kmat.lut) */
+#endif
     return m;
 }
 
@@ -418,6 +474,7 @@ typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
 #define GROUP 8
 static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
 #ifdef KQ_AVX2
+    if (w->lut) { lut_rows(w, x, y, R, b); return; }
     if (R > 1) { int8_rows(w, x, y, R, b); return; }
 #endif
     for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);  /* (AVX512: a row at a time) */

@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(so))
         P, i = ctypes.c_void_p, ctypes.c_int
         lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P]
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
         _resolve(lib.modes)
@@ -138,23 +138,34 @@ def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple
     arr = ctypes.c_void_p * len(planes)
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
-                  rows, cols, w.group, b0, b1, f32)
+                  rows, cols, w.group, b0, b1, f32, None if w.lut is None else w.lut.contiguous().data_ptr())
     return tuple(out)
 
 
 # -- few rows: a decode step's products ---------------------------------------------------------------------------
 def _desc(w) -> list:
     """The form's C descriptor, made once per KTensor (its `cdesc` slot): [address or 0 where the routines cannot
-    take it (planes elsewhere than the CPU, not contiguous, more than two), the descriptor tensor, planes]."""
+    take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook where lut_able is not), the
+    descriptor tensor, planes]."""
     if not w.cdesc:
-        if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)):
-            # the kmat (ckernel.c): addresses of planes and scales, and sizes; lives as long as the tensors do
+        if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)) \
+                and (w.lut is None or (lut_able() and w.lut.is_contiguous() and w.lut.device.type == "cpu")):
+            # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook; lives as long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
-            d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group], dtype=torch.int64)
+            d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
+                              0 if w.lut is None else w.lut.data_ptr()], dtype=torch.int64)
             w.cdesc.extend((d.data_ptr(), d, len(p)))
         else:
             w.cdesc.extend((0, None, 0))
     return w.cdesc
+
+
+def lut_able() -> bool:
+    """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut): the AVX2 ones.
+    Where they do, MXFP4 experts are held as one plane of their own nibbles (forms.mxfp4_planes), half the bytes
+    of two int4 planes; AVX512 builds keep the two planes."""
+    lib = _lib if _lib is not False else library()
+    return lib is not None and bool(lib.modes & 8)
 
 
 def _mode_on() -> bool:

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .ckernel import lut_able  # whether MXFP4 forms are codebooks (forms.mxfp4_planes)
 from .quant import KTensor
 
 VERSION = 1
@@ -33,7 +34,7 @@ def folder(ckpt, options: dict) -> Path | None:
     if os.environ.get("EMOE_FORMS_CACHE", "1") == "0":
         return None
     src = Path(__file__).parent
-    h = hashlib.sha256(json.dumps([VERSION, torch.__version__, sorted(options.items())], default=str).encode())
+    h = hashlib.sha256(json.dumps([VERSION, torch.__version__, sorted(options.items()), lut_able()], default=str).encode())
     try:
         files = {str(f) for f in ckpt.dir.iterdir() if f.is_file()}
         files |= {loc.path for locs in ckpt.experts.values() for loc in locs.locs}
@@ -63,7 +64,8 @@ def load_layer(where: Path | None, layer: int, keys: list, pin: bool) -> list[tu
         if "t" in d:
             return view(buf, d["t"])
         return KTensor(tuple(view(buf, p) for p in d["planes"]), tuple(view(buf, z) for z in d["sz"]),
-                       tuple(d["shape"]), d["bits"], d["group"])
+                       tuple(d["shape"]), d["bits"], d["group"],
+                       None if d.get("lut") is None else torch.tensor(d["lut"], dtype=torch.uint8))
     try:
         with safe_open(str(path), framework="pt") as f:
             layout = json.loads(f.metadata()["layout"])
@@ -92,7 +94,8 @@ def save_layer(where: Path | None, layer: int, keys: list, experts: list[tuple],
         layout = {"keys": [list(k) for k in keys],
                   "experts": [[{"t": desc(t)} if isinstance(t, torch.Tensor) else
                                {"planes": [desc(p) for p in t.planes], "sz": [desc(z) for z in t.sz],
-                                "shape": list(t.shape), "bits": t.bits, "group": t.group} for t in ex] for ex in experts]}
+                                "shape": list(t.shape), "bits": t.bits, "group": t.group,
+                                "lut": None if t.lut is None else t.lut.tolist()} for t in ex] for ex in experts]}
         tmp = where / f".layer-{layer}.{os.getpid()}.tmp"
         save_file({"buf": buf.cpu()}, str(tmp), metadata={"layout": json.dumps(layout)})
         os.replace(tmp, where / f"layer-{layer}.safetensors")  # whole or absent, for a second process too

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import PACKED, fp8_dequantize
+from .ckernel import lut_able
 from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_XS, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0,
                           Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
                           q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
@@ -48,13 +49,20 @@ def form_ratio(kind, bits: int = 8) -> float | None:
     """A host form's bytes over the packed bytes it replaces, for a GGUF block type or a release layout
     ("mxfp4", "fp8"); None where there is no form (float types). bits: a requantised type's form (8 or 4)."""
     if kind in ("mxfp4", "fp8"):
-        return 10 / (4.25 if kind == "mxfp4" else 8)
+        return (mxfp4_bits() if kind == "mxfp4" else 10) / (4.25 if kind == "mxfp4" else 8)
     if kind in FLOAT_TYPES:
         return None
     from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[kind]
+    if kind == MXFP4:
+        return mxfp4_bits() / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
+
+
+def mxfp4_bits() -> int:
+    """Bits a weight of an MXFP4 form (see mxfp4_planes)."""
+    return 5 if lut_able() else 10
 
 
 def int4_form(w: torch.Tensor) -> KTensor:
@@ -77,12 +85,22 @@ def form_parts(locs) -> list[tuple[object, int]]:
     return [(locs.layout, locs.nbytes)] if locs.layout in ("mxfp4", "fp8") else []
 
 
-def mxfp4_planes(q: torch.Tensor, d: torch.Tensor) -> KTensor:
-    """Doubled MXFP4 values q (−12..12, [rows, cols]) and their scale per 32 (a power of two) as two int4
-    planes, exactly: q = a + b, a = q clamped to −8..7 and b the rest (−4..5), both times the scale, exact in
-    bf16. The kernel rounds each plane's product to bf16: split as 16·hi + lo instead, the two products ran
-    to 3x the result on a gpt-oss model's weights and cancelled, and their roundings came to 1% of it (5x
-    rounding the activations alone; now 1.4x)."""
+# MXFP4's codebook form: u = lut[nibble] = doubled value + 12 (0..24), and (u − 8)·d − 4d is the value times d
+MXFP4_LUT = torch.tensor([v + 12 for v in MXFP4_VALUES], dtype=torch.uint8)
+_MXFP4_CODE = torch.tensor([MXFP4_VALUES.index(v) if v in MXFP4_VALUES else 0 for v in range(-12, 13)], dtype=torch.uint8)
+
+
+def mxfp4_planes(q: torch.Tensor, d: torch.Tensor, codebook: bool | None = None) -> KTensor:
+    """Doubled MXFP4 values q (−12..12, [rows, cols]) and their scale per 32 (a power of two), exactly.
+    Where emoe's routines take codebooks (ckernel.lut_able: the AVX2 build), as one plane of the values'
+    own nibbles looked up in MXFP4_LUT: 5 bits a weight, as llama.cpp's 4.25 nearly. Elsewhere as two int4
+    planes (PyTorch's kernel has no codebook): q = a + b, a = q clamped to −8..7 and b the rest (−4..5), both
+    times the scale, exact in bf16. The kernel rounds each plane's product to bf16: split as 16·hi + lo
+    instead, the two products ran to 3x the result on a gpt-oss model's weights and cancelled, and their
+    roundings came to 1% of it (5x rounding the activations alone; now 1.4x). codebook: which (None: as said)."""
+    if lut_able() if codebook is None else codebook:
+        sz = torch.stack((d.t(), -4 * d.t()), -1).to(torch.bfloat16).contiguous()
+        return KTensor((_kpack(_MXFP4_CODE[(q + 12).long()]),), (sz,), tuple(q.shape), 4, GROUP, MXFP4_LUT.clone())
     a = q.clamp(-8, 7)
     sz = torch.stack((d.t(), torch.zeros_like(d).t()), -1).to(torch.bfloat16).contiguous()
     return KTensor((_kpack((a + 8).to(torch.uint8)), _kpack((q - a + 8).to(torch.uint8))), (sz, sz), tuple(q.shape),

@@ -68,7 +68,8 @@ def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> to
         out = None  # in place, one full-size temporary at most: loads from a RAM tier of these run it per expert
         for p, sz in zip(q.planes, q.sz):
             s, z = (sz[..., i].t().to(dtype)[..., None] for i in (0, 1))
-            v = _kunpack(p).view(rows, cols // q.group, q.group).to(dtype).sub_(8).mul_(s).add_(z)
+            u = _kunpack(p) if q.lut is None else q.lut[_kunpack(p).long()]
+            v = u.view(rows, cols // q.group, q.group).to(dtype).sub_(8).mul_(s).add_(z)
             out = v if out is None else out.add_(v)
         return out.view(rows, cols)
     if q.bits == 4:  # unpack into one preallocated buffer: fewer passes than stack + reshape on CPU
@@ -98,16 +99,19 @@ class KTensor:
     shape: tuple[int, int]
     bits: int
     group: int
+    lut: torch.Tensor | None = None   # a codebook form (MXFP4's, forms.mxfp4_planes): u = lut[nibble], uint8 [16]
     cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz)
+        return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz) + \
+            (0 if self.lut is None else 16)
 
     def to(self, device, non_blocking: bool = False) -> "KTensor":
         """Moved as a tensor would be (a load copies the bytes and dequantises them where they land)."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, planes=tuple(map(move, self.planes)), sz=tuple(map(move, self.sz)))
+        return replace(self, planes=tuple(map(move, self.planes)), sz=tuple(map(move, self.sz)),
+                       lut=None if self.lut is None else move(self.lut))
 
 
 def kernel_fits(shape: tuple[int, int], group: int) -> bool:
@@ -160,11 +164,12 @@ def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
     if all(isinstance(w, torch.Tensor) and w.dim() == 2 and not w.requires_grad for w in ws):
         return torch.cat(ws) if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 else None
     if not all(type(w) is KTensor for w in ws) or len({(w.bits, w.group, w.shape[1], len(w.planes), w.planes[0].device,
-                                                        w.sz[0].dtype) for w in ws}) != 1:
+                                                        w.sz[0].dtype, None if w.lut is None else tuple(w.lut.tolist()))
+                                                       for w in ws}) != 1:
         return None
     return KTensor(tuple(torch.cat(p) for p in zip(*(w.planes for w in ws))),
                    tuple(torch.cat(t, 1) for t in zip(*(w.sz for w in ws))),
-                   (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group)
+                   (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group, ws[0].lut)
 
 
 def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, ...]]]:
@@ -196,6 +201,8 @@ def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[i
 
 def from_kernel(k: KTensor) -> QTensor:
     """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
+    if k.lut is not None:
+        raise ValueError("a codebook form has no portable int4/int8 copy: dequantize it")
     u = [_kunpack(p) for p in k.planes]
     if k.bits == 4:
         data = u[0][:, 0::2] | (u[0][:, 1::2] << 4)
@@ -237,7 +244,7 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     """xb [M, K] @ W^T: bf16 out where PyTorch's kernel or a bf16 matmul makes it, float32 where the CPU's bf16
     matmuls are slow (the callers cast to their activations' dtype)."""
     m, reads = xb.shape[0], kernel_reads_forms()
-    if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads) and unpackable(w):  # a prefill's many rows
+    if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads or w.lut is not None) and unpackable(w):  # a prefill's many rows
         bf = bf16_matmul()
         if bf and m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new oneDNN shape
             return _kmm(F.pad(xb, (0, 0, 0, PAD_ROWS - m % PAD_ROWS)), w)[:m]
@@ -246,7 +253,7 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
             wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64, f32=not bf)
             parts.append(x @ wt[0] if len(wt) == 1 else torch.addmm(x @ wt[1], x, wt[0]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    if not reads:  # neither kernel nor routine: the exact arithmetic, dequantised for the call
+    if not reads or w.lut is not None:  # neither kernel nor routine: the exact arithmetic, dequantised for the call
         return F.linear(xb.float(), dequantize(w))
     xb = xb.to(torch.bfloat16)
     y = _MM(xb, w.planes[0], w.group, w.sz[0])

@@ -17,7 +17,8 @@ def forms():
     mx = torch.randint(-12, 13, (128, 256), generator=g)
     return {"int4": quant.to_kernel(quant.quantize(w, 4, 32)), "int8": quant.to_kernel(quant.quantize(w, 8, 32)),
             "int4 asymmetric": int4_form(w), "q5": kernel_copy5(u5, scale, minimum),
-            "mxfp4": mxfp4_planes(mx, torch.full((128, 8), 0.25))}
+            "mxfp4": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=False),
+            "mxfp4 codebook": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=True)}
 
 
 @pytest.mark.parametrize("name", list(forms()))
@@ -33,7 +34,7 @@ def test_unpacked_transpose_is_the_forms_matrix_in_bf16(name):
     # torch sums the planes in another order: a last-bit difference before the rounding
     tol = 2 ** -8 if len(parts) == 1 else 2 ** -15
     assert ((got - want).abs() <= tol * want.abs() + 1e-6).all()
-    if name == "mxfp4":  # small integers times a power of two: exact
+    if name.startswith("mxfp4"):  # small integers times a power of two: exact
         assert torch.equal(got, want)
 
 
@@ -306,7 +307,8 @@ def test_the_mode_is_checked_and_off_keeps_the_int4_kernel(monkeypatch):
 def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     """Built for AVX2 only (EMOE_CKERNEL_MARCH=x86-64-v3, as a CPU without AVX512 builds it): both modes run
     there (bf16 as fp32 FMAs of exact products) and give this CPU's build's products up to float summation
-    order, on one and two planes, one row and an odd count."""
+    order, on one and two planes, one row and an odd count; MXFP4 codebook forms, which only that build
+    takes, give the two-plane forms' products, a group of the largest values included (int16 sums)."""
     import os
     import subprocess
     import sys
@@ -318,11 +320,25 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "    assert ckernel.kq_able(k)\n"
             "    ys += [ckernel.kq_linear(x[:1].contiguous(), k), ckernel.kq_linear(x, k)]\n"
             "print(ckernel.library().modes); torch.save(ys, 'y.pt')\n")
+    # MXFP4 as a codebook (this build's own form, so asked of it alone): the two-plane form's products
+    book = ("import torch; from emoe import ckernel; from emoe.forms import mxfp4_planes\n"
+            "g = torch.Generator().manual_seed(2)\n"
+            "vals = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12])\n"
+            "q, d = vals[torch.randint(0, 15, (128, 256), generator=g)], 2.0 ** torch.randint(-6, 0, (128, 8), generator=g)\n"
+            "q[:64, :32] = 12  # a group at the codebook's largest value times the largest activations\n"
+            "x = torch.randn(9, 256, generator=g); x[:, :32] = 1.0\n"
+            "book, two = mxfp4_planes(q, d), mxfp4_planes(q, d, codebook=False)\n"
+            "assert book.lut is not None and len(two.planes) == 2 and ckernel.kq_able(book) and ckernel.kq_able(two)\n"
+            "for m in (1, 2, 9):\n"
+            "    torch.testing.assert_close(ckernel.kq_linear(x[:m].contiguous(), book), ckernel.kq_linear(x[:m].contiguous(), two),\n"
+            "                               rtol=1e-5, atol=1e-4)\n")
     env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64-v3", "EMOE_KQ": mode, "XDG_CACHE_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["3"]
+    assert r.stdout.split() == ["11"]  # int8, bf16 and codebooks
     got = torch.load(tmp_path / "y.pt")
+    b = subprocess.run([sys.executable, "-c", book], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert b.returncode == 0, b.stderr
     env["EMOE_CKERNEL_MARCH"] = "native"
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -586,3 +602,28 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     _, clipped, _ = load_emoe(make_tiny("olmoe", tmp_path / "olmoe_clip", hidden_size=128, clip_qkv=8.0))
     _form_attention(clipped)
     assert clipped.qkv and all(decode_block.block_weights(clipped, i) is None for i in clipped.qkv)
+
+
+def test_codebook_forms_run_dequantised_where_the_routines_take_none(monkeypatch):
+    """A codebook form (MXFP4's) on a build whose routines take none (AVX512's), or under PyTorch's kernel,
+    which has no codebook: not kq_able, and every row count still gets its exact matrix's product."""
+    k = forms()["mxfp4 codebook"]
+    want = quant.dequantize(k)
+    monkeypatch.setattr(ckernel, "lut_able", lambda: False)
+    assert not ckernel.kq_able(k)
+    for m in (1, 5, 200):
+        x = torch.randn(m, k.shape[1])
+        ref = x @ want.T
+        act = (x.bfloat16().float() @ want.T - ref).abs().max()
+        assert (quant.linear(x, k) - ref).abs().max() <= 2 * act + 1e-5
+
+
+def test_codebook_forms_stack_only_with_the_same_codebook():
+    """q, k and v stacked into one form (quant.stack_rows) keep the codebook; a plain one-plane form or
+    another codebook does not stack with them."""
+    from dataclasses import replace
+    k = forms()["mxfp4 codebook"]
+    both = quant.stack_rows([k, k])
+    assert both.lut is not None and torch.equal(quant.dequantize(both), torch.cat([quant.dequantize(k)] * 2))
+    assert quant.stack_rows([k, forms()["int4"]]) is None
+    assert quant.stack_rows([k, replace(k, lut=k.lut.flip(0))]) is None

@@ -36,7 +36,9 @@ def _same(a, b) -> bool:
             ys = y.planes + y.sz if isinstance(y, KTensor) else (y,)
             if type(x) is not type(y) or not all(torch.equal(p, q) for p, q in zip(xs, ys)):
                 return False
-            if isinstance(x, KTensor) and (x.shape, x.bits, x.group) != (y.shape, y.bits, y.group):
+            if isinstance(x, KTensor) and ((x.shape, x.bits, x.group) != (y.shape, y.bits, y.group) or
+                                           (x.lut is None) != (y.lut is None) or
+                                           (x.lut is not None and not torch.equal(x.lut, y.lut))):
                 return False
     return set(a._experts) == set(b._experts)
 
@@ -101,3 +103,25 @@ def test_the_key_follows_the_files_the_experts_come_from(imported, cache_on):
         assert formcache.folder(ck, {"int8": False}) != before
     finally:
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_mxfp4_codebook_forms_come_back_with_their_codebook(cache_on, tmp_path, monkeypatch):
+    """MXFP4 experts held as a codebook form (where the routines take one) are read back with it, and the key
+    says which kind of form was built: a build without codebooks does not read these."""
+    from gguf_writer import write_gguf
+    from tiny import make_tiny
+
+    from emoe import ckernel, formcache
+    from emoe.gguf_import import import_gguf
+    hf = make_tiny("qwen3_moe", tmp_path / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
+    imp = import_gguf(write_gguf(hf, tmp_path / "m.gguf", expert_types=("MXFP4",) * 3), tmp_path / "imp",
+                      dtype=torch.float32)
+    ck = Checkpoint(imp)
+    first = open_store(ck, "ram", host_forms=True)
+    second = open_store(ck, "ram", host_forms=True)
+    forms = [t for ts in second._experts.values() for t in ts]
+    assert forms and all(isinstance(t, KTensor) and (t.lut is not None) == ckernel.lut_able() for t in forms)
+    assert _same(first, second)
+    key = formcache.folder(ck, {})
+    monkeypatch.setattr(formcache, "lut_able", lambda: not ckernel.lut_able())
+    assert formcache.folder(ck, {}) != key
