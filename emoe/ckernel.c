@@ -38,7 +38,7 @@ static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (ui
    np is a constant in each call of run, so its inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
                        uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
-                       const uint8_t *lut) {
+                       const uint8_t *lut, int sg) {
     const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
     for (int b = b0; b < b1; b++) {
@@ -53,8 +53,8 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
             const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
             uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
             for (int j = 0; j < 32; j++) {
-                float lo = (float)(lut ? lut[p0[j] & 15] : p0[j] & 15) * s[0][j] + z[0][j];
-                float hi = (float)(lut ? lut[p0[j] >> 4] : p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
+                float lo = (float)(lut ? (sg ? (int8_t)lut[p0[j] & 15] : lut[p0[j] & 15]) : p0[j] & 15) * s[0][j] + z[0][j];
+                float hi = (float)(lut ? (sg ? (int8_t)lut[p0[j] >> 4] : lut[p0[j] >> 4]) : p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
                 if (np == 2) {
                     lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
                     hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
@@ -76,20 +76,20 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
     }
 }
 void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1, int f32, const uint8_t *lut) {
+               int group, int b0, int b1, int f32, const uint8_t *lut, int sg) {
     if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut);
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg);
     } else if (f32) {
-        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL);
-        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL);
-    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL);
-    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL);
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0);
 }
 
 /* ---- few-row products --------------------------------------------------------------------------------------- */
-/* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL */
-typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; } kmat;
+/* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8 */
+typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg; } kmat;
 typedef struct { int8_t *q; float *d, *qs; } qrow;  /* a row rounded: int8 per 32, the scale, the scale x sum */
 
 static void quant_row(const float *x, int n, qrow r) {
@@ -189,6 +189,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.f);
     const uint8_t *lut = w->lut;
+    const int sg = lut && w->sg;
     const __m128i table = lut ? _mm_loadu_si128((const __m128i *)lut) : m4;
     const int K = (int)w->K;
     float acc[2][64] = {{0.f}}, xs[2][32];
@@ -208,8 +209,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
                     for (int i = 0; i < 4; i++) {
                         const __m128i v = _mm_loadl_epi64((const __m128i *)(c + 8 * i));
                         __m128i u = _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
-                        if (lut) u = _mm_shuffle_epi8(table, u);  /* (a loop invariant: the compiler unswitches it) */
-                        wv[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(u));
+                        if (lut) u = _mm_shuffle_epi8(table, u);  /* (loop invariants: the compiler unswitches them) */
+                        wv[i] = _mm256_cvtepi32_ps(sg ? _mm256_cvtepi8_epi32(u) : _mm256_cvtepu8_epi32(u));
                     }
                     for (int r = 0; r < R; r++) {
                         const __m256 xv = _mm256_broadcast_ss(&xs[r][k]);
@@ -400,13 +401,15 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
         }
     }
 }
-/* a codebook form (MXFP4: ckernel.lut_able): one plane whose nibbles index 16 values up to 24 (lut), which a
-   byte shuffle puts in place of u after the unpacking; the rest is int8_rows'. Pair products up to 2 x 24 x 127
-   in int16 lanes would pass 32767 over a group's 8 steps, so the lanes widen to int32 after 4 steps as well. */
+/* a codebook form (ckernel.lut_able): one plane whose nibbles index 16 values (lut), which a byte shuffle puts
+   in place of u after the unpacking; the rest is int8_rows'. MXFP4's (unsigned, up to 24): pair products up
+   to 2 x 24 x 127 in int16 lanes would pass 32767 over a group's 8 steps, so the lanes widen to int32 after 4
+   steps as well. IQ4's (sg: int8, -127..113): maddubs takes |v| and x with v's sign, as llama.cpp's AVX2
+   dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step. */
 static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
-    const int K = (int)w->K;
+    const int K = (int)w->K, sg = (int)w->sg;
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut));
-    __m256i u[8][8];
+    __m256i u[8][8], v[8][8];
     float sf[64], zf[64];
     int gcur = -1;
     for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
@@ -414,13 +417,25 @@ static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b
         const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * 32;
         for (int k4 = 0; k4 < 8; k4++) {
             unpack_k4(base + k4 * 128, u[k4]);
-            for (int i = 0; i < 8; i++) u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
+            for (int i = 0; i < 8; i++) {
+                u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
+                if (sg) { v[k4][i] = u[k4][i]; u[k4][i] = _mm256_abs_epi8(v[k4][i]); }
+            }
         }
         const int g = kb * 32 / (int)w->group;
         if (g != gcur) scales64(w, 0, gcur = g, b, sf, zf);
         for (int rr = 0; rr < R; rr++) {
             __m256i a[8], c[8];
-            for (int half = 0; half < 2; half++) {
+            if (sg) {
+                for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_si256();
+                for (int k4 = 0; k4 < 8; k4++) {
+                    int32_t xq4;
+                    memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
+                    const __m256i xv = _mm256_set1_epi32(xq4);
+                    for (int i = 0; i < 8; i++) c[i] = _mm256_add_epi32(c[i], dp_sum(dp(_mm256_setzero_si256(), u[k4][i],
+                                                                                   _mm256_sign_epi8(xv, v[k4][i]))));
+                }
+            } else for (int half = 0; half < 2; half++) {
                 for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
                 for (int k4 = half * 4; k4 < half * 4 + 4; k4++) {
                     int32_t xq4;

@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(so))
         P, i = ctypes.c_void_p, ctypes.c_int
         lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P]
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P, i]
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
         _resolve(lib.modes)
@@ -138,7 +138,8 @@ def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple
     arr = ctypes.c_void_p * len(planes)
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
-                  rows, cols, w.group, b0, b1, f32, None if w.lut is None else w.lut.contiguous().data_ptr())
+                  rows, cols, w.group, b0, b1, f32, None if w.lut is None else w.lut.contiguous().data_ptr(),
+                  w.lut is not None and w.lut.dtype == torch.int8)
     return tuple(out)
 
 
@@ -153,7 +154,8 @@ def _desc(w) -> list:
             # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook; lives as long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
-                              0 if w.lut is None else w.lut.data_ptr()], dtype=torch.int64)
+                              0 if w.lut is None else w.lut.data_ptr(), w.lut is not None and w.lut.dtype == torch.int8],
+                             dtype=torch.int64)
             w.cdesc.extend((d.data_ptr(), d, len(p)))
         else:
             w.cdesc.extend((0, None, 0))

@@ -11,8 +11,8 @@ import torch
 
 from .checkpoint import PACKED, fp8_dequantize
 from .ckernel import lut_able
-from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_XS, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0,
-                          Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
+from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1,
+                          Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
                           q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
 from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
 
@@ -54,14 +54,14 @@ def form_ratio(kind, bits: int = 8) -> float | None:
         return None
     from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[kind]
-    if kind == MXFP4:
+    if kind in (MXFP4, IQ4_NL, IQ4_XS):
         return mxfp4_bits() / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
 
 
 def mxfp4_bits() -> int:
-    """Bits a weight of an MXFP4 form (see mxfp4_planes)."""
+    """Bits a weight of an MXFP4 or IQ4 form: a codebook's 5 where the routines take them, else 10."""
     return 5 if lut_able() else 10
 
 
@@ -85,22 +85,34 @@ def form_parts(locs) -> list[tuple[object, int]]:
     return [(locs.layout, locs.nbytes)] if locs.layout in ("mxfp4", "fp8") else []
 
 
-# MXFP4's codebook form: u = lut[nibble] = doubled value + 12 (0..24), and (u − 8)·d − 4d is the value times d
-MXFP4_LUT = torch.tensor([v + 12 for v in MXFP4_VALUES], dtype=torch.uint8)
-_MXFP4_CODE = torch.tensor([MXFP4_VALUES.index(v) if v in MXFP4_VALUES else 0 for v in range(-12, 13)], dtype=torch.uint8)
+def codebook_form(values: torch.Tensor, scale: torch.Tensor, table: tuple[int, ...]) -> KTensor:
+    """Integers from a 16-value table (values [rows, cols], each in table) times a scale per 32, exactly, as
+    one plane of their indices and the table as the form's codebook (ckernel.lut_able: the AVX2 routines look
+    each nibble up): 5 bits a weight. A table of small values (MXFP4's doubled E2M1, −12..12) is held
+    offset by 12, unsigned (u − 8 − 4 is the value), which the routines sum as they sum plain nibbles; a
+    wider one (IQ4's, −127..113) as int8, which they multiply by sign and magnitude."""
+    lo = min(table)
+    code = torch.zeros(max(table) - lo + 1, dtype=torch.uint8)
+    for i, v in reversed(list(enumerate(table))):  # (a value the table holds twice takes its first index)
+        code[v - lo] = i
+    u = _kpack(code[(values.long() - lo)])
+    if lo >= -12 and max(table) <= 12:
+        sz = torch.stack((scale.t(), -4 * scale.t()), -1).to(torch.bfloat16).contiguous()
+        return KTensor((u,), (sz,), tuple(values.shape), 4, GROUP, torch.tensor([v + 12 for v in table], dtype=torch.uint8))
+    sz = torch.stack((scale.t(), 8 * scale.t()), -1).to(torch.bfloat16).contiguous()
+    return KTensor((u,), (sz,), tuple(values.shape), 4, GROUP, torch.tensor(table, dtype=torch.int8))
 
 
 def mxfp4_planes(q: torch.Tensor, d: torch.Tensor, codebook: bool | None = None) -> KTensor:
     """Doubled MXFP4 values q (−12..12, [rows, cols]) and their scale per 32 (a power of two), exactly.
     Where emoe's routines take codebooks (ckernel.lut_able: the AVX2 build), as one plane of the values'
-    own nibbles looked up in MXFP4_LUT: 5 bits a weight, as llama.cpp's 4.25 nearly. Elsewhere as two int4
+    own nibbles and E2M1's table (codebook_form): 5 bits a weight, as llama.cpp's 4.25 nearly. Elsewhere as two int4
     planes (PyTorch's kernel has no codebook): q = a + b, a = q clamped to −8..7 and b the rest (−4..5), both
     times the scale, exact in bf16. The kernel rounds each plane's product to bf16: split as 16·hi + lo
     instead, the two products ran to 3x the result on a gpt-oss model's weights and cancelled, and their
     roundings came to 1% of it (5x rounding the activations alone; now 1.4x). codebook: which (None: as said)."""
     if lut_able() if codebook is None else codebook:
-        sz = torch.stack((d.t(), -4 * d.t()), -1).to(torch.bfloat16).contiguous()
-        return KTensor((_kpack(_MXFP4_CODE[(q + 12).long()]),), (sz,), tuple(q.shape), 4, GROUP, MXFP4_LUT.clone())
+        return codebook_form(q, d, MXFP4_VALUES)
     a = q.clamp(-8, 7)
     sz = torch.stack((d.t(), torch.zeros_like(d).t()), -1).to(torch.bfloat16).contiguous()
     return KTensor((_kpack((a + 8).to(torch.uint8)), _kpack((q - a + 8).to(torch.uint8))), (sz, sz), tuple(q.shape),
@@ -160,8 +172,9 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against the
     file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded to
     bf16: the RAM tier grows by at most 18%. Q5_0/Q5_1/Q5_K hold their values as two planes (kernel_copy5:
-    10 bits against 5.5-6), MXFP4 (gpt-oss) exactly as two planes (10 bits against 4.25), Q3_K too
-    (q3_k_form), IQ4_NL/IQ4_XS as int8 (their table's values are integers). Every other block type (Q6_K,
+    10 bits against 5.5-6), MXFP4 (gpt-oss) and IQ4_NL/IQ4_XS exactly as codebook forms where the routines
+    take them (5 bits against 4.25-4.5), else as two planes (10 bits; IQ4's table's values are integers: int8),
+    Q3_K as two planes too (q3_k_form). Every other block type (Q6_K,
     Q2_K's per-16 minimums, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
     kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
     0.5% of the values' size, far below the file's own rounding at 2-6 bits), or with bits=4 to int4
@@ -183,6 +196,8 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
         return q3_k_form(t)
     if qtype in (IQ4_NL, IQ4_XS):
         q, scale = iq4_parts(t, qtype == IQ4_XS)
+        if lut_able():
+            return codebook_form(q, scale, IQ4_VALUES)
         return to_kernel(QTensor(q, scale, tuple(q.shape), 8, GROUP))
     if qtype == Q4_0:
         u, d = q4_0_parts(t)

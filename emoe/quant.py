@@ -99,7 +99,7 @@ class KTensor:
     shape: tuple[int, int]
     bits: int
     group: int
-    lut: torch.Tensor | None = None   # a codebook form (MXFP4's, forms.mxfp4_planes): u = lut[nibble], uint8 [16]
+    lut: torch.Tensor | None = None   # a codebook form (forms.codebook_form): u = lut[nibble], [16] uint8 or int8
     cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from emoe import ckernel, quant
-from emoe.forms import int4_form, kernel_copy5, mxfp4_planes
+from emoe.forms import codebook_form, int4_form, kernel_copy5, mxfp4_planes
+from emoe.gguf_blocks import IQ4_VALUES
 
 pytestmark = pytest.mark.skipif(ckernel.library() is None, reason="no C compiler here")
 
@@ -18,7 +19,9 @@ def forms():
     return {"int4": quant.to_kernel(quant.quantize(w, 4, 32)), "int8": quant.to_kernel(quant.quantize(w, 8, 32)),
             "int4 asymmetric": int4_form(w), "q5": kernel_copy5(u5, scale, minimum),
             "mxfp4": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=False),
-            "mxfp4 codebook": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=True)}
+            "mxfp4 codebook": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=True),
+            "iq4 codebook": codebook_form(torch.tensor(IQ4_VALUES)[torch.randint(0, 16, (128, 256), generator=g)],
+                                          torch.randn(128, 8, generator=g) * 0.01, IQ4_VALUES)}
 
 
 @pytest.mark.parametrize("name", list(forms()))
@@ -307,8 +310,8 @@ def test_the_mode_is_checked_and_off_keeps_the_int4_kernel(monkeypatch):
 def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     """Built for AVX2 only (EMOE_CKERNEL_MARCH=x86-64-v3, as a CPU without AVX512 builds it): both modes run
     there (bf16 as fp32 FMAs of exact products) and give this CPU's build's products up to float summation
-    order, on one and two planes, one row and an odd count; MXFP4 codebook forms, which only that build
-    takes, give the two-plane forms' products, a group of the largest values included (int16 sums)."""
+    order, on one and two planes, one row and an odd count; codebook forms, which only that build takes,
+    give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums)."""
     import os
     import subprocess
     import sys
@@ -329,9 +332,15 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "x = torch.randn(9, 256, generator=g); x[:, :32] = 1.0\n"
             "book, two = mxfp4_planes(q, d), mxfp4_planes(q, d, codebook=False)\n"
             "assert book.lut is not None and len(two.planes) == 2 and ckernel.kq_able(book) and ckernel.kq_able(two)\n"
+            "from emoe.forms import codebook_form; from emoe.gguf_blocks import IQ4_VALUES; from emoe import quant\n"
+            "iq, s = torch.tensor(IQ4_VALUES)[torch.randint(0, 16, (128, 256), generator=g)], torch.randn(128, 8, generator=g)\n"
+            "iq[:64, :32] = -127\n"
+            "iq4, int8 = codebook_form(iq, s, IQ4_VALUES), quant.to_kernel(quant.QTensor(iq.to(torch.int8), s, (128, 256), 8, 32))\n"
+            "assert iq4.lut.dtype == torch.int8 and ckernel.kq_able(iq4) and ckernel.kq_able(int8)\n"
             "for m in (1, 2, 9):\n"
-            "    torch.testing.assert_close(ckernel.kq_linear(x[:m].contiguous(), book), ckernel.kq_linear(x[:m].contiguous(), two),\n"
-            "                               rtol=1e-5, atol=1e-4)\n")
+            "    for a, b in ((book, two), (iq4, int8)):\n"
+            "        want = ckernel.kq_linear(x[:m].contiguous(), b)\n"
+            "        torch.testing.assert_close(ckernel.kq_linear(x[:m].contiguous(), a), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())\n")
     env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64-v3", "EMOE_KQ": mode, "XDG_CACHE_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -604,10 +613,11 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     assert clipped.qkv and all(decode_block.block_weights(clipped, i) is None for i in clipped.qkv)
 
 
-def test_codebook_forms_run_dequantised_where_the_routines_take_none(monkeypatch):
+@pytest.mark.parametrize("name", ["mxfp4 codebook", "iq4 codebook"])
+def test_codebook_forms_run_dequantised_where_the_routines_take_none(name, monkeypatch):
     """A codebook form (MXFP4's) on a build whose routines take none (AVX512's), or under PyTorch's kernel,
     which has no codebook: not kq_able, and every row count still gets its exact matrix's product."""
-    k = forms()["mxfp4 codebook"]
+    k = forms()[name]
     want = quant.dequantize(k)
     monkeypatch.setattr(ckernel, "lut_able", lambda: False)
     assert not ckernel.kq_able(k)

@@ -451,7 +451,8 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     want = torch.from_numpy(gguf.quants.dequantize(blocks, q))
     form = host_form(t, int(q))
     from emoe.ckernel import lut_able
-    book = qtype == "MXFP4" and lut_able()  # one plane of the file's nibbles and a codebook (forms.mxfp4_planes)
+    # one plane of the file's nibbles and a codebook (forms.codebook_form)
+    book = qtype in ("MXFP4", "IQ4_NL", "IQ4_XS") and lut_able()
     assert isinstance(form, KTensor) and form.shape == tuple(want.shape) and form.bits == (4 if qtype[1] == "4" or book else 8)
     assert (form.lut is not None) == book
     if qtype in ("Q6_K", "Q2_K"):  # quantised again, as any int8 copy on the kernel: 0.5% of the values' size
@@ -466,7 +467,7 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
         assert torch.equal(dequantize(form), want)
     elif qtype.startswith("IQ4"):  # the table's integers as int8, scales rounded to bf16
         from emoe.gguf_blocks import file_copy
-        assert form.nbytes <= 2.36 * t.numel()
+        assert form.nbytes <= (1.18 if book else 2.36) * t.numel()
         assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()
         copy = file_copy(t, int(q), 8, kernel=False)  # the fast tier's int8 copy: the same integers, fp16 scales
         assert copy.bits == 8 and (dequantize(copy) - want).abs().max() <= 2 ** -11 * want.abs().max()
@@ -542,7 +543,7 @@ def test_low_bit_files_run_every_expert_on_its_form(tmp_path):
 
 def test_low_bit_types_take_int4_forms_when_asked_or_short_of_ram(tmp_path, monkeypatch, capsys):
     """host_form_bits=4: the types quantised again below 4 bits a weight (IQ2_XXS, Q2_K) become one-plane int4
-    forms, IQ4_XS keeps its exact int8 one: fewer bytes, log-probabilities moved by a fraction of what the
+    forms, IQ4_XS keeps its exact one (a codebook, or int8): fewer bytes, log-probabilities moved by a fraction of what the
     file's own rounding moved them from the original model. Where int8 forms would not fit the RAM, int4
     ones are made before any type stays packed."""
     from emoe import store
@@ -552,7 +553,9 @@ def test_low_bit_types_take_int4_forms_when_asked_or_short_of_ram(tmp_path, monk
     out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
     kw = dict(miss_policy="host", budget=0, experts_on="ram", dtype="float32")
     e8, e4 = Engine(EngineConfig(str(out), **kw)), Engine(EngineConfig(str(out), host_form_bits=4, **kw))
-    assert all([t.bits for t in ts] == [4, 8, 4] for ts in e4.store._experts.values())
+    from emoe.ckernel import lut_able
+    iq4 = 4 if lut_able() else 8  # IQ4_XS exactly, as a codebook where the routines take one, else as int8
+    assert all([t.bits for t in ts] == [4, iq4, 4] for ts in e4.store._experts.values())
     size = lambda e: sum(t.nbytes for ts in e.store._experts.values() for t in ts)  # noqa: E731
     assert size(e4) < 0.7 * size(e8)
     ref, orig = (Engine(EngineConfig(str(m), miss_policy="all", dtype="float32")) for m in (out, hf))
@@ -567,12 +570,12 @@ def test_low_bit_types_take_int4_forms_when_asked_or_short_of_ram(tmp_path, monk
         for kind, n in form_parts(locs):
             packed[kind] = packed.get(kind, 0) + n
     small = sum(locs.nbytes for locs in experts.values()) + sum(
-        (form_ratio(k, 4) - 1) * n for k, n in packed.items())  # int4 forms where they may be, int8 for IQ4_XS
+        (form_ratio(k, 4) - 1) * n for k, n in packed.items())  # int4 forms where they may be, IQ4_XS exact
     monkeypatch.setattr(store, "_mem_available", lambda: int(small / 0.85) + 1)
     capsys.readouterr()
     short = Engine(EngineConfig(str(out), **kw))
     assert "2 low-bit block types held as int4 forms" in capsys.readouterr().err
-    assert all([t.bits for t in ts] == [4, 8, 4] for ts in short.store._experts.values())
+    assert all([t.bits for t in ts] == [4, iq4, 4] for ts in short.store._experts.values())
 
 
 def test_host_forms_only_where_the_ram_holds_them(imported, monkeypatch, capsys):
