@@ -8,6 +8,7 @@ overhead, which only side-by-side runs can show on a noisy machine.
 Each run loads the model (experts at budget 0 on their RAM-tier forms, `--dense-blocks`: the CPU default for
 a GGUF import), warms up, and reports the better of two 128-token greedy decodes from 30-token prompts.
 --host-only stubs out the C routines that do the arithmetic, so what is left is the host's own work per token.
+--prefill N times N-token prompts with one token out instead (prompt tokens/s).
 """
 from __future__ import annotations
 
@@ -30,22 +31,23 @@ if sys.argv[3] == "1":  # --host-only: the C routines that do a step's arithmeti
             return (lambda *a: 0) if name in skip else getattr(lib, name)  # (kq_moe returns a count)
     ckernel._lib = HostOnly()
 eng = Engine(EngineConfig(sys.argv[1], miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=B))
-prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(30)] for i in range(B)]
-params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+P = int(sys.argv[4])  # --prefill: prompts of P tokens, one token out, prompt tokens/s
+prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(P or 30)] for i in range(B)]
+params = SamplingParams(max_tokens=1 if P else 128, temperature=0.0, ignore_eos=True)
 eng.generate(prompts, params)
 best = 0.0
 for _ in range(2):
     t0 = time.perf_counter()
     eng.generate(prompts, params)
-    best = max(best, 128 * B / (time.perf_counter() - t0))
+    best = max(best, (P or 128) * B / (time.perf_counter() - t0))
 print(best)
 """
 
 
-def rate(tree: Path, model: str, batch: int, host_only: bool = False) -> float:
+def rate(tree: Path, model: str, batch: int, host_only: bool = False, prefill: int = 0) -> float:
     """One fresh process importing emoe from `tree` (its directory first on the path, whatever is installed)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch), str(int(host_only))], cwd=tree, env=env,
+    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch), str(int(host_only)), str(prefill)], cwd=tree, env=env,
                        capture_output=True,
                        text=True, timeout=600)
     if r.returncode:
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--host-only", action="store_true",
                     help="stub out the C routines that do the arithmetic: tokens/s of the host work alone (Python, "
                          "ctypes, small torch ops); the tokens are garbage then, the time is what is measured")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="time N-token prompts (one token out) instead: prompt tokens/s")
     a = ap.parse_args()
     new = Path(__file__).resolve().parent.parent
     old = a.old.resolve()
@@ -73,11 +77,11 @@ def main() -> None:
             got = {"old": [], "new": []}
             for _ in range(a.rounds):
                 for name, tree in (("old", old), ("new", new)):
-                    got[name].append(rate(tree, model, batch, a.host_only))
+                    got[name].append(rate(tree, model, batch, a.host_only, a.prefill))
             ratios = [n / o for n, o in zip(got["new"], got["old"])]
             print(f"{Path(model).name:>16} batch {batch}: old {' '.join(f'{v:6.1f}' for v in got['old'])}  "
                   f"new {' '.join(f'{v:6.1f}' for v in got['new'])} tokens/s  new/old per round "
-                  f"{' '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)", flush=True)
+                  f"{' '.join(f'{r:.2f}' for r in ratios)}{' (prefill)' if a.prefill else ''} (median {statistics.median(ratios):.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
