@@ -700,14 +700,27 @@ static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* 
    k and v into the caches [slots, L, Hkv, d] at (slot[b], pos[b]), then attend over that slot's keys
    max(0, pos - window + 1) .. pos (window 0: all), head h reading kv head h / (H / Hkv), with an optional
    sink logit per head joining the softmax (gpt-oss). out [B, H, d]. q and k are normalised and rotated in place. */
+/* a head's position: its qk norm (nw), rotary; with flags & 2 (ERNIE's rotary pairs (x0, x1), (x2, x3), ...) its
+   dims reordered to halves first, as model.rotate reorders q and k alike (their dot products do not change); with
+   flags & 4 (Hunyuan) the norm after the rotary */
+static void place_head(float *x, const float *nw, float eps, const float *cs, const float *sn, int rd, int d, int flags) {
+    if (nw && !(flags & 4)) kq_rmsnorm(x, nw, x, 1, d, eps);
+    if (flags & 2) {
+        float t[d];
+        for (int i = 0; i < d / 2; i++) { t[i] = x[2 * i]; t[d / 2 + i] = x[2 * i + 1]; }
+        memcpy(x, t, sizeof(float) * d);
+    }
+    if (rd) rope_head(x, cs, sn, rd);
+    if (nw && (flags & 4)) kq_rmsnorm(x, nw, x, 1, d, eps);
+}
 void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const int64_t *slot, const int64_t *pos,
                const float *cs, const float *sn, int rd, int B, int H, int Hkv, int d, int L, int window,
-               float scale, const float *sinks, const float *qn, const float *kn, float eps, float *out, int threads) {
+               float scale, const float *sinks, const float *qn, const float *kn, float eps, float *out, int threads,
+               int flags) {
     for (int b = 0; b < B; b++) {
         for (int g = 0; g < Hkv; g++) {
             float *kk = k + ((long)b * Hkv + g) * d;
-            if (kn) kq_rmsnorm(kk, kn, kk, 1, d, eps);
-            if (rd) rope_head(kk, cs + (long)b * rd, sn + (long)b * rd, rd);
+            place_head(kk, kn, eps, cs + (long)b * rd, sn + (long)b * rd, rd, d, flags);
             const long at = (((long)slot[b] * L + pos[b]) * Hkv + g) * d;
             memcpy(kc + at, kk, sizeof(float) * d);
             memcpy(vc + at, v + ((long)b * Hkv + g) * d, sizeof(float) * d);
@@ -720,10 +733,7 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
         const int b = bg / Hkv, g = bg % Hkv, h0 = g * rep;
         const int p = (int)pos[b], j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - j0 + 1;
         float *qq = q + ((long)b * H + h0) * d, *restrict o = out + ((long)b * H + h0) * d;
-        for (int r = 0; r < rep; r++) {
-            if (qn) kq_rmsnorm(qq + (long)r * d, qn, qq + (long)r * d, 1, d, eps);
-            if (rd) rope_head(qq + (long)r * d, cs + (long)b * rd, sn + (long)b * rd, rd);
-        }
+        for (int r = 0; r < rep; r++) place_head(qq + (long)r * d, qn, eps, cs + (long)b * rd, sn + (long)b * rd, rd, d, flags);
         float *restrict s = malloc(sizeof(float) * (size_t)n * rep), mx[rep], den[rep];
         const float *kv0 = kc + (((long)slot[b] * L + j0) * Hkv + g) * d, *vv0 = vc + (((long)slot[b] * L + j0) * Hkv + g) * d;
         const long ld = (long)Hkv * d;  /* from one position's key to the next */
@@ -762,8 +772,9 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
 void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
                    const kmat *wqkv, const kmat *wv, const kmat *wo, float *kc, float *vc, const int64_t *slot,
                    const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
-                   int window, float scale, const float *sinks, const float *qn, const float *kn, int full,
+                   int window, float scale, const float *sinks, const float *qn, const float *kn, int flags,
                    const float *bqkv, const float *bv, const float *bo, int threads, int bf16) {
+    const int full = flags & 1;  /* OLMoE's qk norm; 2 and 4: kq_attend's */
     const int nq = H * d, nk = Hkv * d, N = nq + 2 * nk, ld = wv ? nq + nk : N;  /* ld: a row of the stacked product */
     float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + nq + nk));
     float *qkv = h + (size_t)B * D, *q = qkv + (size_t)B * N, *k = q + (size_t)B * nq, *v = k + (size_t)B * nk,
@@ -785,7 +796,7 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
         kq_rmsnorm(k, kn, k, B, nk, eps);
     }
     kq_attend(q, k, v, kc, vc, slot, pos, cs, sn, rd, B, H, Hkv, d, L, window, scale, sinks, full ? NULL : qn,
-              full ? NULL : kn, eps, att, threads);
+              full ? NULL : kn, eps, att, threads, flags & ~1);
     kq_linear(wo, att, B, o, threads, bf16);
     if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
     for (long i = 0; i < (long)B * D; i++) x[i] += o[i];

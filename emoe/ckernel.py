@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, P, P, P, P, i, i]
             lib.kq_layers.restype = None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
-            ctypes.c_float, P, i], None
+            ctypes.c_float, P, i, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
         lib.kq_route.argtypes, lib.kq_route.restype = [P] * 4 + [i] * 6 + [ctypes.c_float, P, P, P], None
         _lib = lib
@@ -336,12 +336,15 @@ def _f32(t: torch.Tensor) -> bool:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
            pos: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None, window: int | None, scale: float,
-           sinks: torch.Tensor | None, norms: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor | None:
+           sinks: torch.Tensor | None, norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+           flags: int = 0) -> torch.Tensor | None:
     """A decode step's attention in one C call (float32, CPU): q [B, H, d], k and v [B, Hkv, d] (one new token
     per row; each head of q and k normalised here by norms' (q weights [d], k weights [d], eps) when given, then
     rotated by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
     L, Hkv, d] at (slot, pos), then each row attends over its slot up to pos (within window), sinks [H] joining
-    the softmax. Returns out [B, H, d]; None where the routine is not built (nothing written then)."""
+    the softmax. flags: 2, each head's dims reordered from rotary pairs to halves first (model.rotate's, for
+    ERNIE); 4, the norms after the rotary (Hunyuan). Returns out [B, H, d]; None where the routine is not built
+    (nothing written then)."""
     lib = library()
     if lib is None:
         return None
@@ -356,18 +359,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
                   rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
                   sinks.contiguous().data_ptr() if sinks is not None else None,
                   *((norms[0].contiguous().data_ptr(), norms[1].contiguous().data_ptr(), norms[2]) if norms else (None, None, 0.0)),
-                  out.data_ptr(), torch.get_num_threads())
+                  out.data_ptr(), torch.get_num_threads(), flags)
     return out
 
 
 def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, wqkv, wv, wo, kc: torch.Tensor,
                vc: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, tables, heads: int, window: int | None,
-               scale: float, sinks: torch.Tensor | None, norms: tuple | None, full: bool = False,
+               scale: float, sinks: torch.Tensor | None, norms: tuple | None, flags: int = 0,
                biases: tuple = (None, None, None)) -> torch.Tensor:
     """A decode step's attention half of a layer in one C call, for x [B, D] float32 on a CPU with q/k/v stacked
     in one form (wqkv; or q/k, with v in wv) and o in another (kq_rows of them all for B rows): rms_norm, the
-    products, attend's work (norms: per-head q and k weights; with full, whole-projection ones applied before
-    it), the o product added to x in place, and the next rms_norm, returned. biases: the qkv (or qk), v and o
+    products, attend's work (norms: per-head q and k weights; with flags & 1, whole-projection ones applied
+    before it; flags 2 and 4 as attend's), the o product added to x in place, and the next rms_norm, returned. biases: the qkv (or qk), v and o
     projections' (float32, contiguous) or None."""
     B, D = x.shape
     d, Hkv = kc.shape[-1], kc.shape[-2]
@@ -380,7 +383,7 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
                        cs.shape[-1] if cs is not None else 0, heads, Hkv, d, kc.shape[1], window or 0, scale,
                        sinks.data_ptr() if sinks is not None else None, *(
                            (norms[0].data_ptr(), norms[1].data_ptr()) if norms else (None, None)),
-                       full, *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
+                       flags, *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
                        KQ == "bf16")
     return hn
 

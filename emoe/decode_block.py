@@ -5,7 +5,8 @@ Why: with the products, the attention and the norms already in C, a CPU decode s
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
 form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, no output gate or
-clipping, qk norm per head, over the whole projection (OLMoE) or none. Every other layer, and a prefill, goes
+clipping, qk norm per head (before the rotary, or after it: Hunyuan), over the whole projection (OLMoE) or none,
+rotary in halves or pairs (ERNIE). Every other layer, and a prefill, goes
 through MoEModel.attention as before, with the same routines in the same order, so the two paths agree bit for
 bit (tests/test_ckernel.py).
 
@@ -29,14 +30,13 @@ def block_weights(model, i: int) -> tuple | None:
     a = p + "self_attn."
     spec = cfg.spec
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
-            or spec.attn_gate or cfg.clip_qkv is not None or spec.rope_interleave \
-            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full")):
+            or spec.attn_gate or cfg.clip_qkv is not None \
+            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
         w[a + "o_proj.weight"]
-    norms = (w[a + "q_norm.weight"], w[a + "k_norm.weight"]) if cfg.qk_norm and spec.qk_norm in ("head", "full") else None
-    full = norms is not None and spec.qk_norm == "full"  # OLMoE's: the whole projection, before the heads split
+    norms, flags = model.head_norms(i)
     sinks, scale, window = model.c_attention(i)
     biases = (w.get(a + ("qkv" if three else "qk") + "_proj.bias"), None if three else w.get(a + "v_proj.bias"),
               w.get(a + "o_proj.bias"))
@@ -45,7 +45,7 @@ def block_weights(model, i: int) -> tuple | None:
     if type(wqkv) is not KTensor or type(wo) is not KTensor or not (wv is None or type(wv) is KTensor) \
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in plain):
         return None
-    return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, full, sinks, scale, window, biases
+    return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, flags, sinks, scale, window, biases
 
 
 def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> torch.Tensor | None:
@@ -58,10 +58,10 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) \
             or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
-    (wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window, biases = ws
+    (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = ws
     return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
-                              norms, full, biases)
+                              norms, flags, biases)
 
 
 def _mlps(model) -> list | None:
@@ -99,7 +99,7 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
     if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
         cfg, w, rows, fl, arrays = model.cfg, model.w, [], [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
-        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, full, sinks, scale, window, biases) in enumerate(blocks):
+        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases) in enumerate(blocks):
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
             routes, shared = model._step["mlps"][i]
             (descs, used, n, _), _, act = tables[i] if routes else ((None, None, 0, 0), 0, None)
@@ -111,7 +111,7 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
                          *(map(ptr, (w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias"),
                                      w.get(p + cfg.spec.bias_key))) if routes else (0, 0, 0)),
                          ctypes.addressof(descs) if routes else 0, n, ctypes.addressof(used) if routes else 0,
-                         kv.k[i].shape[1], int(full), *map(ptr, biases), ptr(gb), ptr(ub), ptr(db),
+                         kv.k[i].shape[1], flags, *map(ptr, biases), ptr(gb), ptr(ub), ptr(db),
                          ctypes.addressof(arrays[-1]) if shared is not None else 0,
                          ptr(shared[1]) if shared is not None else 0, int(routes)])
             fl.append([scale, limit, alpha])

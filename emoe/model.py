@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import ckernel
+from . import ckernel, mla
 from .config import ModelConfig
 from .decode_block import attn_block, decode_layers
 from .deltanet import delta_net_rows
@@ -214,38 +214,9 @@ class MoEModel:
         cache[i][rows.slot, rows.pos] = new.flatten(0, 1)[rows.flat].to(cache[i].dtype)
         return cache[i][rows.slots, : rows.n_keys].to(new.dtype)
 
-    def mla_attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, rows: Rows, kv: KVCache | None) -> torch.Tensor:
-        """Absorbed MLA: queries move into the latent space (through kv_b_proj's key half), attend over the
-        cached latents directly, and the value half maps the result back, so no per-head k/v is built."""
-        cfg, m, w, p = self.cfg, self.cfg.mla, self.w, f"model.layers.{i}.self_attn."
-        B, T, _ = x.shape
-        H, nope, r = cfg.num_heads, m.qk_nope_head_dim, m.kv_lora_rank
-        if m.q_lora_rank:
-            qa = linear(x, w[p + "q_a_proj.weight"], w.get(p + "q_a_proj.bias"))
-            q = linear(rms_norm(qa, w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps), w[p + "q_b_proj.weight"])
-        else:
-            q = linear(x, w[p + "q_proj.weight"])
-        q_nope, q_rot = q.view(B, T, H, nope + m.qk_rope_head_dim).transpose(1, 2).split([nope, m.qk_rope_head_dim], -1)
-        latent, k_rot = linear(x, w[p + "kv_a_proj_with_mqa.weight"], w.get(p + "kv_a_proj_with_mqa.bias")
-                                 ).split([r, m.qk_rope_head_dim], -1)
-        latent = rms_norm(latent, w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
-        keys = torch.cat((latent, self.rotate(k_rot[:, None], pos)[:, 0]), -1)[:, :, None]  # [B, T, 1, r + rope]
-        n = T
-        if kv is not None:
-            keys = self.cached(i, kv.k, keys, rows)
-            n = keys.shape[1]
-        w_kv = w[p + "kv_b_proj.weight"].view(H, nope + m.v_head_dim, r)
-        query = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :nope]), self.rotate(q_rot, pos)), -1)
-        keys = keys.transpose(1, 2)  # [B, 1, n, r + rope]: one latent "head" shared by every query head
-        out = F.scaled_dot_product_attention(query, keys, keys[..., :r], attn_mask=self.mask(pos, n, None),
-                                             scale=(nope + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale,
-                                             enable_gqa=True)
-        out = torch.einsum("bhtr,hvr->bthv", out, w_kv[:, nope:]).reshape(B, T, H * m.v_head_dim)
-        return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
-
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, rows: Rows, kv: KVCache | None) -> torch.Tensor:
         if self.cfg.mla is not None:
-            return self.mla_attention(i, x, pos, rows, kv)
+            return mla.attention(self, i, x, pos, rows, kv)
         cfg, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         B, T, _ = x.shape
         if len(self.qkv.get(i, ())) == 3:
@@ -269,15 +240,18 @@ class MoEModel:
         # a CPU decode step: qk norm, rope, the cache writes and attention in one C call (~25 small ops otherwise)
         c_path = kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
             and self._c_decode(q, kv.k[i])  # (a position past the slot's length: the torch path's IndexError)
-        norms = (w[p + "q_norm.weight"], w[p + "k_norm.weight"], cfg.rms_norm_eps) \
-            if cfg.spec.qk_norm == "head" and cfg.qk_norm else None
+        norms, flags = self.head_norms(i)
+        norms = None if norms is None or flags & 1 else (*norms, cfg.rms_norm_eps)  # (OLMoE's whole-projection: above)
         if norms and not (c_path and norms[0].dtype == torch.float32 == norms[1].dtype):
-            q, k, norms = rms_norm(q, norms[0], norms[2]), rms_norm(k, norms[1], norms[2]), None
+            if flags & 4:  # after the rotary: the torch path's
+                c_path = False
+            else:
+                q, k, norms = rms_norm(q, norms[0], norms[2]), rms_norm(k, norms[1], norms[2]), None
         if c_path:
             sinks, scale, window = self.c_attention(i)
             out = ckernel.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
                                  kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype), window, scale,
-                                 sinks, norms)
+                                 sinks, norms, flags & 6)
             return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
         q = self.rotate(q.transpose(1, 2), pos)
         k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
@@ -309,12 +283,20 @@ class MoEModel:
         scale = cfg.attention_scale if sinks is None and cfg.attention_scale else cfg.head_dim ** -0.5
         return sinks, scale, cfg.sliding_window if cfg.window_layers is None or i in cfg.window_layers else None
 
+    def head_norms(self, i: int) -> tuple[tuple | None, int]:
+        """Layer i's q and k norm weights, or None, and how the C attention applies them and the rotary (flags:
+        1 over the whole projection, OLMoE; 2 rotary pairs, ERNIE; 4 per head after the rotary, Hunyuan)."""
+        spec, p = self.cfg.spec, f"model.layers.{i}.self_attn."
+        after = spec.qk_norm == "head_after_rope"
+        names = ("query_layernorm", "key_layernorm") if after else ("q_norm", "k_norm")
+        on = after or (self.cfg.qk_norm and spec.qk_norm in ("head", "full"))
+        return ((self.w[p + names[0] + ".weight"], self.w[p + names[1] + ".weight"]) if on else None,
+                (on and spec.qk_norm == "full") + 2 * spec.rope_interleave + 4 * after)
+
     def _c_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """Whether a decode step's attention runs in ckernel.attend: float32 on a CPU, rope in halves (or none
-        to interleave), nothing between rope and attention."""
-        spec = self.cfg.spec
+        """Whether a decode step's attention runs in ckernel.attend: float32 on a CPU."""
         return (q.device.type == "cpu" and q.dtype == torch.float32 == cache.dtype and cache.is_contiguous()
-                and not spec.rope_interleave and spec.qk_norm != "head_after_rope" and ckernel.library() is not None)
+                and ckernel.library() is not None)
 
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,9 @@ if sys.argv[3] == "1":  # --host-only: the C routines that do a step's arithmeti
         def __getattr__(self, name):
             return (lambda *a: 0) if name in skip else getattr(lib, name)  # (kq_moe returns a count)
     ckernel._lib = HostOnly()
-eng = Engine(EngineConfig(sys.argv[1], miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=B))
+int8 = sys.argv[5] == "1"  # --int8: a full-precision folder's experts and dense projections as int8 forms
+eng = Engine(EngineConfig(sys.argv[1], miss_policy="host", budget=0, experts_on="ram", dense_blocks=True, max_batch=B,
+                          host_int8=int8, dense_int8=int8))
 P = int(sys.argv[4])  # --prefill: prompts of P tokens, one token out, prompt tokens/s
 prompts = [[(37 * i + 11 * j) % 300 + 3 for j in range(P or 30)] for i in range(B)]
 params = SamplingParams(max_tokens=1 if P else 128, temperature=0.0, ignore_eos=True)
@@ -44,10 +46,10 @@ print(best)
 """
 
 
-def rate(tree: Path, model: str, batch: int, host_only: bool = False, prefill: int = 0) -> float:
+def rate(tree: Path, model: str, batch: int, host_only: bool = False, prefill: int = 0, int8: bool = False) -> float:
     """One fresh process importing emoe from `tree` (its directory first on the path, whatever is installed)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch), str(int(host_only)), str(prefill)], cwd=tree, env=env,
+    r = subprocess.run([sys.executable, "-c", RUN, model, str(batch), str(int(host_only)), str(prefill), str(int(int8))], cwd=tree, env=env,
                        capture_output=True,
                        text=True, timeout=600)
     if r.returncode:
@@ -66,6 +68,8 @@ def main() -> None:
                          "ctypes, small torch ops); the tokens are garbage then, the time is what is measured")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="time N-token prompts (one token out) instead: prompt tokens/s")
+    ap.add_argument("--int8", action="store_true", help="for a full-precision folder: its experts and dense "
+                    "projections as int8 forms (--host-int8 --dense-int8), so the C routines run them")
     a = ap.parse_args()
     new = Path(__file__).resolve().parent.parent
     old = a.old.resolve()
@@ -77,7 +81,7 @@ def main() -> None:
             got = {"old": [], "new": []}
             for _ in range(a.rounds):
                 for name, tree in (("old", old), ("new", new)):
-                    got[name].append(rate(tree, model, batch, a.host_only, a.prefill))
+                    got[name].append(rate(tree, model, batch, a.host_only, a.prefill, a.int8))
             ratios = [n / o for n, o in zip(got["new"], got["old"])]
             print(f"{Path(model).name:>16} batch {batch}: old {' '.join(f'{v:6.1f}' for v in got['old'])}  "
                   f"new {' '.join(f'{v:6.1f}' for v in got['new'])} tokens/s  new/old per round "

@@ -430,11 +430,13 @@ def _decode_steps(cfg, model, dispatch) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("gpt_oss", {"sliding_window": 4}),
-                                         ("mixtral", {"sliding_window": 3}), ("glm4_moe", {"partial_rotary_factor": 0.5})])
+                                         ("mixtral", {"sliding_window": 3}), ("glm4_moe", {"partial_rotary_factor": 0.5}),
+                                         ("ernie4_5_moe", {}), ("hunyuan_v1_moe", {})])
 def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeypatch):
     """A decode step's rope, cache writes and attention in one C call (ckernel.attend): 12 steps of two rows
     in different slots give the logits the torch path gives, through sliding windows (gpt-oss with sinks,
-    Mixtral), per-head qk norm (Qwen3) and partial rotary (GLM-4)."""
+    Mixtral), per-head qk norm (Qwen3; Hunyuan's after the rotary), partial rotary (GLM-4) and rotary pairs
+    (ERNIE)."""
     from test_model import load_emoe
     from tiny import make_tiny
 
@@ -561,14 +563,16 @@ def _form_attention(model) -> None:
 
 @kq
 @pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("mixtral", {"sliding_window": 3}), ("olmoe", {"clip_qkv": None}),
-                                         ("gpt_oss", {"sliding_window": 4}), ("qwen2_moe", {})])
+                                         ("gpt_oss", {"sliding_window": 4}), ("qwen2_moe", {}), ("ernie4_5_moe", {}),
+                                         ("hunyuan_v1_moe", {})])
 def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, over, tmp_path, monkeypatch):
     """decode_block: with q/k/v stacked in one kernel form and o in another (as a GGUF's dense blocks load), a
     decode step's norm, qkv product, attention (Qwen3's per-head qk norm, OLMoE's over the whole projection;
     Mixtral's window), o product,
     residual and next norm run as one C call, and give the general path's logits bit for bit, 12 steps of two
     rows in different slots; so do layers whose v is of another kind than q and k (stacked apart), gpt-oss's
-    (q/k/v and o biases, sink logits, every other layer windowed) and Qwen2-MoE's (q/k/v biases). A layer with clipping (OLMoE's tiny default)
+    (q/k/v and o biases, sink logits, every other layer windowed), Qwen2-MoE's (q/k/v biases), ERNIE's
+    (rotary pairs) and Hunyuan's (qk norm after the rotary). A layer with clipping (OLMoE's tiny default)
     keeps the general path."""
     from test_model import load_emoe
     from tiny import make_tiny
@@ -591,7 +595,7 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     assert len(calls) == 12 * cfg.num_layers
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    if family != "gpt_oss":  # (its tiny k and v are 32 rows: no kernel form of their own)
+    if cfg.num_kv_heads * cfg.head_dim % 64 == 0:  # (gpt-oss's, ERNIE's and Hunyuan's tiny k and v are 32 rows: no form)
         # q and k in 4-bit forms and v in 8-bit ones (as a Q4_K_M file's Q6_K v): q and k stack, v stays apart
         from emoe.checkpoint import Checkpoint
         from emoe.model import MoEModel

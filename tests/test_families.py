@@ -535,6 +535,38 @@ def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkey
     assert run_it() == fast
 
 
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe"])
+def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, tmp_path, monkeypatch):
+    """ERNIE-4.5 (rotary pairs, a dense first layer, shared experts) and Hunyuan (qk norm after the rotary, a
+    shared MLP in every layer) with int8 forms of their experts and dense projections, at budget 0: a decode
+    step's layers run in one C call with the per-layer path's tokens and log-probabilities bit for bit, and
+    with the tokens of the same forms run through torch's attention (no C attention)."""
+    import emoe.model as model_mod
+    from emoe import ckernel
+    shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64)
+    path = make_tiny(family, tmp_path / "m", **shape)
+    calls, real = [], ckernel.layers
+    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+
+    def run_it():
+        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                  host_int8=True, dense_int8=True))
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                           chat=False)
+        return [(r.output_ids, r.logprobs) for r in got]
+    fast = run_it()
+    assert len(calls) == 5
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    assert run_it() == fast
+    monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
+    slow = run_it()
+    assert [t for t, _ in slow] == [t for t, _ in fast]
+    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_fp8_release_experts_run_on_int8_kernel_forms(family, tmp_path):
     """With host misses and experts in RAM, an FP8 release's experts are held as int8 forms of the kernel
