@@ -426,8 +426,8 @@ static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b
         if (g != gcur) scales64(w, 0, gcur = g, b, sf, zf);
         for (int rr = 0; rr < R; rr++) {
             __m256i a[8], c[8];
+            for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_si256();
             if (sg) {
-                for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_si256();
                 for (int k4 = 0; k4 < 8; k4++) {
                     int32_t xq4;
                     memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
@@ -443,7 +443,7 @@ static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b
                     const __m256i xv = _mm256_set1_epi32(xq4);
                     for (int i = 0; i < 8; i++) a[i] = dp(a[i], u[k4][i], xv);
                 }
-                for (int i = 0; i < 8; i++) c[i] = half ? _mm256_add_epi32(c[i], dp_sum(a[i])) : dp_sum(a[i]);
+                for (int i = 0; i < 8; i++) c[i] = _mm256_add_epi32(c[i], dp_sum(a[i]));
             }
             const __m256 dx = _mm256_set1_ps(x[rr].d[kb]), zx = _mm256_set1_ps(x[rr].qs[kb]);
             float *yr = y[rr] + b * 64;
