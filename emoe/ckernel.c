@@ -189,7 +189,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.f);
     const uint8_t *lut = w->lut;
-    const int sg = lut && w->sg;
+    const int sg = lut && w->sg, halves = w->group == 16 ? 2 : 1;  /* group 16: scales per half of each 32 */
     const __m128i table = lut ? _mm_loadu_si128((const __m128i *)lut) : m4;
     const int K = (int)w->K;
     float acc[2][64] = {{0.f}}, xs[2][32];
@@ -199,11 +199,12 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
             const uint32_t *p = w->sz[pl] + (long)(kb * 32 / (int)w->group) * w->N + b * 64;
             for (int r = 0; r < R; r++)
                 for (int j = 0; j < 32; j++) xs[r][j] = bf(((const uint16_t *)x[r].q)[kb * 32 + j]);
-            for (int h = 0; h < 2; h++) {
+            for (int hs = 0; hs < 2 * halves; hs++) {  /* low nibbles' rows, then high: each half of k with group 16 */
+                const int h = hs / halves, k0 = (hs % halves) * 16, k1 = halves == 2 ? k0 + 16 : 32;
                 __m256 a[2][4];
                 for (int r = 0; r < R; r++)
                     for (int i = 0; i < 4; i++) a[r][i] = _mm256_setzero_ps();
-                for (int k = 0; k < 32; k++) {
+                for (int k = k0; k < k1; k++) {
                     const uint8_t *c = base + (long)(kb * 32 + k) * 32;
                     __m256 wv[4];
                     for (int i = 0; i < 4; i++) {
@@ -217,13 +218,19 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
                         for (int i = 0; i < 4; i++) a[r][i] = _mm256_fmadd_ps(wv[i], xv, a[r][i]);
                     }
                 }
+                const uint32_t *ph = halves == 2 ? p + (long)(k0 / 16) * w->N : p;
+                float xsum[2];
+                for (int r = 0; r < R; r++) {
+                    xsum[r] = halves == 2 ? 0.f : x[r].qs[kb];
+                    if (halves == 2) for (int k = k0; k < k1; k++) xsum[r] += xs[r][k];
+                }
                 for (int i = 0; i < 4; i++) {
                     const int j0 = h * 32 + 8 * i;
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + j0));
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(ph + j0));
                     const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
                     const __m256 z = _mm256_fnmadd_ps(eight, s, _mm256_castsi256_ps(_mm256_and_si256(v, hi16)));
                     for (int r = 0; r < R; r++) {
-                        const __m256 f = _mm256_fmadd_ps(z, _mm256_set1_ps(x[r].qs[kb]), _mm256_loadu_ps(acc[r] + j0));
+                        const __m256 f = _mm256_fmadd_ps(z, _mm256_set1_ps(xsum[r]), _mm256_loadu_ps(acc[r] + j0));
                         _mm256_storeu_ps(acc[r] + j0, _mm256_fmadd_ps(a[r][i], s, f));
                     }
                 }
@@ -401,58 +408,75 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
         }
     }
 }
-/* a codebook form (ckernel.lut_able): one plane whose nibbles index 16 values (lut), which a byte shuffle puts
-   in place of u after the unpacking; the rest is int8_rows'. MXFP4's (unsigned, up to 24): pair products up
-   to 2 x 24 x 127 in int16 lanes would pass 32767 over a group's 8 steps, so the lanes widen to int32 after 4
-   steps as well. IQ4's (sg: int8, -127..113): maddubs takes |v| and x with v's sign, as llama.cpp's AVX2
-   dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step. */
-static void lut_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
-    const int K = (int)w->K, sg = (int)w->sg;
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut));
+/* One-plane forms the other routines do not take (ckernel.lut_able), with int8_rows' unpacking and sums:
+   - codebooks: the nibbles index 16 values (lut), which a byte shuffle puts in place of u. MXFP4's (unsigned,
+     up to 24): pair products up to 2 x 24 x 127 in int16 lanes would pass 32767 over a group's 8 steps, so the
+     lanes widen to int32 after each 4. IQ4's (sg: int8, -127..113): maddubs takes |v| and x with v's sign, as
+     llama.cpp's AVX2 dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step;
+   - scales and zeros per 16 values (group 16: Q2_K's and Q3_K's), applied to each half's sums, with the half's
+     own sum of x for the zero. */
+static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+    const int K = (int)w->K, sg = w->lut && w->sg, g16 = w->group == 16;
+    const __m256i table = w->lut ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut))
+                                 : _mm256_setzero_si256();
     __m256i u[8][8], v[8][8];
-    float sf[64], zf[64];
+    float sf[2][64], zf[2][64];
     int gcur = -1;
     for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
     for (int kb = 0; kb < K / 32; kb++) {
         const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * 32;
         for (int k4 = 0; k4 < 8; k4++) {
             unpack_k4(base + k4 * 128, u[k4]);
-            for (int i = 0; i < 8; i++) {
-                u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
-                if (sg) { v[k4][i] = u[k4][i]; u[k4][i] = _mm256_abs_epi8(v[k4][i]); }
-            }
-        }
-        const int g = kb * 32 / (int)w->group;
-        if (g != gcur) scales64(w, 0, gcur = g, b, sf, zf);
-        for (int rr = 0; rr < R; rr++) {
-            __m256i a[8], c[8];
-            for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_si256();
-            if (sg) {
-                for (int k4 = 0; k4 < 8; k4++) {
-                    int32_t xq4;
-                    memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
-                    const __m256i xv = _mm256_set1_epi32(xq4);
-                    for (int i = 0; i < 8; i++) c[i] = _mm256_add_epi32(c[i], dp_sum(dp(_mm256_setzero_si256(), u[k4][i],
-                                                                                   _mm256_sign_epi8(xv, v[k4][i]))));
+            if (w->lut)
+                for (int i = 0; i < 8; i++) {
+                    u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
+                    if (sg) { v[k4][i] = u[k4][i]; u[k4][i] = _mm256_abs_epi8(v[k4][i]); }
                 }
-            } else for (int half = 0; half < 2; half++) {
+        }
+        if (g16) {
+            scales64(w, 0, 2 * kb, b, sf[0], zf[0]);
+            scales64(w, 0, 2 * kb + 1, b, sf[1], zf[1]);
+        } else {
+            const int g = kb * 32 / (int)w->group;
+            if (g != gcur) scales64(w, 0, gcur = g, b, sf[0], zf[0]);
+        }
+        for (int rr = 0; rr < R; rr++) {
+            __m256i c[2][8];
+            for (int half = 0; half < 2; half++) {
+                __m256i a[8];
                 for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
                 for (int k4 = half * 4; k4 < half * 4 + 4; k4++) {
                     int32_t xq4;
                     memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
                     const __m256i xv = _mm256_set1_epi32(xq4);
-                    for (int i = 0; i < 8; i++) a[i] = dp(a[i], u[k4][i], xv);
+                    for (int i = 0; i < 8; i++)
+                        a[i] = sg ? _mm256_add_epi32(a[i], dp_sum(dp(_mm256_setzero_si256(), u[k4][i],
+                                                                     _mm256_sign_epi8(xv, v[k4][i]))))
+                                  : dp(a[i], u[k4][i], xv);
                 }
-                for (int i = 0; i < 8; i++) c[i] = _mm256_add_epi32(c[i], dp_sum(a[i]));
+                for (int i = 0; i < 8; i++) c[half][i] = sg ? a[i] : dp_sum(a[i]);
             }
-            const __m256 dx = _mm256_set1_ps(x[rr].d[kb]), zx = _mm256_set1_ps(x[rr].qs[kb]);
-            float *yr = y[rr] + b * 64;
-            for (int i = 0; i < 8; i++) {
-                const int r0 = (i / 4) * 32 + (i % 4) * 4;
-                const __m256 s = _mm256_loadu2_m128(&sf[r0 + 16], &sf[r0]), z = _mm256_loadu2_m128(&zf[r0 + 16], &zf[r0]);
-                const __m256 f = _mm256_loadu2_m128(&yr[r0 + 16], &yr[r0]);
-                _mm256_storeu2_m128(&yr[r0 + 16], &yr[r0],
-                                    _mm256_fmadd_ps(z, zx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[i]), _mm256_mul_ps(s, dx), f)));
+            const __m256 dx = _mm256_set1_ps(x[rr].d[kb]);
+            float *yr = y[rr] + b * 64, zs[2] = {x[rr].qs[kb], 0.f};
+            if (g16) {  /* each half's sum of x (times its scale), for its zero */
+                int t = 0;
+                for (int j = 0; j < 16; j++) t += x[rr].q[kb * 32 + j];
+                zs[0] = x[rr].d[kb] * (float)t;
+                t = 0;
+                for (int j = 16; j < 32; j++) t += x[rr].q[kb * 32 + j];
+                zs[1] = x[rr].d[kb] * (float)t;
+            } else
+                for (int i = 0; i < 8; i++) c[0][i] = _mm256_add_epi32(c[0][i], c[1][i]);
+            for (int h = 0; h <= g16; h++) {
+                const __m256 zx = _mm256_set1_ps(zs[h]);
+                for (int i = 0; i < 8; i++) {
+                    const int r0 = (i / 4) * 32 + (i % 4) * 4;
+                    const __m256 s = _mm256_loadu2_m128(&sf[h][r0 + 16], &sf[h][r0]);
+                    const __m256 z = _mm256_loadu2_m128(&zf[h][r0 + 16], &zf[h][r0]);
+                    const __m256 f = _mm256_loadu2_m128(&yr[r0 + 16], &yr[r0]);
+                    _mm256_storeu2_m128(&yr[r0 + 16], &yr[r0], _mm256_fmadd_ps(z, zx, _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(c[h][i]), _mm256_mul_ps(s, dx), f)));
+                }
             }
         }
     }
@@ -477,7 +501,7 @@ int kq_modes(void) {
     m |= 2;
 #endif
 #if defined(KQ_AVX2) && defined(KQ_BF16_AVX2)
-    m |= 8;  /* both modes take codebook forms (kmat.lut) */
+    m |= 8;  /* both modes take codebook forms (kmat.lut) and scales per 16 values (group 16) */
 #endif
     return m;
 }
@@ -489,7 +513,7 @@ typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
 #define GROUP 8
 static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
 #ifdef KQ_AVX2
-    if (w->lut) { lut_rows(w, x, y, R, b); return; }
+    if (w->lut || w->group == 16) { half_rows(w, x, y, R, b); return; }
     if (R > 1) { int8_rows(w, x, y, R, b); return; }
 #endif
     for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);  /* (AVX512: a row at a time) */

@@ -146,11 +146,11 @@ def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple
 # -- few rows: a decode step's products ---------------------------------------------------------------------------
 def _desc(w) -> list:
     """The form's C descriptor, made once per KTensor (its `cdesc` slot): [address or 0 where the routines cannot
-    take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook where lut_able is not), the
-    descriptor tensor, planes]."""
+    take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook or 16-value groups where
+    lut_able is not), the descriptor tensor, planes]."""
     if not w.cdesc:
         if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)) \
-                and (w.lut is None or (lut_able() and w.lut.is_contiguous() and w.lut.device.type == "cpu")):
+                and (w.plain or (lut_able() and (w.lut is None or w.lut.is_contiguous() and w.lut.device.type == "cpu"))):
             # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook; lives as long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
@@ -163,9 +163,10 @@ def _desc(w) -> list:
 
 
 def lut_able() -> bool:
-    """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut): the AVX2 ones.
-    Where they do, MXFP4 experts are held as one plane of their own nibbles (forms.mxfp4_planes), half the bytes
-    of two int4 planes; AVX512 builds keep the two planes."""
+    """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut) and scales per
+    16 values (group 16): the AVX2 ones. Where they do, MXFP4 and IQ4 matrices are one plane of their own nibbles
+    (forms.codebook_form), and Q2_K and Q3_K one plane with their scales per 16, half the bytes of two int4
+    planes or less; AVX512 builds keep the two planes."""
     lib = _lib if _lib is not False else library()
     return lib is not None and bool(lib.modes & 8)
 

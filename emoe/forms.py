@@ -11,9 +11,9 @@ import torch
 
 from .checkpoint import PACKED, fp8_dequantize
 from .ckernel import lut_able
-from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4, MXFP4_VALUES, Q3_K, Q4_0, Q4_1,
+from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4, MXFP4_VALUES, Q2_K, Q3_K, Q4_0, Q4_1,
                           Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
-                          q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
+                          q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
 from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
 
 
@@ -34,11 +34,16 @@ ONE_PLANE = (Q4_0, Q4_1, Q4_K)  # 4 bits + a bf16 scale and zero per 32: 5 bits 
 EXACT = frozenset({*ONE_PLANE, Q8_0, Q5_0, Q5_1, Q5_K, MXFP4, Q3_K, IQ4_NL, IQ4_XS})
 
 
+def _exact(kind) -> bool:
+    """Whether a block type's form holds the file's own values (Q2_K's only where scales per 16 can be held)."""
+    return kind in EXACT or (kind == Q2_K and lut_able())
+
+
 def int4_able(kind) -> bool:
     """Whether a GGUF block type's form is its values quantised again and the file holds fewer than 4 bits a
     weight (Q2_K, the IQ1-IQ3 codebooks, TQ1_0/TQ2_0): an int4 form then adds little to the file's own
     rounding. Q6_K's int8 form stays: int4 would round it as coarsely as a Q4 file."""
-    if not isinstance(kind, int) or kind in EXACT or kind in FLOAT_TYPES:
+    if not isinstance(kind, int) or _exact(kind) or kind in FLOAT_TYPES:
         return False
     from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[kind]
@@ -56,6 +61,8 @@ def form_ratio(kind, bits: int = 8) -> float | None:
     block, size = GGML_QUANT_SIZES[kind]
     if kind in (MXFP4, IQ4_NL, IQ4_XS):
         return mxfp4_bits() / (8 * size / block)
+    if kind in (Q2_K, Q3_K) and lut_able():  # one plane, scales per 16
+        return 6 / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
 
@@ -150,10 +157,13 @@ def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int])
 
 
 def q3_k_form(t: torch.Tensor) -> KTensor:
-    """Q3_K exactly, as two planes: its scales cover 16 values, the kernel's 32, so one plane holds each 32's
-    first 16 values (the others 0) with the first scale, the other the second 16 with theirs (10 bits a weight
-    against 3.44: 2.9x the file's bytes, so built only where RAM holds them)."""
+    """Q3_K exactly. Where the routines take scales per 16 (ckernel.lut_able), as one plane of u = value + 8 with
+    its scales per 16 (6 bits a weight against 3.44). Elsewhere as two planes: the kernel's scales cover 32, so one
+    plane holds each 32's first 16 values (the others 0) with the first scale, the other the second 16 with
+    theirs (10 bits a weight: 2.9x the file's bytes, so built only where RAM holds them)."""
     v, scale = q3_k_parts(t)
+    if lut_able():
+        return kernel_copy((v + 8).to(torch.uint8), scale, 8 * scale, 16)
     rows = v.shape[0]
     halves = v.view(rows, -1, 2, 16)
     planes, sz = [], []
@@ -194,6 +204,9 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
         return mxfp4_form(t)
     if qtype == Q3_K:
         return q3_k_form(t)
+    if qtype == Q2_K and lut_able():  # exactly, one plane with its scales and minimums per 16: 6 bits a weight
+        u, scale, minimum = q2_k_parts(t)  # (u + 6: the zero, 2·scale − minimum, stays small beside the values)
+        return kernel_copy(u + 6, scale, minimum + 6 * scale, 16)
     if qtype in (IQ4_NL, IQ4_XS):
         q, scale = iq4_parts(t, qtype == IQ4_XS)
         if lut_able():

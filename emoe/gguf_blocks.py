@@ -142,6 +142,17 @@ def q2_k(t: torch.Tensor) -> torch.Tensor:
     return w.mul_((d * (sc.remainder(16)))[..., None]).sub_((dmin * (sc // 16))[..., None]).reshape(rows, -1)
 
 
+def q2_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K rows → (values 0..3 [rows, cols], uint8; scale and minimum per 16 values, fp32): the weight is
+    scale·u − minimum (q2_k's arithmetic)."""
+    rows = t.shape[0]
+    b = t.reshape(rows, -1, 84)
+    sc, d, dmin = b[..., :16].float(), _half(b, 80).float()[..., None], _half(b, 82).float()[..., None]
+    shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
+    u = ((b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> shift) & 3).reshape(rows, -1)
+    return u, (d * sc.remainder(16)).reshape(rows, -1), (dmin * (sc // 16)).reshape(rows, -1)
+
+
 def q3_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q3_K rows → (values −4..3 [rows, cols], int8; scale per 16 values, fp32): per 256 values 32 bytes of
     high bits (bit 4h+j of byte l for half h, plane j, value l), 64 bytes of 2-bit values laid out as Q2_K's,
@@ -268,12 +279,12 @@ def q4_1_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return u, _half(b, 0).float(), -_half(b, 2).float()
 
 
-def kernel_copy(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
-    """An asymmetric 4-bit matrix (weight = scale·u − minimum per 32 values) in the CPU int4 kernel's layout:
-    (u − 8)·scale + zero with zero = 8·scale − minimum."""
+def kernel_copy(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int = GROUP) -> KTensor:
+    """An asymmetric 4-bit matrix (weight = scale·u − minimum per `group` values) in the CPU int4 kernel's
+    layout: (u − 8)·scale + zero with zero = 8·scale − minimum."""
     zero = 8 * scale - minimum
     sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
-    return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, GROUP)
+    return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, group)
 
 
 def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor | KTensor | None:

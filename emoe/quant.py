@@ -103,6 +103,11 @@ class KTensor:
     cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property
+    def plain(self) -> bool:
+        """Whether PyTorch's int4 kernel can run it: no codebook, groups of 32 or more."""
+        return self.lut is None and self.group >= 32
+
+    @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz) + \
             (0 if self.lut is None else 16)
@@ -244,7 +249,7 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
     """xb [M, K] @ W^T: bf16 out where PyTorch's kernel or a bf16 matmul makes it, float32 where the CPU's bf16
     matmuls are slow (the callers cast to their activations' dtype)."""
     m, reads = xb.shape[0], kernel_reads_forms()
-    if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads or w.lut is not None) and unpackable(w):  # a prefill's many rows
+    if (m >= DEQUANT_ROWS.get(len(w.planes), 1 << 30) or not reads or not w.plain) and unpackable(w):  # a prefill's many rows
         bf = bf16_matmul()
         if bf and m % PAD_ROWS:  # every prompt length (and every expert's share of it) would be a new oneDNN shape
             return _kmm(F.pad(xb, (0, 0, 0, PAD_ROWS - m % PAD_ROWS)), w)[:m]
@@ -253,7 +258,7 @@ def _kmm(xb: torch.Tensor, w: KTensor) -> torch.Tensor:
             wt = dequant_t(w, c // 64, min(c + DEQUANT_COLS, w.shape[0]) // 64, f32=not bf)
             parts.append(x @ wt[0] if len(wt) == 1 else torch.addmm(x @ wt[1], x, wt[0]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    if not reads or w.lut is not None:  # neither kernel nor routine: the exact arithmetic, dequantised for the call
+    if not reads or not w.plain:  # neither kernel nor routine: the exact arithmetic, dequantised for the call
         return F.linear(xb.float(), dequantize(w))
     xb = xb.to(torch.bfloat16)
     y = _MM(xb, w.planes[0], w.group, w.sz[0])

@@ -5,7 +5,7 @@ import torch
 
 from emoe import ckernel, quant
 from emoe.forms import codebook_form, int4_form, kernel_copy5, mxfp4_planes
-from emoe.gguf_blocks import IQ4_VALUES
+from emoe.gguf_blocks import IQ4_VALUES, kernel_copy
 
 pytestmark = pytest.mark.skipif(ckernel.library() is None, reason="no C compiler here")
 
@@ -21,7 +21,9 @@ def forms():
             "mxfp4": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=False),
             "mxfp4 codebook": mxfp4_planes(mx, torch.full((128, 8), 0.25), codebook=True),
             "iq4 codebook": codebook_form(torch.tensor(IQ4_VALUES)[torch.randint(0, 16, (128, 256), generator=g)],
-                                          torch.randn(128, 8, generator=g) * 0.01, IQ4_VALUES)}
+                                          torch.randn(128, 8, generator=g) * 0.01, IQ4_VALUES),
+            "group 16": kernel_copy(u5 // 2, torch.rand(128, 16, generator=g) * 0.1, torch.randn(128, 16, generator=g) * 0.1,
+                                    16)}
 
 
 @pytest.mark.parametrize("name", list(forms()))
@@ -311,7 +313,9 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     """Built for AVX2 only (EMOE_CKERNEL_MARCH=x86-64-v3, as a CPU without AVX512 builds it): both modes run
     there (bf16 as fp32 FMAs of exact products) and give this CPU's build's products up to float summation
     order, on one and two planes, one row and an odd count; codebook forms, which only that build takes,
-    give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums)."""
+    give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums);
+    forms with scales per 16 values give the exact product up to rounding the activations, and with both
+    halves of each 32 alike a group-32 form's products."""
     import os
     import subprocess
     import sys
@@ -337,8 +341,19 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "iq[:64, :32] = -127\n"
             "iq4, int8 = codebook_form(iq, s, IQ4_VALUES), quant.to_kernel(quant.QTensor(iq.to(torch.int8), s, (128, 256), 8, 32))\n"
             "assert iq4.lut.dtype == torch.int8 and ckernel.kq_able(iq4) and ckernel.kq_able(int8)\n"
+            "# scales per 16 (Q2_K's, Q3_K's): with each 32's two halves alike, a group-32 form's products\n"
+            "from emoe.gguf_blocks import kernel_copy\n"
+            "u = torch.randint(0, 16, (128, 256), generator=g, dtype=torch.uint8); u[:64, :32] = 15\n"
+            "sc, mn = torch.rand(128, 8, generator=g) * 0.1, torch.randn(128, 8, generator=g) * 0.1\n"
+            "g16, g32 = kernel_copy(u, sc.repeat_interleave(2, 1), mn.repeat_interleave(2, 1), 16), kernel_copy(u, sc, mn)\n"
+            "assert ckernel.kq_able(g16) and ckernel.kq_able(g32)\n"
+            "other = kernel_copy(u, torch.rand(128, 16, generator=g) * 0.1, torch.randn(128, 16, generator=g) * 0.1, 16)\n"
+            "assert ckernel.kq_able(other)\n"
             "for m in (1, 2, 9):\n"
-            "    for a, b in ((book, two), (iq4, int8)):\n"
+            "    ref = x[:m] @ quant.dequantize(other).T\n"
+            "    assert (ckernel.kq_linear(x[:m].contiguous(), other) - ref).abs().max() <= 0.02 * ref.abs().max()\n"
+            "for m in (1, 2, 9):\n"
+            "    for a, b in ((book, two), (iq4, int8), (g16, g32)):\n"
             "        want = ckernel.kq_linear(x[:m].contiguous(), b)\n"
             "        torch.testing.assert_close(ckernel.kq_linear(x[:m].contiguous(), a), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())\n")
     env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64-v3", "EMOE_KQ": mode, "XDG_CACHE_HOME": str(tmp_path)}
@@ -617,10 +632,11 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     assert clipped.qkv and all(decode_block.block_weights(clipped, i) is None for i in clipped.qkv)
 
 
-@pytest.mark.parametrize("name", ["mxfp4 codebook", "iq4 codebook"])
+@pytest.mark.parametrize("name", ["mxfp4 codebook", "iq4 codebook", "group 16"])
 def test_codebook_forms_run_dequantised_where_the_routines_take_none(name, monkeypatch):
-    """A codebook form (MXFP4's) on a build whose routines take none (AVX512's), or under PyTorch's kernel,
-    which has no codebook: not kq_able, and every row count still gets its exact matrix's product."""
+    """A codebook form (MXFP4's) or one with scales per 16 values (Q2_K's) on a build whose routines take
+    neither (AVX512's), or under PyTorch's kernel, which has neither: not kq_able, and every row count still
+    gets its exact matrix's product."""
     k = forms()[name]
     want = quant.dequantize(k)
     monkeypatch.setattr(ckernel, "lut_able", lambda: False)
