@@ -90,7 +90,8 @@ void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, u
 /* ---- few-row products --------------------------------------------------------------------------------------- */
 /* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8 */
 typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg; } kmat;
-typedef struct { int8_t *q; float *d, *qs; } qrow;  /* a row rounded: int8 per 32, the scale, the scale x sum */
+/* a row rounded: int8 per 32, the scale, the scale x sum; h, the scale x sum of each half (int8 rows only) */
+typedef struct { int8_t *q; float *d, *qs, *h; } qrow;
 
 static void quant_row(const float *x, int n, qrow r) {
     for (int b = 0; b < n / 32; b++) {
@@ -98,9 +99,17 @@ static void quant_row(const float *x, int n, qrow r) {
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
         const float id = amax > 0.f ? 127.f / amax : 0.f;
         int s = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)nearbyintf(x[b * 32 + j] * id); r.q[b * 32 + j] = (int8_t)v; s += v; }
+        int s0 = 0;
+        for (int j = 0; j < 32; j++) {
+            int v = (int)nearbyintf(x[b * 32 + j] * id);
+            r.q[b * 32 + j] = (int8_t)v;
+            s += v;
+            if (j == 15) s0 = s;
+        }
         r.d[b] = amax / 127.f;
         r.qs[b] = r.d[b] * (float)s;
+        r.h[2 * b] = r.d[b] * (float)s0;
+        r.h[2 * b + 1] = r.d[b] * (float)(s - s0);
     }
 }
 
@@ -328,11 +337,12 @@ static inline __attribute__((always_inline)) void unpack_k4(const uint8_t *r, __
 /* group g's scales, and zeros less 8 x scale (the routine sums u, not u - 8), of rows b*64 .. b*64+63 */
 static inline void scales64(const kmat *w, int pl, int g, int b, float *sf, float *zf) {
     const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-    for (int j = 0; j < 64; j++) {
-        const uint32_t sv = p[j] << 16, zv = p[j] & 0xFFFF0000u;
-        memcpy(&sf[j], &sv, 4);
-        memcpy(&zf[j], &zv, 4);
-        zf[j] -= 8.f * sf[j];
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int j = 0; j < 64; j += 8) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + j));
+        const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        _mm256_storeu_ps(sf + j, s);
+        _mm256_storeu_ps(zf + j, _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, _mm256_castsi256_ps(_mm256_and_si256(v, hi))));
     }
 }
 static void int8_row(const kmat *w, qrow x, float *y, int b) {
@@ -415,24 +425,35 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
      llama.cpp's AVX2 dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step;
    - scales and zeros per 16 values (group 16: Q2_K's and Q3_K's), applied to each half's sums, with the half's
      own sum of x for the zero. */
-static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
-    const int K = (int)w->K, sg = w->lut && w->sg, g16 = w->group == 16;
-    const __m256i table = w->lut ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut))
-                                 : _mm256_setzero_si256();
+/* one k4 step of a one-plane form, unpacked, looked up (lut) and, for an int8 table, split into |v| (u) and v */
+static inline __attribute__((always_inline)) void half_unpack(const uint8_t *r, __m256i *u, __m256i *v,
+                                                              const __m256i table, int lut, int sg) {
+    unpack_k4(r, u);
+    if (lut)
+        for (int i = 0; i < 8; i++) {
+            u[i] = _mm256_shuffle_epi8(table, u[i]);
+            if (sg) { v[i] = u[i]; u[i] = _mm256_abs_epi8(v[i]); }
+        }
+}
+static inline __attribute__((always_inline)) __m256i half_dp(__m256i a, __m256i u, __m256i v, __m256i xv, int sg) {
+    return sg ? _mm256_add_epi32(a, dp_sum(dp(_mm256_setzero_si256(), u, _mm256_sign_epi8(xv, v)))) : dp(a, u, xv);
+}
+static inline __m256i xq4(const qrow *x, int kb, int k4) {
+    int32_t q;
+    memcpy(&q, x->q + kb * 32 + k4 * 4, 4);
+    return _mm256_set1_epi32(q);
+}
+static inline __attribute__((always_inline)) void half_rows_(const kmat *w, const qrow *x, float *const *y, const int R,
+                                                             int b, const int lut, const int sg, const int g16) {
+    const int K = (int)w->K;
+    const __m256i table = lut ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut))
+                              : _mm256_setzero_si256();
     __m256i u[8][8], v[8][8];
     float sf[2][64], zf[2][64];
     int gcur = -1;
     for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
     for (int kb = 0; kb < K / 32; kb++) {
         const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * 32;
-        for (int k4 = 0; k4 < 8; k4++) {
-            unpack_k4(base + k4 * 128, u[k4]);
-            if (w->lut)
-                for (int i = 0; i < 8; i++) {
-                    u[k4][i] = _mm256_shuffle_epi8(table, u[k4][i]);
-                    if (sg) { v[k4][i] = u[k4][i]; u[k4][i] = _mm256_abs_epi8(v[k4][i]); }
-                }
-        }
         if (g16) {
             scales64(w, 0, 2 * kb, b, sf[0], zf[0]);
             scales64(w, 0, 2 * kb + 1, b, sf[1], zf[1]);
@@ -440,32 +461,28 @@ static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
             const int g = kb * 32 / (int)w->group;
             if (g != gcur) scales64(w, 0, gcur = g, b, sf[0], zf[0]);
         }
+        if (R > 1)  /* unpacked once for every row */
+            for (int k4 = 0; k4 < 8; k4++) half_unpack(base + k4 * 128, u[k4], v[k4], table, lut, sg);
         for (int rr = 0; rr < R; rr++) {
             __m256i c[2][8];
             for (int half = 0; half < 2; half++) {
                 __m256i a[8];
                 for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
                 for (int k4 = half * 4; k4 < half * 4 + 4; k4++) {
-                    int32_t xq4;
-                    memcpy(&xq4, x[rr].q + kb * 32 + k4 * 4, 4);
-                    const __m256i xv = _mm256_set1_epi32(xq4);
-                    for (int i = 0; i < 8; i++)
-                        a[i] = sg ? _mm256_add_epi32(a[i], dp_sum(dp(_mm256_setzero_si256(), u[k4][i],
-                                                                     _mm256_sign_epi8(xv, v[k4][i]))))
-                                  : dp(a[i], u[k4][i], xv);
+                    const __m256i xv = xq4(&x[rr], kb, k4);
+                    if (R == 1) {  /* one row: each step's unpacking used at once, in registers */
+                        __m256i uu[8], vv[8] = {0};
+                        half_unpack(base + k4 * 128, uu, vv, table, lut, sg);
+                        for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], uu[i], vv[i], xv, sg);
+                    } else
+                        for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], u[k4][i], v[k4][i], xv, sg);
                 }
                 for (int i = 0; i < 8; i++) c[half][i] = sg ? a[i] : dp_sum(a[i]);
             }
             const __m256 dx = _mm256_set1_ps(x[rr].d[kb]);
-            float *yr = y[rr] + b * 64, zs[2] = {x[rr].qs[kb], 0.f};
-            if (g16) {  /* each half's sum of x (times its scale), for its zero */
-                int t = 0;
-                for (int j = 0; j < 16; j++) t += x[rr].q[kb * 32 + j];
-                zs[0] = x[rr].d[kb] * (float)t;
-                t = 0;
-                for (int j = 16; j < 32; j++) t += x[rr].q[kb * 32 + j];
-                zs[1] = x[rr].d[kb] * (float)t;
-            } else
+            float *yr = y[rr] + b * 64;
+            const float zs[2] = {g16 ? x[rr].h[2 * kb] : x[rr].qs[kb], x[rr].h[2 * kb + 1]};  /* sums of x, for zeros */
+            if (!g16)
                 for (int i = 0; i < 8; i++) c[0][i] = _mm256_add_epi32(c[0][i], c[1][i]);
             for (int h = 0; h <= g16; h++) {
                 const __m256 zx = _mm256_set1_ps(zs[h]);
@@ -480,6 +497,15 @@ static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
             }
         }
     }
+}
+/* half_rows_ with its cases' flags constant, so that each is compiled without branches in its loops */
+static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
+    const int lut = w->lut != NULL, sg = lut && w->sg, g16 = w->group == 16;
+#define HALF_(L, S, G) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G); else half_rows_(w, x, y, R, b, L, S, G); } while (0)
+    if (g16) HALF_(0, 0, 1);
+    else if (sg) HALF_(1, 1, 0);
+    else HALF_(1, 0, 0);
+#undef HALF_
 }
 #define KQ_AVX2 1
 #endif
@@ -525,14 +551,17 @@ static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int
 #define PICK(bf16) rowfn quant_ = quant_row; blockfn block_ = block_rows; const int G = GROUP; (void)bf16
 #endif
 static qrow qrows(void *mem, int M, int K) {  /* M rows' worth, laid out in one allocation */
-    qrow r = {(int8_t *)mem, NULL, NULL};
+    qrow r = {(int8_t *)mem, NULL, NULL, NULL};
     r.d = (float *)((char *)mem + (((long)M * K * 2 + 63) & ~63L));
     r.qs = r.d + (long)M * K / 32;
+    r.h = r.qs + (long)M * K / 32;
     return r;
 }
 /* 2 bytes an activation: int8 rows use half of each row's space, bf16 rows all of it */
-static size_t qbytes(int M, int K) { return (((long)M * K * 2 + 63) & ~63L) + 2 * sizeof(float) * ((long)M * K / 32); }
-static qrow row(qrow r, int m, int K) { return (qrow){r.q + (long)m * K * 2, r.d + (long)m * K / 32, r.qs + (long)m * K / 32}; }
+static size_t qbytes(int M, int K) { return (((long)M * K * 2 + 63) & ~63L) + 4 * sizeof(float) * ((long)M * K / 32); }
+static qrow row(qrow r, int m, int K) {
+    return (qrow){r.q + (long)m * K * 2, r.d + (long)m * K / 32, r.qs + (long)m * K / 32, r.h + (long)m * K / 16};
+}
 
 /* y [M, N] = x [M, K] W^T, float in and out */
 void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int bf16) {

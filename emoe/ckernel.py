@@ -150,7 +150,8 @@ def _desc(w) -> list:
     lut_able is not), the descriptor tensor, planes]."""
     if not w.cdesc:
         if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)) \
-                and (w.plain or (lut_able() and (w.lut is None or w.lut.is_contiguous() and w.lut.device.type == "cpu"))):
+                and (w.plain or (lut_able() and (w.lut is None or w.lut.is_contiguous() and w.lut.device.type == "cpu")
+                                 and (w.lut is None or w.group >= 32))):  # (no routine takes both at once)
             # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook; lives as long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
