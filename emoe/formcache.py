@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import lut_able  # whether MXFP4 forms are codebooks (forms.mxfp4_planes)
+from .ckernel import lut_able  # whether forms take codebooks and scales per 16 (forms.codebook_form, q3_k_form)
 from .quant import KTensor
 
 VERSION = 1

@@ -54,20 +54,20 @@ def form_ratio(kind, bits: int = 8) -> float | None:
     """A host form's bytes over the packed bytes it replaces, for a GGUF block type or a release layout
     ("mxfp4", "fp8"); None where there is no form (float types). bits: a requantised type's form (8 or 4)."""
     if kind in ("mxfp4", "fp8"):
-        return (mxfp4_bits() if kind == "mxfp4" else 10) / (4.25 if kind == "mxfp4" else 8)
+        return (codebook_bits() if kind == "mxfp4" else 10) / (4.25 if kind == "mxfp4" else 8)
     if kind in FLOAT_TYPES:
         return None
     from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[kind]
     if kind in (MXFP4, IQ4_NL, IQ4_XS):
-        return mxfp4_bits() / (8 * size / block)
+        return codebook_bits() / (8 * size / block)
     if kind in (Q2_K, Q3_K) and lut_able():  # one plane, scales per 16
         return 6 / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
 
 
-def mxfp4_bits() -> int:
+def codebook_bits() -> int:
     """Bits a weight of an MXFP4 or IQ4 form: a codebook's 5 where the routines take them, else 10."""
     return 5 if lut_able() else 10
 
