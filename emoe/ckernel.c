@@ -820,8 +820,8 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
 /* A decode step's attention half of a layer in one call, composing the routines above for few rows on forms:
    h = rmsnorm(x) ln; [q k v] = h Wqkv^T (or [q k] = h Wqk^T and v = h Wv^T, wv given); kq_attend (qk norm, rope,
    cache writes, attention); x += att Wo^T; hn = rmsnorm(x) ln2. x [B, D] is updated in place; q is H * d wide,
-   k and v Hkv * d. One eps for all norms. With full, qn and kn normalise the whole q and k (H * d, Hkv * d wide)
-   before attention, not each head. bqkv (the stacked product's), bv and bo: the projections' biases, or NULL. */
+   k and v Hkv * d. One eps for all norms. With flags & 1, qn and kn normalise the whole q and k (H * d, Hkv * d
+   wide) before attention, not each head; flags 2 and 4 go to kq_attend. bqkv (the stacked product's), bv and bo: the projections' biases, or NULL. */
 void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
                    const kmat *wqkv, const kmat *wv, const kmat *wo, float *kc, float *vc, const int64_t *slot,
                    const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
@@ -860,9 +860,9 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
 /* A decode step's layers, one after another, in one call where every layer is kq_attn_block's, routed by
    kq_route and runs all its experts on host forms (a budget-0 table, as kq_moe takes it): per layer, the
    attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each
-   layer's 25 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
+   layer's 28 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
    router weight, router bias, choice bias, the experts' descriptors, their count, their ids, the cache length,
-   whether the q and k norms are whole-projection ones, the qkv, v and o biases, gpt-oss's expert biases (gate,
+   kq_attn_block's flags (q/k norms over the whole projection, rotary pairs, norms after the rotary), the qkv, v and o biases, gpt-oss's expert biases (gate,
    up, down: kq_moe_act's), a shared expert's or a dense layer's (gate, up, down) descriptors, its gate vector
    (Qwen2-MoE: its output times sigmoid(h . g)) and whether the layer routes (0: a dense layer, its MLP the
    shared one alone); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed

@@ -92,22 +92,26 @@ def form_parts(locs) -> list[tuple[object, int]]:
     return [(locs.layout, locs.nbytes)] if locs.layout in ("mxfp4", "fp8") else []
 
 
-def codebook_form(values: torch.Tensor, scale: torch.Tensor, table: tuple[int, ...]) -> KTensor:
+def codebook_form(values: torch.Tensor | None, scale: torch.Tensor, table: tuple[int, ...],
+                  codes: torch.Tensor | None = None) -> KTensor:
     """Integers from a 16-value table (values [rows, cols], each in table) times a scale per 32, exactly, as
     one plane of their indices and the table as the form's codebook (ckernel.lut_able: the AVX2 routines look
     each nibble up): 5 bits a weight. A table of small values (MXFP4's doubled E2M1, −12..12) is held
     offset by 12, unsigned (u − 8 − 4 is the value), which the routines sum as they sum plain nibbles; a
-    wider one (IQ4's, −127..113) as int8, which they multiply by sign and magnitude."""
+    wider one (IQ4's, −127..113) as int8, which they multiply by sign and magnitude. codes: the indices
+    themselves where the caller has them (a file's nibbles), instead of values."""
     lo = min(table)
-    code = torch.zeros(max(table) - lo + 1, dtype=torch.uint8)
-    for i, v in reversed(list(enumerate(table))):  # (a value the table holds twice takes its first index)
-        code[v - lo] = i
-    u = _kpack(code[(values.long() - lo)])
+    if codes is None:
+        code = torch.zeros(max(table) - lo + 1, dtype=torch.uint8)
+        for i, v in reversed(list(enumerate(table))):  # (a value the table holds twice takes its first index)
+            code[v - lo] = i
+        codes = code[(values.long() - lo)]
+    u = _kpack(codes)
     if lo >= -12 and max(table) <= 12:
         sz = torch.stack((scale.t(), -4 * scale.t()), -1).to(torch.bfloat16).contiguous()
-        return KTensor((u,), (sz,), tuple(values.shape), 4, GROUP, torch.tensor([v + 12 for v in table], dtype=torch.uint8))
+        return KTensor((u,), (sz,), tuple(codes.shape), 4, GROUP, torch.tensor([v + 12 for v in table], dtype=torch.uint8))
     sz = torch.stack((scale.t(), 8 * scale.t()), -1).to(torch.bfloat16).contiguous()
-    return KTensor((u,), (sz,), tuple(values.shape), 4, GROUP, torch.tensor(table, dtype=torch.int8))
+    return KTensor((u,), (sz,), tuple(codes.shape), 4, GROUP, torch.tensor(table, dtype=torch.int8))
 
 
 def mxfp4_planes(q: torch.Tensor, d: torch.Tensor, codebook: bool | None = None) -> KTensor:
@@ -127,6 +131,9 @@ def mxfp4_planes(q: torch.Tensor, d: torch.Tensor, codebook: bool | None = None)
 
 
 def mxfp4_form(t: torch.Tensor) -> KTensor:
+    if lut_able():  # the file's nibbles are the codebook's indices already
+        u, d = mxfp4_parts(t, codes=True)
+        return codebook_form(None, d, MXFP4_VALUES, u.reshape(t.shape[0], -1))
     q, d = mxfp4_parts(t)
     return mxfp4_planes(q.reshape(t.shape[0], -1), d)
 
@@ -135,14 +142,15 @@ def mxfp4_release_forms(tensors: tuple[torch.Tensor, ...]) -> tuple[KTensor, KTe
     """gpt-oss's released MXFP4 expert (blocks [R, G, 16], low nibble first, and exponents [R, G] of gate_up
     with gate and up rows interleaved, then of down) as the (gate, up, down) host forms, or None where the
     kernel cannot hold them. Its exponent s means 2^(s − 127) on the plain table: ggml's scale on the doubled one."""
-    out = []
+    out, book = [], lut_able()
     for blocks, scales in zip(tensors[0::2], tensors[1::2]):
-        v = torch.stack((blocks & 0x0F, blocks >> 4), -1).reshape(blocks.shape[0], -1).long()
-        out.append((torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v], e8m0_half(scales)))
+        v = torch.stack((blocks & 0x0F, blocks >> 4), -1).reshape(blocks.shape[0], -1)
+        out.append((v if book else torch.tensor(MXFP4_VALUES, dtype=torch.int8)[v.long()], e8m0_half(scales)))
     (gu, gu_d), (dn, dn_d) = out
     if gu.shape[0] % 128 or dn.shape[0] % 64 or _MM is None:
         return None
-    return mxfp4_planes(gu[0::2], gu_d[0::2]), mxfp4_planes(gu[1::2], gu_d[1::2]), mxfp4_planes(dn, dn_d)
+    form = (lambda u, d: codebook_form(None, d, MXFP4_VALUES, u.contiguous())) if book else mxfp4_planes
+    return form(gu[0::2], gu_d[0::2]), form(gu[1::2], gu_d[1::2]), form(dn, dn_d)
 
 
 def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int]) -> tuple[KTensor, ...] | None:
@@ -211,9 +219,10 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
         c = torch.where(scale > 0, (8 - minimum / scale.clamp_min(1e-30)).round().clamp(0, 12), torch.full_like(scale, 6))
         return kernel_copy(u + c.repeat_interleave(16, 1).to(torch.uint8), scale, minimum + c * scale, 16)
     if qtype in (IQ4_NL, IQ4_XS):
+        if lut_able():  # the file's nibbles are the codebook's indices already
+            u, scale = iq4_parts(t, qtype == IQ4_XS, codes=True)
+            return codebook_form(None, scale, IQ4_VALUES, u)
         q, scale = iq4_parts(t, qtype == IQ4_XS)
-        if lut_able():
-            return codebook_form(q, scale, IQ4_VALUES)
         return to_kernel(QTensor(q, scale, tuple(q.shape), 8, GROUP))
     if qtype == Q4_0:
         u, d = q4_0_parts(t)

@@ -188,7 +188,7 @@ def q6_k(t: torch.Tensor) -> torch.Tensor:
     return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
 
 
-def iq4_parts(t: torch.Tensor, xs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def iq4_parts(t: torch.Tensor, xs: bool, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """IQ4_NL (per 32 values: fp16 d, 16 bytes of nibbles, low ones the first 16 values) or IQ4_XS (per 256:
     fp16 d, 2 bytes of high and 4 of low scale bits giving each 32 a 6-bit scale ls, then 8 runs of IQ4_NL's
     nibbles) → (int8 values from ggml's non-uniform table [rows, cols]; scale per 32, d or d·(ls − 32), fp32)."""
@@ -203,19 +203,20 @@ def iq4_parts(t: torch.Tensor, xs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         b = t.reshape(rows, -1, 18)
         scale, qs = _half(b, 0).float(), b[..., 2:]
-    u = torch.cat((qs & 0x0F, qs >> 4), -1).long()
-    return torch.tensor(IQ4_VALUES, dtype=torch.int8, device=t.device)[u].reshape(rows, -1), scale.reshape(rows, -1)
+    u = torch.cat((qs & 0x0F, qs >> 4), -1)  # (codes: these nibbles, not their values)
+    return (u if codes else torch.tensor(IQ4_VALUES, dtype=torch.int8, device=t.device)[u.long()]).reshape(rows, -1), \
+        scale.reshape(rows, -1)
 
 
-def mxfp4_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mxfp4_parts(t: torch.Tensor, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's MXFP4 (gpt-oss GGUFs) → (doubled E2M1 values −12..12 [rows, blocks, 32], int8; scale per 32
     values): per 32 values an E8M0 exponent byte, then 16 bytes of nibbles (low nibbles the first 16 values).
     The table is doubled, so the scale is half of 2^(e−127), built from its float32 bits as
-    ggml_e8m0_to_fp32_half does (exact on any device)."""
+    ggml_e8m0_to_fp32_half does (exact on any device). codes: the nibbles themselves, not their values."""
     rows = t.shape[0]
     b = t.reshape(rows, -1, 17)
-    u = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), -1).long()
-    return torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=t.device)[u], e8m0_half(b[..., 0])
+    u = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), -1)
+    return u if codes else torch.tensor(MXFP4_VALUES, dtype=torch.int8, device=t.device)[u.long()], e8m0_half(b[..., 0])
 
 
 def e8m0_half(e: torch.Tensor) -> torch.Tensor:
