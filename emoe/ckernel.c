@@ -33,14 +33,22 @@ static inline float dotf(const float *restrict a, const float *restrict b, int n
 static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
+/* the upper bits of row j's value at k in a block's part of hb (quant._hpack's layout) */
+static inline int upper(const uint8_t *hb, int hbits, int k, int j) {
+    const uint8_t *s = hb + (long)(k / 4) * 32 * hbits;
+    const int n = ((j >> 4) & 1) * 16 + (j & 3) * 4 + (k & 3), q = (j >> 2) & 3;
+    return hbits == 2 ? (s[(j >> 5) * 32 + n] >> (2 * q)) & 3 : (s[n] >> ((j >> 5) * 4 + q)) & 1;
+}
+
 /* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
    16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
    np is a constant in each call of run, so its inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
                        uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
-                       const uint8_t *lut, int sg) {
+                       const uint8_t *lut, int sg, const uint8_t *hb, const int hbits) {
     const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
+    int up[64] = {0};
     for (int b = b0; b < b1; b++) {
         for (int k = 0; k < K; k++) {
             if (k % group == 0) {
@@ -49,12 +57,14 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
                     for (int j = 0; j < 64; j++) { s[i][j] = bf(q[2 * j]); z[i][j] = bf(q[2 * j + 1]) - 8 * s[i][j]; }
                 }
             }
+            if (hbits)
+                for (int j = 0; j < 64; j++) up[j] = 16 * upper(hb + (long)b * K * 8 * hbits, hbits, k, j);
             const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
             const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
             uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
             for (int j = 0; j < 32; j++) {
-                float lo = (float)(lut ? (sg ? (int8_t)lut[p0[j] & 15] : lut[p0[j] & 15]) : p0[j] & 15) * s[0][j] + z[0][j];
-                float hi = (float)(lut ? (sg ? (int8_t)lut[p0[j] >> 4] : lut[p0[j] >> 4]) : p0[j] >> 4) * s[0][j + 32] + z[0][j + 32];
+                float lo = (float)(lut ? (sg ? (int8_t)lut[p0[j] & 15] : lut[p0[j] & 15]) : (p0[j] & 15) + up[j]) * s[0][j] + z[0][j];
+                float hi = (float)(lut ? (sg ? (int8_t)lut[p0[j] >> 4] : lut[p0[j] >> 4]) : (p0[j] >> 4) + up[j + 32]) * s[0][j + 32] + z[0][j + 32];
                 if (np == 2) {
                     lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
                     hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
@@ -76,20 +86,25 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
     }
 }
 void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1, int f32, const uint8_t *lut, int sg) {
+               int group, int b0, int b1, int f32, const uint8_t *lut, int sg, const uint8_t *hb, int hbits) {
     if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg);
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg, NULL, 0);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg, NULL, 0);
+    } else if (hb) {  /* one plane with upper bits */
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, hb, hbits);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, hb, hbits);
     } else if (f32) {
-        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0);
-        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0);
-    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0);
-    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0);
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
 }
 
 /* ---- few-row products --------------------------------------------------------------------------------------- */
-/* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8 */
-typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg; } kmat;
+/* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8;
+   hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (quant._hpack's layout) */
+typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg;
+                 const uint8_t *hb; int64_t hbits; } kmat;  /* hb: a 5- or 6-bit form's upper bits (hbits each), or NULL */
 /* a row rounded: int8 per 32, the scale, the scale x sum; h, the scale x sum of each half (int8 rows only) */
 typedef struct { int8_t *q; float *d, *qs, *h; } qrow;
 
@@ -123,6 +138,73 @@ static inline void sz16(const kmat *w, int pl, int g, int b, __m512 *s, __m512 *
         s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(off), s[i],
                                 _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))));
+    }
+}
+#endif
+
+#if defined(__AVX2__)
+/* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
+   {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. u[h * 4 + j]: the 4 k at
+   r (128 bytes) of a block's rows, h the low or high nibbles. */
+static inline __attribute__((always_inline)) void unpack_k4(const uint8_t *r, __m256i *u) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
+    const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
+    for (int h = 0; h < 2; h++) {
+        const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
+        const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
+        const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
+        const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
+        const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
+        const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
+        u[h * 4 + 0] = _mm256_unpacklo_epi16(abl, cdl);
+        u[h * 4 + 1] = _mm256_unpackhi_epi16(abl, cdl);
+        u[h * 4 + 2] = _mm256_unpacklo_epi16(abh, cdh);
+        u[h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
+    }
+}
+/* a 5- or 6-bit form's upper bits (quant._hpack's layout: h, one step's 32 x hbits bytes) put into the step's
+   unpacked nibbles u: one load, and a shift and mask per vector (epi16 shifts: the mask drops what crossed bytes) */
+static inline __attribute__((always_inline)) void high_bits(const uint8_t *h, __m256i *u, const int hbits) {
+    if (hbits == 2) {
+        const __m256i m = _mm256_set1_epi8(0x30);
+        for (int half = 0; half < 2; half++) {
+            const __m256i H = _mm256_loadu_si256((const __m256i *)(h + 32 * half));
+            __m256i *v = u + 4 * half;
+            v[0] = _mm256_or_si256(v[0], _mm256_and_si256(_mm256_slli_epi16(H, 4), m));
+            v[1] = _mm256_or_si256(v[1], _mm256_and_si256(_mm256_slli_epi16(H, 2), m));
+            v[2] = _mm256_or_si256(v[2], _mm256_and_si256(H, m));
+            v[3] = _mm256_or_si256(v[3], _mm256_and_si256(_mm256_srli_epi16(H, 2), m));
+        }
+    } else {
+        const __m256i m = _mm256_set1_epi8(0x10), H = _mm256_loadu_si256((const __m256i *)h);
+        u[0] = _mm256_or_si256(u[0], _mm256_and_si256(_mm256_slli_epi16(H, 4), m));
+        u[1] = _mm256_or_si256(u[1], _mm256_and_si256(_mm256_slli_epi16(H, 3), m));
+        u[2] = _mm256_or_si256(u[2], _mm256_and_si256(_mm256_slli_epi16(H, 2), m));
+        u[3] = _mm256_or_si256(u[3], _mm256_and_si256(_mm256_slli_epi16(H, 1), m));
+        u[4] = _mm256_or_si256(u[4], _mm256_and_si256(H, m));
+        u[5] = _mm256_or_si256(u[5], _mm256_and_si256(_mm256_srli_epi16(H, 1), m));
+        u[6] = _mm256_or_si256(u[6], _mm256_and_si256(_mm256_srli_epi16(H, 2), m));
+        u[7] = _mm256_or_si256(u[7], _mm256_and_si256(_mm256_srli_epi16(H, 3), m));
+    }
+}
+/* one step's upper bits, of block b's rows at k = kb * 32 + k4 * 4 */
+static inline const uint8_t *high_at(const kmat *w, int b, int kb, int k4) {
+    return w->hb + ((long)b * (w->K / 4) + kb * 8 + k4) * 32 * w->hbits;
+}
+/* a step's unpacked values (unpack_k4's order) back in row order, nat[t * 64 + row] for k = 4 step + t: a byte
+   shuffle per vector groups each lane's bytes by t, then a 4 x 4 transpose of 32-bit units per half */
+static inline void to_rows(const __m256i *u, uint8_t *nat) {
+    const __m256i idx = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                         0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int h = 0; h < 2; h++) {
+        __m256i v[4];
+        for (int q = 0; q < 4; q++) v[q] = _mm256_shuffle_epi8(u[4 * h + q], idx);
+        const __m256i a = _mm256_unpacklo_epi32(v[0], v[1]), c = _mm256_unpacklo_epi32(v[2], v[3]);
+        const __m256i bb = _mm256_unpackhi_epi32(v[0], v[1]), d = _mm256_unpackhi_epi32(v[2], v[3]);
+        const __m256i t[4] = {_mm256_unpacklo_epi64(a, c), _mm256_unpackhi_epi64(a, c),
+                              _mm256_unpacklo_epi64(bb, d), _mm256_unpackhi_epi64(bb, d)};
+        for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(nat + i * 64 + h * 32), t[i]);
     }
 }
 #endif
@@ -192,7 +274,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
 /* The AVX2 variant (no bf16 dot product): 8 rows' nibbles widen to int32, become exact floats u and multiply
    the bf16 activations in fp32 FMAs (exact products, as above); per group s * sum(u x) + (z - 8 s) * sum(x),
    which saves a subtraction per 8 weights. 32 rows at a time (a byte's low nibbles, then its high ones: the
-   1 KiB of a group stays in L1), so R rows' sums fit the 16 registers. */
+   1 KiB of a group stays in L1), so R rows' sums fit the 16 registers. A form with upper bits (hb) is unpacked a
+   group at a time as the int8 routine unpacks it and put back in row order (to_rows), and read from there. */
 static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const qrow *x, float *const *y, const int R, int b) {
     const __m128i m4 = _mm_set1_epi8(15);
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -202,10 +285,18 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
     const __m128i table = lut ? _mm_loadu_si128((const __m128i *)lut) : m4;
     const int K = (int)w->K;
     float acc[2][64] = {{0.f}}, xs[2][32];
+    uint8_t nat[32 * 64];  /* a group's values with their upper bits, [k][row] */
     for (int pl = 0; pl < w->np; pl++) {
         const uint8_t *base = w->p[pl] + (long)b * K * 32;
         for (int kb = 0; kb < K / 32; kb++) {
             const uint32_t *p = w->sz[pl] + (long)(kb * 32 / (int)w->group) * w->N + b * 64;
+            if (w->hb)
+                for (int k4 = 0; k4 < 8; k4++) {
+                    __m256i u[8];
+                    unpack_k4(base + (long)(kb * 32 + k4 * 4) * 32, u);
+                    high_bits(high_at(w, b, kb, k4), u, (int)w->hbits);
+                    to_rows(u, nat + k4 * 4 * 64);
+                }
             for (int r = 0; r < R; r++)
                 for (int j = 0; j < 32; j++) xs[r][j] = bf(((const uint16_t *)x[r].q)[kb * 32 + j]);
             for (int hs = 0; hs < 2 * halves; hs++) {  /* low nibbles' rows, then high: each half of k with group 16 */
@@ -217,8 +308,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
                     const uint8_t *c = base + (long)(kb * 32 + k) * 32;
                     __m256 wv[4];
                     for (int i = 0; i < 4; i++) {
-                        const __m128i v = _mm_loadl_epi64((const __m128i *)(c + 8 * i));
-                        __m128i u = _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
+                        const __m128i v = _mm_loadl_epi64((const __m128i *)(w->hb ? nat + k * 64 + h * 32 + 8 * i : c + 8 * i));
+                        __m128i u = w->hb ? v : _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
                         if (lut) u = _mm_shuffle_epi8(table, u);  /* (loop invariants: the compiler unswitches them) */
                         wv[i] = _mm256_cvtepi32_ps(sg ? _mm256_cvtepi8_epi32(u) : _mm256_cvtepu8_epi32(u));
                     }
@@ -314,26 +405,6 @@ static inline __m256i dp_sum(__m256i acc) {
     return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
 #endif
 }
-/* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
-   {0-3, 16-19}, {4-7, 20-23}, ... per half, so the scales are read in that order too. u[h * 4 + j]: the 4 k at
-   r (128 bytes) of a block's rows, h the low or high nibbles. */
-static inline __attribute__((always_inline)) void unpack_k4(const uint8_t *r, __m256i *u) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i A = _mm256_loadu_si256((const __m256i *)r), B = _mm256_loadu_si256((const __m256i *)(r + 32));
-    const __m256i C = _mm256_loadu_si256((const __m256i *)(r + 64)), D = _mm256_loadu_si256((const __m256i *)(r + 96));
-    for (int h = 0; h < 2; h++) {
-        const __m256i a0 = _mm256_and_si256(h ? _mm256_srli_epi16(A, 4) : A, m4);
-        const __m256i b0 = _mm256_and_si256(h ? _mm256_srli_epi16(B, 4) : B, m4);
-        const __m256i c0 = _mm256_and_si256(h ? _mm256_srli_epi16(C, 4) : C, m4);
-        const __m256i d0 = _mm256_and_si256(h ? _mm256_srli_epi16(D, 4) : D, m4);
-        const __m256i abl = _mm256_unpacklo_epi8(a0, b0), abh = _mm256_unpackhi_epi8(a0, b0);
-        const __m256i cdl = _mm256_unpacklo_epi8(c0, d0), cdh = _mm256_unpackhi_epi8(c0, d0);
-        u[h * 4 + 0] = _mm256_unpacklo_epi16(abl, cdl);
-        u[h * 4 + 1] = _mm256_unpackhi_epi16(abl, cdl);
-        u[h * 4 + 2] = _mm256_unpacklo_epi16(abh, cdh);
-        u[h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
-    }
-}
 /* group g's scales, and zeros less 8 x scale (the routine sums u, not u - 8), of rows b*64 .. b*64+63 */
 static inline void scales64(const kmat *w, int pl, int g, int b, float *sf, float *zf) {
     const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
@@ -424,11 +495,15 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
      lanes widen to int32 after each 4. IQ4's (sg: int8, -127..113): maddubs takes |v| and x with v's sign, as
      llama.cpp's AVX2 dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step;
    - scales and zeros per 16 values (group 16: Q2_K's and Q3_K's), applied to each half's sums, with the half's
-     own sum of x for the zero. */
+     own sum of x for the zero;
+   - 5- and 6-bit values (hb: Q5_0/Q5_1/Q5_K per 32, Q6_K per 16): the nibbles with their upper bits or'ed in
+     (high_bits). 6-bit pair products (up to 16002) widen after every 2 steps, 5-bit ones (7874) after 4. */
 /* one k4 step of a one-plane form, unpacked, looked up (lut) and, for an int8 table, split into |v| (u) and v */
 static inline __attribute__((always_inline)) void half_unpack(const uint8_t *r, __m256i *u, __m256i *v,
-                                                              const __m256i table, int lut, int sg) {
+                                                              const __m256i table, int lut, int sg,
+                                                              const uint8_t *h, int hbits) {
     unpack_k4(r, u);
+    if (hbits) high_bits(h, u, hbits);
     if (lut)
         for (int i = 0; i < 8; i++) {
             u[i] = _mm256_shuffle_epi8(table, u[i]);
@@ -444,7 +519,8 @@ static inline __m256i xq4(const qrow *x, int kb, int k4) {
     return _mm256_set1_epi32(q);
 }
 static inline __attribute__((always_inline)) void half_rows_(const kmat *w, const qrow *x, float *const *y, const int R,
-                                                             int b, const int lut, const int sg, const int g16) {
+                                                             int b, const int lut, const int sg, const int g16,
+                                                             const int hbits) {
     const int K = (int)w->K;
     const __m256i table = lut ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut))
                               : _mm256_setzero_si256();
@@ -462,22 +538,25 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
             if (g != gcur) scales64(w, 0, gcur = g, b, sf[0], zf[0]);
         }
         if (R > 1)  /* unpacked once for every row */
-            for (int k4 = 0; k4 < 8; k4++) half_unpack(base + k4 * 128, u[k4], v[k4], table, lut, sg);
+            for (int k4 = 0; k4 < 8; k4++)
+                half_unpack(base + k4 * 128, u[k4], v[k4], table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits);
         for (int rr = 0; rr < R; rr++) {
             __m256i c[2][8];
             for (int half = 0; half < 2; half++) {
-                __m256i a[8];
-                for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+                __m256i a[8], a32[8];
+                for (int i = 0; i < 8; i++) a[i] = a32[i] = _mm256_setzero_si256();
                 for (int k4 = half * 4; k4 < half * 4 + 4; k4++) {
                     const __m256i xv = xq4(&x[rr], kb, k4);
                     if (R == 1) {  /* one row: each step's unpacking used at once, in registers */
                         __m256i uu[8], vv[8] = {0};
-                        half_unpack(base + k4 * 128, uu, vv, table, lut, sg);
+                        half_unpack(base + k4 * 128, uu, vv, table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits);
                         for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], uu[i], vv[i], xv, sg);
                     } else
                         for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], u[k4][i], v[k4][i], xv, sg);
+                    if (hbits == 2 && k4 % 2)  /* 6-bit values: 2 steps' pair products (2 x 63 x 127 each) fill int16 */
+                        for (int i = 0; i < 8; i++) { a32[i] = _mm256_add_epi32(a32[i], dp_sum(a[i])); a[i] = _mm256_setzero_si256(); }
                 }
-                for (int i = 0; i < 8; i++) c[half][i] = sg ? a[i] : dp_sum(a[i]);
+                for (int i = 0; i < 8; i++) c[half][i] = sg ? a[i] : hbits == 2 ? a32[i] : dp_sum(a[i]);
             }
             const __m256 dx = _mm256_set1_ps(x[rr].d[kb]);
             float *yr = y[rr] + b * 64;
@@ -501,10 +580,12 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
 /* half_rows_ with its cases' flags constant, so that each is compiled without branches in its loops */
 static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
     const int lut = w->lut != NULL, sg = lut && w->sg, g16 = w->group == 16;
-#define HALF_(L, S, G) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G); else half_rows_(w, x, y, R, b, L, S, G); } while (0)
-    if (g16) HALF_(0, 0, 1);
-    else if (sg) HALF_(1, 1, 0);
-    else HALF_(1, 0, 0);
+#define HALF_(L, S, G, H) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G, H); else half_rows_(w, x, y, R, b, L, S, G, H); } while (0)
+    if (w->hb && w->hbits == 2) HALF_(0, 0, 1, 2);  /* Q6_K: scales per 16 (ckernel._desc admits no other case) */
+    else if (w->hb) HALF_(0, 0, 0, 1);  /* Q5_0, Q5_1, Q5_K: per 32 */
+    else if (g16) HALF_(0, 0, 1, 0);
+    else if (sg) HALF_(1, 1, 0, 0);
+    else HALF_(1, 0, 0, 0);
 #undef HALF_
 }
 #define KQ_AVX2 1
@@ -527,7 +608,7 @@ int kq_modes(void) {
     m |= 2;
 #endif
 #if defined(KQ_AVX2) && defined(KQ_BF16_AVX2)
-    m |= 8;  /* both modes take codebook forms (kmat.lut) and scales per 16 values (group 16) */
+    m |= 8;  /* both modes take codebook forms (kmat.lut), scales per 16 values (group 16) and upper bits (kmat.hb) */
 #endif
     return m;
 }
@@ -539,7 +620,7 @@ typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
 #define GROUP 8
 static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
 #ifdef KQ_AVX2
-    if (w->lut || w->group == 16) { half_rows(w, x, y, R, b); return; }
+    if (w->lut || w->group == 16 || w->hb) { half_rows(w, x, y, R, b); return; }
     if (R > 1) { int8_rows(w, x, y, R, b); return; }
 #endif
     for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);  /* (AVX512: a row at a time) */

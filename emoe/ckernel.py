@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(so))
         P, i = ctypes.c_void_p, ctypes.c_int
         lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P, i]
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P, i, P, i]
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
         _resolve(lib.modes)
@@ -139,35 +139,48 @@ def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple
     pp, ss = arr(*(p.data_ptr() for p in planes)), arr(*(t.data_ptr() for t in sz))
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
                   rows, cols, w.group, b0, b1, f32, None if w.lut is None else w.lut.contiguous().data_ptr(),
-                  w.lut is not None and w.lut.dtype == torch.int8)
+                  w.lut is not None and w.lut.dtype == torch.int8,
+                  None if w.high is None else w.high.contiguous().data_ptr(), w.hbits)
     return tuple(out)
 
 
 # -- few rows: a decode step's products ---------------------------------------------------------------------------
 def _desc(w) -> list:
     """The form's C descriptor, made once per KTensor (its `cdesc` slot): [address or 0 where the routines cannot
-    take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook or 16-value groups where
-    lut_able is not), the descriptor tensor, planes]."""
+    take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook, 16-value groups or upper bits
+    where lut_able is not), the descriptor tensor, planes]."""
     if not w.cdesc:
-        if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and all(t.is_contiguous() for t in (*w.planes, *w.sz)) \
-                and (w.plain or (lut_able() and (w.lut is None or w.lut.is_contiguous() and w.lut.device.type == "cpu")
-                                 and (w.lut is None or w.group >= 32))):  # (no routine takes both at once)
-            # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook; lives as long as the tensors do
+        extra = [t for t in (w.lut, w.high) if t is not None]
+        if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and \
+                all(t.is_contiguous() for t in (*w.planes, *w.sz)) and (w.plain or (
+                    lut_able() and all(t.is_contiguous() and t.device.type == "cpu" for t in extra)
+                    and _routine_for(w))):
+            # the kmat (ckernel.c): addresses of planes and scales, sizes, the codebook, the upper bits; lives as
+            # long as the tensors do
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
-                              0 if w.lut is None else w.lut.data_ptr(), w.lut is not None and w.lut.dtype == torch.int8],
-                             dtype=torch.int64)
+                              0 if w.lut is None else w.lut.data_ptr(), w.lut is not None and w.lut.dtype == torch.int8,
+                              0 if w.high is None else w.high.data_ptr(), w.hbits], dtype=torch.int64)
             w.cdesc.extend((d.data_ptr(), d, len(p)))
         else:
             w.cdesc.extend((0, None, 0))
     return w.cdesc
 
 
+def _routine_for(w) -> bool:
+    """Whether the AVX2 routines have a case for this one-plane form (ckernel.c's half_rows): a codebook per 32,
+    scales per 16, 5-bit values per 32 or 6-bit ones per 16."""
+    if w.high is not None:
+        return w.lut is None and len(w.planes) == 1 and (w.hbits, w.group) in ((1, 32), (2, 16))
+    return w.lut is None or w.group >= 32
+
+
 def lut_able() -> bool:
-    """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut) and scales per
-    16 values (group 16): the AVX2 ones. Where they do, MXFP4 and IQ4 matrices are one plane of their own nibbles
-    (forms.codebook_form), and Q2_K and Q3_K one plane with their scales per 16, half the bytes of two int4
-    planes or less; AVX512 builds keep the two planes."""
+    """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut), scales per
+    16 values (group 16) and 5- and 6-bit values (KTensor.high): the AVX2 ones. Where they do, MXFP4 and IQ4
+    matrices are one plane of their own nibbles (forms.codebook_form), Q2_K and Q3_K one plane with their scales
+    per 16, Q5_x and Q6_K one plane with their upper bits beside it, 5-8 bits a weight against two int4 planes' 10;
+    AVX512 builds keep the two planes."""
     lib = _lib if _lib is not False else library()
     return lib is not None and bool(lib.modes & 8)
 

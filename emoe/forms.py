@@ -12,8 +12,9 @@ import torch
 from .checkpoint import PACKED, fp8_dequantize
 from .ckernel import lut_able
 from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4, MXFP4_VALUES, Q2_K, Q3_K, Q4_0, Q4_1,
-                          Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
-                          q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts, q8_0)
+                          Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
+                          q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts,
+                          q6_k_parts, q8_0)
 from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
 
 
@@ -35,14 +36,15 @@ EXACT = frozenset({*ONE_PLANE, Q8_0, Q5_0, Q5_1, Q5_K, MXFP4, Q3_K, IQ4_NL, IQ4_
 
 
 def _exact(kind) -> bool:
-    """Whether a block type's form holds the file's own values (Q2_K's only where scales per 16 can be held)."""
-    return kind in EXACT or (kind == Q2_K and lut_able())
+    """Whether a block type's form holds the file's own values (Q2_K's and Q6_K's only where scales per 16 can be
+    held)."""
+    return kind in EXACT or (kind in (Q2_K, Q6_K) and lut_able())
 
 
 def int4_able(kind) -> bool:
     """Whether a GGUF block type's form is its values quantised again and the file holds fewer than 4 bits a
     weight (Q2_K, the IQ1-IQ3 codebooks, TQ1_0/TQ2_0): an int4 form then adds little to the file's own
-    rounding. Q6_K's int8 form stays: int4 would round it as coarsely as a Q4 file."""
+    rounding. Q6_K's int8 form (where it has no exact one) stays: int4 would round it as coarsely as a Q4 file."""
     if not isinstance(kind, int) or _exact(kind) or kind in FLOAT_TYPES:
         return False
     from gguf import GGML_QUANT_SIZES
@@ -63,6 +65,8 @@ def form_ratio(kind, bits: int = 8) -> float | None:
         return codebook_bits() / (8 * size / block)
     if kind in (Q2_K, Q3_K) and lut_able():  # one plane, scales per 16
         return 6 / (8 * size / block)
+    if kind in (Q5_0, Q5_1, Q5_K, Q6_K) and lut_able():  # one plane and the upper bits (Q6_K's scales per 16)
+        return (8 if kind == Q6_K else 6) / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
 
@@ -189,11 +193,12 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     `host` miss policy), or None where the kernel cannot hold it. Dequantising a matrix per host run costs
     10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against the
     file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded to
-    bf16: the RAM tier grows by at most 18%. Q5_0/Q5_1/Q5_K hold their values as two planes (kernel_copy5:
-    10 bits against 5.5-6), MXFP4 (gpt-oss) and IQ4_NL/IQ4_XS exactly as codebook forms where the routines
-    take them (5 bits against 4.25-4.5), else as two planes (10 bits; IQ4's table's values are integers: int8),
-    Q3_K as two planes too (q3_k_form). Every other block type (Q6_K,
-    Q2_K's per-16 minimums, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
+    bf16: the RAM tier grows by at most 18%. Where the routines take them (ckernel.lut_able: AVX2),
+    Q5_0/Q5_1/Q5_K hold their values as one plane and their fifth bits (6 bits against 5.5-6), Q6_K as one
+    plane, its upper two bits and scales per 16 (8 against 6.56), MXFP4 (gpt-oss) and IQ4_NL/IQ4_XS as codebook
+    forms (5 bits against 4.25-4.5), Q2_K and Q3_K with scales per 16 (6 bits); elsewhere Q5_x, MXFP4, IQ4 and
+    Q3_K take two planes (10 bits: kernel_copy5, IQ4's table's values as int8, q3_k_form). Every other block
+    type (Q6_K and Q2_K without the AVX2 routines, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
     kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
     0.5% of the values' size, far below the file's own rounding at 2-6 bits), or with bits=4 to int4
     (int4_form: half the bytes and kernel time, lossy; int4_able types only). The RAM tier builds forms only
@@ -203,11 +208,16 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
         return None
     if qtype == Q8_0:
         return to_kernel(q8_0(t))
-    if qtype in (Q5_0, Q5_1):
-        u, d, m = q5_0_1_parts(t, qtype == Q5_1)
-        return kernel_copy5(u, d, 16 * d if m is None else -m)
-    if qtype == Q5_K:
-        return kernel_copy5(*q5_k_parts(t))
+    if qtype in (Q5_0, Q5_1, Q5_K):  # one plane and a plane of fifth bits where the routines take it: 6 bits a weight
+        u, d, m = q5_k_parts(t) if qtype == Q5_K else q5_0_1_parts(t, qtype == Q5_1)
+        m = m if qtype == Q5_K else 16 * d if m is None else -m
+        return kernel_copy(u, d, m, GROUP, 1) if lut_able() else kernel_copy5(u, d, m)
+    if qtype == Q6_K and lut_able():  # exactly: one plane, the sixth and fifth bits, scales per 16; 8 bits a weight
+        u, scale = q6_k_parts(t)
+        # the scale rounded first, so the zero (8 − 32)·scale is the rounded one's: a weight's error is then the
+        # scale's rounding times u − 32 (|.| <= 32), not u − 8 (up to 55): 0.29% of the weights' size, not 0.35%
+        scale = scale.to(torch.bfloat16).float()
+        return kernel_copy(u, scale, 32 * scale, 16, 2)
     if qtype == MXFP4:
         return mxfp4_form(t)
     if qtype == Q3_K:

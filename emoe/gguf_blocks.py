@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import KTensor, QTensor, _kpack, kernel_fits, quantize
+from .quant import KTensor, QTensor, _hpack, _kpack, kbytes, kernel_fits, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
@@ -176,16 +176,23 @@ def q3_k(t: torch.Tensor) -> torch.Tensor:
     return v.float().view(rows, -1, 16).mul_(scale[..., None]).reshape(rows, -1)
 
 
-def q6_k(t: torch.Tensor) -> torch.Tensor:
+def q6_k_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K rows → (values 0..63 [rows, cols], uint8; scale per 16 values, fp32): the weight is scale·(u − 32).
+    Per 256 values 128 bytes of low nibbles, 64 of upper bit pairs, 16 int8 scales, fp16 d; per half of 128,
+    ql[0:32] low, ql[32:64] low, then their high nibbles."""
     rows = t.shape[0]
-    b = t.reshape(rows, -1, 210)  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d
+    b = t.reshape(rows, -1, 210)
     ql, qh = b[..., :128].reshape(rows, -1, 2, 2, 32), b[..., 128:192].reshape(rows, -1, 2, 1, 32)
-    sc = b[..., 192:208].contiguous().view(torch.int8).float().reshape(rows, -1, 2, 8, 1)
-    d = _half(b, 208).float()
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
     shift = torch.tensor([0, 2, 4, 6], device=t.device, dtype=torch.uint8).view(4, 1)
-    low = torch.cat((ql & 0x0F, ql >> 4), 3)  # per half of 128: ql[0:32] low, ql[32:64] low, then high
-    q = (low | (((qh >> shift) & 3) << 4)).float().sub_(32)  # [rows, blocks, 2, 4, 32]
-    return q.view(rows, -1, 2, 8, 16).mul_(sc).mul_(d[..., None, None, None]).reshape(rows, -1)
+    u = torch.cat((ql & 0x0F, ql >> 4), 3) | (((qh >> shift) & 3) << 4)  # [rows, blocks, 2, 4, 32]
+    return u.reshape(rows, -1), (_half(b, 208).float()[..., None] * sc).reshape(rows, -1)
+
+
+def q6_k(t: torch.Tensor) -> torch.Tensor:
+    u, scale = q6_k_parts(t)
+    rows = t.shape[0]
+    return u.float().view(rows, -1, 16).sub_(32).mul_(scale[..., None]).reshape(rows, -1)
 
 
 def iq4_parts(t: torch.Tensor, xs: bool, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,12 +287,16 @@ def q4_1_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return u, _half(b, 0).float(), -_half(b, 2).float()
 
 
-def kernel_copy(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int = GROUP) -> KTensor:
+def kernel_copy(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int = GROUP,
+                hbits: int = 0) -> KTensor:
     """An asymmetric 4-bit matrix (weight = scale·u − minimum per `group` values) in the CPU int4 kernel's
-    layout: (u − 8)·scale + zero with zero = 8·scale − minimum."""
+    layout: (u − 8)·scale + zero with zero = 8·scale − minimum. hbits (1, 2): u has 4 + hbits bits, its upper
+    ones held beside the nibbles (KTensor.high; only ckernel's AVX2 routines take that)."""
     zero = 8 * scale - minimum
     sz = torch.stack((scale.t(), zero.t()), -1).to(torch.bfloat16).contiguous()
-    return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, group)
+    if not hbits:
+        return KTensor((_kpack(u),), (sz,), tuple(u.shape), 4, group)
+    return KTensor((_kpack(u & 15),), (sz,), tuple(u.shape), 4 + hbits, group, high=_hpack(u >> 4, hbits), hbits=hbits)
 
 
 def file_copy(t: torch.Tensor, qtype: int, bits: int, kernel: bool) -> QTensor | KTensor | None:
@@ -319,7 +330,10 @@ class GGUFCopies:
         out = []
         for t, qtype in zip(packed, locs.qtypes):
             if isinstance(t, KTensor):  # a RAM tier holding host forms: the kernel copy is that very form
-                same = kernel and t.bits == self.bits and group == GROUP
+                # the form itself where it is such a copy, and costs what the budget counts for one (a codebook,
+                # scales per 16 or upper bits cost more)
+                same = kernel and t.bits == self.bits and group == GROUP and t.plain and \
+                    t.nbytes == kbytes(t.shape, self.bits, group)
                 out.append(t if same else quantize(quant_dequantize(t), self.bits, group))
                 continue
             t = t.cpu()

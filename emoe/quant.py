@@ -69,6 +69,8 @@ def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> to
         for p, sz in zip(q.planes, q.sz):
             s, z = (sz[..., i].t().to(dtype)[..., None] for i in (0, 1))
             u = _kunpack(p) if q.lut is None else q.lut[_kunpack(p).long()]
+            if q.high is not None:  # (one plane: the fifth and sixth bits belong to its nibbles)
+                u = u | (_hunpack(q.high, q.hbits, q.shape) << 4)
             v = u.view(rows, cols // q.group, q.group).to(dtype).sub_(8).mul_(s).add_(z)
             out = v if out is None else out.add_(v)
         return out.view(rows, cols)
@@ -100,23 +102,26 @@ class KTensor:
     bits: int
     group: int
     lut: torch.Tensor | None = None   # a codebook form (forms.codebook_form): u = lut[nibble], [16] uint8 or int8
+    high: torch.Tensor | None = None  # a 5- or 6-bit form's upper bits (_hpack), u = nibble + 16·high: one plane
+    hbits: int = 0                    # bits a value in `high` (1 or 2; bits is then 4 + hbits)
     cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property
     def plain(self) -> bool:
-        """Whether PyTorch's int4 kernel can run it: no codebook, groups of 32 or more."""
-        return self.lut is None and self.group >= 32
+        """Whether PyTorch's int4 kernel can run it: no codebook, no upper bits, groups of 32 or more."""
+        return self.lut is None and self.high is None and self.group >= 32
 
     @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.planes) + sum(t.numel() * t.element_size() for t in self.sz) + \
-            (0 if self.lut is None else 16)
+            (0 if self.lut is None else 16) + (0 if self.high is None else self.high.numel())
 
     def to(self, device, non_blocking: bool = False) -> "KTensor":
         """Moved as a tensor would be (a load copies the bytes and dequantises them where they land)."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(self, planes=tuple(map(move, self.planes)), sz=tuple(map(move, self.sz)),
-                       lut=None if self.lut is None else move(self.lut))
+                       lut=None if self.lut is None else move(self.lut),
+                       high=None if self.high is None else move(self.high))
 
 
 def kernel_fits(shape: tuple[int, int], group: int) -> bool:
@@ -152,6 +157,37 @@ def _kunpack(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0x0F, b >> 4), 1).transpose(2, 3).reshape(rows, 2 * half)
 
 
+# The upper bits of a 5- or 6-bit form (values 0..1 or 0..3 [rows, cols]) in the order ckernel.c's AVX2 routines
+# unpack the nibbles (unpack_k4): per block of 64 rows and step of 4 k, vector i (0..7) of the unpacked values
+# holds rows 32·(i // 4) + 16·L + 4·(i % 4) + m at byte 16·L + 4·m + t (k = 4·step + t). One load and a shift
+# and mask per vector then put the bits in place: with 2 bits, byte n of the step's vector h (0, 1) holds
+# vector 4h + q's byte n at bits 2q..2q+1; with 1 bit, byte n holds vector i's at bit i. [rows, cols·hbits / 8],
+# blocks of 64 rows in order (stacking rows is a cat).
+def _hview(rows: int, cols: int) -> tuple[int, ...]:
+    return rows // 64, 2, 2, 4, 4, cols // 4, 4  # block, h, L, q, m, step, t
+
+
+def _hpack(v: torch.Tensor, hbits: int) -> torch.Tensor:
+    rows, cols = v.shape
+    x = v.view(_hview(rows, cols)).permute(0, 5, 1, 3, 2, 4, 6).to(torch.uint8)  # block, step, h, q, L, m, t
+    if hbits == 2:  # bits 2q of byte (h, n)
+        out = sum(x[:, :, :, q] << (2 * q) for q in range(4))  # block, step, h, L, m, t
+    else:  # bit 4h + q of byte n
+        out = sum(x[:, :, h, q] << (4 * h + q) for h in range(2) for q in range(4))
+    return out.to(torch.uint8).reshape(rows, cols * hbits // 8).contiguous()
+
+
+def _hunpack(p: torch.Tensor, hbits: int, shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    if hbits == 2:
+        b = p.view(rows // 64, cols // 4, 2, 1, 2, 4, 4)  # block, step, h, (q), L, m, t
+        x = (b >> (2 * torch.arange(4, device=p.device, dtype=torch.uint8)).view(4, 1, 1, 1)) & 3
+    else:
+        b = p.view(rows // 64, cols // 4, 1, 1, 2, 4, 4)
+        x = (b >> torch.arange(8, device=p.device, dtype=torch.uint8).view(2, 4, 1, 1, 1)) & 1
+    return x.permute(0, 2, 4, 3, 5, 1, 6).reshape(rows, cols)  # block, h, L, q, m, step, t
+
+
 def to_kernel(q: QTensor) -> KTensor:
     s = q.scale.t().to(torch.bfloat16)
     zero = torch.zeros_like(s)
@@ -169,12 +205,13 @@ def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
     if all(isinstance(w, torch.Tensor) and w.dim() == 2 and not w.requires_grad for w in ws):
         return torch.cat(ws) if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 else None
     if not all(type(w) is KTensor for w in ws) or len({(w.bits, w.group, w.shape[1], len(w.planes), w.planes[0].device,
-                                                        w.sz[0].dtype, None if w.lut is None else tuple(w.lut.tolist()))
-                                                       for w in ws}) != 1:
+                                                        w.sz[0].dtype, None if w.lut is None else tuple(w.lut.tolist()),
+                                                        w.hbits) for w in ws}) != 1:
         return None
     return KTensor(tuple(torch.cat(p) for p in zip(*(w.planes for w in ws))),
                    tuple(torch.cat(t, 1) for t in zip(*(w.sz for w in ws))),
-                   (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group, ws[0].lut)
+                   (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group, ws[0].lut,
+                   None if ws[0].high is None else torch.cat([w.high for w in ws]), ws[0].hbits)
 
 
 def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, ...]]]:
@@ -206,8 +243,8 @@ def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[i
 
 def from_kernel(k: KTensor) -> QTensor:
     """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
-    if k.lut is not None:
-        raise ValueError("a codebook form has no portable int4/int8 copy: dequantize it")
+    if k.lut is not None or k.high is not None:
+        raise ValueError("a codebook or 5/6-bit form has no portable int4/int8 copy: dequantize it")
     u = [_kunpack(p) for p in k.planes]
     if k.bits == 4:
         data = u[0][:, 0::2] | (u[0][:, 1::2] << 4)

@@ -229,7 +229,8 @@ def _contiguous(experts: list[tuple], pin: bool) -> tuple[list[tuple], torch.Ten
     one expert at a time, they would sit between the holes that reading and repacking left in the heap,
     which then never shrinks (RSS far above the bytes held, with GGUF kernel forms); held together, the heap's high-water
     mark stays one layer's temporaries."""
-    parts = [t for ts in experts for t in ts for t in ((t,) if isinstance(t, torch.Tensor) else t.planes + t.sz)]
+    parts = [t for ts in experts for t in ts for t in ((t,) if isinstance(t, torch.Tensor) else
+                                                     t.planes + t.sz + ((t.high,) if t.high is not None else ()))]
     if not parts:
         return experts, torch.empty(0, dtype=torch.uint8)
     sizes = [-(-t.nbytes // 64) * 64 for t in parts]  # 64-byte aligned, as torch's own allocations
@@ -242,7 +243,8 @@ def _contiguous(experts: list[tuple], pin: bool) -> tuple[list[tuple], torch.Ten
     def place(t):
         if isinstance(t, torch.Tensor):
             return moved[id(t)]
-        return replace(t, planes=tuple(moved[id(p)] for p in t.planes), sz=tuple(moved[id(z)] for z in t.sz))
+        return replace(t, planes=tuple(moved[id(p)] for p in t.planes), sz=tuple(moved[id(z)] for z in t.sz),
+                       high=None if t.high is None else moved[id(t.high)])
     return [tuple(place(t) for t in ts) for ts in experts], buf
 
 

@@ -315,7 +315,8 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     order, on one and two planes, one row and an odd count; codebook forms, which only that build takes,
     give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums);
     forms with scales per 16 values give the exact product up to rounding the activations, and with both
-    halves of each 32 alike a group-32 form's products."""
+    halves of each 32 alike a group-32 form's products; so do 5- and 6-bit forms (upper bits beside the
+    nibbles), whose prefill unpacking is exact."""
     import os
     import subprocess
     import sys
@@ -349,9 +350,19 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "assert ckernel.kq_able(g16) and ckernel.kq_able(g32)\n"
             "other = kernel_copy(u, torch.rand(128, 16, generator=g) * 0.1, torch.randn(128, 16, generator=g) * 0.1, 16)\n"
             "assert ckernel.kq_able(other)\n"
+            "# 5- and 6-bit values with their upper bits beside the nibbles (Q5_x per 32, Q6_K per 16), the largest\n"
+            "# values times the largest activations in a group included (int16 sums)\n"
+            "u5 = torch.randint(0, 32, (128, 256), generator=g, dtype=torch.uint8); u5[:64, :32] = 31\n"
+            "u6 = torch.randint(0, 64, (128, 256), generator=g, dtype=torch.uint8); u6[:64, :32] = 63\n"
+            "s6 = torch.rand(128, 16, generator=g) * 0.1\n"
+            "f5, f6 = kernel_copy(u5, sc, mn, 32, 1), kernel_copy(u6, s6, 32 * s6, 16, 2)\n"
+            "assert f5.high is not None and f6.hbits == 2 and ckernel.kq_able(f5) and ckernel.kq_able(f6)\n"
+            "for f in (f5, f6):  # the prefill's unpacking, exactly\n"
+            "    assert torch.equal(ckernel.dequant_t(f, f32=True)[0].T, quant.dequantize(f))\n"
             "for m in (1, 2, 9):\n"
-            "    ref = x[:m] @ quant.dequantize(other).T\n"
-            "    assert (ckernel.kq_linear(x[:m].contiguous(), other) - ref).abs().max() <= 0.02 * ref.abs().max()\n"
+            "    for f in (other, f5, f6):\n"
+            "        ref = x[:m] @ quant.dequantize(f).T\n"
+            "        assert (ckernel.kq_linear(x[:m].contiguous(), f) - ref).abs().max() <= 0.01 * ref.abs().max(), f.bits\n"
             "for m in (1, 2, 9):\n"
             "    for a, b in ((book, two), (iq4, int8), (g16, g32)):\n"
             "        want = ckernel.kq_linear(x[:m].contiguous(), b)\n"

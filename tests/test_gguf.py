@@ -431,8 +431,8 @@ def test_file_copies_hold_the_files_own_values(qtype):
                                    "Q2_K", "IQ4_NL", "IQ4_XS"])
 def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     """What a RAM tier holds for host runs: the file's values (scales rounded to bf16; Q6_K's and Q2_K's
-    quantised again to int8) in the int4 kernel's layout, multiplied without dequantising; float matrices
-    have none."""
+    quantised again to int8 where the routines take no scales per 16) in the int4 kernel's layout, multiplied
+    without dequantising; float matrices have none."""
     import gguf
     import numpy as np
 
@@ -453,11 +453,17 @@ def test_host_forms_run_the_files_values_on_the_cpu_kernel(qtype):
     from emoe.ckernel import lut_able
     # one plane of the file's nibbles and a codebook (forms.codebook_form), or with scales per 16 (Q2_K, Q3_K)
     book = qtype in ("MXFP4", "IQ4_NL", "IQ4_XS") and lut_able()
-    g16 = qtype in ("Q2_K", "Q3_K") and lut_able()
-    assert isinstance(form, KTensor) and form.shape == tuple(want.shape) and \
-        form.bits == (4 if qtype[1] == "4" or book or g16 else 8)
-    assert (form.lut is not None) == book and (form.group == 16) == g16
-    if g16:  # the file's values, scales and minimums per 16 in bf16: 6 bits a weight
+    g16 = qtype in ("Q2_K", "Q3_K", "Q6_K") and lut_able()
+    # 5- and 6-bit values as one plane and their upper bits (Q6_K's with scales per 16)
+    hb = qtype in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") and lut_able()
+    assert isinstance(form, KTensor) and form.shape == tuple(want.shape) and form.bits == (
+        6 if qtype == "Q6_K" and hb else 5 if hb else 4 if qtype[1] == "4" or book or g16 else 8)
+    assert (form.lut is not None) == book and (form.group == 16) == g16 and (form.high is not None) == hb
+    if hb:  # the file's values; scales and zeros rounded to bf16
+        assert form.nbytes <= (1.22 if qtype == "Q6_K" else 1.1) * t.numel()
+        assert form.hbits == (2 if qtype == "Q6_K" else 1)
+        assert (dequantize(form) - want).abs().max() <= 2 ** -7 * want.abs().max()
+    elif g16:  # the file's values, scales and minimums per 16 in bf16: 6 bits a weight
         assert form.nbytes <= (2.29 if qtype == "Q2_K" else 1.75) * t.numel()
         assert (dequantize(form) - want).abs().max() <= 2 ** -8 * want.abs().max()
     elif qtype in ("Q6_K", "Q2_K"):  # quantised again, as any int8 copy on the kernel: 0.5% of the values' size
