@@ -33,114 +33,10 @@ static inline float dotf(const float *restrict a, const float *restrict b, int n
 static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
-/* the upper bits of row j's value at k in a block's part of hb (quant._hpack's layout) */
-static inline int upper(const uint8_t *hb, int hbits, int k, int j) {
-    const uint8_t *s = hb + (long)(k / 4) * 32 * hbits;
-    const int n = ((j >> 4) & 1) * 16 + (j & 3) * 4 + (k & 3), q = (j >> 2) & 3;
-    return hbits == 2 ? (s[(j >> 5) * 32 + n] >> (2 * q)) & 3 : (s[n] >> ((j >> 5) * 4 + q)) & 1;
-}
-
-/* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
-   16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
-   np is a constant in each call of run, so its inner loop vectorises. */
-static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
-                       uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
-                       const uint8_t *lut, int sg, const uint8_t *hb, const int hbits) {
-    const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
-    float s[2][64], z[2][64];
-    int up[64] = {0};
-    for (int b = b0; b < b1; b++) {
-        for (int k = 0; k < K; k++) {
-            if (k % group == 0) {
-                for (int i = 0; i < np; i++) {
-                    const uint16_t *q = sz[i] + ((long)(k / group) * N + b * 64) * 2;
-                    for (int j = 0; j < 64; j++) { s[i][j] = bf(q[2 * j]); z[i][j] = bf(q[2 * j + 1]) - 8 * s[i][j]; }
-                }
-            }
-            if (hbits)
-                for (int j = 0; j < 64; j++) up[j] = 16 * upper(hb + (long)b * K * 8 * hbits, hbits, k, j);
-            const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
-            const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
-            uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
-            for (int j = 0; j < 32; j++) {
-                float lo = (float)(lut ? (sg ? (int8_t)lut[p0[j] & 15] : lut[p0[j] & 15]) : (p0[j] & 15) + up[j]) * s[0][j] + z[0][j];
-                float hi = (float)(lut ? (sg ? (int8_t)lut[p0[j] >> 4] : lut[p0[j] >> 4]) : (p0[j] >> 4) + up[j + 32]) * s[0][j + 32] + z[0][j + 32];
-                if (np == 2) {
-                    lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
-                    hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
-                }
-                if (fout) {  /* float32 W^T: for a CPU whose bf16 matmuls are slow (no AVX512-BF16) */
-                    float *f = fout + (long)k * ld + (b - b0) * 64;
-                    f[j] = lo;
-                    f[j + 32] = hi;
-                    continue;
-                }
-                o[j] = tobf(lo);
-                o[j + 32] = tobf(hi);
-                if (np == 2) {
-                    lo_out[(long)k * ld + (b - b0) * 64 + j] = tobf(lo - bf(o[j]));
-                    lo_out[(long)k * ld + (b - b0) * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
-                }
-            }
-        }
-    }
-}
-void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1, int f32, const uint8_t *lut, int sg, const uint8_t *hb, int hbits) {
-    if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg, NULL, 0);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg, NULL, 0);
-    } else if (hb) {  /* one plane with upper bits */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, hb, hbits);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, hb, hbits);
-    } else if (f32) {
-        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
-        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
-    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
-    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
-}
-
-/* ---- few-row products --------------------------------------------------------------------------------------- */
 /* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8;
    hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (quant._hpack's layout) */
 typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg;
                  const uint8_t *hb; int64_t hbits; } kmat;  /* hb: a 5- or 6-bit form's upper bits (hbits each), or NULL */
-/* a row rounded: int8 per 32, the scale, the scale x sum; h, the scale x sum of each half (int8 rows only) */
-typedef struct { int8_t *q; float *d, *qs, *h; } qrow;
-
-static void quant_row(const float *x, int n, qrow r) {
-    for (int b = 0; b < n / 32; b++) {
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-        const float id = amax > 0.f ? 127.f / amax : 0.f;
-        int s = 0;
-        int s0 = 0;
-        for (int j = 0; j < 32; j++) {
-            int v = (int)nearbyintf(x[b * 32 + j] * id);
-            r.q[b * 32 + j] = (int8_t)v;
-            s += v;
-            if (j == 15) s0 = s;
-        }
-        r.d[b] = amax / 127.f;
-        r.qs[b] = r.d[b] * (float)s;
-        r.h[2 * b] = r.d[b] * (float)s0;
-        r.h[2 * b + 1] = r.d[b] * (float)(s - s0);
-    }
-}
-
-#if defined(__AVX512F__)
-/* group g's bf16 (scale, zero) pairs for rows b*64 .. b*64+63 as floats, the zeros less off x scale (8 where
-   the routine sums u, not u - 8) */
-static inline void sz16(const kmat *w, int pl, int g, int b, __m512 *s, __m512 *z, float off) {
-    const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
-    for (int i = 0; i < 4; i++) {
-        const __m512i v = _mm512_loadu_si512(p + 16 * i);
-        s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(off), s[i],
-                                _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))));
-    }
-}
-#endif
 
 #if defined(__AVX2__)
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
@@ -205,6 +101,124 @@ static inline void to_rows(const __m256i *u, uint8_t *nat) {
         const __m256i t[4] = {_mm256_unpacklo_epi64(a, c), _mm256_unpackhi_epi64(a, c),
                               _mm256_unpacklo_epi64(bb, d), _mm256_unpackhi_epi64(bb, d)};
         for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(nat + i * 64 + h * 32), t[i]);
+    }
+}
+#endif
+
+/* the upper bits of row j's value at k in a block's part of hb (quant._hpack's layout) */
+static inline int upper(const uint8_t *hb, int hbits, int k, int j) {
+    const uint8_t *s = hb + (long)(k / 4) * 32 * hbits;
+    const int n = ((j >> 4) & 1) * 16 + (j & 3) * 4 + (k & 3), q = (j >> 2) & 3;
+    return hbits == 2 ? (s[(j >> 5) * 32 + n] >> (2 * q)) & 3 : (s[n] >> ((j >> 5) * 4 + q)) & 1;
+}
+
+/* 16 x the upper bits of a block's rows at k .. k + 3 (k a multiple of 4), out[t * 64 + row] */
+static inline void uppers(const uint8_t *hb, int hbits, int k, uint8_t *out) {
+#if defined(__AVX2__)
+    __m256i u[8];
+    for (int i = 0; i < 8; i++) u[i] = _mm256_setzero_si256();
+    high_bits(hb + (long)(k / 4) * 32 * hbits, u, hbits);
+    to_rows(u, out);
+#else
+    for (int t = 0; t < 4; t++)
+        for (int j = 0; j < 64; j++) out[t * 64 + j] = (uint8_t)(16 * upper(hb, hbits, k + t, j));
+#endif
+}
+
+/* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
+   16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
+   np is a constant in each call of run, so its inner loop vectorises. */
+static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
+                       uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
+                       const uint8_t *lut, int sg, const uint8_t *hb, const int hbits) {
+    const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
+    float s[2][64], z[2][64];
+    uint8_t up4[4 * 64] = {0};
+    for (int b = b0; b < b1; b++) {
+        for (int k = 0; k < K; k++) {
+            if (k % group == 0) {
+                for (int i = 0; i < np; i++) {
+                    const uint16_t *q = sz[i] + ((long)(k / group) * N + b * 64) * 2;
+                    for (int j = 0; j < 64; j++) { s[i][j] = bf(q[2 * j]); z[i][j] = bf(q[2 * j + 1]) - 8 * s[i][j]; }
+                }
+            }
+            if (hbits && k % 4 == 0) uppers(hb + (long)b * K * 8 * hbits, hbits, k, up4);
+            const uint8_t *up = up4 + (k % 4) * 64;
+            const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
+            const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
+            uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
+            for (int j = 0; j < 32; j++) {
+                float lo = (float)(lut ? (sg ? (int8_t)lut[p0[j] & 15] : lut[p0[j] & 15]) : (p0[j] & 15) + up[j]) * s[0][j] + z[0][j];
+                float hi = (float)(lut ? (sg ? (int8_t)lut[p0[j] >> 4] : lut[p0[j] >> 4]) : (p0[j] >> 4) + up[j + 32]) * s[0][j + 32] + z[0][j + 32];
+                if (np == 2) {
+                    lo += (float)(p1[j] & 15) * s[1][j] + z[1][j];
+                    hi += (float)(p1[j] >> 4) * s[1][j + 32] + z[1][j + 32];
+                }
+                if (fout) {  /* float32 W^T: for a CPU whose bf16 matmuls are slow (no AVX512-BF16) */
+                    float *f = fout + (long)k * ld + (b - b0) * 64;
+                    f[j] = lo;
+                    f[j + 32] = hi;
+                    continue;
+                }
+                o[j] = tobf(lo);
+                o[j + 32] = tobf(hi);
+                if (np == 2) {
+                    lo_out[(long)k * ld + (b - b0) * 64 + j] = tobf(lo - bf(o[j]));
+                    lo_out[(long)k * ld + (b - b0) * 64 + j + 32] = tobf(hi - bf(o[j + 32]));
+                }
+            }
+        }
+    }
+}
+void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
+               int group, int b0, int b1, int f32, const uint8_t *lut, int sg, const uint8_t *hb, int hbits) {
+    if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg, NULL, 0);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg, NULL, 0);
+    } else if (hb) {  /* one plane with upper bits */
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, hb, hbits);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, hb, hbits);
+    } else if (f32) {
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
+}
+
+/* ---- few-row products --------------------------------------------------------------------------------------- */
+/* a row rounded: int8 per 32, the scale, the scale x sum; h, the scale x sum of each half (int8 rows only) */
+typedef struct { int8_t *q; float *d, *qs, *h; } qrow;
+
+static void quant_row(const float *x, int n, qrow r) {
+    for (int b = 0; b < n / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        int s = 0;
+        int s0 = 0;
+        for (int j = 0; j < 32; j++) {
+            int v = (int)nearbyintf(x[b * 32 + j] * id);
+            r.q[b * 32 + j] = (int8_t)v;
+            s += v;
+            if (j == 15) s0 = s;
+        }
+        r.d[b] = amax / 127.f;
+        r.qs[b] = r.d[b] * (float)s;
+        r.h[2 * b] = r.d[b] * (float)s0;
+        r.h[2 * b + 1] = r.d[b] * (float)(s - s0);
+    }
+}
+
+#if defined(__AVX512F__)
+/* group g's bf16 (scale, zero) pairs for rows b*64 .. b*64+63 as floats, the zeros less off x scale (8 where
+   the routine sums u, not u - 8) */
+static inline void sz16(const kmat *w, int pl, int g, int b, __m512 *s, __m512 *z, float off) {
+    const uint32_t *p = w->sz[pl] + (long)g * w->N + b * 64;
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_loadu_si512(p + 16 * i);
+        s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        z[i] = _mm512_fnmadd_ps(_mm512_set1_ps(off), s[i],
+                                _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))));
     }
 }
 #endif
