@@ -508,8 +508,8 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
      up to 24): pair products up to 2 x 24 x 127 in int16 lanes would pass 32767 over a group's 8 steps, so the
      lanes widen to int32 after each 4. IQ4's (sg: int8, -127..113): maddubs takes |v| and x with v's sign, as
      llama.cpp's AVX2 dot products do (a pair is then at most 2 x 127 x 127, 32258), and the lanes widen every step;
-   - scales and zeros per 16 values (group 16: Q2_K's and Q3_K's), applied to each half's sums, with the half's
-     own sum of x for the zero;
+   - scales and zeros per 16 values (group 16: Q2_K's, Q3_K's, and with codebooks IQ2_XS's, IQ2_S's and IQ1_M's),
+     applied to each half's sums, with the half's own sum of x for the zero;
    - 5- and 6-bit values (hb: Q5_0/Q5_1/Q5_K per 32, Q6_K per 16): the nibbles with their upper bits or'ed in
      (high_bits). 6-bit pair products (up to 16002) widen after every 2 steps, 5-bit ones (7874) after 4. */
 /* one k4 step of a one-plane form, unpacked, looked up (lut) and, for an int8 table, split into |v| (u) and v */
@@ -597,6 +597,8 @@ static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
 #define HALF_(L, S, G, H) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G, H); else half_rows_(w, x, y, R, b, L, S, G, H); } while (0)
     if (w->hb && w->hbits == 2) HALF_(0, 0, 1, 2);  /* Q6_K: scales per 16 (ckernel._desc admits no other case) */
     else if (w->hb) HALF_(0, 0, 0, 1);  /* Q5_0, Q5_1, Q5_K: per 32 */
+    else if (g16 && sg) HALF_(1, 1, 1, 0);  /* IQ2_XS, IQ2_S: a codebook, scales per 16 */
+    else if (g16 && lut) HALF_(1, 0, 1, 0);  /* IQ1_M */
     else if (g16) HALF_(0, 0, 1, 0);
     else if (sg) HALF_(1, 1, 0, 0);
     else HALF_(1, 0, 0, 0);

@@ -150,7 +150,7 @@ def _desc(w) -> list:
     take it (planes elsewhere than the CPU, not contiguous, more than two, a codebook, 16-value groups or upper bits
     where lut_able is not), the descriptor tensor, planes]."""
     if not w.cdesc:
-        extra = [t for t in (w.lut, w.high) if t is not None]
+        extra = [t for t in (w.lut, w.high) if t is not None]  # (a codebook form's table, upper bits)
         if len(w.planes) <= 2 and w.planes[0].device.type == "cpu" and \
                 all(t.is_contiguous() for t in (*w.planes, *w.sz)) and (w.plain or (
                     lut_able() and all(t.is_contiguous() and t.device.type == "cpu" for t in extra)
@@ -168,11 +168,11 @@ def _desc(w) -> list:
 
 
 def _routine_for(w) -> bool:
-    """Whether the AVX2 routines have a case for this one-plane form (ckernel.c's half_rows): a codebook per 32,
-    scales per 16, 5-bit values per 32 or 6-bit ones per 16."""
+    """Whether the AVX2 routines have a case for this one-plane form (ckernel.c's half_rows): nibbles or a
+    codebook with scales per 16 or per multiple of 32, 5-bit values per 32 or 6-bit ones per 16."""
     if w.high is not None:
         return w.lut is None and len(w.planes) == 1 and (w.hbits, w.group) in ((1, 32), (2, 16))
-    return w.lut is None or w.group >= 32
+    return w.group == 16 or w.group % 32 == 0
 
 
 def lut_able() -> bool:

@@ -15,7 +15,10 @@ from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4,
                           Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, dequantize, e8m0_half, iq4_parts, kernel_copy, mxfp4_parts,
                           q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts,
                           q6_k_parts, q8_0)
+from .gguf_iq import IQ1_M, IQ2_S, IQ2_XS, IQ_TABLES, iq_parts
 from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
+
+IQ_PER_16 = (IQ2_XS, IQ2_S, IQ1_M)  # i-quants scaled per 16 values
 
 
 def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> KTensor:
@@ -30,15 +33,15 @@ def kernel_copy5(u: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) ->
     return KTensor((_kpack(u - 3 * b), _kpack(b + 8)), tuple(sz), tuple(u.shape), 8, GROUP)
 
 
-ONE_PLANE = (Q4_0, Q4_1, Q4_K)  # 4 bits + a bf16 scale and zero per 32: 5 bits a weight; the others take 10
+ONE_PLANE = (Q4_0, Q4_1, Q4_K)  # 4 bits + a bf16 scale and zero per 32: 5 bits a weight; others 5-10 (form_ratio)
 # held with the file's own values; every other GGUF type is quantised again (to int8, or int4 where asked)
 EXACT = frozenset({*ONE_PLANE, Q8_0, Q5_0, Q5_1, Q5_K, MXFP4, Q3_K, IQ4_NL, IQ4_XS})
 
 
 def _exact(kind) -> bool:
-    """Whether a block type's form holds the file's own values (Q2_K's and Q6_K's only where scales per 16 can be
-    held)."""
-    return kind in EXACT or (kind in (Q2_K, Q6_K) and lut_able())
+    """Whether a block type's form holds the file's own values (Q2_K's, Q6_K's and the i-quants' only where scales
+    per 16 and codebooks can be held)."""
+    return kind in EXACT or ((kind in (Q2_K, Q6_K) or kind in IQ_TABLES) and lut_able())
 
 
 def int4_able(kind) -> bool:
@@ -67,6 +70,8 @@ def form_ratio(kind, bits: int = 8) -> float | None:
         return 6 / (8 * size / block)
     if kind in (Q5_0, Q5_1, Q5_K, Q6_K) and lut_able():  # one plane and the upper bits (Q6_K's scales per 16)
         return (8 if kind == Q6_K else 6) / (8 * size / block)
+    if kind in IQ_TABLES and lut_able():  # a codebook form, scales per 32 or 16
+        return (6 if kind in IQ_PER_16 else 5) / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
     return (5 if one else 10) / (8 * size / block)
 
@@ -97,8 +102,9 @@ def form_parts(locs) -> list[tuple[object, int]]:
 
 
 def codebook_form(values: torch.Tensor | None, scale: torch.Tensor, table: tuple[int, ...],
-                  codes: torch.Tensor | None = None) -> KTensor:
-    """Integers from a 16-value table (values [rows, cols], each in table) times a scale per 32, exactly, as
+                  codes: torch.Tensor | None = None, group: int = GROUP) -> KTensor:
+    """Integers from a table of up to 16 (values [rows, cols], each in table) times a scale per `group` (32, or
+    16 where the routines take scales per 16: the i-quants with them), exactly, as
     one plane of their indices and the table as the form's codebook (ckernel.lut_able: the AVX2 routines look
     each nibble up): 5 bits a weight. A table of small values (MXFP4's doubled E2M1, −12..12) is held
     offset by 12, unsigned (u − 8 − 4 is the value), which the routines sum as they sum plain nibbles; a
@@ -113,9 +119,9 @@ def codebook_form(values: torch.Tensor | None, scale: torch.Tensor, table: tuple
     u = _kpack(codes)
     if lo >= -12 and max(table) <= 12:
         sz = torch.stack((scale.t(), -4 * scale.t()), -1).to(torch.bfloat16).contiguous()
-        return KTensor((u,), (sz,), tuple(codes.shape), 4, GROUP, torch.tensor([v + 12 for v in table], dtype=torch.uint8))
+        return KTensor((u,), (sz,), tuple(codes.shape), 4, group, torch.tensor([v + 12 for v in table], dtype=torch.uint8))
     sz = torch.stack((scale.t(), 8 * scale.t()), -1).to(torch.bfloat16).contiguous()
-    return KTensor((u,), (sz,), tuple(codes.shape), 4, GROUP, torch.tensor(table, dtype=torch.int8))
+    return KTensor((u,), (sz,), tuple(codes.shape), 4, group, torch.tensor(table, dtype=torch.int8))
 
 
 def mxfp4_planes(q: torch.Tensor, d: torch.Tensor, codebook: bool | None = None) -> KTensor:
@@ -196,9 +202,11 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     bf16: the RAM tier grows by at most 18%. Where the routines take them (ckernel.lut_able: AVX2),
     Q5_0/Q5_1/Q5_K hold their values as one plane and their fifth bits (6 bits against 5.5-6), Q6_K as one
     plane, its upper two bits and scales per 16 (8 against 6.56), MXFP4 (gpt-oss) and IQ4_NL/IQ4_XS as codebook
-    forms (5 bits against 4.25-4.5), Q2_K and Q3_K with scales per 16 (6 bits); elsewhere Q5_x, MXFP4, IQ4 and
-    Q3_K take two planes (10 bits: kernel_copy5, IQ4's table's values as int8, q3_k_form). Every other block
-    type (Q6_K and Q2_K without the AVX2 routines, the IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
+    forms (5 bits against 4.25-4.5), Q2_K and Q3_K with scales per 16 (6 bits), and the IQ1-IQ3 i-quants and
+    TQ1_0/TQ2_0 as codebook forms of their grids' signed values (gguf_iq.IQ_TABLES: 5 bits, 6 with scales per
+    16, against 1.56-3.44); elsewhere Q5_x, MXFP4, IQ4 and Q3_K take two planes (10 bits: kernel_copy5, IQ4's
+    table's values as int8, q3_k_form). Every other block type (without the AVX2 routines: Q6_K, Q2_K, the
+    IQ1-IQ3 codebooks, …) scales each 16 values or less regularly than the
     kernel's groups of 32 can hold: its values are quantised again to int8 per 32 (10 bits a weight; error
     0.5% of the values' size, far below the file's own rounding at 2-6 bits), or with bits=4 to int4
     (int4_form: half the bytes and kernel time, lossy; int4_able types only). The RAM tier builds forms only
@@ -234,6 +242,9 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
             return codebook_form(None, scale, IQ4_VALUES, u)
         q, scale = iq4_parts(t, qtype == IQ4_XS)
         return to_kernel(QTensor(q, scale, tuple(q.shape), 8, GROUP))
+    if qtype in IQ_TABLES and lut_able():  # the i-quants' and ternary types' integers, exactly, as a codebook form
+        values, scale, group = iq_parts(t, qtype)
+        return codebook_form(values, scale, IQ_TABLES[qtype], group=group)
     if qtype == Q4_0:
         u, d = q4_0_parts(t)
         return kernel_copy(u, d.float(), 8 * d.float())

@@ -316,7 +316,7 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums);
     forms with scales per 16 values give the exact product up to rounding the activations, and with both
     halves of each 32 alike a group-32 form's products; so do 5- and 6-bit forms (upper bits beside the
-    nibbles), whose prefill unpacking is exact."""
+    nibbles) and codebook forms with scales per 16, whose prefill unpacking is exact."""
     import os
     import subprocess
     import sys
@@ -357,10 +357,15 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "s6 = torch.rand(128, 16, generator=g) * 0.1\n"
             "f5, f6 = kernel_copy(u5, sc, mn, 32, 1), kernel_copy(u6, s6, 32 * s6, 16, 2)\n"
             "assert f5.high is not None and f6.hbits == 2 and ckernel.kq_able(f5) and ckernel.kq_able(f6)\n"
-            "for f in (f5, f6):  # the prefill's unpacking, exactly\n"
+            "# codebooks with scales per 16 (IQ2_XS's, IQ2_S's: int8 tables; IQ1_M's: a small one, offset)\n"
+            "t2, t1 = (-43, -25, -8, 8, 25, 43), (-9, -7, -1, 1, 7, 9)\n"
+            "c2 = codebook_form(torch.tensor(t2)[torch.randint(0, 6, (128, 256), generator=g)], torch.rand(128, 16, generator=g) * 0.1, t2, group=16)\n"
+            "c1 = codebook_form(torch.tensor(t1)[torch.randint(0, 6, (128, 256), generator=g)], torch.rand(128, 16, generator=g) * 0.1, t1, group=16)\n"
+            "assert c2.lut.dtype == torch.int8 and c1.lut.dtype == torch.uint8 and ckernel.kq_able(c2) and ckernel.kq_able(c1)\n"
+            "for f in (f5, f6, c2, c1):  # the prefill's unpacking, exactly\n"
             "    assert torch.equal(ckernel.dequant_t(f, f32=True)[0].T, quant.dequantize(f))\n"
             "for m in (1, 2, 9):\n"
-            "    for f in (other, f5, f6):\n"
+            "    for f in (other, f5, f6, c2, c1):\n"
             "        ref = x[:m] @ quant.dequantize(f).T\n"
             "        assert (ckernel.kq_linear(x[:m].contiguous(), f) - ref).abs().max() <= 0.01 * ref.abs().max(), f.bits\n"
             "for m in (1, 2, 9):\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from emoe.gguf_iq import IQ_TYPES, iq_dequantize
+from emoe.gguf_iq import IQ1_M, IQ2_S, IQ2_XS, IQ_TABLES, IQ_TYPES, iq_dequantize, iq_parts
 from gguf_writer import _random_blocks
 
 
@@ -46,3 +46,16 @@ def test_rejects_other_types_and_torn_rows():
         iq_dequantize(torch.zeros(1, 18, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="66"):  # IQ2_XXS rows are whole 66-byte blocks
         iq_dequantize(torch.zeros(1, 65, dtype=torch.uint8), 16)
+
+
+@pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda q: gguf.GGMLQuantizationType(q).name)
+def test_parts_are_a_tables_integers_times_a_scale_per_group(qtype):
+    """iq_parts: integers from the type's table (at most 16, int8: a codebook form's entries) times a scale per 32
+    values (16 for IQ2_XS, IQ2_S and IQ1_M), whose products are the dequantised values bit for bit."""
+    t = torch.from_numpy(random_blocks(qtype))
+    values, scale, group = iq_parts(t, qtype)
+    table = IQ_TABLES[qtype]
+    assert len(table) <= 16 and all(-127 <= v <= 127 for v in table)
+    assert values.dtype == torch.int8 and set(values.unique().tolist()) <= set(table)
+    assert group == (16 if qtype in (IQ2_XS, IQ2_S, IQ1_M) else 32) and scale.shape == (64, 512 // group)
+    assert torch.equal((values.float().view(64, -1, group) * scale[..., None]).view(64, 512), iq_dequantize(t, qtype))
