@@ -34,9 +34,10 @@ static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; me
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
 /* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8;
-   hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (quant._hpack's layout) */
+   hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (quant._hpack's layout);
+   i8: the plane holds int8 values u, a byte each, in the order the AVX2 routines unpack nibbles (quant._i8pack) */
 typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg;
-                 const uint8_t *hb; int64_t hbits; } kmat;  /* hb: a 5- or 6-bit form's upper bits (hbits each), or NULL */
+                 const uint8_t *hb; int64_t hbits, i8; } kmat;  /* hb: a 5- or 6-bit form's upper bits (hbits each), or NULL */
 
 #if defined(__AVX2__)
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
@@ -125,15 +126,30 @@ static inline void uppers(const uint8_t *hb, int hbits, int k, uint8_t *out) {
 #endif
 }
 
+/* an int8 plane's (quant._i8pack's) values of a block's rows at k .. k + 3 (k a multiple of 4), out[t * 64 + row] */
+static inline void bytes4(const uint8_t *p, int k, int8_t *out) {
+    const uint8_t *r = p + (long)(k / 4) * 256;
+#if defined(__AVX2__)
+    __m256i u[8];
+    for (int i = 0; i < 8; i++) u[i] = _mm256_loadu_si256((const __m256i *)(r + 32 * i));
+    to_rows(u, (uint8_t *)out);
+#else
+    for (int t = 0; t < 4; t++)
+        for (int j = 0; j < 64; j++)
+            out[t * 64 + j] = (int8_t)r[((j >> 5) * 4 + ((j >> 2) & 3)) * 32 + ((j >> 4) & 1) * 16 + (j & 3) * 4 + t];
+#endif
+}
+
 /* W^T [K, (b1 - b0) * 64] in bf16 for row blocks b0..b1; with lo, also what the rounding left (hi + lo holds
    16 significant bits, as two-plane int8 values times their scales need); with fout, in float32 there instead.
    np is a constant in each call of run, so its inner loop vectorises. */
 static inline void run(const uint8_t **planes, const uint16_t **sz, const int np, uint16_t *restrict out,
                        uint16_t *restrict lo_out, float *restrict fout, int N, int K, int group, int b0, int b1,
-                       const uint8_t *lut, int sg, const uint8_t *hb, const int hbits) {
+                       const uint8_t *lut, int sg, const uint8_t *hb, const int hbits, const int i8) {
     const long ld = (long)(b1 - b0) * 64;  /* out holds the columns of blocks b0..b1 only */
     float s[2][64], z[2][64];
     uint8_t up4[4 * 64] = {0};
+    int8_t v4[4 * 64];
     for (int b = b0; b < b1; b++) {
         for (int k = 0; k < K; k++) {
             if (k % group == 0) {
@@ -143,7 +159,17 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
                 }
             }
             if (hbits && k % 4 == 0) uppers(hb + (long)b * K * 8 * hbits, hbits, k, up4);
+            if (i8 && k % 4 == 0) bytes4(planes[0] + (long)b * K * 64, k, v4);
             const uint8_t *up = up4 + (k % 4) * 64;
+            if (i8) {  /* one int8 plane */
+                const int8_t *v = v4 + (k % 4) * 64;
+                for (int j = 0; j < 64; j++) {
+                    const float f = (float)v[j] * s[0][j] + z[0][j];
+                    if (fout) fout[(long)k * ld + (b - b0) * 64 + j] = f;
+                    else out[(long)k * ld + (b - b0) * 64 + j] = tobf(f);
+                }
+                continue;
+            }
             const uint8_t *restrict p0 = planes[0] + ((long)b * K + k) * 32;
             const uint8_t *restrict p1 = planes[np - 1] + ((long)b * K + k) * 32;
             uint16_t *restrict o = out + (long)k * ld + (b - b0) * 64;
@@ -171,18 +197,21 @@ static inline void run(const uint8_t **planes, const uint16_t **sz, const int np
     }
 }
 void kplanes_t(const uint8_t **planes, const uint16_t **sz, int np, void *out, uint16_t *lo, int N, int K,
-               int group, int b0, int b1, int f32, const uint8_t *lut, int sg, const uint8_t *hb, int hbits) {
+               int group, int b0, int b1, int f32, const uint8_t *lut, int sg, const uint8_t *hb, int hbits, int i8) {
     if (lut) {  /* a codebook form (one plane): each nibble is looked up first */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg, NULL, 0);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg, NULL, 0);
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, lut, sg, NULL, 0, 0);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, lut, sg, NULL, 0, 0);
     } else if (hb) {  /* one plane with upper bits */
-        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, hb, hbits);
-        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, hb, hbits);
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, hb, hbits, 0);
+        else run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, hb, hbits, 0);
+    } else if (i8) {  /* one int8 plane */
+        if (f32) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0, 1);
+        else run(planes, sz, 1, out, NULL, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0, 1);
     } else if (f32) {
-        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
-        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0);
-    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
-    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0);
+        if (np == 1) run(planes, sz, 1, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0, 0);
+        else run(planes, sz, 2, NULL, NULL, out, N, K, group, b0, b1, NULL, 0, NULL, 0, 0);
+    } else if (np == 1) run(planes, sz, 1, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0, 0);
+    else run(planes, sz, 2, out, lo, NULL, N, K, group, b0, b1, NULL, 0, NULL, 0, 0);
 }
 
 /* ---- few-row products --------------------------------------------------------------------------------------- */
@@ -295,16 +324,19 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.f);
     const uint8_t *lut = w->lut;
-    const int sg = lut && w->sg, halves = w->group == 16 ? 2 : 1;  /* group 16: scales per half of each 32 */
+    const int sg = (lut && w->sg) || w->i8, halves = w->group == 16 ? 2 : 1;  /* group 16: scales per half of each 32 */
+    const int rows = w->hb || w->i8;  /* values read from nat */
     const __m128i table = lut ? _mm_loadu_si128((const __m128i *)lut) : m4;
     const int K = (int)w->K;
     float acc[2][64] = {{0.f}}, xs[2][32];
-    uint8_t nat[32 * 64];  /* a group's values with their upper bits, [k][row] */
+    uint8_t nat[32 * 64];  /* a group's values with their upper bits (or an int8 plane's), [k][row] */
     for (int pl = 0; pl < w->np; pl++) {
         const uint8_t *base = w->p[pl] + (long)b * K * 32;
         for (int kb = 0; kb < K / 32; kb++) {
             const uint32_t *p = w->sz[pl] + (long)(kb * 32 / (int)w->group) * w->N + b * 64;
-            if (w->hb)
+            if (w->i8)
+                for (int k4 = 0; k4 < 8; k4++) bytes4(w->p[0] + (long)b * K * 64, kb * 32 + k4 * 4, (int8_t *)nat + k4 * 4 * 64);
+            else if (w->hb)
                 for (int k4 = 0; k4 < 8; k4++) {
                     __m256i u[8];
                     unpack_k4(base + (long)(kb * 32 + k4 * 4) * 32, u);
@@ -322,8 +354,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const kmat *w, const
                     const uint8_t *c = base + (long)(kb * 32 + k) * 32;
                     __m256 wv[4];
                     for (int i = 0; i < 4; i++) {
-                        const __m128i v = _mm_loadl_epi64((const __m128i *)(w->hb ? nat + k * 64 + h * 32 + 8 * i : c + 8 * i));
-                        __m128i u = w->hb ? v : _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
+                        const __m128i v = _mm_loadl_epi64((const __m128i *)(rows ? nat + k * 64 + h * 32 + 8 * i : c + 8 * i));
+                        __m128i u = rows ? v : _mm_and_si128(h ? _mm_srli_epi16(v, 4) : v, m4);
                         if (lut) u = _mm_shuffle_epi8(table, u);  /* (loop invariants: the compiler unswitches them) */
                         wv[i] = _mm256_cvtepi32_ps(sg ? _mm256_cvtepi8_epi32(u) : _mm256_cvtepu8_epi32(u));
                     }
@@ -511,11 +543,17 @@ static void int8_rows(const kmat *w, const qrow *x, float *const *y, int R, int 
    - scales and zeros per 16 values (group 16: Q2_K's, Q3_K's, and with codebooks IQ2_XS's, IQ2_S's and IQ1_M's),
      applied to each half's sums, with the half's own sum of x for the zero;
    - 5- and 6-bit values (hb: Q5_0/Q5_1/Q5_K per 32, Q6_K per 16): the nibbles with their upper bits or'ed in
-     (high_bits). 6-bit pair products (up to 16002) widen after every 2 steps, 5-bit ones (7874) after 4. */
+     (high_bits). 6-bit pair products (up to 16002) widen after every 2 steps, 5-bit ones (7874) after 4;
+   - an int8 plane (i8: Q8_0, int8 forms), its bytes stored in the order the nibbles unpack to: loaded as they
+     are and multiplied as an int8 table's values (|v| times x with v's sign), no unpacking. */
 /* one k4 step of a one-plane form, unpacked, looked up (lut) and, for an int8 table, split into |v| (u) and v */
 static inline __attribute__((always_inline)) void half_unpack(const uint8_t *r, __m256i *u, __m256i *v,
                                                               const __m256i table, int lut, int sg,
-                                                              const uint8_t *h, int hbits) {
+                                                              const uint8_t *h, int hbits, int i8) {
+    if (i8) {  /* an int8 plane, in this order already: |v| and v, as an int8 table's */
+        for (int i = 0; i < 8; i++) { v[i] = _mm256_loadu_si256((const __m256i *)(r + 32 * i)); u[i] = _mm256_abs_epi8(v[i]); }
+        return;
+    }
     unpack_k4(r, u);
     if (hbits) high_bits(h, u, hbits);
     if (lut)
@@ -534,7 +572,7 @@ static inline __m256i xq4(const qrow *x, int kb, int k4) {
 }
 static inline __attribute__((always_inline)) void half_rows_(const kmat *w, const qrow *x, float *const *y, const int R,
                                                              int b, const int lut, const int sg, const int g16,
-                                                             const int hbits) {
+                                                             const int hbits, const int i8) {
     const int K = (int)w->K;
     const __m256i table = lut ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->lut))
                               : _mm256_setzero_si256();
@@ -543,7 +581,8 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
     int gcur = -1;
     for (int r = 0; r < R; r++) memset(y[r] + b * 64, 0, 64 * sizeof(float));
     for (int kb = 0; kb < K / 32; kb++) {
-        const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * 32;
+        const int step = i8 ? 256 : 128;  /* bytes of a 4-k step */
+        const uint8_t *base = w->p[0] + ((long)b * K + kb * 32) * (step / 4);
         if (g16) {
             scales64(w, 0, 2 * kb, b, sf[0], zf[0]);
             scales64(w, 0, 2 * kb + 1, b, sf[1], zf[1]);
@@ -553,7 +592,7 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
         }
         if (R > 1)  /* unpacked once for every row */
             for (int k4 = 0; k4 < 8; k4++)
-                half_unpack(base + k4 * 128, u[k4], v[k4], table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits);
+                half_unpack(base + k4 * step, u[k4], v[k4], table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits, i8);
         for (int rr = 0; rr < R; rr++) {
             __m256i c[2][8];
             for (int half = 0; half < 2; half++) {
@@ -563,7 +602,7 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
                     const __m256i xv = xq4(&x[rr], kb, k4);
                     if (R == 1) {  /* one row: each step's unpacking used at once, in registers */
                         __m256i uu[8], vv[8] = {0};
-                        half_unpack(base + k4 * 128, uu, vv, table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits);
+                        half_unpack(base + k4 * step, uu, vv, table, lut, sg, hbits ? high_at(w, b, kb, k4) : NULL, hbits, i8);
                         for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], uu[i], vv[i], xv, sg);
                     } else
                         for (int i = 0; i < 8; i++) a[i] = half_dp(a[i], u[k4][i], v[k4][i], xv, sg);
@@ -594,14 +633,15 @@ static inline __attribute__((always_inline)) void half_rows_(const kmat *w, cons
 /* half_rows_ with its cases' flags constant, so that each is compiled without branches in its loops */
 static void half_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
     const int lut = w->lut != NULL, sg = lut && w->sg, g16 = w->group == 16;
-#define HALF_(L, S, G, H) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G, H); else half_rows_(w, x, y, R, b, L, S, G, H); } while (0)
-    if (w->hb && w->hbits == 2) HALF_(0, 0, 1, 2);  /* Q6_K: scales per 16 (ckernel._desc admits no other case) */
-    else if (w->hb) HALF_(0, 0, 0, 1);  /* Q5_0, Q5_1, Q5_K: per 32 */
-    else if (g16 && sg) HALF_(1, 1, 1, 0);  /* IQ2_XS, IQ2_S: a codebook, scales per 16 */
-    else if (g16 && lut) HALF_(1, 0, 1, 0);  /* IQ1_M */
-    else if (g16) HALF_(0, 0, 1, 0);
-    else if (sg) HALF_(1, 1, 0, 0);
-    else HALF_(1, 0, 0, 0);
+#define HALF_(L, S, G, H, I) do { if (R == 1) half_rows_(w, x, y, 1, b, L, S, G, H, I); else half_rows_(w, x, y, R, b, L, S, G, H, I); } while (0)
+    if (w->i8) HALF_(0, 1, 0, 0, 1);  /* one int8 plane (Q8_0, int8 forms), per 32 */
+    else if (w->hb && w->hbits == 2) HALF_(0, 0, 1, 2, 0);  /* Q6_K: scales per 16 (ckernel._desc admits no other case) */
+    else if (w->hb) HALF_(0, 0, 0, 1, 0);  /* Q5_0, Q5_1, Q5_K: per 32 */
+    else if (g16 && sg) HALF_(1, 1, 1, 0, 0);  /* IQ2_XS, IQ2_S: a codebook, scales per 16 */
+    else if (g16 && lut) HALF_(1, 0, 1, 0, 0);  /* IQ1_M */
+    else if (g16) HALF_(0, 0, 1, 0, 0);
+    else if (sg) HALF_(1, 1, 0, 0, 0);
+    else HALF_(1, 0, 0, 0, 0);
 #undef HALF_
 }
 #define KQ_AVX2 1
@@ -636,7 +676,7 @@ typedef void (*blockfn)(const kmat *, const qrow *, float *const *, int, int);
 #define GROUP 8
 static void block_rows(const kmat *w, const qrow *x, float *const *y, int R, int b) {
 #ifdef KQ_AVX2
-    if (w->lut || w->group == 16 || w->hb) { half_rows(w, x, y, R, b); return; }
+    if (w->lut || w->group == 16 || w->hb || w->i8) { half_rows(w, x, y, R, b); return; }
     if (R > 1) { int8_rows(w, x, y, R, b); return; }
 #endif
     for (int r = 0; r < R; r++) int8_row(w, x[r], y[r], b);  /* (AVX512: a row at a time) */

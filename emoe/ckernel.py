@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(so))
         P, i = ctypes.c_void_p, ctypes.c_int
         lib.kplanes_t.restype = None
-        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P, i, P, i]
+        lib.kplanes_t.argtypes = [ctypes.POINTER(P), ctypes.POINTER(P), i, P, P] + [i] * 6 + [P, i, P, i, i]
         lib.kq_modes.restype = i
         lib.modes = lib.kq_modes()
         _resolve(lib.modes)
@@ -140,7 +140,7 @@ def dequant_t(w, b0: int = 0, b1: int | None = None, f32: bool = False) -> tuple
     lib.kplanes_t(pp, ss, len(planes), out[0].data_ptr(), out[-1].data_ptr() if len(out) > 1 else None,
                   rows, cols, w.group, b0, b1, f32, None if w.lut is None else w.lut.contiguous().data_ptr(),
                   w.lut is not None and w.lut.dtype == torch.int8,
-                  None if w.high is None else w.high.contiguous().data_ptr(), w.hbits)
+                  None if w.high is None else w.high.contiguous().data_ptr(), w.hbits, w.i8)
     return tuple(out)
 
 
@@ -160,7 +160,7 @@ def _desc(w) -> list:
             p, sz = [t.data_ptr() for t in w.planes], [t.data_ptr() for t in w.sz]
             d = torch.tensor([p[0], p[-1], sz[0], sz[-1], len(p), *w.shape, w.group,
                               0 if w.lut is None else w.lut.data_ptr(), w.lut is not None and w.lut.dtype == torch.int8,
-                              0 if w.high is None else w.high.data_ptr(), w.hbits], dtype=torch.int64)
+                              0 if w.high is None else w.high.data_ptr(), w.hbits, w.i8], dtype=torch.int64)
             w.cdesc.extend((d.data_ptr(), d, len(p)))
         else:
             w.cdesc.extend((0, None, 0))
@@ -169,9 +169,11 @@ def _desc(w) -> list:
 
 def _routine_for(w) -> bool:
     """Whether the AVX2 routines have a case for this one-plane form (ckernel.c's half_rows): nibbles or a
-    codebook with scales per 16 or per multiple of 32, 5-bit values per 32 or 6-bit ones per 16."""
+    codebook with scales per 16 or per multiple of 32, 5-bit values per 32, 6-bit ones per 16, int8 bytes."""
     if w.high is not None:
         return w.lut is None and len(w.planes) == 1 and (w.hbits, w.group) in ((1, 32), (2, 16))
+    if w.i8:
+        return w.lut is None and len(w.planes) == 1 and w.group % 32 == 0
     return w.group == 16 or w.group % 32 == 0
 
 

@@ -66,7 +66,7 @@ def load_layer(where: Path | None, layer: int, keys: list, pin: bool) -> list[tu
         return KTensor(tuple(view(buf, p) for p in d["planes"]), tuple(view(buf, z) for z in d["sz"]),
                        tuple(d["shape"]), d["bits"], d["group"],
                        None if d.get("lut") is None else torch.tensor(d["lut"], dtype=_DTYPES[d["lut_dtype"]]),
-                       None if d.get("high") is None else view(buf, d["high"]), d.get("hbits", 0))
+                       None if d.get("high") is None else view(buf, d["high"]), d.get("hbits", 0), d.get("i8", False))
     try:
         with safe_open(str(path), framework="pt") as f:
             layout = json.loads(f.metadata()["layout"])
@@ -98,7 +98,7 @@ def save_layer(where: Path | None, layer: int, keys: list, experts: list[tuple],
                                 "shape": list(t.shape), "bits": t.bits, "group": t.group,
                                 "lut": None if t.lut is None else t.lut.tolist(),
                                 "lut_dtype": None if t.lut is None else str(t.lut.dtype),
-                                "high": None if t.high is None else desc(t.high), "hbits": t.hbits}
+                                "high": None if t.high is None else desc(t.high), "hbits": t.hbits, "i8": t.i8}
                                for t in ex] for ex in experts]}
         tmp = where / f".layer-{layer}.{os.getpid()}.tmp"
         save_file({"buf": buf.cpu()}, str(tmp), metadata={"layout": json.dumps(layout)})

@@ -16,7 +16,7 @@ from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4,
                           q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts,
                           q6_k_parts, q8_0)
 from .gguf_iq import IQ1_M, IQ2_S, IQ2_XS, IQ_TABLES, iq_parts
-from .quant import _MM, KTensor, QTensor, _kpack, quantize, to_kernel
+from .quant import _MM, KTensor, QTensor, _kpack, int8_form, quantize
 
 IQ_PER_16 = (IQ2_XS, IQ2_S, IQ1_M)  # i-quants scaled per 16 values
 
@@ -59,7 +59,7 @@ def form_ratio(kind, bits: int = 8) -> float | None:
     """A host form's bytes over the packed bytes it replaces, for a GGUF block type or a release layout
     ("mxfp4", "fp8"); None where there is no form (float types). bits: a requantised type's form (8 or 4)."""
     if kind in ("mxfp4", "fp8"):
-        return (codebook_bits() if kind == "mxfp4" else 10) / (4.25 if kind == "mxfp4" else 8)
+        return (codebook_bits() if kind == "mxfp4" else int8_bits()) / (4.25 if kind == "mxfp4" else 8)
     if kind in FLOAT_TYPES:
         return None
     from gguf import GGML_QUANT_SIZES
@@ -73,7 +73,13 @@ def form_ratio(kind, bits: int = 8) -> float | None:
     if kind in IQ_TABLES and lut_able():  # a codebook form, scales per 32 or 16
         return (6 if kind in IQ_PER_16 else 5) / (8 * size / block)
     one = kind in ONE_PLANE or (bits == 4 and int4_able(kind))
-    return (5 if one else 10) / (8 * size / block)
+    return (5 if one else int8_bits()) / (8 * size / block)
+
+
+def int8_bits() -> int:
+    """Bits a weight of an int8 form (Q8_0's, a type quantised again): one byte plane where the AVX2 routines take
+    it (quant.int8_form), else two nibble planes."""
+    return 9 if lut_able() else 10
 
 
 def codebook_bits() -> int:
@@ -171,7 +177,7 @@ def fp8_release_forms(tensors: tuple[torch.Tensor, ...], block: tuple[int, int])
     ws = [fp8_dequantize(w, s, block, torch.float32) for w, s in zip(tensors[0::2], tensors[1::2])]
     if _MM is None or any(w.shape[0] % 64 or w.shape[1] % GROUP for w in ws):
         return None
-    return tuple(to_kernel(quantize(w, 8, GROUP)) for w in ws)
+    return tuple(int8_form(quantize(w, 8, GROUP)) for w in ws)
 
 
 def q3_k_form(t: torch.Tensor) -> KTensor:
@@ -198,7 +204,8 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     """One packed matrix in the CPU int4 kernel's layout, for running it where the RAM tier holds it (the
     `host` miss policy), or None where the kernel cannot hold it. Dequantising a matrix per host run costs
     10-50x the kernel's matmul. Q4_0/Q4_1/Q4_K (4 bits a weight + bf16 scale and zero per 32, against the
-    file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5) hold the file's values with scales rounded to
+    file's 4.5-5) and Q8_0 (8 bits as two planes, against 8.5; one byte plane where the routines take it:
+    quant.int8_form) hold the file's values with scales rounded to
     bf16: the RAM tier grows by at most 18%. Where the routines take them (ckernel.lut_able: AVX2),
     Q5_0/Q5_1/Q5_K hold their values as one plane and their fifth bits (6 bits against 5.5-6), Q6_K as one
     plane, its upper two bits and scales per 16 (8 against 6.56), MXFP4 (gpt-oss) and IQ4_NL/IQ4_XS as codebook
@@ -215,7 +222,7 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     if qtype in FLOAT_TYPES or t.shape[0] % 64 or _MM is None:  # the kernel's blocks of 64 rows
         return None
     if qtype == Q8_0:
-        return to_kernel(q8_0(t))
+        return int8_form(q8_0(t))
     if qtype in (Q5_0, Q5_1, Q5_K):  # one plane and a plane of fifth bits where the routines take it: 6 bits a weight
         u, d, m = q5_k_parts(t) if qtype == Q5_K else q5_0_1_parts(t, qtype == Q5_1)
         m = m if qtype == Q5_K else 16 * d if m is None else -m
@@ -241,7 +248,7 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
             u, scale = iq4_parts(t, qtype == IQ4_XS, codes=True)
             return codebook_form(None, scale, IQ4_VALUES, u)
         q, scale = iq4_parts(t, qtype == IQ4_XS)
-        return to_kernel(QTensor(q, scale, tuple(q.shape), 8, GROUP))
+        return int8_form(QTensor(q, scale, tuple(q.shape), 8, GROUP))
     if qtype in IQ_TABLES and lut_able():  # the i-quants' and ternary types' integers, exactly, as a codebook form
         values, scale, group = iq_parts(t, qtype)
         return codebook_form(values, scale, IQ_TABLES[qtype], group=group)
@@ -253,7 +260,7 @@ def host_form(t: torch.Tensor, qtype: int, bits: int = 8) -> KTensor | None:
     w = dequantize(t, qtype)
     if w.shape[1] % GROUP:
         return None
-    return int4_form(w) if bits == 4 and int4_able(qtype) else to_kernel(quantize(w, 8, GROUP))
+    return int4_form(w) if bits == 4 and int4_able(qtype) else int8_form(quantize(w, 8, GROUP))
 
 
 def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, kinds=None) -> tuple:
@@ -265,7 +272,7 @@ def host_forms_of(locs, tensors: tuple[torch.Tensor, ...], int8: bool = False, k
     kinds as a dict: kind → bits of its form (4 or 8, for requantised types)."""
     if locs.layout not in PACKED:
         fits = int8 and _MM is not None
-        return tuple(to_kernel(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
+        return tuple(int8_form(quantize(t.float(), 8, GROUP)) if fits and t.dim() == 2 and t.shape[0] % 64 == 0
                      and t.shape[1] % GROUP == 0 else t for t in tensors)
     if locs.layout == "gguf":
         return tuple((host_form(t, q, kinds.get(q, 8) if isinstance(kinds, dict) else 8)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .ckernel import bf16_matmul, dequant_t, kq_experts, kq_linear, kq_moe, kq_rows, unpackable
+from .ckernel import bf16_matmul, dequant_t, kq_experts, kq_linear, kq_moe, kq_rows, lut_able, unpackable
 
 BITS = (4, 8)
 
@@ -68,7 +68,7 @@ def dequantize(q: "QTensor | KTensor", dtype: torch.dtype = torch.float32) -> to
         out = None  # in place, one full-size temporary at most: loads from a RAM tier of these run it per expert
         for p, sz in zip(q.planes, q.sz):
             s, z = (sz[..., i].t().to(dtype)[..., None] for i in (0, 1))
-            u = _kunpack(p) if q.lut is None else q.lut[_kunpack(p).long()]
+            u = _i8unpack(p) if q.i8 else _kunpack(p) if q.lut is None else q.lut[_kunpack(p).long()]
             if q.high is not None:  # (one plane: the fifth and sixth bits belong to its nibbles)
                 u = u | (_hunpack(q.high, q.hbits, q.shape) << 4)
             v = u.view(rows, cols // q.group, q.group).to(dtype).sub_(8).mul_(s).add_(z)
@@ -104,12 +104,14 @@ class KTensor:
     lut: torch.Tensor | None = None   # a codebook form (forms.codebook_form): u = lut[nibble], [16] uint8 or int8
     high: torch.Tensor | None = None  # a 5- or 6-bit form's upper bits (_hpack), u = nibble + 16·high: one plane
     hbits: int = 0                    # bits a value in `high` (1 or 2; bits is then 4 + hbits)
+    i8: bool = False                  # one plane of int8 values u, a byte each (_i8pack's order): int8_form
     cdesc: list = field(default_factory=list, init=False, repr=False, compare=False)  # ckernel._desc's, made once
 
     @property
     def plain(self) -> bool:
-        """Whether PyTorch's int4 kernel can run it: no codebook, no upper bits, groups of 32 or more."""
-        return self.lut is None and self.high is None and self.group >= 32
+        """Whether PyTorch's int4 kernel can run it: nibbles (no codebook, no upper bits, no int8 plane), groups of
+        32 or more."""
+        return self.lut is None and self.high is None and not self.i8 and self.group >= 32
 
     @property
     def nbytes(self) -> int:
@@ -167,6 +169,18 @@ def _hview(rows: int, cols: int) -> tuple[int, ...]:
     return rows // 64, 2, 2, 4, 4, cols // 4, 4  # block, h, L, q, m, step, t
 
 
+def _i8pack(v: torch.Tensor) -> torch.Tensor:
+    """int8 values [rows, cols] as an int8 plane: per block of 64 rows and step of 4 k, the 8 vectors of 32 bytes
+    ckernel.c's unpack_k4 makes of nibbles (see _hview), so the routines load them as they are."""
+    rows, cols = v.shape
+    return v.view(_hview(rows, cols)).permute(0, 5, 1, 3, 2, 4, 6).reshape(rows, cols).contiguous()
+
+
+def _i8unpack(p: torch.Tensor) -> torch.Tensor:
+    rows, cols = p.shape
+    return p.view(rows // 64, cols // 4, 2, 4, 2, 4, 4).permute(0, 2, 4, 3, 5, 1, 6).reshape(rows, cols)
+
+
 def _hpack(v: torch.Tensor, hbits: int) -> torch.Tensor:
     rows, cols = v.shape
     x = v.view(_hview(rows, cols)).permute(0, 5, 1, 3, 2, 4, 6).to(torch.uint8)  # block, step, h, q, L, m, t
@@ -188,6 +202,17 @@ def _hunpack(p: torch.Tensor, hbits: int, shape: tuple[int, int]) -> torch.Tenso
     return x.permute(0, 2, 4, 3, 5, 1, 6).reshape(rows, cols)  # block, h, L, q, m, step, t
 
 
+def int8_form(q: QTensor) -> KTensor:
+    """An int8 copy (per 32 values or a multiple) as a kernel form: where ckernel's AVX2 routines take one
+    (lut_able), one plane of its bytes in the order they unpack nibbles to (9 bits a weight with the bf16 scale
+    and zero; a product loads them as they are, where two nibble planes took two unpackings and twice the
+    multiplies), else to_kernel's two planes (10 bits; what PyTorch's kernel and the AVX512 routines take)."""
+    if not (lut_able() and q.bits == 8 and q.group % 32 == 0 and q.shape[0] % 64 == 0):
+        return to_kernel(q)
+    s = q.scale.t().to(torch.bfloat16)
+    return KTensor((_i8pack(q.data),), (torch.stack((s, 8 * s), -1).contiguous(),), q.shape, 8, q.group, i8=True)
+
+
 def to_kernel(q: QTensor) -> KTensor:
     s = q.scale.t().to(torch.bfloat16)
     zero = torch.zeros_like(s)
@@ -206,12 +231,12 @@ def stack_rows(ws: list) -> "torch.Tensor | KTensor | None":
         return torch.cat(ws) if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 else None
     if not all(type(w) is KTensor for w in ws) or len({(w.bits, w.group, w.shape[1], len(w.planes), w.planes[0].device,
                                                         w.sz[0].dtype, None if w.lut is None else tuple(w.lut.tolist()),
-                                                        w.hbits) for w in ws}) != 1:
+                                                        w.hbits, w.i8) for w in ws}) != 1:
         return None
     return KTensor(tuple(torch.cat(p) for p in zip(*(w.planes for w in ws))),
                    tuple(torch.cat(t, 1) for t in zip(*(w.sz for w in ws))),
                    (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].bits, ws[0].group, ws[0].lut,
-                   None if ws[0].high is None else torch.cat([w.high for w in ws]), ws[0].hbits)
+                   None if ws[0].high is None else torch.cat([w.high for w in ws]), ws[0].hbits, ws[0].i8)
 
 
 def stack_qkv(weights: dict, layers: list[int]) -> tuple[dict, dict[int, tuple[int, ...]]]:
@@ -245,6 +270,8 @@ def from_kernel(k: KTensor) -> QTensor:
     """The portable copy back (values exact; scales as the kernel holds them, rounded to bf16)."""
     if k.lut is not None or k.high is not None:
         raise ValueError("a codebook or 5/6-bit form has no portable int4/int8 copy: dequantize it")
+    if k.i8:  # (the scale as the kernel holds it, rounded to bf16; int8_form's zero is 8 x scale)
+        return QTensor(_i8unpack(k.planes[0]).contiguous(), k.sz[0][..., 0].t().half().contiguous(), k.shape, 8, k.group)
     u = [_kunpack(p) for p in k.planes]
     if k.bits == 4:
         data = u[0][:, 0::2] | (u[0][:, 1::2] << 4)
@@ -340,7 +367,7 @@ def int8_dense(weights: dict[str, torch.Tensor]) -> dict:
         name = k.removesuffix(".weight").rsplit(".", 1)[-1]
         if k.endswith(".weight") and name in DENSE_PROJECTIONS and isinstance(w, torch.Tensor) and w.dim() == 2 \
                 and kernel_fits(tuple(w.shape), 32):
-            out[k] = to_kernel(quantize(w, 8, 32))
+            out[k] = int8_form(quantize(w, 8, 32))
     return out
 
 

@@ -316,7 +316,8 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
     give the two-plane forms' products (MXFP4's, IQ4's), a group of the largest values included (int16 sums);
     forms with scales per 16 values give the exact product up to rounding the activations, and with both
     halves of each 32 alike a group-32 form's products; so do 5- and 6-bit forms (upper bits beside the
-    nibbles) and codebook forms with scales per 16, whose prefill unpacking is exact."""
+    nibbles) and codebook forms with scales per 16, whose prefill unpacking is exact; an int8 plane gives the two
+    nibble planes' products."""
     import os
     import subprocess
     import sys
@@ -362,14 +363,18 @@ def test_the_avx2_build_gives_the_same_products(mode, tmp_path):
             "c2 = codebook_form(torch.tensor(t2)[torch.randint(0, 6, (128, 256), generator=g)], torch.rand(128, 16, generator=g) * 0.1, t2, group=16)\n"
             "c1 = codebook_form(torch.tensor(t1)[torch.randint(0, 6, (128, 256), generator=g)], torch.rand(128, 16, generator=g) * 0.1, t1, group=16)\n"
             "assert c2.lut.dtype == torch.int8 and c1.lut.dtype == torch.uint8 and ckernel.kq_able(c2) and ckernel.kq_able(c1)\n"
-            "for f in (f5, f6, c2, c1):  # the prefill's unpacking, exactly\n"
+            "# an int8 plane (Q8_0's, int8 forms'), -128 included: the two nibble planes' products\n"
+            "q8 = quant.quantize(torch.randn(128, 256, generator=g), 8, 32); q8.data[:64, :32] = -128\n"
+            "i8, p8 = quant.int8_form(q8), quant.to_kernel(q8)\n"
+            "assert i8.i8 and len(p8.planes) == 2 and ckernel.kq_able(i8) and ckernel.kq_able(p8)\n"
+            "for f in (f5, f6, c2, c1, i8):  # the prefill's unpacking, exactly\n"
             "    assert torch.equal(ckernel.dequant_t(f, f32=True)[0].T, quant.dequantize(f))\n"
             "for m in (1, 2, 9):\n"
             "    for f in (other, f5, f6, c2, c1):\n"
             "        ref = x[:m] @ quant.dequantize(f).T\n"
             "        assert (ckernel.kq_linear(x[:m].contiguous(), f) - ref).abs().max() <= 0.01 * ref.abs().max(), f.bits\n"
             "for m in (1, 2, 9):\n"
-            "    for a, b in ((book, two), (iq4, int8), (g16, g32)):\n"
+            "    for a, b in ((book, two), (iq4, int8), (g16, g32), (i8, p8)):\n"
             "        want = ckernel.kq_linear(x[:m].contiguous(), b)\n"
             "        torch.testing.assert_close(ckernel.kq_linear(x[:m].contiguous(), a), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())\n")
     env = {**os.environ, "EMOE_CKERNEL_MARCH": "x86-64-v3", "EMOE_KQ": mode, "XDG_CACHE_HOME": str(tmp_path)}

