@@ -179,10 +179,11 @@ def _routine_for(w) -> bool:
 
 def lut_able() -> bool:
     """Whether this build's few-row routines (both modes) take codebook forms (quant.KTensor.lut), scales per
-    16 values (group 16) and 5- and 6-bit values (KTensor.high): the AVX2 ones. Where they do, MXFP4 and IQ4
-    matrices are one plane of their own nibbles (forms.codebook_form), Q2_K and Q3_K one plane with their scales
-    per 16, Q5_x and Q6_K one plane with their upper bits beside it, 5-8 bits a weight against two int4 planes' 10;
-    AVX512 builds keep the two planes."""
+    16 values (group 16), 5- and 6-bit values (KTensor.high) and int8 planes (KTensor.i8): the AVX2 ones. Where
+    they do, MXFP4, IQ4 and the IQ1-IQ3 i-quants are one plane of codebook indices (forms.codebook_form), Q2_K
+    and Q3_K one plane with their scales per 16, Q5_x and Q6_K one plane with their upper bits beside it, int8
+    forms one byte plane (quant.int8_form): 5-9 bits a weight against two int4 planes' 10. AVX512 builds keep
+    the two planes."""
     lib = _lib if _lib is not False else library()
     return lib is not None and bool(lib.modes & 8)
 

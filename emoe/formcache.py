@@ -41,7 +41,7 @@ def folder(ckpt, options: dict) -> Path | None:
         for f in sorted(files):
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "quant.py", "store.py"):
+        for name in ("forms.py", "gguf_blocks.py", "gguf_iq.py", "kernel_layout.py", "quant.py", "store.py"):
             h.update((src / name).read_bytes())
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"
     except (OSError, RuntimeError):  # what cannot be identified, or no home for it: not cached

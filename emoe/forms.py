@@ -16,7 +16,8 @@ from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4,
                           q2_k_parts, q3_k_parts, q4_0_parts, q4_1_parts, q4_k_parts, q5_0_1_parts, q5_k_parts,
                           q6_k_parts, q8_0)
 from .gguf_iq import IQ1_M, IQ2_S, IQ2_XS, IQ_TABLES, iq_parts
-from .quant import _MM, KTensor, QTensor, _kpack, int8_form, quantize
+from .kernel_layout import _kpack
+from .quant import _MM, KTensor, QTensor, int8_form, quantize
 
 IQ_PER_16 = (IQ2_XS, IQ2_S, IQ1_M)  # i-quants scaled per 16 values
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant import KTensor, QTensor, _hpack, _kpack, kbytes, kernel_fits, quantize
+from .kernel_layout import _hpack, _kpack
+from .quant import KTensor, QTensor, kbytes, kernel_fits, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
