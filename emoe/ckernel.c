@@ -34,10 +34,11 @@ static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; me
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
 /* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8;
-   hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (quant._hpack's layout);
-   i8: the plane holds int8 values u, a byte each, in the order the AVX2 routines unpack nibbles (quant._i8pack) */
+   hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (kernel_layout._hpack);
+   i8: the plane holds int8 values u, a byte each, in the order the AVX2 routines unpack nibbles to
+   (kernel_layout._i8pack) */
 typedef struct { const uint8_t *p[2]; const uint32_t *sz[2]; int64_t np, N, K, group; const uint8_t *lut; int64_t sg;
-                 const uint8_t *hb; int64_t hbits, i8; } kmat;  /* hb: a 5- or 6-bit form's upper bits (hbits each), or NULL */
+                 const uint8_t *hb; int64_t hbits, i8; } kmat;
 
 #if defined(__AVX2__)
 /* 256-bit registers: two rounds of unpacking bring 4 k of a row into a lane, rows in the order
@@ -60,7 +61,7 @@ static inline __attribute__((always_inline)) void unpack_k4(const uint8_t *r, __
         u[h * 4 + 3] = _mm256_unpackhi_epi16(abh, cdh);
     }
 }
-/* a 5- or 6-bit form's upper bits (quant._hpack's layout: h, one step's 32 x hbits bytes) put into the step's
+/* a 5- or 6-bit form's upper bits (kernel_layout._hpack's layout: h, one step's 32 x hbits bytes) put into the step's
    unpacked nibbles u: one load, and a shift and mask per vector (epi16 shifts: the mask drops what crossed bytes) */
 static inline __attribute__((always_inline)) void high_bits(const uint8_t *h, __m256i *u, const int hbits) {
     if (hbits == 2) {
@@ -106,7 +107,7 @@ static inline void to_rows(const __m256i *u, uint8_t *nat) {
 }
 #endif
 
-/* the upper bits of row j's value at k in a block's part of hb (quant._hpack's layout) */
+/* the upper bits of row j's value at k in a block's part of hb (kernel_layout._hpack's layout) */
 static inline int upper(const uint8_t *hb, int hbits, int k, int j) {
     const uint8_t *s = hb + (long)(k / 4) * 32 * hbits;
     const int n = ((j >> 4) & 1) * 16 + (j & 3) * 4 + (k & 3), q = (j >> 2) & 3;
@@ -126,7 +127,8 @@ static inline void uppers(const uint8_t *hb, int hbits, int k, uint8_t *out) {
 #endif
 }
 
-/* an int8 plane's (quant._i8pack's) values of a block's rows at k .. k + 3 (k a multiple of 4), out[t * 64 + row] */
+/* an int8 plane's (kernel_layout._i8pack) values of a block's rows at k .. k + 3 (k a multiple of 4),
+   out[t * 64 + row] */
 static inline void bytes4(const uint8_t *p, int k, int8_t *out) {
     const uint8_t *r = p + (long)(k / 4) * 256;
 #if defined(__AVX2__)
