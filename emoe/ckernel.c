@@ -845,9 +845,13 @@ void kq_rmsnorm(const float *x, const float *w, float *y, int rows, int n, float
 
 /* A MoE router for a few tokens (a decode step's): logits = x W^T (+ b), probs = softmax or sigmoid, each token's
    top k of probs (+ choice: DeepSeek's balancing bias, which picks but never weighs), its weights the probs there,
-   normalised to sum 1 if norm, times scale. Ties go to the lower expert. Replaces ~10 torch ops a layer. */
+   normalised to sum 1 if norm, times scale. Ties go to the lower expert. With ng > 1 groups (DeepSeek-V2/V3's
+   group-limited routing), only the experts of the tg best groups are chosen from: a group scores the sum of its two
+   best choice values under sigmoid, its best under softmax, as model.route. Replaces ~10 torch ops a layer. */
 void kq_route(const float *x, const float *W, const float *b, const float *choice, int T, int H, int E, int k,
-              int sigmoid, int norm, float scale, float *probs, float *w, int64_t *ids) {
+              int sigmoid, int norm, float scale, int ng, int tg, float *probs, float *w, int64_t *ids) {
+    const int per = ng > 1 ? E / ng : E;
+    char allowed[ng > 1 ? ng : 1];
     for (int t = 0; t < T; t++) {
         const float *xt = x + (long)t * H;
         float *p = probs + (long)t * E, mx = -INFINITY, sum = 0.f;
@@ -864,8 +868,26 @@ void kq_route(const float *x, const float *W, const float *b, const float *choic
             for (int e = 0; e < E; e++) p[e] /= sum;
         int64_t *it = ids + (long)t * k;
         float *wt = w + (long)t * k, best[k], tot = 0.f;
+        if (ng > 1) {
+            float gs[ng];
+            for (int g = 0; g < ng; g++) {
+                float m1 = -INFINITY, m2 = -INFINITY;
+                for (int e = g * per; e < (g + 1) * per; e++) {
+                    const float v = choice ? p[e] + choice[e] : p[e];
+                    if (v > m1) m2 = m1, m1 = v; else if (v > m2) m2 = v;
+                }
+                gs[g] = sigmoid ? m1 + m2 : m1;
+                allowed[g] = 0;
+            }
+            for (int j = 0; j < tg; j++) {  /* the tg best groups, ties to the lower one */
+                int bg = -1;
+                for (int g = 0; g < ng; g++) if (!allowed[g] && (bg < 0 || gs[g] > gs[bg])) bg = g;
+                allowed[bg] = 1;
+            }
+        }
         for (int j = 0; j < k; j++) best[j] = -INFINITY, it[j] = -1;
         for (int e = 0; e < E; e++) {  /* insertion into the k best so far, kept in descending order */
+            if (ng > 1 && !allowed[e / per]) continue;
             const float v = choice ? p[e] + choice[e] : p[e];
             if (v <= best[k - 1] && it[k - 1] >= 0) continue;
             int j = k - 1;
@@ -996,29 +1018,111 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     free(h);
 }
 
+/* DeepSeek's latent attention (MLA) for a decode step, absorbed as mla.attention runs it, in one call:
+   h = rmsnorm(x) ln; q = h Wq^T, or (q_lora) q = rmsnorm(h Wqa^T + bqa) qan Wq^T; [latent k_rot] = h Wkva^T + bkva;
+   the cache kc [slots, L, r + rope] gets [rmsnorm(latent) kvan, rope(k_rot)] at (slot, pos); each head's query
+   moves into the latent space through kv_b's key half (wkvb [H, nope + vd, r], float), attends over the slot's
+   latents, and kv_b's value half maps the result back; x += att Wo^T (+ bo); hn = rmsnorm(x) ln2. flags & 2: the
+   rotary in pairs (mla.interleave), reordered to halves first as model.rotate does for q and k alike. */
+void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
+                  const kmat *wqa, const float *qan, const kmat *wq, const kmat *wkva, const float *kvan,
+                  const float *wkvb, const kmat *wo, float *kc, const int64_t *slot, const int64_t *pos,
+                  const float *cs, const float *sn, int H, int nope, int rope, int vd, int r, int L, float scale,
+                  int flags, const float *bqa, const float *bkva, const float *bo, int threads, int bf16) {
+    const int ql = wqa ? (int)wqa->N : 0, qd = nope + rope, kvw = r + rope, nq = H * qd;
+    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + ql + nq + kvw + H * vd + H * kvw));
+    float *qa = h + (size_t)B * D, *q = qa + (size_t)B * ql, *kva = q + (size_t)B * nq, *att = kva + (size_t)B * kvw,
+          *o = att + (size_t)B * H * vd, *qry = o + (size_t)B * D;  /* qry [B, H, r + rope]: the absorbed queries */
+    kq_rmsnorm(x, ln, h, B, D, eps);
+    if (wqa) {
+        kq_linear(wqa, h, B, qa, threads, bf16);
+        if (bqa) for (int b = 0; b < B; b++) for (int c = 0; c < ql; c++) qa[(size_t)b * ql + c] += bqa[c];
+        kq_rmsnorm(qa, qan, qa, B, ql, eps);
+        kq_linear(wq, qa, B, q, threads, bf16);
+    } else
+        kq_linear(wq, h, B, q, threads, bf16);
+    kq_linear(wkva, h, B, kva, threads, bf16);
+    for (int b = 0; b < B; b++) {
+        float *kv = kva + (size_t)b * kvw, *at = kc + ((size_t)slot[b] * L + pos[b]) * kvw;
+        if (bkva) for (int c = 0; c < kvw; c++) kv[c] += bkva[c];
+        kq_rmsnorm(kv, kvan, at, 1, r, eps);
+        place_head(kv + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
+        memcpy(at + r, kv + r, sizeof(float) * rope);
+    }
+    /* per (row, group of heads): the heads of a group read each cached latent once */
+    const int hg = H % 4 == 0 ? 4 : 1, G = H / hg;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * G >= 2)
+    for (int bg = 0; bg < B * G; bg++) {
+        const int b = bg / G, h0 = (bg % G) * hg, n = (int)pos[b] + 1;
+        float *s = malloc(sizeof(float) * (size_t)n * hg), den[hg], ctx[r];
+        for (int t = 0; t < hg; t++) {
+            const float *qh = q + (size_t)b * nq + (size_t)(h0 + t) * qd, *wk = wkvb + (size_t)(h0 + t) * (nope + vd) * r;
+            float *y = qry + ((size_t)b * H + h0 + t) * kvw;
+            for (int c = 0; c < r; c++) y[c] = 0.f;
+            for (int dd = 0; dd < nope; dd++) {
+                const float a = qh[dd], *wr = wk + (size_t)dd * r;
+                for (int c = 0; c < r; c++) y[c] += a * wr[c];
+            }
+            memcpy(y + r, qh + nope, sizeof(float) * rope);
+            place_head(y + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
+        }
+        const float *k0 = kc + (size_t)slot[b] * L * kvw;
+        for (int t = 0; t < hg; t++) {
+            const float *y = qry + ((size_t)b * H + h0 + t) * kvw;
+            float mx = -INFINITY, tot = 0.f, *st = s + (size_t)t * n;
+            for (int j = 0; j < n; j++) mx = fmaxf(mx, st[j] = dotf(y, k0 + (size_t)j * kvw, kvw) * scale);
+            for (int j = 0; j < n; j++) tot += (st[j] = expf(st[j] - mx));
+            den[t] = 1.f / tot;
+        }
+        for (int t = 0; t < hg; t++) {
+            const float *st = s + (size_t)t * n, *wv = wkvb + ((size_t)(h0 + t) * (nope + vd) + nope) * r;
+            for (int c = 0; c < r; c++) ctx[c] = 0.f;
+            for (int j = 0; j < n; j++) {
+                const float pj = st[j] * den[t], *kj = k0 + (size_t)j * kvw;
+                for (int c = 0; c < r; c++) ctx[c] += pj * kj[c];
+            }
+            float *ot = att + (size_t)b * H * vd + (size_t)(h0 + t) * vd;
+            for (int v = 0; v < vd; v++) ot[v] = dotf(wv + (size_t)v * r, ctx, r);
+        }
+        free(s);
+    }
+    kq_linear(wo, att, B, o, threads, bf16);
+    if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
+    for (long i = 0; i < (long)B * D; i++) x[i] += o[i];
+    kq_rmsnorm(x, ln2, hn, B, D, eps);
+    free(h);
+}
+
 /* A decode step's layers, one after another, in one call where every layer is kq_attn_block's, routed by
    kq_route and runs all its experts on host forms (a budget-0 table, as kq_moe takes it): per layer, the
    attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each
-   layer's 28 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
+   layer's 40 int64 fields (pointers as integers): ln, ln2, wqkv, wv, wo, kc, vc, window, sinks, q norm, k norm,
    router weight, router bias, choice bias, the experts' descriptors, their count, their ids, the cache length,
    kq_attn_block's flags (q/k norms over the whole projection, rotary pairs, norms after the rotary), the qkv, v and o biases, gpt-oss's expert biases (gate,
    up, down: kq_moe_act's), a shared expert's or a dense layer's (gate, up, down) descriptors, its gate vector
    (Qwen2-MoE: its output times sigmoid(h . g)) and whether the layer routes (0: a dense layer, its MLP the
-   shared one alone); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
+   shared one alone); then whether its attention is latent (kq_mla_block's, wqkv its q (or q_b) and kc its latents),
+   its q_a form, q_a norm, kv_a form, kv_a norm, kv_b, q_a and kv_a biases, nope, v and rank dims; fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
    layer's probs [B, E], weights and ids [B, k] and how many experts ran, for the caller's accounting; the
    arithmetic is the routines', in their order (a shared expert's sum added to the routed one's, as the
    model adds them), bit for bit but for the shared gate's dot product. */
 void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int D, float eps,
                const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
-               int d, int E, int k, int sigmoid, int norm, float rscale, float *probs, float *w, int64_t *ids,
-               int *ran, int threads, int bf16) {
+               int d, int E, int k, int sigmoid, int norm, float rscale, int ng, int tg, float *probs, float *w,
+               int64_t *ids, int *ran, int threads, int bf16) {
     float *hn = malloc(sizeof(float) * ((size_t)B * D * 3 + B)), *out = hn + (size_t)B * D, *out2 = out + (size_t)B * D,
           *sg = out2 + (size_t)B * D;
     int64_t *zeros = calloc(B + 1, sizeof(int64_t));
     for (int l = 0; l < nl; l++) {
-        const int64_t *f = lf + (size_t)l * 28;
+        const int64_t *f = lf + (size_t)l * 40;
 #define F_(i, T) ((T)(intptr_t)f[i])
-        kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
+        if (f[28])  /* DeepSeek's latent attention: its fields 29-38 */
+            kq_mla_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(29, const kmat *),
+                         F_(30, const float *), F_(2, const kmat *), F_(31, const kmat *), F_(32, const float *),
+                         F_(33, const float *), F_(4, const kmat *), F_(5, float *), slot, pos, cs, sn, H, (int)f[36], rd,
+                         (int)f[37], (int)f[38], (int)f[17], fl[3 * l], (int)f[18], F_(34, const float *),
+                         F_(35, const float *), F_(21, const float *), threads, bf16);
+        else kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
                       F_(3, const kmat *), F_(4, const kmat *), F_(5, float *), F_(6, float *), slot, pos, cs, sn, rd,
                       H, Hkv, d, (int)f[17], (int)f[7], fl[3 * l], F_(8, const float *), F_(9, const float *),
                       F_(10, const float *), (int)f[18], F_(19, const float *), F_(20, const float *),
@@ -1029,7 +1133,7 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
         ran[l] = 0;
         if (f[27]) {
             kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
-                     rscale, pl, wl, il);
+                     rscale, ng, tg, pl, wl, il);
             ran[l] = moe_(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads,
                           bf16, F_(22, const float *), F_(23, const float *), F_(24, const float *), fl[3 * l + 1],
                           fl[3 * l + 2]);

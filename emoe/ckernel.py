@@ -97,12 +97,14 @@ def library() -> ctypes.CDLL | None:
             lib.kq_moe_act.argtypes, lib.kq_moe_act.restype = [P, i, P, P, P, i, P, i, P, i, i, P, P, P, f, f], i
             lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, P, P, P, i, i]
             lib.kq_attn_block.restype = None
-            lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, P, P, P, P, i, i]
+            lib.kq_mla_block.argtypes = [P, P, i, i, P, P, f] + [P] * 12 + [i] * 6 + [f, i, P, P, P, i, i]
+            lib.kq_mla_block.restype = None
+            lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, i, i, P, P, P, P, i, i]
             lib.kq_layers.restype = None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
             ctypes.c_float, P, i, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None
-        lib.kq_route.argtypes, lib.kq_route.restype = [P] * 4 + [i] * 6 + [ctypes.c_float, P, P, P], None
+        lib.kq_route.argtypes, lib.kq_route.restype = [P] * 4 + [i] * 6 + [ctypes.c_float, i, i, P, P, P], None
         _lib = lib
     except (OSError, RuntimeError, KeyError, subprocess.SubprocessError) as e:  # no compiler, no writable cache, no home
         print(f"[emoe] emoe's C routines could not be built ({type(e).__name__}): kernel forms run on PyTorch's "
@@ -331,9 +333,11 @@ ROUTE_ROWS = 16
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k: int, norm_topk: bool, scoring: str,
-          choice: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+          choice: torch.Tensor | None, scale: float, groups: tuple[int, int] = (1, 1)
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """model.route's (scores, weights, ids) for a few float32 CPU tokens x [T, H] and router gate [E, H] (+ bias),
-    softmax or sigmoid scoring, choice the selection-only bias: in one C call. None where it does not apply."""
+    softmax or sigmoid scoring, choice the selection-only bias, groups (n_group, topk_group): in one C call. None
+    where it does not apply."""
     T, (E, H) = x.shape[0], gate.shape
     if T > ROUTE_ROWS or scoring not in ("softmax", "sigmoid") or x.dim() != 2 or not _f32(x) or not _f32(gate) \
             or (bias is not None and not _f32(bias)) or (choice is not None and not _f32(choice)):
@@ -344,7 +348,7 @@ def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k:
     _lib.kq_route(x.contiguous().data_ptr(), gate.contiguous().data_ptr(),
                   bias.contiguous().data_ptr() if bias is not None else None,
                   choice.contiguous().data_ptr() if choice is not None else None, T, H, E, top_k,
-                  scoring == "sigmoid", norm_topk, scale, probs.data_ptr(), w.data_ptr(), ids.data_ptr())
+                  scoring == "sigmoid", norm_topk, scale, *groups, probs.data_ptr(), w.data_ptr(), ids.data_ptr())
     return probs, w, ids
 
 
@@ -406,6 +410,26 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
     return hn
 
 
+def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, forms: tuple, plain: tuple,
+              kc: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, tables, heads: int, dims: tuple, scale: float,
+              flags: int, biases: tuple) -> torch.Tensor:
+    """attn_block for DeepSeek's latent attention (kq_mla_block): forms (q_a or None, q (q_b or q), kv_a, o),
+    plain (q_a norm or None, kv_a norm, kv_b [H, nope + v, rank] float32), dims (nope, v, rank), biases (q_a, kv_a,
+    o) or None; kc [slots, L, 1, rank + rope] gets the step's latents. x [B, D] gets the attention added in place;
+    returns the next rms_norm."""
+    B, D = x.shape
+    cs, sn = (t.contiguous() for t in tables)
+    slot, pos = slot.long().contiguous(), pos.long().contiguous()
+    hn, ptr = torch.empty_like(x), (lambda t: t.data_ptr() if t is not None else None)
+    wqa, wq, wkva, wo = forms
+    _lib.kq_mla_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps,
+                      wqa.cdesc[0] if wqa is not None else None, ptr(plain[0]), wq.cdesc[0], wkva.cdesc[0], ptr(plain[1]),
+                      ptr(plain[2]), wo.cdesc[0], kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
+                      sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags,
+                      *map(ptr, biases), torch.get_num_threads(), KQ == "bf16")
+    return hn
+
+
 def describe() -> str:
     """What runs a few-row product on a kernel form here, for the memory line."""
     from .quant import kernel_reads_forms  # (quant imports this module)
@@ -424,9 +448,10 @@ def describe() -> str:
 
 def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, slot: torch.Tensor,
            pos: torch.Tensor, tables, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
-           sigmoid: bool, norm: bool, rscale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """A decode step's layers in one C call (kq_layers: each layer's attn_block, route and table of host experts,
-    fields [layers, 28] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
+           sigmoid: bool, norm: bool, rscale: float, groups: tuple[int, int] = (1, 1)
+           ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A decode step's layers in one C call (kq_layers: each layer's attn_block or mla_block, route (groups:
+    n_group, topk_group) and table of host experts, fields [layers, 40] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
     each layer's routing weights and ids [layers, B, k] and how many of its experts ran."""
     nl, (B, D) = fields.shape[0], x.shape
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
@@ -436,5 +461,6 @@ def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, 
     _lib.kq_layers(fields.data_ptr(), fl.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(), pos.data_ptr(),
                    cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                    cs.shape[-1] if cs is not None else 0, heads, kv_heads, head_dim, experts, top_k, sigmoid, norm,
-                   rscale, probs.data_ptr(), w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), KQ == "bf16")
+                   rscale, *groups, probs.data_ptr(), w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(),
+                   KQ == "bf16")
     return w, ids, list(ran)

@@ -29,6 +29,8 @@ def block_weights(model, i: int) -> tuple | None:
     cfg, w, p = model.cfg, model.w, f"model.layers.{i}."
     a = p + "self_attn."
     spec = cfg.spec
+    if cfg.mla is not None and i not in model.linear:
+        return mla_weights(model, i)
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
             or spec.attn_gate or cfg.clip_qkv is not None \
             or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
@@ -48,6 +50,29 @@ def block_weights(model, i: int) -> tuple | None:
     return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, flags, sinks, scale, window, biases
 
 
+def mla_weights(model, i: int) -> tuple | None:
+    """Layer i's weights for ckernel.mla_block (DeepSeek's latent attention): (its forms, for kq_rows, then the
+    routine's arguments), or None where a projection is not a form or a plain weight is not float32 on the CPU."""
+    cfg, m, w, p = model.cfg, model.cfg.mla, model.w, f"model.layers.{i}."
+    a = p + "self_attn."
+    if cfg.spec.post_norm or cfg.residual_multiplier != 1.0:
+        return None
+    forms = (w.get(a + "q_a_proj.weight") if m.q_lora_rank else None,
+             w[a + ("q_b_proj" if m.q_lora_rank else "q_proj") + ".weight"], w[a + "kv_a_proj_with_mqa.weight"],
+             w[a + "o_proj.weight"])
+    plain = (w[a + "q_a_layernorm.weight"] if m.q_lora_rank else None, w[a + "kv_a_layernorm.weight"],
+             w[a + "kv_b_proj.weight"])
+    biases = tuple(w.get(a + n + ".bias") for n in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj"))
+    ln, ln2 = w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"]
+    if any(type(f) is not KTensor for f in forms[1:]) or (m.q_lora_rank and type(forms[0]) is not KTensor) \
+            or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                       for t in (ln, ln2, *plain, *biases) if t is not None):
+        return None
+    scale = (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale
+    return (tuple(f for f in forms if f is not None), forms, plain, ln, ln2, scale, 2 * m.interleave, biases,
+            (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank))
+
+
 def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> torch.Tensor | None:
     """For a decode step (one token a row, every row valid) on a CPU: layer i's attention added to x [B, 1, D]
     in place, returning the MLP's input, rms_norm(x) [B, D]; None where the general path must run."""
@@ -58,6 +83,11 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) \
             or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
+    if model.cfg.mla is not None:
+        _, forms, plain, ln, ln2, scale, flags, biases, dims = ws
+        return ckernel.mla_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.k[i], rows.slot,
+                                 rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, dims, scale, flags,
+                                 biases)
     (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = ws
     return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
@@ -66,11 +96,11 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
 
 def _mlps(model) -> list | None:
     """Per layer, what kq_layers runs after the attention half: (routes, shared) where routes says the layer is a
-    MoE layer that ckernel.route takes (softmax or sigmoid, no groups, float32 CPU weights) and shared is its
+    MoE layer that ckernel.route takes (softmax or sigmoid, float32 CPU weights) and shared is its
     shared expert's (gate, up, down) forms and gate vector (Qwen2-MoE's; None: weight 1), or a dense layer's MLP
     (routes False); None where some layer has anything else (Granite's shared MLP, weights not on forms)."""
     cfg, w, spec = model.cfg, model.w, model.cfg.spec
-    if cfg.n_group > 1 or spec.scoring not in ("softmax", "sigmoid") or spec.shared not in (None, "plain", "gated"):
+    if spec.scoring not in ("softmax", "sigmoid") or spec.shared not in (None, "plain", "gated"):
         return None
     f32 = (lambda t: t is None or (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
                                    and t.is_contiguous()))
@@ -99,21 +129,31 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
     if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
         cfg, w, rows, fl, arrays = model.cfg, model.w, [], [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
-        for i, ((wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases) in enumerate(blocks):
+        desc = (lambda f: f.cdesc[0] if f is not None else 0)
+        for i, block in enumerate(blocks):
+            if cfg.mla is not None:  # kq_mla_block's: q (or q_b) and o in wqkv's and wo's fields, the rest after 28
+                _, (wqa, wq, wkva, wo), (qan, kvan, wkvb), ln, ln2, scale, flags, (bqa, bkva, bo), dims = block
+                attn = [wq.cdesc[0], 0, wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
+                bias3 = (0, 0, ptr(bo))
+                latent = [1, desc(wqa), ptr(qan), wkva.cdesc[0], ptr(kvan), ptr(wkvb), ptr(bqa), ptr(bkva), *dims, 0]
+            else:
+                (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = block
+                attn = [wqkv.cdesc[0], desc(wv), wo.cdesc[0], kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0,
+                        ptr(sinks), *(map(ptr, norms or (None, None)))]
+                bias3, latent = tuple(map(ptr, biases)), [0] * 12
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
             routes, shared = model._step["mlps"][i]
             (descs, used, n, _), _, act = tables[i] if routes else ((None, None, 0, 0), 0, None)
             gb, ub, db, limit, alpha = act or (None, None, None, 0.0, 0.0)  # gpt-oss's experts: kq_moe_act's
             if shared is not None:
                 arrays.append(ckernel._descs([shared[0]]))  # (held with the fields: they hold its address)
-            rows.append([ln.data_ptr(), ln2.data_ptr(), wqkv.cdesc[0], wv.cdesc[0] if wv is not None else 0, wo.cdesc[0],
-                         kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0, ptr(sinks), *(map(ptr, norms or (None, None))),
+            rows.append([ln.data_ptr(), ln2.data_ptr(), *attn,
                          *(map(ptr, (w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias"),
                                      w.get(p + cfg.spec.bias_key))) if routes else (0, 0, 0)),
                          ctypes.addressof(descs) if routes else 0, n, ctypes.addressof(used) if routes else 0,
-                         kv.k[i].shape[1], flags, *map(ptr, biases), ptr(gb), ptr(ub), ptr(db),
+                         kv.k[i].shape[1], flags, *bias3, ptr(gb), ptr(ub), ptr(db),
                          ctypes.addressof(arrays[-1]) if shared is not None else 0,
-                         ptr(shared[1]) if shared is not None else 0, int(routes)])
+                         ptr(shared[1]) if shared is not None else 0, int(routes), *latent])
             fl.append([scale, limit, alpha])
         model._step.update(held=held, arrays=arrays, fields=torch.tensor(rows, dtype=torch.int64), fl=torch.tensor(fl))
     return model._step["fields"], model._step["fl"]
@@ -151,7 +191,8 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
     fields, fl = _fields(model, blocks, tables, kv)
     _, ids, ran = ckernel.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
                                  cfg.num_heads, kv.k[0].shape[-2], kv.k[0].shape[-1], cfg.num_experts, cfg.top_k,
-                                 cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor)
+                                 cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                                 (cfg.n_group, cfg.topk_group))
     for i in moe:
         dispatch.hosted(i, ids[i], ran[i], tables[i])
     return True

@@ -328,7 +328,7 @@ class MoEModel:
         p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
         gate, bias = w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias")
         routed = ckernel.route(x, gate, bias, cfg.top_k, cfg.norm_topk_prob, cfg.spec.scoring,
-                               w.get(p + cfg.spec.bias_key), cfg.routed_scaling_factor) if cfg.n_group <= 1 else None
+                               w.get(p + cfg.spec.bias_key), cfg.routed_scaling_factor, (cfg.n_group, cfg.topk_group))
         if routed is None:  # (the C router: a decode step's few float32 CPU tokens)
             logits = F.linear(x.float(), gate.float(), None if bias is None else bias.float()) if cfg.spec.fp32_router \
                 else F.linear(x, gate, bias)

@@ -29,6 +29,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3", "gpt_oss"])
     ap.add_argument("--mxfp4", action="store_true", help="gpt_oss: experts in MXFP4, as the original release")
+    ap.add_argument("--q-lora", type=int, default=0, help="deepseek_v3: compress queries to this rank, as V3/R1 and "
+                    "Kimi-K2 do (0: a plain q_proj, as V2-Lite; llama.cpp takes that only at V2-Lite's 27 layers)")
+    ap.add_argument("--mla", default="256,64,32,64", help="deepseek_v3: kv_lora_rank, qk_nope, qk_rope and v head "
+                    "dims (DeepSeek-V2-Lite and V3: 512,128,64,128)")
+    ap.add_argument("--router-std", type=float, default=1.0, help="router weights' std (1.0 makes routing decisive "
+                    "under softmax; sigmoid scoring then saturates to exact ties at 1.0, which llama.cpp and emoe "
+                    "break differently: take ~3/sqrt(hidden) for deepseek_v3)")
     ap.add_argument("--fp8", action="store_true", help="mixtral, deepseek_v3: projections in block-scaled FP8 "
                     "(128×128 blocks, weight_scale_inv), as the DeepSeek-V3 release")
     a = ap.parse_args()
@@ -45,13 +52,18 @@ def main() -> None:
     if a.family == "gpt_oss":
         return write(out, gpt_oss(a, sd, r), a)
     ds = a.family == "deepseek_v3"
-    lora, nope, rope_d, vd = 256, 64, 32, 64  # MLA sizes (DeepSeek-V2-Lite: 512, 128, 64, 128)
+    lora, nope, rope_d, vd = map(int, a.mla.split(","))  # MLA sizes
     for i in range(a.layers):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
         sd[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
         if ds:
-            sd[p + "self_attn.q_proj.weight"] = r(heads * (nope + rope_d), H)
+            if a.q_lora:
+                sd[p + "self_attn.q_a_proj.weight"] = r(a.q_lora, H)
+                sd[p + "self_attn.q_a_layernorm.weight"] = torch.ones(a.q_lora, dtype=torch.bfloat16)
+                sd[p + "self_attn.q_b_proj.weight"] = r(heads * (nope + rope_d), a.q_lora)
+            else:
+                sd[p + "self_attn.q_proj.weight"] = r(heads * (nope + rope_d), H)
             sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = r(lora + rope_d, H)
             sd[p + "self_attn.kv_a_layernorm.weight"] = torch.ones(lora, dtype=torch.bfloat16)
             sd[p + "self_attn.kv_b_proj.weight"] = r(heads * (nope + vd), lora)
@@ -64,7 +76,7 @@ def main() -> None:
             sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"], sd[p + "mlp.down_proj.weight"] = \
                 r(4 * I, H), r(4 * I, H), r(H, 4 * I)
             continue
-        sd[p + f"{moe}.gate.weight"] = r(a.experts, H, std=1.0)
+        sd[p + f"{moe}.gate.weight"] = r(a.experts, H, std=a.router_std)
         if ds:
             sd[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(a.experts)
             sd[p + "mlp.shared_experts.gate_proj.weight"], sd[p + "mlp.shared_experts.up_proj.weight"], \
@@ -84,7 +96,7 @@ def main() -> None:
                "num_hidden_layers": a.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
                "n_routed_experts": a.experts, "num_experts_per_tok": a.top_k, "n_shared_experts": 2,
                "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
-               "norm_topk_prob": True, "q_lora_rank": None, "kv_lora_rank": lora, "qk_nope_head_dim": nope,
+               "norm_topk_prob": True, "scoring_func": "sigmoid", "q_lora_rank": a.q_lora or None, "kv_lora_rank": lora, "qk_nope_head_dim": nope,
                "qk_rope_head_dim": rope_d, "v_head_dim": vd, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
                "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}, "tie_word_embeddings": False,
                "eos_token_id": 0, "torch_dtype": "bfloat16"}

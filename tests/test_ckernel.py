@@ -529,17 +529,22 @@ def test_a_compiler_without_openmp_builds_the_routines_single_threaded(monkeypat
 
 
 @pytest.mark.skipif(ckernel.library() is None, reason="no C compiler")
-@pytest.mark.parametrize("scoring,norm,choice,scale", [("softmax", True, False, 1.0), ("softmax", False, False, 1.0),
-                                                       ("sigmoid", True, True, 2.5)])
-def test_the_c_router_routes_as_torch_does(scoring, norm, choice, scale):
+@pytest.mark.parametrize("scoring,norm,choice,scale,groups", [
+    ("softmax", True, False, 1.0, (1, 1)), ("softmax", False, False, 1.0, (1, 1)), ("sigmoid", True, True, 2.5, (1, 1)),
+    ("sigmoid", True, True, 2.5, (8, 3)), ("softmax", False, False, 1.0, (4, 2))])
+def test_the_c_router_routes_as_torch_does(scoring, norm, choice, scale, groups):
     """kq_route (a decode step's router in one call): model.route's scores, weights and ids on the logits of
-    x W^T + b, for softmax, unnormalised top-k, and DeepSeek's sigmoid with a choice-only bias and a scale."""
+    x W^T + b, for softmax, unnormalised top-k, DeepSeek's sigmoid with a choice-only bias and a scale, and
+    group-limited routing (V3's: a group scores its two best; V2's: its best)."""
     from emoe.model import route
     g = torch.Generator().manual_seed(0)
     x, W, b = torch.randn(5, 256, generator=g), torch.randn(40, 256, generator=g) * 0.05, torch.randn(40, generator=g)
     c = torch.randn(40, generator=g) * 0.1 if choice else None
-    got = ckernel.route(x, W, b, 6, norm, scoring, c, scale)
-    want = route(torch.nn.functional.linear(x, W, b), 6, norm, scoring=scoring, bias=c, scale=scale)
+    got = ckernel.route(x, W, b, 6, norm, scoring, c, scale, groups)
+    want = route(torch.nn.functional.linear(x, W, b), 6, norm, scoring=scoring, bias=c, scale=scale,
+                 n_group=groups[0], topk_group=groups[1])
+    if groups[0] > 1:  # the groups decide: the same call without them picks otherwise for some token
+        assert not torch.equal(ckernel.route(x, W, b, 6, norm, scoring, c, scale)[2], want[2])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
     assert torch.equal(got[2], want[2])

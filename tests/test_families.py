@@ -570,6 +570,45 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
     assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
 
 
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, tmp_path, monkeypatch):
+    """DeepSeek's latent attention (V2-Lite's plain queries, V3's compressed ones) with int8 forms of its projections
+    and experts, at budget 0: a decode step's layers, V3's group-limited routing included (4 groups, 2 a token),
+    run in one C call, with the per-layer path's tokens (its attention in C too: ckernel.mla_block) and with the
+    tokens of torch's absorbed attention (mla.attention)."""
+    import emoe.model as model_mod
+    from emoe import ckernel
+    shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, kv_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+    path = make_tiny(family, tmp_path / "m", **shape, **({"q_lora_rank": 64} if family == "deepseek_v3" else {}))
+    calls, real, blocks, real_block = [], ckernel.layers, [], ckernel.mla_block
+    monkeypatch.setattr(ckernel, "layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ckernel, "mla_block", lambda *a: blocks.append(1) or real_block(*a))
+
+    def run_it():
+        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                  host_int8=True, dense_int8=True))
+        assert eng.model.cfg.n_group == (4 if family == "deepseek_v3" else 1)
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                           chat=False)
+        return [(r.output_ids, r.logprobs) for r in got]
+
+    def worst(a, b):
+        return max(abs(x[0] - y[0]) for (_, la), (_, lb) in zip(a, b) for x, y in zip(la, lb))
+    fast = run_it()
+    assert len(calls) == 5 and not blocks
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    layered = run_it()
+    assert len(blocks) == 5 * 3
+    # the same routines in the same order, but for the shared experts' SiLU (torch's here, C's in the step call)
+    assert [t for t, _ in layered] == [t for t, _ in fast] and worst(layered, fast) <= 5e-4
+    monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
+    slow = run_it()
+    assert len(blocks) == 5 * 3 and [t for t, _ in slow] == [t for t, _ in fast] and worst(slow, fast) <= 5e-3
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_fp8_release_experts_run_on_int8_kernel_forms(family, tmp_path):
     """With host misses and experts in RAM, an FP8 release's experts are held as int8 forms of the kernel
