@@ -721,6 +721,26 @@ void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int 
     free(mem);
 }
 
+/* y [B, H * n] = per head h, x [B, H, K]'s row (b, h) times rows h n .. (h + 1) n - 1 of w [H n, K]: H matrices of n
+   rows (a multiple of 64) stacked in one form, each taking its own input (DeepSeek's absorbed k_b and v_b) */
+static void heads_linear(const kmat *w, const float *x, int B, int H, float *y, int threads, int bf16) {
+    PICK(bf16);
+    const int K = (int)w->K, N = (int)w->N, nb = N / 64, per = nb / H;
+    void *mem = malloc(qbytes(B * H, K));
+    qrow q = qrows(mem, B * H, K);
+    for (int m = 0; m < B * H; m++) quant_(x + (long)m * K, K, row(q, m, K));
+    const int P = (B + G - 1) / G;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (nb * P >= 4)
+    for (int i = 0; i < nb * P; i++) {
+        const int blk = i / P, h = blk / per, m = G * (i % P), R = B - m < G ? B - m : G;
+        qrow xs[GROUP];
+        float *ys[GROUP];
+        for (int r = 0; r < R; r++) { xs[r] = row(q, (m + r) * H + h, K); ys[r] = y + (long)(m + r) * N; }
+        block_(w, xs, ys, R, blk);
+    }
+    free(mem);
+}
+
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* out [T, H] += sum over each token's top-k of its routing weight x SwiGLU_e(x[token]), for the n experts
@@ -1023,16 +1043,20 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
    the cache kc [slots, L, r + rope] gets [rmsnorm(latent) kvan, rope(k_rot)] at (slot, pos); each head's query
    moves into the latent space through kv_b's key half (wkvb [H, nope + vd, r], float), attends over the slot's
    latents, and kv_b's value half maps the result back; x += att Wo^T (+ bo); hn = rmsnorm(x) ln2. flags & 2: the
-   rotary in pairs (mla.interleave), reordered to halves first as model.rotate does for q and k alike. */
+   rotary in pairs (mla.interleave), reordered to halves first as model.rotate does for q and k alike. With wkb
+   [H r, nope] and wvb [H vd, r] (kv_b's halves per head as forms, r and vd multiples of 64) those products run on
+   them (heads_linear): the float kv_b is 4 bytes a weight, and read whole each step it was half a step's time. */
 void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
                   const kmat *wqa, const float *qan, const kmat *wq, const kmat *wkva, const float *kvan,
                   const float *wkvb, const kmat *wo, float *kc, const int64_t *slot, const int64_t *pos,
                   const float *cs, const float *sn, int H, int nope, int rope, int vd, int r, int L, float scale,
-                  int flags, const float *bqa, const float *bkva, const float *bo, int threads, int bf16) {
+                  int flags, const float *bqa, const float *bkva, const float *bo, const kmat *wkb, const kmat *wvb,
+                  int threads, int bf16) {
     const int ql = wqa ? (int)wqa->N : 0, qd = nope + rope, kvw = r + rope, nq = H * qd;
-    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + ql + nq + kvw + H * vd + H * kvw));
+    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + ql + nq + kvw + H * vd + H * kvw + H * nope + 2 * H * r));
     float *qa = h + (size_t)B * D, *q = qa + (size_t)B * ql, *kva = q + (size_t)B * nq, *att = kva + (size_t)B * kvw,
-          *o = att + (size_t)B * H * vd, *qry = o + (size_t)B * D;  /* qry [B, H, r + rope]: the absorbed queries */
+          *o = att + (size_t)B * H * vd, *qry = o + (size_t)B * D,  /* qry [B, H, r + rope]: the absorbed queries */
+          *qn = qry + (size_t)B * H * kvw, *qk = qn + (size_t)B * H * nope, *ctx = qk + (size_t)B * H * r;
     kq_rmsnorm(x, ln, h, B, D, eps);
     if (wqa) {
         kq_linear(wqa, h, B, qa, threads, bf16);
@@ -1049,43 +1073,84 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
         place_head(kv + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
         memcpy(at + r, kv + r, sizeof(float) * rope);
     }
-    /* per (row, group of heads): the heads of a group read each cached latent once */
-    const int hg = H % 4 == 0 ? 4 : 1, G = H / hg;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (B * G >= 2)
-    for (int bg = 0; bg < B * G; bg++) {
-        const int b = bg / G, h0 = (bg % G) * hg, n = (int)pos[b] + 1;
-        float *s = malloc(sizeof(float) * (size_t)n * hg), den[hg], ctx[r];
-        for (int t = 0; t < hg; t++) {
-            const float *qh = q + (size_t)b * nq + (size_t)(h0 + t) * qd, *wk = wkvb + (size_t)(h0 + t) * (nope + vd) * r;
-            float *y = qry + ((size_t)b * H + h0 + t) * kvw;
+    if (wkb) {  /* every head's q_nope through its k_b in one call */
+        for (long bh = 0; bh < (long)B * H; bh++) memcpy(qn + bh * nope, q + bh * qd, sizeof(float) * nope);
+        heads_linear(wkb, qn, B, H, qk, threads, bf16);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+    for (int bh = 0; bh < B * H; bh++) {  /* the absorbed queries: [q_nope k_b, rope(q_rot)] */
+        const int b = bh / H, hh = bh % H;
+        const float *qh = q + (size_t)bh * qd, *wk = wkvb + (size_t)hh * (nope + vd) * r;
+        float *y = qry + (size_t)bh * kvw;
+        if (wkb)
+            memcpy(y, qk + (size_t)bh * r, sizeof(float) * r);
+        else {
             for (int c = 0; c < r; c++) y[c] = 0.f;
             for (int dd = 0; dd < nope; dd++) {
                 const float a = qh[dd], *wr = wk + (size_t)dd * r;
                 for (int c = 0; c < r; c++) y[c] += a * wr[c];
             }
-            memcpy(y + r, qh + nope, sizeof(float) * rope);
-            place_head(y + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
         }
-        const float *k0 = kc + (size_t)slot[b] * L * kvw;
-        for (int t = 0; t < hg; t++) {
-            const float *y = qry + ((size_t)b * H + h0 + t) * kvw;
-            float mx = -INFINITY, tot = 0.f, *st = s + (size_t)t * n;
-            for (int j = 0; j < n; j++) mx = fmaxf(mx, st[j] = dotf(y, k0 + (size_t)j * kvw, kvw) * scale);
-            for (int j = 0; j < n; j++) tot += (st[j] = expf(st[j] - mx));
-            den[t] = 1.f / tot;
-        }
-        for (int t = 0; t < hg; t++) {
-            const float *st = s + (size_t)t * n, *wv = wkvb + ((size_t)(h0 + t) * (nope + vd) + nope) * r;
-            for (int c = 0; c < r; c++) ctx[c] = 0.f;
-            for (int j = 0; j < n; j++) {
-                const float pj = st[j] * den[t], *kj = k0 + (size_t)j * kvw;
-                for (int c = 0; c < r; c++) ctx[c] += pj * kj[c];
-            }
-            float *ot = att + (size_t)b * H * vd + (size_t)(h0 + t) * vd;
-            for (int v = 0; v < vd; v++) ot[v] = dotf(wv + (size_t)v * r, ctx, r);
-        }
-        free(s);
+        memcpy(y + r, qh + nope, sizeof(float) * rope);
+        place_head(y + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
     }
+    /* Every head of a row reads the one cached latent of each position, so a task is a row's chunk of CH positions
+       for all its heads: each latent is read once, not once a head (16-128 times), and a long context spreads over
+       the threads however few rows there are. Each chunk keeps its own softmax max, sum and context per head; they
+       are merged after, in chunk order (flash decoding), so the result does not depend on the thread count. */
+    enum { CH = 64 };
+    int *t0 = malloc(sizeof(int) * (B + 1));
+    t0[0] = 0;
+    for (int b = 0; b < B; b++) t0[b + 1] = t0[b] + ((int)pos[b] + CH) / CH;  /* pos + 1 positions */
+    const int T = t0[B];
+    float *pm = malloc(sizeof(float) * (size_t)T * H * 2), *pc = malloc(sizeof(float) * (size_t)T * H * r);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic) if (T >= 2)
+    for (int t = 0; t < T; t++) {
+        int b = 0;
+        while (t >= t0[b + 1]) b++;
+        const int j0 = (t - t0[b]) * CH, j1 = j0 + CH < (int)pos[b] + 1 ? j0 + CH : (int)pos[b] + 1, m = j1 - j0;
+        const float *k0 = kc + ((size_t)slot[b] * L + j0) * kvw, *qb = qry + (size_t)b * H * kvw;
+        float *sc = malloc(sizeof(float) * (size_t)m * H), *cx = pc + (size_t)t * H * r, *st = pm + (size_t)t * H * 2;
+        for (int j = 0; j < m; j++)
+            for (int hh = 0; hh < H; hh++) sc[(size_t)hh * m + j] = dotf(qb + (size_t)hh * kvw, k0 + (size_t)j * kvw, kvw) * scale;
+        for (int hh = 0; hh < H; hh++) {
+            float mx = -INFINITY, tot = 0.f, *sh = sc + (size_t)hh * m;
+            for (int j = 0; j < m; j++) mx = sh[j] > mx ? sh[j] : mx;
+            for (int j = 0; j < m; j++) tot += (sh[j] = expf(sh[j] - mx));
+            st[2 * hh] = mx, st[2 * hh + 1] = tot;
+        }
+        memset(cx, 0, sizeof(float) * (size_t)H * r);
+        for (int j = 0; j < m; j++) {
+            const float *restrict kj = k0 + (size_t)j * kvw;
+            for (int hh = 0; hh < H; hh++) {
+                const float pj = sc[(size_t)hh * m + j];
+                float *restrict ch = cx + (size_t)hh * r;
+                for (int c = 0; c < r; c++) ch[c] += pj * kj[c];
+            }
+        }
+        free(sc);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+    for (int bh = 0; bh < B * H; bh++) {  /* merge a row's chunks per head, then (float kv_b) its value half */
+        const int b = bh / H, hh = bh % H;
+        float mx = -INFINITY, tot = 0.f, *cx = ctx + (size_t)bh * r;
+        for (int t = t0[b]; t < t0[b + 1]; t++) mx = fmaxf(mx, pm[((size_t)t * H + hh) * 2]);
+        for (int t = t0[b]; t < t0[b + 1]; t++) tot += expf(pm[((size_t)t * H + hh) * 2] - mx) * pm[((size_t)t * H + hh) * 2 + 1];
+        memset(cx, 0, sizeof(float) * r);
+        for (int t = t0[b]; t < t0[b + 1]; t++) {
+            const float f = expf(pm[((size_t)t * H + hh) * 2] - mx) / tot, *pt = pc + ((size_t)t * H + hh) * r;
+            for (int c = 0; c < r; c++) cx[c] += f * pt[c];
+        }
+        if (!wvb) {
+            const float *wv = wkvb + ((size_t)hh * (nope + vd) + nope) * r;
+            float *ot = att + (size_t)b * H * vd + (size_t)hh * vd;
+            for (int v = 0; v < vd; v++) ot[v] = dotf(wv + (size_t)v * r, cx, r);
+        }
+    }
+    free(t0);
+    free(pm);
+    free(pc);
+    if (wvb) heads_linear(wvb, ctx, B, H, att, threads, bf16);  /* every head's context through its v_b */
     kq_linear(wo, att, B, o, threads, bf16);
     if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
     for (long i = 0; i < (long)B * D; i++) x[i] += o[i];
@@ -1102,7 +1167,8 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
    up, down: kq_moe_act's), a shared expert's or a dense layer's (gate, up, down) descriptors, its gate vector
    (Qwen2-MoE: its output times sigmoid(h . g)) and whether the layer routes (0: a dense layer, its MLP the
    shared one alone); then whether its attention is latent (kq_mla_block's, wqkv its q (or q_b) and kc its latents),
-   its q_a form, q_a norm, kv_a form, kv_a norm, kv_b, q_a and kv_a biases, nope, v and rank dims; fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
+   its q_a form, q_a norm, kv_a form, kv_a norm, kv_b, q_a and kv_a biases, nope, v and rank dims and k_b's form
+   (v_b's in wv's field); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
    layer's probs [B, E], weights and ids [B, k] and how many experts ran, for the caller's accounting; the
    arithmetic is the routines', in their order (a shared expert's sum added to the routed one's, as the
    model adds them), bit for bit but for the shared gate's dot product. */
@@ -1121,7 +1187,8 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
                          F_(30, const float *), F_(2, const kmat *), F_(31, const kmat *), F_(32, const float *),
                          F_(33, const float *), F_(4, const kmat *), F_(5, float *), slot, pos, cs, sn, H, (int)f[36], rd,
                          (int)f[37], (int)f[38], (int)f[17], fl[3 * l], (int)f[18], F_(34, const float *),
-                         F_(35, const float *), F_(21, const float *), threads, bf16);
+                         F_(35, const float *), F_(21, const float *), F_(39, const kmat *), F_(3, const kmat *),
+                         threads, bf16);
         else kq_attn_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
                       F_(3, const kmat *), F_(4, const kmat *), F_(5, float *), F_(6, float *), slot, pos, cs, sn, rd,
                       H, Hkv, d, (int)f[17], (int)f[7], fl[3 * l], F_(8, const float *), F_(9, const float *),

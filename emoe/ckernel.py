@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_moe_act.argtypes, lib.kq_moe_act.restype = [P, i, P, P, P, i, P, i, P, i, i, P, P, P, f, f], i
             lib.kq_attn_block.argtypes = [P, P, i, i, P, P, f] + [P] * 9 + [i] * 6 + [f, P, P, P, i, P, P, P, i, i]
             lib.kq_attn_block.restype = None
-            lib.kq_mla_block.argtypes = [P, P, i, i, P, P, f] + [P] * 12 + [i] * 6 + [f, i, P, P, P, i, i]
+            lib.kq_mla_block.argtypes = [P, P, i, i, P, P, f] + [P] * 12 + [i] * 6 + [f, i, P, P, P, P, P, i, i]
             lib.kq_mla_block.restype = None
             lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, i, i, P, P, P, P, i, i]
             lib.kq_layers.restype = None
@@ -412,21 +412,23 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
 
 def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, forms: tuple, plain: tuple,
               kc: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, tables, heads: int, dims: tuple, scale: float,
-              flags: int, biases: tuple) -> torch.Tensor:
+              flags: int, biases: tuple, heads_kv: tuple = (None, None)) -> torch.Tensor:
     """attn_block for DeepSeek's latent attention (kq_mla_block): forms (q_a or None, q (q_b or q), kv_a, o),
     plain (q_a norm or None, kv_a norm, kv_b [H, nope + v, rank] float32), dims (nope, v, rank), biases (q_a, kv_a,
-    o) or None; kc [slots, L, 1, rank + rope] gets the step's latents. x [B, D] gets the attention added in place;
-    returns the next rms_norm."""
+    o) or None, heads_kv kv_b's key and value halves as forms stacked per head ([H rank, nope], [H v, rank]) or
+    None (kv_b's floats then); kc [slots, L, 1, rank + rope] gets the step's latents. x [B, D] gets the attention
+    added in place; returns the next rms_norm."""
     B, D = x.shape
     cs, sn = (t.contiguous() for t in tables)
     slot, pos = slot.long().contiguous(), pos.long().contiguous()
     hn, ptr = torch.empty_like(x), (lambda t: t.data_ptr() if t is not None else None)
+    desc = (lambda f: _desc(f)[0] if f is not None else None)
     wqa, wq, wkva, wo = forms
     _lib.kq_mla_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps,
-                      wqa.cdesc[0] if wqa is not None else None, ptr(plain[0]), wq.cdesc[0], wkva.cdesc[0], ptr(plain[1]),
-                      ptr(plain[2]), wo.cdesc[0], kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
+                      desc(wqa), ptr(plain[0]), desc(wq), desc(wkva), ptr(plain[1]), ptr(plain[2]), desc(wo), kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
                       sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags,
-                      *map(ptr, biases), torch.get_num_threads(), KQ == "bf16")
+                      *map(ptr, biases), *map(desc, heads_kv),
+                      torch.get_num_threads(), KQ == "bf16")
     return hn
 
 

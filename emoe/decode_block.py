@@ -20,7 +20,7 @@ import ctypes
 
 import torch
 
-from . import ckernel
+from . import ckernel, quant
 from .quant import KTensor
 
 
@@ -69,8 +69,31 @@ def mla_weights(model, i: int) -> tuple | None:
                        for t in (ln, ln2, *plain, *biases) if t is not None):
         return None
     scale = (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale
-    return (tuple(f for f in forms if f is not None), forms, plain, ln, ln2, scale, 2 * m.interleave, biases,
-            (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank))
+    heads_kv = _kv_b_forms(plain[2], cfg.num_heads, m)
+    return (tuple(f for f in (*forms, *heads_kv) if f is not None), forms, plain, ln, ln2, scale, 2 * m.interleave,
+            biases, (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank), heads_kv)
+
+
+def prepare(model) -> None:
+    """Every layer's step-call weights made now (a CPU with the routines): DeepSeek's kv_b forms took ~25 ms a layer
+    to make, paid by the first request's decode otherwise."""
+    if model.cfg.mla is not None and ckernel._mode_on():
+        for i in range(model.cfg.num_layers):
+            if i not in model._blocks:
+                model._blocks[i] = block_weights(model, i)
+
+
+def _kv_b_forms(kv_b: torch.Tensor, heads: int, m) -> tuple:
+    """kv_b's key half as [H rank, nope] and value half as [H v, rank], each head's rows in turn, as int8 forms
+    (per 32 values, 9 bits a weight on AVX2): a step reads them instead of kv_b's float32, which was half a
+    DeepSeek-shaped step's time (the whole kv_b read per layer). (None, None) where a head's rows are not whole
+    64-row blocks or its columns not whole groups of 32."""
+    nope, vd, r = m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank
+    if r % 64 or vd % 64 or nope % 32:
+        return None, None
+    w = kv_b.view(heads, nope + vd, r)
+    k_b, v_b = w[:, :nope].transpose(1, 2).reshape(heads * r, nope), w[:, nope:].reshape(heads * vd, r)
+    return tuple(quant.int8_form(quant.quantize(t.contiguous(), 8, 32)) for t in (k_b, v_b))
 
 
 def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> torch.Tensor | None:
@@ -84,10 +107,10 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
             or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
     if model.cfg.mla is not None:
-        _, forms, plain, ln, ln2, scale, flags, biases, dims = ws
+        _, forms, plain, ln, ln2, scale, flags, biases, dims, heads_kv = ws
         return ckernel.mla_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.k[i], rows.slot,
                                  rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, dims, scale, flags,
-                                 biases)
+                                 biases, heads_kv)
     (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = ws
     return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
@@ -131,11 +154,11 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
         desc = (lambda f: f.cdesc[0] if f is not None else 0)
         for i, block in enumerate(blocks):
-            if cfg.mla is not None:  # kq_mla_block's: q (or q_b) and o in wqkv's and wo's fields, the rest after 28
-                _, (wqa, wq, wkva, wo), (qan, kvan, wkvb), ln, ln2, scale, flags, (bqa, bkva, bo), dims = block
-                attn = [wq.cdesc[0], 0, wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
+            if cfg.mla is not None:  # kq_mla_block's: q (or q_b), v_b and o in wqkv's, wv's and wo's fields, the rest after 28
+                _, (wqa, wq, wkva, wo), (qan, kvan, wkvb), ln, ln2, scale, flags, (bqa, bkva, bo), dims, (kb, vb) = block
+                attn = [wq.cdesc[0], desc(vb), wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
                 bias3 = (0, 0, ptr(bo))
-                latent = [1, desc(wqa), ptr(qan), wkva.cdesc[0], ptr(kvan), ptr(wkvb), ptr(bqa), ptr(bkva), *dims, 0]
+                latent = [1, desc(wqa), ptr(qan), wkva.cdesc[0], ptr(kvan), ptr(wkvb), ptr(bqa), ptr(bkva), *dims, desc(kb)]
             else:
                 (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = block
                 attn = [wqkv.cdesc[0], desc(wv), wo.cdesc[0], kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0,

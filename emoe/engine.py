@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ckernel
+from . import ckernel, decode_block
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -169,6 +169,8 @@ class Engine:
         self._ids = itertools.count()
         if self.device.type == "cuda":
             self._warm_up()
+        else:
+            decode_block.prepare(self.model)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -572,26 +572,30 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
 
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,rank,rope,v", [("deepseek_v2", 48, 16, 32), ("deepseek_v3", 48, 16, 32),
+                                                ("deepseek_v3", 64, 64, 64)])
+def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank, rope, v, tmp_path, monkeypatch):
     """DeepSeek's latent attention (V2-Lite's plain queries, V3's compressed ones) with int8 forms of its projections
     and experts, at budget 0: a decode step's layers, V3's group-limited routing included (4 groups, 2 a token),
     run in one C call, with the per-layer path's tokens (its attention in C too: ckernel.mla_block) and with the
-    tokens of torch's absorbed attention (mla.attention)."""
+    tokens of torch's absorbed attention (mla.attention). Where the latent rank and v are whole 64-row blocks, kv_b's
+    halves run as int8 forms per head (within 3e-2 of torch's float kv_b; the float kv_b within 5e-3)."""
     import emoe.model as model_mod
-    from emoe import ckernel
+    from emoe import ckernel, decode_block
     shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=4, kv_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+                 num_key_value_heads=4, kv_lora_rank=rank, qk_rope_head_dim=rope, qk_nope_head_dim=32, v_head_dim=v)
     path = make_tiny(family, tmp_path / "m", **shape, **({"q_lora_rank": 64} if family == "deepseek_v3" else {}))
     calls, real, blocks, real_block = [], ckernel.layers, [], ckernel.mla_block
     monkeypatch.setattr(ckernel, "layers", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(ckernel, "mla_block", lambda *a: blocks.append(1) or real_block(*a))
 
+    long = [(7 * t) % 300 + 1 for t in range(150)]  # a context of 3 chunks of 64 positions: their merge
     def run_it():
         eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
                                   host_int8=True, dense_int8=True))
         assert eng.model.cfg.n_group == (4 if family == "deepseek_v3" else 1)
-        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+        assert all((decode_block.block_weights(eng.model, i)[-1][0] is not None) == (rank == 64) for i in range(3))
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11], long], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
                            chat=False)
         return [(r.output_ids, r.logprobs) for r in got]
 
@@ -606,7 +610,8 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, tmp_p
     assert [t for t, _ in layered] == [t for t, _ in fast] and worst(layered, fast) <= 5e-4
     monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
     slow = run_it()
-    assert len(blocks) == 5 * 3 and [t for t, _ in slow] == [t for t, _ in fast] and worst(slow, fast) <= 5e-3
+    assert len(blocks) == 5 * 3 and [t for t, _ in slow] == [t for t, _ in fast]
+    assert worst(slow, fast) <= (3e-2 if rank == 64 else 5e-3)  # measured 1.1e-2 / 5e-7
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
