@@ -1038,6 +1038,68 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
     free(h);
 }
 
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* s[t ld + j] = (q_t . k_j) scale for nh <= 4 queries q_t (n wide, one after another) and m keys k_j (kst apart):
+   each key loaded once for the four queries, their sums in registers */
+static void scores4(const float *q, int nh, const float *k, long kst, int m, int n, float scale, float *s, long ld) {
+    const int n8 = n & ~7;
+    const float *qt[4];
+    for (int t = 0; t < 4; t++) qt[t] = q + (size_t)(t < nh ? t : 0) * n;  /* past nh: row 0 again, not kept */
+    for (int j = 0; j < m; j++) {
+        const float *kj = k + (size_t)j * kst;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < n8; c += 8) {
+            const __m256 kv = _mm256_loadu_ps(kj + c);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[0] + c), kv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[1] + c), kv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[2] + c), kv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[3] + c), kv, a3);
+        }
+        const __m256 acc[4] = {a0, a1, a2, a3};
+        for (int t = 0; t < nh; t++) {
+            float tot = hsum8(acc[t]);
+            for (int c = n8; c < n; c++) tot += qt[t][c] * kj[c];
+            s[(size_t)t * ld + j] = tot * scale;
+        }
+    }
+}
+
+/* out[t] [r] = sum_j p[t m + j] k_j[:r] for nh <= 4 weight rows and m keys (kst apart): 16 columns at a time for
+   the four rows in registers across the keys, so nothing is stored until a column block is done */
+static void mix4(const float *p, int m, int nh, const float *k, long kst, int r, float *out) {
+    const float *pt[4];
+    for (int t = 0; t < 4; t++) pt[t] = p + (size_t)(t < nh ? t : 0) * m;
+    int c0 = 0;
+    for (; c0 + 16 <= r; c0 += 16) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int j = 0; j < m; j++) {
+            const float *kj = k + (size_t)j * kst + c0;
+            const __m256 k0 = _mm256_loadu_ps(kj), k1 = _mm256_loadu_ps(kj + 8);
+            for (int t = 0; t < 4; t++) {
+                const __m256 pj = _mm256_broadcast_ss(pt[t] + j);
+                a[2 * t] = _mm256_fmadd_ps(pj, k0, a[2 * t]);
+                a[2 * t + 1] = _mm256_fmadd_ps(pj, k1, a[2 * t + 1]);
+            }
+        }
+        for (int t = 0; t < nh; t++) {
+            _mm256_storeu_ps(out + (size_t)t * r + c0, a[2 * t]);
+            _mm256_storeu_ps(out + (size_t)t * r + c0 + 8, a[2 * t + 1]);
+        }
+    }
+    for (int t = 0; t < nh; t++)
+        for (int c = c0; c < r; c++) {
+            float v = 0.f;
+            for (int j = 0; j < m; j++) v += pt[t][j] * k[(size_t)j * kst + c];
+            out[(size_t)t * r + c] = v;
+        }
+}
+
 /* DeepSeek's latent attention (MLA) for a decode step, absorbed as mla.attention runs it, in one call:
    h = rmsnorm(x) ln; q = h Wq^T, or (q_lora) q = rmsnorm(h Wqa^T + bqa) qan Wq^T; [latent k_rot] = h Wkva^T + bkva;
    the cache kc [slots, L, r + rope] gets [rmsnorm(latent) kvan, rope(k_rot)] at (slot, pos); each head's query
@@ -1111,23 +1173,16 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
         const int j0 = (t - t0[b]) * CH, j1 = j0 + CH < (int)pos[b] + 1 ? j0 + CH : (int)pos[b] + 1, m = j1 - j0;
         const float *k0 = kc + ((size_t)slot[b] * L + j0) * kvw, *qb = qry + (size_t)b * H * kvw;
         float *sc = malloc(sizeof(float) * (size_t)m * H), *cx = pc + (size_t)t * H * r, *st = pm + (size_t)t * H * 2;
-        for (int j = 0; j < m; j++)
-            for (int hh = 0; hh < H; hh++) sc[(size_t)hh * m + j] = dotf(qb + (size_t)hh * kvw, k0 + (size_t)j * kvw, kvw) * scale;
+        for (int hh = 0; hh < H; hh += 4) scores4(qb + (size_t)hh * kvw, H - hh < 4 ? H - hh : 4, k0, kvw, m, kvw, scale,
+                                                  sc + (size_t)hh * m, m);
         for (int hh = 0; hh < H; hh++) {
             float mx = -INFINITY, tot = 0.f, *sh = sc + (size_t)hh * m;
             for (int j = 0; j < m; j++) mx = sh[j] > mx ? sh[j] : mx;
             for (int j = 0; j < m; j++) tot += (sh[j] = expf(sh[j] - mx));
             st[2 * hh] = mx, st[2 * hh + 1] = tot;
         }
-        memset(cx, 0, sizeof(float) * (size_t)H * r);
-        for (int j = 0; j < m; j++) {
-            const float *restrict kj = k0 + (size_t)j * kvw;
-            for (int hh = 0; hh < H; hh++) {
-                const float pj = sc[(size_t)hh * m + j];
-                float *restrict ch = cx + (size_t)hh * r;
-                for (int c = 0; c < r; c++) ch[c] += pj * kj[c];
-            }
-        }
+        for (int hh = 0; hh < H; hh += 4)
+            mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r);
         free(sc);
     }
     #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
