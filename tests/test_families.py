@@ -614,6 +614,33 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
     assert worst(slow, fast) <= (3e-2 if rank == 64 else 5e-3)  # measured 1.1e-2 / 5e-7
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_decompresses_for_prefill_chunks_and_absorbs_for_decode(family, tmp_path, monkeypatch):
+    """mla.attention: a prefill chunk decompresses every cached latent to per-head keys and values, a decode step
+    attends in the latent space (mla.decompress says which costs less); either way gives the other's logits, over
+    a prompt prefilled in chunks of 7 into the KV cache and the decode steps after it."""
+    from emoe import mla
+    from emoe.config import MLA
+    m = MLA(0, 512, 128, 64, 128)
+    assert mla.decompress(254, 254, m) and mla.decompress(512, 2048, m)
+    assert not mla.decompress(1, 254, m) and not mla.decompress(2, 4096, m)
+    path = make_tiny(family, tmp_path / "m")
+
+    def logits(rule):
+        monkeypatch.setattr(mla, "decompress", rule)
+        eng = Engine(EngineConfig(str(path), miss_policy="all", device="cpu", prefill_chunk=7))
+        for k in [k for k in eng.model.w if k.endswith(("q_proj.weight", "q_b_proj.weight", "kv_b_proj.weight"))]:
+            eng.model.w[k] = eng.model.w[k] * 12  # scores far from 0: a random tiny model's attend almost uniformly
+        r = eng.generate([list(range(3, 40))], SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3,
+                                                               prompt_logprobs=3), chat=False)[0]
+        return r.output_ids, torch.tensor([lp for lp, _ in r.prompt_logprobs + r.logprobs])
+    real = mla.decompress
+    want = logits(real)
+    for rule in (lambda *a: True, lambda *a: False):
+        ids, lp = logits(rule)
+        assert ids == want[0] and torch.allclose(lp, want[1], atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_fp8_release_experts_run_on_int8_kernel_forms(family, tmp_path):
     """With host misses and experts in RAM, an FP8 release's experts are held as int8 forms of the kernel
