@@ -78,6 +78,22 @@ def convert(m, name: str, hf: str, w: torch.Tensor, cfg: dict):
     yield hf, w.contiguous()
 
 
+def block_rows(m, name: str, rows: torch.Tensor, cfg: dict) -> torch.Tensor | None:
+    """A dense projection's packed rows [rows, bytes] (blocks run along each row) in the Hugging Face order
+    `convert` gives its values, or None where that is not a reordering of whole rows (Qwen3.5's out_proj: its
+    columns move; b and a, split from one tensor or a few rows each). The full-attention layers, shared experts
+    and lm_head are stored as they are."""
+    kind = name.split(".")[2] if name.startswith("blk.") else ""
+    hk, dk, dv = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    if kind == "attn_qkv":
+        return torch.cat((rows[: 2 * hk * dk], _untile(m, rows[2 * hk * dk:], 0, dv, cfg)))
+    if kind == "attn_gate":
+        return _untile(m, rows, 0, dv, cfg)
+    if kind == "ssm_out":
+        return rows if m.arch != "qwen35moe" or hk == cfg["linear_num_value_heads"] else None
+    return None if kind.startswith("ssm_") else rows
+
+
 def _untile(m, w: torch.Tensor, dim: int, head: int, cfg: dict) -> torch.Tensor:
     """Qwen3.5's value heads from llama.cpp's tiled order back to grouped by key head (Qwen3-Next: as stored)."""
     hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]

@@ -284,10 +284,9 @@ class GGUFModel:
         """The dense projections (quant.DENSE_PROJECTIONS) the file holds quantised, one at a time, as their
         packed rows: (Hugging Face name, uint8 [rows, bytes], ggml type), what llama.cpp multiplies. Tensors
         the import converts (hybrid layers), joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are
-        left out."""
+        left out; a hybrid model's (Qwen3-Next, Qwen3.5) come in the import's row order (gguf_hybrid.block_rows)."""
         from .quant import DENSE_PROJECTIONS
-        if self.arch in hybrid.ARCHS:
-            return
+        cfg = self.config() if self.arch in hybrid.ARCHS else None
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
         for name, (_, t) in self.tensors.items():
@@ -299,6 +298,8 @@ class GGUFModel:
             kind = name.split(".")[2] if name.startswith("blk.") else ""
             if self.arch == "llama" and kind in heads:
                 rows = _unpermute(rows, heads[kind])  # rows move whole: blocks run along each row
+            if cfg is not None and (rows := hybrid.block_rows(self, name, rows, cfg)) is None:
+                continue
             yield hf, rows, int(t.tensor_type)
 
     def expert_tensor(self, layer: int, kind: str):

@@ -738,6 +738,53 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     assert got[0].output_ids == want[0].output_ids
 
 
+@pytest.mark.parametrize("arch", ["qwen3next", "qwen35moe"])
+def test_hybrid_files_dense_blocks_come_in_the_imports_row_order(arch, tmp_path):
+    """A quantised Qwen3-Next / Qwen3.5-MoE file's dense projections run on its own blocks too (--dense-blocks):
+    the converter fixture with its projections in Q8_0 gives, for each block matrix dense_blocks yields, the
+    values the import holds under that name (Qwen3.5's value heads untiled on the packed rows), and leaves out
+    only what no row order can give (Qwen3.5's out_proj, whose columns move; b and a)."""
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from emoe.gguf_blocks import dequantize
+    from emoe.gguf_import import GGUFModel
+    data = Path(__file__).parent / "data"
+    reader = gguf.GGUFReader(data / f"{arch}.gguf")
+    name = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(tmp_path / "q8.gguf"), name)
+    for f in reader.fields.values():
+        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    q8 = set()
+    for t in reader.tensors:
+        a = np.array(t.data)
+        if a.dtype == np.float16 and a.ndim == 2 and a.shape[1] % 32 == 0:
+            q8.add(t.name)
+            writer.add_tensor(t.name, gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, a, raw_dtype=gguf.GGMLQuantizationType.F16 if a.dtype == np.float16 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = import_gguf(tmp_path / "q8.gguf", tmp_path / "imp", dtype=torch.float32)
+    plain = load_file(str(out / "dense-00001.safetensors"))
+    got = {n: dequantize(rows, qtype) for n, rows, qtype in GGUFModel(tmp_path / "q8.gguf").dense_blocks()}
+    kinds = {n.split(".")[2] for n in q8 if n.startswith("blk.")}
+    assert {"attn_qkv", "attn_gate", "ssm_out", "attn_q", "attn_output"} <= kinds
+    assert any("linear_attn.in_proj_qkv" in n for n in got) and any("linear_attn.in_proj_z" in n for n in got)
+    assert any("self_attn.o_proj" in n for n in got) and "lm_head.weight" in got
+    assert any("linear_attn.out_proj" in n for n in got) == (arch == "qwen3next")
+    for n, w in got.items():
+        assert torch.equal(w, plain[n].float()), n
+
+
 def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
     """Qwen3-Next GGUFs from before llama.cpp split in_proj_qkvz keep it whole as `ssm_in` (grouped by key head,
     as transformers holds it); llama.cpp still reads them. The converter fixture rewritten that way gives the
