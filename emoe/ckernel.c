@@ -1213,6 +1213,83 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
     free(h);
 }
 
+/* Qwen3-Next / Qwen3.5's linear attention (the gated delta rule) for a decode step, deltanet.delta_net_rows' one-token
+   arithmetic in one call, on the projections as a GGUF import holds them: h = rmsnorm(x) ln; mixed = h Wqkv^T
+   ([q (hk dk), k (hk dk), v (hv dv)]), z = h Wz^T, b and a = h Wb^T, h Wa^T (float [hv, D]); a causal depthwise conv
+   (kernel K, weights cw [C, K]) over the slot's last K - 1 inputs (conv [slots, C, K - 1], shifted here) and this
+   one, SiLU; q and k l2-normalised per key head (value head j reads key head j / (hv / hk)), q scaled by dk^-1/2;
+   per value head the slot's state S [dk, dv] (st [slots, hv, dk, dv]) decays by exp(g), g = -exp(A_log)
+   softplus(a + dt_bias), takes the delta correction (v - S^T k) sigmoid(b) along k, and gives S^T q; each head
+   RMS-normalised, times nw [dv] and SiLU(z); x += that Wo^T; hn = rmsnorm(x) ln2. A row at position 0 starts
+   from zero state. */
+void kq_delta_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
+                    const kmat *wqkv, const kmat *wz, const float *wb, const float *wa, const float *cw, float *conv,
+                    float *st, const int64_t *slot, const int64_t *pos, const float *alog, const float *dtb,
+                    const float *nw, const kmat *wo, int hk, int hv, int dk, int dv, int K, int threads, int bf16) {
+    const int C = 2 * hk * dk + hv * dv, nz = hv * dv, rep = hv / hk;
+    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + C + nz + 2 * hv + nz));
+    float *mx = h + (size_t)B * D, *z = mx + (size_t)B * C, *ba = z + (size_t)B * nz, *out = ba + (size_t)B * 2 * hv,
+          *o = out + (size_t)B * nz;
+    kq_rmsnorm(x, ln, h, B, D, eps);
+    kq_linear(wqkv, h, B, mx, threads, bf16);
+    kq_linear(wz, h, B, z, threads, bf16);
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < hv; j++) {
+            ba[(size_t)b * 2 * hv + j] = dotf(h + (size_t)b * D, wb + (size_t)j * D, D);
+            ba[(size_t)b * 2 * hv + hv + j] = dotf(h + (size_t)b * D, wa + (size_t)j * D, D);
+        }
+    for (int b = 0; b < B; b++) {  /* the conv over the slot's last K - 1 inputs and this one, then SiLU */
+        float *cp = conv + (size_t)slot[b] * C * (K - 1), *m = mx + (size_t)b * C;
+        if (pos[b] == 0) {
+            memset(cp, 0, sizeof(float) * (size_t)C * (K - 1));
+            memset(st + (size_t)slot[b] * hv * dk * dv, 0, sizeof(float) * (size_t)hv * dk * dv);
+        }
+        for (int c = 0; c < C; c++) {
+            float *pc = cp + (size_t)c * (K - 1), acc = cw[(size_t)c * K + K - 1] * m[c];
+            for (int k = 0; k < K - 1; k++) acc += cw[(size_t)c * K + k] * pc[k];
+            for (int k = 0; k + 1 < K - 1; k++) pc[k] = pc[k + 1];
+            if (K > 1) pc[K - 2] = m[c];
+            m[c] = silu(acc);
+        }
+        for (int g = 0; g < 2 * hk; g++) {  /* q heads, then k heads: l2-normalised */
+            float *v = m + (size_t)g * dk, ss = 0.f;
+            for (int c = 0; c < dk; c++) ss += v[c] * v[c];
+            const float inv = 1.f / sqrtf(ss + 1e-6f) * (g < hk ? 1.f / sqrtf((float)dk) : 1.f);
+            for (int c = 0; c < dk; c++) v[c] *= inv;
+        }
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * hv >= 2)
+    for (int bj = 0; bj < B * hv; bj++) {
+        const int b = bj / hv, j = bj % hv;
+        const float *m = mx + (size_t)b * C, *q = m + (size_t)(j / rep) * dk, *k = m + (size_t)(hk + j / rep) * dk,
+                    *v = m + (size_t)2 * hk * dk + (size_t)j * dv;
+        const float av = ba[(size_t)b * 2 * hv + hv + j] + dtb[j], sp = av > 20.f ? av : log1pf(expf(av));
+        const float decay = expf(-expf(alog[j]) * sp), beta = 1.f / (1.f + expf(-ba[(size_t)b * 2 * hv + j]));
+        float *S = st + ((size_t)slot[b] * hv + j) * dk * dv, mem[dv], *y = out + (size_t)b * nz + (size_t)j * dv;
+        for (int c = 0; c < dv; c++) mem[c] = 0.f;
+        for (int r = 0; r < dk; r++) {
+            float *Sr = S + (size_t)r * dv;
+            const float kr = k[r];
+            for (int c = 0; c < dv; c++) mem[c] += (Sr[c] *= decay) * kr;
+        }
+        for (int c = 0; c < dv; c++) mem[c] = (v[c] - mem[c]) * beta;  /* the correction, delta */
+        for (int c = 0; c < dv; c++) y[c] = 0.f;
+        for (int r = 0; r < dk; r++) {
+            float *Sr = S + (size_t)r * dv;
+            const float kr = k[r], qr = q[r];
+            for (int c = 0; c < dv; c++) y[c] += (Sr[c] += kr * mem[c]) * qr;
+        }
+        float ss = 0.f;  /* gated RMS norm of the head */
+        for (int c = 0; c < dv; c++) ss += y[c] * y[c];
+        const float inv = 1.f / sqrtf(ss / (float)dv + eps), *zz = z + (size_t)b * nz + (size_t)j * dv;
+        for (int c = 0; c < dv; c++) y[c] = nw[c] * (y[c] * inv) * silu(zz[c]);
+    }
+    kq_linear(wo, out, B, o, threads, bf16);
+    for (long i = 0; i < (long)B * D; i++) x[i] += o[i];
+    kq_rmsnorm(x, ln2, hn, B, D, eps);
+    free(h);
+}
+
 /* A decode step's layers, one after another, in one call where every layer is kq_attn_block's, routed by
    kq_route and runs all its experts on host forms (a budget-0 table, as kq_moe takes it): per layer, the
    attention half, the router on its output, kq_moe of the layer's experts, the sum added to x [B, D]. Each

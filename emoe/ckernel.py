@@ -99,6 +99,7 @@ def library() -> ctypes.CDLL | None:
             lib.kq_attn_block.restype = None
             lib.kq_mla_block.argtypes = [P, P, i, i, P, P, f] + [P] * 12 + [i] * 6 + [f, i, P, P, P, P, P, i, i]
             lib.kq_mla_block.restype = None
+            lib.kq_delta_block.argtypes, lib.kq_delta_block.restype = [P, P, i, i, P, P, f] + [P] * 13 + [i] * 7, None
             lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, i, i, P, P, P, P, i, i]
             lib.kq_layers.restype = None
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
@@ -429,6 +430,23 @@ def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, 
                       sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags,
                       *map(ptr, biases), *map(desc, heads_kv),
                       torch.get_num_threads(), KQ == "bf16")
+    return hn
+
+
+def delta_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, forms: tuple, plain: tuple,
+                conv: torch.Tensor, state: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """attn_block for a linear-attention layer (kq_delta_block): forms (in_proj_qkv, in_proj_z, out_proj), plain
+    (in_proj_b, in_proj_a, the conv weights [C, K], A_log, dt_bias, the norm weight), float32; conv [slots, C, K - 1]
+    and state [slots, hv, dk, dv] updated in place; dims (hk, hv, dk, dv, K). x [B, D] gets the layer's output
+    added in place; returns the next rms_norm."""
+    B, D = x.shape
+    slot, pos = slot.long().contiguous(), pos.long().contiguous()
+    hn = torch.empty_like(x)
+    wqkv, wz, wo = (_desc(f)[0] for f in forms)
+    _lib.kq_delta_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps, wqkv, wz,
+                        *(t.data_ptr() for t in plain[:3]), conv.data_ptr(), state.data_ptr(), slot.data_ptr(),
+                        pos.data_ptr(), *(t.data_ptr() for t in plain[3:]), wo, *dims, torch.get_num_threads(),
+                        KQ == "bf16")
     return hn
 
 

@@ -31,6 +31,8 @@ def block_weights(model, i: int) -> tuple | None:
     spec = cfg.spec
     if cfg.mla is not None and i not in model.linear:
         return mla_weights(model, i)
+    if i in model.linear:
+        return delta_weights(model, i)
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
             or spec.attn_gate or cfg.clip_qkv is not None \
             or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
@@ -48,6 +50,24 @@ def block_weights(model, i: int) -> tuple | None:
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in plain):
         return None
     return (wqkv, wo) if wv is None else (wqkv, wo, wv), wv, plain[0], plain[1], norms, flags, sinks, scale, window, biases
+
+
+def delta_weights(model, i: int) -> tuple | None:
+    """Linear-attention layer i's weights for ckernel.delta_block: (its forms, for kq_rows, then the routine's
+    arguments), or None where the layer needs the general path (Qwen3-Next's fused in_proj_qkvz, as transformers
+    holds it; projections not on forms; plain weights not float32 on the CPU)."""
+    cfg, w, d, p = model.cfg, model.w, model.cfg.delta_net, f"model.layers.{i}."
+    a = p + "linear_attn."
+    if cfg.spec.post_norm or cfg.residual_multiplier != 1.0 or a + "in_proj_qkv.weight" not in w:
+        return None
+    forms = tuple(w[a + n + ".weight"] for n in ("in_proj_qkv", "in_proj_z", "out_proj"))
+    plain = (w[a + "in_proj_b.weight"], w[a + "in_proj_a.weight"], w[a + "conv1d.weight"].view(d.conv_dim, -1),
+             w[a + "A_log"], w[a + "dt_bias"], w[a + "norm.weight"])
+    ln, ln2 = w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"]
+    if any(type(f) is not KTensor for f in forms) or not all(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (ln, ln2, *plain)):
+        return None
+    return forms, plain, ln, ln2, (d.k_heads, d.v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel)
 
 
 def mla_weights(model, i: int) -> tuple | None:
@@ -106,6 +126,12 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
     if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) \
             or not x.is_contiguous() or not ckernel.kq_rows(ws[0], B):
         return None
+    if i in model.linear:
+        if rows.slot is None or i not in kv.state or kv.state[i].device.type != "cpu":
+            return None
+        forms, plain, ln, ln2, dims = ws
+        return ckernel.delta_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.conv[i],
+                                   kv.state[i], rows.slot, rows.pos, dims)
     if model.cfg.mla is not None:
         _, forms, plain, ln, ln2, scale, flags, biases, dims, heads_kv = ws
         return ckernel.mla_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.k[i], rows.slot,
@@ -189,7 +215,7 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
     per-layer calls keep them. False, with nothing run, where some layer needs those."""
     cfg, B = model.cfg, x.shape[0]
     step_tables = getattr(dispatch, "step_tables", None)
-    if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
+    if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous() or model.linear:  # (attn_block's, per layer)
         return False
     if "mlps" not in model._step:
         model._step["mlps"] = _mlps(model)

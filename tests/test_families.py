@@ -614,6 +614,39 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
     assert worst(slow, fast) <= (3e-2 if rank == 64 else 5e-3)  # measured 1.1e-2 / 5e-7
 
 
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+def test_linear_attention_layers_run_their_decode_step_in_one_call(tmp_path, monkeypatch):
+    """Qwen3.5's gated delta rule layers (split projections, as a GGUF import holds Qwen3-Next's too) with int8
+    forms, at budget 0: a decode step's linear-attention half of a layer is one C call (ckernel.delta_block), and
+    gives torch's tokens (deltanet.delta_net_rows), log-probabilities within 5e-3 (measured 2.5e-3: the
+    products' int8 activations round what the two paths' last bits leave) and the slots' conv inputs and
+    recurrent states after the run within 1e-3."""
+    import emoe.model as model_mod
+    from emoe import ckernel
+    path = make_tiny("qwen3_5_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
+                     shared_expert_intermediate_size=128, num_attention_heads=4, head_dim=64, linear_key_head_dim=32,
+                     linear_value_head_dim=32)
+    calls, real = [], ckernel.delta_block
+    monkeypatch.setattr(ckernel, "delta_block", lambda *a: calls.append(1) or real(*a))
+
+    def run_it():
+        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu", max_batch=3,
+                                  host_int8=True, dense_int8=True))
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11], [(7 * t) % 300 + 1 for t in range(90)]],
+                           SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2), chat=False)
+        return [(r.output_ids, r.logprobs) for r in got], eng.kv
+    fast, kv = run_it()
+    assert len(calls) == 7 * 2  # 7 decode steps, linear layers 0 and 2
+    monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
+    slow, kv_slow = run_it()
+    assert len(calls) == 7 * 2 and [t for t, _ in fast] == [t for t, _ in slow]
+    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
+    for i in (0, 2):
+        for a, b in ((kv.conv[i], kv_slow.conv[i]), (kv.state[i], kv_slow.state[i])):
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_latent_attention_decompresses_for_prefill_chunks_and_absorbs_for_decode(family, tmp_path, monkeypatch):
     """mla.attention: a prefill chunk decompresses every cached latent to per-head keys and values, a decode step
