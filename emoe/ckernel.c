@@ -1008,11 +1008,12 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
                    const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
                    int window, float scale, const float *sinks, const float *qn, const float *kn, int flags,
                    const float *bqkv, const float *bv, const float *bo, int threads, int bf16) {
-    const int full = flags & 1;  /* OLMoE's qk norm; 2 and 4: kq_attend's */
-    const int nq = H * d, nk = Hkv * d, N = nq + 2 * nk, ld = wv ? nq + nk : N;  /* ld: a row of the stacked product */
-    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + nq + nk));
+    const int full = flags & 1, gated = flags & 8;  /* OLMoE's qk norm, Qwen3-Next's output gate; 2 and 4: kq_attend's */
+    const int nq = H * d, nk = Hkv * d, nqp = gated ? 2 * nq : nq, N = nqp + 2 * nk,
+              ld = wv ? nqp + nk : N;  /* ld: a row of the stacked product (a gated q: each head's q, then its gate) */
+    float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + 3 * nq + 2 * nk));
     float *qkv = h + (size_t)B * D, *q = qkv + (size_t)B * N, *k = q + (size_t)B * nq, *v = k + (size_t)B * nk,
-          *att = v + (size_t)B * nk, *o = att + (size_t)B * nq, *va = o + (size_t)B * D;
+          *att = v + (size_t)B * nk, *o = att + (size_t)B * nq, *va = o + (size_t)B * D, *gt = va + (size_t)B * N;
     kq_rmsnorm(x, ln, h, B, D, eps);
     kq_linear(wqkv, h, B, qkv, threads, bf16);
     if (wv) kq_linear(wv, h, B, va, threads, bf16);
@@ -1021,16 +1022,23 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
         if (bv) for (int c = 0; c < nk; c++) va[(size_t)b * nk + c] += bv[c];
     }
     for (int b = 0; b < B; b++) {
-        memcpy(q + (size_t)b * nq, qkv + (size_t)b * ld, sizeof(float) * nq);
-        memcpy(k + (size_t)b * nk, qkv + (size_t)b * ld + nq, sizeof(float) * nk);
-        memcpy(v + (size_t)b * nk, wv ? va + (size_t)b * nk : qkv + (size_t)b * ld + nq + nk, sizeof(float) * nk);
+        if (gated)
+            for (int hh = 0; hh < H; hh++) {
+                memcpy(q + (size_t)b * nq + (size_t)hh * d, qkv + (size_t)b * ld + (size_t)hh * 2 * d, sizeof(float) * d);
+                memcpy(gt + (size_t)b * nq + (size_t)hh * d, qkv + (size_t)b * ld + (size_t)hh * 2 * d + d, sizeof(float) * d);
+            }
+        else
+            memcpy(q + (size_t)b * nq, qkv + (size_t)b * ld, sizeof(float) * nq);
+        memcpy(k + (size_t)b * nk, qkv + (size_t)b * ld + nqp, sizeof(float) * nk);
+        memcpy(v + (size_t)b * nk, wv ? va + (size_t)b * nk : qkv + (size_t)b * ld + nqp + nk, sizeof(float) * nk);
     }
     if (full) {  /* OLMoE's qk norm: over the whole projection, before the heads are split */
         kq_rmsnorm(q, qn, q, B, nq, eps);
         kq_rmsnorm(k, kn, k, B, nk, eps);
     }
     kq_attend(q, k, v, kc, vc, slot, pos, cs, sn, rd, B, H, Hkv, d, L, window, scale, sinks, full ? NULL : qn,
-              full ? NULL : kn, eps, att, threads, flags & ~1);
+              full ? NULL : kn, eps, att, threads, flags & 6);
+    if (gated) for (long i = 0; i < (long)B * nq; i++) att[i] *= 1.f / (1.f + expf(-gt[i]));
     kq_linear(wo, att, B, o, threads, bf16);
     if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
     for (long i = 0; i < (long)B * D; i++) x[i] += o[i];

@@ -4,8 +4,8 @@ and where every layer allows it and runs all its experts on host forms, the whol
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
 and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
-form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, no output gate or
-clipping, qk norm per head (before the rotary, or after it: Hunyuan), over the whole projection (OLMoE) or none,
+form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, an output gate
+(Qwen3-Next) or none, no clipping, qk norm per head (before the rotary, or after it: Hunyuan), over the whole projection (OLMoE) or none,
 rotary in halves or pairs (ERNIE). Every other layer, and a prefill, goes
 through MoEModel.attention as before, with the same routines in the same order, so the two paths agree bit for
 bit (tests/test_ckernel.py).
@@ -34,13 +34,14 @@ def block_weights(model, i: int) -> tuple | None:
     if i in model.linear:
         return delta_weights(model, i)
     if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
-            or spec.attn_gate or cfg.clip_qkv is not None \
+            or cfg.clip_qkv is not None \
             or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
         w[a + "o_proj.weight"]
     norms, flags = model.head_norms(i)
+    flags |= 8 * spec.attn_gate  # Qwen3-Next: each head's q, then its output gate
     sinks, scale, window = model.c_attention(i)
     biases = (w.get(a + ("qkv" if three else "qk") + "_proj.bias"), None if three else w.get(a + "v_proj.bias"),
               w.get(a + "o_proj.bias"))

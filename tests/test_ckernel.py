@@ -658,6 +658,31 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     assert clipped.qkv and all(decode_block.block_weights(clipped, i) is None for i in clipped.qkv)
 
 
+@kq
+def test_an_output_gated_attention_layer_runs_in_one_call(tmp_path, monkeypatch):
+    """Qwen3-Next's full-attention layers (each head's q, then its output gate, in q_proj; a quarter of the head
+    rotary; per-head qk norm) take the one-call attention half too, and give the general path's logits within
+    1e-5 over 12 decode steps (the gate's sigmoid is torch's there, C's here)."""
+    from test_model import load_emoe
+    from tiny import make_tiny
+
+    import emoe.model as model_mod
+    from emoe import decode_block
+    monkeypatch.setattr(ckernel, "KQ", _modes()[-1])
+    cfg, model, dispatch = load_emoe(make_tiny("qwen3_next", tmp_path / "q3n", hidden_size=128))
+    _form_attention(model)
+    assert cfg.spec.attn_gate and list(model.qkv) == [1]
+    calls, real = [], ckernel.attn_block
+    monkeypatch.setattr(ckernel, "attn_block", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
+    want = _decode_steps(cfg, model, dispatch)
+    monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block)
+    got = _decode_steps(cfg, model, dispatch)
+    assert len(calls) == 12
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mxfp4 codebook", "iq4 codebook", "group 16"])
 def test_codebook_forms_run_dequantised_where_the_routines_take_none(name, monkeypatch):
     """A codebook form (MXFP4's) or one with scales per 16 values (Q2_K's) on a build whose routines take
