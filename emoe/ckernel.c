@@ -1308,7 +1308,9 @@ void kq_delta_block(float *x, float *hn, int B, int D, const float *ln, const fl
    (Qwen2-MoE: its output times sigmoid(h . g)) and whether the layer routes (0: a dense layer, its MLP the
    shared one alone); then whether its attention is latent (kq_mla_block's, wqkv its q (or q_b) and kc its latents),
    its q_a form, q_a norm, kv_a form, kv_a norm, kv_b, q_a and kv_a biases, nope, v and rank dims and k_b's form
-   (v_b's in wv's field); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
+   (v_b's in wv's field); or (2) whether it is a linear-attention layer (kq_delta_block's: in_proj_qkv, z and
+   out_proj in wqkv's, wv's and wo's fields, its conv inputs and state in kc's and vc's, then b and a, the conv
+   weights, A_log, dt_bias, the norm weight and hk, hv, dk, dv, K); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
    layer's probs [B, E], weights and ids [B, k] and how many experts ran, for the caller's accounting; the
    arithmetic is the routines', in their order (a shared expert's sum added to the routed one's, as the
    model adds them), bit for bit but for the shared gate's dot product. */
@@ -1322,7 +1324,13 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
     for (int l = 0; l < nl; l++) {
         const int64_t *f = lf + (size_t)l * 40;
 #define F_(i, T) ((T)(intptr_t)f[i])
-        if (f[28])  /* DeepSeek's latent attention: its fields 29-38 */
+        if (f[28] == 2)  /* a linear-attention layer: wqkv, wz (wv's field), wo; conv and state in kc's and vc's; 29-39 */
+            kq_delta_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(2, const kmat *),
+                           F_(3, const kmat *), F_(29, const float *), F_(30, const float *), F_(31, const float *),
+                           F_(5, float *), F_(6, float *), slot, pos, F_(32, const float *), F_(33, const float *),
+                           F_(34, const float *), F_(4, const kmat *), (int)f[35], (int)f[36], (int)f[37], (int)f[38],
+                           (int)f[39], threads, bf16);
+        else if (f[28] == 1)  /* DeepSeek's latent attention: its fields 29-38 */
             kq_mla_block(x, hn, B, D, F_(0, const float *), F_(1, const float *), eps, F_(29, const kmat *),
                          F_(30, const float *), F_(2, const kmat *), F_(31, const kmat *), F_(32, const float *),
                          F_(33, const float *), F_(4, const kmat *), F_(5, float *), slot, pos, cs, sn, H, (int)f[36], rd,

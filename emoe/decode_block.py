@@ -174,14 +174,19 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
     """kq_layers' per-layer fields and attention scales, made once per KV cache and tables: they hold their
     addresses, so the same objects are held here too (compared by identity: none can be freed and another
     take its place at the same address)."""
-    held = (*kv.k, *kv.v, *tables.values())
+    held = (*kv.k, *kv.v, *kv.conv.values(), *kv.state.values(), *tables.values())
     old = model._step.get("held")
     if old is None or len(old) != len(held) or any(a is not b for a, b in zip(old, held)):
         cfg, w, rows, fl, arrays = model.cfg, model.w, [], [], []
         ptr = (lambda t: t.data_ptr() if t is not None else 0)
         desc = (lambda f: f.cdesc[0] if f is not None else 0)
         for i, block in enumerate(blocks):
-            if cfg.mla is not None:  # kq_mla_block's: q (or q_b), v_b and o in wqkv's, wv's and wo's fields, the rest after 28
+            if i in model.linear:  # kq_delta_block's: its projections in wqkv's, wv's and wo's fields, state in kc's and vc's
+                (wqkv, wz, wo), (wb, wa, cw, alog, dtb, nw), ln, ln2, dims = block
+                attn = [wqkv.cdesc[0], wz.cdesc[0], wo.cdesc[0], kv.conv[i].data_ptr(), kv.state[i].data_ptr(), 0, 0, 0, 0]
+                bias3, flags, scale = (0, 0, 0), 0, 0.0
+                latent = [2, *map(ptr, (wb, wa, cw, alog, dtb, nw)), *dims]
+            elif cfg.mla is not None:  # kq_mla_block's: q (or q_b), v_b and o in wqkv's, wv's and wo's fields, the rest after 28
                 _, (wqa, wq, wkva, wo), (qan, kvan, wkvb), ln, ln2, scale, flags, (bqa, bkva, bo), dims, (kb, vb) = block
                 attn = [wq.cdesc[0], desc(vb), wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
                 bias3 = (0, 0, ptr(bo))
@@ -216,7 +221,7 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
     per-layer calls keep them. False, with nothing run, where some layer needs those."""
     cfg, B = model.cfg, x.shape[0]
     step_tables = getattr(dispatch, "step_tables", None)
-    if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous() or model.linear:  # (attn_block's, per layer)
+    if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
         return False
     if "mlps" not in model._step:
         model._step["mlps"] = _mlps(model)
@@ -239,8 +244,9 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
         return False
     tables = dict(zip(moe, tables))
     fields, fl = _fields(model, blocks, tables, kv)
+    full = next((i for i in range(cfg.num_layers) if i not in model.linear), 0)  # (a linear layer caches no heads)
     _, ids, ran = ckernel.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
-                                 cfg.num_heads, kv.k[0].shape[-2], kv.k[0].shape[-1], cfg.num_experts, cfg.top_k,
+                                 cfg.num_heads, kv.k[full].shape[-2], kv.k[full].shape[-1], cfg.num_experts, cfg.top_k,
                                  cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                  (cfg.n_group, cfg.topk_group))
     for i in moe:

@@ -617,18 +617,22 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
 def test_linear_attention_layers_run_their_decode_step_in_one_call(tmp_path, monkeypatch):
-    """Qwen3.5's gated delta rule layers (split projections, as a GGUF import holds Qwen3-Next's too) with int8
-    forms, at budget 0: a decode step's linear-attention half of a layer is one C call (ckernel.delta_block), and
-    gives torch's tokens (deltanet.delta_net_rows), log-probabilities within 5e-3 (measured 2.5e-3: the
-    products' int8 activations round what the two paths' last bits leave) and the slots' conv inputs and
-    recurrent states after the run within 1e-3."""
+    """Qwen3.5's gated delta rule layers (split projections, as a GGUF import holds Qwen3-Next's too) and its
+    output-gated attention layer with int8 forms, at budget 0: a decode step's layers run in one C call
+    (ckernel.layers), with the per-layer path's tokens (its linear-attention halves one C call each:
+    ckernel.delta_block) and with torch's (deltanet.delta_net_rows): log-probabilities within 5e-3 (measured
+    2.5e-3: the products' int8 activations round what the paths' last bits leave), and the slots' conv inputs
+    and recurrent states after the run within 1e-3."""
     import emoe.model as model_mod
     from emoe import ckernel
     path = make_tiny("qwen3_5_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
                      shared_expert_intermediate_size=128, num_attention_heads=4, head_dim=64, linear_key_head_dim=32,
                      linear_value_head_dim=32)
-    calls, real = [], ckernel.delta_block
-    monkeypatch.setattr(ckernel, "delta_block", lambda *a: calls.append(1) or real(*a))
+    calls = {"delta": 0, "layers": 0}
+    real, real_layers = ckernel.delta_block, ckernel.layers
+    monkeypatch.setattr(ckernel, "delta_block", lambda *a: calls.__setitem__("delta", calls["delta"] + 1) or real(*a))
+    monkeypatch.setattr(ckernel, "layers",
+                        lambda *a, **k: calls.__setitem__("layers", calls["layers"] + 1) or real_layers(*a, **k))
 
     def run_it():
         eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu", max_batch=3,
@@ -636,15 +640,23 @@ def test_linear_attention_layers_run_their_decode_step_in_one_call(tmp_path, mon
         got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11], [(7 * t) % 300 + 1 for t in range(90)]],
                            SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2), chat=False)
         return [(r.output_ids, r.logprobs) for r in got], eng.kv
-    fast, kv = run_it()
-    assert len(calls) == 7 * 2  # 7 decode steps, linear layers 0 and 2
+
+    def close(a, b, bound):
+        (ra, kva), (rb, kvb) = a, b
+        assert [t for t, _ in ra] == [t for t, _ in rb]
+        assert max(abs(x[0] - y[0]) for (_, la), (_, lb) in zip(ra, rb) for x, y in zip(la, lb)) <= bound
+        for i in (0, 2):
+            for x, y in ((kva.conv[i], kvb.conv[i]), (kva.state[i], kvb.state[i])):
+                assert (x - y).abs().max() <= 1e-3 * y.abs().max()
+    fused = run_it()
+    assert calls == {"delta": 0, "layers": 7}  # 7 decode steps
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    layered = run_it()
+    assert calls == {"delta": 7 * 2, "layers": 7}  # linear layers 0 and 2
+    close(fused, layered, 5e-4)  # the same routines, but for the shared expert's SiLU and gate (torch's per layer)
     monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
-    slow, kv_slow = run_it()
-    assert len(calls) == 7 * 2 and [t for t, _ in fast] == [t for t, _ in slow]
-    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
-    for i in (0, 2):
-        for a, b in ((kv.conv[i], kv_slow.conv[i]), (kv.state[i], kv_slow.state[i])):
-            assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+    close(fused, run_it(), 5e-3)
+    assert calls["delta"] == 7 * 2
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
