@@ -738,6 +738,25 @@ def test_ggufs_from_llama_cpps_converter(arch, family, tmp_path):
     assert got[0].output_ids == want[0].output_ids
 
 
+def _rewritten(src, dst, tensors):
+    """src's GGUF metadata, with the tensors tensors(reader) yields ((name, array, raw dtype or None) each), as dst."""
+    import gguf
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for f in reader.fields.values():
+        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    for name, t, raw in tensors(reader):
+        writer.add_tensor(name, t, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 @pytest.mark.parametrize("arch", ["qwen3next", "qwen35moe"])
 def test_hybrid_files_dense_blocks_come_in_the_imports_row_order(arch, tmp_path):
     """A quantised Qwen3-Next / Qwen3.5-MoE file's dense projections run on its own blocks too (--dense-blocks):
@@ -752,27 +771,18 @@ def test_hybrid_files_dense_blocks_come_in_the_imports_row_order(arch, tmp_path)
 
     from emoe.gguf_blocks import dequantize
     from emoe.gguf_import import GGUFModel
-    data = Path(__file__).parent / "data"
-    reader = gguf.GGUFReader(data / f"{arch}.gguf")
-    name = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(tmp_path / "q8.gguf"), name)
-    for f in reader.fields.values():
-        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
     q8 = set()
-    for t in reader.tensors:
-        a = np.array(t.data)
-        if a.dtype == np.float16 and a.ndim == 2 and a.shape[1] % 32 == 0:
-            q8.add(t.name)
-            writer.add_tensor(t.name, gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(t.name, a, raw_dtype=gguf.GGMLQuantizationType.F16 if a.dtype == np.float16 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def tensors(reader):
+        for t in reader.tensors:
+            a = np.array(t.data)
+            if a.dtype == np.float16 and a.ndim == 2 and a.shape[1] % 32 == 0:
+                q8.add(t.name)
+                yield t.name, gguf.quants.quantize(a.astype(np.float32), Q8), Q8
+            else:
+                yield t.name, a, gguf.GGMLQuantizationType.F16 if a.dtype == np.float16 else None
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+    _rewritten(Path(__file__).parent / "data" / f"{arch}.gguf", tmp_path / "q8.gguf", tensors)
     out = import_gguf(tmp_path / "q8.gguf", tmp_path / "imp", dtype=torch.float32)
     plain = load_file(str(out / "dense-00001.safetensors"))
     got = {n: dequantize(rows, qtype) for n, rows, qtype in GGUFModel(tmp_path / "q8.gguf").dense_blocks()}
@@ -795,30 +805,23 @@ def test_legacy_qwen3next_files_with_the_fused_ssm_in(tmp_path):
     import numpy as np
     from safetensors.torch import load_file
     data = Path(__file__).parent / "data"
-    reader = gguf.GGUFReader(data / "qwen3next.gguf")
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(tmp_path / "legacy.gguf"), arch)
-    for f in reader.fields.values():
-        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    meta = {k: reader.fields[f"{arch}.{k}"].contents() for k in ("ssm.group_count", "ssm.state_size", "ssm.inner_size")}
-    hk, dk, vd = meta["ssm.group_count"], meta["ssm.state_size"], meta["ssm.inner_size"]
-    tensors = {t.name: np.array(t.data) for t in reader.tensors}
-    for name, t in tensors.items():
-        if name.endswith("attn_gate.weight"):
-            continue
-        if name.endswith("attn_qkv.weight"):  # back to [per key head: q, k, its values, their gates]
-            z = tensors[name.replace("attn_qkv", "attn_gate")]
-            q, k, v = t[:hk * dk], t[hk * dk:2 * hk * dk], t[2 * hk * dk:]
-            parts = [p.reshape(hk, -1, t.shape[-1]) for p in (q, k, v, z)]
-            name, t = name.replace("attn_qkv", "ssm_in"), np.concatenate(parts, 1).reshape(-1, t.shape[-1])
-            assert t.shape[0] == 2 * hk * dk + 2 * vd
-        writer.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F16 if t.dtype == np.float16 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def tensors(reader):
+        arch = reader.fields["general.architecture"].contents()
+        meta = {k: reader.fields[f"{arch}.{k}"].contents() for k in ("ssm.group_count", "ssm.state_size", "ssm.inner_size")}
+        hk, dk, vd = meta["ssm.group_count"], meta["ssm.state_size"], meta["ssm.inner_size"]
+        held = {t.name: np.array(t.data) for t in reader.tensors}
+        for name, t in held.items():
+            if name.endswith("attn_gate.weight"):
+                continue
+            if name.endswith("attn_qkv.weight"):  # back to [per key head: q, k, its values, their gates]
+                z = held[name.replace("attn_qkv", "attn_gate")]
+                q, k, v = t[:hk * dk], t[hk * dk:2 * hk * dk], t[2 * hk * dk:]
+                parts = [p.reshape(hk, -1, t.shape[-1]) for p in (q, k, v, z)]
+                name, t = name.replace("attn_qkv", "ssm_in"), np.concatenate(parts, 1).reshape(-1, t.shape[-1])
+                assert t.shape[0] == 2 * hk * dk + 2 * vd
+            yield name, t, gguf.GGMLQuantizationType.F16 if t.dtype == np.float16 else None
+    _rewritten(data / "qwen3next.gguf", tmp_path / "legacy.gguf", tensors)
     out = import_gguf(tmp_path / "legacy.gguf", tmp_path / "legacy", dtype=torch.float32)
     names = load_file(str(out / "dense-00001.safetensors")).keys()
     assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in names and not any("in_proj_qkv." in n for n in names)
