@@ -3,12 +3,13 @@ and where every layer allows it and runs all its experts on host forms, the whol
 
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
 ctypes per call: a layer's norm, qkv product, attention, o product, residual add and next norm were six calls
-and their glue. This runs them as one. It applies to the common layer only: q, k and v stacked in one kernel
-form (or q and k, v apart) and o in another (a GGUF's dense blocks), pre-norm, biases or none, an output gate
-(Qwen3-Next) or none, no clipping, qk norm per head (before the rotary, or after it: Hunyuan), over the whole projection (OLMoE) or none,
-rotary in halves or pairs (ERNIE). Every other layer, and a prefill, goes
-through MoEModel.attention as before, with the same routines in the same order, so the two paths agree bit for
-bit (tests/test_ckernel.py).
+and their glue. This runs them as one: for the common layer (q, k and v stacked in one kernel form, or q and k
+with v apart, and o in another, as a GGUF's dense blocks load; pre-norm; biases or none; an output gate
+(Qwen3-Next) or none; no clipping; qk norm per head, before the rotary or after it (Hunyuan), over the whole
+projection (OLMoE) or none; rotary in halves or pairs (ERNIE)), DeepSeek's latent attention (ckernel.mla_block)
+and Qwen3-Next / Qwen3.5's linear attention (ckernel.delta_block). Every other layer, and a prefill, goes
+through MoEModel.attention as before; the common layer's call runs the same routines in the same order, so the
+two paths agree bit for bit (tests/test_ckernel.py), the other two within the bounds their tests state.
 
 decode_layers: a GGUF at budget 0 on a CPU (llama.cpp's own case) still paid Python between a layer's three C
 calls (attention half, router, experts: ~0.2 ms a layer-step of host work on a 2-core EPYC); kq_layers runs
@@ -29,12 +30,11 @@ def block_weights(model, i: int) -> tuple | None:
     cfg, w, p = model.cfg, model.w, f"model.layers.{i}."
     a = p + "self_attn."
     spec = cfg.spec
-    if cfg.mla is not None and i not in model.linear:
-        return mla_weights(model, i)
     if i in model.linear:
         return delta_weights(model, i)
-    if cfg.mla is not None or i in model.linear or i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 \
-            or cfg.clip_qkv is not None \
+    if cfg.mla is not None:
+        return mla_weights(model, i)
+    if i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 or cfg.clip_qkv is not None \
             or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)

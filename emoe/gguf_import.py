@@ -283,8 +283,9 @@ class GGUFModel:
     def dense_blocks(self):
         """The dense projections (quant.DENSE_PROJECTIONS) the file holds quantised, one at a time, as their
         packed rows: (Hugging Face name, uint8 [rows, bytes], ggml type), what llama.cpp multiplies. Tensors
-        the import converts (hybrid layers), joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are
-        left out; a hybrid model's (Qwen3-Next, Qwen3.5) come in the import's row order (gguf_hybrid.block_rows)."""
+        the import joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are left out; a hybrid model's
+        (Qwen3-Next, Qwen3.5) come in the import's row order where reordering whole rows gives it
+        (gguf_hybrid.block_rows), and are left out where it does not."""
         from .quant import DENSE_PROJECTIONS
         cfg = self.config() if self.arch in hybrid.ARCHS else None
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
