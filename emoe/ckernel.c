@@ -702,34 +702,16 @@ static qrow row(qrow r, int m, int K) {
     return (qrow){r.q + (long)m * K * 2, r.d + (long)m * K / 32, r.qs + (long)m * K / 32, r.h + (long)m * K / 16};
 }
 
-/* y [M, N] = x [M, K] W^T, float in and out */
-void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int bf16) {
-    PICK(bf16);
-    const int K = (int)w->K, N = (int)w->N, nb = N / 64;
-    void *mem = malloc(qbytes(M, K));
-    qrow q = qrows(mem, M, K);
-    for (int m = 0; m < M; m++) quant_(x + (long)m * K, K, row(q, m, K));
-    const int P = (M + G - 1) / G;  /* rows in groups of G: the routine unpacks the weights once for a group */
-    #pragma omp parallel for num_threads(threads) schedule(static) if (nb * P >= 4)
-    for (int i = 0; i < nb * P; i++) {
-        const int m = G * (i % P), R = M - m < G ? M - m : G;
-        qrow xs[GROUP];
-        float *ys[GROUP];
-        for (int r = 0; r < R; r++) { xs[r] = row(q, m + r, K); ys[r] = y + (long)(m + r) * N; }
-        block_(w, xs, ys, R, i / P);
-    }
-    free(mem);
-}
-
 /* y [B, H * n] = per head h, x [B, H, K]'s row (b, h) times rows h n .. (h + 1) n - 1 of w [H n, K]: H matrices of n
-   rows (a multiple of 64) stacked in one form, each taking its own input (DeepSeek's absorbed k_b and v_b) */
+   rows (a multiple of 64) stacked in one form, each taking its own input (DeepSeek's absorbed k_b and v_b); H = 1 is
+   the plain product, kq_linear */
 static void heads_linear(const kmat *w, const float *x, int B, int H, float *y, int threads, int bf16) {
     PICK(bf16);
     const int K = (int)w->K, N = (int)w->N, nb = N / 64, per = nb / H;
     void *mem = malloc(qbytes(B * H, K));
     qrow q = qrows(mem, B * H, K);
     for (int m = 0; m < B * H; m++) quant_(x + (long)m * K, K, row(q, m, K));
-    const int P = (B + G - 1) / G;
+    const int P = (B + G - 1) / G;  /* rows in groups of G: the routine unpacks the weights once for a group */
     #pragma omp parallel for num_threads(threads) schedule(static) if (nb * P >= 4)
     for (int i = 0; i < nb * P; i++) {
         const int blk = i / P, h = blk / per, m = G * (i % P), R = B - m < G ? B - m : G;
@@ -739,6 +721,11 @@ static void heads_linear(const kmat *w, const float *x, int B, int H, float *y, 
         block_(w, xs, ys, R, blk);
     }
     free(mem);
+}
+
+/* y [M, N] = x [M, K] W^T, float in and out */
+void kq_linear(const kmat *w, const float *x, int M, float *y, int threads, int bf16) {
+    heads_linear(w, x, M, 1, y, threads, bf16);
 }
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }

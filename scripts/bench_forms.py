@@ -10,25 +10,13 @@ The one-plane kinds other than int4 exist only where ckernel.lut_able (the AVX2 
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
 from emoe import ckernel, quant
+from emoe.bench.kernel import best_us
 from emoe.forms import kernel_copy5
 from emoe.gguf_blocks import kernel_copy
-
-
-def best(f, calls: int = 50, repeats: int = 7) -> float:
-    for _ in range(calls // 2):
-        f()
-    out = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            f()
-        out = min(out, (time.perf_counter() - t) / calls)
-    return out
 
 
 def main() -> None:
@@ -51,9 +39,9 @@ def main() -> None:
             print(f"{name:24s} not taken by this build's routines")
             continue
         x1, x4 = torch.randn(1, K, generator=g), torch.randn(4, K, generator=g)
-        t1, t4 = best(lambda: ckernel.kq_linear(x1, f)), best(lambda: ckernel.kq_linear(x4, f))
-        tu = best(lambda: ckernel.dequant_t(f, f32=True), calls=2, repeats=5)
-        print(f"{name:24s} {t1 * 1e6:7.1f} / {t4 * 1e6:7.1f} us   unpack {tu * 1e3:5.2f} ms   {f.nbytes / 1e6:.2f} MB")
+        t1, t4 = best_us(lambda: ckernel.kq_linear(x1, f), 50, 7), best_us(lambda: ckernel.kq_linear(x4, f), 50, 7)
+        tu = best_us(lambda: ckernel.dequant_t(f, f32=True), 2, 5)
+        print(f"{name:24s} {t1:7.1f} / {t4:7.1f} us   unpack {tu / 1e3:5.2f} ms   {f.nbytes / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
