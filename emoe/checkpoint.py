@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ConfigError, ModelConfig
+from .deltanet import unfuse
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
           "U8": torch.uint8,  # MXFP4 blocks and scales
@@ -358,6 +359,8 @@ class Checkpoint:
             if not cfg.tie_word_embeddings:
                 raise CheckpointError(f"{self.dir}: lm_head.weight is missing and embeddings are not tied")
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        if cfg.delta_net is not None:
+            unfuse(out, cfg.delta_net, cfg.linear_layers)
         return out
 
     @property

@@ -55,11 +55,11 @@ def block_weights(model, i: int) -> tuple | None:
 
 def delta_weights(model, i: int) -> tuple | None:
     """Linear-attention layer i's weights for ckernel.delta_block: (its forms, for kq_rows, then the routine's
-    arguments), or None where the layer needs the general path (Qwen3-Next's fused in_proj_qkvz, as transformers
-    holds it; projections not on forms; plain weights not float32 on the CPU)."""
+    arguments), or None where the layer needs the general path (projections not on forms; plain weights not
+    float32 on the CPU). Qwen3-Next's fused projections are split at load (deltanet.unfuse)."""
     cfg, w, d, p = model.cfg, model.w, model.cfg.delta_net, f"model.layers.{i}."
     a = p + "linear_attn."
-    if cfg.spec.post_norm or cfg.residual_multiplier != 1.0 or a + "in_proj_qkv.weight" not in w:
+    if cfg.spec.post_norm or cfg.residual_multiplier != 1.0:
         return None
     forms = tuple(w[a + n + ".weight"] for n in ("in_proj_qkv", "in_proj_z", "out_proj"))
     plain = (w[a + "in_proj_b.weight"], w[a + "in_proj_a.weight"], w[a + "conv1d.weight"].view(d.conv_dim, -1),

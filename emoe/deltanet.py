@@ -22,15 +22,24 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, d: DeltaNet):
-    """in_proj_qkvz / in_proj_ba outputs [n, ·] → the conv input [n, conv_dim] (q, k, v flattened), z
-    [n, Hv, dv], b and a [n, Hv]. The projections are grouped by key head: each holds its q, k, then the
-    values and gates of the Hv/Hk value heads it serves."""
-    n, r = qkvz.shape[0], d.v_heads // d.k_heads
-    q, k, v, z = qkvz.view(n, d.k_heads, -1).split([d.k_head_dim, d.k_head_dim, r * d.v_head_dim, r * d.v_head_dim], -1)
-    b, a = ba.view(n, d.k_heads, 2 * r).split([r, r], -1)
-    mixed = torch.cat((q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)), -1)
-    return mixed, z.reshape(n, d.v_heads, d.v_head_dim), b.reshape(n, d.v_heads), a.reshape(n, d.v_heads)
+def unfuse(w: dict, d: DeltaNet, layers) -> None:
+    """Qwen3-Next's fused in_proj_qkvz / in_proj_ba (grouped by key head: its q, k, then the values and gates
+    of the Hv/Hk value heads it serves; its r betas, then r alphas) → Qwen3.5's split projections, in place:
+    in_proj_qkv (all q, all k, all v: the conv's channel order, so conv1d is unchanged), in_proj_z, in_proj_b,
+    in_proj_a. Done once at load, it leaves one layout for the torch rule and the C step to read."""
+    r = d.v_heads // d.k_heads
+    for layer in layers:
+        p = f"model.layers.{layer}.linear_attn."
+        if p + "in_proj_qkvz.weight" in w:
+            t = w.pop(p + "in_proj_qkvz.weight")
+            q, k, v, z = t.view(d.k_heads, -1, t.shape[-1]).split(
+                [d.k_head_dim, d.k_head_dim, r * d.v_head_dim, r * d.v_head_dim], 1)
+            w[p + "in_proj_qkv.weight"] = torch.cat([x.reshape(-1, t.shape[-1]) for x in (q, k, v)])
+            w[p + "in_proj_z.weight"] = z.reshape(-1, t.shape[-1]).contiguous()
+        if p + "in_proj_ba.weight" in w:
+            t = w.pop(p + "in_proj_ba.weight")
+            b, a = t.view(d.k_heads, 2 * r, t.shape[-1]).split([r, r], 1)
+            w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"] = (x.reshape(-1, t.shape[-1]).contiguous() for x in (b, a))
 
 
 def gated_delta_rule(q, k, v, g, beta, state):
@@ -76,10 +85,8 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, ep
 
 
 def _inputs(x: torch.Tensor, w: dict, p: str, d: DeltaNet):
-    """Tokens x [n, hidden] → conv input [n, conv_dim], z [n, Hv, dv], b and a [n, Hv]."""
-    if p + "in_proj_qkvz.weight" in w:  # Qwen3-Next: fused, grouped by key head
-        return split_projections(linear(x, w[p + "in_proj_qkvz.weight"]), linear(x, w[p + "in_proj_ba.weight"]), d)
-    z = linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)  # Qwen3.5: one projection each
+    """Tokens x [n, hidden] → conv input [n, conv_dim], z [n, Hv, dv], b and a [n, Hv] (split projections: unfuse)."""
+    z = linear(x, w[p + "in_proj_z.weight"]).view(-1, d.v_heads, d.v_head_dim)
     return linear(x, w[p + "in_proj_qkv.weight"]), z, linear(x, w[p + "in_proj_b.weight"]), \
         linear(x, w[p + "in_proj_a.weight"])
 

@@ -616,16 +616,17 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
 
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
-def test_linear_attention_layers_run_their_decode_step_in_one_call(tmp_path, monkeypatch):
-    """Qwen3.5's gated delta rule layers (split projections, as a GGUF import holds Qwen3-Next's too) and its
-    output-gated attention layer with int8 forms, at budget 0: a decode step's layers run in one C call
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next"])
+def test_linear_attention_layers_run_their_decode_step_in_one_call(family, tmp_path, monkeypatch):
+    """Qwen3.5's gated delta rule layers and Qwen3-Next's (its fused in_proj_qkvz / in_proj_ba split at load)
+    and their output-gated attention layer with int8 forms, at budget 0: a decode step's layers run in one C call
     (ckernel.layers), with the per-layer path's tokens (its linear-attention halves one C call each:
     ckernel.delta_block) and with torch's (deltanet.delta_net_rows): log-probabilities within 5e-3 (measured
     2.5e-3: the products' int8 activations round what the paths' last bits leave), and the slots' conv inputs
     and recurrent states after the run within 1e-3."""
     import emoe.model as model_mod
     from emoe import ckernel
-    path = make_tiny("qwen3_5_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
+    path = make_tiny(family, tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
                      shared_expert_intermediate_size=128, num_attention_heads=4, head_dim=64, linear_key_head_dim=32,
                      linear_value_head_dim=32)
     calls = {"delta": 0, "layers": 0}
