@@ -1,4 +1,4 @@
-"""A CPU decode step's attention half of a layer in one C call (ckernel.attn_block), where the layer allows it;
+"""A CPU decode step's attention half of a layer in one C call (cstep.attn_block), where the layer allows it;
 and where every layer allows it and runs all its experts on host forms, the whole step's layers in one.
 
 Why: with the products, the attention and the norms already in C, a CPU decode step still paid Python and
@@ -6,8 +6,8 @@ ctypes per call: a layer's norm, qkv product, attention, o product, residual add
 and their glue. This runs them as one: for the common layer (q, k and v stacked in one kernel form, or q and k
 with v apart, and o in another, as a GGUF's dense blocks load; pre-norm; biases or none; an output gate
 (Qwen3-Next) or none; no clipping; qk norm per head, before the rotary or after it (Hunyuan), over the whole
-projection (OLMoE) or none; rotary in halves or pairs (ERNIE)), DeepSeek's latent attention (ckernel.mla_block)
-and Qwen3-Next / Qwen3.5's linear attention (ckernel.delta_block). Every other layer, and a prefill, goes
+projection (OLMoE) or none; rotary in halves or pairs (ERNIE)), DeepSeek's latent attention (cstep.mla_block)
+and Qwen3-Next / Qwen3.5's linear attention (cstep.delta_block). Every other layer, and a prefill, goes
 through MoEModel.attention as before; the common layer's call runs the same routines in the same order, so the
 two paths agree bit for bit (tests/test_ckernel.py), the other two within the bounds their tests state.
 
@@ -21,12 +21,12 @@ import ctypes
 
 import torch
 
-from . import ckernel, quant
+from . import ckernel, cstep, quant
 from .quant import KTensor
 
 
 def block_weights(model, i: int) -> tuple | None:
-    """Layer i's weights for ckernel.attn_block, or None where the layer needs the general path."""
+    """Layer i's weights for cstep.attn_block, or None where the layer needs the general path."""
     cfg, w, p = model.cfg, model.w, f"model.layers.{i}."
     a = p + "self_attn."
     spec = cfg.spec
@@ -54,7 +54,7 @@ def block_weights(model, i: int) -> tuple | None:
 
 
 def delta_weights(model, i: int) -> tuple | None:
-    """Linear-attention layer i's weights for ckernel.delta_block: (its forms, for kq_rows, then the routine's
+    """Linear-attention layer i's weights for cstep.delta_block: (its forms, for kq_rows, then the routine's
     arguments), or None where the layer needs the general path (projections not on forms; plain weights not
     float32 on the CPU). Qwen3-Next's fused projections are split at load (deltanet.unfuse)."""
     cfg, w, d, p = model.cfg, model.w, model.cfg.delta_net, f"model.layers.{i}."
@@ -72,7 +72,7 @@ def delta_weights(model, i: int) -> tuple | None:
 
 
 def mla_weights(model, i: int) -> tuple | None:
-    """Layer i's weights for ckernel.mla_block (DeepSeek's latent attention): (its forms, for kq_rows, then the
+    """Layer i's weights for cstep.mla_block (DeepSeek's latent attention): (its forms, for kq_rows, then the
     routine's arguments), or None where a projection is not a form or a plain weight is not float32 on the CPU."""
     cfg, m, w, p = model.cfg, model.cfg.mla, model.w, f"model.layers.{i}."
     a = p + "self_attn."
@@ -131,15 +131,15 @@ def attn_block(model, i: int, x: torch.Tensor, pos: torch.Tensor, rows, kv) -> t
         if rows.slot is None or i not in kv.state or kv.state[i].device.type != "cpu":
             return None
         forms, plain, ln, ln2, dims = ws
-        return ckernel.delta_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.conv[i],
+        return cstep.delta_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.conv[i],
                                    kv.state[i], rows.slot, rows.pos, dims)
     if model.cfg.mla is not None:
         _, forms, plain, ln, ln2, scale, flags, biases, dims, heads_kv = ws
-        return ckernel.mla_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.k[i], rows.slot,
+        return cstep.mla_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, forms, plain, kv.k[i], rows.slot,
                                  rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, dims, scale, flags,
                                  biases, heads_kv)
     (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = ws
-    return ckernel.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
+    return cstep.attn_block(x.view(B, -1), ln, ln2, model.cfg.rms_norm_eps, wqkv, wv, wo, kv.k[i], kv.v[i], rows.slot,
                               rows.pos, model.rope_tables(pos, x.dtype), model.cfg.num_heads, window, scale, sinks,
                               norms, flags, biases)
 
@@ -217,7 +217,7 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
 def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> bool:
     """For a decode step on a CPU where every layer takes attn_block and its MLP is one _mlps describes (routed
     experts that all run on their host forms, a shared expert beside them, or a dense layer's, on forms): every
-    layer in one C call (ckernel.layers), x [B, 1, D] updated in place, the traces and counters kept as the
+    layer in one C call (cstep.layers), x [B, 1, D] updated in place, the traces and counters kept as the
     per-layer calls keep them. False, with nothing run, where some layer needs those."""
     cfg, B = model.cfg, x.shape[0]
     step_tables = getattr(dispatch, "step_tables", None)
@@ -245,7 +245,7 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
     tables = dict(zip(moe, tables))
     fields, fl = _fields(model, blocks, tables, kv)
     full = next((i for i in range(cfg.num_layers) if i not in model.linear), 0)  # (a linear layer caches no heads)
-    _, ids, ran = ckernel.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
+    _, ids, ran = cstep.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
                                  cfg.num_heads, kv.k[full].shape[-2], kv.k[full].shape[-1], cfg.num_experts, cfg.top_k,
                                  cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor,
                                  (cfg.n_group, cfg.topk_group))

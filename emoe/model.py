@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import ckernel, mla
+from . import ckernel, cstep, mla
 from .config import ModelConfig
 from .decode_block import attn_block, decode_layers
 from .deltanet import delta_net_rows
@@ -249,7 +249,7 @@ class MoEModel:
                 q, k, norms = rms_norm(q, norms[0], norms[2]), rms_norm(k, norms[1], norms[2]), None
         if c_path:
             sinks, scale, window = self.c_attention(i)
-            out = ckernel.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
+            out = cstep.attend(q.view(B, -1, cfg.head_dim), k.view(B, -1, cfg.head_dim), v.view(B, -1, cfg.head_dim),
                                  kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype), window, scale,
                                  sinks, norms, flags & 6)
             return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
@@ -294,7 +294,7 @@ class MoEModel:
                 (on and spec.qk_norm == "full") + 2 * spec.rope_interleave + 4 * after)
 
     def _c_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """Whether a decode step's attention runs in ckernel.attend: float32 on a CPU."""
+        """Whether a decode step's attention runs in cstep.attend: float32 on a CPU."""
         return (q.device.type == "cpu" and q.dtype == torch.float32 == cache.dtype and cache.is_contiguous()
                 and ckernel.library() is not None)
 

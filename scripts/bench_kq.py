@@ -6,7 +6,7 @@ int4 kernel ("off"), side by side in one run.
 Part 1 times one 768x1024 matrix (Q4-class one plane, int8-class two) for 1..48 rows in each mode: it is what
 ckernel.ROWS is read from, with scripts/bench_prefill_dequant.py (the matrix stays in cache here, so this is the arithmetic, not the memory).
 Part 2, per --model, decodes 64 tokens (experts at budget 0 on their forms, dense projections on the file's
-blocks) in each mode, and in bf16 with the decode attention left to torch (ckernel.attend off), alternated,
+blocks) in each mode, and in bf16 with the decode attention left to torch (cstep.attend off), alternated,
 --rounds times, and prints tokens/s and the ratio to "off", and whether the first tokens agree with "off".
 """
 from __future__ import annotations

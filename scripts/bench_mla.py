@@ -1,4 +1,4 @@
-"""A DeepSeek import's latent-attention decode block (ckernel.mla_block) timed on its own, every layer in turn as a step
+"""A DeepSeek import's latent-attention decode block (cstep.mla_block) timed on its own, every layer in turn as a step
 runs them, at several context lengths: with kv_b's int8 forms per head (what the step call uses) and with its float32
 kv_b. For the block's cost beside a whole step's (docs/results/mla_step.txt).
 
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from emoe import ckernel, decode_block
+from emoe import cstep, decode_block
 from emoe.engine import Engine, EngineConfig
 
 
@@ -40,7 +40,7 @@ def main() -> None:
             t = time.perf_counter()
             for _ in range(a.rounds):
                 for i, (_, f, plain, ln, ln2, scale, flags, biases, dims, heads_kv) in enumerate(blocks):
-                    ckernel.mla_block(x.clone(), ln, ln2, m.cfg.rms_norm_eps, f, plain, eng.kv.k[i], slot, pos, tables,
+                    cstep.mla_block(x.clone(), ln, ln2, m.cfg.rms_norm_eps, f, plain, eng.kv.k[i], slot, pos, tables,
                                       m.cfg.num_heads, dims, scale, flags, biases, heads_kv if forms else (None, None))
             row.append((time.perf_counter() - t) / a.rounds / len(blocks) * 1e3)
         print(f"{p:9d} {row[0]:15.3f} {row[1]:12.3f}")

@@ -3,7 +3,7 @@ kernel kept for few rows and wherever the routine cannot be built."""
 import pytest
 import torch
 
-from emoe import ckernel, quant
+from emoe import ckernel, cstep, quant
 from emoe.forms import codebook_form, int4_form, kernel_copy5, mxfp4_planes
 from emoe.gguf_blocks import IQ4_VALUES, kernel_copy
 
@@ -469,7 +469,7 @@ def _decode_steps(cfg, model, dispatch) -> list[torch.Tensor]:
                                          ("mixtral", {"sliding_window": 3}), ("glm4_moe", {"partial_rotary_factor": 0.5}),
                                          ("ernie4_5_moe", {}), ("hunyuan_v1_moe", {})])
 def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeypatch):
-    """A decode step's rope, cache writes and attention in one C call (ckernel.attend): 12 steps of two rows
+    """A decode step's rope, cache writes and attention in one C call (cstep.attend): 12 steps of two rows
     in different slots give the logits the torch path gives, through sliding windows (gpt-oss with sinks,
     Mixtral), per-head qk norm (Qwen3; Hunyuan's after the rotary), partial rotary (GLM-4) and rotary pairs
     (ERNIE)."""
@@ -480,8 +480,8 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
     path = make_tiny(family, tmp_path / family, **over)
     cfg, model, dispatch = load_emoe(path)
     calls = []
-    real = ckernel.attend
-    monkeypatch.setattr(ckernel, "attend", lambda *a: calls.append(1) or real(*a))
+    real = cstep.attend
+    monkeypatch.setattr(cstep, "attend", lambda *a: calls.append(1) or real(*a))
 
     def run(c_path: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(MoEModel, "_c_decode", lambda self, q, cache: c_path and q.dtype == torch.float32)
@@ -624,8 +624,8 @@ def test_the_attention_half_of_a_layer_in_one_call_is_the_general_path(family, o
     path = make_tiny(family, tmp_path / family, hidden_size=128, **over)
     cfg, model, dispatch = load_emoe(path)
     _form_attention(model)
-    calls, real = [], ckernel.attn_block
-    monkeypatch.setattr(ckernel, "attn_block", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cstep.attn_block
+    monkeypatch.setattr(cstep, "attn_block", lambda *a: calls.append(1) or real(*a))
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block if fused else (lambda *a: None))
@@ -672,8 +672,8 @@ def test_an_output_gated_attention_layer_runs_in_one_call(tmp_path, monkeypatch)
     cfg, model, dispatch = load_emoe(make_tiny("qwen3_next", tmp_path / "q3n", hidden_size=128))
     _form_attention(model)
     assert cfg.spec.attn_gate and list(model.qkv) == [1]
-    calls, real = [], ckernel.attn_block
-    monkeypatch.setattr(ckernel, "attn_block", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cstep.attn_block
+    monkeypatch.setattr(cstep, "attn_block", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
     want = _decode_steps(cfg, model, dispatch)
     monkeypatch.setattr(model_mod, "attn_block", decode_block.attn_block)

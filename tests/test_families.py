@@ -516,12 +516,12 @@ def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkey
     projections int8 forms (--dense-int8), at budget 0: a decode step's layers, the dense one's MLP included,
     run in one C call, with the per-layer path's tokens and log-probabilities bit for bit."""
     import emoe.model as model_mod
-    from emoe import ckernel
+    from emoe import cstep
     from tiny import make_fp8
     fp8 = make_fp8(make_tiny("qwen3_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
                              intermediate_size=256, num_attention_heads=4, mlp_only_layers=[1]))
-    calls, real = [], ckernel.layers
-    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cstep.layers
+    monkeypatch.setattr(cstep, "layers", lambda *a: calls.append(1) or real(*a))
 
     def run_it():
         eng = Engine(EngineConfig(str(fp8), miss_policy="host", budget=0, experts_on="ram", device="cpu", dense_int8=True))
@@ -544,12 +544,12 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
     step's layers run in one C call with the per-layer path's tokens and log-probabilities bit for bit, and
     with the tokens of the same forms run through torch's attention (no C attention)."""
     import emoe.model as model_mod
-    from emoe import ckernel
+    from emoe import cstep
     shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64)
     path = make_tiny(family, tmp_path / "m", **shape)
-    calls, real = [], ckernel.layers
-    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cstep.layers
+    monkeypatch.setattr(cstep, "layers", lambda *a: calls.append(1) or real(*a))
 
     def run_it():
         eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
@@ -577,17 +577,17 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
 def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank, rope, v, tmp_path, monkeypatch):
     """DeepSeek's latent attention (V2-Lite's plain queries, V3's compressed ones) with int8 forms of its projections
     and experts, at budget 0: a decode step's layers, V3's group-limited routing included (4 groups, 2 a token),
-    run in one C call, with the per-layer path's tokens (its attention in C too: ckernel.mla_block) and with the
+    run in one C call, with the per-layer path's tokens (its attention in C too: cstep.mla_block) and with the
     tokens of torch's absorbed attention (mla.attention). Where the latent rank and v are whole 64-row blocks, kv_b's
     halves run as int8 forms per head (within 3e-2 of torch's float kv_b; the float kv_b within 5e-3)."""
     import emoe.model as model_mod
-    from emoe import ckernel, decode_block
+    from emoe import cstep, decode_block
     shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=4, kv_lora_rank=rank, qk_rope_head_dim=rope, qk_nope_head_dim=32, v_head_dim=v)
     path = make_tiny(family, tmp_path / "m", **shape, **({"q_lora_rank": 64} if family == "deepseek_v3" else {}))
-    calls, real, blocks, real_block = [], ckernel.layers, [], ckernel.mla_block
-    monkeypatch.setattr(ckernel, "layers", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(ckernel, "mla_block", lambda *a: blocks.append(1) or real_block(*a))
+    calls, real, blocks, real_block = [], cstep.layers, [], cstep.mla_block
+    monkeypatch.setattr(cstep, "layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cstep, "mla_block", lambda *a: blocks.append(1) or real_block(*a))
 
     long = [(7 * t) % 300 + 1 for t in range(150)]  # a context of 3 chunks of 64 positions: their merge
     def run_it():
@@ -620,19 +620,19 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
 def test_linear_attention_layers_run_their_decode_step_in_one_call(family, tmp_path, monkeypatch):
     """Qwen3.5's gated delta rule layers and Qwen3-Next's (its fused in_proj_qkvz / in_proj_ba split at load)
     and their output-gated attention layer with int8 forms, at budget 0: a decode step's layers run in one C call
-    (ckernel.layers), with the per-layer path's tokens (its linear-attention halves one C call each:
-    ckernel.delta_block) and with torch's (deltanet.delta_net_rows): log-probabilities within 5e-3 (measured
+    (cstep.layers), with the per-layer path's tokens (its linear-attention halves one C call each:
+    cstep.delta_block) and with torch's (deltanet.delta_net_rows): log-probabilities within 5e-3 (measured
     2.5e-3: the products' int8 activations round what the paths' last bits leave), and the slots' conv inputs
     and recurrent states after the run within 1e-3."""
     import emoe.model as model_mod
-    from emoe import ckernel
+    from emoe import cstep
     path = make_tiny(family, tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
                      shared_expert_intermediate_size=128, num_attention_heads=4, head_dim=64, linear_key_head_dim=32,
                      linear_value_head_dim=32)
     calls = {"delta": 0, "layers": 0}
-    real, real_layers = ckernel.delta_block, ckernel.layers
-    monkeypatch.setattr(ckernel, "delta_block", lambda *a: calls.__setitem__("delta", calls["delta"] + 1) or real(*a))
-    monkeypatch.setattr(ckernel, "layers",
+    real, real_layers = cstep.delta_block, cstep.layers
+    monkeypatch.setattr(cstep, "delta_block", lambda *a: calls.__setitem__("delta", calls["delta"] + 1) or real(*a))
+    monkeypatch.setattr(cstep, "layers",
                         lambda *a, **k: calls.__setitem__("layers", calls["layers"] + 1) or real_layers(*a, **k))
 
     def run_it():

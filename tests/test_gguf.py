@@ -845,7 +845,7 @@ def test_a_decode_step_whose_layers_all_run_on_host_forms_is_one_call(family, po
     for its gate's dot product (C's order, not MKL's): log-probabilities within 1e-4. Policies that change the
     router's choice (the sensitivity probe's random routing) keep the per-layer path."""
     import emoe.model as model_mod
-    from emoe import ckernel
+    from emoe import cstep
     from emoe.policies import RandomRouting
     olmoe = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, clip_qkv=None)  # (OLMoE-1B-7B: no clip)
     over = {"olmoe": olmoe, "gpt_oss": dict(hidden_size=256, intermediate_size=256, sliding_window=4, num_attention_heads=4,
@@ -857,8 +857,8 @@ def test_a_decode_step_whose_layers_all_run_on_host_forms_is_one_call(family, po
                       dtype=torch.float32)
     ids = [(7 * i) % 200 + 3 for i in range(12)]
     calls = []
-    real = ckernel.layers
-    monkeypatch.setattr(ckernel, "layers", lambda *a: calls.append(1) or real(*a))
+    real = cstep.layers
+    monkeypatch.setattr(cstep, "layers", lambda *a: calls.append(1) or real(*a))
 
     def run():
         eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0, experts_on="ram", device="cpu", trace=True,
