@@ -214,9 +214,11 @@ class Checkpoint:
             elif name.startswith(LM_PREFIX):
                 short = "model." + name[len(LM_PREFIX):]
                 self.tensors[short], self.file_names[short] = self.tensors.pop(name), name
+        self.in_file: dict[str, tuple[int, ...]] = {}  # a lean GGUF import's projections, left in the file
         if (self.dir / "gguf.json").is_file():  # an `emoe import-gguf` folder: experts stay in the GGUF
-            from .gguf_index import index_experts
+            from .gguf_index import index_experts, projections_in_file
             self.experts = index_experts(self.dir, self.config)
+            self.in_file = projections_in_file(self.dir)
         else:
             self.experts = self._index_experts()
 
@@ -326,16 +328,20 @@ class Checkpoint:
 
     def dense_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name → stored shape of every tensor dense_state reads."""
-        return {n: loc.shape for n, loc in self.tensors.items() if not self.is_expert(n) and not self.is_extra_layer(n)}
+        return {**{n: loc.shape for n, loc in self.tensors.items() if not self.is_expert(n) and not self.is_extra_layer(n)},
+                **self.in_file}
 
     def dense_state(self, dtype: torch.dtype | None = None, skip=frozenset()) -> dict[str, torch.Tensor]:
         """Every non-expert tensor (embeddings, attention, norms, routers, shared experts) but those in `skip`
         (held otherwise: a GGUF's dense projections as forms of its blocks, forms.file_dense)."""
         by_file: dict[str, list[str]] = {}
         for name in self.dense_shapes():
-            if name not in skip:
+            if name not in skip and name not in self.in_file:
                 by_file.setdefault(self.tensors[name].path, []).append(name)
         out, fp8 = {}, {}
+        if want := self.in_file.keys() - set(skip):
+            from .gguf_index import dequantized_in_file
+            out.update(dequantized_in_file(self.dir, want, self.in_file, dtype or torch.float32))
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for name in names:

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--out", required=True, help="model folder to write (new or empty)")
     ig.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="for the dense tensors the GGUF quantised (float tensors stay as stored)")
+    ig.add_argument("--lean", action="store_true",
+                    help="leave the quantised dense projections (attention, shared experts, lm_head) in the GGUF: a "
+                    "CPU runs them on the file's blocks anyway; a GPU or --no-dense-blocks dequantises them at each "
+                    "start. Most of a large model's dense bytes and import time (--model FILE.gguf imports lean "
+                    "where there is no GPU)")
     ig.set_defaults(fn=cmd_import_gguf)
 
     pr = sub.add_parser("profile", help="routing traces, output lengths, load latency and sensitivity")

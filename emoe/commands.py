@@ -43,10 +43,12 @@ def _gguf_import_dir(path: Path) -> str:
             return str(out)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    print(f"emoe: importing {path.name} once into {out} (the experts stay in the file; "
-          f"`emoe import-gguf` chooses the folder)", file=sys.stderr)
+    import torch
+    lean = not torch.cuda.is_available()  # a CPU runs the dense projections on the file's blocks: no float copies
+    print(f"emoe: importing {path.name} once into {out} (the experts{' and dense projections' if lean else ''} stay "
+          f"in the file; `emoe import-gguf` chooses the folder)", file=sys.stderr)
     try:
-        return str(import_gguf(path, out))
+        return str(import_gguf(path, out, lean=lean))
     except GGUFError as e:
         sys.exit(f"emoe: {e}")
 
@@ -173,12 +175,13 @@ def cmd_import_gguf(args) -> None:
     from .checkpoint import Checkpoint
     from .gguf_import import import_gguf
     t0 = time.perf_counter()
-    out = import_gguf(args.gguf, args.out, getattr(torch, args.dtype))
+    out = import_gguf(args.gguf, args.out, getattr(torch, args.dtype), lean=args.lean)
     ck = Checkpoint(out)  # the folder loads: config, dense tensors and every expert's place in the file
     c = ck.config
     print(f"{out}: {c.family}, {c.num_layers} layers, {len(ck.experts)} experts of {ck.expert_nbytes / 2**20:.2f} MiB "
           f"packed in {len(json.loads((out / 'gguf.json').read_text())['files'])} GGUF file(s); dense tensors "
-          f"{sum(f.stat().st_size for f in out.glob('dense-*.safetensors')) / 2**20:.1f} MiB; "
+          f"{sum(f.stat().st_size for f in out.glob('dense-*.safetensors')) / 2**20:.1f} MiB"
+          f"{f' ({len(ck.in_file)} projections left in the GGUF)' if ck.in_file else ''}; "
           f"{time.perf_counter() - t0:.1f} s. "
           f"Serve it with `emoe serve --model {out}`")
 

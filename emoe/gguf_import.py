@@ -230,9 +230,9 @@ class GGUFModel:
                     and not OLD_EXPERT.fullmatch(name) and name != "rope_freqs.weight":
                 raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
 
-    def dense(self, dtype: torch.dtype):
-        """(Hugging Face name, tensor) for every tensor but the routed experts, one at a time, dequantised:
-        to `dtype` where the file quantised it, as stored where it is a float tensor."""
+    def dense(self, dtype: torch.dtype, skip=frozenset()):
+        """(Hugging Face name, tensor) for every tensor but the routed experts and those named in `skip`, one at
+        a time, dequantised: to `dtype` where the file quantised it, as stored where it is a float tensor."""
         import gguf
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
         heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
@@ -248,7 +248,7 @@ class GGUFModel:
                 (biases if "exps" in m.group(2) else halves)[(int(m.group(1)), m.group(2).split(".")[0])] = w
                 continue
             hf = _hf_name(name, self.arch)
-            if hf is None:  # an expert's (check_names has refused anything else)
+            if hf is None or hf in skip:  # an expert's (check_names has refused anything else), or left in the file
                 continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
             if t.tensor_type not in FLOAT_TYPES:
@@ -303,6 +303,22 @@ class GGUFModel:
                 continue
             yield hf, rows, int(t.tensor_type)
 
+    def block_shapes(self) -> dict[str, list[int]]:
+        """dense_blocks' names → the float shape [rows, columns] each dequantises to."""
+        from gguf import GGML_QUANT_SIZES
+        out = {}
+        for hf, rows, qtype in self.dense_blocks():
+            block, size = GGML_QUANT_SIZES[gguf_type(qtype)]
+            out[hf] = [rows.shape[0], rows.shape[1] // size * block]
+        return out
+
+    def dequantized_blocks(self, names, dtype: torch.dtype):
+        """(name, float tensor) for the dense_blocks named, one at a time: a lean import's projections (below)."""
+        from .gguf_blocks import dequantize
+        for hf, rows, qtype in self.dense_blocks():
+            if hf in names:
+                yield hf, dequantize(rows, qtype).to(dtype)
+
     def expert_tensor(self, layer: int, kind: str):
         """(file, gguf-py tensor) of one stacked expert tensor [E, rows, packed row bytes]."""
         name = f"blk.{layer}.{kind}.weight"
@@ -350,10 +366,20 @@ def _hf_name(name: str, arch: str = "") -> str | None:
     return None
 
 
+def gguf_type(qtype: int):
+    from gguf import GGMLQuantizationType
+    return GGMLQuantizationType(qtype)
+
+
 def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16,
-                shard_bytes: int = 2 << 30) -> Path:
+                shard_bytes: int = 2 << 30, lean: bool = False) -> Path:
     """Write the model folder for a GGUF file (see the module docstring); returns it. The dense tensors go
-    out in shards of about shard_bytes, so a 235B model's (~16 GB) never sit in memory at once."""
+    out in shards of about shard_bytes, so a 235B model's (~16 GB) never sit in memory at once. lean: the
+    dense projections the file quantised (dense_blocks': attention, shared experts, lm_head) are not written
+    but listed in gguf.json (`in_file`, with their shapes). A CPU multiplies them on the file's own blocks
+    (forms.file_dense) and never reads float copies; where one is wanted (a GPU, --no-dense-blocks)
+    Checkpoint.dense_state dequantises it from the file as it loads. Most of a large model's dense bytes, and
+    of the import's time, are those projections."""
     from safetensors.torch import save_file
     model, out = GGUFModel(path), Path(out)
     cfg, tok = model.config(), model.tokenizer()  # checked, with every tensor's name, before anything is written
@@ -373,7 +399,8 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
             save_file(shard, str(out / f"dense-{n:05d}.safetensors"), metadata={"format": "pt",
                                                                                "source": model.files[0].name})
             shard.clear()
-    for name, w in model.dense(dtype):
+    in_file = model.block_shapes() if lean else {}
+    for name, w in model.dense(dtype, skip=in_file.keys()):
         shard[name] = w
         if sum(t.numel() * t.element_size() for t in shard.values()) >= shard_bytes:
             flush()
@@ -383,5 +410,5 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
     (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config(), indent=2, ensure_ascii=False))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": model.stop_ids()}, indent=2))
     (out / "gguf.json").write_text(json.dumps({"format": FORMAT, "files": [
-        {"path": str(f), "bytes": f.stat().st_size} for f in model.files]}, indent=2))
+        {"path": str(f), "bytes": f.stat().st_size} for f in model.files], "in_file": in_file}, indent=2))
     return out

@@ -8,6 +8,36 @@ from pathlib import Path
 from .gguf_import import EXPERTS, FORMAT, FUSED, GGUFError, GGUFModel
 
 
+def _meta(directory: Path) -> dict:
+    from .checkpoint import CheckpointError
+    try:
+        return json.loads((directory / "gguf.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory}/gguf.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def projections_in_file(directory: Path) -> dict[str, tuple[int, ...]]:
+    """A lean import's dense projections (import_gguf(lean=True)): name → float shape, read from the GGUF."""
+    from .checkpoint import CheckpointError
+    try:
+        return {name: tuple(int(d) for d in shape) for name, shape in _meta(directory).get("in_file", {}).items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}/gguf.json's in_file is malformed ({type(e).__name__}: {e})") from None
+
+
+def dequantized_in_file(directory: Path, names, shapes: dict, dtype) -> dict:
+    """The named projections of a lean import, dequantised from the GGUF's blocks (float32 arithmetic)."""
+    from .checkpoint import CheckpointError
+    model = GGUFModel(Path(_meta(directory)["files"][0]["path"]))
+    out = dict(model.dequantized_blocks(set(names), dtype))
+    for name in names:
+        if name not in out or tuple(out[name].shape) != shapes[name]:
+            raise CheckpointError(f"{directory}: {name} is not in {model.files[0].name} as gguf.json says "
+                                  f"({tuple(out[name].shape) if name in out else 'missing'}, not {shapes[name]}): "
+                                  f"import it again")
+    return out
+
+
 def index_experts(directory: Path, config) -> dict:
     """Where each routed expert's packed rows lie in the GGUF named by DIR/gguf.json: {(layer, e): ExpertLocs}.
     A GGUF that changed size since the import, or of another shape than config.json, is refused."""

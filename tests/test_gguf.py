@@ -664,6 +664,36 @@ def test_dense_blocks_run_the_files_own_dense_projections(imported):
     assert not any(isinstance(v, KTensor) for v in other.model.w.values())
 
 
+def test_a_lean_import_leaves_the_projections_in_the_file(imported, tmp_path):
+    """import_gguf(lean=True) writes no float copies of the projections the file quantised (dense_blocks'); its
+    folder loads to the full import's dense tensors exactly (dequantised from the file at load, where no form
+    replaces them), and serves the same tokens with the projections on the file's blocks or as float copies.
+    A gguf.json naming a projection the file lacks is refused with a message saying to import again."""
+    from safetensors.torch import load_file
+
+    from emoe.gguf_import import GGUFModel
+    hf, gguf, full = imported
+    lean = import_gguf(gguf, tmp_path / "lean", dtype=torch.float32, lean=True)
+    in_file = json.loads((lean / "gguf.json").read_text())["in_file"]
+    assert set(in_file) == {n for n, _, _ in GGUFModel(gguf).dense_blocks()} and "lm_head.weight" in in_file
+    written = load_file(str(lean / "dense-00001.safetensors"))
+    assert not set(in_file) & set(written) and "model.embed_tokens.weight" in written
+    want, got = Checkpoint(full).dense_state(), Checkpoint(lean).dense_state()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert Checkpoint(lean).dense_shapes() == Checkpoint(full).dense_shapes()
+    for blocks in (True, False):
+        runs = [Engine(EngineConfig(str(d), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                    dense_blocks=blocks)).generate(
+            [[5, 9, 14, 3, 7], [8, 2]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1), chat=False)
+            for d in (full, lean)]
+        assert [(r.output_ids, r.logprobs) for r in runs[0]] == [(r.output_ids, r.logprobs) for r in runs[1]]
+    meta = json.loads((lean / "gguf.json").read_text())
+    meta["in_file"]["model.layers.0.self_attn.x_proj.weight"] = [4, 4]
+    (lean / "gguf.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="x_proj.*import it again"):
+        Checkpoint(lean).dense_state()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_dense_blocks_hold_the_imports_values_in_every_layout(family, tmp_path):
     """The file's dense tensors land under the import's names, in its row order (Mixtral's rotary
