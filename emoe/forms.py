@@ -295,10 +295,10 @@ def file_dense(model_dir, shapes: dict) -> dict:
     import json
     from pathlib import Path
 
-    from .gguf_import import GGUFModel
+    from .gguf_import import open_gguf
     meta = json.loads((Path(model_dir) / "gguf.json").read_text())
     out = {}
-    for name, rows, qtype in GGUFModel(meta["files"][0]["path"]).dense_blocks():
+    for name, rows, qtype in open_gguf(meta["files"][0]["path"]).dense_blocks():
         form = host_form(rows, qtype) if name in shapes else None
         if form is not None and form.shape == tuple(shapes[name]):
             out[name] = form

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .gguf_import import EXPERTS, FORMAT, FUSED, GGUFError, GGUFModel
+from .gguf_import import EXPERTS, FORMAT, FUSED, GGUFError, open_gguf
 
 
 def _meta(directory: Path) -> dict:
@@ -28,7 +28,7 @@ def projections_in_file(directory: Path) -> dict[str, tuple[int, ...]]:
 def dequantized_in_file(directory: Path, names, shapes: dict, dtype) -> dict:
     """The named projections of a lean import, dequantised from the GGUF's blocks (float32 arithmetic)."""
     from .checkpoint import CheckpointError
-    model = GGUFModel(Path(_meta(directory)["files"][0]["path"]))
+    model = open_gguf(Path(_meta(directory)["files"][0]["path"]))
     out = dict(model.dequantized_blocks(set(names), dtype))
     for name in names:
         if name not in out or tuple(out[name].shape) != shapes[name]:
@@ -55,7 +55,7 @@ def index_experts(directory: Path, config) -> dict:
             raise CheckpointError(f"{f} is missing or changed since `emoe import-gguf` wrote {directory}: "
                                   f"import it again")
     try:
-        model = GGUFModel(files[0][0])
+        model = open_gguf(files[0][0])
     except GGUFError as e:
         raise CheckpointError(str(e)) from None
     if model.config()["model_type"] != config.family:
