@@ -33,6 +33,18 @@ static inline float dotf(const float *restrict a, const float *restrict b, int n
 static inline float bf(uint16_t h) { uint32_t x = (uint32_t)h << 16; float f; memcpy(&f, &x, 4); return f; }
 static inline uint16_t tobf(float f) { uint32_t x; memcpy(&x, &f, 4); return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
 
+/* dotf with b in bf16 (a bf16 KV cache's keys), in the same order */
+static inline float dotbf(const float *restrict a, const uint16_t *restrict b, int n) {
+    float part[16] = {0}, acc = 0.f;
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < 16; i++) part[i] += a[j + i] * bf(b[j + i]);
+    for (; j < n; j++) acc += a[j] * bf(b[j]);
+    for (int w = 8; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) part[i] += part[i + w];
+    return acc + part[0];
+}
+
 /* ckernel._desc; lut: a codebook form's 16 values (u = lut[nibble]; one plane), else NULL; sg: they are int8;
    hb: the upper bits of a one-plane form of 5- or 6-bit values, u = nibble + 16 x upper (kernel_layout._hpack);
    i8: the plane holds int8 values u, a byte each, in the order the AVX2 routines unpack nibbles to
@@ -906,6 +918,152 @@ void kq_route(const float *x, const float *W, const float *b, const float *choic
     }
 }
 
+#ifdef KQ_SIMD
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* e^x for 8 lanes (Cephes' expf: 2^n e^r, |r| <= ln2 / 2, a degree-6 polynomial; within 2 ulp of expf, x clamped
+   to [-87.3, 88.4]). A long context's softmax is one exp per position and head: scalar expf had been most of it */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* s[j] = e^(s[j] - mx) for n scores, returning their sum (a softmax's numerators and denominator) */
+static inline float exp_sum(float *s, int n, float mx) {
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float t = hsum8(acc);
+    for (; j < n; j++) t += (s[j] = expf(s[j] - mx));
+    return t;
+}
+
+static inline float max_of(const float *s, int n, float mx) {
+    __m256 m8 = _mm256_set1_ps(mx);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float m = _mm_cvtss_f32(h);
+    for (; j < n; j++) m = fmaxf(m, s[j]);
+    return m;
+}
+
+/* 8 values at element i of k: float32, or (half) bf16 widened exactly */
+static inline __m256 load8(const void *k, size_t i, int half) {
+    if (half)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)k + i))), 16));
+    return _mm256_loadu_ps((const float *)k + i);
+}
+static inline float at1(const void *k, size_t i, int half) { return half ? bf(((const uint16_t *)k)[i]) : ((const float *)k)[i]; }
+
+/* s[t ld + j] = (q_t . k_j) scale for nh <= 4 queries q_t (n wide, one after another) and m keys k_j (kst elements
+   apart; float32, or bf16 with half): two keys at a time, each loaded once for the four queries, the eight sums in
+   registers and reduced together (horizontal adds: one reduction per 8 sums, not one per sum) */
+static void scores4(const float *q, int nh, const void *k, long kst, int m, int n, float scale, float *s, long ld,
+                    int half) {
+    const int n8 = n & ~7;
+    const float *qt[4];
+    for (int t = 0; t < 4; t++) qt[t] = q + (size_t)(t < nh ? t : 0) * n;  /* past nh: row 0 again, not kept */
+    int j = 0;
+    for (; j + 2 <= m; j += 2) {
+        const size_t k0 = (size_t)j * kst, k1 = k0 + kst;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int c = 0; c < n8; c += 8) {
+            const __m256 x = load8(k, k0 + c, half), y = load8(k, k1 + c, half);
+            const __m256 q0 = _mm256_loadu_ps(qt[0] + c), q1 = _mm256_loadu_ps(qt[1] + c),
+                         q2 = _mm256_loadu_ps(qt[2] + c), q3 = _mm256_loadu_ps(qt[3] + c);
+            a0 = _mm256_fmadd_ps(q0, x, a0), b0 = _mm256_fmadd_ps(q0, y, b0);
+            a1 = _mm256_fmadd_ps(q1, x, a1), b1 = _mm256_fmadd_ps(q1, y, b1);
+            a2 = _mm256_fmadd_ps(q2, x, a2), b2 = _mm256_fmadd_ps(q2, y, b2);
+            a3 = _mm256_fmadd_ps(q3, x, a3), b3 = _mm256_fmadd_ps(q3, y, b3);
+        }
+        const __m256 ga = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3)),
+                     gb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+        float ra[4], rb[4];  /* each query's sum for key j and key j + 1 */
+        _mm_storeu_ps(ra, _mm_add_ps(_mm256_castps256_ps128(ga), _mm256_extractf128_ps(ga, 1)));
+        _mm_storeu_ps(rb, _mm_add_ps(_mm256_castps256_ps128(gb), _mm256_extractf128_ps(gb, 1)));
+        for (int t = 0; t < nh; t++) {
+            for (int c = n8; c < n; c++) ra[t] += qt[t][c] * at1(k, k0 + c, half), rb[t] += qt[t][c] * at1(k, k1 + c, half);
+            s[(size_t)t * ld + j] = ra[t] * scale;
+            s[(size_t)t * ld + j + 1] = rb[t] * scale;
+        }
+    }
+    for (; j < m; j++) {
+        const size_t kj = (size_t)j * kst;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < n8; c += 8) {
+            const __m256 kv = load8(k, kj + c, half);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[0] + c), kv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[1] + c), kv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[2] + c), kv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[3] + c), kv, a3);
+        }
+        const __m256 acc[4] = {a0, a1, a2, a3};
+        for (int t = 0; t < nh; t++) {
+            float tot = hsum8(acc[t]);
+            for (int c = n8; c < n; c++) tot += qt[t][c] * at1(k, kj + c, half);
+            s[(size_t)t * ld + j] = tot * scale;
+        }
+    }
+}
+
+/* out[t] [r] = sum_j p[t m + j] k_j[:r] for nh <= 4 weight rows and m keys (kst elements apart; float32, or bf16
+   with half): 16 columns at a time for the four rows in registers across the keys, so nothing is stored until a
+   column block is done */
+static void mix4(const float *p, int m, int nh, const void *k, long kst, int r, float *out, int half) {
+    const float *pt[4];
+    for (int t = 0; t < 4; t++) pt[t] = p + (size_t)(t < nh ? t : 0) * m;
+    int c0 = 0;
+    for (; c0 + 16 <= r; c0 += 16) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int j = 0; j < m; j++) {
+            const size_t kj = (size_t)j * kst + c0;
+            const __m256 k0 = load8(k, kj, half), k1 = load8(k, kj + 8, half);
+            for (int t = 0; t < 4; t++) {
+                const __m256 pj = _mm256_broadcast_ss(pt[t] + j);
+                a[2 * t] = _mm256_fmadd_ps(pj, k0, a[2 * t]);
+                a[2 * t + 1] = _mm256_fmadd_ps(pj, k1, a[2 * t + 1]);
+            }
+        }
+        for (int t = 0; t < nh; t++) {
+            _mm256_storeu_ps(out + (size_t)t * r + c0, a[2 * t]);
+            _mm256_storeu_ps(out + (size_t)t * r + c0 + 8, a[2 * t + 1]);
+        }
+    }
+    for (int t = 0; t < nh; t++)
+        for (int c = c0; c < r; c++) {
+            float v = 0.f;
+            for (int j = 0; j < m; j++) v += pt[t][j] * at1(k, (size_t)j * kst + c, half);
+            out[(size_t)t * r + c] = v;
+        }
+}
+#endif
+
 /* ---- a decode step's attention: one new token per row ------------------------------------------------------ */
 static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* halves convention, rd dims */
     const int h = rd / 2;
@@ -923,7 +1081,8 @@ static void rope_head(float *x, const float *cs, const float *sn, int rd) {  /* 
    sink logit per head joining the softmax (gpt-oss). out [B, H, d]. q and k are normalised and rotated in place. */
 /* a head's position: its qk norm (nw), rotary; with flags & 2 (ERNIE's rotary pairs (x0, x1), (x2, x3), ...) its
    dims reordered to halves first, as model.rotate reorders q and k alike (their dot products do not change); with
-   flags & 4 (Hunyuan) the norm after the rotary */
+   flags & 4 (Hunyuan) the norm after the rotary. kq_attend's flags & 16: the caches hold bf16 (uint16), written
+   rounded to nearest even as torch's .to(bfloat16) rounds, read back exactly. */
 static void place_head(float *x, const float *nw, float eps, const float *cs, const float *sn, int rd, int d, int flags) {
     if (nw && !(flags & 4)) kq_rmsnorm(x, nw, x, 1, d, eps);
     if (flags & 2) {
@@ -934,19 +1093,97 @@ static void place_head(float *x, const float *nw, float eps, const float *cs, co
     if (rd) rope_head(x, cs, sn, rd);
     if (nw && (flags & 4)) kq_rmsnorm(x, nw, x, 1, d, eps);
 }
-void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const int64_t *slot, const int64_t *pos,
+#ifdef KQ_SIMD
+/* element i of a cache of float32, or (half) bf16, as a pointer */
+static inline const void *at_el(const void *c, size_t i, int half) {
+    return half ? (const void *)((const uint16_t *)c + i) : (const void *)((const float *)c + i);
+}
+
+/* kq_attend's attention where the routines are built. A task is a chunk of CH positions of one row for all its
+   heads: it reads the chunk's cached keys and values ([CH, Hkv, d], one contiguous block) once, whatever the heads,
+   and a long context spreads over the threads however few rows and KV heads there are. Each chunk keeps each
+   head's softmax max, sum and weighted values; they are merged after, in chunk order (flash decoding), the sink
+   logit joining there, so the result does not depend on the thread count. Against a task per (row, KV head)
+   reading its strided keys one position at a time: 1.66x decode tokens/s at 4096 positions (ab_decode.py). */
+static void attend_chunks(const float *q, const void *kc, const void *vc, const int64_t *slot, const int64_t *pos,
+                          int B, int H, int Hkv, int d, int L, int window, float scale, const float *sinks,
+                          float *out, int threads, int half) {
+    enum { CH = 64 };
+    const int rep = H / Hkv;
+    const size_t ld = (size_t)Hkv * d;  /* from one position's keys to the next */
+    int *t0 = malloc(sizeof(int) * (2 * B + 1)), *j0 = t0 + B + 1;
+    t0[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int p = (int)pos[b];
+        j0[b] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        t0[b + 1] = t0[b] + (p - j0[b] + CH) / CH;  /* p - j0 + 1 positions */
+    }
+    const int T = t0[B];
+    float *pm = malloc(sizeof(float) * (size_t)T * H * 2), *pc = malloc(sizeof(float) * (size_t)T * H * d);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic) if (T >= 2)
+    for (int t = 0; t < T; t++) {
+        int b = 0;
+        while (t >= t0[b + 1]) b++;
+        const int a = j0[b] + (t - t0[b]) * CH, e = a + CH < (int)pos[b] + 1 ? a + CH : (int)pos[b] + 1, m = e - a;
+        const size_t first = ((size_t)slot[b] * L + a) * ld;
+        float *sc = malloc(sizeof(float) * (size_t)H * m), *st = pm + (size_t)t * H * 2;
+        for (int g = 0; g < Hkv; g++)
+            for (int r0 = 0; r0 < rep; r0 += 4)
+                scores4(q + ((size_t)b * H + g * rep + r0) * d, rep - r0 < 4 ? rep - r0 : 4,
+                        at_el(kc, first + (size_t)g * d, half), ld, m, d, scale, sc + (size_t)(g * rep + r0) * m, m, half);
+        for (int h = 0; h < H; h++) {
+            float *sh = sc + (size_t)h * m, mx = max_of(sh, m, -INFINITY);
+            st[2 * h] = mx, st[2 * h + 1] = exp_sum(sh, m, mx);
+        }
+        for (int g = 0; g < Hkv; g++)
+            for (int r0 = 0; r0 < rep; r0 += 4)
+                mix4(sc + (size_t)(g * rep + r0) * m, m, rep - r0 < 4 ? rep - r0 : 4, at_el(vc, first + (size_t)g * d, half),
+                     ld, d, pc + ((size_t)t * H + g * rep + r0) * d, half);
+        free(sc);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        float mx = sinks ? sinks[h] : -INFINITY, *o = out + (size_t)bh * d;
+        for (int t = t0[b]; t < t0[b + 1]; t++) mx = fmaxf(mx, pm[((size_t)t * H + h) * 2]);
+        float tot = sinks ? expf(sinks[h] - mx) : 0.f;
+        for (int t = t0[b]; t < t0[b + 1]; t++) tot += expf(pm[((size_t)t * H + h) * 2] - mx) * pm[((size_t)t * H + h) * 2 + 1];
+        memset(o, 0, sizeof(float) * d);
+        for (int t = t0[b]; t < t0[b + 1]; t++) {
+            const float f = expf(pm[((size_t)t * H + h) * 2] - mx) / tot, *pt = pc + ((size_t)t * H + h) * d;
+            for (int c = 0; c < d; c++) o[c] += f * pt[c];
+        }
+    }
+    free(t0);
+    free(pm);
+    free(pc);
+}
+#endif
+
+void kq_attend(float *q, float *k, const float *v, void *kc, void *vc, const int64_t *slot, const int64_t *pos,
                const float *cs, const float *sn, int rd, int B, int H, int Hkv, int d, int L, int window,
                float scale, const float *sinks, const float *qn, const float *kn, float eps, float *out, int threads,
                int flags) {
+    const int half = flags & 16;  /* bf16 caches */
     for (int b = 0; b < B; b++) {
         for (int g = 0; g < Hkv; g++) {
             float *kk = k + ((long)b * Hkv + g) * d;
+            const float *vv = v + ((long)b * Hkv + g) * d;
             place_head(kk, kn, eps, cs + (long)b * rd, sn + (long)b * rd, rd, d, flags);
             const long at = (((long)slot[b] * L + pos[b]) * Hkv + g) * d;
-            memcpy(kc + at, kk, sizeof(float) * d);
-            memcpy(vc + at, v + ((long)b * Hkv + g) * d, sizeof(float) * d);
+            if (half)
+                for (int c = 0; c < d; c++) ((uint16_t *)kc)[at + c] = tobf(kk[c]), ((uint16_t *)vc)[at + c] = tobf(vv[c]);
+            else {
+                memcpy((float *)kc + at, kk, sizeof(float) * d);
+                memcpy((float *)vc + at, vv, sizeof(float) * d);
+            }
         }
     }
+#ifdef KQ_SIMD
+    for (long bh = 0; bh < (long)B * H; bh++)
+        place_head(q + bh * d, qn, eps, cs + (bh / H) * rd, sn + (bh / H) * rd, rd, d, flags);
+    attend_chunks(q, kc, vc, slot, pos, B, H, Hkv, d, L, window, scale, sinks, out, threads, half);
+#else
     const int rep = H / Hkv;
     /* per (row, kv head): its rep query heads read each cached key and value once */
     #pragma omp parallel for num_threads(threads) schedule(static) if (B * Hkv >= 2)
@@ -956,12 +1193,13 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
         float *qq = q + ((long)b * H + h0) * d, *restrict o = out + ((long)b * H + h0) * d;
         for (int r = 0; r < rep; r++) place_head(qq + (long)r * d, qn, eps, cs + (long)b * rd, sn + (long)b * rd, rd, d, flags);
         float *restrict s = malloc(sizeof(float) * (size_t)n * rep), mx[rep], den[rep];
-        const float *kv0 = kc + (((long)slot[b] * L + j0) * Hkv + g) * d, *vv0 = vc + (((long)slot[b] * L + j0) * Hkv + g) * d;
-        const long ld = (long)Hkv * d;  /* from one position's key to the next */
+        const long first = (((long)slot[b] * L + j0) * Hkv + g) * d, ld = (long)Hkv * d;  /* ld: position to position */
+        const float *kv0 = (const float *)kc + first, *vv0 = (const float *)vc + first;
+        const uint16_t *kh0 = (const uint16_t *)kc + first, *vh0 = (const uint16_t *)vc + first;
         for (int r = 0; r < rep; r++) mx[r] = sinks ? sinks[h0 + r] : -INFINITY;
         for (int j = 0; j < n; j++)
             for (int r = 0; r < rep; r++) {
-                const float v = dotf(qq + (long)r * d, kv0 + j * ld, d) * scale;
+                const float v = (half ? dotbf(qq + (long)r * d, kh0 + j * ld, d) : dotf(qq + (long)r * d, kv0 + j * ld, d)) * scale;
                 s[(long)r * n + j] = v;
                 mx[r] = fmaxf(mx[r], v);
             }
@@ -972,8 +1210,13 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
             den[r] = 1.f / t;
         }
         for (int c = 0; c < rep * d; c++) o[c] = 0.f;
+        float vb[half ? d : 1];
         for (int j = 0; j < n; j++) {
             const float *restrict vj = vv0 + j * ld;
+            if (half) {
+                for (int c = 0; c < d; c++) vb[c] = bf(vh0[j * ld + c]);
+                vj = vb;
+            }
             for (int r = 0; r < rep; r++) {
                 const float pj = s[(long)r * n + j] * den[r];
                 float *restrict orow = o + (long)r * d;
@@ -982,6 +1225,7 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
         }
         free(s);
     }
+#endif
 }
 
 #ifdef KQ_SIMD
@@ -991,11 +1235,11 @@ void kq_attend(float *q, float *k, const float *v, float *kc, float *vc, const i
    k and v Hkv * d. One eps for all norms. With flags & 1, qn and kn normalise the whole q and k (H * d, Hkv * d
    wide) before attention, not each head; flags 2 and 4 go to kq_attend. bqkv (the stacked product's), bv and bo: the projections' biases, or NULL. */
 void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
-                   const kmat *wqkv, const kmat *wv, const kmat *wo, float *kc, float *vc, const int64_t *slot,
+                   const kmat *wqkv, const kmat *wv, const kmat *wo, void *kc, void *vc, const int64_t *slot,
                    const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv, int d, int L,
                    int window, float scale, const float *sinks, const float *qn, const float *kn, int flags,
                    const float *bqkv, const float *bv, const float *bo, int threads, int bf16) {
-    const int full = flags & 1, gated = flags & 8;  /* OLMoE's qk norm, Qwen3-Next's output gate; 2 and 4: kq_attend's */
+    const int full = flags & 1, gated = flags & 8;  /* OLMoE's qk norm, Qwen3-Next's output gate; 2, 4 and 16: kq_attend's */
     const int nq = H * d, nk = Hkv * d, nqp = gated ? 2 * nq : nq, N = nqp + 2 * nk,
               ld = wv ? nqp + nk : N;  /* ld: a row of the stacked product (a gated q: each head's q, then its gate) */
     float *h = malloc(sizeof(float) * (size_t)B * (2 * D + 2 * N + 3 * nq + 2 * nk));
@@ -1024,75 +1268,13 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
         kq_rmsnorm(k, kn, k, B, nk, eps);
     }
     kq_attend(q, k, v, kc, vc, slot, pos, cs, sn, rd, B, H, Hkv, d, L, window, scale, sinks, full ? NULL : qn,
-              full ? NULL : kn, eps, att, threads, flags & 6);
+              full ? NULL : kn, eps, att, threads, flags & 22);
     if (gated) for (long i = 0; i < (long)B * nq; i++) att[i] *= 1.f / (1.f + expf(-gt[i]));
     kq_linear(wo, att, B, o, threads, bf16);
     if (bo) for (int b = 0; b < B; b++) for (int c = 0; c < D; c++) o[(size_t)b * D + c] += bo[c];
     for (long i = 0; i < (long)B * D; i++) x[i] += o[i];
     kq_rmsnorm(x, ln2, hn, B, D, eps);
     free(h);
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-/* s[t ld + j] = (q_t . k_j) scale for nh <= 4 queries q_t (n wide, one after another) and m keys k_j (kst apart):
-   each key loaded once for the four queries, their sums in registers */
-static void scores4(const float *q, int nh, const float *k, long kst, int m, int n, float scale, float *s, long ld) {
-    const int n8 = n & ~7;
-    const float *qt[4];
-    for (int t = 0; t < 4; t++) qt[t] = q + (size_t)(t < nh ? t : 0) * n;  /* past nh: row 0 again, not kept */
-    for (int j = 0; j < m; j++) {
-        const float *kj = k + (size_t)j * kst;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int c = 0; c < n8; c += 8) {
-            const __m256 kv = _mm256_loadu_ps(kj + c);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[0] + c), kv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[1] + c), kv, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[2] + c), kv, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt[3] + c), kv, a3);
-        }
-        const __m256 acc[4] = {a0, a1, a2, a3};
-        for (int t = 0; t < nh; t++) {
-            float tot = hsum8(acc[t]);
-            for (int c = n8; c < n; c++) tot += qt[t][c] * kj[c];
-            s[(size_t)t * ld + j] = tot * scale;
-        }
-    }
-}
-
-/* out[t] [r] = sum_j p[t m + j] k_j[:r] for nh <= 4 weight rows and m keys (kst apart): 16 columns at a time for
-   the four rows in registers across the keys, so nothing is stored until a column block is done */
-static void mix4(const float *p, int m, int nh, const float *k, long kst, int r, float *out) {
-    const float *pt[4];
-    for (int t = 0; t < 4; t++) pt[t] = p + (size_t)(t < nh ? t : 0) * m;
-    int c0 = 0;
-    for (; c0 + 16 <= r; c0 += 16) {
-        __m256 a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-        for (int j = 0; j < m; j++) {
-            const float *kj = k + (size_t)j * kst + c0;
-            const __m256 k0 = _mm256_loadu_ps(kj), k1 = _mm256_loadu_ps(kj + 8);
-            for (int t = 0; t < 4; t++) {
-                const __m256 pj = _mm256_broadcast_ss(pt[t] + j);
-                a[2 * t] = _mm256_fmadd_ps(pj, k0, a[2 * t]);
-                a[2 * t + 1] = _mm256_fmadd_ps(pj, k1, a[2 * t + 1]);
-            }
-        }
-        for (int t = 0; t < nh; t++) {
-            _mm256_storeu_ps(out + (size_t)t * r + c0, a[2 * t]);
-            _mm256_storeu_ps(out + (size_t)t * r + c0 + 8, a[2 * t + 1]);
-        }
-    }
-    for (int t = 0; t < nh; t++)
-        for (int c = c0; c < r; c++) {
-            float v = 0.f;
-            for (int j = 0; j < m; j++) v += pt[t][j] * k[(size_t)j * kst + c];
-            out[(size_t)t * r + c] = v;
-        }
 }
 
 /* DeepSeek's latent attention (MLA) for a decode step, absorbed as mla.attention runs it, in one call:
@@ -1169,15 +1351,13 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
         const float *k0 = kc + ((size_t)slot[b] * L + j0) * kvw, *qb = qry + (size_t)b * H * kvw;
         float *sc = malloc(sizeof(float) * (size_t)m * H), *cx = pc + (size_t)t * H * r, *st = pm + (size_t)t * H * 2;
         for (int hh = 0; hh < H; hh += 4) scores4(qb + (size_t)hh * kvw, H - hh < 4 ? H - hh : 4, k0, kvw, m, kvw, scale,
-                                                  sc + (size_t)hh * m, m);
+                                                  sc + (size_t)hh * m, m, 0);
         for (int hh = 0; hh < H; hh++) {
-            float mx = -INFINITY, tot = 0.f, *sh = sc + (size_t)hh * m;
-            for (int j = 0; j < m; j++) mx = sh[j] > mx ? sh[j] : mx;
-            for (int j = 0; j < m; j++) tot += (sh[j] = expf(sh[j] - mx));
-            st[2 * hh] = mx, st[2 * hh + 1] = tot;
+            float *sh = sc + (size_t)hh * m, mx = max_of(sh, m, -INFINITY);
+            st[2 * hh] = mx, st[2 * hh + 1] = exp_sum(sh, m, mx);
         }
         for (int hh = 0; hh < H; hh += 4)
-            mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r);
+            mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r, 0);
         free(sc);
     }
     #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)

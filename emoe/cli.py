@@ -37,6 +37,13 @@ def _dtype_arg(p) -> None:
                    "the checkpoint's on CUDA). bfloat16 halves what each full expert costs in the fast tier")
 
 
+def _kv_dtype_arg(p) -> None:
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="the attention layers' KV cache (default: the compute dtype). bfloat16 on a CPU halves a "
+                   "float32 cache (the bytes of llama.cpp's f16 default), and the C attention reads it (MLA's "
+                   "latents stay in the compute dtype)")
+
+
 def _host_kernel_arg(p) -> None:
     p.add_argument("--host-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="with host/auto misses and --experts-on ram, hold a GGUF's Q4/Q5/Q6_K/Q8_0/MXFP4 experts "
@@ -106,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else task-static-q48); the -q4 / -q8 / -q48 suffix runs misses on low-bit copies, without it "
                    "they are rerouted (the paper's rule, far less exact)")
     _dtype_arg(g)
+    _kv_dtype_arg(g)
     _host_kernel_arg(g)
     _dense_int8_arg(g)
     _host_int8_arg(g)
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--token-budget", type=int, default=2048, help="max prompt tokens admitted per step")
     se.add_argument("--experts-on", default=None, choices=["disk", "ram"], help="the slow tier (default disk)")
     _dtype_arg(se)
+    _kv_dtype_arg(se)
     _host_kernel_arg(se)
     _dense_int8_arg(se)
     _host_int8_arg(se)

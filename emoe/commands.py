@@ -129,7 +129,7 @@ def cmd_generate(args) -> None:
         if prof.extractor:
             task = TaskExtractor.from_json(prof.extractor).extract(args.prompt, task)
     eng = Engine(EngineConfig(model, budget=args.budget, miss_policy=policy.name if policy else args.miss_policy,
-                              experts_on=args.experts_on, max_batch=1, dtype=args.dtype,
+                              experts_on=args.experts_on, max_batch=1, dtype=args.dtype, kv_dtype=args.kv_dtype,
                               host_kernel=args.host_kernel, dense_int8=args.dense_int8,
                               dense_blocks=args.dense_blocks, host_int8=args.host_int8,
                               host_form_bits=args.host_form_bits), policy=policy, residency=residency)
@@ -358,8 +358,8 @@ def cmd_serve(args) -> None:
                               experts_on=args.experts_on, max_batch=args.max_batch, max_len=args.max_len,
                               prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse,
                               prompt_cache_mb=args.prompt_cache_mb,
-                              dtype=args.dtype, host_kernel=args.host_kernel, dense_int8=args.dense_int8,
-                              dense_blocks=args.dense_blocks, host_int8=args.host_int8,
+                              dtype=args.dtype, kv_dtype=args.kv_dtype, host_kernel=args.host_kernel,
+                              dense_int8=args.dense_int8, dense_blocks=args.dense_blocks, host_int8=args.host_int8,
                               host_form_bits=args.host_form_bits,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)

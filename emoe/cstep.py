@@ -11,6 +11,11 @@ import torch
 
 from . import ckernel as ck
 
+
+def _half(cache: torch.Tensor) -> int:
+    """kq_attend's flag for a bf16 KV cache (written rounded as torch rounds, read back exactly)."""
+    return 16 if cache.dtype == torch.bfloat16 else 0
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
            pos: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None, window: int | None, scale: float,
            sinks: torch.Tensor | None, norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
@@ -31,6 +36,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
     rd = cs.shape[-1] if cs is not None else 0
     out = torch.empty(B, H, d)
+    flags |= _half(kc)
     lib.kq_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(), vc.data_ptr(), slot.data_ptr(),
                   pos.data_ptr(), cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                   rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
@@ -60,7 +66,7 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
                        cs.shape[-1] if cs is not None else 0, heads, Hkv, d, kc.shape[1], window or 0, scale,
                        sinks.data_ptr() if sinks is not None else None, *(
                            (norms[0].data_ptr(), norms[1].data_ptr()) if norms else (None, None)),
-                       flags, *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
+                       flags | _half(kc), *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
                        ck.KQ == "bf16")
     return hn
 

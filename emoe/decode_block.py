@@ -196,6 +196,7 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
                 attn = [wqkv.cdesc[0], desc(wv), wo.cdesc[0], kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0,
                         ptr(sinks), *(map(ptr, norms or (None, None)))]
                 bias3, latent = tuple(map(ptr, biases)), [0] * 12
+                flags |= cstep._half(kv.k[i])
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
             routes, shared = model._step["mlps"][i]
             (descs, used, n, _), _, act = tables[i] if routes else ((None, None, 0, 0), 0, None)

@@ -53,6 +53,7 @@ class EngineConfig:
     dense_blocks: bool = False     # on CPU, a GGUF import's dense projections on the file's blocks (forms.file_dense)
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
     host_form_bits: int = 8        # 4: a GGUF's sub-4-bit requantised types (Q2_K, IQ1-IQ3) as int4 forms (lossy)
+    kv_dtype: str | None = None    # attention layers' KV cache; default the compute dtype (MLA latents always are)
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -64,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"experts_on must be 'disk' or 'ram', got {self.experts_on!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.kv_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported kv_dtype {self.kv_dtype!r} (float32, bfloat16 or float16)")
         if self.prompt_cache_mb < 0:
             raise ValueError(f"prompt_cache_mb must be >= 0, got {self.prompt_cache_mb}")
         if self.host_form_bits not in (4, 8):
@@ -145,13 +148,15 @@ class Engine:
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
         slots = cfg.max_batch
         if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
-            per_slot = c.kv_numel_per_token * self.max_len * self.cache.expert_bytes // self.expert_numel \
+            kv_dtype = self.dtype if c.mla is not None or cfg.kv_dtype is None else getattr(torch, cfg.kv_dtype)
+            per_slot = c.kv_numel_per_token * self.max_len * torch.empty((), dtype=kv_dtype).element_size() \
                 + 4 * c.state_numel_per_slot  # linear-attention states, float32
             slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot
             if slots < 1:
                 raise BudgetError(f"memory {cfg.memory_bytes} bytes leaves no {self.max_len}-token KV slot next to "
                                   f"{self.cache.budget_bytes} bytes of experts ({per_slot} bytes per slot)")
-        self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device)
+        self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device,
+                                getattr(torch, cfg.kv_dtype) if cfg.kv_dtype else None)
         tracing = cfg.trace or self.residency is not None
         self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots, device=self.device) if tracing else None
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder, self.model.expert_fn)

@@ -450,10 +450,13 @@ def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
 
 
 @torch.no_grad()
-def _decode_steps(cfg, model, dispatch) -> list[torch.Tensor]:
-    """A 5-token prompt then 12 decode steps, two rows in KV slots 2 and 0: each step's last-token logits."""
+def _decode_steps(cfg, model, dispatch, kv_dtype=None, caches: list | None = None) -> list[torch.Tensor]:
+    """A 5-token prompt then 12 decode steps, two rows in KV slots 2 and 0: each step's last-token logits (the
+    KV cache appended to `caches` where given)."""
     from emoe.model import KVCache
-    kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu")
+    kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu", kv_dtype)
+    if caches is not None:
+        caches.append(kv)
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
     slots, out = torch.tensor([2, 0]), []
@@ -493,6 +496,35 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
     assert len(calls) == 12 * (cfg.num_layers - len(cfg.linear_layers))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("gpt_oss", {"sliding_window": 4})])
+def test_a_bf16_kv_cache_is_read_and_written_in_c_as_torch_does(family, over, tmp_path, monkeypatch):
+    """With a bf16 KV cache (--kv-dtype bfloat16) the C attention writes each key and value rounded as torch's
+    .to(bfloat16) rounds them (the first layer's caches, whose inputs the two paths share, bit-equal after 12
+    steps; later layers' inputs differ in their last float32 bits, which can move a rounding by one bf16 step)
+    and reads them back: the torch path's logits within 5e-4 (measured 1.5e-4), a small part of what bf16 keys
+    move them against the float32 cache's (measured 1.1e-2)."""
+    from test_model import load_emoe
+    from tiny import make_tiny
+
+    from emoe.model import MoEModel
+    cfg, model, dispatch = load_emoe(make_tiny(family, tmp_path / family, **over))
+    calls, real = [], cstep.attend
+    monkeypatch.setattr(cstep, "attend", lambda *a: calls.append(1) or real(*a))
+
+    def run(c_path: bool, kv_dtype=torch.bfloat16):
+        monkeypatch.setattr(MoEModel, "_c_decode", lambda self, q, cache: c_path and q.dtype == torch.float32)
+        caches = []
+        return _decode_steps(cfg, model, dispatch, kv_dtype, caches), caches[0]
+    want, kv_t = run(False)
+    got, kv_c = run(True)
+    assert len(calls) == 12 * cfg.num_layers and kv_c.k[0].dtype == torch.bfloat16
+    assert torch.equal(kv_c.k[0], kv_t.k[0]) and torch.equal(kv_c.v[0], kv_t.v[0])
+    worst = max((a - b).abs().max().item() for a, b in zip(got, want))
+    full, _ = run(True, torch.float32)
+    gap = max((a - b).abs().max().item() for a, b in zip(got, full))
+    assert worst <= 5e-4 and 10 * worst < gap < 0.05
 
 
 def test_the_summary_says_what_runs_the_forms(monkeypatch):

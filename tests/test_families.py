@@ -713,3 +713,40 @@ def test_fp8_release_experts_run_on_int8_kernel_forms(family, tmp_path):
     eng = Engine(EngineConfig(str(fp8), miss_policy="host", budget=0, experts_on="ram", device="cpu"))
     assert eng.store.forms
     assert (eng.score(ids, cont) - ref).abs().max() <= 0.02 * ref.abs().max()  # measured 0.5%
+
+
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+def test_a_bf16_kv_cache_runs_in_the_step_call(tmp_path, monkeypatch):
+    """--kv-dtype bfloat16 on a CPU: the attention layers' caches are bf16 (half the bytes, so a memory budget
+    holds more slots), a decode step's layers still run in one C call, with the per-layer C path's tokens and
+    log-probabilities bit for bit, and with the tokens of torch's attention over the same bf16 cache. A dtype
+    the cache cannot take is refused before anything loads."""
+    import emoe.model as model_mod
+    from emoe import cstep
+    path = make_tiny("qwen3_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=128,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    calls, real = [], cstep.layers
+    monkeypatch.setattr(cstep, "layers", lambda *a: calls.append(1) or real(*a))
+
+    def engine(kv_dtype="bfloat16", **kw):
+        return Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                   host_int8=True, dense_int8=True, kv_dtype=kv_dtype, **kw))
+
+    def run_it():
+        eng = engine()
+        assert all(t.dtype == torch.bfloat16 for t in eng.kv.k + eng.kv.v)
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                           chat=False)
+        return [(r.output_ids, r.logprobs) for r in got]
+    fast = run_it()
+    assert len(calls) == 5
+    monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
+    assert run_it() == fast
+    monkeypatch.setattr(model_mod, "attn_block", lambda *a: None)
+    monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
+    assert [t for t, _ in run_it()] == [t for t, _ in fast]
+    mem = 64 << 20
+    assert engine(memory_bytes=mem, max_len=512).max_batch >= 2 * engine("float32", memory_bytes=mem, max_len=512).max_batch - 1
+    with pytest.raises(ValueError, match="kv_dtype"):
+        EngineConfig(str(path), kv_dtype="int8")
