@@ -450,20 +450,20 @@ def test_unpacked_products_pad_their_rows_to_a_bucket(monkeypatch):
 
 
 @torch.no_grad()
-def _decode_steps(cfg, model, dispatch, kv_dtype=None, caches: list | None = None) -> list[torch.Tensor]:
-    """A 5-token prompt then 12 decode steps, two rows in KV slots 2 and 0: each step's last-token logits (the
+def _decode_steps(cfg, model, dispatch, kv_dtype=None, caches: list | None = None, n: int = 5) -> list[torch.Tensor]:
+    """An n-token prompt then 12 decode steps, two rows in KV slots 2 and 0: each step's last-token logits (the
     KV cache appended to `caches` where given)."""
     from emoe.model import KVCache
-    kv = KVCache.empty(cfg, 3, 32, torch.float32, "cpu", kv_dtype)
+    kv = KVCache.empty(cfg, 3, n + 27, torch.float32, "cpu", kv_dtype)
     if caches is not None:
         caches.append(kv)
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+    prompt = torch.randint(0, cfg.vocab_size, (2, n), generator=g)
     slots, out = torch.tensor([2, 0]), []
-    model.forward(prompt, torch.arange(5).expand(2, 5), torch.ones(2, 5, dtype=torch.bool), dispatch, kv, slots)
+    model.forward(prompt, torch.arange(n).expand(2, n), torch.ones(2, n, dtype=torch.bool), dispatch, kv, slots)
     for t in range(12):
         tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
-        out.append(model.forward(tok, torch.full((2, 1), 5 + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
+        out.append(model.forward(tok, torch.full((2, 1), n + t), torch.ones(2, 1, dtype=torch.bool), dispatch,
                                  kv, slots, last_only=True))
     return out
 
@@ -494,6 +494,29 @@ def test_decode_attention_in_c_is_the_torch_path(family, over, tmp_path, monkeyp
     assert not calls
     got = run(True)
     assert len(calls) == 12 * (cfg.num_layers - len(cfg.linear_layers))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family,over", [("qwen3_moe", {}), ("gpt_oss", {"sliding_window": 100})])
+def test_decode_attention_over_several_chunks_is_the_torch_path(family, over, tmp_path, monkeypatch):
+    """Past 64 positions the C attention splits a row's context into chunks of 64 and merges their softmax
+    partials (with gpt-oss's sink logit, and a window that starts inside a chunk): a 150-token prompt's 12 decode
+    steps (three chunks each) give the torch path's logits."""
+    from test_model import load_emoe
+    from tiny import make_tiny
+
+    from emoe.model import MoEModel
+    cfg, model, dispatch = load_emoe(make_tiny(family, tmp_path / family, **over))
+    calls, real = [], cstep.attend
+    monkeypatch.setattr(cstep, "attend", lambda *a: calls.append(1) or real(*a))
+
+    def run(c_path: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(MoEModel, "_c_decode", lambda self, q, cache: c_path and q.dtype == torch.float32)
+        return _decode_steps(cfg, model, dispatch, n=150)
+    want = run(False)
+    got = run(True)
+    assert len(calls) == 12 * cfg.num_layers
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
