@@ -44,6 +44,10 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False          # vLLM's extension: benchmarks ask for exact output lengths
+    response_format: dict | None = None  # OpenAI's structured output: {"type": "json_object"} or "json_schema"
+    guided_json: dict | str | None = None  # vLLM's: a JSON schema, a regex, or a list of choices (emoe.grammar)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     task: str | None = None
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
@@ -109,6 +113,28 @@ def token_biases(bias: dict[str, float]) -> dict[int, float]:
         return {int(k): float(v) for k, v in bias.items()}
     except ValueError:
         raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:4]}", param="logit_bias") from None
+
+
+GUIDES = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+def guided(body) -> str | None:
+    """A request's structured-output rule (OpenAI's response_format, or one of vLLM's guided_*) compiled to a
+    grammar (emoe.grammar), or None for free text; more than one rule is refused."""
+    from . import grammar
+    given = {k: v for k in GUIDES if (v := getattr(body, k)) is not None
+             and not (k == "response_format" and isinstance(v, dict) and v.get("type") == "text")}
+    if len(given) > 1:
+        raise APIError(400, f"give one structured-output rule, got {sorted(given)}", param=sorted(given)[1])
+    if not given:
+        return None
+    (name, value), = given.items()
+    compile_ = {"response_format": grammar.response_format, "guided_json": grammar.json_schema,
+                "guided_regex": grammar.regex, "guided_choice": grammar.choice}[name]
+    try:
+        return compile_(value)
+    except grammar.GrammarError as e:
+        raise APIError(400, str(e), param=name) from None
 
 
 def template_message(m: ChatMessage) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ckernel, decode_block
+from . import ckernel, decode_block, grammar
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -171,6 +171,7 @@ class Engine:
             if cfg.prefix_reuse and cfg.prompt_cache_mb and not c.linear_layers else None
         self.reused_tokens = 0  # prompt tokens not prefilled, their KV found in a slot (cumulative)
         self.tokens_generated = 0
+        self._grammar_tok = None
         self._ids = itertools.count()
         if self.device.type == "cuda":
             self._warm_up()
@@ -222,7 +223,16 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        return Request(request_id or f"req-{next(self._ids)}", ids, params, task, gen=gen)
+        constraint = grammar.Constraint(self.grammar_tokenizer(), params.grammar, self.cfg.vocab_size) \
+            if params.grammar else None
+        return Request(request_id or f"req-{next(self._ids)}", ids, params, task, gen=gen, constraint=constraint)
+
+    def grammar_tokenizer(self):
+        """The tokenizer structured output masks by (grammar.tokenizer), built at the first such request."""
+        if self._grammar_tok is None:
+            self._grammar_tok = grammar.tokenizer(self.ckpt.tokenizer_path.read_text(), self.cfg.vocab_size,
+                                                  sorted(self.codec.stop_ids))
+        return self._grammar_tok
 
     def fits(self, prompt: str, max_tokens: int, chat: bool = True) -> bool:
         """Whether a prompt plus max_tokens of output fits one KV slot (harnesses skip those that do not)."""
@@ -346,7 +356,11 @@ class Engine:
         now, done = time.perf_counter(), []
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
         for r, lg, best in zip(rows, logits, greedy):
-            tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
+            if r.constraint is not None:  # structured output: the grammar's tokens only (logprobs stay the model's)
+                tok = self._sample(r, r.constraint.mask(lg))
+                r.constraint.advance(tok)
+            else:
+                tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
             if r.params.logprobs is not None:
                 r.logprobs += logprob_entries(lg[None], [tok], r.params.logprobs)
             r.output_ids.append(tok)
@@ -358,6 +372,8 @@ class Engine:
                 r.output_ids.pop()
                 del r.logprobs[len(r.output_ids):]  # the end-of-sequence token is not part of the answer
             elif r.params.stop and any(s in self.codec.decode(r.output_ids[-16:]) for s in r.params.stop):
+                reason = "stop"
+            elif r.constraint is not None and r.constraint.done:  # the grammar's document is complete
                 reason = "stop"
             elif len(r.output_ids) >= r.params.max_tokens or r.length >= self.max_len:
                 reason = "length"

@@ -25,6 +25,7 @@ class SamplingParams:
     logprobs: int | None = None      # record each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits before sampling
+    grammar: str | None = None       # structured output: only tokens this grammar allows (emoe.grammar)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -120,6 +121,7 @@ class Request:
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # tokens 1..
     finished_at: float | None = None
     gen: torch.Generator | None = None
+    constraint: object | None = None  # with params.grammar: its grammar.Constraint
 
     @property
     def length(self) -> int:

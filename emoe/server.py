@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (MAX_N, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                  _Common, _error, template_kwargs, template_message, token_biases)
+                  _Common, _error, guided, template_kwargs, template_message, token_biases)
 from .datasets import TASKS
 from .engine import SamplingParams
+from .grammar import GrammarError
 from .metrics import CONTENT_TYPE
 from .scheduler import DEFAULT_SLOS
 from .serving import EngineLoop, Job, QueueFull, ShuttingDown
@@ -142,6 +143,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             if body.echo and body.stream:
                 raise APIError(400, "echo is supported with stream=false", param="echo")
         prompt_logprobs = logprobs if not chat and body.echo else None
+        rules = guided(body)
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
@@ -150,7 +152,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                     seed=None if body.seed is None else body.seed + sample,
                                     stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, **given)
+                                    prompt_logprobs=prompt_logprobs, grammar=rules, **given)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
@@ -158,7 +160,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                                    template_kwargs=template_kwargs(body))
         except ValueError as e:
             code = "context_length_exceeded" if "tokens" in str(e) else None
-            param = "logit_bias" if str(e).startswith("logit_bias") else "messages" if chat else "prompt"
+            param = "logit_bias" if str(e).startswith("logit_bias") else "response_format" \
+                if isinstance(e, GrammarError) else "messages" if chat else "prompt"
             raise APIError(400, str(e), param=param, code=code) from None
         room = eng.max_len - len(req.prompt_ids)
         if explicit and max_tokens > room:  # vLLM's rule: an explicit request that cannot fit is refused

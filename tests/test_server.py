@@ -194,6 +194,12 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "logit_bias": {"7": 150}}, 400, "logit_bias"),
     ("completions", {**GOOD, "logit_bias": {"seven": 1}}, 400, "logit_bias"),
     ("completions", {**GOOD, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("completions", {**GOOD, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("completions", {**GOOD, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}},
+     400, "response_format"),
+    ("completions", {**GOOD, "guided_regex": "(unclosed"}, 400, "guided_regex"),
+    ("completions", {**GOOD, "guided_choice": []}, 400, "guided_choice"),
+    ("completions", {**GOOD, "guided_regex": "a+", "guided_choice": ["b"]}, 400, "guided_regex"),
     ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -227,6 +233,40 @@ def test_sampling_extensions_are_accepted(srv):
     r = httpx.post(f"{srv[0]}/v1/completions", headers=AUTH, json={  # logit_bias steers greedy decoding
         **GOOD, "temperature": 0, "max_tokens": 3, "ignore_eos": True, "logit_bias": {str(t): 100}})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_structured_output(srv):
+    """response_format (OpenAI's json_object and json_schema, through the official client) and vLLM's guided_regex
+    and guided_choice: the tiny model's gibberish comes out as a document of the asked form, streamed too, and the
+    answer ends when the document does (finish_reason stop, not length)."""
+    import re
+    url, loop = srv
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Rate the cat: good or bad?"}]
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["good", "bad"]}, "sure": {"type": "boolean"}},
+              "required": ["verdict", "sure"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "rating", "schema": schema, "strict": True}}
+    for temperature in (0, 1):
+        c = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=temperature,
+                                           seed=4, response_format=fmt)
+        doc = json.loads(c.choices[0].message.content)
+        assert set(doc) == {"verdict", "sure"} and doc["verdict"] in ("good", "bad") and isinstance(doc["sure"], bool)
+        assert c.choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0,
+                                                   response_format=fmt, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == \
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0,
+                                       response_format=fmt).choices[0].message.content
+    obj = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 12, "temperature": 1,
+                                                                 "guided_regex": "[0-9]{3}-[0-9]{4}"}).json()
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", r["choices"][0]["text"]) and r["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 12,
+                                                                 "guided_choice": ["yes", "no", "maybe"]}).json()
+    assert r["choices"][0]["text"] in ("yes", "no", "maybe")
+    assert loop.alive and loop.errors == 0
 
 
 def test_logprobs_of_the_answer(srv):

@@ -1,0 +1,116 @@
+"""Structured output: OpenAI's `response_format` (json_object, json_schema) and vLLM's guided_json / guided_regex /
+guided_choice as grammars, and a per-request constraint that masks each step's logits to the tokens the grammar
+allows there.
+
+llguidance (the grammar engine vLLM and llama.cpp use for this) compiles the grammar and computes each step's
+token mask from the model's own tokenizer.json; a mask costs tens of microseconds, next to a decode step's
+milliseconds. The mask applies to sampling only: logprobs stay the model's own distribution.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+class GrammarError(ValueError):
+    """A response format, schema, regex or choice list that cannot be compiled (the server's 400)."""
+
+
+def _llg():
+    import llguidance
+    return llguidance
+
+
+def _checked(grammar: str, what: str) -> str:
+    is_error, messages = _llg().LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise GrammarError(f"{what}: {messages[0] if messages else 'invalid'}")
+    return grammar
+
+
+# one space after ',' and ':', none elsewhere (Python's json.dumps layout, common in what models learn from): with
+# whitespace free, a small model wanders in newlines and spaces. A schema's own "x-guidance" options win.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_schema(schema) -> str:
+    """A grammar for JSON documents matching `schema` (a dict or its JSON text)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        return _checked(_llg().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT), "JSON schema")
+    except ValueError as e:
+        raise GrammarError(f"JSON schema: {e}") from None
+
+
+def response_format(fmt: dict | None) -> str | None:
+    """OpenAI's response_format → a grammar, or None for free text ({"type": "text"} or none given)."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise GrammarError("response_format must be an object")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema({"type": "object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise GrammarError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return json_schema(spec.get("schema", {}))  # OpenAI: an absent schema allows any JSON value
+    raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
+def regex(pattern: str) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise GrammarError("guided_regex must be a non-empty string")
+    return _checked(_llg().LLMatcher.grammar_from_regex(pattern), "guided_regex")
+
+
+def choice(options: list) -> str:
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+        raise GrammarError("guided_choice must be a non-empty list of non-empty strings")
+    return _checked(_llg().grammar_from("choice", json.dumps(options)), "guided_choice")
+
+
+def tokenizer(tokenizer_json: str, vocab_size: int, eos: list[int]):
+    """The model's tokenizer as llguidance reads it (about a second for a 150k vocabulary: build it once). End
+    ids past the tokenizer's own vocabulary (a model's padded rows) are left to the grammar's end instead."""
+    from tokenizers import Tokenizer
+    n = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+    return _llg().LLTokenizer(tokenizer_json, n_vocab=max(vocab_size, n), eos_token=[t for t in eos if t < n] or None)
+
+
+class Constraint:
+    """One request's grammar state: mask(logits) before each token is chosen, advance(token) after."""
+    __slots__ = ("matcher", "vocab")
+
+    def __init__(self, tok, grammar: str, vocab: int):
+        self.matcher, self.vocab = _llg().LLMatcher(tok, grammar, log_level=0), vocab
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A float32 copy of one row's logits with every token the grammar forbids here at -inf."""
+        bits = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        allowed = ((bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[: self.vocab].bool()
+        out = logits.float().clone()
+        out[: allowed.numel()][~allowed.to(out.device)] = float("-inf")
+        out[allowed.numel():] = float("-inf")  # ids the tokenizer does not have (a padded embedding)
+        return out
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more (end of sequence only)."""
+        return self.matcher.is_stopped()
