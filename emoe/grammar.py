@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 
@@ -99,12 +100,11 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A float32 copy of one row's logits with every token the grammar forbids here at -inf."""
-        bits = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        allowed = ((bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[: self.vocab].bool()
-        out = logits.float().clone()
-        out[: allowed.numel()][~allowed.to(out.device)] = float("-inf")
-        out[allowed.numel():] = float("-inf")  # ids the tokenizer does not have (a padded embedding)
-        return out
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.zeros(logits.shape[-1], dtype=bool)  # ids past the tokenizer's (a padded embedding): none
+        n = min(len(bits), self.vocab, len(allowed))
+        allowed[:n] = bits[:n]
+        return logits.float().masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
