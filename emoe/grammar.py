@@ -69,6 +69,11 @@ def response_format(fmt: dict | None) -> str | None:
     raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 
+def lark(text: str) -> str:
+    """An llguidance Lark grammar (JSON schemas inline as `%json {...}`), checked."""
+    return _checked(_llg().LLMatcher.grammar_from_lark(text), "grammar")
+
+
 def regex(pattern: str) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise GrammarError("guided_regex must be a non-empty string")

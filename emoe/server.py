@@ -31,7 +31,7 @@ from .scheduler import DEFAULT_SLOS
 from .serving import EngineLoop, Job, QueueFull, ShuttingDown
 from .reasoning import ChatAnswer
 from .reasoning import parser_for as reasoning_parser
-from .tools import ToolError, check_tools, parser_for, template_messages
+from .tools import ToolError, check_tools, forced_calls, parser_for, template_messages
 
 
 def serve_threads(n: int | None) -> int:
@@ -109,7 +109,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         if not 1 <= body.n <= MAX_N or (body.n > 1 and body.stream):
             raise APIError(400, f"n must be in 1..{MAX_N}, and 1 when streaming", param="n")
 
-    def make_job(body: _Common, prompt, task_text: str, chat: bool, sample: int = 0, tools=None) -> Job:
+    def make_job(body: _Common, prompt, task_text: str, chat: bool, sample: int = 0, tools=None,
+                 forced: str | None = None) -> Job:
         """sample: which of the n answers to one prompt (a given seed is offset by it)."""
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
@@ -144,6 +145,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
                 raise APIError(400, "echo is supported with stream=false", param="echo")
         prompt_logprobs = logprobs if not chat and body.echo else None
         rules = guided(body)
+        if forced is not None and rules is not None:
+            raise APIError(400, "a forced tool call (tool_choice) and a structured-output rule cannot be combined",
+                           param="tool_choice")
+        rules = forced or rules
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
@@ -345,10 +350,11 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
         check_n(body)
         try:
             tools = check_tools(body.tools, body.tool_choice, parser)
+            forced = forced_calls(tools, body.tool_choice, parser)
         except ToolError as e:
             raise APIError(400, str(e), param="tools" if parser is None else "tool_choice") from None
         jobs = [make_job(body, messages, users[-1] if users else messages[-1]["content"], chat=True, sample=i,
-                         tools=tools) for i in range(body.n)]
+                         tools=tools, forced=forced) for i in range(body.n)]
         submit_all(jobs)
         job = jobs[0]
         rid = f"chatcmpl-{job.req.id}"

@@ -20,6 +20,7 @@ class ToolError(ValueError):
 class Hermes:
     name = "hermes"
     start = "<tool_call>"
+    end = "</tool_call>"
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
@@ -41,6 +42,20 @@ class Hermes:
                           "function": {"name": obj["name"], "arguments": args if isinstance(args, str)
                                        else json.dumps(args, ensure_ascii=False)}})
         return (text[:i] if text[:i].strip() else None), calls
+
+    def call_grammar(self, tools: list[dict]) -> str:
+        """An llguidance Lark grammar for an answer that is one call of one of these tools: a block holding the
+        function's name and arguments of its `parameters` schema (emoe.grammar's JSON layout). One call, not a
+        run of them: a model held to a grammar that allows another block may keep adding blocks to max_tokens."""
+        from .grammar import JSON_LAYOUT
+        calls = [f'call{i}: %json ' + json.dumps(
+            {"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                              "arguments": t["function"].get("parameters") or {"type": "object"}},
+             "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_LAYOUT})
+            for i, t in enumerate(tools)]
+        either = " | ".join(f"call{i}" for i in range(len(tools)))
+        return "\n".join(['start: block',
+                          f'block: {json.dumps(self.start + chr(10))} ({either}) {json.dumps(chr(10) + self.end)}', *calls])
 
 
 PARSERS = {"hermes": Hermes}
@@ -66,13 +81,37 @@ def check_tools(tools: list | None, tool_choice, parser) -> list[dict] | None:
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
                 or not isinstance(f.get("name"), str) or not f["name"]:
             raise ToolError(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': …, 'parameters': …}}}}")
-    if tool_choice not in (None, "auto"):
-        raise ToolError(f"tool_choice {tool_choice!r} is not supported: forcing a call needs guided decoding; "
-                        f"use 'auto' or 'none'")
+    if tool_choice not in (None, "auto", "required") and _named(tool_choice) is None:
+        raise ToolError(f"tool_choice must be 'auto', 'none', 'required' or {{'type': 'function', 'function': "
+                        f"{{'name': …}}}}, got {tool_choice!r}")
     if parser is None:
         raise ToolError("this model's chat template writes no tool-call format emoe parses (Hermes "
                         "<tool_call> blocks); serve with --tool-call-parser hermes if it does")
     return tools
+
+
+def _named(tool_choice) -> str | None:
+    if isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function" \
+            and isinstance(tool_choice.get("function"), dict) and isinstance(tool_choice["function"].get("name"), str):
+        return tool_choice["function"]["name"]
+    return None
+
+
+def forced_calls(tools: list[dict] | None, tool_choice, parser) -> str | None:
+    """For tool_choice 'required' (some tool) or a named function (that one): the grammar the answer is held to,
+    so the model calls it whatever it would have written (structured output, emoe.grammar); None otherwise. A
+    name that is not among the tools, or a tool whose parameters schema does not compile, is a ToolError."""
+    name = _named(tool_choice)
+    if not tools or parser is None or (tool_choice != "required" and name is None):
+        return None
+    chosen = tools if name is None else [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise ToolError(f"tool_choice names {name!r}, which is not among the tools")
+    from .grammar import GrammarError, lark
+    try:
+        return lark(parser.call_grammar(chosen))
+    except GrammarError as e:
+        raise ToolError(f"a tool's parameters schema does not compile: {e}") from None
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

@@ -1,14 +1,14 @@
 """Tool calling (OpenAI `tools`): tools rendered by the chat template, Hermes <tool_call> blocks parsed out
-of answers, streamed or not. The tiny model cannot be made to call a tool, so end-to-end answers with calls
-come from a stand-in for the engine loop that answers with fixed text; the real engine serves tool
-requests too (its gibberish has no calls)."""
+of answers, streamed or not. The tiny model calls no tool of its own accord, so end-to-end answers with calls
+come from a stand-in for the engine loop that answers with fixed text, and from the real engine held to a call
+by tool_choice ('required' or a named function: structured output)."""
 import json
 
 import httpx
 import openai
 import pytest
 
-from emoe.tools import Hermes, ToolError, ToolStream, check_tools, parser_for, template_messages
+from emoe.tools import Hermes, ToolError, ToolStream, check_tools, forced_calls, parser_for, template_messages
 from test_server import AUTH, KEY, serve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,11 +55,18 @@ def test_requests_that_cannot_be_served_are_refused():
     assert check_tools([WEATHER], "auto", h) == [WEATHER]
     for tools, choice, parser, msg in [([{"type": "function"}], None, h, "tools\\[0\\]"),
                                        ([{"type": "retrieval", "function": {"name": "x"}}], None, h, "tools\\[0\\]"),
-                                       ([WEATHER], "required", h, "guided decoding"),
-                                       ([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, h, "guided"),
+                                       ([WEATHER], "always", h, "tool_choice must be"),
+                                       ([WEATHER], {"type": "function"}, h, "tool_choice must be"),
                                        ([WEATHER], "auto", None, "no tool-call format")]:
         with pytest.raises(ToolError, match=msg):
             check_tools(tools, choice, parser)
+    assert check_tools([WEATHER], "required", h) == [WEATHER]
+    assert forced_calls([WEATHER], "auto", h) is None and forced_calls([WEATHER], "required", h)
+    with pytest.raises(ToolError, match="not among the tools"):
+        forced_calls([WEATHER], {"type": "function", "function": {"name": "get_time"}}, h)
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}
+    with pytest.raises(ToolError, match="does not compile"):
+        forced_calls([bad], "required", h)
     assert isinstance(parser_for("auto", TEMPLATE), Hermes) and parser_for("auto", "{{ messages }}") is None
     assert parser_for("none", TEMPLATE) is None
     with pytest.raises(ValueError, match="unknown tool-call parser"):
@@ -140,11 +147,36 @@ def test_served_tool_calls_plain_and_streamed(tool_srv, monkeypatch):
     assert r.choices[0].message.content.startswith("I'll check.\n<tool_call>") and r.choices[0].finish_reason == "stop"
 
 
+def test_tool_choice_holds_the_real_engine_to_a_call(tool_srv):
+    """tool_choice 'required' or a named function: the tiny model's answer is held (structured output) to one
+    Hermes block calling that tool with arguments of its schema, parsed into OpenAI's tool_calls, plain and
+    streamed, greedy and sampled."""
+    url, _ = tool_srv
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    # short names: the tiny model's context is 256 tokens and its tokenizer spends about one a character
+    clock = {"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {"z": {"type": "boolean"}}, "additionalProperties": False}}}
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "t"}], tools=[clock])
+    for choice, temperature in (({"type": "function", "function": {"name": "now"}}, 0), ("required", 1)):
+        r = client.chat.completions.create(tool_choice=choice, temperature=temperature, seed=5, **ask)
+        (call,) = r.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "now"
+        assert set(args) <= {"z"} and all(isinstance(v, bool) for v in args.values())
+    calls = {}
+    for ch in client.chat.completions.create(tool_choice="required", temperature=0, stream=True, **ask):
+        for c in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            calls[c.index] = c
+    assert calls[0].function.name == "now" and set(json.loads(calls[0].function.arguments)) <= {"z"}
+
+
 def test_tool_requests_the_server_cannot_serve_are_400(tool_srv, tiny_mixtral):
     url, _ = tool_srv
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]}
-    r = httpx.post(f"{url}/v1/chat/completions", json={**body, "tool_choice": "required"}, headers=AUTH)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    for bad in ({"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                {"tool_choice": "required", "response_format": {"type": "json_object"}}):
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, **bad}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
     with serve(tiny_mixtral) as (plain_url, _):  # a chat template with no tool-call format
         r = httpx.post(f"{plain_url}/v1/chat/completions", json=body, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
