@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="structured output: the answer is a JSON document of this schema (inline JSON, a file's "
+                   "path, or 'object' for any JSON object)")
     g.add_argument("--task", default=None, help="task of the prompt (default: extracted from it)")
     g.add_argument("--profile", default=None, help="profile folder (default: the one shipped with the model)")
     g.add_argument("--policy", default=None, help="residency policy (default: emoe-a-q48 when a predictor exists, "

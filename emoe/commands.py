@@ -115,6 +115,7 @@ def _residency(model: str, profile_dir: str, name: str | None, stickiness: float
 
 def cmd_generate(args) -> None:
     from .engine import Engine, EngineConfig, SamplingParams
+    rules = _json_schema(args.json_schema)
     model = _model(args)
     _default_placement(args, model, budget=1.0)
     policy = residency = None
@@ -134,7 +135,7 @@ def cmd_generate(args) -> None:
                               dense_blocks=args.dense_blocks, host_int8=args.host_int8,
                               host_form_bits=args.host_form_bits), policy=policy, residency=residency)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
+                            seed=args.seed, grammar=rules)
     t0 = time.perf_counter()
     (req,) = eng.generate([args.prompt], params, tasks=[task], chat=not args.raw)
     print(eng.text(req))
@@ -167,6 +168,20 @@ def cmd_quantize(args) -> None:
     for b in args.bits:
         path = save_copies(model, store, sorted(ckpt.experts), b)
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+
+def _json_schema(text: str | None) -> str | None:
+    """--json-schema: inline JSON, a file's path, or 'object'; compiled (emoe.grammar) before the model loads."""
+    if text is None:
+        return None
+    from . import grammar
+    if text == "object":
+        return grammar.response_format({"type": "json_object"})
+    if not text.lstrip().startswith("{"):
+        if not Path(text).is_file():
+            raise ValueError(f"--json-schema {text!r} is neither JSON, 'object' nor a file")
+        text = Path(text).read_text()
+    return grammar.json_schema(text)
 
 
 def cmd_import_gguf(args) -> None:

@@ -45,9 +45,10 @@ def json_schema(schema) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        return _checked(_llg().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT), "JSON schema")
+        compiled = _llg().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as e:
         raise GrammarError(f"JSON schema: {e}") from None
+    return _checked(compiled, "JSON schema")
 
 
 def response_format(fmt: dict | None) -> str | None:

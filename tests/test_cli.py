@@ -45,6 +45,25 @@ def test_a_profile_inside_a_model_folder_names_the_model(tiny_mixtral, tmp_path)
     assert _model(Namespace(model=None, profile=str(tmp_path / "p"))) != str(tmp_path)  # no config.json there
 
 
+def test_generate_json_schema(tiny_mixtral, capsys, tmp_path):
+    """--json-schema: the tiny model's answer is a JSON document of the schema (inline, from a file, or any
+    object); a schema that does not compile is one line, before the model loads."""
+    import json
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    for given in (json.dumps(schema), str(tmp_path / "s.json")):
+        main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "30", "--json-schema", given])
+        assert set(json.loads(capsys.readouterr().out)) == {"ok"}
+    main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "40", "--json-schema", "object",
+          "--temperature", "0"])
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("{")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", "/nonexistent", "--json-schema", '{"type": "frob"}'])
+    assert str(exc.value.code) == "emoe: JSON schema: Invalid type: frob"
+
+
 def test_missing_model_folder():
     with pytest.raises(SystemExit) as exc:
         main(["generate", "hi", "--model", "/nonexistent", "--max-tokens", "3"])
