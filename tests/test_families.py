@@ -509,6 +509,13 @@ def test_gpt_oss_experts_on_forms_run_in_one_c_call_per_layer(tmp_path, budget, 
     assert fast[1] == slow[1] and fast[2] == slow[2] > 0
 
 
+def _six_tokens(eng) -> list:
+    """Two prompts' 6 greedy tokens each, with their log-probabilities (top 2): what the step-call tests compare."""
+    got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                       chat=False)
+    return [(r.output_ids, r.logprobs) for r in got]
+
+
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
 def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkeypatch):
@@ -526,9 +533,7 @@ def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkey
     def run_it():
         eng = Engine(EngineConfig(str(fp8), miss_policy="host", budget=0, experts_on="ram", device="cpu", dense_int8=True))
         assert eng.model.moe == {0, 2}
-        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
-                           chat=False)
-        return [(r.output_ids, r.logprobs) for r in got], eng.cache.stats.host_runs
+        return _six_tokens(eng), eng.cache.stats.host_runs
     fast = run_it()
     assert len(calls) == 5
     monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
@@ -554,9 +559,7 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
     def run_it():
         eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
                                   host_int8=True, dense_int8=True))
-        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
-                           chat=False)
-        return [(r.output_ids, r.logprobs) for r in got]
+        return _six_tokens(eng)
     fast = run_it()
     assert len(calls) == 5
     monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
@@ -736,9 +739,7 @@ def test_a_bf16_kv_cache_runs_in_the_step_call(tmp_path, monkeypatch):
     def run_it():
         eng = engine()
         assert all(t.dtype == torch.bfloat16 for t in eng.kv.k + eng.kv.v)
-        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
-                           chat=False)
-        return [(r.output_ids, r.logprobs) for r in got]
+        return _six_tokens(eng)
     fast = run_it()
     assert len(calls) == 5
     monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
