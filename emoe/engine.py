@@ -357,7 +357,12 @@ class Engine:
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
         for r, lg, best in zip(rows, logits, greedy):
             if r.constraint is not None:  # structured output: the grammar's tokens only (logprobs stay the model's)
-                tok = self._sample(r, r.constraint.mask(lg))
+                masked = r.constraint.mask(lg)
+                if bool(masked.isneginf().all()):  # nothing can follow in this vocabulary: the answer ends here
+                    self._finish(r, "stop")
+                    done.append(r)
+                    continue
+                tok = self._sample(r, masked)
                 r.constraint.advance(tok)
             else:
                 tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)

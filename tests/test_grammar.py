@@ -83,3 +83,20 @@ def test_bad_rules_are_refused_by_name(bad, match):
 
 def test_free_text_formats_compile_to_nothing():
     assert grammar.response_format(None) is None and grammar.response_format({"type": "text"}) is None
+
+
+def test_a_grammar_that_allows_nothing_ends_only_its_own_answer(eng, monkeypatch):
+    """Where a request's grammar allows no token of the model's vocabulary, that answer ends there (stop) and the
+    batch's other rows go on."""
+    prompt = "Is this review positive, negative, neutral or ambivalent? Great view, friendly staff."
+    real = grammar.Constraint.mask
+    monkeypatch.setattr(grammar.Constraint, "mask",
+                        lambda self, lg: torch.full_like(lg, float("-inf")) if self.vocab == -1 else real(self, lg))
+    stuck = eng.make_request(prompt, SamplingParams(max_tokens=8, grammar=grammar.choice(["good", "bad"])))
+    stuck.constraint.vocab = -1
+    free = eng.make_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.admit([stuck, free])
+    while eng.running:
+        eng.step()
+    assert stuck.finish_reason == "stop" and stuck.output_ids == []
+    assert free.finish_reason == "length" and len(free.output_ids) == 4
