@@ -48,6 +48,9 @@ class _Common(BaseModel):
     guided_json: dict | str | None = None  # vLLM's: a JSON schema, a regex, or a list of choices (emoe.grammar)
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None     # vLLM's: a context-free grammar (Lark, or GBNF)
+    grammar: str | None = None            # llama-server's: GBNF
+    json_schema: dict | None = None       # llama-server's: a JSON schema
     task: str | None = None
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
@@ -115,12 +118,12 @@ def token_biases(bias: dict[str, float]) -> dict[int, float]:
         raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:4]}", param="logit_bias") from None
 
 
-GUIDES = ("response_format", "guided_json", "guided_regex", "guided_choice")
+GUIDES = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema")
 
 
 def guided(body) -> str | None:
-    """A request's structured-output rule (OpenAI's response_format, or one of vLLM's guided_*) compiled to a
-    grammar (emoe.grammar), or None for free text; more than one rule is refused."""
+    """A request's structured-output rule (OpenAI's response_format, vLLM's guided_*, llama-server's grammar or
+    json_schema) compiled to a grammar (emoe.grammar), or None for free text; more than one rule is refused."""
     from . import grammar
     given = {k: v for k in GUIDES if (v := getattr(body, k)) is not None
              and not (k == "response_format" and isinstance(v, dict) and v.get("type") == "text")}
@@ -130,7 +133,8 @@ def guided(body) -> str | None:
         return None
     (name, value), = given.items()
     compile_ = {"response_format": grammar.response_format, "guided_json": grammar.json_schema,
-                "guided_regex": grammar.regex, "guided_choice": grammar.choice}[name]
+                "guided_regex": grammar.regex, "guided_choice": grammar.choice, "guided_grammar": grammar.cfg,
+                "grammar": grammar.cfg, "json_schema": grammar.json_schema}[name]
     try:
         return compile_(value)
     except grammar.GrammarError as e:

@@ -1,5 +1,5 @@
-"""Structured output: OpenAI's `response_format` (json_object, json_schema) and vLLM's guided_json / guided_regex /
-guided_choice as grammars, and a per-request constraint that masks each step's logits to the tokens the grammar
+"""Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's guided_json / guided_regex /
+guided_choice / guided_grammar and llama-server's grammar (GBNF) / json_schema as grammars, and a per-request constraint that masks each step's logits to the tokens the grammar
 allows there.
 
 llguidance (the grammar engine vLLM and llama.cpp use for this) compiles the grammar and computes each step's
@@ -73,6 +73,19 @@ def response_format(fmt: dict | None) -> str | None:
 def lark(text: str) -> str:
     """An llguidance Lark grammar (JSON schemas inline as `%json {...}`), checked."""
     return _checked(_llg().LLMatcher.grammar_from_lark(text), "grammar")
+
+
+def cfg(text: str) -> str:
+    """A context-free grammar in GBNF (llama.cpp's, as llama-server's `grammar` takes it) or Lark (vLLM's
+    guided_grammar), checked."""
+    if not isinstance(text, str) or not text.strip():
+        raise GrammarError("a grammar must be non-empty text (GBNF or Lark)")
+    try:
+        return _checked(_llg().grammar_from("grammar", text), "grammar")
+    except GrammarError:
+        raise
+    except ValueError as e:
+        raise GrammarError(f"grammar: {e}") from None
 
 
 def regex(pattern: str) -> str:

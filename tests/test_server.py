@@ -200,6 +200,8 @@ BAD = [  # (endpoint, body or raw bytes, status, param)
     ("completions", {**GOOD, "guided_regex": "(unclosed"}, 400, "guided_regex"),
     ("completions", {**GOOD, "guided_choice": []}, 400, "guided_choice"),
     ("completions", {**GOOD, "guided_regex": "a+", "guided_choice": ["b"]}, 400, "guided_regex"),
+    ("completions", {**GOOD, "grammar": 'root ::= ('}, 400, "grammar"),
+    ("completions", {**GOOD, "guided_grammar": ""}, 400, "guided_grammar"),
     ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -266,6 +268,13 @@ def test_structured_output(srv):
     r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 12,
                                                                  "guided_choice": ["yes", "no", "maybe"]}).json()
     assert r["choices"][0]["text"] in ("yes", "no", "maybe")
+    gbnf = 'root ::= "(" item ", " item ")"\nitem ::= "cat" | "dog"'  # llama-server's `grammar` field
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 40, "temperature": 1,
+                                                                 "seed": 2, "grammar": gbnf}).json()
+    assert re.fullmatch(r"\((cat|dog), (cat|dog)\)", r["choices"][0]["text"])
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json={**GOOD, "max_tokens": 40, "temperature": 0,
+                                                                 "json_schema": {"enum": ["up", "down"]}}).json()
+    assert json.loads(r["choices"][0]["text"]) in ("up", "down")
     assert loop.alive and loop.errors == 0
 
 
