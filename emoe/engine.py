@@ -355,9 +355,11 @@ class Engine:
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> list[Request]:
         now, done = time.perf_counter(), []
         greedy = logits.argmax(-1).tolist()  # one host sync for the batch, not one per row
-        for r, lg, best in zip(rows, logits, greedy):
-            if r.constraint is not None:  # structured output: the grammar's tokens only (logprobs stay the model's)
-                masked = r.constraint.mask(lg)
+        held = [i for i, r in enumerate(rows) if r.constraint is not None]  # structured output: masks of all at once
+        masks = dict(zip(held, grammar.mask_rows([rows[i].constraint for i in held], logits[held]))) if held else {}
+        for i, (r, lg, best) in enumerate(zip(rows, logits, greedy)):
+            if r.constraint is not None:  # the grammar's tokens only (logprobs stay the model's)
+                masked = masks[i]
                 if bool(masked.isneginf().all()):  # nothing can follow in this vocabulary: the answer ends here
                     self._finish(r, "stop")
                     done.append(r)

@@ -109,21 +109,18 @@ def tokenizer(tokenizer_json: str, vocab_size: int, eos: list[int]):
 
 
 class Constraint:
-    """One request's grammar state: mask(logits) before each token is chosen, advance(token) after."""
-    __slots__ = ("matcher", "vocab")
+    """One request's grammar state: its rows' masks before each token is chosen (mask_rows), advance(token) after."""
+    __slots__ = ("matcher", "vocab", "words")
 
     def __init__(self, tok, grammar: str, vocab: int):
         self.matcher, self.vocab = _llg().LLMatcher(tok, grammar, log_level=0), vocab
+        self.words = (tok.vocab_size + 31) // 32  # the mask's 32-bit words
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A float32 copy of one row's logits with every token the grammar forbids here at -inf."""
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = np.zeros(logits.shape[-1], dtype=bool)  # ids past the tokenizer's (a padded embedding): none
-        n = min(len(bits), self.vocab, len(allowed))
-        allowed[:n] = bits[:n]
-        return logits.float().masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+        return mask_rows([self], logits[None])[0]
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -133,3 +130,20 @@ class Constraint:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more (end of sequence only)."""
         return self.matcher.is_stopped()
+
+
+def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tensor:
+    """Float32 copies of a step's rows of logits [n, V], each with what its request's grammar forbids at -inf:
+    the bit masks written into one buffer, then unpacked and applied once for all rows (that, not llguidance,
+    was most of a row's cost). One thread: llguidance's thread pool waited behind torch's spinning OpenMP
+    threads and made a 4-row step's masks slower (scripts/bench_grammar.py)."""
+    n, words = len(constraints), max(c.words for c in constraints)
+    buf = np.zeros((n, words), dtype=np.int32)
+    for i, c in enumerate(constraints):
+        c.matcher.unsafe_compute_mask_ptr(buf[i].ctypes.data, c.words * 4)
+    bits = np.unpackbits(buf.view(np.uint8), axis=1, bitorder="little")
+    allowed = np.zeros((n, logits.shape[-1]), dtype=bool)  # ids past the tokenizer's (a padded embedding): none
+    for i, c in enumerate(constraints):
+        k = max(0, min(bits.shape[1], c.vocab, allowed.shape[1]))
+        allowed[i, :k] = bits[i, :k]
+    return logits.float().masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))

@@ -68,6 +68,21 @@ def test_masks_cut_exactly_what_the_grammar_forbids():
         grammar.Constraint(tok, grammar.choice(["yes"]), 8192).advance(int((lg == float("-inf")).nonzero()[0]))
 
 
+def test_a_steps_masks_at_once_are_each_rows_own():
+    """mask_rows over rows of different grammars and states (one buffer, unpacked once) gives each row the mask
+    its constraint gives alone."""
+    tok = grammar.tokenizer((Path(default_model_dir()) / "tokenizer.json").read_text(), 8192, [0])
+    cons = [grammar.Constraint(tok, g, 8192) for g in (grammar.choice(["yes", "no"]), grammar.json_schema(SCHEMA),
+                                                       grammar.regex("[0-9]+"), grammar.choice(["yes", "no"]))]
+    first = cons[1].mask(torch.zeros(8192)).isfinite().nonzero().flatten().tolist()
+    cons[1].advance(first[0])  # a state past the start
+    lg = torch.randn(4, 8192, generator=torch.Generator().manual_seed(0))
+    both = grammar.mask_rows(cons, lg)
+    for c, row, got in zip(cons, lg, both):
+        assert torch.equal(got, c.mask(row))
+    assert not torch.equal(both[0].isfinite(), both[1].isfinite()) and torch.equal(both[0].isfinite(), both[3].isfinite())
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda: grammar.response_format({"type": "xml"}), "type must be"),
     (lambda: grammar.response_format({"type": "json_schema"}), "json_schema"),
@@ -89,9 +104,9 @@ def test_a_grammar_that_allows_nothing_ends_only_its_own_answer(eng, monkeypatch
     """Where a request's grammar allows no token of the model's vocabulary, that answer ends there (stop) and the
     batch's other rows go on."""
     prompt = "Is this review positive, negative, neutral or ambivalent? Great view, friendly staff."
-    real = grammar.Constraint.mask
-    monkeypatch.setattr(grammar.Constraint, "mask",
-                        lambda self, lg: torch.full_like(lg, float("-inf")) if self.vocab == -1 else real(self, lg))
+    real = grammar.mask_rows
+    monkeypatch.setattr(grammar, "mask_rows", lambda cons, lg: torch.stack(
+        [torch.full_like(row, float("-inf")) if c.vocab == -1 else real([c], row[None])[0] for c, row in zip(cons, lg)]))
     stuck = eng.make_request(prompt, SamplingParams(max_tokens=8, grammar=grammar.choice(["good", "bad"])))
     stuck.constraint.vocab = -1
     free = eng.make_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
