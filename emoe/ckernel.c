@@ -1284,14 +1284,15 @@ void kq_attn_block(float *x, float *hn, int B, int D, const float *ln, const flo
    latents, and kv_b's value half maps the result back; x += att Wo^T (+ bo); hn = rmsnorm(x) ln2. flags & 2: the
    rotary in pairs (mla.interleave), reordered to halves first as model.rotate does for q and k alike. With wkb
    [H r, nope] and wvb [H vd, r] (kv_b's halves per head as forms, r and vd multiples of 64) those products run on
-   them (heads_linear): the float kv_b is 4 bytes a weight, and read whole each step it was half a step's time. */
+   them (heads_linear): the float kv_b is 4 bytes a weight, and read whole each step it was half a step's time.
+   flags & 16: the latent cache holds bf16, as kq_attend's caches may. */
 void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const float *ln2, float eps,
                   const kmat *wqa, const float *qan, const kmat *wq, const kmat *wkva, const float *kvan,
-                  const float *wkvb, const kmat *wo, float *kc, const int64_t *slot, const int64_t *pos,
+                  const float *wkvb, const kmat *wo, void *kc, const int64_t *slot, const int64_t *pos,
                   const float *cs, const float *sn, int H, int nope, int rope, int vd, int r, int L, float scale,
                   int flags, const float *bqa, const float *bkva, const float *bo, const kmat *wkb, const kmat *wvb,
                   int threads, int bf16) {
-    const int ql = wqa ? (int)wqa->N : 0, qd = nope + rope, kvw = r + rope, nq = H * qd;
+    const int ql = wqa ? (int)wqa->N : 0, qd = nope + rope, kvw = r + rope, nq = H * qd, half = flags & 16;
     float *h = malloc(sizeof(float) * (size_t)B * (2 * D + ql + nq + kvw + H * vd + H * kvw + H * nope + 2 * H * r));
     float *qa = h + (size_t)B * D, *q = qa + (size_t)B * ql, *kva = q + (size_t)B * nq, *att = kva + (size_t)B * kvw,
           *o = att + (size_t)B * H * vd, *qry = o + (size_t)B * D,  /* qry [B, H, r + rope]: the absorbed queries */
@@ -1306,11 +1307,15 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
         kq_linear(wq, h, B, q, threads, bf16);
     kq_linear(wkva, h, B, kva, threads, bf16);
     for (int b = 0; b < B; b++) {
-        float *kv = kva + (size_t)b * kvw, *at = kc + ((size_t)slot[b] * L + pos[b]) * kvw;
+        float *kv = kva + (size_t)b * kvw;
+        const size_t at = ((size_t)slot[b] * L + pos[b]) * kvw;
         if (bkva) for (int c = 0; c < kvw; c++) kv[c] += bkva[c];
-        kq_rmsnorm(kv, kvan, at, 1, r, eps);
+        kq_rmsnorm(kv, kvan, kv, 1, r, eps);
         place_head(kv + r, NULL, eps, cs + (long)b * rope, sn + (long)b * rope, rope, rope, flags & 2);
-        memcpy(at + r, kv + r, sizeof(float) * rope);
+        if (half)
+            for (int c = 0; c < kvw; c++) ((uint16_t *)kc)[at + c] = tobf(kv[c]);
+        else
+            memcpy((float *)kc + at, kv, sizeof(float) * kvw);
     }
     if (wkb) {  /* every head's q_nope through its k_b in one call */
         for (long bh = 0; bh < (long)B * H; bh++) memcpy(qn + bh * nope, q + bh * qd, sizeof(float) * nope);
@@ -1348,16 +1353,17 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
         int b = 0;
         while (t >= t0[b + 1]) b++;
         const int j0 = (t - t0[b]) * CH, j1 = j0 + CH < (int)pos[b] + 1 ? j0 + CH : (int)pos[b] + 1, m = j1 - j0;
-        const float *k0 = kc + ((size_t)slot[b] * L + j0) * kvw, *qb = qry + (size_t)b * H * kvw;
+        const void *k0 = at_el(kc, ((size_t)slot[b] * L + j0) * kvw, half);
+        const float *qb = qry + (size_t)b * H * kvw;
         float *sc = malloc(sizeof(float) * (size_t)m * H), *cx = pc + (size_t)t * H * r, *st = pm + (size_t)t * H * 2;
         for (int hh = 0; hh < H; hh += 4) scores4(qb + (size_t)hh * kvw, H - hh < 4 ? H - hh : 4, k0, kvw, m, kvw, scale,
-                                                  sc + (size_t)hh * m, m, 0);
+                                                  sc + (size_t)hh * m, m, half);
         for (int hh = 0; hh < H; hh++) {
             float *sh = sc + (size_t)hh * m, mx = max_of(sh, m, -INFINITY);
             st[2 * hh] = mx, st[2 * hh + 1] = exp_sum(sh, m, mx);
         }
         for (int hh = 0; hh < H; hh += 4)
-            mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r, 0);
+            mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r, half);
         free(sc);
     }
     #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)

@@ -39,9 +39,8 @@ def _dtype_arg(p) -> None:
 
 def _kv_dtype_arg(p) -> None:
     p.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="the attention layers' KV cache (default: the compute dtype). bfloat16 on a CPU halves a "
-                   "float32 cache (the bytes of llama.cpp's f16 default), and the C attention reads it (MLA's "
-                   "latents stay in the compute dtype)")
+                   help="the attention layers' KV cache, MLA's latents too (default: the compute dtype). bfloat16 on "
+                   "a CPU halves a float32 cache (the bytes of llama.cpp's f16 default), and the C attention reads it")
 
 
 def _host_kernel_arg(p) -> None:

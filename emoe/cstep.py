@@ -87,7 +87,7 @@ def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, 
     wqa, wq, wkva, wo = forms
     ck._lib.kq_mla_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps,
                       desc(wqa), ptr(plain[0]), desc(wq), desc(wkva), ptr(plain[1]), ptr(plain[2]), desc(wo), kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
-                      sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags,
+                      sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags | _half(kc),
                       *map(ptr, biases), *map(desc, heads_kv),
                       torch.get_num_threads(), ck.KQ == "bf16")
     return hn

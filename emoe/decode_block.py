@@ -191,6 +191,7 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
                 attn = [wq.cdesc[0], desc(vb), wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
                 bias3 = (0, 0, ptr(bo))
                 latent = [1, desc(wqa), ptr(qan), wkva.cdesc[0], ptr(kvan), ptr(wkvb), ptr(bqa), ptr(bkva), *dims, desc(kb)]
+                flags |= cstep._half(kv.k[i])
             else:
                 (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = block
                 attn = [wqkv.cdesc[0], desc(wv), wo.cdesc[0], kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0,

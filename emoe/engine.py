@@ -53,7 +53,7 @@ class EngineConfig:
     dense_blocks: bool = False     # on CPU, a GGUF import's dense projections on the file's blocks (forms.file_dense)
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
     host_form_bits: int = 8        # 4: a GGUF's sub-4-bit requantised types (Q2_K, IQ1-IQ3) as int4 forms (lossy)
-    kv_dtype: str | None = None    # attention layers' KV cache; default the compute dtype (MLA latents always are)
+    kv_dtype: str | None = None    # the attention layers' KV cache (MLA's latents); default the compute dtype
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -148,7 +148,7 @@ class Engine:
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
         slots = cfg.max_batch
         if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
-            kv_dtype = self.dtype if c.mla is not None or cfg.kv_dtype is None else getattr(torch, cfg.kv_dtype)
+            kv_dtype = self.dtype if cfg.kv_dtype is None else getattr(torch, cfg.kv_dtype)
             per_slot = c.kv_numel_per_token * self.max_len * torch.empty((), dtype=kv_dtype).element_size() \
                 + 4 * c.state_numel_per_slot  # linear-attention states, float32
             slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot

@@ -68,8 +68,8 @@ class KVCache:
     [slots, max_len, 1, kv_lora_rank + qk_rope_head_dim] (the latent and the roped shared key) and v is empty.
     A linear-attention layer caches no tokens (its k/v are empty) but a fixed state per slot: conv[layer]
     [slots, conv_dim, kernel − 1] and state[layer] [slots, v_heads, k_head_dim, v_head_dim], float32. k and v are
-    in kv_dtype (default: the compute dtype; bf16 on a CPU halves a float32 cache, and the C attention reads it),
-    MLA's latents in the compute dtype: 576 numbers a token and layer, they are small already."""
+    in kv_dtype (default: the compute dtype; bf16 on a CPU halves a float32 cache, and the C attention reads it,
+    MLA's latents too)."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     conv: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,7 +81,6 @@ class KVCache:
             return [torch.zeros(shape if i not in cfg.linear_layers else (slots, max_len, 0, shape[-1]),
                                 dtype=kv_dtype or dtype, device=device) for i in range(cfg.num_layers)]
         if cfg.mla is not None:
-            kv_dtype = dtype
             return cls(zeros((slots, max_len, 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)), [])
         shape = (slots, max_len, cfg.num_kv_heads, cfg.head_dim)
         d = cfg.delta_net
@@ -297,11 +296,9 @@ class MoEModel:
                 (on and spec.qk_norm == "full") + 2 * spec.rope_interleave + 4 * after)
 
     def _c_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """Whether a decode step's attention runs in C (cstep): float32 on a CPU, the cache float32 or (but for
-        MLA's latents) bf16."""
+        """Whether a decode step's attention runs in C (cstep): float32 on a CPU, the cache float32 or bf16."""
         return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.is_contiguous()
-                and (cache.dtype == torch.float32 or cache.dtype == torch.bfloat16 and self.cfg.mla is None)
-                and ckernel.library() is not None)
+                and cache.dtype in (torch.float32, torch.bfloat16) and ckernel.library() is not None)
 
     def linear_attention(self, i: int, x: torch.Tensor, rows: tuple[list[int], list[int]],
                          kv: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:

@@ -575,9 +575,12 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
 
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
-@pytest.mark.parametrize("family,rank,rope,v", [("deepseek_v2", 48, 16, 32), ("deepseek_v3", 48, 16, 32),
-                                                ("deepseek_v3", 64, 64, 64)])
-def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank, rope, v, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,rank,rope,v,kv_dtype", [("deepseek_v2", 48, 16, 32, None),
+                                                         ("deepseek_v3", 48, 16, 32, None),
+                                                         ("deepseek_v3", 64, 64, 64, None),
+                                                         ("deepseek_v3", 64, 64, 64, "bfloat16")])
+def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank, rope, v, kv_dtype, tmp_path,
+                                                                   monkeypatch):
     """DeepSeek's latent attention (V2-Lite's plain queries, V3's compressed ones) with int8 forms of its projections
     and experts, at budget 0: a decode step's layers, V3's group-limited routing included (4 groups, 2 a token),
     run in one C call, with the per-layer path's tokens (its attention in C too: cstep.mla_block) and with the
@@ -595,8 +598,9 @@ def test_latent_attention_and_grouped_routing_run_in_the_step_call(family, rank,
     long = [(7 * t) % 300 + 1 for t in range(150)]  # a context of 3 chunks of 64 positions: their merge
     def run_it():
         eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
-                                  host_int8=True, dense_int8=True))
+                                  host_int8=True, dense_int8=True, kv_dtype=kv_dtype))
         assert eng.model.cfg.n_group == (4 if family == "deepseek_v3" else 1)
+        assert eng.kv.k[0].dtype == (torch.bfloat16 if kv_dtype else torch.float32)
         assert all((decode_block.block_weights(eng.model, i)[-1][0] is not None) == (rank == 64) for i in range(3))
         got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11], long], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
                            chat=False)
