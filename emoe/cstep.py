@@ -25,8 +25,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     rotated by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
     L, Hkv, d] at (slot, pos), then each row attends over its slot up to pos (within window), sinks [H] joining
     the softmax. flags: 2, each head's dims reordered from rotary pairs to halves first (model.rotate's, for
-    ERNIE); 4, the norms after the rotary (Hunyuan). Returns out [B, H, d]; None where the routine is not built
-    (nothing written then)."""
+    ERNIE); 4, the norms after the rotary (Hunyuan). The caches may be float32 or bf16 (_half: said to the routine
+    here). Returns out [B, H, d]; None where the routine is not built (nothing written then)."""
     lib = ck.library()
     if lib is None:
         return None
