@@ -697,7 +697,8 @@ def test_a_lean_import_leaves_the_projections_in_the_file(imported, tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_dense_blocks_hold_the_imports_values_in_every_layout(family, tmp_path):
     """The file's dense tensors land under the import's names, in its row order (Mixtral's rotary
-    permutation undone on the packed rows) and with its values."""
+    permutation undone on the packed rows) and with its values; a lean import, which leaves them in the file,
+    dequantises them at load to the full import's values."""
     from emoe.forms import file_dense
     from emoe.quant import KTensor, dequantize
     over = {"mixtral": dict(hidden_size=256, intermediate_size=256), "gpt_oss": dict(hidden_size=256, intermediate_size=256)}
@@ -710,6 +711,11 @@ def test_dense_blocks_hold_the_imports_values_in_every_layout(family, tmp_path):
     assert "lm_head.weight" in formed and any(k.endswith("o_proj.weight") for k in formed)
     for k, v in formed.items():
         assert (dequantize(v) - plain[k]).abs().max() <= 2 ** -8 * plain[k].abs().max(), k
+    lean = Checkpoint(import_gguf(gguf, tmp_path / "lean", dtype=torch.float32, lean=True))
+    assert set(formed) <= set(lean.in_file)  # (Mixtral's q and k rows unpermuted on the packed rows here too)
+    assert all(torch.equal(v, plain[k]) for k, v in lean.dense_state().items())
+    rest = lean.dense_state(skip=formed.keys())  # what the CPU loads beside the forms: those no form holds
+    assert set(rest) == set(plain) - set(formed) and all(torch.equal(v, plain[k]) for k, v in rest.items())
 
 
 def test_shadow_policies_run_on_copies_made_from_the_file(imported):
