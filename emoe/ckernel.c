@@ -1099,6 +1099,49 @@ static inline const void *at_el(const void *c, size_t i, int half) {
     return half ? (const void *)((const uint16_t *)c + i) : (const void *)((const float *)c + i);
 }
 
+/* Decode attention in chunks of CH positions (kq_attend's and kq_mla_block's). chunk_table: row b attends
+   positions j0[b] .. pos[b] (a window's start, else 0), in chunks t0[b] .. t0[b + 1] - 1 of the T = t0[B] chunks.
+   chunk_of: chunk t's row and its positions [*a, *a + *m). */
+enum { CH = 64 };
+static int *chunk_table(const int64_t *pos, int B, int window, int **j0_out) {
+    int *t0 = malloc(sizeof(int) * (2 * B + 1)), *j0 = t0 + B + 1;
+    t0[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int p = (int)pos[b];
+        j0[b] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        t0[b + 1] = t0[b] + (p - j0[b] + CH) / CH;  /* p - j0 + 1 positions */
+    }
+    *j0_out = j0;
+    return t0;
+}
+static inline int chunk_of(const int *t0, const int *j0, const int64_t *pos, int t, int *a, int *m) {
+    int b = 0;
+    while (t >= t0[b + 1]) b++;
+    *a = j0[b] + (t - t0[b]) * CH;
+    *m = (*a + CH < (int)pos[b] + 1 ? *a + CH : (int)pos[b] + 1) - *a;
+    return b;
+}
+
+/* Flash decoding's merge: per (row b, head h), its chunks' softmax max and sum (pm [T, H, 2]) and weighted values
+   (pc [T, H, w]) into out [B, H, w], in chunk order, so the result does not depend on the thread count; sinks[h]
+   (or NULL) joins the denominator. */
+static void merge_chunks(const float *pm, const float *pc, const int *t0, int B, int H, int w, const float *sinks,
+                         float *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        float mx = sinks ? sinks[h] : -INFINITY, *o = out + (size_t)bh * w;
+        for (int t = t0[b]; t < t0[b + 1]; t++) mx = fmaxf(mx, pm[((size_t)t * H + h) * 2]);
+        float tot = sinks ? expf(sinks[h] - mx) : 0.f;
+        for (int t = t0[b]; t < t0[b + 1]; t++) tot += expf(pm[((size_t)t * H + h) * 2] - mx) * pm[((size_t)t * H + h) * 2 + 1];
+        memset(o, 0, sizeof(float) * w);
+        for (int t = t0[b]; t < t0[b + 1]; t++) {
+            const float f = expf(pm[((size_t)t * H + h) * 2] - mx) / tot, *pt = pc + ((size_t)t * H + h) * w;
+            for (int c = 0; c < w; c++) o[c] += f * pt[c];
+        }
+    }
+}
+
 /* kq_attend's attention where the routines are built. A task is a chunk of CH positions of one row for all its
    heads: it reads the chunk's cached keys and values ([CH, Hkv, d], one contiguous block) once, whatever the heads,
    and a long context spreads over the threads however few rows and KV heads there are. Each chunk keeps each
@@ -1108,23 +1151,14 @@ static inline const void *at_el(const void *c, size_t i, int half) {
 static void attend_chunks(const float *q, const void *kc, const void *vc, const int64_t *slot, const int64_t *pos,
                           int B, int H, int Hkv, int d, int L, int window, float scale, const float *sinks,
                           float *out, int threads, int half) {
-    enum { CH = 64 };
     const int rep = H / Hkv;
     const size_t ld = (size_t)Hkv * d;  /* from one position's keys to the next */
-    int *t0 = malloc(sizeof(int) * (2 * B + 1)), *j0 = t0 + B + 1;
-    t0[0] = 0;
-    for (int b = 0; b < B; b++) {
-        const int p = (int)pos[b];
-        j0[b] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        t0[b + 1] = t0[b] + (p - j0[b] + CH) / CH;  /* p - j0 + 1 positions */
-    }
-    const int T = t0[B];
+    int *j0, *t0 = chunk_table(pos, B, window, &j0), T = t0[B];
     float *pm = malloc(sizeof(float) * (size_t)T * H * 2), *pc = malloc(sizeof(float) * (size_t)T * H * d);
     #pragma omp parallel for num_threads(threads) schedule(dynamic) if (T >= 2)
     for (int t = 0; t < T; t++) {
-        int b = 0;
-        while (t >= t0[b + 1]) b++;
-        const int a = j0[b] + (t - t0[b]) * CH, e = a + CH < (int)pos[b] + 1 ? a + CH : (int)pos[b] + 1, m = e - a;
+        int a, m;
+        const int b = chunk_of(t0, j0, pos, t, &a, &m);
         const size_t first = ((size_t)slot[b] * L + a) * ld;
         float *sc = malloc(sizeof(float) * (size_t)H * m), *st = pm + (size_t)t * H * 2;
         for (int g = 0; g < Hkv; g++)
@@ -1141,19 +1175,7 @@ static void attend_chunks(const float *q, const void *kc, const void *vc, const 
                      ld, d, pc + ((size_t)t * H + g * rep + r0) * d, half);
         free(sc);
     }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
-    for (int bh = 0; bh < B * H; bh++) {
-        const int b = bh / H, h = bh % H;
-        float mx = sinks ? sinks[h] : -INFINITY, *o = out + (size_t)bh * d;
-        for (int t = t0[b]; t < t0[b + 1]; t++) mx = fmaxf(mx, pm[((size_t)t * H + h) * 2]);
-        float tot = sinks ? expf(sinks[h] - mx) : 0.f;
-        for (int t = t0[b]; t < t0[b + 1]; t++) tot += expf(pm[((size_t)t * H + h) * 2] - mx) * pm[((size_t)t * H + h) * 2 + 1];
-        memset(o, 0, sizeof(float) * d);
-        for (int t = t0[b]; t < t0[b + 1]; t++) {
-            const float f = expf(pm[((size_t)t * H + h) * 2] - mx) / tot, *pt = pc + ((size_t)t * H + h) * d;
-            for (int c = 0; c < d; c++) o[c] += f * pt[c];
-        }
-    }
+    merge_chunks(pm, pc, t0, B, H, d, sinks, out, threads);
     free(t0);
     free(pm);
     free(pc);
@@ -1342,18 +1364,13 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
        for all its heads: each latent is read once, not once a head (16-128 times), and a long context spreads over
        the threads however few rows there are. Each chunk keeps its own softmax max, sum and context per head; they
        are merged after, in chunk order (flash decoding), so the result does not depend on the thread count. */
-    enum { CH = 64 };
-    int *t0 = malloc(sizeof(int) * (B + 1));
-    t0[0] = 0;
-    for (int b = 0; b < B; b++) t0[b + 1] = t0[b] + ((int)pos[b] + CH) / CH;  /* pos + 1 positions */
-    const int T = t0[B];
+    int *j0, *t0 = chunk_table(pos, B, 0, &j0), T = t0[B];
     float *pm = malloc(sizeof(float) * (size_t)T * H * 2), *pc = malloc(sizeof(float) * (size_t)T * H * r);
     #pragma omp parallel for num_threads(threads) schedule(dynamic) if (T >= 2)
     for (int t = 0; t < T; t++) {
-        int b = 0;
-        while (t >= t0[b + 1]) b++;
-        const int j0 = (t - t0[b]) * CH, j1 = j0 + CH < (int)pos[b] + 1 ? j0 + CH : (int)pos[b] + 1, m = j1 - j0;
-        const void *k0 = at_el(kc, ((size_t)slot[b] * L + j0) * kvw, half);
+        int a, m;
+        const int b = chunk_of(t0, j0, pos, t, &a, &m);
+        const void *k0 = at_el(kc, ((size_t)slot[b] * L + a) * kvw, half);
         const float *qb = qry + (size_t)b * H * kvw;
         float *sc = malloc(sizeof(float) * (size_t)m * H), *cx = pc + (size_t)t * H * r, *st = pm + (size_t)t * H * 2;
         for (int hh = 0; hh < H; hh += 4) scores4(qb + (size_t)hh * kvw, H - hh < 4 ? H - hh : 4, k0, kvw, m, kvw, scale,
@@ -1366,19 +1383,12 @@ void kq_mla_block(float *x, float *hn, int B, int D, const float *ln, const floa
             mix4(sc + (size_t)hh * m, m, H - hh < 4 ? H - hh : 4, k0, kvw, r, cx + (size_t)hh * r, half);
         free(sc);
     }
-    #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
-    for (int bh = 0; bh < B * H; bh++) {  /* merge a row's chunks per head, then (float kv_b) its value half */
-        const int b = bh / H, hh = bh % H;
-        float mx = -INFINITY, tot = 0.f, *cx = ctx + (size_t)bh * r;
-        for (int t = t0[b]; t < t0[b + 1]; t++) mx = fmaxf(mx, pm[((size_t)t * H + hh) * 2]);
-        for (int t = t0[b]; t < t0[b + 1]; t++) tot += expf(pm[((size_t)t * H + hh) * 2] - mx) * pm[((size_t)t * H + hh) * 2 + 1];
-        memset(cx, 0, sizeof(float) * r);
-        for (int t = t0[b]; t < t0[b + 1]; t++) {
-            const float f = expf(pm[((size_t)t * H + hh) * 2] - mx) / tot, *pt = pc + ((size_t)t * H + hh) * r;
-            for (int c = 0; c < r; c++) cx[c] += f * pt[c];
-        }
-        if (!wvb) {
-            const float *wv = wkvb + ((size_t)hh * (nope + vd) + nope) * r;
+    merge_chunks(pm, pc, t0, B, H, r, NULL, ctx, threads);
+    if (!wvb) {  /* float kv_b: each head's context through its value half */
+        #pragma omp parallel for num_threads(threads) schedule(static) if (B * H >= 2)
+        for (int bh = 0; bh < B * H; bh++) {
+            const int b = bh / H, hh = bh % H;
+            const float *wv = wkvb + ((size_t)hh * (nope + vd) + nope) * r, *cx = ctx + (size_t)bh * r;
             float *ot = att + (size_t)b * H * vd + (size_t)hh * vd;
             for (int v = 0; v < vd; v++) ot[v] = dotf(wv + (size_t)v * r, cx, r);
         }

@@ -12,7 +12,7 @@ import torch
 from . import ckernel as ck
 
 
-def _half(cache: torch.Tensor) -> int:
+def half_flag(cache: torch.Tensor) -> int:
     """kq_attend's flag for a bf16 KV cache (written rounded as torch rounds, read back exactly)."""
     return 16 if cache.dtype == torch.bfloat16 else 0
 
@@ -25,7 +25,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     rotated by tables' cos/sin [B, 1, 1, rd] when given), written into the caches kc/vc [slots,
     L, Hkv, d] at (slot, pos), then each row attends over its slot up to pos (within window), sinks [H] joining
     the softmax. flags: 2, each head's dims reordered from rotary pairs to halves first (model.rotate's, for
-    ERNIE); 4, the norms after the rotary (Hunyuan). The caches may be float32 or bf16 (_half: said to the routine
+    ERNIE); 4, the norms after the rotary (Hunyuan). The caches may be float32 or bf16 (half_flag: said to the routine
     here). Returns out [B, H, d]; None where the routine is not built (nothing written then)."""
     lib = ck.library()
     if lib is None:
@@ -36,7 +36,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, 
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
     rd = cs.shape[-1] if cs is not None else 0
     out = torch.empty(B, H, d)
-    flags |= _half(kc)
+    flags |= half_flag(kc)
     lib.kq_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(), vc.data_ptr(), slot.data_ptr(),
                   pos.data_ptr(), cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
                   rd, B, H, k.shape[1], d, kc.shape[1], window or 0, scale,
@@ -66,7 +66,7 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
                        cs.shape[-1] if cs is not None else 0, heads, Hkv, d, kc.shape[1], window or 0, scale,
                        sinks.data_ptr() if sinks is not None else None, *(
                            (norms[0].data_ptr(), norms[1].data_ptr()) if norms else (None, None)),
-                       flags | _half(kc), *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
+                       flags | half_flag(kc), *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
                        ck.KQ == "bf16")
     return hn
 
@@ -87,7 +87,7 @@ def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, 
     wqa, wq, wkva, wo = forms
     ck._lib.kq_mla_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps,
                       desc(wqa), ptr(plain[0]), desc(wq), desc(wkva), ptr(plain[1]), ptr(plain[2]), desc(wo), kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
-                      sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags | _half(kc),
+                      sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags | half_flag(kc),
                       *map(ptr, biases), *map(desc, heads_kv),
                       torch.get_num_threads(), ck.KQ == "bf16")
     return hn

@@ -191,13 +191,13 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
                 attn = [wq.cdesc[0], desc(vb), wo.cdesc[0], kv.k[i].data_ptr(), 0, 0, 0, 0, 0]
                 bias3 = (0, 0, ptr(bo))
                 latent = [1, desc(wqa), ptr(qan), wkva.cdesc[0], ptr(kvan), ptr(wkvb), ptr(bqa), ptr(bkva), *dims, desc(kb)]
-                flags |= cstep._half(kv.k[i])
+                flags |= cstep.half_flag(kv.k[i])
             else:
                 (wqkv, wo, *_), wv, ln, ln2, norms, flags, sinks, scale, window, biases = block
                 attn = [wqkv.cdesc[0], desc(wv), wo.cdesc[0], kv.k[i].data_ptr(), kv.v[i].data_ptr(), window or 0,
                         ptr(sinks), *(map(ptr, norms or (None, None)))]
                 bias3, latent = tuple(map(ptr, biases)), [0] * 12
-                flags |= cstep._half(kv.k[i])
+                flags |= cstep.half_flag(kv.k[i])
             p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
             routes, shared = model._step["mlps"][i]
             (descs, used, n, _), _, act = tables[i] if routes else ((None, None, 0, 0), 0, None)

@@ -281,12 +281,13 @@ class GGUFModel:
             yield f"{pre}.gate_up_proj_bias", torch.stack((gate, up), -1).flatten(-2).contiguous()
             yield f"{pre}.down_proj_bias", biases[(layer, "ffn_down_exps")].contiguous()
 
-    def dense_blocks(self):
+    def dense_blocks(self, names=None):
         """The dense projections (quant.DENSE_PROJECTIONS) the file holds quantised, one at a time, as their
         packed rows: (Hugging Face name, uint8 [rows, bytes], ggml type), what llama.cpp multiplies. Tensors
         the import joins (Granite's shared gate/up) or splits (DeepSeek's kv_b) are left out; a hybrid model's
         (Qwen3-Next, Qwen3.5) come in the import's row order where reordering whole rows gives it
-        (gguf_hybrid.block_rows), and are left out where it does not."""
+        (gguf_hybrid.block_rows), and are left out where it does not. names: only these (the others' rows are
+        not read)."""
         from .quant import DENSE_PROJECTIONS
         cfg = self.config() if self.arch in hybrid.ARCHS else None
         heads = {"attn_q": self.need("attention.head_count"), "attn_k": self.get("attention.head_count_kv")}
@@ -294,7 +295,8 @@ class GGUFModel:
         for name, (_, t) in self.tensors.items():
             hf = _hf_name(name, self.arch)
             if hf is None or not hf.endswith(".weight") or t.tensor_type in FLOAT_TYPES or t.data.ndim != 2 \
-                    or hf.removesuffix(".weight").rsplit(".", 1)[-1] not in DENSE_PROJECTIONS:
+                    or hf.removesuffix(".weight").rsplit(".", 1)[-1] not in DENSE_PROJECTIONS \
+                    or names is not None and hf not in names:
                 continue
             rows = torch.from_numpy(np.array(t.data))
             kind = name.split(".")[2] if name.startswith("blk.") else ""
@@ -309,16 +311,15 @@ class GGUFModel:
         from gguf import GGML_QUANT_SIZES
         out = {}
         for hf, rows, qtype in self.dense_blocks():
-            block, size = GGML_QUANT_SIZES[gguf_type(qtype)]
+            block, size = GGML_QUANT_SIZES[qtype]
             out[hf] = [rows.shape[0], rows.shape[1] // size * block]
         return out
 
     def dequantized_blocks(self, names, dtype: torch.dtype):
         """(name, float tensor) for the dense_blocks named, one at a time: a lean import's projections (below)."""
         from .gguf_blocks import dequantize
-        for hf, rows, qtype in self.dense_blocks():
-            if hf in names:
-                yield hf, dequantize(rows, qtype).to(dtype)
+        for hf, rows, qtype in self.dense_blocks(names):
+            yield hf, dequantize(rows, qtype).to(dtype)
 
     def expert_tensor(self, layer: int, kind: str):
         """(file, gguf-py tensor) of one stacked expert tensor [E, rows, packed row bytes]."""
@@ -379,11 +380,6 @@ def open_gguf(path: str | Path) -> GGUFModel:
     p = Path(path).resolve()
     st = p.stat()
     return _opened(str(p), (st.st_size, st.st_mtime_ns))
-
-
-def gguf_type(qtype: int):
-    from gguf import GGMLQuantizationType
-    return GGMLQuantizationType(qtype)
 
 
 def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16,
