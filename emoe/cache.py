@@ -60,10 +60,13 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I,H], up [I,H
 class ExpertCache:
     def __init__(self, store, budget_bytes: int, device: torch.device, dtype: torch.dtype,
                  num_layers: int, num_experts: int, expert_numel: int, kernel: bool = True):
-        """kernel: on CPU, hold copies in the layout of PyTorch's int4 matmul kernel (quant.KTensor)."""
+        """kernel: on CPU, hold copies in the layout of PyTorch's int4 matmul kernel (quant.KTensor). A store
+        whose reads are kernel forms (formstore: a CPU's fast tier holds them as they are) sets what an expert
+        costs: its largest expert's forms, so the budget holds whichever experts are admitted."""
         self.store, self.device, self.dtype = store, torch.device(device), dtype
         self.kernel = kernel
-        self.expert_bytes = expert_numel * torch.empty((), dtype=dtype).element_size()
+        self.forms = getattr(store, "form_tier", False)
+        self.expert_bytes = store.expert_nbytes if self.forms else expert_numel * torch.empty((), dtype=dtype).element_size()
         self.budget_bytes = int(budget_bytes)
         if self.budget_bytes < 0:
             raise BudgetError("budget must be non-negative")
@@ -179,6 +182,9 @@ class ExpertCache:
         tier in host RAM quantises each at every precision now, off the serving path."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
+        if self.forms:
+            raise BudgetError("experts held as the file's own kernel forms take no low-bit copies: choose the "
+                              "reroute, load or host miss policy (or --experts-on ram)")
         if hi_bits and hi_bits <= bits:
             raise ValueError(f"hi_bits ({hi_bits}) must exceed the base shadow precision ({bits})")
         w = self.store.read(layers[0], 0)
@@ -266,6 +272,8 @@ class ExpertCache:
     def bring(self, layer: int, expert: int) -> Weights:
         """An expert's weights copied into the fast tier's device and dtype, admitting nothing (admit's copy;
         alone, it times a load)."""
+        if self.forms:
+            return self.store.read(layer, expert)
         packed, unpack = self.store.read_packed(layer, expert)  # unpacked where it lands: fewer bytes cross
         w = tuple(t.to(self.dtype) for t in unpack(tuple(t.to(self.device, non_blocking=True) for t in packed)))
         if self.device.type == "cuda":

@@ -8,12 +8,13 @@ scheduler drives.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from . import ckernel, decode_block, grammar
+from . import ckernel, decode_block, formstore, grammar
 from .cache import BudgetError, ExpertCache
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -101,7 +102,9 @@ class Engine:
         c = self.cfg
         layers = list(c.moe_layers)
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
-        expert_bytes = self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
+        self.store = self._form_tier(cfg)
+        expert_bytes = self.store.expert_nbytes if self.store is not None else \
+            self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
         self.total_expert_bytes = expert_bytes * len(layers) * c.num_experts
         full = cfg.miss_policy == "all" and policy is None or self.policy.name == "all"
         budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
@@ -112,8 +115,8 @@ class Engine:
                               f"({need // expert_bytes} experts of {expert_bytes} bytes; "
                               f"top-{c.top_k} over {len(layers)} MoE layers)")
         check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
-        self.store = open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(self.policy, "defers"),
-                                int8=cfg.host_int8, form_bits=cfg.host_form_bits)
+        self.store = self.store or open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(
+            self.policy, "defers"), int8=cfg.host_int8, form_bits=cfg.host_form_bits)
         if self.device.type == "cpu":
             ckernel.library()  # built now (under a second, once per machine), not in the first long prompt
         self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
@@ -177,6 +180,19 @@ class Engine:
             self._warm_up()
         else:
             decode_block.prepare(self.model)
+
+    def _form_tier(self, cfg: EngineConfig):
+        """On a CPU with packed experts on disk, a store of their kernel forms (formstore), so the fast tier holds
+        experts at about the file's size rather than dequantised (float32: 7x a Q4_K expert); None elsewhere:
+        a GPU, experts in RAM, full-precision checkpoints, low-bit copies (which packed forms do not take)."""
+        if self.device.type != "cpu" or cfg.experts_on != "disk" or not cfg.host_kernel \
+                or getattr(self.policy, "shadow_bits", 0) or not formstore.usable(self.ckpt):
+            return None
+        try:
+            return formstore.FormDiskStore(self.ckpt, cfg.host_int8, cfg.host_form_bits)
+        except formstore.FormsUnavailable as e:
+            print(f"[emoe] experts held dequantised in the fast tier: {e}", file=sys.stderr)
+            return None
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -49,24 +49,27 @@ def folder(ckpt, options: dict) -> Path | None:
     return base / h.hexdigest()[:20]
 
 
+def _view(buf, d, shift: int = 0):
+    off, dtype, shape = d
+    n = torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+    return buf[off - shift: off - shift + n].view(_DTYPES[dtype]).view(shape)
+
+
+def item(buf, d: dict, shift: int = 0):
+    """One saved tensor or kernel form as views into buf, whose byte 0 is the layer's byte `shift`."""
+    if "t" in d:
+        return _view(buf, d["t"], shift)
+    return KTensor(tuple(_view(buf, p, shift) for p in d["planes"]), tuple(_view(buf, z, shift) for z in d["sz"]),
+                   tuple(d["shape"]), d["bits"], d["group"],
+                   None if d.get("lut") is None else torch.tensor(d["lut"], dtype=_DTYPES[d["lut_dtype"]]),
+                   None if d.get("high") is None else _view(buf, d["high"], shift), d.get("hbits", 0), d.get("i8", False))
+
+
 def load_layer(where: Path | None, layer: int, keys: list, pin: bool) -> list[tuple] | None:
     """The layer's experts (in keys' order) as saved, or None where there is no complete file for them."""
     path = None if where is None else where / f"layer-{layer}.safetensors"
     if path is None or not path.is_file():
         return None
-
-    def view(buf, d):
-        off, dtype, shape = d
-        n = torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
-        return buf[off: off + n].view(_DTYPES[dtype]).view(shape)
-
-    def item(buf, d):
-        if "t" in d:
-            return view(buf, d["t"])
-        return KTensor(tuple(view(buf, p) for p in d["planes"]), tuple(view(buf, z) for z in d["sz"]),
-                       tuple(d["shape"]), d["bits"], d["group"],
-                       None if d.get("lut") is None else torch.tensor(d["lut"], dtype=_DTYPES[d["lut_dtype"]]),
-                       None if d.get("high") is None else view(buf, d["high"]), d.get("hbits", 0), d.get("i8", False))
     try:
         with safe_open(str(path), framework="pt") as f:
             layout = json.loads(f.metadata()["layout"])
@@ -77,6 +80,25 @@ def load_layer(where: Path | None, layer: int, keys: list, pin: bool) -> list[tu
         return [tuple(item(buf, d) for d in ex) for ex in layout["experts"]]
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError):
         return None  # a torn or foreign file: built afresh, and written again
+
+
+def index_layer(where: Path | None, layer: int, keys: list) -> tuple[str, int, list] | None:
+    """Where a saved layer's bytes lie, without reading them: (file, offset of the layer's byte 0 in it, each
+    expert's saved descriptors, for `item`), or None where there is no complete file for these keys."""
+    path = None if where is None else where / f"layer-{layer}.safetensors"
+    if path is None or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        layout = json.loads(header["__metadata__"]["layout"])
+        a, b = header["buf"]["data_offsets"]
+        if layout["keys"] != [list(k) for k in keys] or 8 + n + b != path.stat().st_size:
+            return None
+        return str(path), 8 + n + a, layout["experts"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def save_layer(where: Path | None, layer: int, keys: list, experts: list[tuple], buf: torch.Tensor) -> bool:

@@ -78,6 +78,8 @@ class DiskStore:
         fd, direct = self._fd(run[0].path)
         lo = start - start % ALIGN if direct else start
         hi = -(-end // ALIGN) * ALIGN if direct else end
+        if hi - lo > len(self._buf):  # a forms tier's experts (formstore) can outgrow the checkpoint's spans
+            self._buf = mmap.mmap(-1, -(-(hi - lo) // ALIGN) * ALIGN)
         view = memoryview(self._buf)[: hi - lo]
         try:
             got = os.preadv(fd, [view], lo)
@@ -141,19 +143,12 @@ class RamStore:
         by_layer: dict[int, list] = {}
         for key in ckpt.experts:
             by_layer.setdefault(key[0], []).append(key)
-        if host_forms:
-            from .forms import host_forms_of
         where = formcache.folder(ckpt, {"int8": int8, "kinds": kinds}) if host_forms else None
         wrote = 0
         for layer, keys in by_layer.items():
             got = formcache.load_layer(where, layer, keys, pin)  # a previous start's forms
             if got is None:
-                held = []
-                for key in keys:
-                    ts = disk.read_raw(*key) if key in self._packed else disk.read(*key)
-                    held.append(host_forms_of(ckpt.experts[key], ts, int8, kinds) if host_forms else ts)
-                got, buf = _contiguous(held, pin)
-                del held
+                got, buf = layer_forms(disk, keys, (int8, kinds) if host_forms else None, pin)
                 if any(isinstance(t, KTensor) for ts in got for t in ts) and formcache.save_layer(where, layer, keys, got, buf):
                     wrote += buf.nbytes
                 del buf
@@ -213,6 +208,18 @@ class RamStore:
         pass
 
 
+def layer_forms(disk: DiskStore, keys: list, forms: tuple | None, pin: bool = False) -> tuple[list[tuple], torch.Tensor]:
+    """A layer's experts read from the checkpoint, with host forms where forms = (int8, kinds) asks for them
+    (forms.host_forms_of), in one allocation (_contiguous): what the RAM tier holds and the forms cache saves."""
+    from .forms import host_forms_of
+    held = []
+    for key in keys:
+        locs = disk.ckpt.experts[key]
+        ts = disk.read_raw(*key) if locs.layout in PACKED else disk.read(*key)
+        held.append(host_forms_of(locs, ts, *forms) if forms is not None else ts)
+    return _contiguous(held, pin)
+
+
 def _unform(locs: ExpertLocs, tensors: tuple, keep_forms: bool = False) -> tuple:
     """An expert the RAM tier holds with host forms (gate, up, down), as a load takes it (keep_forms: as a
     host run does): forms dequantised, float32 for a GGUF as its blocks unpack, else bf16 as the releases'
@@ -257,12 +264,12 @@ def _mem_available() -> int | None:
         return None
 
 
-def _form_kinds(ckpt: Checkpoint, bits: int = 8) -> dict:
+def _form_kinds(ckpt: Checkpoint, bits: int = 8, fit: bool = True) -> dict:
     """Which packed kinds (forms.form_parts) the RAM tier holds as host forms, and at how many bits (4 or 8, for
     the low-bit types that are quantised again: forms.int4_able; bits=4 asks for int4 there), while the tier
     fits 85% of the RAM available: where it would not, those types' int8 forms become int4 ones first (largest
     growth first: half the bytes), then the types that grow the tier most stay packed and host runs dequantise
-    them, slower but in the file's size."""
+    them, slower but in the file's size. fit=False: every kind at `bits`, whatever RAM holds (formstore's disk tier)."""
     from .forms import form_parts, form_ratio, int4_able
     packed: dict = {}
     for locs in ckpt.experts.values():
@@ -270,7 +277,7 @@ def _form_kinds(ckpt: Checkpoint, bits: int = 8) -> dict:
             packed[kind] = packed.get(kind, 0) + nbytes
     packed = {k: n for k, n in packed.items() if form_ratio(k) is not None}
     want = {k: 4 if bits == 4 and int4_able(k) else 8 for k in packed}
-    base, avail = sum(locs.nbytes for locs in ckpt.experts.values()), _mem_available()
+    base, avail = sum(locs.nbytes for locs in ckpt.experts.values()), _mem_available() if fit else None
     growth = lambda k, b: (form_ratio(k, b) - 1) * packed[k]  # noqa: E731
     fits = lambda: avail is None or base + sum(growth(k, b) for k, b in want.items()) <= 0.85 * avail  # noqa: E731
     halved, dropped = [], []

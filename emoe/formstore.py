@@ -1,0 +1,107 @@
+"""Slow tier for a CPU with less RAM than the model: the experts' kernel forms on disk, read one expert at a time.
+
+On a CPU both tiers are host memory, and a GGUF's experts are multiplied in their kernel forms (forms.py), about
+the file's size. The fast tier (cache.ExpertCache) then holds those forms, under the byte budget, for the experts
+the residency policy picks; this tier reads any other expert's forms from the forms cache's layer files
+(formcache), built from the file at the first start: one O_DIRECT read per expert, in the layout the C
+routines multiply, so a miss neither repacks nor passes through the page cache. llama.cpp maps the file
+instead, and when the file outgrows RAM the kernel's page cache decides what stays: docs/results/
+larger_than_ram.txt measures both under the same memory limit.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from . import formcache
+from .checkpoint import PACKED, Checkpoint, TensorLoc
+from .quant import KTensor
+from .store import DiskStore, StoreStats, _form_kinds, _trim_heap, layer_forms
+
+
+class FormsUnavailable(RuntimeError):
+    """This checkpoint's experts cannot be held as forms on disk (the caller keeps the dequantising disk tier)."""
+
+
+def usable(ckpt: Checkpoint) -> bool:
+    """Whether the experts are stored packed (a GGUF's blocks, MXFP4, FP8): what has forms of the file's size."""
+    return all(locs.layout in PACKED for locs in ckpt.experts.values())
+
+
+class FormDiskStore:
+    tier = "disk"
+    forms = True
+    form_tier = True  # reads give the forms the fast tier holds as they are (cache.ExpertCache.bring)
+
+    def __init__(self, ckpt: Checkpoint, int8: bool = False, form_bits: int = 8):
+        if not usable(ckpt):
+            raise FormsUnavailable("the experts are not stored packed (a GGUF's blocks, MXFP4 or FP8)")
+        kinds = _form_kinds(ckpt, form_bits, fit=False)
+        where = formcache.folder(ckpt, {"int8": int8, "kinds": kinds})
+        if where is None:
+            raise FormsUnavailable("the forms cache is off (EMOE_FORMS_CACHE=0) or has no home folder")
+        self.ckpt, self.stats, self.direct = ckpt, StoreStats(), True
+        self._disk = DiskStore(ckpt)  # reads the checkpoint to build, then the layer files (its fds, its buffer)
+        by_layer: dict[int, list] = {}
+        for key in ckpt.experts:
+            by_layer.setdefault(key[0], []).append(key)
+        self._spans: dict[tuple[int, int], tuple[TensorLoc, int, list]] = {}
+        wrote = 0
+        for layer, keys in by_layer.items():
+            index = formcache.index_layer(where, layer, keys)
+            if index is None:  # built one layer at a time: never more than a layer's forms in RAM
+                got, buf = layer_forms(self._disk, keys, (int8, kinds))
+                formed = all(isinstance(t, KTensor) for ts in got for t in ts)
+                if not formed or not formcache.save_layer(where, layer, keys, got, buf):
+                    raise FormsUnavailable("some expert matrices have no kernel form (float experts: --host-int8)"
+                                           if not formed else f"no room to save the forms in {where}")
+                wrote += buf.nbytes
+                del got, buf
+                _trim_heap()
+                index = formcache.index_layer(where, layer, keys)
+                if index is None:
+                    raise FormsUnavailable(f"the saved forms of layer {layer} cannot be read back from {where}")
+            path, base, experts = index
+            for key, descs in zip(keys, experts):
+                offs = [p for d in descs for p in _parts(d)]
+                lo, hi = min(o for o, _ in offs), max(o + n for o, n in offs)
+                self._spans[key] = (TensorLoc(path, base + lo, hi - lo, "U8", (hi - lo,)), lo, descs)
+        if wrote:
+            formcache.note(where, ckpt.dir, wrote)
+        self.expert_nbytes = max(loc.nbytes for loc, _, _ in self._spans.values())  # what the fast tier charges each
+        self.total_nbytes = sum(loc.nbytes for loc, _, _ in self._spans.values())
+        print(f"[emoe] experts on disk as kernel forms ({self.total_nbytes / 2**30:.2f} GiB in {where}); the fast tier "
+              f"holds the budget's share of them in RAM", file=sys.stderr)
+
+    def read(self, layer: int, expert: int) -> tuple[KTensor, ...]:
+        """The expert's forms, in memory of their own (the fast tier keeps them)."""
+        loc, lo, descs = self._spans[(layer, expert)]
+        t0 = time.perf_counter()
+        buf = self._disk._read_run([loc])[0]  # a copy out of the reused aligned buffer
+        self.stats.reads += 1
+        self.stats.bytes_read += loc.nbytes
+        self.stats.seconds += time.perf_counter() - t0
+        return tuple(formcache.item(buf, d, lo) for d in descs)
+
+    def read_packed(self, layer: int, expert: int):
+        return self.read(layer, expert), lambda ts: ts
+
+    read_host = read
+
+    def host_forms(self, layer: int, expert: int) -> None:
+        """None: every expert here takes a read (dispatch then fetches each through the miss policy)."""
+        return None
+
+    def close(self) -> None:
+        self._disk.close()
+
+
+def _parts(d: dict) -> list[tuple[int, int]]:
+    """(offset, bytes) of each view a saved descriptor names."""
+    views = [d["t"]] if "t" in d else [*d["planes"], *d["sz"], *([d["high"]] if d.get("high") else [])]
+    out = []
+    for off, dtype, shape in views:
+        out.append((off, torch.Size(shape).numel() * torch.empty(0, dtype=formcache._DTYPES[dtype]).element_size()))
+    return out

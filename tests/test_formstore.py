@@ -1,0 +1,88 @@
+"""emoe.formstore: on a CPU, a GGUF's experts on disk as kernel forms, the fast tier holding the budget's share of
+them as they are (the model larger than RAM)."""
+import pytest
+import torch
+
+from emoe.engine import Engine, EngineConfig, SamplingParams
+from emoe.formstore import FormDiskStore
+from emoe.quant import KTensor
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+PROMPTS = ["hello there", "the cat sat on"]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    from gguf_writer import write_gguf
+    from tiny import make_tiny
+
+    from emoe.gguf_import import import_gguf
+    d = tmp_path_factory.mktemp("fs")
+    hf = make_tiny("qwen3_moe", d / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
+    gguf = write_gguf(hf, d / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
+    return import_gguf(gguf, d / "imp", dtype=torch.float32)
+
+
+@pytest.fixture
+def cache_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "emoe" / "forms"
+
+
+def _run(model, **kw):
+    eng = Engine(EngineConfig(str(model), **kw))
+    return eng, eng.generate(PROMPTS, GREEDY, chat=False)
+
+
+def test_disk_forms_give_the_ram_tiers_tokens_at_any_budget(imported, cache_on):
+    _, want = _run(imported, miss_policy="host", budget=0, experts_on="ram")
+    for policy, budget in (("host", 0.5), ("load", 0.5), ("host", 0.0), ("all", 1.0)):
+        eng, got = _run(imported, miss_policy=policy, budget=budget, experts_on="disk")
+        assert isinstance(eng.store, FormDiskStore) and eng.cache.forms
+        assert [r.output_ids for r in got] == [r.output_ids for r in want], (policy, budget)
+        assert eng.cache.used_bytes <= eng.cache.budget_bytes
+        held = [eng.cache.peek(k) for k in eng.cache.resident()]
+        assert all(isinstance(t, KTensor) for w in held for t in w)  # the file's forms, not float copies
+        if policy == "load":
+            s = eng.cache.stats
+            assert s.loads > 0 and s.evictions > 0 and eng.store.stats.reads >= s.loads
+
+
+def test_the_fast_tier_charges_each_expert_its_forms_not_float32(imported, cache_on):
+    eng, _ = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    store = eng.store
+    sizes = {k: sum(t.nbytes for t in store.read(*k)) for k in store._spans}
+    assert store.expert_nbytes == max(sizes.values()) and eng.cache.expert_bytes == store.expert_nbytes
+    c = eng.cfg
+    assert store.expert_nbytes < 3 * c.moe_intermediate_size * c.hidden_size  # under a byte a weight (Q4_K/Q8_0/Q6_K)
+    assert len(eng.cache) == int(0.5 * eng.total_expert_bytes) // store.expert_nbytes
+
+
+def test_a_second_start_reads_the_layer_files_and_a_torn_one_is_rebuilt(imported, cache_on, monkeypatch):
+    from emoe import forms
+    built = []
+    real = forms.host_forms_of
+    monkeypatch.setattr(forms, "host_forms_of", lambda *a: built.append(1) or real(*a))
+    _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    n = len(built)
+    assert n
+    eng, first = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    assert len(built) == n  # nothing built again
+    (folder,) = list(cache_on.iterdir())
+    layer0 = folder / "layer-0.safetensors"
+    layer0.write_bytes(layer0.read_bytes()[:-100])  # torn: its data ends early
+    eng, again = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    assert len(built) > n and [r.output_ids for r in again] == [r.output_ids for r in first]
+
+
+def test_without_the_forms_cache_or_with_copies_the_fast_tier_stays_float(imported, monkeypatch, capsys):
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
+    eng, _ = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms
+    assert "experts held dequantised in the fast tier: the forms cache is off" in capsys.readouterr().err
+
+
+def test_low_bit_copies_keep_the_dequantising_tier(imported, cache_on):
+    eng = Engine(EngineConfig(str(imported), miss_policy="shadow", budget=0.6, experts_on="disk"))
+    assert not isinstance(eng.store, FormDiskStore)
