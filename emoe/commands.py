@@ -80,16 +80,34 @@ def _default_placement(args, model: str, budget: float) -> None:
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
     if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
-        print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
-              "CPU in kernel forms where RAM holds them (emoe's C routines), and a GGUF's dense projections on its own blocks "
-              "(--budget 1 holds the experts dequantised instead, --no-dense-blocks the dense as float copies; "
-              "--dense-int8 runs the MXFP4 and FP8 releases' dense projections as int8, at some accuracy)", file=sys.stderr)
+        if not _larger_than_ram(args, model):
+            print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
+                  "CPU in kernel forms where RAM holds them (emoe's C routines), and a GGUF's dense projections on its own blocks "
+                  "(--budget 1 holds the experts dequantised instead, --no-dense-blocks the dense as float copies; "
+                  "--dense-int8 runs the MXFP4 and FP8 releases' dense projections as int8, at some accuracy)", file=sys.stderr)
     if args.dense_blocks is None:  # a GGUF's own blocks: llama.cpp's arithmetic, faster than float copies
         args.dense_blocks = not torch.cuda.is_available()
     args.budget = budget if args.budget is None else args.budget
     args.experts_on = args.experts_on or "disk"
     if args.miss_policy is None:
         args.miss_policy = "reroute" if _profile_dir(args, model) else "auto"
+
+
+def _larger_than_ram(args, model: str) -> bool:
+    """Where the packed experts would take more than 80% of the RAM available: they stay on disk as kernel forms
+    (formstore) and the fast tier holds what 60% of it holds, loaded on demand (LRU: exact). With the file mapped,
+    llama.cpp's page cache thrashes instead: docs/results/larger_than_ram.txt."""
+    from .checkpoint import Checkpoint
+    from .store import _mem_available
+    experts = sum(locs.nbytes for locs in Checkpoint(model).experts.values())
+    avail = _mem_available()
+    if avail is None or experts <= 0.8 * avail:
+        return False
+    args.miss_policy, args.budget, args.experts_on = "load", float(int(0.6 * avail)), "disk"
+    print(f"[emoe] no GPU, and the experts ({experts / 2**30:.1f} GiB packed) outgrow the {avail / 2**30:.1f} GiB of RAM "
+          f"available: they stay on disk in kernel forms, {args.budget / 2**30:.1f} GiB of them held in RAM and the "
+          f"others read when routed to (--budget BYTES sets how much is held)", file=sys.stderr)
+    return True
 
 
 def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:

@@ -37,7 +37,7 @@ def _run(model, **kw):
 
 def test_disk_forms_give_the_ram_tiers_tokens_at_any_budget(imported, cache_on):
     _, want = _run(imported, miss_policy="host", budget=0, experts_on="ram")
-    for policy, budget in (("host", 0.5), ("load", 0.5), ("host", 0.0), ("all", 1.0)):
+    for policy, budget in (("host", 0.5), ("load", 0.5), ("host", 0.0), ("load", 0.99)):
         eng, got = _run(imported, miss_policy=policy, budget=budget, experts_on="disk")
         assert isinstance(eng.store, FormDiskStore) and eng.cache.forms
         assert [r.output_ids for r in got] == [r.output_ids for r in want], (policy, budget)
@@ -83,6 +83,23 @@ def test_without_the_forms_cache_or_with_copies_the_fast_tier_stays_float(import
     assert "experts held dequantised in the fast tier: the forms cache is off" in capsys.readouterr().err
 
 
-def test_low_bit_copies_keep_the_dequantising_tier(imported, cache_on):
-    eng = Engine(EngineConfig(str(imported), miss_policy="shadow", budget=0.6, experts_on="disk"))
-    assert not isinstance(eng.store, FormDiskStore)
+def test_low_bit_copies_and_all_resident_keep_the_dequantising_tier(imported, cache_on):
+    for policy, budget in (("shadow", 0.6), ("all", 1.0), ("load", 1.0)):
+        eng = Engine(EngineConfig(str(imported), miss_policy=policy, budget=budget, experts_on="disk"))
+        assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms, policy
+
+
+def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(imported, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from emoe import commands, store
+    args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=None)
+    monkeypatch.setattr(store, "_mem_available", lambda: 2 << 30)  # room for these experts
+    commands._default_placement(args, str(imported), 1.0)
+    assert (args.miss_policy, args.budget, args.experts_on) == ("host", 0.0, "ram")
+    small = sum(locs.nbytes for locs in __import__("emoe.checkpoint").checkpoint.Checkpoint(imported).experts.values())
+    monkeypatch.setattr(store, "_mem_available", lambda: small)  # less than the experts and the rest
+    args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=None)
+    commands._default_placement(args, str(imported), 1.0)
+    assert (args.miss_policy, args.budget, args.experts_on) == ("load", float(int(0.6 * small)), "disk")
+    assert "outgrow" in capsys.readouterr().err and args.dense_blocks is True

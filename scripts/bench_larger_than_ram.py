@@ -1,0 +1,207 @@
+"""emoe and llama.cpp on a GGUF larger than the memory they are given, side by side in one run: each runs in a
+memory cgroup of its own limited to the same bytes (page cache included, as the kernel charges it), with the
+model's files dropped from the page cache first, and decodes the same prompts one request at a time on the
+same threads.
+
+- llama.cpp maps the file (`--no-repack`: by default it repacks every weight into anonymous memory, which the
+  limit kills, also run and reported) and the page cache decides which pages stay;
+- emoe holds a budget of experts in RAM as their kernel forms and reads the others' forms from its forms cache
+  with O_DIRECT (formstore), under each miss policy asked for: `load` (on demand, LRU), `host` (read and run,
+  the resident set stays as planned) and `reroute` (to a resident expert: no reads, not exact).
+
+emoe's budget is the limit less what the process holds besides experts, measured first: the peak memory of a
+run holding none (budget 0, `host` from disk) under no limit, plus --margin-mb.
+
+Needs root (a memory cgroup, v1 or v2) and a llama.cpp build with llama-server. The forms cache is built
+before any limited run (the first start writes it).
+
+    python scripts/bench_larger_than_ram.py --llama-cpp LLAMA_DIR --gguf FILE.gguf --limits-mb 1600,1200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PROMPTS = ["The history of the city begins", "Write a short story about a lighthouse keeper who",
+           "Explain how a refrigerator works:", "List five facts about the moon."]
+
+
+def memory_cgroup() -> tuple[Path, int]:
+    """This process's memory cgroup folder and its version (1 or 2)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrl, path = line.split(":", 2)
+        if "memory" in ctrl.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/"), 2
+    raise SystemExit("no memory cgroup found")
+
+
+class Limited:
+    """A fresh child cgroup limited to `limit` bytes (None: no limit), removed after."""
+
+    def __init__(self, limit: int | None, name: str):
+        parent, self.v = memory_cgroup()
+        self.dir = parent / f"emoe-bench-{name}-{os.getpid()}"
+        self.dir.mkdir()
+        if limit is not None:
+            (self.dir / ("memory.limit_in_bytes" if self.v == 1 else "memory.max")).write_text(str(limit))
+
+    def enter(self) -> None:  # preexec_fn: the child joins before it execs
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int:
+        return int((self.dir / ("memory.max_usage_in_bytes" if self.v == 1 else "memory.peak")).read_text())
+
+    def close(self) -> None:
+        for _ in range(50):
+            try:
+                self.dir.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """The files' pages out of the page cache, so no run finds the model there for free."""
+    for p in paths:
+        for f in ([p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def post(port: int, body: dict, timeout: float = 900) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def llama(a, limit: int | None, repack: bool) -> dict:
+    cg = Limited(limit, "llama")
+    cmd = [str(a.llama_cpp / "build/bin/llama-server"), "-m", str(a.gguf), "--port", str(a.port), "-t", str(a.threads),
+           "-np", "1", "-c", "1024", *([] if repack else ["--no-repack"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=cg.enter)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None:
+                    return {"error": f"exited {proc.returncode} while loading (the limit's OOM kill)"}
+                if time.time() > deadline:
+                    return {"error": "did not come up"}
+                time.sleep(0.2)
+        rates = []
+        for p in PROMPTS:
+            try:
+                r = post(a.port, {"prompt": p, "n_predict": a.tokens, "temperature": a.temperature, "top_k": 0,
+                                  "top_p": 1.0, "min_p": 0.0, "seed": 1, "ignore_eos": True, "cache_prompt": False})
+            except OSError:
+                return {"error": f"exited {proc.poll()} while decoding (the limit's OOM kill)"}
+            rates.append(r["timings"]["predicted_per_second"])
+        return {"tok_s": rates, "peak_mb": cg.peak() / 2**20}
+    finally:
+        proc.kill()
+        proc.wait()
+        cg.close()
+
+
+def emoe_child(a) -> None:
+    """Runs inside the cgroup: one engine, the prompts one at a time; prints a JSON line."""
+    from emoe.engine import Engine, EngineConfig, SamplingParams
+    eng = Engine(EngineConfig(str(a.model), budget=a.budget_bytes, miss_policy=a.policy, experts_on="disk",
+                              max_batch=1, dense_blocks=True))
+    rates = []
+    for p in PROMPTS:
+        t0 = time.perf_counter()
+        (r,) = eng.generate([p], SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
+                                                seed=1), chat=False)
+        rates.append((len(r.output_ids) - 1) / (time.perf_counter() - r.first_token_at))
+        assert r.first_token_at >= t0
+    s = eng.cache.stats
+    print(json.dumps({"tok_s": rates, "resident_mb": eng.cache.used_bytes / 2**20, "hit_rate": s.hit_rate,
+                      "read_mb": eng.store.stats.bytes_read / 2**20, "forms": bool(getattr(eng.store, "form_tier", 0))}))
+
+
+def emoe(a, limit: int | None, budget: int, policy: str) -> dict:
+    cg = Limited(limit, "emoe")
+    cmd = [sys.executable, __file__, "--child", "--model", str(a.model), "--budget-bytes", str(budget),
+           "--policy", policy, "--tokens", str(a.tokens), "--temperature", str(a.temperature)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, env=env)
+        if p.returncode:
+            return {"error": f"exited {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
+        return {**json.loads(p.stdout.strip().splitlines()[-1]), "peak_mb": cg.peak() / 2**20}
+    finally:
+        cg.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-cpp", type=Path)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--model", type=Path, help="emoe's import of the GGUF (default: emoe's own import folder for it)")
+    ap.add_argument("--limits-mb", default="1600,1200")
+    ap.add_argument("--policies", default="load,host,reroute")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature, the whole distribution (0: greedy; a random model's greedy answers "
+                         "repeat a few tokens, whose experts a cache then keeps)")
+    ap.add_argument("--margin-mb", type=float, default=64)
+    ap.add_argument("--port", type=int, default=8093)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--budget-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--policy", default="host", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return emoe_child(a)
+    if a.model is None:
+        from emoe.commands import _gguf_import_dir
+        a.model = _gguf_import_dir(a.gguf)
+    from emoe.engine import Engine, EngineConfig  # the import, and the forms cache, made here, unlimited
+    Engine(EngineConfig(str(a.model), budget=0, miss_policy="host", experts_on="disk", max_batch=1, dense_blocks=True))
+    files = [a.gguf, a.model, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"]
+    print(f"# {a.gguf} ({a.gguf.stat().st_size / 2**20:.0f} MiB), {a.tokens} tokens after each of {len(PROMPTS)} "
+          f"prompts, one request at a time, {a.threads} threads, temperature {a.temperature:g}; decode tokens/s, median (min-max)")
+    drop_cache(files)
+    base = emoe(a, None, 0, "host")
+    if "error" in base:
+        raise SystemExit(f"emoe's run without experts failed: {base['error']}")
+    drop_cache(files)
+    free = llama(a, None, False)
+    fmt = lambda r: (f"{statistics.median(r['tok_s']):7.1f} ({min(r['tok_s']):.1f}-{max(r['tok_s']):.1f})  "  # noqa: E731
+                     f"peak {r['peak_mb']:.0f} MiB" if "tok_s" in r else r["error"])
+    print(f"no limit   llama.cpp mmap      {fmt(free)}")
+    print(f"no limit   emoe, no expert held {fmt(base)} (what emoe holds besides experts)")
+    for mb in (float(x) for x in a.limits_mb.split(",")):
+        limit = int(mb * 2**20)
+        budget = max(0, int(limit - (base["peak_mb"] + a.margin_mb) * 2**20))
+        for repack in (False, True):
+            drop_cache(files)
+            print(f"{mb:6.0f} MiB llama.cpp {'repack' if repack else 'mmap  '}    {fmt(llama(a, limit, repack))}",
+                  flush=True)
+        for policy in a.policies.split(","):
+            drop_cache(files)
+            r = emoe(a, limit, budget, policy)
+            extra = (f"  budget {budget / 2**20:.0f} MiB, held {r['resident_mb']:.0f}, hit rate {r['hit_rate']:.2f}, "
+                     f"read {r['read_mb']:.0f} MiB" if "tok_s" in r else "")
+            print(f"{mb:6.0f} MiB emoe {policy:8s}       {fmt(r)}{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
