@@ -72,7 +72,8 @@ def _default_placement(args, model: str, budget: float) -> None:
     packed (a GGUF import, an MXFP4 or FP8 release) and no profile runs as llama.cpp does on a CPU: experts
     held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
     four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
-    float32. A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
+    float32; where those experts outgrow the RAM available, they stay on disk in kernel forms instead
+    (_larger_than_ram). A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
     dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
