@@ -29,6 +29,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serve_llamacpp import running  # noqa: E402
+
 PROMPTS = ["The history of the city begins", "Write a short story about a lighthouse keeper who",
            "Explain how a refrigerator works:", "List five facts about the moon."]
 
@@ -90,32 +93,20 @@ def llama(a, limit: int | None, repack: bool) -> dict:
     cg = Limited(limit, "llama")
     cmd = [str(a.llama_cpp / "build/bin/llama-server"), "-m", str(a.gguf), "--port", str(a.port), "-t", str(a.threads),
            "-np", "1", "-c", "1024", *([] if repack else ["--no-repack"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=cg.enter)
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None:
-                    return {"error": f"exited {proc.returncode} while loading (the limit's OOM kill)"}
-                if time.time() > deadline:
-                    return {"error": "did not come up"}
-                time.sleep(0.2)
-        rates = []
-        for p in PROMPTS:
-            try:
-                r = post(a.port, {"prompt": p, "n_predict": a.tokens, "temperature": a.temperature, "top_k": 0,
-                                  "top_p": 1.0, "min_p": 0.0, "seed": 1, "ignore_eos": True, "cache_prompt": False})
-            except OSError:
-                return {"error": f"exited {proc.poll()} while decoding (the limit's OOM kill)"}
-            rates.append(r["timings"]["predicted_per_second"])
-        return {"tok_s": rates, "peak_mb": cg.peak() / 2**20}
+        with running(cmd, a.port, preexec_fn=cg.enter):
+            rates = []
+            for p in PROMPTS:
+                try:
+                    r = post(a.port, {"prompt": p, "n_predict": a.tokens, "temperature": a.temperature, "top_k": 0,
+                                      "top_p": 1.0, "min_p": 0.0, "seed": 1, "ignore_eos": True, "cache_prompt": False})
+                except OSError:
+                    return {"error": "exited while decoding (the limit's OOM kill)"}
+                rates.append(r["timings"]["predicted_per_second"])
+            return {"tok_s": rates, "peak_mb": cg.peak() / 2**20}
+    except RuntimeError as e:  # it exited while loading: the limit's OOM kill
+        return {"error": f"{e}: killed while loading"}
     finally:
-        proc.kill()
-        proc.wait()
         cg.close()
 
 

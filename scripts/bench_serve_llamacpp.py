@@ -26,8 +26,8 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared/traces/AzureLLMInfe
 
 
 @contextmanager
-def running(cmd: list[str], port: int, env: dict | None = None, wait_s: float = 600):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def running(cmd: list[str], port: int, env: dict | None = None, wait_s: float = 600, preexec_fn=None):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, preexec_fn=preexec_fn)
     t0 = time.perf_counter()
     try:
         deadline = time.time() + wait_s

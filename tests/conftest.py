@@ -20,6 +20,29 @@ def tiny_mixtral(tmp_path_factory) -> Path:
     return make_tiny("mixtral", tmp_path_factory.mktemp("tiny") / "mixtral")
 
 
+@pytest.fixture(scope="session")
+def qwen_gguf_import(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE GGUF (experts Q4_K / Q8_0 / Q6_K, dense Q8_0) imported with its experts left in the file:
+    what the forms tests build kernel forms from. Read-only, as tiny_mixtral."""
+    import torch
+    from gguf_writer import write_gguf
+    from tiny import make_tiny
+
+    from emoe.gguf_import import import_gguf
+    d = tmp_path_factory.mktemp("qgguf")
+    hf = make_tiny("qwen3_moe", d / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
+    gguf = write_gguf(hf, d / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
+    return import_gguf(gguf, d / "imp", dtype=torch.float32)
+
+
+@pytest.fixture
+def forms_cache_on(monkeypatch, tmp_path) -> Path:
+    """The kernel forms cache on, in this test's own folder (returned)."""
+    monkeypatch.setenv("EMOE_FORMS_CACHE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "emoe" / "forms"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread, and do not fight a busy machine for cores."""

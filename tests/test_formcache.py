@@ -1,32 +1,12 @@
 """emoe.formcache: the RAM tier's kernel forms written at the first start and read back at the next."""
 import os
 
-import pytest
 import torch
 
 from emoe.checkpoint import Checkpoint
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.quant import KTensor
 from emoe.store import open_store
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    from gguf_writer import write_gguf
-    from tiny import make_tiny
-
-    from emoe.gguf_import import import_gguf
-    d = tmp_path_factory.mktemp("fc")
-    hf = make_tiny("qwen3_moe", d / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
-    gguf = write_gguf(hf, d / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
-    return import_gguf(gguf, d / "imp", dtype=torch.float32)
-
-
-@pytest.fixture
-def cache_on(monkeypatch, tmp_path):
-    monkeypatch.setenv("EMOE_FORMS_CACHE", "1")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return tmp_path / "emoe" / "forms"
 
 
 def _same(a, b) -> bool:
@@ -43,32 +23,32 @@ def _same(a, b) -> bool:
     return set(a._experts) == set(b._experts)
 
 
-def test_the_second_start_reads_the_forms_the_first_built(imported, cache_on, monkeypatch, capsys):
+def test_the_second_start_reads_the_forms_the_first_built(qwen_gguf_import, forms_cache_on, monkeypatch, capsys):
     built = []
     from emoe import forms
     real = forms.host_forms_of
     monkeypatch.setattr(forms, "host_forms_of", lambda *a: built.append(1) or real(*a))
-    ck = Checkpoint(imported)
+    ck = Checkpoint(qwen_gguf_import)
     first = open_store(ck, "ram", host_forms=True)
     assert built and "kernel forms saved in" in capsys.readouterr().err
     n = len(built)
     second = open_store(ck, "ram", host_forms=True)
     assert len(built) == n and _same(first, second)  # nothing built again, the same bytes
-    assert len(list(cache_on.iterdir())) == 1
+    assert len(list(forms_cache_on.iterdir())) == 1
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
-    got = Engine(EngineConfig(str(imported), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
+    got = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
     monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
-    want = Engine(EngineConfig(str(imported), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
+    want = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="host", budget=0, experts_on="ram")).generate(["hello"], greedy, chat=False)
     assert got[0].output_ids == want[0].output_ids
 
 
-def test_a_changed_checkpoint_or_a_torn_file_builds_afresh(imported, cache_on, tmp_path):
+def test_a_changed_checkpoint_or_a_torn_file_builds_afresh(qwen_gguf_import, forms_cache_on, tmp_path):
     import shutil
     copy = tmp_path / "copy"
-    shutil.copytree(imported, copy)
+    shutil.copytree(qwen_gguf_import, copy)
     ck = Checkpoint(copy)
     open_store(ck, "ram", host_forms=True)
-    (old,) = list(cache_on.iterdir())
+    (old,) = list(forms_cache_on.iterdir())
     layer0 = old / "layer-0.safetensors"
     layer0.write_bytes(layer0.read_bytes()[:100])  # torn
     again = open_store(ck, "ram", host_forms=True)
@@ -76,23 +56,23 @@ def test_a_changed_checkpoint_or_a_torn_file_builds_afresh(imported, cache_on, t
     f = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     newer = open_store(Checkpoint(copy), "ram", host_forms=True)
-    folders = list(cache_on.iterdir())
+    folders = list(forms_cache_on.iterdir())
     assert len(folders) == 1 and folders[0] != old  # the old checkpoint's forms removed, the new ones kept
     assert _same(again, newer) and again.forms
 
 
-def test_turned_off_writes_nothing(imported, monkeypatch, tmp_path):
+def test_turned_off_writes_nothing(qwen_gguf_import, monkeypatch, tmp_path):
     monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    open_store(Checkpoint(imported), "ram", host_forms=True)
+    open_store(Checkpoint(qwen_gguf_import), "ram", host_forms=True)
     assert not (tmp_path / "emoe" / "forms").exists()
 
 
-def test_the_key_follows_the_files_the_experts_come_from(imported, cache_on):
+def test_the_key_follows_the_files_the_experts_come_from(qwen_gguf_import, forms_cache_on):
     """A GGUF import reads its experts from the .gguf itself: touching that file (outside the import folder
     or not) changes where the forms are looked for."""
     from emoe import formcache
-    ck = Checkpoint(imported)
+    ck = Checkpoint(qwen_gguf_import)
     sources = {loc.path for locs in ck.experts.values() for loc in locs.locs}
     before = formcache.folder(ck, {"int8": False})
     assert before == formcache.folder(ck, {"int8": False}) and before != formcache.folder(ck, {"int8": True})
@@ -105,7 +85,7 @@ def test_the_key_follows_the_files_the_experts_come_from(imported, cache_on):
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_mxfp4_codebook_forms_come_back_with_their_codebook(cache_on, tmp_path, monkeypatch):
+def test_mxfp4_codebook_forms_come_back_with_their_codebook(forms_cache_on, tmp_path, monkeypatch):
     """MXFP4 experts held as a codebook form (where the routines take one) are read back with it, and the key
     says which kind of form was built: a build without codebooks does not read these."""
     from gguf_writer import write_gguf

@@ -1,7 +1,5 @@
 """emoe.formstore: on a CPU, a GGUF's experts on disk as kernel forms, the fast tier holding the budget's share of
 them as they are (the model larger than RAM)."""
-import pytest
-import torch
 
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.formstore import FormDiskStore
@@ -11,34 +9,15 @@ GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 PROMPTS = ["hello there", "the cat sat on"]
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    from gguf_writer import write_gguf
-    from tiny import make_tiny
-
-    from emoe.gguf_import import import_gguf
-    d = tmp_path_factory.mktemp("fs")
-    hf = make_tiny("qwen3_moe", d / "hf", hidden_size=256, moe_intermediate_size=256, num_attention_heads=4)
-    gguf = write_gguf(hf, d / "m.gguf", expert_types=("Q4_K", "Q8_0", "Q6_K"), dense_type="Q8_0")
-    return import_gguf(gguf, d / "imp", dtype=torch.float32)
-
-
-@pytest.fixture
-def cache_on(monkeypatch, tmp_path):
-    monkeypatch.setenv("EMOE_FORMS_CACHE", "1")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return tmp_path / "emoe" / "forms"
-
-
 def _run(model, **kw):
     eng = Engine(EngineConfig(str(model), **kw))
     return eng, eng.generate(PROMPTS, GREEDY, chat=False)
 
 
-def test_disk_forms_give_the_ram_tiers_tokens_at_any_budget(imported, cache_on):
-    _, want = _run(imported, miss_policy="host", budget=0, experts_on="ram")
+def test_disk_forms_give_the_ram_tiers_tokens_at_any_budget(qwen_gguf_import, forms_cache_on):
+    _, want = _run(qwen_gguf_import, miss_policy="host", budget=0, experts_on="ram")
     for policy, budget in (("host", 0.5), ("load", 0.5), ("host", 0.0), ("load", 0.99)):
-        eng, got = _run(imported, miss_policy=policy, budget=budget, experts_on="disk")
+        eng, got = _run(qwen_gguf_import, miss_policy=policy, budget=budget, experts_on="disk")
         assert isinstance(eng.store, FormDiskStore) and eng.cache.forms
         assert [r.output_ids for r in got] == [r.output_ids for r in want], (policy, budget)
         assert eng.cache.used_bytes <= eng.cache.budget_bytes
@@ -49,8 +28,8 @@ def test_disk_forms_give_the_ram_tiers_tokens_at_any_budget(imported, cache_on):
             assert s.loads > 0 and s.evictions > 0 and eng.store.stats.reads >= s.loads
 
 
-def test_the_fast_tier_charges_each_expert_its_forms_not_float32(imported, cache_on):
-    eng, _ = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+def test_the_fast_tier_charges_each_expert_its_forms_not_float32(qwen_gguf_import, forms_cache_on):
+    eng, _ = _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
     store = eng.store
     sizes = {k: sum(t.nbytes for t in store.read(*k)) for k in store._spans}
     assert store.expert_nbytes == max(sizes.values()) and eng.cache.expert_bytes == store.expert_nbytes
@@ -59,47 +38,47 @@ def test_the_fast_tier_charges_each_expert_its_forms_not_float32(imported, cache
     assert len(eng.cache) == int(0.5 * eng.total_expert_bytes) // store.expert_nbytes
 
 
-def test_a_second_start_reads_the_layer_files_and_a_torn_one_is_rebuilt(imported, cache_on, monkeypatch):
+def test_a_second_start_reads_the_layer_files_and_a_torn_one_is_rebuilt(qwen_gguf_import, forms_cache_on, monkeypatch):
     from emoe import forms
     built = []
     real = forms.host_forms_of
     monkeypatch.setattr(forms, "host_forms_of", lambda *a: built.append(1) or real(*a))
-    _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
     n = len(built)
     assert n
-    eng, first = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    eng, first = _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
     assert len(built) == n  # nothing built again
-    (folder,) = list(cache_on.iterdir())
+    (folder,) = list(forms_cache_on.iterdir())
     layer0 = folder / "layer-0.safetensors"
     layer0.write_bytes(layer0.read_bytes()[:-100])  # torn: its data ends early
-    eng, again = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    eng, again = _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
     assert len(built) > n and [r.output_ids for r in again] == [r.output_ids for r in first]
 
 
-def test_without_the_forms_cache_or_with_copies_the_fast_tier_stays_float(imported, monkeypatch, capsys):
+def test_without_the_forms_cache_or_with_copies_the_fast_tier_stays_float(qwen_gguf_import, monkeypatch, capsys):
     monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
-    eng, _ = _run(imported, miss_policy="host", budget=0.5, experts_on="disk")
+    eng, _ = _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
     assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms
     assert "experts held dequantised in the fast tier: the forms cache is off" in capsys.readouterr().err
 
 
-def test_low_bit_copies_and_all_resident_keep_the_dequantising_tier(imported, cache_on):
+def test_low_bit_copies_and_all_resident_keep_the_dequantising_tier(qwen_gguf_import, forms_cache_on):
     for policy, budget in (("shadow", 0.6), ("all", 1.0), ("load", 1.0)):
-        eng = Engine(EngineConfig(str(imported), miss_policy=policy, budget=budget, experts_on="disk"))
+        eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy=policy, budget=budget, experts_on="disk"))
         assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms, policy
 
 
-def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(imported, monkeypatch, capsys):
+def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(qwen_gguf_import, monkeypatch, capsys):
     from types import SimpleNamespace
 
     from emoe import commands, store
     args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=None)
     monkeypatch.setattr(store, "_mem_available", lambda: 2 << 30)  # room for these experts
-    commands._default_placement(args, str(imported), 1.0)
+    commands._default_placement(args, str(qwen_gguf_import), 1.0)
     assert (args.miss_policy, args.budget, args.experts_on) == ("host", 0.0, "ram")
-    small = sum(locs.nbytes for locs in __import__("emoe.checkpoint").checkpoint.Checkpoint(imported).experts.values())
+    small = sum(locs.nbytes for locs in __import__("emoe.checkpoint").checkpoint.Checkpoint(qwen_gguf_import).experts.values())
     monkeypatch.setattr(store, "_mem_available", lambda: small)  # less than the experts and the rest
     args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=None)
-    commands._default_placement(args, str(imported), 1.0)
+    commands._default_placement(args, str(qwen_gguf_import), 1.0)
     assert (args.miss_policy, args.budget, args.experts_on) == ("load", float(int(0.6 * small)), "disk")
     assert "outgrow" in capsys.readouterr().err and args.dense_blocks is True
