@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep-budget", type=float, default=0.4)
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="fast-tier/compute dtype (default float32 on CPU); bfloat16 prices experts as on a GPU")
+    ev.add_argument("--experts-on", default="ram", choices=["disk", "ram"],
+                    help="the slow tier of the policies' runs (disk on a CPU: experts in kernel forms, misses read "
+                         "from disk, as for a model larger than RAM)")
+    _host_int8_arg(ev)
     ev.add_argument("--similarity", default="embedding", choices=["embedding", "deferred"],
                     help="deferred: no embedding model here (e.g. a GPU box without the eval extra); "
                          "`emoe rescore` fills it in later from the texts --json keeps")

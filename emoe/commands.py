@@ -260,7 +260,7 @@ def cmd_eval(args) -> None:
     from .eval import deferred_similarity
     recs = evaluate(model, configs, n=args.n, max_tokens=args.max_tokens, batch=args.batch,
                     log=lambda m: print(m, file=sys.stderr), group_window=args.group_window, dtype=args.dtype,
-                    unlabelled=args.unlabelled,
+                    unlabelled=args.unlabelled, experts_on=args.experts_on, host_int8=args.host_int8,
                     seed=args.seed, split=args.split, reference_budget=args.reference_budget,
                     similarity=deferred_similarity if args.similarity == "deferred" else None)
     print(table(recs))

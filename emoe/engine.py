@@ -182,12 +182,12 @@ class Engine:
             decode_block.prepare(self.model)
 
     def _form_tier(self, cfg: EngineConfig):
-        """On a CPU with packed experts on disk, a store of their kernel forms (formstore), so the fast tier holds
+        """On a CPU with packed experts on disk (or any, with host_int8), a store of their kernel forms (formstore), so the fast tier holds
         experts at about the file's size rather than dequantised (float32: 7x a Q4_K expert); None elsewhere:
         a GPU, experts in RAM, full-precision checkpoints, low-bit copies (which packed forms do not take), and
         every expert resident (budget 1, `all`: the dequantised reference, as before)."""
         if self.device.type != "cpu" or cfg.experts_on != "disk" or not cfg.host_kernel or cfg.budget == 1.0 \
-                or self.policy.name == "all" or getattr(self.policy, "shadow_bits", 0) or not formstore.usable(self.ckpt):
+                or self.policy.name == "all" or getattr(self.policy, "shadow_bits", 0) or not formstore.usable(self.ckpt, cfg.host_int8):
             return None
         try:
             return formstore.FormDiskStore(self.ckpt, cfg.host_int8, cfg.host_form_bits)

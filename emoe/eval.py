@@ -179,12 +179,14 @@ def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[
 def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 60, max_tokens: int = 48,
              batch: int = 4, seed: int = 0, experts_on: str = "ram", similarity=None, log=print,
              group_window: int = 0, dtype: str | None = None, split: str = "test",
-             reference_budget: float = 1.0, unlabelled: bool = False) -> list[dict]:
+             reference_budget: float = 1.0, unlabelled: bool = False, host_int8: bool = False) -> list[dict]:
     """dtype: the fast tier's (and compute) dtype; default as the engine's (float32 on CPU). bfloat16
     prices experts as a GPU would, which matters for what a low-bit shadow costs relative to a full copy;
     copies then keep the portable layout a GPU would hold (2-byte scales), not the CPU kernel's.
     reference_budget < 1: the reference outputs of a model larger than memory, with the experts the
-    budget leaves out run in the slow tier (the model's own outputs, as all-resident gives them)."""
+    budget leaves out run in the slow tier (the model's own outputs, as all-resident gives them). experts_on disk
+    on a CPU, with host_int8 for full-precision experts: the fast tier holds kernel forms and misses read them
+    (formstore), so bytes_read is what a model larger than RAM reads from disk while serving."""
     from .profile import exact_engine
     if similarity is None:
         from .similarity import embedding_similarity as similarity
@@ -204,11 +206,13 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         policy, residency = build(name, setup)
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
-                                      experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16"),
+                                      experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16",
+                                      host_int8=host_int8),
                          policy=policy, residency=residency)
         except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
             log(f"{label:13} {b:4.2f} skipped: {e}")
             continue
+        read0 = eng.store.stats.bytes_read  # the start's fill is not serving
         rows, secs = serve_stream(eng, stream, params, batch, refs, unlabelled)
         sims = similarity([r["text"] for r in rows], [r["text"] for r in refs])
         scored = [r["agree"] for r in rows if "agree" in r]
@@ -227,6 +231,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "predictor_calls": getattr(eng.residency, "calls", 0),
                "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
                "host_runs": st.host_runs,
+               "bytes_read": eng.store.stats.bytes_read - read0,  # slow-tier reads: loads and host runs (disk, on formstore)
                "per_request": {"agree": [list(r.get("agree", (0, 0))) for r in rows],
                                # kept so a run on a machine without the embedding model can be rescored
                                "task": [r["task"] for r in rows], "text": [r["text"] for r in rows],
@@ -234,7 +239,8 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         _summarise(rec, sims)
         records.append(rec)
         log(f"{label:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
-            f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f}")
+            f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f} "
+            f"read {rec['bytes_read'] / 2**20:.0f} MiB")
     return records
 
 

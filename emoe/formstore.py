@@ -31,9 +31,10 @@ class FormsUnavailable(RuntimeError):
     """This checkpoint's experts cannot be held as forms on disk (the caller keeps the dequantising disk tier)."""
 
 
-def usable(ckpt: Checkpoint) -> bool:
-    """Whether the experts are stored packed (a GGUF's blocks, MXFP4, FP8): what has forms of the file's size."""
-    return all(locs.layout in PACKED for locs in ckpt.experts.values())
+def usable(ckpt: Checkpoint, int8: bool = False) -> bool:
+    """Whether the experts are stored packed (a GGUF's blocks, MXFP4, FP8): what has forms of the file's size;
+    with int8, full-precision experts too, as int8 forms (forms.host_forms_of: 10 bits a weight, not their own)."""
+    return int8 or all(locs.layout in PACKED for locs in ckpt.experts.values())
 
 
 class FormDiskStore:
@@ -42,8 +43,9 @@ class FormDiskStore:
     form_tier = True  # reads give the forms the fast tier holds as they are (cache.ExpertCache.bring)
 
     def __init__(self, ckpt: Checkpoint, int8: bool = False, form_bits: int = 8):
-        if not usable(ckpt):
-            raise FormsUnavailable("the experts are not stored packed (a GGUF's blocks, MXFP4 or FP8)")
+        if not usable(ckpt, int8):
+            raise FormsUnavailable("the experts are not stored packed (a GGUF's blocks, MXFP4 or FP8); --host-int8 "
+                                   "holds full-precision ones as int8 forms")
         kinds = _form_kinds(ckpt, form_bits, fit=False)
         where = formcache.folder(ckpt, {"int8": int8, "kinds": kinds})
         if where is None:

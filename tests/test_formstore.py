@@ -82,3 +82,18 @@ def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(qwen_gguf_impor
     commands._default_placement(args, str(qwen_gguf_import), 1.0)
     assert (args.miss_policy, args.budget, args.experts_on) == ("load", float(int(0.6 * small)), "disk")
     assert "outgrow" in capsys.readouterr().err and args.dense_blocks is True
+
+
+def test_full_precision_experts_take_the_forms_tier_as_int8_forms(tiny_mixtral, forms_cache_on, tmp_path, capsys):
+    from tiny import make_tiny
+    model = make_tiny("mixtral", tmp_path / "m", hidden_size=128, intermediate_size=128)
+    _, want = _run(model, miss_policy="host", budget=0, experts_on="ram", host_int8=True)
+    eng, got = _run(model, miss_policy="load", budget=0.5, experts_on="disk", host_int8=True)
+    assert isinstance(eng.store, FormDiskStore) and all(
+        t.i8 or t.bits == 8 for k in eng.cache.resident() for t in eng.cache.peek(k))
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    eng, _ = _run(model, miss_policy="load", budget=0.5, experts_on="disk")  # without: float copies
+    assert not isinstance(eng.store, FormDiskStore)
+    eng, _ = _run(tiny_mixtral, miss_policy="load", budget=0.5, experts_on="disk", host_int8=True)
+    assert not isinstance(eng.store, FormDiskStore)  # 48-row experts: the kernel takes no form of them
+    assert "some expert matrices have no kernel form" in capsys.readouterr().err
