@@ -72,6 +72,7 @@ class ExpertCache:
             raise BudgetError("budget must be non-negative")
         self.num_experts = num_experts
         self._res: OrderedDict[tuple[int, int], Weights] = OrderedDict()  # LRU order, oldest first
+        self.pinned: set[tuple[int, int]] = set()  # held at full precision because the last plan said so
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.n_resident = [0] * num_layers  # per layer, as the mask says (read per call without a torch op)
@@ -303,6 +304,7 @@ class ExpertCache:
         """Drop a full-precision expert; with shadows it keeps a copy at `to` bits (default the base
         precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
         w = self._res.pop((layer, expert), None)
+        self.pinned.discard((layer, expert))
         if w is not None:
             self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
@@ -347,4 +349,6 @@ class ExpertCache:
         add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]
         for k in add:
             self.admit(*k)
+        listed = {k[0] for k in want}
+        self.pinned = {k for k in self.pinned if k[0] not in listed} | {k for k, v in want.items() if v == FULL}
         return len(add), sum(now[k] == FULL for k in down)

@@ -133,7 +133,8 @@ class Engine:
                     self.cache.copy_files[b] = CopyFile(copies_path(self.ckpt.dir, b), self.ckpt.dir, self.store,
                                                         (layers[0], 0))
             self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False)
-        self.residency = residency(self.cache.capacity) if residency is not None else None
+        plan_cap = getattr(self.policy, "plan_capacity", lambda cap: cap)(self.cache.capacity)  # Slack keeps some free
+        self.residency = residency(plan_cap) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision
             self.residency.levels = self.cache.levels(c.top_k)
         if isinstance(self.policy, Reroute) and self.policy.plan is None and self.residency is not None:

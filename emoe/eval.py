@@ -18,7 +18,7 @@ import torch
 
 from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
-from .policies import AllResident, Auto, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow
+from .policies import AllResident, Auto, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow, Slack
 from .profile import Profile
 from .residency import ByLayer, EMoE, Hindsight, MoEInfinity, Popular, RandomSet, TaskAware
 
@@ -36,7 +36,7 @@ SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
 # the residency plan only decides how much expert work the fast device does. -auto loads the misses that
 # have enough tokens for a copy to pay (policies.Auto).
-SUFFIXES = SHADOWED + ("host", "auto")
+SUFFIXES = SHADOWED + ("host", "auto", "slack")  # -slack: the plan in 3/4 of the budget, misses loaded into the rest
 
 
 def known(name: str) -> bool:
@@ -72,7 +72,8 @@ def build(name: str, s: Setup):
         policy, residency = build(base, s)
         if type(policy) is not Reroute:
             raise ValueError(f"{name}: -{q} replaces rerouting; {base} uses the {policy.name} miss policy")
-        return ({"host": Host, "auto": Auto}[q]() if q in ("host", "auto") else _shadow(q)), residency
+        hosts = {"host": Host, "auto": Auto, "slack": Slack}
+        return (hosts[q]() if q in hosts else _shadow(q)), residency
 
     def emoe(kind, p, label, **kw):
         if kind not in s.predictors:

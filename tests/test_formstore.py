@@ -1,6 +1,8 @@
 """emoe.formstore: on a CPU, a GGUF's experts on disk as kernel forms, the fast tier holding the budget's share of
 them as they are (the model larger than RAM)."""
 
+import pytest
+
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.formstore import FormDiskStore
 from emoe.quant import KTensor
@@ -97,3 +99,20 @@ def test_full_precision_experts_take_the_forms_tier_as_int8_forms(tiny_mixtral, 
     eng, _ = _run(tiny_mixtral, miss_policy="load", budget=0.5, experts_on="disk", host_int8=True)
     assert not isinstance(eng.store, FormDiskStore)  # 48-row experts: the kernel takes no form of them
     assert "some expert matrices have no kernel form" in capsys.readouterr().err
+
+
+def test_slack_keeps_the_plan_and_loads_misses_into_the_rest(qwen_gguf_import, forms_cache_on):
+    from emoe.policies import Slack
+    _, want = _run(qwen_gguf_import, miss_policy="host", budget=0, experts_on="ram")
+    policy = Slack(share=0.5)
+    eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="slack", budget=0.5, experts_on="disk"), policy=policy)
+    planned = set(eng.cache.pinned)
+    cap = eng.cache.capacity
+    assert len(planned) == cap - cap // 2 and planned <= set(eng.cache.resident())
+    got = eng.generate(PROMPTS, GREEDY, chat=False)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]  # exact: misses loaded or read, never rerouted
+    assert planned <= set(eng.cache.resident()) and eng.cache.pinned == planned  # the slack never evicted the plan
+    s = eng.cache.stats
+    assert s.loads > 0 and s.evictions > 0 and eng.cache.used_bytes <= eng.cache.budget_bytes
+    with pytest.raises(ValueError, match="share"):
+        Slack(share=1.0)
