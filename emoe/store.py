@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -255,13 +256,41 @@ def _contiguous(experts: list[tuple], pin: bool) -> tuple[list[tuple], torch.Ten
     return [tuple(place(t) for t in ts) for ts in experts], buf
 
 
-def _mem_available() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+def _mem_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes that can be allocated without swapping or an OOM kill, or None where unknown: the kernel's
+    MemAvailable, and less where this process's memory cgroup (a container's limit) leaves less, counting
+    what the group holds other than page cache as taken."""
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open(f"{proc}/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+    group = _cgroup_room(proc, cgroups)
+    return avail if group is None else min(avail, group)
+
+
+def _cgroup_room(proc: str, cgroups: str) -> int | None:
+    """A memory cgroup's limit less its anonymous memory (v1: memory.limit_in_bytes, total_rss; v2: memory.max,
+    anon), or None where there is no limit or it cannot be read."""
+    try:
+        lines = Path(f"{proc}/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        v1 = "memory" in ctrl.split(",")
+        if not v1 and not (ctrl == "" and line.startswith("0::")):
+            continue
+        d = Path(cgroups) / ("memory" if v1 else "") / path.lstrip("/")
+        try:
+            limit = (d / ("memory.limit_in_bytes" if v1 else "memory.max")).read_text().strip()
+            stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines() if ln.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            continue
+        return max(0, int(limit) - int(stat.get("total_rss" if v1 else "anon", 0)))
+    return None
 
 
 def _form_kinds(ckpt: Checkpoint, bits: int = 8, fit: bool = True) -> dict:

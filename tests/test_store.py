@@ -139,3 +139,27 @@ def test_raw_direct_bandwidth(tiny_mixtral):
     assert bw > 0
     small = raw_direct_bandwidth(str(tiny_mixtral / "model.safetensors"), block=4096, limit=8192)
     assert small > 0
+
+
+def test_memory_available_counts_a_containers_cgroup_limit(tmp_path):
+    from emoe.store import _mem_available
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 32000000 kB\nMemAvailable: 20000000 kB\n")
+    (proc / "self" / "cgroup").write_text("4:memory:/box\n1:cpu:/\n")
+    assert _mem_available(str(proc), str(cg)) == 20000000 * 1024  # no cgroup files: the kernel's figure
+    v1 = cg / "memory" / "box"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    (v1 / "memory.stat").write_text(f"cache {5 << 30}\ntotal_rss {1 << 30}\n")
+    assert _mem_available(str(proc), str(cg)) == 2 << 30  # the limit less what is not page cache
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert _mem_available(str(proc), str(cg)) == 20000000 * 1024
+    (proc / "self" / "cgroup").write_text("0::/ctr\n")
+    v2 = cg / "ctr"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{4 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon {1 << 30}\nfile {2 << 30}\n")
+    assert _mem_available(str(proc), str(cg)) == 3 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert _mem_available(str(proc), str(cg)) == 20000000 * 1024
