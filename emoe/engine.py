@@ -8,7 +8,6 @@ scheduler drives.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from dataclasses import dataclass
 
@@ -102,7 +101,7 @@ class Engine:
         c = self.cfg
         layers = list(c.moe_layers)
         self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
-        self.store = self._form_tier(cfg)
+        self.store = formstore.open_for(self.ckpt, self.device, cfg, self.policy)
         expert_bytes = self.store.expert_nbytes if self.store is not None else \
             self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
         self.total_expert_bytes = expert_bytes * len(layers) * c.num_experts
@@ -181,20 +180,6 @@ class Engine:
             self._warm_up()
         else:
             decode_block.prepare(self.model)
-
-    def _form_tier(self, cfg: EngineConfig):
-        """On a CPU with packed experts on disk (or any, with host_int8), a store of their kernel forms (formstore), so the fast tier holds
-        experts at about the file's size rather than dequantised (float32: 7x a Q4_K expert); None elsewhere:
-        a GPU, experts in RAM, full-precision checkpoints, low-bit copies (which packed forms do not take), and
-        every expert resident (budget 1, `all`: the dequantised reference, as before)."""
-        if self.device.type != "cpu" or cfg.experts_on != "disk" or not cfg.host_kernel or cfg.budget == 1.0 \
-                or self.policy.name == "all" or getattr(self.policy, "shadow_bits", 0) or not formstore.usable(self.ckpt, cfg.host_int8):
-            return None
-        try:
-            return formstore.FormDiskStore(self.ckpt, cfg.host_int8, cfg.host_form_bits)
-        except formstore.FormsUnavailable as e:
-            print(f"[emoe] experts held dequantised in the fast tier: {e}", file=sys.stderr)
-            return None
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

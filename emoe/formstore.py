@@ -37,6 +37,21 @@ def usable(ckpt: Checkpoint, int8: bool = False) -> bool:
     return int8 or all(locs.layout in PACKED for locs in ckpt.experts.values())
 
 
+def open_for(ckpt: Checkpoint, device: torch.device, cfg, policy) -> "FormDiskStore | None":
+    """An engine's store (cfg: its EngineConfig) where a CPU holds packed experts on disk (any, with host_int8), so
+    the fast tier holds experts at about the file's size rather than dequantised (float32: 7x a Q4_K expert);
+    None elsewhere: a GPU, experts in RAM, full-precision checkpoints without host_int8, low-bit copies (which
+    packed forms do not take), and every expert resident (budget 1, `all`: the dequantised reference)."""
+    if device.type != "cpu" or cfg.experts_on != "disk" or not cfg.host_kernel or cfg.budget == 1.0 \
+            or policy.name == "all" or getattr(policy, "shadow_bits", 0) or not usable(ckpt, cfg.host_int8):
+        return None
+    try:
+        return FormDiskStore(ckpt, cfg.host_int8, cfg.host_form_bits)
+    except FormsUnavailable as e:
+        print(f"[emoe] experts held dequantised in the fast tier: {e}", file=sys.stderr)
+        return None
+
+
 class FormDiskStore:
     tier = "disk"
     forms = True
