@@ -58,60 +58,73 @@ class FormDiskStore:
     form_tier = True  # reads give the forms the fast tier holds as they are (cache.ExpertCache.bring)
 
     def __init__(self, ckpt: Checkpoint, int8: bool = False, form_bits: int = 8):
+        """Each layer's forms are read from the forms cache, built there at the first start one layer at a time
+        (never more than a layer's forms in RAM). Where the cache is off (EMOE_FORMS_CACHE=0) or the disk has no
+        room for a layer (its forms take about the file's size again), that layer's misses read the checkpoint's
+        packed bytes and make their forms then: fewer bytes read, at the cost of repacking on every miss."""
         if not usable(ckpt, int8):
             raise FormsUnavailable("the experts are not stored packed (a GGUF's blocks, MXFP4 or FP8); --host-int8 "
                                    "holds full-precision ones as int8 forms")
-        kinds = _form_kinds(ckpt, form_bits, fit=False)
-        where = formcache.folder(ckpt, {"int8": int8, "kinds": kinds})
-        if where is None:
-            raise FormsUnavailable("the forms cache is off (EMOE_FORMS_CACHE=0) or has no home folder")
+        self.kinds = (int8, _form_kinds(ckpt, form_bits, fit=False))
+        where = formcache.folder(ckpt, {"int8": int8, "kinds": self.kinds[1]})
         self.ckpt, self.stats, self.direct = ckpt, StoreStats(), True
-        self._disk = DiskStore(ckpt)  # reads the checkpoint to build, then the layer files (its fds, its buffer)
+        self._disk = DiskStore(ckpt)  # reads the checkpoint (to build, or per miss), then the layer files
         by_layer: dict[int, list] = {}
         for key in ckpt.experts:
             by_layer.setdefault(key[0], []).append(key)
         self._spans: dict[tuple[int, int], tuple[TensorLoc, int, list]] = {}
-        self._staged: dict[tuple[int, int], torch.Tensor] = {}
+        self._sizes: dict[tuple[int, int], int] = {}  # every expert's forms' bytes
+        self._from_file: set[int] = set()  # layers whose forms are made from the checkpoint at each read
+        self._staged: dict[tuple[int, int], object] = {}
         self._pool, self._lock = None, threading.Lock()
         wrote = 0
         for layer, keys in by_layer.items():
             index = formcache.index_layer(where, layer, keys)
-            if index is None:  # built one layer at a time: never more than a layer's forms in RAM
-                got, buf = layer_forms(self._disk, keys, (int8, kinds))
-                formed = all(isinstance(t, KTensor) for ts in got for t in ts)
-                if not formed or not formcache.save_layer(where, layer, keys, got, buf):
-                    raise FormsUnavailable("some expert matrices have no kernel form (float experts: --host-int8)"
-                                           if not formed else f"no room to save the forms in {where}")
-                wrote += buf.nbytes
+            if index is None:
+                got, buf = layer_forms(self._disk, keys[:1] if where is None else keys, self.kinds)
+                if not all(isinstance(t, KTensor) for ts in got for t in ts):
+                    raise FormsUnavailable("some expert matrices have no kernel form (float experts: --host-int8)")
+                if where is not None and formcache.save_layer(where, layer, keys, got, buf):
+                    wrote += buf.nbytes
+                    index = formcache.index_layer(where, layer, keys)
+                if index is None:  # a layer's experts share their types, so the first one's size is every one's
+                    self._from_file.add(layer)
+                    self._sizes.update((k, sum(t.nbytes for t in got[0])) for k in keys)
                 del got, buf
                 _trim_heap()
-                index = formcache.index_layer(where, layer, keys)
-                if index is None:
-                    raise FormsUnavailable(f"the saved forms of layer {layer} cannot be read back from {where}")
-            path, base, experts = index
-            for key, descs in zip(keys, experts):
-                offs = [p for d in descs for p in _parts(d)]
-                lo, hi = min(o for o, _ in offs), max(o + n for o, n in offs)
-                self._spans[key] = (TensorLoc(path, base + lo, hi - lo, "U8", (hi - lo,)), lo, descs)
+            if index is not None:
+                path, base, experts = index
+                for key, descs in zip(keys, experts):
+                    offs = [p for d in descs for p in _parts(d)]
+                    lo, hi = min(o for o, _ in offs), max(o + n for o, n in offs)
+                    self._spans[key] = (TensorLoc(path, base + lo, hi - lo, "U8", (hi - lo,)), lo, descs)
+                    self._sizes[key] = hi - lo
         if wrote:
             formcache.note(where, ckpt.dir, wrote)
-        self.expert_nbytes = max(loc.nbytes for loc, _, _ in self._spans.values())  # what the fast tier charges each
-        self.total_nbytes = sum(loc.nbytes for loc, _, _ in self._spans.values())
-        print(f"[emoe] experts on disk as kernel forms ({self.total_nbytes / 2**30:.2f} GiB in {where}); the fast tier "
-              f"holds the budget's share of them in RAM", file=sys.stderr)
+        self.expert_nbytes = max(self._sizes.values())  # what the fast tier charges each
+        self.total_nbytes = sum(self._sizes.values())
+        made = (f"; {len(self._from_file)} of {len(by_layer)} layers' forms made from the file at each read ("
+                + ("the forms cache is off" if where is None else f"no room for them in {where}") + ")"
+                if self._from_file else "")
+        print(f"[emoe] experts on disk as kernel forms ({self.total_nbytes / 2**30:.2f} GiB"
+              f"{'' if where is None else f' in {where}'}){made}; the fast tier holds the budget's share of them in RAM",
+              file=sys.stderr)
 
     def read(self, layer: int, expert: int) -> tuple[KTensor, ...]:
         """The expert's forms, in memory of their own (the fast tier keeps them): as staged, or read now."""
         key = (layer, expert)
-        loc, lo, descs = self._spans[key]
-        buf = self._staged.pop(key, None)
-        if buf is None:
+        got = self._staged.pop(key, None)
+        if got is None:
             t0 = time.perf_counter()
-            buf = self._read_one(key)
+            got = self._read_one(key)
             self.stats.seconds += time.perf_counter() - t0
         self.stats.reads += 1
+        if layer in self._from_file:
+            self.stats.bytes_read += self.ckpt.experts[key].nbytes
+            return got
+        loc, lo, descs = self._spans[key]
         self.stats.bytes_read += loc.nbytes
-        return tuple(formcache.item(buf, d, lo) for d in descs)
+        return tuple(formcache.item(got, d, lo) for d in descs)
 
     def stage(self, layer: int, experts) -> None:
         """Read these experts' forms now, several at once, for the reads that follow (a layer's misses: a disk
@@ -127,9 +140,15 @@ class FormDiskStore:
         self._staged = dict(zip(keys, self._pool.map(self._read_one, keys)))
         self.stats.seconds += time.perf_counter() - t0
 
-    def _read_one(self, key) -> torch.Tensor:
+    def _read_one(self, key):
         """An expert's bytes read straight into page-aligned memory of their own (O_DIRECT needs the alignment;
-        the tensor keeps the mapping alive), so concurrent reads share no buffer and nothing is copied."""
+        the tensor keeps the mapping alive), so concurrent reads share no buffer and nothing is copied; or, for a
+        layer without saved forms, its packed bytes read (through the checkpoint reader's one buffer) and repacked."""
+        if key[0] in self._from_file:
+            from .forms import host_forms_of
+            with self._lock:
+                packed = self._disk.read_raw(*key)
+            return host_forms_of(self.ckpt.experts[key], packed, *self.kinds)
         loc = self._spans[key][0]
         fd, direct = self._disk._fd(loc.path)
         lo = loc.start - loc.start % ALIGN

@@ -57,11 +57,19 @@ def test_a_second_start_reads_the_layer_files_and_a_torn_one_is_rebuilt(qwen_ggu
     assert len(built) > n and [r.output_ids for r in again] == [r.output_ids for r in first]
 
 
-def test_without_the_forms_cache_or_with_copies_the_fast_tier_stays_float(qwen_gguf_import, monkeypatch, capsys):
+def test_without_the_forms_cache_misses_repack_the_files_blocks(qwen_gguf_import, monkeypatch, capsys):
     monkeypatch.setenv("EMOE_FORMS_CACHE", "0")
-    eng, _ = _run(qwen_gguf_import, miss_policy="host", budget=0.5, experts_on="disk")
-    assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms
-    assert "experts held dequantised in the fast tier: the forms cache is off" in capsys.readouterr().err
+    _, want = _run(qwen_gguf_import, miss_policy="host", budget=0, experts_on="ram")
+    eng, got = _run(qwen_gguf_import, miss_policy="load", budget=0.5, experts_on="disk")
+    store = eng.store
+    assert isinstance(store, FormDiskStore) and store._from_file == set(eng.cfg.moe_layers) and not store._spans
+    assert "forms made from the file at each read (the forms cache is off)" in capsys.readouterr().err
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert all(isinstance(t, KTensor) for k in eng.cache.resident() for t in eng.cache.peek(k))
+    packed = eng.ckpt.experts[(0, 0)].nbytes  # every expert here has the same types
+    assert store.stats.reads > 0 and store.stats.bytes_read == store.stats.reads * packed < store.stats.reads * store.expert_nbytes
+    sizes = {k: sum(t.nbytes for t in store.read(*k)) for k in list(eng.ckpt.experts)[:4]}
+    assert all(store._sizes[k] == n for k, n in sizes.items())  # each layer's first expert sized them all
 
 
 def test_low_bit_copies_and_all_resident_keep_the_dequantising_tier(qwen_gguf_import, forms_cache_on):
