@@ -37,7 +37,8 @@ class ExpertDispatch:
         weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
         stage = getattr(self.cache.store, "stage", None)
         if stage is not None:  # formstore: the layer's misses read from disk together, not one by one as fetched
-            stage(layer, [e for e in ids.unique().tolist() if not self.cache.mask[layer, e]])
+            routed = ids.unique()
+            stage(layer, routed[~self.cache.mask[layer][routed]].tolist())
         defers = getattr(self.policy, "defers", None)
         return run_experts(x, weights, ids, lambda e, n: self.policy.fetch(layer, e, self.cache, n),
                            self.cache.num_experts, self.ffn(layer),

@@ -49,10 +49,21 @@ def folder(ckpt, options: dict) -> Path | None:
     return base / h.hexdigest()[:20]
 
 
+def _nbytes(d) -> int:
+    _, dtype, shape = d
+    return torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+
+
 def _view(buf, d, shift: int = 0):
     off, dtype, shape = d
-    n = torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
-    return buf[off - shift: off - shift + n].view(_DTYPES[dtype]).view(shape)
+    return buf[off - shift: off - shift + _nbytes(d)].view(_DTYPES[dtype]).view(shape)
+
+
+def extent(descs: list[dict]) -> tuple[int, int]:
+    """The bytes [start, end) of the layer's buffer that an expert's saved descriptors (for `item`) cover."""
+    views = [v for d in descs for v in ([d["t"]] if "t" in d else
+                                         [*d["planes"], *d["sz"], *([d["high"]] if d.get("high") else [])])]
+    return min(v[0] for v in views), max(v[0] + _nbytes(v) for v in views)
 
 
 def item(buf, d: dict, shift: int = 0):

@@ -95,8 +95,7 @@ class FormDiskStore:
             if index is not None:
                 path, base, experts = index
                 for key, descs in zip(keys, experts):
-                    offs = [p for d in descs for p in _parts(d)]
-                    lo, hi = min(o for o, _ in offs), max(o + n for o, n in offs)
+                    lo, hi = formcache.extent(descs)
                     self._spans[key] = (TensorLoc(path, base + lo, hi - lo, "U8", (hi - lo,)), lo, descs)
                     self._sizes[key] = hi - lo
         if wrote:
@@ -178,12 +177,3 @@ class FormDiskStore:
         if self._pool is not None:
             self._pool.shutdown()
         self._disk.close()
-
-
-def _parts(d: dict) -> list[tuple[int, int]]:
-    """(offset, bytes) of each view a saved descriptor names."""
-    views = [d["t"]] if "t" in d else [*d["planes"], *d["sz"], *([d["high"]] if d.get("high") else [])]
-    out = []
-    for off, dtype, shape in views:
-        out.append((off, torch.Size(shape).numel() * torch.empty(0, dtype=formcache._DTYPES[dtype]).element_size()))
-    return out
