@@ -86,6 +86,7 @@ class ExpertCache:
         self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
+        self.moved: list[tuple[int, int]] | None = None  # where a list: each admitted or evicted key (dispatch's C tables)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -106,6 +107,11 @@ class ExpertCache:
         self._pending = (0, assignments) if n is None else (n[0], n[1] + assignments)
         self._stats.host_runs += experts
         self.store.ran_host(layer, experts, nbytes)
+
+    def count_hits(self, n: int) -> None:
+        """n routed assignments that all found their expert resident (a step run in C on the held experts)."""
+        p = self._pending
+        self._pending = (n, n) if p is None else (p[0] + n, p[1] + n)
 
     def count_routed(self, hit: torch.Tensor) -> None:
         """Tally a layer's routed assignments (hit: resident or not) without a host sync: on a GPU a decode
@@ -296,6 +302,8 @@ class ExpertCache:
         self._set_shadow(key, None)
         self.mask[layer, expert] = self.avail[layer, expert] = True
         self.n_resident[layer] += 1
+        if self.moved is not None:
+            self.moved.append(key)
         self._stats.loads += 1
         self._stats.bytes_loaded += self.expert_bytes
         self._stats.load_seconds += time.perf_counter() - t0
@@ -308,6 +316,8 @@ class ExpertCache:
         if w is not None:
             self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
+            if self.moved is not None:
+                self.moved.append((layer, expert))
             bits = self.shadow_bits if to is None else to
             copy = self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None
             self._set_shadow((layer, expert), copy)

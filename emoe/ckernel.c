@@ -769,7 +769,13 @@ static int moe_(const kmat **ffn, int n, const int64_t *used, const int64_t *ids
     }
     free(slot);
     free(fill);
-    const int H = (int)ffn[0]->K, I = (int)ffn[0]->N, R = (int)start[n];
+    if (start[n] == 0) {
+        free(start); free(toks); free(gates);
+        return 0;
+    }
+    int first = 0;  /* the shapes from an expert with tokens: a table's other entries may be NULL (not held) */
+    while (first < n - 1 && start[first + 1] == start[first]) first++;
+    const int H = (int)ffn[3 * first]->K, I = (int)ffn[3 * first]->N, R = (int)start[n];
     void *mem = malloc(qbytes(T, H) + qbytes(R, I) + sizeof(float) * ((size_t)R * I * 2 + (size_t)R * H));
     qrow qx = qrows(mem, T, H);
     qrow qh = qrows((char *)mem + qbytes(T, H), R, I);
@@ -1496,11 +1502,13 @@ void kq_delta_block(float *x, float *hn, int B, int D, const float *ln, const fl
    weights, A_log, dt_bias, the norm weight and hk, hv, dk, dv, K); fl[3l .. 3l+2] its attention scale and gpt-oss's limit and alpha. Writes each routed
    layer's probs [B, E], weights and ids [B, k] and how many experts ran, for the caller's accounting; the
    arithmetic is the routines', in their order (a shared expert's sum added to the routed one's, as the
-   model adds them), bit for bit but for the shared gate's dot product. */
-void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int D, float eps,
-               const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
-               int d, int E, int k, int sigmoid, int norm, float rscale, int ng, int tg, float *probs, float *w,
-               int64_t *ids, int *ran, int threads, int bf16) {
+   model adds them), bit for bit but for the shared gate's dot product. With held [nl, E] (a fast tier that holds
+   some experts: the table's others are NULL), a layer routed to an expert it does not hold stops the call after
+   routing: its MLP input goes to hn_out [B, D] and the layer's index is returned, x holding its attention; else nl. */
+int kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int D, float eps,
+              const int64_t *slot, const int64_t *pos, const float *cs, const float *sn, int rd, int H, int Hkv,
+              int d, int E, int k, int sigmoid, int norm, float rscale, int ng, int tg, float *probs, float *w,
+              int64_t *ids, int *ran, int threads, int bf16, const uint8_t *held, float *hn_out) {
     float *hn = malloc(sizeof(float) * ((size_t)B * D * 3 + B)), *out = hn + (size_t)B * D, *out2 = out + (size_t)B * D,
           *sg = out2 + (size_t)B * D;
     int64_t *zeros = calloc(B + 1, sizeof(int64_t));
@@ -1532,6 +1540,17 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
         if (f[27]) {
             kq_route(hn, F_(11, const float *), F_(12, const float *), F_(13, const float *), B, D, E, k, sigmoid, norm,
                      rscale, ng, tg, pl, wl, il);
+            if (held) {  /* a routed expert the table does not hold: the caller reads it, runs the layer's MLP, goes on */
+                const uint8_t *hl = held + (size_t)l * E;
+                int all = 1;
+                for (long r = 0; r < (long)B * k; r++) all &= hl[il[r]];
+                if (!all) {
+                    memcpy(hn_out, hn, sizeof(float) * (size_t)B * D);
+                    free(zeros);
+                    free(hn);
+                    return l;
+                }
+            }
             ran[l] = moe_(F_(14, const kmat **), (int)f[15], F_(16, const int64_t *), il, wl, k, hn, B, out, threads,
                           bf16, F_(22, const float *), F_(23, const float *), F_(24, const float *), fl[3 * l + 1],
                           fl[3 * l + 2]);
@@ -1548,5 +1567,6 @@ void kq_layers(const int64_t *lf, const float *fl, int nl, float *x, int B, int 
     }
     free(zeros);
     free(hn);
+    return nl;
 }
 #endif

@@ -100,8 +100,8 @@ def library() -> ctypes.CDLL | None:
             lib.kq_mla_block.argtypes = [P, P, i, i, P, P, f] + [P] * 12 + [i] * 6 + [f, i, P, P, P, P, P, i, i]
             lib.kq_mla_block.restype = None
             lib.kq_delta_block.argtypes, lib.kq_delta_block.restype = [P, P, i, i, P, P, f] + [P] * 13 + [i] * 7, None
-            lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, i, i, P, P, P, P, i, i]
-            lib.kq_layers.restype = None
+            lib.kq_layers.argtypes = [P, P, i, P, i, i, f, P, P, P, P] + [i] * 8 + [f, i, i, P, P, P, P, i, i, P, P]
+            lib.kq_layers.restype = i
         lib.kq_attend.argtypes, lib.kq_attend.restype = [P] * 9 + [i] * 7 + [ctypes.c_float] + [P] * 3 + [
             ctypes.c_float, P, i, i], None
         lib.kq_rmsnorm.argtypes, lib.kq_rmsnorm.restype = [P] * 3 + [i] * 2 + [ctypes.c_float], None

@@ -112,19 +112,25 @@ def delta_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float
 
 def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, slot: torch.Tensor,
            pos: torch.Tensor, tables, heads: int, kv_heads: int, head_dim: int, experts: int, top_k: int,
-           sigmoid: bool, norm: bool, rscale: float, groups: tuple[int, int] = (1, 1)
-           ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+           sigmoid: bool, norm: bool, rscale: float, groups: tuple[int, int] = (1, 1), held: torch.Tensor | None = None,
+           hn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor, int]:
     """A decode step's layers in one C call (kq_layers: each layer's attn_block or mla_block, route (groups:
     n_group, topk_group) and table of host experts, fields [layers, 40] int64 and fl [layers, 3] float32 as it reads them), x [B, D] float32 updated in place. Returns
-    each layer's routing weights and ids [layers, B, k] and how many of its experts ran."""
+    each layer's routing weights and ids [layers, B, k], how many of its experts ran, the routing probabilities
+    [layers, B, E] and the layer it stopped at (layers: none). held [layers, E] bool: which experts the tables hold;
+    at a layer routed to another, the call stops after routing, with the layer's MLP input in hn [B, D]."""
     nl, (B, D) = fields.shape[0], x.shape
+    if held is not None and not (held.dtype == torch.bool and held.is_contiguous() and hn is not None
+                                 and hn.shape == x.shape and hn.dtype == torch.float32 and hn.is_contiguous()):
+        raise ValueError("held: a contiguous bool tensor [layers, experts], with hn a float32 [B, D] buffer")
     cs, sn = (t.contiguous() for t in tables) if tables is not None else (None, None)
     slot, pos = slot.long().contiguous(), pos.long().contiguous()
     probs, w = torch.empty(nl, B, experts), torch.empty(nl, B, top_k)
     ids, ran = torch.empty(nl, B, top_k, dtype=torch.int64), (ctypes.c_int * nl)()
-    ck._lib.kq_layers(fields.data_ptr(), fl.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(), pos.data_ptr(),
-                   cs.data_ptr() if cs is not None else None, sn.data_ptr() if sn is not None else None,
-                   cs.shape[-1] if cs is not None else 0, heads, kv_heads, head_dim, experts, top_k, sigmoid, norm,
-                   rscale, *groups, probs.data_ptr(), w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(),
-                   ck.KQ == "bf16")
-    return w, ids, list(ran)
+    stop = ck._lib.kq_layers(fields.data_ptr(), fl.data_ptr(), nl, x.data_ptr(), B, D, eps, slot.data_ptr(),
+                             pos.data_ptr(), cs.data_ptr() if cs is not None else None,
+                             sn.data_ptr() if sn is not None else None, cs.shape[-1] if cs is not None else 0, heads,
+                             kv_heads, head_dim, experts, top_k, sigmoid, norm, rscale, *groups, probs.data_ptr(),
+                             w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), ck.KQ == "bf16",
+                             held.data_ptr() if held is not None else None, hn.data_ptr() if hn is not None else None)
+    return w, ids, list(ran), probs, stop

@@ -216,20 +216,25 @@ def _fields(model, blocks: list, tables: dict, kv) -> tuple[torch.Tensor, torch.
     return model._step["fields"], model._step["fl"]
 
 
-def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> bool:
+def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch) -> int:
     """For a decode step on a CPU where every layer takes attn_block and its MLP is one _mlps describes (routed
     experts that all run on their host forms, a shared expert beside them, or a dense layer's, on forms): every
     layer in one C call (cstep.layers), x [B, 1, D] updated in place, the traces and counters kept as the
-    per-layer calls keep them. False, with nothing run, where some layer needs those."""
+    per-layer calls keep them. Returns how many layers ran: all, or 0 (nothing run) where some layer needs
+    those, or the layer after which the per-layer path goes on.
+    Where the fast tier holds only some experts as forms (formstore, dispatch.live_tables), the call stops at a layer
+    routed to one it does not hold: that layer's MLP runs as the per-layer path runs it (reading the expert), and
+    the next call goes on from the layer after.
+    """
     cfg, B = model.cfg, x.shape[0]
     step_tables = getattr(dispatch, "step_tables", None)
     if step_tables is None or B > ckernel.ROUTE_ROWS or not x.is_contiguous():
-        return False
+        return 0
     if "mlps" not in model._step:
         model._step["mlps"] = _mlps(model)
     mlps = model._step["mlps"]
     if mlps is None:
-        return False
+        return 0
     blocks = []
     for i in range(cfg.num_layers):
         if i not in model._blocks:
@@ -237,20 +242,37 @@ def decode_layers(model, x: torch.Tensor, pos: torch.Tensor, rows, kv, dispatch)
         ws = model._blocks[i]
         if ws is None or rows.n_keys > kv.k[i].shape[1] or not model._c_decode(x, kv.k[i]) or not ckernel.kq_rows(ws[0], B) \
                 or (mlps[i][1] is not None and not ckernel.kq_rows(mlps[i][1][0], B)):
-            return False
+            return 0
         blocks.append(ws)
     flat = x.view(B, -1)
     moe = [i for i, (routes, _) in enumerate(mlps) if routes]
-    tables = step_tables(moe, flat)
+    tables, held = step_tables(moe, flat), None
     if tables is None:
-        return False
+        live = getattr(dispatch, "live_tables", None)
+        tables, held = (live and live(moe, flat)) or (None, None)
+        if tables is None:
+            return 0
     tables = dict(zip(moe, tables))
     fields, fl = _fields(model, blocks, tables, kv)
     full = next((i for i in range(cfg.num_layers) if i not in model.linear), 0)  # (a linear layer caches no heads)
-    _, ids, ran = cstep.layers(fields, fl, flat, cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype),
-                                 cfg.num_heads, kv.k[full].shape[-2], kv.k[full].shape[-1], cfg.num_experts, cfg.top_k,
-                                 cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor,
-                                 (cfg.n_group, cfg.topk_group))
-    for i in moe:
-        dispatch.hosted(i, ids[i], ran[i], tables[i])
-    return True
+    args = (cfg.rms_norm_eps, rows.slot, rows.pos, model.rope_tables(pos, x.dtype), cfg.num_heads, kv.k[full].shape[-2],
+            kv.k[full].shape[-1], cfg.num_experts, cfg.top_k, cfg.spec.scoring == "sigmoid", cfg.norm_topk_prob,
+            cfg.routed_scaling_factor, (cfg.n_group, cfg.topk_group))
+    if held is None:
+        _, ids, ran, _, _ = cstep.layers(fields, fl, flat, *args)
+        for i in moe:
+            dispatch.hosted(i, ids[i], ran[i], tables[i])
+        return cfg.num_layers
+    hn, l0 = torch.empty_like(flat), 0
+    while True:
+        w, ids, _, probs, stop = cstep.layers(fields[l0:], fl[l0:], flat, *args, held[l0:], hn)
+        for i in moe:
+            if l0 <= i < l0 + stop:
+                dispatch.held_ran(i, ids[i - l0])
+        if l0 + stop == cfg.num_layers:
+            return cfg.num_layers
+        s, l0 = stop, l0 + stop
+        flat += model.mlp(l0, hn, dispatch, (probs[s], w[s], ids[s]))
+        l0 += 1
+        if not dispatch.sync_live():  # a form the routines do not take was read: the per-layer path from here
+            return l0

@@ -2,6 +2,7 @@
 expert's FFN on the tokens routed to it. Shared by serving, warm-up and `bench dispatch`."""
 from __future__ import annotations
 
+import ctypes
 from collections import Counter
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from .cache import ExpertCache
 from . import ckernel
 from .ckernel import kq_experts, kq_moe
-from .quant import QTensor, kq_ffn
+from .quant import KTensor, QTensor, kq_ffn
 from .quant import swiglu as expert_ffn
 from .traces import TraceRecorder
 
@@ -21,6 +22,8 @@ class ExpertDispatch:
         """ffn(layer) → the family's expert function (e, x, weights) → y, or None for plain SwiGLU."""
         self.cache, self.policy, self.recorder, self.ffn = cache, policy, recorder, ffn or (lambda layer: None)
         self._tables: dict = {}  # (layer, ckernel mode) → the layer's host forms as one C table, or None
+        self._live: dict | None = None  # layer → a C table of the experts the fast tier holds now (live_tables)
+        self._live_off = False  # a held expert's forms were not the routines': no live tables
 
     def __call__(self, layer, x, probs, weights, ids):
         if self.recorder is not None:
@@ -71,6 +74,56 @@ class ExpertDispatch:
                 return None
             tables.append(t)
         return tables
+
+    def live_tables(self, layers, x) -> tuple[list, torch.Tensor] | None:
+        """Where the fast tier holds experts as the forms the C routines multiply (formstore: a CPU's model larger
+        than RAM) and the policy keeps the router's choice: each layer's table of the experts held now (the others
+        NULL) and which are held (cache.mask), for a decode step in one C call that stops at a layer routed to an
+        expert not held (decode_block.decode_layers: that layer's MLP then runs here, reading it); else None.
+        Kept up to date from cache.moved, so a step pays nothing per expert for the held ones."""
+        cache = self.cache
+        if self._live_off or not cache.forms or not getattr(self.policy, "keeps_routing", False) or x.device.type != "cpu" \
+                or x.dtype != torch.float32 or x.dim() != 2 or not ckernel._mode_on():
+            return None
+        if self._live is None:
+            self._live, cache.moved = {}, list(cache.resident())
+        for layer in layers:
+            if layer not in self._live:
+                ffn = self.ffn(layer)
+                act = getattr(ffn, "kq_act", None)
+                if ffn is not None and act is None:
+                    return None
+                n = cache.num_experts
+                self._live[layer] = (((ctypes.c_void_p * (3 * n))(), (ctypes.c_int64 * n)(*range(n)), n,
+                                      min(ckernel.ROWS.values())), cache.expert_bytes, act and act())
+        if not self.sync_live():
+            return None
+        return [self._live[layer] for layer in layers], cache.mask
+
+    def sync_live(self) -> bool:
+        """The live tables made to hold what the fast tier holds now; False (and live tables off) where a held
+        expert's forms are not the routines'."""
+        cache, live = self.cache, self._live
+        for key in dict.fromkeys(cache.moved):
+            table = live.get(key[0])
+            if table is None:
+                continue
+            w, at = cache.peek(key), 3 * key[1]
+            if w is not None and not (len(w) == 3 and all(isinstance(t, KTensor) and ckernel.kq_able(t) for t in w)):
+                self._live, cache.moved, self._live_off = None, None, True
+                return False
+            table[0][0][at: at + 3] = [t.cdesc[0] for t in w] if w is not None else [None] * 3
+        cache.moved.clear()
+        return True
+
+    def held_ran(self, layer, ids) -> None:
+        """The traces, counters and LRU order of a layer whose experts all ran held, in a step's C call, as
+        __call__ and the policy's fetches keep them."""
+        if self.recorder is not None:
+            self.recorder.record(layer, ids)
+        self.cache.count_hits(ids.numel())
+        for e in sorted(set(ids.view(-1).tolist())):
+            self.cache.get(layer, e)
 
     def hosted(self, layer, ids, ran: int, table) -> None:
         """The traces and counters of a layer that ran on its table outside __call__, as __call__ keeps them."""

@@ -321,15 +321,16 @@ class MoEModel:
             kv.conv[i][slots], kv.state[i][slots] = conv.float(), state
         return out
 
-    def mlp(self, i: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """x: [N, H] valid tokens only, so padding never reaches the router or the traces."""
+    def mlp(self, i: int, x: torch.Tensor, dispatch: Dispatch, routed: tuple | None = None) -> torch.Tensor:
+        """x: [N, H] valid tokens only, so padding never reaches the router or the traces. routed: the router's
+        (probs, weights, ids) for x where a step's C call routed it already."""
         cfg, w = self.cfg, self.w
         if i not in self.moe:
             p = f"model.layers.{i}.mlp."
             return swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"])
         p = f"model.layers.{i}.{cfg.spec.moe_prefix}."
         gate, bias = w[p + cfg.spec.router + ".weight"], w.get(p + cfg.spec.router + ".bias")
-        routed = ckernel.route(x, gate, bias, cfg.top_k, cfg.norm_topk_prob, cfg.spec.scoring,
+        routed = routed or ckernel.route(x, gate, bias, cfg.top_k, cfg.norm_topk_prob, cfg.spec.scoring,
                                w.get(p + cfg.spec.bias_key), cfg.routed_scaling_factor, (cfg.n_group, cfg.topk_group))
         if routed is None:  # (the C router: a decode step's few float32 CPU tokens)
             logits = F.linear(x.float(), gate.float(), None if bias is None else bias.float()) if cfg.spec.fp32_router \
@@ -385,8 +386,8 @@ class MoEModel:
         segments = self._segments(pos, valid) if self.linear else None
         every = len(rows.flat) == B * T
         step = kv is not None and T == 1 and every and x.device.type == "cpu"  # (decode_block: its one C call)
-        fused = step and decode_layers(self, x, pos, rows, kv, dispatch)  # every layer in one C call, x in place
-        for i in range(0 if fused else cfg.num_layers):
+        done = decode_layers(self, x, pos, rows, kv, dispatch) if step else 0  # layers run in C calls, x in place
+        for i in range(done, cfg.num_layers):
             p = f"model.layers.{i}."
             h = attn_block(self, i, x, pos, rows, kv) if step else None
             if h is not None:  # x updated in place, h the MLP's input

@@ -84,6 +84,7 @@ class Reroute(AllResident):
 class LoadOnDemand(AllResident):
     """mixtral-offloading's baseline: load a missing expert when needed, evicting the least recently used."""
     name = "load"
+    keeps_routing = True  # (a step on held forms may route in C: dispatch.live_tables)
 
     def min_experts(self, layers, num_experts, top_k):
         return top_k

@@ -1,9 +1,11 @@
 """Decode tokens/s of one engine setup on the disk forms tier (emoe/formstore.py), alternated between settings in
 fresh processes: the concurrent readers of a layer's misses (formstore.READERS), the forms cache against forms
-made from the file at each read (EMOE_FORMS_CACHE=0), or experts in RAM. Prints each prompt's decode tokens/s.
+made from the file at each read (EMOE_FORMS_CACHE=0), experts in RAM, or a decode step's layers in C calls that
+stop at a miss (dispatch.live_tables) against a call per layer. Prints each prompt's decode tokens/s.
 
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary readers=4,1
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary cache=1,0
+    python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary step=c,layers
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ def child(a) -> None:
     from emoe import formstore
     from emoe.engine import Engine, EngineConfig, SamplingParams
     formstore.READERS = a.readers
+    if a.step == "layers":
+        from emoe.dispatch import ExpertDispatch
+        ExpertDispatch.live_tables = lambda self, layers, x: None
     eng = Engine(EngineConfig(a.model, budget=a.budget, miss_policy=a.policy, experts_on=a.experts_on, max_batch=1,
                               dense_blocks=True))
     rates = []
@@ -43,7 +48,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--vary", default="readers=4,1",
-                    help="readers=A,B (concurrent reads), cache=1,0 (EMOE_FORMS_CACHE), or experts_on=disk,ram")
+                    help="readers=A,B (concurrent reads), cache=1,0 (EMOE_FORMS_CACHE), experts_on=disk,ram, or step=c,layers")
+    ap.add_argument("--step", default="c", choices=["c", "layers"],
+                    help="a decode step's held experts in C calls (c) or a call per layer (layers)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -54,13 +61,15 @@ def main() -> None:
             "--tokens", str(a.tokens), "--temperature", str(a.temperature)]
     for _ in range(a.rounds):
         for v in values.split(","):
-            env, args = dict(os.environ), ["--readers", str(a.readers), "--experts-on", a.experts_on]
+            env, args = dict(os.environ), ["--readers", str(a.readers), "--experts-on", a.experts_on, "--step", a.step]
             if knob == "readers":
                 args[1] = v
             elif knob == "cache":
                 env["EMOE_FORMS_CACHE"] = v
             elif knob == "experts_on":
                 args[3] = v
+            elif knob == "step":
+                args[5] = v
             else:
                 raise SystemExit(f"unknown --vary knob {knob!r}")
             out = subprocess.run(base + args, capture_output=True, text=True, env=env, check=True).stdout

@@ -124,3 +124,32 @@ def test_slack_keeps_the_plan_and_loads_misses_into_the_rest(qwen_gguf_import, f
     assert s.loads > 0 and s.evictions > 0 and eng.cache.used_bytes <= eng.cache.budget_bytes
     with pytest.raises(ValueError, match="share"):
         Slack(share=1.0)
+
+
+def test_a_decode_step_runs_held_experts_in_one_c_call_and_stops_at_a_miss(qwen_gguf_import, forms_cache_on,
+                                                                             monkeypatch):
+    """dispatch.live_tables: with some experts held as forms, a decode step's layers run in C calls that stop at a
+    layer routed to an expert not held; tokens, counters, reads and the LRU order are the per-layer path's."""
+    from emoe import cstep
+    from emoe.dispatch import ExpertDispatch
+    real, calls = cstep.layers, []
+
+    def layers(*a):
+        got = real(*a)
+        calls.append((a[0].shape[0], got[-1]))  # (layers asked, layer stopped at)
+        return got
+    monkeypatch.setattr(cstep, "layers", layers)
+
+    def run(policy):
+        eng, got = _run(qwen_gguf_import, miss_policy=policy, budget=0.5, experts_on="disk", dense_blocks=True)
+        s = eng.cache.stats
+        return [r.output_ids for r in got], (s.hits, s.misses, s.loads, s.evictions, s.host_runs,
+                                             eng.store.stats.reads), eng.cache.resident()
+    for policy in ("load", "host"):
+        calls.clear()
+        live = run(policy)
+        assert calls and any(stop < n for n, stop in calls) and any(stop == n for n, stop in calls), policy
+        with monkeypatch.context() as m:
+            m.setattr(ExpertDispatch, "live_tables", lambda self, layers, x: None)
+            calls.clear()
+            assert run(policy) == live and not calls, policy
