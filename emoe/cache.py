@@ -86,7 +86,7 @@ class ExpertCache:
         self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
-        self.moved: list[tuple[int, int]] | None = None  # where a list: each admitted or evicted key (dispatch's C tables)
+        self.moved: set[tuple[int, int]] | None = None  # where a set: the keys admitted or evicted (dispatch's C tables)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -303,7 +303,7 @@ class ExpertCache:
         self.mask[layer, expert] = self.avail[layer, expert] = True
         self.n_resident[layer] += 1
         if self.moved is not None:
-            self.moved.append(key)
+            self.moved.add(key)
         self._stats.loads += 1
         self._stats.bytes_loaded += self.expert_bytes
         self._stats.load_seconds += time.perf_counter() - t0
@@ -317,7 +317,7 @@ class ExpertCache:
             self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
             if self.moved is not None:
-                self.moved.append((layer, expert))
+                self.moved.add((layer, expert))
             bits = self.shadow_bits if to is None else to
             copy = self._copy((layer, expert), bits, lambda: w) if self.shadow_bits and bits else None
             self._set_shadow((layer, expert), copy)

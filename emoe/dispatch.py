@@ -86,9 +86,10 @@ class ExpertDispatch:
                 or x.dtype != torch.float32 or x.dim() != 2 or not ckernel._mode_on():
             return None
         if self._live is None:
-            self._live, cache.moved = {}, list(cache.resident())
+            self._live, cache.moved = {}, set()
         for layer in layers:
-            if layer not in self._live:
+            if layer not in self._live:  # (filled by sync_live, as if each held expert had just been admitted)
+                cache.moved.update((layer, e) for e in cache.resident(layer))
                 ffn = self.ffn(layer)
                 act = getattr(ffn, "kq_act", None)
                 if ffn is not None and act is None:
@@ -104,7 +105,7 @@ class ExpertDispatch:
         """The live tables made to hold what the fast tier holds now; False (and live tables off) where a held
         expert's forms are not the routines'."""
         cache, live = self.cache, self._live
-        for key in dict.fromkeys(cache.moved):
+        for key in cache.moved:
             table = live.get(key[0])
             if table is None:
                 continue
