@@ -226,7 +226,8 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        constraint = grammar.Constraint(self.grammar_tokenizer(), params.grammar, self.cfg.vocab_size) \
+        constraint = grammar.Constraint(self.grammar_tokenizer(), params.grammar, self.cfg.vocab_size, params.think,
+                                        grammar.think_phase(ids, params.think) if params.think else "grammar") \
             if params.grammar else None
         return Request(request_id or f"req-{next(self._ids)}", ids, params, task, gen=gen, constraint=constraint)
 

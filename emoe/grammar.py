@@ -108,21 +108,46 @@ def tokenizer(tokenizer_json: str, vocab_size: int, eos: list[int]):
     return _llg().LLTokenizer(tokenizer_json, n_vocab=max(vocab_size, n), eos_token=[t for t in eos if t < n] or None)
 
 
-class Constraint:
-    """One request's grammar state: its rows' masks before each token is chosen (mask_rows), advance(token) after."""
-    __slots__ = ("matcher", "vocab", "words")
+def think_phase(prompt_ids: list[int], think: tuple[int, int]) -> str:
+    """Where a thinking model's answer starts, from the prompt's last tokens: inside a reasoning block the chat
+    template opened (DeepSeek-R1's: "reasoning"), after one it opened and closed (Qwen3's enable_thinking=false:
+    "grammar", no reasoning), or where it may open one itself (Qwen3's default: "open")."""
+    tail = prompt_ids[-6:]
+    if think[0] not in tail:
+        return "open"
+    return "grammar" if think[1] in tail[len(tail) - 1 - tail[::-1].index(think[0]):] else "reasoning"
 
-    def __init__(self, tok, grammar: str, vocab: int):
+
+class Constraint:
+    """One request's grammar state: its rows' masks before each token is chosen (mask_rows), advance(token) after.
+    With think (a thinking model's <think> and </think> ids, serve's reasoning parser on), the grammar holds the
+    answer after its reasoning block, as vLLM's reasoning-aware structured output does: a first token may open the
+    block ("open"), and inside it ("reasoning") every token is allowed until </think>. Without it, a schema or a
+    forced tool call would forbid <think> at the first token, and a thinking model would answer without reasoning."""
+    __slots__ = ("matcher", "vocab", "words", "think", "phase")
+
+    def __init__(self, tok, grammar: str, vocab: int, think: tuple[int, int] | None = None, phase: str = "grammar"):
         self.matcher, self.vocab = _llg().LLMatcher(tok, grammar, log_level=0), vocab
         self.words = (tok.vocab_size + 31) // 32  # the mask's 32-bit words
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
+        if phase not in ("grammar", "open", "reasoning") or (phase != "grammar" and think is None):
+            raise ValueError(f"phase {phase!r} needs think ids and is one of grammar, open, reasoning")
+        self.think, self.phase = think, phase
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A float32 copy of one row's logits with every token the grammar forbids here at -inf."""
         return mask_rows([self], logits[None])[0]
 
     def advance(self, token: int) -> None:
+        if self.phase == "reasoning":
+            if token == self.think[1]:
+                self.phase = "grammar"
+            return
+        if self.phase == "open":
+            self.phase = "reasoning" if token == self.think[0] else "grammar"
+            if self.phase == "reasoning":
+                return
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
 
@@ -140,10 +165,15 @@ def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tens
     n, words = len(constraints), max(c.words for c in constraints)
     buf = np.zeros((n, words), dtype=np.int32)
     for i, c in enumerate(constraints):
-        c.matcher.unsafe_compute_mask_ptr(buf[i].ctypes.data, c.words * 4)
+        if c.phase != "reasoning":
+            c.matcher.unsafe_compute_mask_ptr(buf[i].ctypes.data, c.words * 4)
     bits = np.unpackbits(buf.view(np.uint8), axis=1, bitorder="little")
     allowed = np.zeros((n, logits.shape[-1]), dtype=bool)  # ids past the tokenizer's (a padded embedding): none
     for i, c in enumerate(constraints):
         k = max(0, min(bits.shape[1], c.vocab, allowed.shape[1]))
         allowed[i, :k] = bits[i, :k]
+        if c.phase == "reasoning":  # inside a reasoning block: the model's own tokens, up to its vocabulary
+            allowed[i, :min(c.vocab, allowed.shape[1])] = True
+        elif c.phase == "open" and c.think[0] < allowed.shape[1]:
+            allowed[i, c.think[0]] = True
     return logits.float().masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))

@@ -29,6 +29,13 @@ def _held(buf: str, tag: str) -> int:
 
 
 class Think:
+    @staticmethod
+    def token_ids(tok) -> tuple[int, int] | None:
+        """<think> and </think> as this tokenizer's (tokenizers.Tokenizer) single tokens, as thinking models have
+        them; None where they are not: structured output then starts at the first token (grammar.Constraint)."""
+        ids = tuple(tok.token_to_id(t) for t in (START, END))
+        return None if None in ids else ids
+
     def opened(self, prompt_tail: str) -> bool:
         """Whether the rendered prompt leaves the answer inside a reasoning block."""
         return prompt_tail.rstrip().endswith(START)

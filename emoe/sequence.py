@@ -26,6 +26,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits before sampling
     grammar: str | None = None       # structured output: only tokens this grammar allows (emoe.grammar)
+    think: tuple[int, int] | None = None  # a thinking model's <think> and </think> ids: its reasoning block, free, before the grammar
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -50,6 +51,9 @@ class SamplingParams:
                if isinstance(t, bool) or not isinstance(t, int) or t < 0 or not -100 <= b <= 100}
         if bad:
             raise ValueError(f"logit_bias takes token ids >= 0 with biases in [-100, 100], got {bad}")
+        if self.think is not None and not (len(self.think) == 2 and all(isinstance(t, int) and t >= 0 for t in self.think)
+                                           and self.think[0] != self.think[1]):
+            raise ValueError(f"think takes two different token ids (<think>, </think>), got {self.think}")
 
     @property
     def penalised(self) -> bool:

@@ -149,6 +149,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             raise APIError(400, "a forced tool call (tool_choice) and a structured-output rule cannot be combined",
                            param="tool_choice")
         rules = forced or rules
+        think = reasoner.token_ids(eng.codec.tok) if chat and rules is not None and reasoner is not None else None
         try:
             given = {k: v for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                                     "repetition_penalty") if (v := getattr(body, k)) is not None}
@@ -157,7 +158,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ex
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                     seed=None if body.seed is None else body.seed + sample,
                                     stop=tuple(stop), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, grammar=rules, **given)
+                                    prompt_logprobs=prompt_logprobs, grammar=rules, think=think, **given)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         try:
