@@ -24,10 +24,13 @@ class ExpertDispatch:
         self._tables: dict = {}  # (layer, ckernel mode) → the layer's host forms as one C table, or None
         self._live: dict | None = None  # layer → a C table of the experts the fast tier holds now (live_tables)
         self._live_off = False  # a held expert's forms were not the routines': no live tables
+        self._observe = getattr(policy, "observe", None)  # a policy that watches the routing (adaptive.Adapt)
 
     def __call__(self, layer, x, probs, weights, ids):
         if self.recorder is not None:
             self.recorder.record(layer, ids)
+        if self._observe is not None:
+            self._observe(layer, ids, self.cache)
         table = self._host_table(layer, x)
         if table is not None:  # every expert runs on its host forms (a CPU's budget 0): one C call, none per expert
             weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
@@ -122,6 +125,8 @@ class ExpertDispatch:
         __call__ and the policy's fetches keep them."""
         if self.recorder is not None:
             self.recorder.record(layer, ids)
+        if self._observe is not None:
+            self._observe(layer, ids, self.cache)
         self.cache.count_hits(ids.numel())
         for e in sorted(set(ids.view(-1).tolist())):
             self.cache.get(layer, e)
@@ -130,6 +135,8 @@ class ExpertDispatch:
         """The traces and counters of a layer that ran on its table outside __call__, as __call__ keeps them."""
         if self.recorder is not None:
             self.recorder.record(layer, ids)
+        if self._observe is not None:
+            self._observe(layer, ids, self.cache)
         self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
 
     def _build(self, layer):

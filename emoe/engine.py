@@ -252,7 +252,7 @@ class Engine:
         if self.residency is not None:  # the loader runs on every scheduling decision
             t0 = time.perf_counter()
             plan = self.residency.plan(self.running + self.prefilling + list(reqs), self.cache)
-            if plan:
+            if plan and self._follows(plan):
                 self.loader.apply(plan, t0)
             else:
                 self.loader.stats.seconds += time.perf_counter() - t0
@@ -282,10 +282,15 @@ class Engine:
         if self.residency is not None:
             t0 = time.perf_counter()
             plan = self.residency.after_prefill(self.running + live, live, [self.recorder.peek(r.slot) for r in live])
-            if plan:
+            if plan and self._follows(plan):
                 self.loader.apply(plan, t0)
         self.running.extend(live)
         return done
+
+    def _follows(self, plan) -> bool:
+        """Whether the miss policy takes the residency's plan now (adaptive.Adapt: not while it runs as LRU)."""
+        follows = getattr(self.policy, "follows", None)
+        return follows is None or follows(plan)
 
     def abort(self, req: Request) -> None:
         if req.finish_reason is None:

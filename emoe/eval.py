@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adaptive import Adapt
 from .cache import BudgetError
 from .engine import Engine, EngineConfig, SamplingParams
 from .policies import AllResident, Auto, Host, Hybrid, LoadOnDemand, PreGated, Reroute, Selective, Shadow, Slack
@@ -36,7 +37,7 @@ SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int
 # A -host suffix runs misses on the host CPU with the expert's own weights (policies.Host): exact output,
 # the residency plan only decides how much expert work the fast device does. -auto loads the misses that
 # have enough tokens for a copy to pay (policies.Auto).
-SUFFIXES = SHADOWED + ("host", "auto", "slack")  # -slack: the plan in 3/4 of the budget, misses loaded into the rest
+SUFFIXES = SHADOWED + ("host", "auto", "slack", "adapt")  # -slack: the plan in 3/4 of the budget, misses loaded into the rest
 
 
 def known(name: str) -> bool:
@@ -72,7 +73,7 @@ def build(name: str, s: Setup):
         policy, residency = build(base, s)
         if type(policy) is not Reroute:
             raise ValueError(f"{name}: -{q} replaces rerouting; {base} uses the {policy.name} miss policy")
-        hosts = {"host": Host, "auto": Auto, "slack": Slack}
+        hosts = {"host": Host, "auto": Auto, "slack": Slack, "adapt": Adapt}
         return (hosts[q]() if q in hosts else _shadow(q)), residency
 
     def emoe(kind, p, label, **kw):
@@ -233,6 +234,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "shadow_bits": getattr(policy, "shadow_bits", 0), "shadow_uses": st.shadow_uses,
                "host_runs": st.host_runs,
                "bytes_read": eng.store.stats.bytes_read - read0,  # slow-tier reads: loads and host runs (disk, on formstore)
+               "switches": getattr(policy, "switches", None),  # adaptive.Adapt's (layer calls, mode) changes
                "per_request": {"agree": [list(r.get("agree", (0, 0))) for r in rows],
                                # kept so a run on a machine without the embedding model can be rescored
                                "task": [r["task"] for r in rows], "text": [r["text"] for r in rows],
@@ -241,7 +243,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         records.append(rec)
         log(f"{label:13} {b:4.2f} sim {rec['similarity']:.3f} agree {agree:.3f} ppl× {rec['ppl_ratio']:.2f} "
             f"hit {st.hit_rate:.3f} overhead {rec['overhead_share']:.4f} tok/s {rec['tokens_per_s']:.1f} "
-            f"read {rec['bytes_read'] / 2**20:.0f} MiB")
+            f"read {rec['bytes_read'] / 2**20:.0f} MiB" + (f" switches {rec['switches']}" if rec["switches"] else ""))
     return records
 
 

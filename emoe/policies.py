@@ -387,6 +387,9 @@ MISS_POLICIES = {p.name: p for p in (AllResident, Reroute, LoadOnDemand, RandomR
 
 
 def make_policy(name: str, **kw):
+    if name == "adapt":  # (its module builds on this one)
+        from .adaptive import Adapt
+        return Adapt(**kw)
     if name not in MISS_POLICIES:
-        raise ValueError(f"unknown miss policy {name!r}; choose one of {sorted(MISS_POLICIES)}")
+        raise ValueError(f"unknown miss policy {name!r}; choose one of {sorted([*MISS_POLICIES, 'adapt'])}")
     return MISS_POLICIES[name](**kw)

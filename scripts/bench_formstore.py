@@ -6,6 +6,7 @@ stop at a miss (dispatch.live_tables) against a call per layer. Prints each prom
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary readers=4,1
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary cache=1,0
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary step=c,layers
+    python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --vary policy=load,adapt,host
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def child(a) -> None:
         (r,) = eng.generate([p], SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
                                                 seed=1), chat=False)
         rates.append((len(r.output_ids) - 1) / (time.perf_counter() - r.first_token_at))
-    print(json.dumps({"tok_s": rates, "read_s": eng.store.stats.seconds,
-                      "read_mb": eng.store.stats.bytes_read / 2**20}))
+    print(json.dumps({"tok_s": rates, "read_s": eng.store.stats.seconds, "read_mb": eng.store.stats.bytes_read / 2**20,
+                      "switches": getattr(eng.policy, "switches", None)}))
 
 
 def main() -> None:
@@ -48,7 +49,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--vary", default="readers=4,1",
-                    help="readers=A,B (concurrent reads), cache=1,0 (EMOE_FORMS_CACHE), experts_on=disk,ram, or step=c,layers")
+                    help="readers=A,B (concurrent reads), cache=1,0 (EMOE_FORMS_CACHE), experts_on=disk,ram, step=c,layers, "
+                         "or policy=load,adapt")
     ap.add_argument("--step", default="c", choices=["c", "layers"],
                     help="a decode step's held experts in C calls (c) or a call per layer (layers)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -70,12 +72,15 @@ def main() -> None:
                 args[3] = v
             elif knob == "step":
                 args[5] = v
+            elif knob == "policy":
+                args += ["--policy", v]  # (the later --policy wins)
             else:
                 raise SystemExit(f"unknown --vary knob {knob!r}")
             out = subprocess.run(base + args, capture_output=True, text=True, env=env, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             print(f"{knob}={v:5s} decode tok/s {' '.join(f'{x:5.1f}' for x in sorted(r['tok_s']))}  "
-                  f"reads {r['read_mb']:.0f} MiB in {r['read_s']:.2f} s", flush=True)
+                  f"reads {r['read_mb']:.0f} MiB in {r['read_s']:.2f} s"
+                  + (f"  switches {r['switches']}" if r["switches"] is not None else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """emoe and llama.cpp on a GGUF larger than the memory they are given, side by side in one run: each runs in a
 memory cgroup of its own limited to the same bytes (page cache included, as the kernel charges it), with the
-model's files dropped from the page cache first, and decodes the same prompts one request at a time on the
-same threads.
+model's files dropped from the page cache first, and decodes the same prompts on the same threads: one request at
+a time, or all at once (--streams N: N slots, output tokens over the wall time).
 
 - llama.cpp maps the file (`--no-repack`: by default it repacks every weight into anonymous memory, which the
   limit kills, also run and reported) and the page cache decides which pages stay;
@@ -16,6 +16,7 @@ Needs root (a memory cgroup, v1 or v2) and a llama.cpp build with llama-server. 
 before any limited run (the first start writes it).
 
     python scripts/bench_larger_than_ram.py --llama-cpp LLAMA_DIR --gguf FILE.gguf --limits-mb 1600,1200
+    python scripts/bench_larger_than_ram.py ... --streams 4 --policies load --skip-repack
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -92,17 +94,21 @@ def post(port: int, body: dict, timeout: float = 900) -> dict:
 def llama(a, limit: int | None, repack: bool) -> dict:
     cg = Limited(limit, "llama")
     cmd = [str(a.llama_cpp / "build/bin/llama-server"), "-m", str(a.gguf), "--port", str(a.port), "-t", str(a.threads),
-           "-np", "1", "-c", "1024", *([] if repack else ["--no-repack"])]
+           "-np", str(a.streams), "-c", str(1024 * a.streams), *([] if repack else ["--no-repack"])]
+    ask = (lambda p: post(a.port, {"prompt": p, "n_predict": a.tokens, "temperature": a.temperature, "top_k": 0,  # noqa: E731
+                                   "top_p": 1.0, "min_p": 0.0, "seed": 1, "ignore_eos": True, "cache_prompt": False}))
     try:
         with running(cmd, a.port, preexec_fn=cg.enter):
-            rates = []
-            for p in PROMPTS:
-                try:
-                    r = post(a.port, {"prompt": p, "n_predict": a.tokens, "temperature": a.temperature, "top_k": 0,
-                                      "top_p": 1.0, "min_p": 0.0, "seed": 1, "ignore_eos": True, "cache_prompt": False})
-                except OSError:
-                    return {"error": "exited while decoding (the limit's OOM kill)"}
-                rates.append(r["timings"]["predicted_per_second"])
+            try:
+                if a.streams > 1:  # every prompt at once: output tokens over the wall time, prefills included
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                        got = list(pool.map(ask, PROMPTS))
+                    rates = [sum(r["tokens_predicted"] for r in got) / (time.perf_counter() - t0)]
+                else:
+                    rates = [ask(p)["timings"]["predicted_per_second"] for p in PROMPTS]
+            except OSError:
+                return {"error": "exited while decoding (the limit's OOM kill)"}
             return {"tok_s": rates, "peak_mb": cg.peak() / 2**20}
     except RuntimeError as e:  # it exited while loading: the limit's OOM kill
         return {"error": f"{e}: killed while loading"}
@@ -114,9 +120,14 @@ def emoe_child(a) -> None:
     """Runs inside the cgroup: one engine, the prompts one at a time; prints a JSON line."""
     from emoe.engine import Engine, EngineConfig, SamplingParams
     eng = Engine(EngineConfig(str(a.model), budget=a.budget_bytes, miss_policy=a.policy, experts_on="disk",
-                              max_batch=1, dense_blocks=True))
+                              max_batch=a.streams, dense_blocks=True))
     rates = []
-    for p in PROMPTS:
+    if a.streams > 1:  # every prompt at once, as llama-server's: output tokens over the wall time, prefills included
+        t0 = time.perf_counter()
+        got = eng.generate(PROMPTS, SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
+                                                   seed=1), chat=False)
+        rates.append(sum(len(r.output_ids) for r in got) / (time.perf_counter() - t0))
+    for p in PROMPTS if a.streams == 1 else ():
         t0 = time.perf_counter()
         (r,) = eng.generate([p], SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
                                                 seed=1), chat=False)
@@ -130,7 +141,7 @@ def emoe_child(a) -> None:
 def emoe(a, limit: int | None, budget: int, policy: str) -> dict:
     cg = Limited(limit, "emoe")
     cmd = [sys.executable, __file__, "--child", "--model", str(a.model), "--budget-bytes", str(budget),
-           "--policy", policy, "--tokens", str(a.tokens), "--temperature", str(a.temperature)]
+           "--policy", policy, "--tokens", str(a.tokens), "--temperature", str(a.temperature), "--streams", str(a.streams)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, env=env)
@@ -154,6 +165,10 @@ def main() -> None:
                     help="sampling temperature, the whole distribution (0: greedy; a random model's greedy answers "
                          "repeat a few tokens, whose experts a cache then keeps)")
     ap.add_argument("--margin-mb", type=float, default=64)
+    ap.add_argument("--streams", type=int, default=1,
+                    help="1: the prompts one at a time (decode tokens/s each); N: all at once, N slots (output tokens/s "
+                         "over the wall time, prefills included)")
+    ap.add_argument("--skip-repack", action="store_true", help="leave out llama.cpp's default load (killed under a limit)")
     ap.add_argument("--port", type=int, default=8093)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -167,8 +182,10 @@ def main() -> None:
     from emoe.engine import Engine, EngineConfig  # the import, and the forms cache, made here, unlimited
     Engine(EngineConfig(str(a.model), budget=0, miss_policy="host", experts_on="disk", max_batch=1, dense_blocks=True))
     files = [a.gguf, a.model, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"]
+    how = ("one request at a time" if a.streams == 1 else
+           f"all at once ({a.streams} slots; output tokens/s over the wall time, prefills included)")
     print(f"# {a.gguf} ({a.gguf.stat().st_size / 2**20:.0f} MiB), {a.tokens} tokens after each of {len(PROMPTS)} "
-          f"prompts, one request at a time, {a.threads} threads, temperature {a.temperature:g}; decode tokens/s, median (min-max)")
+          f"prompts, {how}, {a.threads} threads, temperature {a.temperature:g}; decode tokens/s, median (min-max)")
     drop_cache(files)
     base = emoe(a, None, 0, "host")
     if "error" in base:
@@ -182,7 +199,7 @@ def main() -> None:
     for mb in (float(x) for x in a.limits_mb.split(",")):
         limit = int(mb * 2**20)
         budget = max(0, int(limit - (base["peak_mb"] + a.margin_mb) * 2**20))
-        for repack in (False, True):
+        for repack in (False,) if a.skip_repack else (False, True):
             drop_cache(files)
             print(f"{mb:6.0f} MiB llama.cpp {'repack' if repack else 'mmap  '}    {fmt(llama(a, limit, repack))}",
                   flush=True)
