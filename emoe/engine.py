@@ -164,9 +164,7 @@ class Engine:
         self.recorder = TraceRecorder(c.num_layers, c.num_experts, slots, device=self.device) if tracing else None
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder, self.model.expert_fn)
         self.free_slots = list(range(slots))
-        self.max_batch = self.max_rows = slots
-        if self.cache.forms and self.policy.name == "load":
-            self.max_rows = formstore.disk_rows(self.cache.capacity, c.top_k * len(layers), slots)
+        self.max_batch = slots
         self.running: list[Request] = []
         self.prefilling: list[Request] = []  # admitted, prompt not yet all in the KV cache
         self.last_prefill = (0, 0.0)  # (tokens, seconds) of the last prefill chunk: serving prices prefill by it
@@ -441,17 +439,13 @@ class Engine:
             self.last_score_trace = self.recorder.take(slot, "score", None, len(prompt_ids), len(continuation))
         return logits[0, len(prompt_ids) - 1:]
 
-    def room(self) -> int:
-        """Requests that may be admitted now: free KV slots, within max_rows in flight."""
-        return max(0, min(len(self.free_slots), self.max_rows - len(self.running) - len(self.prefilling)))
-
     def generate(self, prompts: list, params: SamplingParams, tasks: list[str | None] | None = None,
                  chat: bool = True) -> list[Request]:
         """Run prompts to completion, keeping up to max_batch in flight (FCFS)."""
         waiting = [self.make_request(p, params, t, chat) for p, t in zip(prompts, tasks or [None] * len(prompts))]
         all_reqs = list(waiting)
         while waiting or self.running:
-            n = min(self.room(), len(waiting))
+            n = min(len(self.free_slots), len(waiting))
             if n:
                 self.admit(waiting[:n])
                 waiting = waiting[n:]

@@ -52,20 +52,6 @@ def open_for(ckpt: Checkpoint, device: torch.device, cfg, policy) -> "FormDiskSt
         return None
 
 
-def disk_rows(capacity: int, per_row: int, slots: int) -> int:
-    """Requests in flight where misses are these reads, loaded by LRU (`load`): as many as let half the fast tier
-    (capacity experts) hold each one's experts of a step (per_row: top-k in every MoE layer). More streams route a
-    step to more experts than it holds, and each step evicts what the next one needs: on a random 2.1 GiB Q4_K_M
-    at a 505 MiB budget, four prompts at once ran at 2.4 tokens/s (hit rate 0.01), two at 4.8, one at a time 5.8
-    (docs/results/larger_than_ram.txt, run 5)."""
-    rows = min(slots, max(1, capacity // (2 * per_row)))
-    if rows < slots:
-        print(f"[emoe] experts on disk, loaded on demand: {rows} of the {slots} slots' requests run at once (the fast "
-              f"tier's {capacity} experts hold that many streams' {per_row} experts a step twice over; more would evict "
-              f"at each step what the next needs); the others wait", file=sys.stderr)
-    return rows
-
-
 class FormDiskStore:
     tier = "disk"
     forms = True

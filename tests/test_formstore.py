@@ -153,19 +153,3 @@ def test_a_decode_step_runs_held_experts_in_one_c_call_and_stops_at_a_miss(qwen_
             m.setattr(ExpertDispatch, "live_tables", lambda self, layers, x: None)
             calls.clear()
             assert run(policy) == live and not calls, policy
-
-
-def test_disk_load_runs_no_more_requests_at_once_than_half_the_fast_tier_holds(qwen_gguf_import, forms_cache_on, capsys):
-    """formstore.disk_rows: with LRU loads from disk, more streams than half the fast tier holds a step's experts
-    for would evict at each step what the next needs, so the others wait (a plan's host misses are not capped)."""
-    eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="load", budget=0.5, experts_on="disk", max_batch=4))
-    c = eng.cfg
-    per_row = c.top_k * len(c.moe_layers)
-    assert eng.max_rows == min(4, max(1, eng.cache.capacity // (2 * per_row))) < 4 == eng.max_batch
-    assert "requests run at once" in capsys.readouterr().err
-    seen, real = [], eng.step
-    eng.step = lambda: seen.append(len(eng.running) + len(eng.prefilling)) or real()
-    got = eng.generate(PROMPTS + ["one more"], GREEDY, chat=False)
-    assert max(seen) <= eng.max_rows and all(len(r.output_ids) == GREEDY.max_tokens for r in got)
-    host = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="host", budget=0.5, experts_on="disk", max_batch=4))
-    assert host.max_rows == 4 and host.room() == 4
