@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .gguf_blocks import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader
+from .concurrency import Concurrency
 from .policies import PreGated, Reroute, make_policy
 from .prompt_cache import PromptCache, take_slot
 from .dispatch import ExpertDispatch, run_experts
@@ -165,6 +166,8 @@ class Engine:
         self.dispatch = ExpertDispatch(self.cache, self.policy, self.recorder, self.model.expert_fn)
         self.free_slots = list(range(slots))
         self.max_batch = slots
+        # where misses are disk reads loaded by LRU: the requests in flight as measured cheapest (concurrency.py)
+        self.concurrency = Concurrency(slots) if self.cache.forms and self.policy.name == "load" else None
         self.running: list[Request] = []
         self.prefilling: list[Request] = []  # admitted, prompt not yet all in the KV cache
         self.last_prefill = (0, 0.0)  # (tokens, seconds) of the last prefill chunk: serving prices prefill by it
@@ -346,6 +349,7 @@ class Engine:
         """One prefill chunk for the requests admitted without `complete`, then one decoded token for every
         request that was running; returns the requests that finished."""
         rows = list(self.running)
+        flight = len(rows) + len(self.prefilling)
         self.last_prefill = (0, 0.0)
         done = self._start(self._prefill_chunk()) if self.prefilling else []
         if rows:
@@ -354,6 +358,8 @@ class Engine:
                 r.fed += 1
             done += self._emit(rows, logits)
         self.running = [r for r in self.running if r.finish_reason is None]
+        if self.concurrency is not None:
+            self.concurrency.observe(flight, self.store.stats.bytes_read, self.tokens_generated)
         return done
 
     @staticmethod
@@ -439,13 +445,22 @@ class Engine:
             self.last_score_trace = self.recorder.take(slot, "score", None, len(prompt_ids), len(continuation))
         return logits[0, len(prompt_ids) - 1:]
 
+    @property
+    def max_rows(self) -> int:
+        """Requests in flight at most: every KV slot, or the cap that concurrency.Concurrency measured cheapest."""
+        return self.max_batch if self.concurrency is None else self.concurrency.cap
+
+    def room(self) -> int:
+        """Requests that may be admitted now: free KV slots, within max_rows in flight."""
+        return max(0, min(len(self.free_slots), self.max_rows - len(self.running) - len(self.prefilling)))
+
     def generate(self, prompts: list, params: SamplingParams, tasks: list[str | None] | None = None,
                  chat: bool = True) -> list[Request]:
         """Run prompts to completion, keeping up to max_batch in flight (FCFS)."""
         waiting = [self.make_request(p, params, t, chat) for p, t in zip(prompts, tasks or [None] * len(prompts))]
         all_reqs = list(waiting)
         while waiting or self.running:
-            n = min(len(self.free_slots), len(waiting))
+            n = min(self.room(), len(waiting))
             if n:
                 self.admit(waiting[:n])
                 waiting = waiting[n:]

@@ -236,7 +236,7 @@ class EngineLoop:
                     eng.abort(j.req)
                     self._running.remove(j)
                     self._finalize(j, "abort")
-            if waiting and eng.free_slots:
+            if waiting and eng.room():
                 self._admit(waiting)
             if eng.running or eng.prefilling:
                 self._step()
@@ -250,7 +250,7 @@ class EngineLoop:
         eng = self.engine
         now = time.perf_counter()
         try:
-            picked = self.scheduler.select(waiting, list(self._running), len(eng.free_slots), now, self.ctx)
+            picked = self.scheduler.select(waiting, list(self._running), eng.room(), now, self.ctx)
         except Exception as e:  # noqa: BLE001 — fail these requests rather than hang them behind a dead loop
             with self._cv:
                 failed = [j for j in waiting if j in self._waiting]
@@ -259,7 +259,7 @@ class EngineLoop:
             self._fail(failed, e)
             return
         with self._cv:  # a job may have been aborted from the queue since the snapshot
-            batch = [j for j in picked if j in self._waiting][: len(eng.free_slots)]
+            batch = [j for j in picked if j in self._waiting][: eng.room()]
             for j in batch:
                 self._waiting.remove(j)
         if not batch:
