@@ -34,8 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve_llamacpp import running  # noqa: E402
 
-PROMPTS = ["The history of the city begins", "Write a short story about a lighthouse keeper who",
+OPENINGS = ["The history of the city begins", "Write a short story about a lighthouse keeper who",
            "Explain how a refrigerator works:", "List five facts about the moon."]
+
+
+def prompts(n: int) -> list[str]:
+    """The four openings, then as many more as asked, each numbered (no two alike, so no prompt cache serves one)."""
+    return OPENINGS[:n] + [f"{OPENINGS[i % len(OPENINGS)]} ({i})" for i in range(len(OPENINGS), n)]
 
 
 def memory_cgroup() -> tuple[Path, int]:
@@ -102,11 +107,11 @@ def llama(a, limit: int | None, repack: bool) -> dict:
             try:
                 if a.streams > 1:  # every prompt at once: output tokens over the wall time, prefills included
                     t0 = time.perf_counter()
-                    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                        got = list(pool.map(ask, PROMPTS))
+                    with ThreadPoolExecutor(a.prompts) as pool:
+                        got = list(pool.map(ask, prompts(a.prompts)))
                     rates = [sum(r["tokens_predicted"] for r in got) / (time.perf_counter() - t0)]
                 else:
-                    rates = [ask(p)["timings"]["predicted_per_second"] for p in PROMPTS]
+                    rates = [ask(p)["timings"]["predicted_per_second"] for p in prompts(a.prompts)]
             except OSError:
                 return {"error": "exited while decoding (the limit's OOM kill)"}
             return {"tok_s": rates, "peak_mb": cg.peak() / 2**20}
@@ -124,10 +129,10 @@ def emoe_child(a) -> None:
     rates = []
     if a.streams > 1:  # every prompt at once, as llama-server's: output tokens over the wall time, prefills included
         t0 = time.perf_counter()
-        got = eng.generate(PROMPTS, SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
+        got = eng.generate(prompts(a.prompts), SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
                                                    seed=1), chat=False)
         rates.append(sum(len(r.output_ids) for r in got) / (time.perf_counter() - t0))
-    for p in PROMPTS if a.streams == 1 else ():
+    for p in prompts(a.prompts) if a.streams == 1 else ():
         t0 = time.perf_counter()
         (r,) = eng.generate([p], SamplingParams(max_tokens=a.tokens, ignore_eos=True, temperature=a.temperature,
                                                 seed=1), chat=False)
@@ -141,7 +146,8 @@ def emoe_child(a) -> None:
 def emoe(a, limit: int | None, budget: int, policy: str) -> dict:
     cg = Limited(limit, "emoe")
     cmd = [sys.executable, __file__, "--child", "--model", str(a.model), "--budget-bytes", str(budget),
-           "--policy", policy, "--tokens", str(a.tokens), "--temperature", str(a.temperature), "--streams", str(a.streams)]
+           "--policy", policy, "--tokens", str(a.tokens), "--temperature", str(a.temperature), "--streams", str(a.streams),
+           "--prompts", str(a.prompts)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, env=env)
@@ -168,6 +174,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1,
                     help="1: the prompts one at a time (decode tokens/s each); N: all at once, N slots (output tokens/s "
                          "over the wall time, prefills included)")
+    ap.add_argument("--prompts", type=int, default=4, help="how many prompts (the four openings, then numbered repeats)")
     ap.add_argument("--skip-repack", action="store_true", help="leave out llama.cpp's default load (killed under a limit)")
     ap.add_argument("--port", type=int, default=8093)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -184,7 +191,7 @@ def main() -> None:
     files = [a.gguf, a.model, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emoe" / "forms"]
     how = ("one request at a time" if a.streams == 1 else
            f"all at once ({a.streams} slots; output tokens/s over the wall time, prefills included)")
-    print(f"# {a.gguf} ({a.gguf.stat().st_size / 2**20:.0f} MiB), {a.tokens} tokens after each of {len(PROMPTS)} "
+    print(f"# {a.gguf} ({a.gguf.stat().st_size / 2**20:.0f} MiB), {a.tokens} tokens after each of {a.prompts} "
           f"prompts, {how}, {a.threads} threads, temperature {a.temperature:g}; decode tokens/s, median (min-max)")
     drop_cache(files)
     base = emoe(a, None, 0, "host")
