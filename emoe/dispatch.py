@@ -26,11 +26,15 @@ class ExpertDispatch:
         self._live_off = False  # a held expert's forms were not the routines': no live tables
         self._observe = getattr(policy, "observe", None)  # a policy that watches the routing (adaptive.Adapt)
 
-    def __call__(self, layer, x, probs, weights, ids):
+    def _seen(self, layer, ids) -> None:
+        """A layer call's routing, however it runs: the traces, and a policy that watches it (adaptive.Adapt)."""
         if self.recorder is not None:
             self.recorder.record(layer, ids)
         if self._observe is not None:
             self._observe(layer, ids, self.cache)
+
+    def __call__(self, layer, x, probs, weights, ids):
+        self._seen(layer, ids)
         table = self._host_table(layer, x)
         if table is not None:  # every expert runs on its host forms (a CPU's budget 0): one C call, none per expert
             weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)
@@ -123,20 +127,14 @@ class ExpertDispatch:
     def held_ran(self, layer, ids) -> None:
         """The traces, counters and LRU order of a layer whose experts all ran held, in a step's C call, as
         __call__ and the policy's fetches keep them."""
-        if self.recorder is not None:
-            self.recorder.record(layer, ids)
-        if self._observe is not None:
-            self._observe(layer, ids, self.cache)
+        self._seen(layer, ids)
         self.cache.count_hits(ids.numel())
         for e in sorted(set(ids.view(-1).tolist())):
             self.cache.get(layer, e)
 
     def hosted(self, layer, ids, ran: int, table) -> None:
         """The traces and counters of a layer that ran on its table outside __call__, as __call__ keeps them."""
-        if self.recorder is not None:
-            self.recorder.record(layer, ids)
-        if self._observe is not None:
-            self._observe(layer, ids, self.cache)
+        self._seen(layer, ids)
         self.cache.count_hosted(layer, ids.numel(), ran, ran * table[1])
 
     def _build(self, layer):

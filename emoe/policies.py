@@ -278,7 +278,7 @@ class Slack(Host):
     alone lets a prefill's many experts push out what decode needs (on the embedded model it kept 9% of the
     work at 40%), while a fixed plan misses what consecutive tokens share; this keeps both. The output is exact."""
     name = "slack"
-    keeps_routing = False  # misses may be admitted: no step call that assumes a fixed resident set
+    keeps_routing = False  # (measured only with a call per layer, not with the step calls: dispatch.live_tables)
 
     def __init__(self, plan=None, share: float = 0.25):
         super().__init__(plan)

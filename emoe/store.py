@@ -269,19 +269,26 @@ def _mem_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int 
     return avail if group is None else min(avail, group)
 
 
-def _cgroup_room(proc: str, cgroups: str) -> int | None:
-    """A memory cgroup's limit less its anonymous memory (v1: memory.limit_in_bytes, total_rss; v2: memory.max,
-    anon), or None where there is no limit or it cannot be read."""
+def memory_cgroups(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> list[tuple[Path, bool]]:
+    """This process's memory cgroup folders, v1's first, each with whether it is v1 (memory.limit_in_bytes) or v2
+    (memory.max); none where /proc does not say."""
     try:
         lines = Path(f"{proc}/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    found = []
     for line in lines:
         _, ctrl, path = line.split(":", 2)
         v1 = "memory" in ctrl.split(",")
-        if not v1 and not (ctrl == "" and line.startswith("0::")):
-            continue
-        d = Path(cgroups) / ("memory" if v1 else "") / path.lstrip("/")
+        if v1 or (ctrl == "" and line.startswith("0::")):
+            found.append((Path(cgroups) / ("memory" if v1 else "") / path.lstrip("/"), v1))
+    return sorted(found, key=lambda f: not f[1])
+
+
+def _cgroup_room(proc: str, cgroups: str) -> int | None:
+    """A memory cgroup's limit less its anonymous memory (v1: memory.limit_in_bytes, total_rss; v2: memory.max,
+    anon), or None where there is no limit or it cannot be read."""
+    for d, v1 in memory_cgroups(proc, cgroups):
         try:
             limit = (d / ("memory.limit_in_bytes" if v1 else "memory.max")).read_text().strip()
             stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines() if ln.count(" ") == 1)

@@ -45,14 +45,12 @@ def prompts(n: int) -> list[str]:
 
 def memory_cgroup() -> tuple[Path, int]:
     """This process's memory cgroup folder and its version (1 or 2)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, ctrl, path = line.split(":", 2)
-        if "memory" in ctrl.split(","):
-            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/"), 2
-    raise SystemExit("no memory cgroup found")
+    from emoe.store import memory_cgroups
+    found = memory_cgroups()
+    if not found:
+        raise SystemExit("no memory cgroup found")
+    d, v1 = found[0]
+    return d, 1 if v1 else 2
 
 
 class Limited:
