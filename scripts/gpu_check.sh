@@ -31,7 +31,7 @@ python3 -c 'from emoe import ckernel; print("host CPU:", ckernel.describe())' 2>
 grep -m1 "model name" /proc/cpuinfo; grep -o "avx512_bf16\|avx512_vnni\|avx2" /proc/cpuinfo | sort -u | tr "\n" " "; echo
 
 PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
-step pytest $((Q ? 60 : 240)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
+step pytest $((Q ? 60 : 300)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
 step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
@@ -71,7 +71,7 @@ step profile_ds_fp8 $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $D -
 # a llama.cpp GGUF (experts Q4_0/Q8_0) imported: packed bytes cross and are dequantised on the GPU; shadow copies
 # are the file's own integers; host misses run on the CPU int4 kernel (host/dq: dequantised per run)
 GG=/tmp/gguf-pair
-step gguf_pair 90 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 768)) \
+step gguf_pair 150 python3 scripts/make_gguf_pair.py --out $GG --hidden $((Q ? 256 : 1024)) --inter $((Q ? 256 : 768)) \
   --layers 8 --experts 32
 step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/imported \
   --configs all:1.0,host:0.4,host/dq:0.4,load:0.4,auto:0.4,shadow:0.4
@@ -80,6 +80,10 @@ step profile_gguf $((Q ? 60 : 90)) python3 scripts/gpu_profile.py --model $GG/im
 # per expert (off), alternated in separate processes; auto is the routine this CPU gets by default
 step host_kq $((Q ? 60 : 150)) bash -c "for m in auto off int8 auto off int8; do echo EMOE_KQ=\$m; EMOE_KQ=\$m python3 scripts/gpu_profile.py \
   --model $GG/imported --configs host:0.0,host:0.4; done"
+# the disk forms tier (a CPU's: CUDA hidden) on this host's CPU, AVX512 where it has it: a decode step's held experts
+# in C calls that stop at a miss (dispatch.live_tables) against a call per layer, alternated in fresh processes
+step formstore_c $((Q ? 60 : 150)) bash -c "for b in 0.4 0.99; do echo budget \$b; CUDA_VISIBLE_DEVICES= python3 \
+  scripts/bench_formstore.py --model $GG/imported --budget \$b --policy load --vary step=c,layers; done"
 # Qwen3-Next's layout (linear attention in three of four layers, a fixed state per slot): not yet run on CUDA
 N=/tmp/random-qwen3-next
 step random_qwen3_next 120 python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from tiny import make_tiny
