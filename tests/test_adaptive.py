@@ -54,10 +54,10 @@ def test_it_turns_to_lru_when_tokens_share_experts_the_plan_left_out_and_back():
 def test_adapt_serves_the_ram_tiers_tokens_from_disk_forms(qwen_gguf_import, forms_cache_on):
     greedy = SamplingParams(max_tokens=8, ignore_eos=True)
     prompts = ["hello there", "the cat sat on"]
-    want = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="host", budget=0, experts_on="ram",
+    want = Engine(EngineConfig(str(qwen_gguf_import), device="cpu", miss_policy="host", budget=0, experts_on="ram",
                                dense_blocks=True)).generate(prompts, greedy, chat=False)
     policy = Adapt(window=8)
-    eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="adapt", budget=0.5, experts_on="disk",
+    eng = Engine(EngineConfig(str(qwen_gguf_import), device="cpu", miss_policy="adapt", budget=0.5, experts_on="disk",
                               dense_blocks=True), policy=policy)
     got = eng.generate(prompts, greedy, chat=False)
     assert [r.output_ids for r in got] == [r.output_ids for r in want]

@@ -181,6 +181,8 @@ def test_few_rows_match_the_forms_product(name, monkeypatch):
     error: the sums stay in fp32 to the end), here as the best that kernel can do: the bf16 activations' exact
     product, rounded to its bf16 output. int8 activations (llama.cpp's rounding per 32): within 1%."""
     k = forms()[name]
+    if (k.lut is not None or k.group == 16) and not ckernel.lut_able():
+        pytest.skip("this build's routines take no codebook or group-16 forms (AVX512's): the next test's fallback")
     x = torch.randn(5, k.shape[1], generator=torch.Generator().manual_seed(1))
     ref = x @ quant.dequantize(k).T
     kernel = ((x.bfloat16().float() @ quant.dequantize(k).T).bfloat16().float() - ref).norm()
@@ -742,7 +744,8 @@ def test_an_output_gated_attention_layer_runs_in_one_call(tmp_path, monkeypatch)
 def test_codebook_forms_run_dequantised_where_the_routines_take_none(name, monkeypatch):
     """A codebook form (MXFP4's) or one with scales per 16 values (Q2_K's) on a build whose routines take
     neither (AVX512's), or under PyTorch's kernel, which has neither: not kq_able, and every row count still
-    gets its exact matrix's product."""
+    gets its exact matrix's product: within twice the bf16 activations' error, plus half a bf16 step of the
+    output where the CPU's bf16 matmul makes it (AVX512-BF16: quant._kmm's bf16 out)."""
     k = forms()[name]
     want = quant.dequantize(k)
     monkeypatch.setattr(ckernel, "lut_able", lambda: False)
@@ -751,7 +754,8 @@ def test_codebook_forms_run_dequantised_where_the_routines_take_none(name, monke
         x = torch.randn(m, k.shape[1])
         ref = x @ want.T
         act = (x.bfloat16().float() @ want.T - ref).abs().max()
-        assert (quant.linear(x, k) - ref).abs().max() <= 2 * act + 1e-5
+        out = ref.abs().max() * 2.0 ** -8 if quant.bf16_matmul() else 0
+        assert (quant.linear(x, k) - ref).abs().max() <= 2 * act + out + 1e-5
 
 
 def test_codebook_forms_stack_only_with_the_same_codebook():

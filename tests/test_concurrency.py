@@ -38,7 +38,7 @@ def test_a_window_the_cap_did_not_fill_measures_nothing():
 
 
 def test_the_engine_admits_within_the_cap_from_disk_with_lru(qwen_gguf_import, forms_cache_on):
-    eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="load", budget=0.5, experts_on="disk", max_batch=4))
+    eng = Engine(EngineConfig(str(qwen_gguf_import), device="cpu", miss_policy="load", budget=0.5, experts_on="disk", max_batch=4))
     assert eng.concurrency is not None and eng.max_rows == 4
     eng.concurrency.cap = 2
     seen, real = [], eng.step
@@ -47,5 +47,5 @@ def test_the_engine_admits_within_the_cap_from_disk_with_lru(qwen_gguf_import, f
                                                                                                    ignore_eos=True),
                        chat=False)
     assert max(seen) == 2 and all(len(r.output_ids) == 6 for r in got)
-    host = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="host", budget=0.5, experts_on="disk", max_batch=4))
+    host = Engine(EngineConfig(str(qwen_gguf_import), device="cpu", miss_policy="host", budget=0.5, experts_on="disk", max_batch=4))
     assert host.concurrency is None and host.room() == 4  # a plan's reads serve every row: not capped

@@ -11,8 +11,14 @@ GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 PROMPTS = ["hello there", "the cat sat on"]
 
 
+def _cfg(model, **kw) -> EngineConfig:
+    """The disk forms tier is a CPU's (a GPU holds its fast tier's experts in its own memory): named, so that these
+    tests hold on a machine with a GPU too."""
+    return EngineConfig(str(model), device="cpu", **kw)
+
+
 def _run(model, **kw):
-    eng = Engine(EngineConfig(str(model), **kw))
+    eng = Engine(_cfg(model, **kw))
     return eng, eng.generate(PROMPTS, GREEDY, chat=False)
 
 
@@ -74,7 +80,7 @@ def test_without_the_forms_cache_misses_repack_the_files_blocks(qwen_gguf_import
 
 def test_low_bit_copies_and_all_resident_keep_the_dequantising_tier(qwen_gguf_import, forms_cache_on):
     for policy, budget in (("shadow", 0.6), ("all", 1.0), ("load", 1.0)):
-        eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy=policy, budget=budget, experts_on="disk"))
+        eng = Engine(_cfg(qwen_gguf_import, miss_policy=policy, budget=budget, experts_on="disk"))
         assert not isinstance(eng.store, FormDiskStore) and not eng.cache.forms, policy
 
 
@@ -83,6 +89,7 @@ def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(qwen_gguf_impor
 
     from emoe import commands, store
     args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the default without a GPU
     monkeypatch.setattr(store, "_mem_available", lambda: 2 << 30)  # room for these experts
     commands._default_placement(args, str(qwen_gguf_import), 1.0)
     assert (args.miss_policy, args.budget, args.experts_on) == ("host", 0.0, "ram")
@@ -113,7 +120,7 @@ def test_slack_keeps_the_plan_and_loads_misses_into_the_rest(qwen_gguf_import, f
     from emoe.policies import Slack
     _, want = _run(qwen_gguf_import, miss_policy="host", budget=0, experts_on="ram")
     policy = Slack(share=0.5)
-    eng = Engine(EngineConfig(str(qwen_gguf_import), miss_policy="slack", budget=0.5, experts_on="disk"), policy=policy)
+    eng = Engine(_cfg(qwen_gguf_import, miss_policy="slack", budget=0.5, experts_on="disk"), policy=policy)
     planned = set(eng.cache.pinned)
     cap = eng.cache.capacity
     assert len(planned) == cap - cap // 2 and planned <= set(eng.cache.resident())
