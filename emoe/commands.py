@@ -73,13 +73,15 @@ def _default_placement(args, model: str, budget: float) -> None:
     held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
     four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
     float32; where those experts outgrow the RAM available, they stay on disk in kernel forms instead
-    (_larger_than_ram). A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
+    (_larger_than_ram), as they do for a profiled one, whose plan then picks them. A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
     dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
     import torch
 
     from .forms import packed_experts
     unset = args.miss_policy is None and args.budget is None and args.experts_on is None
-    if unset and not torch.cuda.is_available() and not _profile_dir(args, model) and packed_experts(model):
+    if unset and not torch.cuda.is_available() and (prof_dir := _profile_dir(args, model)) and packed_experts(model):
+        _larger_than_ram(args, model, prof_dir)
+    elif unset and not torch.cuda.is_available() and packed_experts(model):
         args.miss_policy, args.budget, args.experts_on = "host", 0.0, "ram"
         if not _larger_than_ram(args, model):
             print("[emoe] no GPU: the experts stay in RAM in their packed blocks (GGUF, MXFP4, FP8) and run there, on the "
@@ -94,10 +96,12 @@ def _default_placement(args, model: str, budget: float) -> None:
         args.miss_policy = "reroute" if _profile_dir(args, model) else "auto"
 
 
-def _larger_than_ram(args, model: str) -> bool:
+def _larger_than_ram(args, model: str, prof_dir: str | None = None) -> bool:
     """Where the packed experts would take more than 80% of the RAM available: they stay on disk as kernel forms
     (formstore) and the fast tier holds what 60% of it holds, loaded on demand (LRU: exact). With the file mapped,
-    llama.cpp's page cache thrashes instead: docs/results/larger_than_ram.txt."""
+    llama.cpp's page cache thrashes instead: docs/results/larger_than_ram.txt. With a profile, the held experts
+    are its plan's and misses are read, unless LRU would read less (`-adapt`: on the embedded model from disk the
+    plan read 44% less than LRU; docs/results/adaptive.txt)."""
     from .checkpoint import Checkpoint
     from .store import _mem_available
     experts = sum(locs.nbytes for locs in Checkpoint(model).experts.values())
@@ -105,14 +109,25 @@ def _larger_than_ram(args, model: str) -> bool:
     if avail is None or experts <= 0.8 * avail:
         return False
     args.miss_policy, args.budget, args.experts_on = "load", float(int(0.6 * avail)), "disk"
+    how = "the others read when routed to"
+    if prof_dir:
+        args.miss_policy = "reroute"  # the profile's residency path: the policy's own miss rule (adapt) replaces it
+        if getattr(args, "policy", None) is None:
+            args.policy = "emoe-a-adapt" if (Path(prof_dir) / "predictor-a").is_dir() else "task-static-adapt"
+        how = f"which the profile's plan picks ({args.policy}), the others read when routed to"
     print(f"[emoe] no GPU, and the experts ({experts / 2**30:.1f} GiB packed) outgrow the {avail / 2**30:.1f} GiB of RAM "
-          f"available: they stay on disk in kernel forms, {args.budget / 2**30:.1f} GiB of them held in RAM and the "
-          f"others read when routed to (--budget BYTES sets how much is held)", file=sys.stderr)
+          f"available: they stay on disk in kernel forms, {args.budget / 2**30:.1f} GiB of them held in RAM, {how} "
+          f"(--budget BYTES sets how much is held)", file=sys.stderr)
     return True
 
 
+def _below_all(budget: float) -> bool:
+    """A budget that holds less than every expert: a fraction below 1, or bytes (budgets above 1 are bytes)."""
+    return budget != 1.0
+
+
 def _warn_unprofiled(args, model: str, prof_dir: str | None) -> None:
-    if prof_dir is None and args.budget < 1.0 and args.miss_policy == "reroute":
+    if prof_dir is None and _below_all(args.budget) and args.miss_policy == "reroute":
         print(f"[emoe] {model} has no profile: misses are rerouted over an even split of the budget, which "
               f"changes outputs; profile it (`emoe profile --model {model} --out DIR --budget {args.budget:g}`, "
               f"then --profile DIR) or pass --miss-policy auto (exact: misses run in the slow tier, or are loaded where "
@@ -139,7 +154,7 @@ def cmd_generate(args) -> None:
     _default_placement(args, model, budget=1.0)
     policy = residency = None
     task = args.task
-    prof_dir = _profile_dir(args, model) if args.budget < 1.0 and args.miss_policy == "reroute" else None
+    prof_dir = _profile_dir(args, model) if _below_all(args.budget) and args.miss_policy == "reroute" else None
     if args.policy is not None and prof_dir is None:
         raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
     _warn_unprofiled(args, model, _profile_dir(args, model))
@@ -379,7 +394,7 @@ def cmd_serve(args) -> None:
         from .tasks import TaskExtractor
         prof = Profile.load(prof_dir, model)
         extractor = TaskExtractor.from_json(prof.extractor) if prof.extractor else None
-        if args.miss_policy == "reroute" and args.budget < 1.0:
+        if args.miss_policy == "reroute" and _below_all(args.budget):
             policy, residency, prof, name = _residency(model, prof_dir, args.policy, args.stickiness)
             print(f"[emoe] residency policy {name} (stickiness {args.stickiness:g}), miss policy {policy.name}",
                   file=sys.stderr)

@@ -101,6 +101,41 @@ def test_a_model_larger_than_ram_defaults_to_the_disk_forms_tier(qwen_gguf_impor
     assert "outgrow" in capsys.readouterr().err and args.dense_blocks is True
 
 
+def test_a_profiled_model_larger_than_ram_serves_its_plan_from_disk(qwen_gguf_import, forms_cache_on, tmp_path,
+                                                                     monkeypatch, capsys):
+    """With a profile, the larger-than-RAM default holds the profile's plan (-adapt: LRU where it would read
+    less) in the same 60% of RAM, the experts on disk as forms; the answer is the exact one."""
+    from types import SimpleNamespace
+
+    from emoe import commands, store
+    from emoe.checkpoint import Checkpoint
+    from emoe.cli import main
+    prof = tmp_path / "profile"
+    main(["profile", "--model", str(qwen_gguf_import), "--out", str(prof), "--per-task", "2", "--max-tokens", "4",
+          "--sens-prompts", "1"])
+    capsys.readouterr()
+    experts = sum(locs.nbytes for locs in Checkpoint(qwen_gguf_import).experts.values())
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    run = ["generate", "hello there", "--model", str(qwen_gguf_import), "--max-tokens", "8", "--raw"]
+    main(run + ["--budget", "0", "--miss-policy", "host", "--experts-on", "ram"])
+    want = capsys.readouterr().out
+    monkeypatch.setattr(store, "_mem_available", lambda: int(experts / 1.2))  # the experts outgrow 80% of it
+    main(run + ["--profile", str(prof)])
+    out, err = capsys.readouterr()
+    assert "outgrow" in err and "task-static-adapt residency" in err and "experts on disk as kernel forms" in err
+    assert out == want
+    (prof / "predictor-a").mkdir()  # a trained predictor: eMoE-A's plan
+    args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=str(prof),
+                           policy=None)
+    commands._default_placement(args, str(qwen_gguf_import), 0.4)
+    assert (args.miss_policy, args.budget, args.experts_on, args.policy) == (
+        "reroute", float(int(0.6 * experts / 1.2)), "disk", "emoe-a-adapt")
+    args = SimpleNamespace(miss_policy=None, budget=None, experts_on=None, dense_blocks=None, profile=str(prof),
+                           policy="popular-adapt")
+    commands._default_placement(args, str(qwen_gguf_import), 0.4)
+    assert args.policy == "popular-adapt"  # a policy given is kept
+
+
 def test_full_precision_experts_take_the_forms_tier_as_int8_forms(tiny_mixtral, forms_cache_on, tmp_path, capsys):
     from tiny import make_tiny
     model = make_tiny("mixtral", tmp_path / "m", hidden_size=128, intermediate_size=128)
