@@ -2,7 +2,8 @@
 # The CUDA path, checked in one prepared run on a GPU machine that has PyTorch but no package index:
 #   bash scripts/gpu_check.sh OUTDIR
 # Needs, beside the checkout, wheels of what the machine lacks in .whl/ (fastapi, uvicorn, openai, … for
-# the server tests); embedding similarity is deferred (no sentence model there): afterwards, where the
+# the server tests; llguidance for structured output: its wheel is cp39-abi3-manylinux_2_31; the tree and the wheels
+# must stay under the device call's 64 MiB, so a lease may carry some and --ignore the tests that need the rest); embedding similarity is deferred (no sentence model there): afterwards, where the
 # eval extra is installed, `emoe rescore OUTDIR/eval_gpu.json` fills it in. Each step has its own time
 # limit so that one slow step cannot take the others' output with it. QUICK=1 shrinks every step;
 # STEPS="pytest eval …" runs only the named steps (to split the run over calls under a time limit); PYTEST_ARGS
