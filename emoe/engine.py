@@ -284,7 +284,8 @@ class Engine:
         live = [r for r in new if r.finish_reason is None]
         if self.residency is not None:
             t0 = time.perf_counter()
-            plan = self.residency.after_prefill(self.running + live, live, [self.recorder.peek(r.slot) for r in live])
+            plan = self.residency.after_prefill(self.running + live, live, [self.recorder.peek(r.slot) for r in live],
+                                                  self.cache)
             if plan and self._follows(plan):
                 self.loader.apply(plan, t0)
         self.running.extend(live)

@@ -29,7 +29,7 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
 # Any reroute-based policy with a -q4 / -q8 / -q48 suffix serves misses from low-bit shadow copies
 # instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
-EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-selective", "q4", "q8",
+EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-sticky-prompt", "emoe-a-selective", "q4", "q8",
          "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
          "layers-host",  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
          "emoe-u", "emoe-u-prompt")  # emoe-u: eMoE-A fitted for unlabelled traffic too (train-predictor --unlabelled)
@@ -100,6 +100,8 @@ def build(name: str, s: Setup):
         "emoe-a-hybrid": lambda: (Hybrid(prof.sensitivity), emoe("a", s.p, "emoe-a-hybrid")),
         "emoe-a-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-prompt", prompt_aware=True)),
         "emoe-a-sticky": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky", stickiness=max(s.stickiness, STICKY))),
+        "emoe-a-sticky-prompt": lambda: (Reroute(), emoe("a", s.p, "emoe-a-sticky-prompt", prompt_aware=True,
+                                                         stickiness=max(s.stickiness, STICKY))),
         "emoe-a-selective": lambda: (Selective(0.5), emoe("a", s.p, "emoe-a-selective",
                                                           stickiness=max(s.stickiness, STICKY))),
     }
@@ -151,14 +153,16 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
     """Serve in arrival order; right after each batch, score it teacher-forced under the residency it
     was served with. Returns per-request dicts. unlabelled: the engine is told no request's task."""
     rows, t0 = [], time.perf_counter()
-    score_s = 0.0
+    score_s, st = 0.0, eng.cache.stats
     for i in range(0, len(stream), batch):
         chunk = stream[i: i + batch]
+        h0, m0 = st.hits, st.misses
         reqs = eng.generate([e.prompt for e in chunk], params, tasks=[None if unlabelled else e.task for e in chunk])
         ts = time.perf_counter()
+        hits = [st.hits - h0, st.hits - h0 + st.misses - m0]  # the batch's: its requests share the fast tier
         for j, (e, r) in enumerate(zip(chunk, reqs)):
             row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
-                   "trace": r.trace}
+                   "trace": r.trace, "hits": hits if j == 0 else [0, 0]}
             ans = eng.codec.encode(e.answer)[:64] if e.answer else []
             if ans:
                 lp = torch.log_softmax(eng.score(r.prompt_ids, ans, None if unlabelled else e.task), -1)
@@ -236,6 +240,8 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "bytes_read": eng.store.stats.bytes_read - read0,  # slow-tier reads: loads and host runs (disk, on formstore)
                "switches": getattr(policy, "switches", None),  # adaptive.Adapt's (layer calls, mode) changes
                "per_request": {"agree": [list(r.get("agree", (0, 0))) for r in rows],
+                               # hit counts of each batch, on its first request (hit rate resampled by batch)
+                               "hits": [r["hits"] for r in rows],
                                # kept so a run on a machine without the embedding model can be rescored
                                "task": [r["task"] for r in rows], "text": [r["text"] for r in rows],
                                "ref_text": [r["text"] for r in refs]}}
@@ -254,7 +260,9 @@ def paired_difference(a: dict, b: dict, key: str = "similarity", n_boot: int = 2
         pr = rec["per_request"]
         if key == "similarity":
             return torch.tensor(pr["similarity"]), None
-        hits, n = torch.tensor(pr["agree"], dtype=torch.float64).T
+        if key == "hit" and "hits" not in pr:
+            raise ValueError("a record without per-batch hit counts (written before they were kept)")
+        hits, n = torch.tensor(pr["hits" if key == "hit" else "agree"], dtype=torch.float64).T
         return hits, n
     (xa, na), (xb, nb) = per_request(a), per_request(b)
     if len(xa) != len(xb):
@@ -264,7 +272,7 @@ def paired_difference(a: dict, b: dict, key: str = "similarity", n_boot: int = 2
     if na is None:
         diffs = (xa[idx] - xb[idx]).mean(1)
         point = float((xa - xb).mean())
-    else:  # token agreement pools tokens: a ratio of sums, resampled by request
+    else:  # token agreement (and hit rate) pool tokens: a ratio of sums, resampled by request (by batch)
         diffs = xa[idx].sum(1) / na[idx].sum(1).clamp_min(1) - xb[idx].sum(1) / nb[idx].sum(1).clamp_min(1)
         point = float(xa.sum() / na.sum().clamp_min(1) - xb.sum() / nb.sum().clamp_min(1))
     lo, hi = torch.quantile(diffs.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -272,15 +280,20 @@ def paired_difference(a: dict, b: dict, key: str = "similarity", n_boot: int = 2
 
 
 def versus_table(records: list[dict], base: str) -> str:
-    """Every policy minus `base` at the same budget: similarity and agreement, 95% paired-bootstrap CIs."""
+    """Every policy minus `base` at the same budget: similarity, agreement and hit rate (where both records kept
+    it per batch), 95% paired-bootstrap CIs."""
     lines = [f"paired differences against {base} (95% bootstrap interval over requests)"]
     for r in records:
         b = next((x for x in records if x["policy"] == base and x["budget"] == r["budget"]), None)
         if b is None or r is b:
             continue
         (ds, (sl, sh)), (da, (al, ah)) = (paired_difference(r, b, k) for k in ("similarity", "agree"))
-        lines.append(f"{r['policy']:18} {r['budget']:.2f}  similarity {ds:+.3f} [{sl:+.3f}, {sh:+.3f}]  "
-                     f"agreement {da:+.3f} [{al:+.3f}, {ah:+.3f}]")
+        line = (f"{r['policy']:18} {r['budget']:.2f}  similarity {ds:+.3f} [{sl:+.3f}, {sh:+.3f}]  "
+                f"agreement {da:+.3f} [{al:+.3f}, {ah:+.3f}]")
+        if "hits" in r["per_request"] and "hits" in b["per_request"]:
+            dh, (hl, hh) = paired_difference(r, b, "hit")
+            line += f"  hit rate {dh:+.3f} [{hl:+.3f}, {hh:+.3f}]"
+        lines.append(line)
     return "\n".join(lines)
 
 

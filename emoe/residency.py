@@ -3,7 +3,7 @@
 One small interface, chosen by name in eval/serve:
   initial() -> {layer: [expert ids]}                    before the first request (the profile's best guess)
   plan(batch, cache) -> {layer: [expert ids]} | None    on every scheduling decision (admission)
-  after_prefill(batch, new, partial) -> plan | None     once new requests' prompt routing is known
+  after_prefill(batch, new, partial, cache) -> plan | None  once new requests' prompt routing is known
   observe(req)                                          when a request finishes (its trace is final)
 The engine hands plans to the loader, which moves only the difference. Misses are the miss policy's.
 """
@@ -31,7 +31,7 @@ class _Base:
     def plan(self, batch, cache):
         return None
 
-    def after_prefill(self, batch, new, partial):
+    def after_prefill(self, batch, new, partial, cache=None):
         return None
 
     def observe(self, req) -> None:
@@ -146,7 +146,7 @@ class EMoE(TaskAware):
                 self.since[k] = self.since.get(k, 0) + 1
         return super().plan(batch, cache)
 
-    def after_prefill(self, batch, new, partial):
+    def after_prefill(self, batch, new, partial, cache=None):
         """Prompt-aware refresh (beyond the paper): once a prompt's own routing is known, blend it into
         its request's shares for the decode phase; answers reuse many of the prompt's experts."""
         if not self.prompt_aware or not new:
@@ -161,7 +161,7 @@ class EMoE(TaskAware):
             s = self.sens[r.task][:, None] if self.sens is not None and r.task in self.sens else 1.0
             term = (len(r.prompt_ids) + self.profile.out_len.get(r.task, 0.0)) * s * f
             N = term if N is None else N + term
-        return self._top(N)
+        return self._top(N, cache)  # (stickiness: a refresh moves an expert only for a clear gain, as plan does)
 
     def observe(self, req):
         self.req_f.pop(req.id, None)
@@ -207,7 +207,7 @@ class MoEInfinity(_Base):
         self.values = torch.stack([t.total.float() / t.total.float().sum(1, keepdim=True).clamp_min(1)
                                    for t in profile.traces])
 
-    def after_prefill(self, batch, new, partial):
+    def after_prefill(self, batch, new, partial, cache=None):
         if not partial:
             return None
         N = 0
@@ -215,7 +215,7 @@ class MoEInfinity(_Base):
             q = counts.float().flatten()
             best = (self.keys @ (q / q.norm().clamp_min(1e-9))).argmax()
             N = N + self.values[best] * float(counts.sum())
-        return self._top(N)
+        return self._top(N, cache)
 
 
 class Hindsight(_Base):

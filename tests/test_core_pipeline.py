@@ -190,3 +190,28 @@ def test_emoe_predicts_unlabelled_requests_only_with_a_predictor_that_learnt_the
             assert res.shares(None) is res.cached[UNLABELLED]  # None and "unknown" are the same traffic
         else:
             torch.testing.assert_close(f, res.popular / res.popular.sum(1, keepdim=True).clamp_min(1))
+
+
+def test_a_sticky_prompt_refresh_moves_an_expert_only_for_a_clear_gain(profile_dir, tiny_mixtral):
+    """emoe-a-sticky-prompt: after a prefill the refresh plans with the cache's resident set, as plan() does, so a
+    resident expert yields only to one expecting (1 + h)x its tokens; without the cache it chases near-ties."""
+    from types import SimpleNamespace
+
+    from emoe.predictor import Predictor
+    from emoe.residency import EMoE
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    res = EMoE(prof, 8, Predictor.fit(prof.traces, kind="a", epochs=3), p=1, prompt_aware=True, stickiness=1.0)
+    L, E = res.popular.shape
+    res.shares = lambda task: torch.full((L, E), 1.0 / E)  # the task says nothing: every expert alike
+    held = res._top(torch.arange(E, 0, -1).float().expand(L, E))  # the fast tier holds the low ids
+    mask = torch.zeros(L, E, dtype=torch.bool)
+    for layer, ids in held.items():
+        mask[layer, ids] = True
+    prompt = (10 + torch.arange(E)).expand(L, E).clone()  # the prompt leans, a little, to the high ids
+    req = SimpleNamespace(id=1, task="qa", prompt_ids=[0] * 20)
+    moved = {}
+    for name, cache in (("free", None), ("sticky", SimpleNamespace(mask=mask))):
+        plan = res.after_prefill([req], [req], [prompt], cache)
+        assert sum(map(len, plan.values())) == 8
+        moved[name] = sum(len(set(ids) - set(held[layer])) for layer, ids in plan.items())
+    assert moved["sticky"] == 0 < moved["free"]

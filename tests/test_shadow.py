@@ -312,7 +312,15 @@ def test_paired_difference_intervals():
     with pytest.raises(ValueError, match="different streams"):
         paired_difference(a, rec("e", base[:10], [7] * 10))
     text = versus_table([a, b, c], "b")
-    assert "a " in text and "c " in text and "+0.2" in text
+    assert "a " in text and "c " in text and "+0.2" in text and "hit rate" not in text  # records without hit counts
+    # hit rate: each batch's (hits, routed) on its first request, the rest (0, 0); a ratio of sums
+    for r, per in ((a, [80, 100]), (b, [70, 100])):
+        r["per_request"]["hits"] = [per if i % 4 == 0 else [0, 0] for i in range(n)]
+    d, (lo, hi) = paired_difference(a, b, "hit")
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    assert "hit rate +0.100 [+0.100, +0.100]" in versus_table([a, b], "b")
+    with pytest.raises(ValueError, match="per-batch hit counts"):
+        paired_difference(a, c, "hit")
 
 
 kernel = pytest.mark.skipif(not quant_mod.kernel_fits((64, 64), 32), reason="no CPU int4 kernel in this torch")
