@@ -9,10 +9,11 @@ admission. Each is compared with the all-resident run of the same stream:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -153,27 +154,52 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
     """Serve in arrival order; right after each batch, score it teacher-forced under the residency it
     was served with. Returns per-request dicts. unlabelled: the engine is told no request's task."""
     rows, t0 = [], time.perf_counter()
-    score_s, st = 0.0, eng.cache.stats
+    score_s = 0.0
     for i in range(0, len(stream), batch):
         chunk = stream[i: i + batch]
+        st = eng.cache.stats  # (read through the property: that settles the counts kept on the device)
         h0, m0 = st.hits, st.misses
         reqs = eng.generate([e.prompt for e in chunk], params, tasks=[None if unlabelled else e.task for e in chunk])
         ts = time.perf_counter()
+        st = eng.cache.stats
         hits = [st.hits - h0, st.hits - h0 + st.misses - m0]  # the batch's: its requests share the fast tier
-        for j, (e, r) in enumerate(zip(chunk, reqs)):
-            row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
-                   "trace": r.trace, "hits": hits if j == 0 else [0, 0]}
-            ans = eng.codec.encode(e.answer)[:64] if e.answer else []
-            if ans:
-                lp = torch.log_softmax(eng.score(r.prompt_ids, ans, None if unlabelled else e.task), -1)
-                row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans, device=lp.device)[:, None]).mean())
-            ref = refs[i + j] if refs else None
-            if ref and ref["output_ids"]:
-                pred = eng.score(ref["prompt_ids"], ref["output_ids"], None if unlabelled else e.task).argmax(-1).cpu()
-                row["agree"] = (int((pred == torch.tensor(ref["output_ids"])).sum()), len(ref["output_ids"]))
-            rows.append(row)
+        with _uncounted(eng):
+            rows += _scored(eng, chunk, reqs, refs[i: i + batch] if refs else None, hits, unlabelled)
         score_s += time.perf_counter() - ts
     return rows, time.perf_counter() - t0 - score_s
+
+
+@contextlib.contextmanager
+def _uncounted(eng: Engine):
+    """Scoring's teacher-forced passes run through the served engine's cache: its and the slow tier's counters are
+    put back after them, so hit rate, bytes moved and bytes read are serving's alone (before, they counted scoring's
+    passes too). What those passes leave in an LRU cache stays: the experts of the batch just served."""
+    saved = [(o, replace(o)) for o in (eng.cache.stats, eng.store.stats)]  # (reading .stats settles its counts)
+    try:
+        yield
+    finally:
+        eng.cache.stats
+        for o, was in saved:
+            for f in fields(o):
+                setattr(o, f.name, getattr(was, f.name))
+
+
+def _scored(eng: Engine, chunk, reqs, refs, hits, unlabelled: bool) -> list[dict]:
+    """A served batch's rows: texts, the answers' NLL and agreement with the reference, teacher-forced."""
+    rows = []
+    for j, (e, r) in enumerate(zip(chunk, reqs)):
+        row = {"task": e.task, "text": eng.text(r), "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
+               "trace": r.trace, "hits": hits if j == 0 else [0, 0]}
+        ans = eng.codec.encode(e.answer)[:64] if e.answer else []
+        if ans:
+            lp = torch.log_softmax(eng.score(r.prompt_ids, ans, None if unlabelled else e.task), -1)
+            row["answer_nll"] = float(-lp.gather(1, torch.tensor(ans, device=lp.device)[:, None]).mean())
+        ref = refs[j] if refs else None
+        if ref and ref["output_ids"]:
+            pred = eng.score(ref["prompt_ids"], ref["output_ids"], None if unlabelled else e.task).argmax(-1).cpu()
+            row["agree"] = (int((pred == torch.tensor(ref["output_ids"])).sum()), len(ref["output_ids"]))
+        rows.append(row)
+    return rows
 
 
 def grid(setup: Setup, policies: list[str], budgets: list[float]) -> list[tuple[str, str, float, Setup]]:

@@ -82,6 +82,8 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
     for r in recs:
         assert r["resident_fraction"] <= r["budget"] + 1e-9
         assert 0 <= r["hit_rate"] <= 1 and r["tokens_per_s"] > 0
+        hits, n = (sum(x) for x in zip(*r["per_request"]["hits"]))  # each batch's, which --versus resamples
+        assert n > 0 and hits / n == pytest.approx(r["hit_rate"])
     assert by["emoe-e"]["predictor_calls"] >= by["emoe-a"]["predictor_calls"]
 
 
