@@ -173,11 +173,14 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
 def _uncounted(eng: Engine):
     """Scoring's teacher-forced passes run through the served engine's cache: its and the slow tier's counters are
     put back after them, so hit rate, bytes moved and bytes read are serving's alone (before, they counted scoring's
-    passes too). What those passes leave in an LRU cache stays: the experts of the batch just served."""
+    passes too), and a policy that watches the routing (adaptive.Adapt) does not see them. What those passes leave
+    in an LRU cache stays: the experts of the batch just served."""
     saved = [(o, replace(o)) for o in (eng.cache.stats, eng.store.stats)]  # (reading .stats settles its counts)
+    watch, eng.dispatch._observe = eng.dispatch._observe, None
     try:
         yield
     finally:
+        eng.dispatch._observe = watch
         eng.cache.stats
         for o, was in saved:
             for f in fields(o):
