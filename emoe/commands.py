@@ -73,8 +73,9 @@ def _default_placement(args, model: str, budget: float) -> None:
     held in RAM as packed (their host forms where RAM holds them), none dequantised into a float32 fast tier
     four times the file's size (budget 0, host misses); with the forms it decoded 2-3x faster than all-resident
     float32; where those experts outgrow the RAM available, they stay on disk in kernel forms instead
-    (_larger_than_ram), as they do for a profiled one, whose plan then picks them. A GGUF's dense projections run on the file's own blocks (--dense-blocks) unless told otherwise;
-    dense int8 stays opt-in: it cost 3-35% of next-token agreement across the models measured."""
+    (_larger_than_ram), as they do for a profiled model, whose plan then picks the held ones. A GGUF's dense
+    projections run on the file's own blocks (--dense-blocks) unless told otherwise; dense int8 stays opt-in: it
+    cost 3-35% of next-token agreement across the models measured."""
     import torch
 
     from .forms import packed_experts
@@ -101,7 +102,7 @@ def _larger_than_ram(args, model: str, prof_dir: str | None = None) -> bool:
     (formstore) and the fast tier holds what 60% of it holds, loaded on demand (LRU: exact). With the file mapped,
     llama.cpp's page cache thrashes instead: docs/results/larger_than_ram.txt. With a profile, the held experts
     are its plan's and misses are read, unless LRU would read less (`-adapt`: on the embedded model from disk the
-    plan read 44% less than LRU; docs/results/adaptive.txt)."""
+    plan read 23-29% less than LRU; docs/results/eval_serving_counts.txt)."""
     from .checkpoint import Checkpoint
     from .store import _mem_available
     experts = sum(locs.nbytes for locs in Checkpoint(model).experts.values())

@@ -30,8 +30,8 @@ POLICIES = ("all", "random", "popular", "task-static", "lru", "moe-infinity", "p
 # sticky plans with selective loading (a miss on a token's first choice is loaded, the rest rerouted)
 # Any reroute-based policy with a -q4 / -q8 / -q48 suffix serves misses from low-bit shadow copies
 # instead (policies.Shadow); q4 / q8 alone quantise every expert and keep none at full precision.
-EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-sticky-prompt", "emoe-a-selective", "q4", "q8",
-         "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
+EXTRA = ("oracle", "emoe-a-hybrid", "emoe-a-prompt", "emoe-a-sticky", "emoe-a-sticky-prompt", "emoe-a-selective",
+         "q4", "q8", "emoe-a-sticky-q4", "emoe-a-sticky-q8", "emoe-a-sticky-q48", "task-static-q48", "popular-q48",
          "layers-host",  # layers-host: llama.cpp's --n-cpu-moe, whole layers in the fast tier, misses on the host
          "emoe-u", "emoe-u-prompt")  # emoe-u: eMoE-A fitted for unlabelled traffic too (train-predictor --unlabelled)
 SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int8 / full per expert by plan
