@@ -357,6 +357,9 @@ class ExpertCache:
         for k in sorted(k for k in want if now[k] < want[k] < FULL):
             self._reshadow(k, want[k])
         add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]
+        stage = getattr(self.store, "stage_keys", None)
+        if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
+            stage(add)
         for k in add:
             self.admit(*k)
         listed = {k[0] for k in want}

@@ -195,3 +195,14 @@ def test_a_decode_step_runs_held_experts_in_one_c_call_and_stops_at_a_miss(qwen_
             m.setattr(ExpertDispatch, "live_tables", lambda self, layers, x: None)
             calls.clear()
             assert run(policy) == live and not calls, policy
+
+
+def test_a_plans_admissions_are_read_together(qwen_gguf_import, forms_cache_on, monkeypatch):
+    """cache.set_resident on the disk forms tier stages the plan's admissions (concurrent reads, after its evictions)
+    and admits them from what was staged: nothing left over, each read once."""
+    from emoe.policies import Slack
+    calls, real = [], FormDiskStore.stage_keys
+    monkeypatch.setattr(FormDiskStore, "stage_keys", lambda self, keys: calls.append(list(keys)) or real(self, keys))
+    eng = Engine(_cfg(qwen_gguf_import, miss_policy="slack", budget=0.5, experts_on="disk"), policy=Slack(share=0.5))
+    assert calls and len(calls[0]) > 1 and set(calls[0]) == set(eng.cache.pinned)
+    assert not eng.store._staged and eng.store.stats.reads == len(calls[0])
