@@ -129,11 +129,13 @@ class FormDiskStore:
         """Read these experts' forms now, several at once, for the reads that follow (a layer's misses: a disk
         serves concurrent reads faster than one after another). What an earlier call staged and nothing read
         is dropped."""
-        self.stage_keys([(layer, e) for e in experts])
+        self._stage([(layer, e) for e in experts])
 
     def stage_keys(self, keys) -> None:
         """stage for (layer, expert) keys of any layers: a plan's admissions (cache.set_resident)."""
-        keys = list(keys)
+        self._stage(list(keys))
+
+    def _stage(self, keys: list) -> None:
         self._staged.clear()
         if len(keys) < 2:
             return
