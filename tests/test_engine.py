@@ -479,6 +479,12 @@ def test_bench_memory_reports_a_budget_too_small_as_a_gap(tmp_path, one_thread):
     on_gpu = torch.cuda.is_available()  # on a GPU the row also reports device memory
     assert (ok["peak_device_bytes"] is not None) == on_gpu and ("peak GPU MiB" in text) == on_gpu
     assert "peak GPU MiB" in memory.table([{**ok, "peak_device_bytes": 3 * 2**20}])
+    # hit rate and loads are serving's: scoring the reference (teacher-forced, through the same cache) adds nothing
+    lru = {**base, "policy": "load", "budget": 0.5, "max_tokens": 6, "prompts": ["hi there", "the cat sat"]}
+    served = memory.worker(lru)
+    scored = memory.worker({**lru, "reference": served["outputs"]})
+    assert scored["agreement"] == 1.0 and served["bytes_loaded"] > 0
+    assert (scored["hit_rate"], scored["bytes_loaded"]) == (served["hit_rate"], served["bytes_loaded"])
 
 
 @pytest.mark.parametrize("policy", ["load", "shadow"])
