@@ -1,7 +1,7 @@
 """A miss policy that follows the residency plan or LRU, whichever the recent routing would have read less with.
 
-Measured with every miss a disk read (docs/results/eval_disk_forms.txt, larger_than_ram.txt): on the embedded model's
-mixed task stream a plan (eMoE's, with misses run where they lie) read 44% fewer bytes than LRU, whose prefills push
+Measured with every miss a disk read (docs/results/eval_serving_counts.txt, larger_than_ram.txt): on the embedded model's
+mixed task stream a plan (eMoE's, with misses run where they lie) read 23-29% fewer bytes than LRU, whose prefills push
 out what the next requests need; on a random model whose consecutive tokens share experts, LRU decoded at 5-8x a
 profile-free plan's speed. Neither wins both, and a server does not know which workload it has. So this keeps two
 ghosts of the recent routed assignments, the plan's set and an LRU of the same capacity, and runs as the one whose

@@ -7,9 +7,10 @@ scheduler drives.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -424,6 +425,23 @@ class Engine:
 
     # -- convenience -----------------------------------------------------------------------------
     @torch.inference_mode()
+    @contextlib.contextmanager
+    def uncounted(self):
+        """For scoring passes (teacher-forced, a metric's own) run through the served cache: its and the slow tier's
+        counters are put back after them, so hit rate, bytes moved and read, host runs and stalls stay serving's, and
+        a policy that watches the routing (adaptive.Adapt) does not see them. What the passes leave in an LRU cache
+        stays."""
+        saved = [(o, replace(o)) for o in (self.cache.stats, self.store.stats)]  # (reading .stats settles its counts)
+        watch, self.dispatch._observe = self.dispatch._observe, None
+        try:
+            yield
+        finally:
+            self.dispatch._observe = watch
+            self.cache.stats
+            for o, was in saved:
+                for f in fields(o):
+                    setattr(o, f.name, getattr(was, f.name))
+
     def score(self, prompt_ids: list[int], continuation: list[int], task: str | None = None) -> torch.Tensor:
         """Teacher-forced logits [len(continuation), V] predicting each continuation token, computed
         under the current residency and miss policy (the strict accuracy metric)."""

@@ -9,11 +9,10 @@ admission. Each is compared with the all-resident run of the same stream:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -163,28 +162,10 @@ def serve_stream(eng: Engine, stream, params: SamplingParams, batch: int, refs=N
         ts = time.perf_counter()
         st = eng.cache.stats
         hits = [st.hits - h0, st.hits - h0 + st.misses - m0]  # the batch's: its requests share the fast tier
-        with _uncounted(eng):
+        with eng.uncounted():  # the metrics' passes are not served
             rows += _scored(eng, chunk, reqs, refs[i: i + batch] if refs else None, hits, unlabelled)
         score_s += time.perf_counter() - ts
     return rows, time.perf_counter() - t0 - score_s
-
-
-@contextlib.contextmanager
-def _uncounted(eng: Engine):
-    """Scoring's teacher-forced passes run through the served engine's cache: its and the slow tier's counters are
-    put back after them, so hit rate, bytes moved and bytes read are serving's alone (before, they counted scoring's
-    passes too), and a policy that watches the routing (adaptive.Adapt) does not see them. What those passes leave
-    in an LRU cache stays: the experts of the batch just served."""
-    saved = [(o, replace(o)) for o in (eng.cache.stats, eng.store.stats)]  # (reading .stats settles its counts)
-    watch, eng.dispatch._observe = eng.dispatch._observe, None
-    try:
-        yield
-    finally:
-        eng.dispatch._observe = watch
-        eng.cache.stats
-        for o, was in saved:
-            for f in fields(o):
-                setattr(o, f.name, getattr(was, f.name))
 
 
 def _scored(eng: Engine, chunk, reqs, refs, hits, unlabelled: bool) -> list[dict]:

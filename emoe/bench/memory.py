@@ -11,7 +11,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -42,12 +41,13 @@ def worker(args: dict) -> dict:
     t0 = time.perf_counter()
     reqs = eng.generate(args["prompts"], params)
     secs = time.perf_counter() - t0
-    s, io = replace(eng.cache.stats), replace(eng.store.stats)  # serving's: scoring below runs through the same cache
     agree = n = 0
-    for ref in args.get("reference") or []:
-        logits = eng.score(ref["prompt_ids"], ref["output_ids"])
-        agree += int((logits.argmax(-1).cpu() == torch.tensor(ref["output_ids"])).sum())
-        n += len(ref["output_ids"])
+    with eng.uncounted():  # the counters below stay serving's
+        for ref in args.get("reference") or []:
+            logits = eng.score(ref["prompt_ids"], ref["output_ids"])
+            agree += int((logits.argmax(-1).cpu() == torch.tensor(ref["output_ids"])).sum())
+            n += len(ref["output_ids"])
+    s = eng.cache.stats
     return {"policy": args["policy"], "budget": args["budget"], "host_kernel": args.get("host_kernel", True),
             "resident_bytes": eng.cache.used_bytes, "total_expert_bytes": eng.total_expert_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -55,7 +55,7 @@ def worker(args: dict) -> dict:
             "peak_device_bytes": torch.cuda.max_memory_allocated(eng.device) if eng.device.type == "cuda" else None,
             "tokens_per_s": sum(len(r.output_ids) for r in reqs) / secs, "hit_rate": s.hit_rate,
             "bytes_loaded": s.bytes_loaded, "load_seconds": s.load_seconds, "startup_s": build_s,
-            "store_bandwidth": io.bandwidth, "direct_io": eng.store.direct,
+            "store_bandwidth": eng.store.stats.bandwidth, "direct_io": eng.store.direct,
             "agreement": agree / n if n else 1.0,
             "outputs": [{"prompt_ids": r.prompt_ids, "output_ids": r.output_ids} for r in reqs]}
 
