@@ -76,7 +76,9 @@ class FormDiskStore:
         self._sizes: dict[tuple[int, int], int] = {}  # every expert's forms' bytes
         self._from_file: set[int] = set()  # layers whose forms are made from the checkpoint at each read
         self._staged: dict[tuple[int, int], object] = {}
-        self._pool, self._lock = None, threading.Lock()
+        self._landing: dict[tuple[int, int], object] = {}  # key -> Future of (forms, when read): a plan's reads
+        self._pool = self._ahead = None  # misses' readers; a plan's (its own, so misses never queue behind it)
+        self._lock, self._clock = threading.Lock(), 0.0
         wrote = 0
         for layer, keys in by_layer.items():
             index = formcache.index_layer(where, layer, keys)
@@ -110,19 +112,27 @@ class FormDiskStore:
               file=sys.stderr)
 
     def read(self, layer: int, expert: int) -> tuple[KTensor, ...]:
-        """The expert's forms, in memory of their own (the fast tier keeps them): as staged, or read now."""
+        """The expert's forms, in memory of their own (the fast tier keeps them): as prefetched, staged, or read now."""
         key = (layer, expert)
+        self.stats.reads += 1
+        self.stats.bytes_read += self.ckpt.experts[key].nbytes if layer in self._from_file else self._spans[key][0].nbytes
+        if key in self._landing:
+            got, end = self._landing.pop(key).result()
+            self.stats.seconds += max(0.0, end - self._clock)  # the reads' span, as stage's wall time counts it
+            self._clock = max(self._clock, end)
+            return self._forms(key, got)
         got = self._staged.pop(key, None)
         if got is None:
             t0 = time.perf_counter()
             got = self._read_one(key)
             self.stats.seconds += time.perf_counter() - t0
-        self.stats.reads += 1
-        if layer in self._from_file:
-            self.stats.bytes_read += self.ckpt.experts[key].nbytes
+        return self._forms(key, got)
+
+    def _forms(self, key, got) -> tuple[KTensor, ...]:
+        """An expert's bytes as read → its forms (views into them)."""
+        if key[0] in self._from_file:
             return got
-        loc, lo, descs = self._spans[key]
-        self.stats.bytes_read += loc.nbytes
+        _, lo, descs = self._spans[key]
         return tuple(formcache.item(got, d, lo) for d in descs)
 
     def stage(self, layer: int, experts) -> None:
@@ -134,6 +144,28 @@ class FormDiskStore:
     def stage_keys(self, keys) -> None:
         """stage for (layer, expert) keys of any layers: a plan's admissions (cache.set_resident)."""
         self._stage(list(keys))
+
+    def prefetch(self, keys, drop: list | None = None) -> None:
+        """Start reading these experts' forms in the background, in order, for `read` to take as they land: a
+        plan's admissions (cache.set_resident with overlap), read while the engine computes. Keys already
+        in flight are not read again. drop: the evicted experts' forms, the only references to them, freed there
+        first (their memory unmapped, the GIL released)."""
+        keys = [k for k in keys if k not in self._landing]
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(READERS, thread_name_prefix="emoe-plan")
+        if drop:
+            self._ahead.submit(drop.clear)
+        if not keys:
+            return
+        self._clock = max(self._clock, time.perf_counter())
+        for k in keys:
+            # the forms made there too: views, ~0.1 ms an expert of Python, while serving runs in torch or C
+            self._landing[k] = self._ahead.submit(lambda k=k: (self._read_one(k), time.perf_counter()))
+
+    def landed(self, key) -> bool:
+        """Whether a prefetched expert's read has finished (read then takes it without waiting)."""
+        f = self._landing.get(key)
+        return f is not None and f.done()
 
     def _stage(self, keys: list) -> None:
         self._staged.clear()
@@ -180,6 +212,7 @@ class FormDiskStore:
         return None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        for pool in (self._pool, self._ahead):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         self._disk.close()
