@@ -313,13 +313,10 @@ class ExpertCache:
         self._stats.bytes_loaded += self.expert_bytes
         self._stats.load_seconds += time.perf_counter() - t0
 
-    def evict(self, layer: int, expert: int, to: int | None = None, into: list | None = None) -> None:
+    def evict(self, layer: int, expert: int, to: int | None = None) -> None:
         """Drop a full-precision expert; with shadows it keeps a copy at `to` bits (default the base
-        precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes. into: a list
-        that takes the fast copy, for a plan's reader to free (set_resident with overlap)."""
+        precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
         w = self._res.pop((layer, expert), None)
-        if into is not None and w is not None:
-            into.append(w)
         self.pinned.discard((layer, expert))
         if w is not None:
             self.mask[layer, expert] = False
@@ -371,18 +368,17 @@ class ExpertCache:
         if self.used_bytes + delta > self.budget_bytes:
             raise BudgetError(f"plan needs {self.used_bytes + delta} bytes, budget is {self.budget_bytes}")
         down = sorted((k for k in want if want[k] < now[k]), key=lambda k: -now[k])
-        dropped = None  # freed by the plan's readers: unmapping an expert takes ~0.1 ms
         for k in down:  # shrinking moves first, so no intermediate state exceeds the final one
             if now[k] == FULL:
-                self.evict(*k, to=want[k], into=dropped)
+                self.evict(*k, to=want[k])
             else:
                 self._reshadow(k, want[k])
         for k in sorted(k for k in want if now[k] < want[k] < FULL):
             self._reshadow(k, want[k])
         add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]  # layer order: the first needed first
-        if self.overlap and (add or dropped):  # read while the engine computes; each admitted when it lands or is
-            self.landing.update(dict.fromkeys(add))  # routed to
-            self.store.prefetch(add, dropped)
+        if self.overlap and add:  # read while serving computes; each admitted when it lands or its layer runs
+            self.landing.update(dict.fromkeys(add))
+            self.store.prefetch(add)
         else:
             stage = getattr(self.store, "stage_keys", None)
             if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)

@@ -237,3 +237,32 @@ def test_a_plans_reads_land_in_the_background_within_the_budget(qwen_gguf_import
     cache.settle(wait=True)
     assert cache.resident(l1) == sorted(plan[l1]) and not cache.landing and not store._landing
     assert store.stats.reads == reads + len(plan[l0]) + len(plan[l1]) and cache.used_bytes == used <= cache.budget_bytes
+
+
+def test_read_buffers_are_reused_once_nothing_views_them(qwen_gguf_import, forms_cache_on, monkeypatch):
+    """A read goes into one of the latest reads' buffers that no tensor views any more (a miss's forms after its layer
+    ran), not a new mapping; never into one still viewed, and the tokens are those of fresh buffers."""
+    import mmap
+    from types import SimpleNamespace
+
+    import torch
+    from emoe import formstore
+    made = []
+    monkeypatch.setattr(formstore, "mmap", SimpleNamespace(mmap=lambda *a: made.append(a) or mmap.mmap(*a)))
+    eng = Engine(_cfg(qwen_gguf_import, miss_policy="host", budget=0.3, experts_on="disk"))
+    store = eng.store
+    a = store._buffer(8192)
+    view, a_id = torch.frombuffer(a, dtype=torch.uint8)[16:32], id(a)
+    del a  # (as a read's own reference goes when it returns; the ring keeps the buffer)
+    assert id(store._buffer(8192)) != a_id  # viewed: not handed out again
+    del view
+    assert id(store._buffer(8192)) == a_id
+    made.clear()
+    reads = store.stats.reads
+    out = [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)]
+    assert store.stats.reads - reads > 2 * len(made)  # most misses read into a used buffer
+    store.spare_bytes = 0
+    made.clear()
+    reads = store.stats.reads
+    assert [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)] == out
+    assert len(made) == store.stats.reads - reads  # spare_bytes 0: a new mapping every read
