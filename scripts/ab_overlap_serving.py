@@ -1,45 +1,76 @@
-"""Serving's wall time with a plan's reads landing in the background (cache.overlap) against read before
-set_resident returns, alternated in one process on the embedded model's int8 forms from disk: 32 mixed requests in
-batches of 4, 16 tokens each. Prints each round's seconds and the loader's share, and the per-round ratio.
+"""Serving's wall time on the disk forms tier (the embedded model's int8 forms), two settings alternated in one process:
+32 mixed test-split requests in batches of 4, 16 tokens each, per round; two engines built once, the order flipped
+every round. Prints each round's seconds and the loader's share of them, then the per-round ratio (B's time over A's)
+with a bootstrap interval: docs/results/plan_moves.txt.
 
-    python scripts/ab_overlap_serving.py [POLICY] [BUDGET] [ROUNDS]      # default emoe-a 0.4 8
+    python scripts/ab_overlap_serving.py --compare overlap [--policy emoe-a] [--budget 0.4] [--rounds 30]
+        A: a plan's reads land in the background (cache.overlap); B: read before set_resident returns
+    python scripts/ab_overlap_serving.py --compare reuse --policy emoe-a-host
+        A: reads go into used buffers nothing views (FormDiskStore.spare_bytes); B: a new mapping every read
 """
-import sys, time, statistics
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
 from pathlib import Path
+
 from emoe import default_model_dir
 from emoe.commands import _predictors
 from emoe.datasets import load_split
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.eval import Setup, build
 from emoe.profile import Profile
-import random
-pol = sys.argv[1] if len(sys.argv) > 1 else "emoe-a"
-budget = float(sys.argv[2]) if len(sys.argv) > 2 else 0.4
-model = default_model_dir(); pd = str(Path(model) / "profile"); prof = Profile.load(pd, model)
-setup = Setup(prof, _predictors(pd, [pol]))
-rng = random.Random(0)
-tasks = prof.tasks
-exs = [rng.choice(load_split("test", rng.choice(tasks))) for _ in range(32)]
-engs = {}
-for name in ("overlapped", "together"):
-    policy, residency = build(pol, setup)
-    engs[name] = Engine(EngineConfig(model, budget=budget, max_batch=4, experts_on="disk", host_int8=True, device="cpu"),
-                        policy=policy, residency=residency)
-    if name == "together":
-        engs[name].cache.overlap = False
-params = SamplingParams(max_tokens=16)
-times = {n: [] for n in engs}
-over = {n: [] for n in engs}
-for rnd in range(int(sys.argv[3]) if len(sys.argv) > 3 else 8):
-    for name, eng in (engs.items() if rnd % 2 == 0 else reversed(list(engs.items()))):
-        s0 = eng.loader.stats.seconds
-        t = time.perf_counter()
-        for i in range(0, len(exs), 4):
-            eng.generate([e.prompt for e in exs[i:i+4]], params, tasks=[e.task for e in exs[i:i+4]])
-        dt = time.perf_counter() - t
-        times[name].append(dt); over[name].append((eng.loader.stats.seconds - s0) / dt)
-        print(name, rnd, f"{dt:.3f}s overhead {over[name][-1]:.4f}", flush=True)
-for n in times:
-    print(n, "median s", f"{statistics.median(times[n]):.3f}", "overhead", f"{statistics.median(over[n]):.4f}")
-ratios = [a / b for a, b in zip(times["together"], times["overlapped"])]
-print("together/overlapped per round", " ".join(f"{r:.3f}" for r in ratios), "median", f"{statistics.median(ratios):.3f}")
+
+ARMS = {"overlap": (("overlapped", {}), ("together", {"overlap": False})),
+        "reuse": (("reused", {"overlap": False}), ("fresh", {"overlap": False, "spare_bytes": 0}))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", choices=sorted(ARMS), required=True)
+    ap.add_argument("--policy", default="emoe-a")
+    ap.add_argument("--budget", type=float, default=0.4)
+    ap.add_argument("--rounds", type=int, default=30)
+    a = ap.parse_args()
+    model = default_model_dir()
+    prof_dir = str(Path(model) / "profile")
+    prof = Profile.load(prof_dir, model)
+    setup = Setup(prof, _predictors(prof_dir, [a.policy]))
+    rng = random.Random(0)
+    exs = [rng.choice(load_split("test", rng.choice(prof.tasks))) for _ in range(32)]
+    engines = {}
+    for name, knobs in ARMS[a.compare]:
+        policy, residency = build(a.policy, setup)
+        eng = Engine(EngineConfig(model, budget=a.budget, max_batch=4, experts_on="disk", host_int8=True, device="cpu"),
+                     policy=policy, residency=residency)
+        eng.cache.overlap = knobs.get("overlap", eng.cache.overlap)
+        eng.store.spare_bytes = knobs.get("spare_bytes", eng.store.spare_bytes)
+        engines[name] = eng
+    params = SamplingParams(max_tokens=16)
+    secs: dict[str, list[float]] = {n: [] for n in engines}
+    share: dict[str, list[float]] = {n: [] for n in engines}
+    for rnd in range(a.rounds):
+        for name in (list(engines) if rnd % 2 == 0 else list(engines)[::-1]):
+            eng = engines[name]
+            s0, t0 = eng.loader.stats.seconds, time.perf_counter()
+            for i in range(0, len(exs), 4):
+                eng.generate([e.prompt for e in exs[i:i + 4]], params, tasks=[e.task for e in exs[i:i + 4]])
+            dt = time.perf_counter() - t0
+            secs[name].append(dt)
+            share[name].append((eng.loader.stats.seconds - s0) / dt)
+            print(f"{name:10s} round {rnd:2d} {dt:.3f} s, loader {share[name][-1]:.2%}", flush=True)
+    first, second = list(engines)
+    for name in engines:
+        print(f"{name:10s} median {statistics.median(secs[name]):.3f} s, loader {statistics.median(share[name]):.2%}")
+    logs = [math.log(b / x) for x, b in zip(secs[first], secs[second])]
+    g = random.Random(1)
+    boots = sorted(sum(g.choice(logs) for _ in logs) / len(logs) for _ in range(2000))
+    print(f"{second}/{first} time: geometric mean {math.exp(sum(logs) / len(logs)):.3f}, 95% bootstrap "
+          f"[{math.exp(boots[50]):.3f}, {math.exp(boots[1949]):.3f}], above 1 in {sum(x > 0 for x in logs)} of {len(logs)}")
+
+
+if __name__ == "__main__":
+    main()
