@@ -79,7 +79,7 @@ class Adapt(Host):
         if self.mode == "plan" and 2 * lru < plan * (1 - self.margin):  # each LRU read evicts a planned expert,
             want = "lru"                                                   # which a return to the plan reads again
         elif self.mode == "lru" and plan < lru * (1 - self.margin):
-            held = set(cache.resident()) | set(cache.landing)
+            held = set(cache.resident())
             restore = sum((l, e) not in held for l, es in self._last.items() for e in es)
             want = "plan" if (lru - plan) * self.payback > restore else "lru"
         self._streak = self._streak + 1 if want != self.mode else 0

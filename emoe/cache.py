@@ -87,11 +87,6 @@ class ExpertCache:
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.moved: set[tuple[int, int]] | None = None  # where a set: the keys admitted or evicted (dispatch's C tables)
-        # overlap (set by the engine once the initial fill is in, where the store prefetches: formstore): a plan's
-        # admissions land while serving computes, in order; their bytes are held for them, so the budget holds
-        self.overlap = False
-        self.landing: dict[tuple[int, int], None] = {}
-        self.on_settled = None  # callable(seconds) told the time spent admitting them, waits included (loader.Loader)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -135,7 +130,7 @@ class ExpertCache:
 
     @property
     def used_bytes(self) -> int:
-        return (len(self._res) + len(self.landing)) * self.expert_bytes + self._shadow_used
+        return len(self._res) * self.expert_bytes + self._shadow_used
 
     def level(self, key: tuple[int, int]) -> int:
         return FULL if key in self._res else self._shadow[key][0].bits if key in self._shadow else 0
@@ -318,6 +313,8 @@ class ExpertCache:
         precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
         w = self._res.pop((layer, expert), None)
         self.pinned.discard((layer, expert))
+        if w is not None and self.forms:
+            self.store.recycle(w)  # (formstore: its buffer takes a later read)
         if w is not None:
             self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
@@ -328,24 +325,10 @@ class ExpertCache:
             self._set_shadow((layer, expert), copy)
             self._stats.evictions += 1
 
-    def settle(self, wait: bool = False, layer: int | None = None) -> None:
-        """Admit a plan's reads that have landed; with wait, all of them; with a layer, also that layer's, waiting
-        (its call then routes, misses and reroutes over what a synchronous move would have left)."""
-        if not self.landing:
-            return
-        t0 = time.perf_counter()
-        for k in list(self.landing):
-            if wait or k[0] == layer or self.store.landed(k):
-                del self.landing[k]  # (its bytes were held: admit counts them again)
-                self.admit(*k)
-        if self.on_settled is not None:
-            self.on_settled(time.perf_counter() - t0)
-
     def set_resident(self, plan: "dict[int, list[int]] | Plan") -> tuple[int, int]:
         """Make each listed layer hold exactly the given experts at full precision (a Plan: every expert at
         its level); other layers stay as they are. Validates everything first, so a plan that does not
         fit changes nothing. Returns (loaded, evicted) full-precision experts."""
-        self.settle(wait=True)  # a plan moves from what is held: the last plan's reads first
         if isinstance(plan, Plan):
             allowed = {0, FULL, *self._qcost}
             for layer, lv in plan.levels.items():
@@ -375,16 +358,12 @@ class ExpertCache:
                 self._reshadow(k, want[k])
         for k in sorted(k for k in want if now[k] < want[k] < FULL):
             self._reshadow(k, want[k])
-        add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]  # layer order: the first needed first
-        if self.overlap and add:  # read while serving computes; each admitted when it lands or its layer runs
-            self.landing.update(dict.fromkeys(add))
-            self.store.prefetch(add)
-        else:
-            stage = getattr(self.store, "stage_keys", None)
-            if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
-                stage(add)
-            for k in add:
-                self.admit(*k)
+        add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]
+        stage = getattr(self.store, "stage_keys", None)
+        if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
+            stage(add)
+        for k in add:
+            self.admit(*k)
         listed = {k[0] for k in want}
         self.pinned = {k for k in self.pinned if k[0] not in listed} | {k for k, v in want.items() if v == FULL}
         return len(add), sum(now[k] == FULL for k in down)

@@ -35,8 +35,6 @@ class ExpertDispatch:
 
     def __call__(self, layer, x, probs, weights, ids):
         self._seen(layer, ids)
-        if self.cache.landing:  # a plan's reads in flight (one Adapt may just have made): this layer's are waited for
-            self.cache.settle(layer=layer)
         table = self._host_table(layer, x)
         if table is not None:  # every expert runs on its host forms (a CPU's budget 0): one C call, none per expert
             weights, ids = self.policy.select(layer, x, probs, weights, ids, self.cache)

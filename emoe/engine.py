@@ -144,7 +144,6 @@ class Engine:
             routers = {l: dense[f"model.layers.{l}.{c.spec.moe_prefix}.{c.spec.router}.weight"] for l in layers}
             self.policy.routers = {a: (b, routers[b]) for a, b in zip(layers, layers[1:])}
         self.policy.prepare(self.cache, layers)
-        self.cache.overlap = callable(getattr(self.store, "prefetch", None))  # serving's plans read in the background
         short = [l for l in layers if len(self.cache.resident(l)) < c.top_k]
         if getattr(self.policy, "full_topk", False) and short:
             raise BudgetError(f"layers {short} hold fewer than top-{c.top_k} resident experts; "
@@ -255,7 +254,6 @@ class Engine:
         if len(reqs) > len(self.free_slots):
             raise RuntimeError(f"{len(reqs)} requests but only {len(self.free_slots)} free KV slots")
         if self.residency is not None:  # the loader runs on every scheduling decision
-            self.cache.settle(wait=True)  # plans start from what is held (the wait counts as moving: loader.Loader)
             t0 = time.perf_counter()
             plan = self.residency.plan(self.running + self.prefilling + list(reqs), self.cache)
             if plan and self._follows(plan):
@@ -286,7 +284,6 @@ class Engine:
         done = self._emit(new, torch.stack([lg for _, lg in ready]))
         live = [r for r in new if r.finish_reason is None]
         if self.residency is not None:
-            self.cache.settle(wait=True)  # (as admit: a refresh plans from what is held)
             t0 = time.perf_counter()
             plan = self.residency.after_prefill(self.running + live, live, [self.recorder.peek(r.slot) for r in live],
                                                   self.cache)
@@ -355,7 +352,6 @@ class Engine:
         request that was running; returns the requests that finished."""
         rows = list(self.running)
         flight = len(rows) + len(self.prefilling)
-        self.cache.settle()  # a plan's reads that landed join the held experts (a step's C call runs them)
         self.last_prefill = (0, 0.0)
         done = self._start(self._prefill_chunk()) if self.prefilling else []
         if rows:
@@ -435,7 +431,6 @@ class Engine:
         counters are put back after them, so hit rate, bytes moved and read, host runs and stalls stay serving's, and
         a policy that watches the routing (adaptive.Adapt) does not see them. What the passes leave in an LRU cache
         stays."""
-        self.cache.settle(wait=True)  # serving's reads land as serving's
         saved = [(o, replace(o)) for o in (self.cache.stats, self.store.stats)]  # (reading .stats settles its counts)
         watch, self.dispatch._observe = self.dispatch._observe, None
         try:

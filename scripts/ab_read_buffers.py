@@ -1,12 +1,13 @@
-"""Serving's wall time on the disk forms tier (the embedded model's int8 forms), two settings alternated in one process:
+"""Serving's wall time on the disk forms tier (the embedded model's int8 forms), reads into used buffers that nothing
+views (FormDiskStore.spare_bytes, the default) against a new mapping every read, alternated in one process:
 32 mixed test-split requests in batches of 4, 16 tokens each, per round; two engines built once, the order flipped
 every round. Prints each round's seconds and the loader's share of them, then the per-round ratio (B's time over A's)
 with a bootstrap interval: docs/results/plan_moves.txt.
 
-    python scripts/ab_overlap_serving.py --compare overlap [--policy emoe-a] [--budget 0.4] [--rounds 30]
-        A: a plan's reads land in the background (cache.overlap); B: read before set_resident returns
-    python scripts/ab_overlap_serving.py --compare reuse --policy emoe-a-host
-        A: reads go into used buffers nothing views (FormDiskStore.spare_bytes); B: a new mapping every read
+    python scripts/ab_read_buffers.py [--policy emoe-a-host] [--budget 0.4] [--rounds 30]
+
+(At commit 8fbf108 the same script, as ab_overlap_serving.py --compare overlap, timed a plan's reads landing in the
+background against read before set_resident returns: no gain, and that code is gone; plan_moves.txt.)
 """
 from __future__ import annotations
 
@@ -24,14 +25,12 @@ from emoe.engine import Engine, EngineConfig, SamplingParams
 from emoe.eval import Setup, build
 from emoe.profile import Profile
 
-ARMS = {"overlap": (("overlapped", {}), ("together", {"overlap": False})),
-        "reuse": (("reused", {"overlap": False}), ("fresh", {"overlap": False, "spare_bytes": 0}))}
+ARMS = (("reused", {}), ("fresh", {"spare_bytes": 0}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compare", choices=sorted(ARMS), required=True)
-    ap.add_argument("--policy", default="emoe-a")
+    ap.add_argument("--policy", default="emoe-a-host", help="-host: every miss a read; lru: loads and evictions")
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--rounds", type=int, default=30)
     a = ap.parse_args()
@@ -42,11 +41,10 @@ def main() -> None:
     rng = random.Random(0)
     exs = [rng.choice(load_split("test", rng.choice(prof.tasks))) for _ in range(32)]
     engines = {}
-    for name, knobs in ARMS[a.compare]:
+    for name, knobs in ARMS:
         policy, residency = build(a.policy, setup)
         eng = Engine(EngineConfig(model, budget=a.budget, max_batch=4, experts_on="disk", host_int8=True, device="cpu"),
                      policy=policy, residency=residency)
-        eng.cache.overlap = knobs.get("overlap", eng.cache.overlap)
         eng.store.spare_bytes = knobs.get("spare_bytes", eng.store.spare_bytes)
         engines[name] = eng
     params = SamplingParams(max_tokens=16)
