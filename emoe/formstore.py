@@ -181,10 +181,10 @@ class FormDiskStore:
 
     def _buffer(self, size: int):
         """A page-aligned buffer for a read: one of the latest reads' (or evicted experts') that nothing views any
-        more, else a new one. A new mapping costs page faults, and unmapping it later costs again: 0.87-0.98 ms a
-        0.33 MiB read here against 0.48-0.55 into a used one (0.51 against 0.09 ms of CPU). Kept: the latest
-        spare_bytes' worth of each size (at least 2 x READERS buffers), which bounds what spares hold beyond the
-        fast tier's budget; spare_bytes 0: a new mapping every read."""
+        more, else a new one. A new mapping costs page faults, and unmapping it later costs again: 0.81-0.87 ms a
+        0.32 MiB read here against 0.40-0.50 into a used one, 0.44-0.48 against 0.08-0.10 ms of CPU (scripts/
+        ab_read_buffers.py --micro). Kept: the latest spare_bytes' worth of each size (at least 2 x READERS), which
+        bounds what spares hold beyond the fast tier's budget; spare_bytes 0: a new mapping every read."""
         if not self.spare_bytes:
             self._lent.clear()
             return mmap.mmap(-1, size)

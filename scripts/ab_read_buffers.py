@@ -5,6 +5,7 @@ every round. Prints each round's seconds and the loader's share of them, then th
 with a bootstrap interval: docs/results/plan_moves.txt.
 
     python scripts/ab_read_buffers.py [--policy emoe-a-host] [--budget 0.4] [--rounds 30]
+    python scripts/ab_read_buffers.py --micro     # one O_DIRECT read of an expert's size: new mapping or reused buffer
 
 (At commit 8fbf108 the same script, as ab_overlap_serving.py --compare overlap, timed a plan's reads landing in the
 background against read before set_resident returns: no gain, and that code is gone; plan_moves.txt.)
@@ -33,8 +34,11 @@ def main() -> None:
     ap.add_argument("--policy", default="emoe-a-host", help="-host: every miss a read; lru: loads and evictions")
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--micro", action="store_true", help="time single reads instead of serving")
     a = ap.parse_args()
     model = default_model_dir()
+    if a.micro:
+        return micro(model)
     prof_dir = str(Path(model) / "profile")
     prof = Profile.load(prof_dir, model)
     setup = Setup(prof, _predictors(prof_dir, [a.policy]))
@@ -68,6 +72,33 @@ def main() -> None:
     boots = sorted(sum(g.choice(logs) for _ in logs) / len(logs) for _ in range(2000))
     print(f"{second}/{first} time: geometric mean {math.exp(sum(logs) / len(logs)):.3f}, 95% bootstrap "
           f"[{math.exp(boots[50]):.3f}, {math.exp(boots[1949]):.3f}], above 1 in {sum(x > 0 for x in logs)} of {len(logs)}")
+
+
+def micro(model: str) -> None:
+    """400 O_DIRECT reads of one expert's forms' size from the embedded model's largest forms-cache file, into a new
+    mapping each (unmapped after) or into one reused buffer: wall and CPU time per read, 3 rounds."""
+    import mmap
+    import os
+    from emoe.checkpoint import Checkpoint
+    from emoe.formstore import FormDiskStore
+    store = FormDiskStore(Checkpoint(model), int8=True)
+    path = max({loc.path for loc, _, _ in store._spans.values()}, key=os.path.getsize)
+    n, size = -(-store.expert_nbytes // 4096) * 4096, os.path.getsize(path)
+    offs = [(i * n) % (size - n) // 4096 * 4096 for i in range(400)]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, n)
+
+    def timed(new: bool) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        for o in offs:
+            os.preadv(fd, [mmap.mmap(-1, n) if new else buf], o)
+        return (time.perf_counter() - t) / len(offs) * 1e3, (time.process_time() - c) / len(offs) * 1e3
+
+    print(f"{n / 2**20:.2f} MiB reads from {path}")
+    for _ in range(3):
+        (w1, c1), (w2, c2) = timed(True), timed(False)
+        print(f"new mapping {w1:.3f} ms a read ({c1:.3f} ms CPU)   reused buffer {w2:.3f} ms ({c2:.3f} ms CPU)")
+    os.close(fd)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Decode tokens/s of one engine setup on the disk forms tier (emoe/formstore.py), alternated between settings in
 fresh processes: the concurrent readers of a layer's misses (formstore.READERS), the forms cache against forms
 made from the file at each read (EMOE_FORMS_CACHE=0), experts in RAM, or a decode step's layers in C calls that
-stop at a miss (dispatch.live_tables) against a call per layer. Prints each prompt's decode tokens/s.
+stop at a miss (dispatch.live_tables) against a call per layer, or reads into used buffers (formstore.SPARE_BYTES, in
+MiB) against a new mapping every read. Prints each prompt's decode tokens/s.
 
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary readers=4,1
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary cache=1,0
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary step=c,layers
     python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --vary policy=load,adapt,host
+    python scripts/bench_formstore.py --model runs/big/import --budget 1048576000 --policy load --vary spare=32,0
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ PROMPTS = ["The history of the city begins", "Write a short story about a lighth
 def child(a) -> None:
     from emoe import formstore
     from emoe.engine import Engine, EngineConfig, SamplingParams
-    formstore.READERS = a.readers
+    formstore.READERS, formstore.SPARE_BYTES = a.readers, a.spare << 20
     if a.step == "layers":
         from emoe.dispatch import ExpertDispatch
         ExpertDispatch.live_tables = lambda self, layers, x: None
@@ -50,7 +52,8 @@ def main() -> None:
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--vary", default="readers=4,1",
                     help="readers=A,B (concurrent reads), cache=1,0 (EMOE_FORMS_CACHE), experts_on=disk,ram, step=c,layers, "
-                         "or policy=load,adapt")
+                         "spare=32,0 (MiB), or policy=load,adapt")
+    ap.add_argument("--spare", type=int, default=32, help="MiB of used read buffers kept per size (formstore.SPARE_BYTES)")
     ap.add_argument("--step", default="c", choices=["c", "layers"],
                     help="a decode step's held experts in C calls (c) or a call per layer (layers)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -63,7 +66,8 @@ def main() -> None:
             "--tokens", str(a.tokens), "--temperature", str(a.temperature)]
     for _ in range(a.rounds):
         for v in values.split(","):
-            env, args = dict(os.environ), ["--readers", str(a.readers), "--experts-on", a.experts_on, "--step", a.step]
+            env, args = dict(os.environ), ["--readers", str(a.readers), "--experts-on", a.experts_on, "--step", a.step,
+                                           "--spare", str(a.spare)]
             if knob == "readers":
                 args[1] = v
             elif knob == "cache":
@@ -72,6 +76,8 @@ def main() -> None:
                 args[3] = v
             elif knob == "step":
                 args[5] = v
+            elif knob == "spare":
+                args[7] = v
             elif knob == "policy":
                 args += ["--policy", v]  # (the later --policy wins)
             else:
