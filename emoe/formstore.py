@@ -208,7 +208,9 @@ class FormDiskStore:
     def recycle(self, forms) -> None:
         """An evicted expert's forms (cache.evict): their buffer joins the latest reads', for a read to take once
         they are gone (LRU's next load, a plan's admissions), where it would be unmapped and a new one mapped."""
-        t = forms[0] if isinstance(forms[0], torch.Tensor) else forms[0].planes[0]
+        t = forms[0] if isinstance(forms[0], torch.Tensor) else getattr(forms[0], "planes", (None,))[0]
+        if t is None:
+            return
         with self._lent_lock:
             m = self._buffer_at.get(t.untyped_storage().data_ptr())
             if m is None or not self.spare_bytes:
