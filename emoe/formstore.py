@@ -185,10 +185,10 @@ class FormDiskStore:
         0.32 MiB read here against 0.40-0.50 into a used one, 0.44-0.48 against 0.08-0.10 ms of CPU (scripts/
         ab_read_buffers.py --micro). Kept: the latest spare_bytes' worth of each size (at least 2 x READERS), which
         bounds what spares hold beyond the fast tier's budget; spare_bytes 0: a new mapping every read."""
-        if not self.spare_bytes:
-            self._lent.clear()
-            return mmap.mmap(-1, size)
         with self._lent_lock:
+            if not self.spare_bytes:
+                self._lent.clear()
+                return mmap.mmap(-1, size)
             ring = self._lent.setdefault(size, deque())
             for i in range(len(ring)):
                 m = ring[i]
