@@ -183,8 +183,9 @@ class FormDiskStore:
         """A page-aligned buffer for a read: one of the latest reads' (or evicted experts') that nothing views any
         more, else a new one. A new mapping costs page faults, and unmapping it later costs again: 0.81-0.87 ms a
         0.32 MiB read here against 0.40-0.50 into a used one, 0.44-0.48 against 0.08-0.10 ms of CPU (scripts/
-        ab_read_buffers.py --micro). Kept: the latest spare_bytes' worth of each size (at least 2 x READERS), which
-        bounds what spares hold beyond the fast tier's budget; spare_bytes 0: a new mapping every read."""
+        ab_read_buffers.py --micro). Kept: the latest spare_bytes' worth of each size (at least one buffer: an expert
+        larger than spare_bytes keeps one), which bounds what spares hold beyond the fast tier's budget; spare_bytes
+        0: a new mapping every read."""
         with self._lent_lock:
             if not self.spare_bytes:
                 self._lent.clear()
@@ -202,7 +203,7 @@ class FormDiskStore:
 
     def _keep(self, ring: deque, m) -> None:
         ring.append(m)
-        if len(ring) > max(2 * READERS, self.spare_bytes // len(m)):
+        if len(ring) > max(1, self.spare_bytes // len(m)):
             ring.popleft()  # forgotten: unmapped once nothing views it
 
     def recycle(self, forms) -> None:

@@ -248,7 +248,7 @@ def test_an_evicted_experts_buffer_serves_the_next_read(qwen_gguf_import, forms_
     made = []
     monkeypatch.setattr(formstore, "mmap", SimpleNamespace(mmap=lambda *a: made.append(a) or mmap.mmap(*a)))
     eng = Engine(_cfg(qwen_gguf_import, miss_policy="load", budget=0.3, experts_on="disk"))
-    eng.store.spare_bytes = 1  # the fewest spares: 2 x READERS buffers of each size
+    eng.store.spare_bytes = 8 * eng.store.expert_nbytes  # few spares: the latest 8 reads' buffers
     made.clear()
     reads = eng.store.stats.reads
     got = eng.generate(PROMPTS, GREEDY, chat=False)
