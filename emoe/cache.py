@@ -313,9 +313,9 @@ class ExpertCache:
         precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
         w = self._res.pop((layer, expert), None)
         self.pinned.discard((layer, expert))
-        if w is not None and self.forms:
-            self.store.recycle(w)  # (formstore: its buffer takes a later read)
         if w is not None:
+            if self.forms:
+                self.store.recycle(w)  # (formstore: its buffer takes a later read)
             self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
             if self.moved is not None:
