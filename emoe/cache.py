@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .quant import KTensor, QTensor, dequantize, kbytes, kernel_fits, qbytes, quantize, to_kernel
+from .quant import KTensor, QTensor, copy_group, dequantize, kbytes, kernel_fits, qbytes, quantize, to_kernel
 
 
 class BudgetError(ValueError):
@@ -81,6 +81,7 @@ class ExpertCache:
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
         self.shadow_bits = self.hi_bits = self.shadow_bytes = self._shadow_slots = self._shadow_used = 0
         self._qcost: dict[int, int] = {}
+        self._groups: dict[int, int] = {}  # bits → the group its copies are quantised in (quant.copy_group)
         self._shadow: dict[tuple[int, int], tuple[QTensor | KTensor, ...]] = {}
         self._memo: dict | None = None  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
         self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
@@ -182,11 +183,12 @@ class ExpertCache:
         return self._shadow[(layer, expert)]
 
     def enable_shadow(self, layers: list[int], bits: int, hi_bits: int = 0, group: int = 32,
-                      fill: bool = True) -> None:
+                      fill: bool = True, copies=None) -> None:
         """Allow `bits`-bit (and `hi_bits`-bit) copies of the experts of `layers`; with `fill`, give every
         one a `bits`-bit copy now (refused, changing nothing, when they exceed the budget), else plans
         decide which hold one. Must come before anything is resident. Reads every expert once; a slow
-        tier in host RAM quantises each at every precision now, off the serving path."""
+        tier in host RAM quantises each at every precision now, off the serving path. copies(bits, group):
+        copies made ahead of time in that group (quant.CopyFile), or None: the layout decides the group."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
         if self.forms:
@@ -197,12 +199,15 @@ class ExpertCache:
         w = self.store.read(layers[0], 0)
         kernel = self.kernel and self.device.type == "cpu" and all(kernel_fits(tuple(t.shape), group) for t in w)
         size = kbytes if kernel else qbytes
-        cost = {b: sum(size(tuple(t.shape), b, group) for t in w) for b in (bits, hi_bits) if b}
+        groups = {b: copy_group([t.shape[1] for t in w], b, kernel, group) for b in (bits, hi_bits) if b}
+        cost = {b: sum(size(tuple(t.shape), b, g) for t in w) for b, g in groups.items()}
         slots = len(layers) * self.num_experts
         if fill and slots * cost[bits] > self.budget_bytes:
             raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * cost[bits]} bytes, "
                               f"budget is {self.budget_bytes}")
-        self.shadow_bits, self.hi_bits, self._qcost, self._group, self.kernel = bits, hi_bits, cost, group, kernel
+        files = self.copy_files if copies is None else {b: f for b, g in groups.items() if (f := copies(b, g)) is not None}
+        self.shadow_bits, self.hi_bits, self._qcost, self._groups, self.kernel = bits, hi_bits, cost, groups, kernel
+        self.copy_files = files
         self._slots = [(layer, e) for layer in layers for e in range(self.num_experts)]
         self.shadow_bytes, self._shadow_slots = cost[bits], slots
         warm = getattr(self.store, "tier", "") == "ram"  # make every copy now: later moves only copy
@@ -240,13 +245,14 @@ class ExpertCache:
                 q = self.copy_files[bits].get(key)
             else:
                 w = source() if source is not None and memo is None else self.store.read(*key)
-                q = tuple(quantize(t, bits, self._group) for t in w)
+                q = tuple(quantize(t, bits, self._groups[bits]) for t in w)
             if self.kernel:  # memoised in the kernel's layout too: a later move is then a plain copy
                 q = tuple(t if isinstance(t, KTensor) else to_kernel(t) for t in q)
             if memo is not None:
                 memo[(key, bits)] = q
         if self.device.type != "cpu":
-            q = tuple(replace(t, data=t.data.to(self.device), scale=t.scale.to(self.device)) for t in q)
+            q = tuple(replace(t, data=t.data.to(self.device), scale=t.scale.to(self.device),
+                              zero=None if t.zero is None else t.zero.to(self.device)) for t in q)
         return q
 
     def _set_shadow(self, key, q) -> None:

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="write int4/int8 copies of every expert beside the checkpoint")
     _model_arg(qz)
     qz.add_argument("--bits", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
+    qz.add_argument("--layout", choices=("auto", "kernel", "portable"), default="auto",
+                    help="int4 copies for the CPU kernel's layout (an offset per 32 values) or the portable one (GPUs; "
+                         "per 64); auto: portable where CUDA is present, else the kernel's where this CPU has it")
     qz.set_defaults(fn=cmd_quantize)
 
     ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF → a model folder whose experts stay packed in the "

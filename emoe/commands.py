@@ -195,13 +195,18 @@ def cmd_train_model(args) -> None:
 def cmd_quantize(args) -> None:
     """int4/int8 copies of every expert, once, beside the checkpoint: shadow policies read them at startup."""
     from .checkpoint import Checkpoint
-    from .quant import save_copies
+    import torch
+
+    from .quant import copy_group, kernel_fits, save_copies
     from .store import open_store
     model = _model(args)
     ckpt = Checkpoint(model)
     store, t0 = open_store(ckpt, "disk"), time.perf_counter()
+    shapes = [tuple(t.shape) for t in store.read(*min(ckpt.experts))]
+    kernel = args.layout == "kernel" or args.layout == "auto" and not torch.cuda.is_available() and all(
+        kernel_fits(s, 32) for s in shapes)
     for b in args.bits:
-        path = save_copies(model, store, sorted(ckpt.experts), b)
+        path = save_copies(model, store, sorted(ckpt.experts), b, copy_group([s[1] for s in shapes], b, kernel))
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
 
 

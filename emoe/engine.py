@@ -127,13 +127,13 @@ class Engine:
             # copies are made in policy.prepare, after the initial plan (none only to be dropped), or read
             # from the files `emoe quantize` wrote beside the checkpoint
             gguf = next(iter(self.ckpt.experts.values())).layout == "gguf"
-            for b in (self.policy.shadow_bits, self.policy.hi_bits):
-                if b and gguf:  # the file's own 4/8-bit values, repacked
-                    self.cache.copy_files[b] = GGUFCopies(self.cache, b)
-                elif b and copies_path(self.ckpt.dir, b).is_file():
-                    self.cache.copy_files[b] = CopyFile(copies_path(self.ckpt.dir, b), self.ckpt.dir, self.store,
-                                                        (layers[0], 0))
-            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False)
+
+            def copies(b: int, group: int):
+                if gguf:  # the file's own 4/8-bit values, repacked
+                    return GGUFCopies(self.cache, b)
+                path = copies_path(self.ckpt.dir, b, group)
+                return CopyFile(path, self.ckpt.dir, self.store, (layers[0], 0)) if path.is_file() else None
+            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False, copies=copies)
         plan_cap = getattr(self.policy, "plan_capacity", lambda cap: cap)(self.cache.capacity)  # Slack keeps some free
         self.residency = residency(plan_cap) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision

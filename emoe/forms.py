@@ -17,7 +17,7 @@ from .gguf_blocks import (FLOAT_TYPES, GROUP, IQ4_NL, IQ4_VALUES, IQ4_XS, MXFP4,
                           q6_k_parts, q8_0)
 from .gguf_iq import IQ1_M, IQ2_S, IQ2_XS, IQ_TABLES, iq_parts
 from .kernel_layout import _kpack
-from .quant import _MM, KTensor, QTensor, int8_form, quantize
+from .quant import _MM, KTensor, QTensor, fit_int4, int8_form, quantize
 
 IQ_PER_16 = (IQ2_XS, IQ2_S, IQ1_M)  # i-quants scaled per 16 values
 
@@ -89,16 +89,15 @@ def codebook_bits() -> int:
 
 
 def int4_form(w: torch.Tensor) -> KTensor:
-    """A matrix quantised again to 4 bits per 32 values, asymmetric (16 levels from the group's minimum to its
-    maximum): one kernel plane, 5 bits a weight, half the bytes of the int8 form. Not exact: on llama.cpp's
-    Q2_K / IQ3_XXS / IQ2_XXS files of a random model, 1.1-1.3x the tokens/s of int8 forms, but agreement with
-    llama.cpp 0.86 / 0.84 / 0.80 against 0.92 / 0.93 / 0.94 (docs/results/host_form_bits.txt)."""
+    """A matrix quantised again to 4 bits per 32 values, asymmetric (quant.fit_int4): one kernel plane, 5 bits a
+    weight, half the bytes of the int8 form. Not exact: on llama.cpp's Q2_K / IQ3_XXS / IQ2_XXS files of a
+    random model, 1.1-1.3x the tokens/s of int8 forms, but agreement with llama.cpp 0.86 / 0.84 / 0.80 against
+    0.92 / 0.93 / 0.94 (docs/results/host_form_bits.txt, measured with the range fit alone)."""
     rows, cols = w.shape
     x = w.float().view(rows, cols // GROUP, GROUP)
-    lo, hi = x.amin(-1), x.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-12)
-    u = ((x - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    return kernel_copy(u.view(rows, cols), scale, -lo)
+    scale, lo = fit_int4(x)
+    u = ((x - lo) / scale).round_().clamp_(0, 15).to(torch.uint8)
+    return kernel_copy(u.view(rows, cols), scale[..., 0], -lo[..., 0])
 
 
 def form_parts(locs) -> list[tuple[object, int]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kernel_layout import _hpack, _kpack
-from .quant import KTensor, QTensor, kbytes, kernel_fits, quantize
+from .quant import KTensor, QTensor, kbytes, kernel_fits, qbytes, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
@@ -327,7 +327,7 @@ class GGUFCopies:
         packed, _ = self.cache.store.read_packed(*key)
         locs = self.cache.store.ckpt.experts[key]
         kernel = self.cache.kernel and self.cache.device.type == "cpu"
-        group = getattr(self.cache, "_group", GROUP)
+        group = self.cache._groups.get(self.bits, GROUP)
         out = []
         for t, qtype in zip(packed, locs.qtypes):
             if isinstance(t, KTensor):  # a RAM tier holding host forms: the kernel copy is that very form
@@ -338,6 +338,7 @@ class GGUFCopies:
                 out.append(t if same else quantize(quant_dequantize(t), self.bits, group))
                 continue
             t = t.cpu()
-            c = file_copy(t, qtype, self.bits, kernel) if group == GROUP else None
-            out.append(c if c is not None else quantize(dequantize(t, qtype), self.bits, group))
+            c = file_copy(t, qtype, self.bits, kernel)  # (a Q4_0's, per 32, costs what int4 per 64 with offsets does)
+            fits = c is not None and c.nbytes <= (kbytes if kernel else qbytes)(c.shape, self.bits, group)
+            out.append(c if fits else quantize(dequantize(t, qtype), self.bits, group))
         return tuple(out)
