@@ -344,6 +344,27 @@ def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixt
         main(["quantize", "--model", str(model), "--bits", "3"])
 
 
+def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_path, one_thread):
+    """`emoe quantize --layout portable` writes int4 per 64 (int4-g64), `--layout kernel` per 32; an engine reads the
+    file of its own layout's group and quantises nothing of that precision at startup."""
+    from emoe.cli import main
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    from emoe.quant import copies_path
+    from tiny import make_tiny
+    model = make_tiny("mixtral", tmp_path / "m", intermediate_size=64)  # rows of 64 values: both groups divide them
+    main(["quantize", "--model", str(model), "--bits", "4", "--layout", "portable"])
+    assert copies_path(model, 4, 64).is_file() and not copies_path(model, 4, 32).exists()
+    main(["quantize", "--model", str(model), "--bits", "4", "--layout", "kernel"])
+    assert copies_path(model, 4, 32).is_file()
+    for kernel in (False, True):
+        eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute", qkernel=kernel), policy=Shadow(4))
+        want = 64 if not eng.cache.kernel else 32
+        assert eng.cache._groups[4] == want and eng.cache.copy_files[4].group == want
+        if not eng.cache.kernel:
+            assert all(t.group == 64 and t.zero is not None for q in eng.cache._shadow.values() for t in q)
+
+
 def test_paired_difference_intervals():
     from emoe.eval import paired_difference, versus_table
     n = 60
