@@ -205,7 +205,8 @@ class ExpertCache:
         if fill and slots * cost[bits] > self.budget_bytes:
             raise BudgetError(f"int{bits} shadow copies of {slots} experts need {slots * cost[bits]} bytes, "
                               f"budget is {self.budget_bytes}")
-        files = self.copy_files if copies is None else {b: f for b, g in groups.items() if (f := copies(b, g)) is not None}
+        files = self.copy_files if copies is None else {
+            b: f for b, g in groups.items() if (f := copies(b, g)) is not None}
         self.shadow_bits, self.hi_bits, self._qcost, self._groups, self.kernel = bits, hi_bits, cost, groups, kernel
         self.copy_files = files
         self._slots = [(layer, e) for layer in layers for e in range(self.num_experts)]

@@ -194,9 +194,9 @@ def cmd_train_model(args) -> None:
 
 def cmd_quantize(args) -> None:
     """int4/int8 copies of every expert, once, beside the checkpoint: shadow policies read them at startup."""
-    from .checkpoint import Checkpoint
     import torch
 
+    from .checkpoint import Checkpoint
     from .quant import copy_group, kernel_fits, save_copies
     from .store import open_store
     model = _model(args)
