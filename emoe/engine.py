@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from dataclasses import dataclass, fields, replace
 
@@ -132,7 +133,15 @@ class Engine:
                 if gguf:  # the file's own 4/8-bit values, repacked
                     return GGUFCopies(self.cache, b)
                 path = copies_path(self.ckpt.dir, b, group)
-                return CopyFile(path, self.ckpt.dir, self.store, (layers[0], 0)) if path.is_file() else None
+                if path.is_file():
+                    return CopyFile(path, self.ckpt.dir, self.store, (layers[0], 0))
+                other = sorted(path.parent.glob(f"int{b}-g*.safetensors"))
+                if other:  # made for the other layout (quant.copy_group): said, not silently ignored
+                    print(f"[emoe] {other[0]} holds int{b} copies per {other[0].stem.split('-g')[-1]} values, this "
+                          f"layout takes them per {group}: quantising at startup instead (`emoe quantize --layout "
+                          f"{'portable' if group > 32 else 'kernel'}` writes them)",
+                          file=sys.stderr)
+                return None
             self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False, copies=copies)
         plan_cap = getattr(self.policy, "plan_capacity", lambda cap: cap)(self.cache.capacity)  # Slack keeps some free
         self.residency = residency(plan_cap) if residency is not None else None

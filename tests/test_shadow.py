@@ -344,7 +344,7 @@ def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixt
         main(["quantize", "--model", str(model), "--bits", "3"])
 
 
-def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_path, one_thread):
+def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_path, one_thread, capsys):
     """`emoe quantize --layout portable` writes int4 per 64 (int4-g64), `--layout kernel` per 32; an engine reads the
     file of its own layout's group and quantises nothing of that precision at startup."""
     from emoe.cli import main
@@ -355,6 +355,9 @@ def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_
     model = make_tiny("mixtral", tmp_path / "m", intermediate_size=64)  # rows of 64 values: both groups divide them
     main(["quantize", "--model", str(model), "--bits", "4", "--layout", "portable"])
     assert copies_path(model, 4, 64).is_file() and not copies_path(model, 4, 32).exists()
+    if quant_mod.kernel_fits((64, 64), 32):  # the kernel layout finds only the portable file: said, then quantised
+        eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute"), policy=Shadow(4))
+        assert 4 not in eng.cache.copy_files and "--layout kernel" in capsys.readouterr().err
     main(["quantize", "--model", str(model), "--bits", "4", "--layout", "kernel"])
     assert copies_path(model, 4, 32).is_file()
     for kernel in (False, True):
