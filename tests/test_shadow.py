@@ -368,6 +368,30 @@ def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_
             assert all(t.group == 64 and t.zero is not None for q in eng.cache._shadow.values() for t in q)
 
 
+def test_copies_files_from_before_offsets_still_load(tmp_path, one_thread):
+    """A copies file written before int4 held offsets (no `.zero` tensors) reads as the symmetric copies it holds."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from emoe.cli import main
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    from emoe.quant import copies_path
+    from tiny import make_tiny
+    model = make_tiny("mixtral", tmp_path / "m")
+    main(["quantize", "--model", str(model), "--bits", "4"])
+    path = copies_path(model, 4, 32)
+    with safe_open(str(path), framework="pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".zero")}
+    save_file(kept, str(path), metadata=meta)
+    eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute", qkernel=False), policy=Shadow(4))
+    q = eng.cache.copy_files[4].get((eng.cfg.moe_layers[0], 0))[0]
+    assert q.zero is None
+    u = torch.stack((q.data & 15, q.data >> 4), -1).view(q.shape).float()
+    scale = q.scale.float().repeat_interleave(q.group, 1)
+    assert torch.equal(dequantize(q), (u - 8) * scale)
+
+
 def test_paired_difference_intervals():
     from emoe.eval import paired_difference, versus_table
     n = 60
