@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +48,7 @@ class CacheStats:
     load_seconds: float = 0.0
     shadow_uses: int = 0   # misses served by an expert's low-bit shadow copy
     host_runs: int = 0     # misses run in the slow tier on the expert's own weights (no copy into the budget)
+    wait_seconds: float = 0.0  # layer calls waiting for a plan's load still landing (mover): the moves' exposed part
 
     @property
     def hit_rate(self) -> float:
@@ -55,6 +57,12 @@ class CacheStats:
 
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I,H], up [I,H], down [H,I]
+
+
+def land(packed, unpack, device: torch.device, dtype: torch.dtype) -> Weights:
+    """An expert's stored tensors copied to the device and unpacked there, in dtype: fewer bytes cross than
+    unpacked ones (MXFP4: 4.25 bits a weight). Touches no shared state, so a mover's thread may run it."""
+    return tuple(t.to(dtype) for t in unpack(tuple(t.to(device, non_blocking=True) for t in packed)))
 
 
 class ExpertCache:
@@ -88,6 +96,9 @@ class ExpertCache:
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.moved: set[tuple[int, int]] | None = None  # where a set: the keys admitted or evicted (dispatch's C tables)
+        # loader.Mover: set_resident's loads land on a worker thread; an admitted expert is held (mask, bytes,
+        # LRU) at once, as a Future in _res until the first call that reads its weights waits for it (_wait)
+        self.mover = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -161,7 +172,20 @@ class ExpertCache:
     def get(self, layer: int, expert: int) -> Weights:
         key = (layer, expert)
         self._res.move_to_end(key)
-        return self._res[key]
+        w = self._res[key]
+        if isinstance(w, Future):
+            self._res[key] = w = self._wait(w)
+        return w
+
+    def _wait(self, w, count: bool = True):
+        """Weights as held: a mover's load (a Future) waited for, the wait counted in wait_seconds."""
+        if not isinstance(w, Future):
+            return w
+        t0 = time.perf_counter()
+        w = self.mover.landed(w.result())
+        if count:
+            self._stats.wait_seconds += time.perf_counter() - t0
+        return w
 
     def lru(self, exclude=()) -> tuple[int, int] | None:
         return next((k for k in self._res if k not in exclude), None)
@@ -169,7 +193,10 @@ class ExpertCache:
     def peek(self, key: tuple[int, int]):
         """A key's weights at whatever precision is held (None when none), touching neither the LRU
         order nor the counters: for warm-up runs that must not look like serving."""
-        return self._res.get(key) or self._shadow.get(key)
+        w = self._res.get(key)
+        if isinstance(w, Future):
+            self._res[key] = w = self._wait(w, count=False)
+        return w or self._shadow.get(key)
 
     def host(self, layer: int, expert: int) -> Weights:
         """A non-resident expert's weights where the slow tier holds them (host RAM: no copy; disk: read
@@ -288,13 +315,14 @@ class ExpertCache:
         alone, it times a load)."""
         if self.forms:
             return self.store.read(layer, expert)
-        packed, unpack = self.store.read_packed(layer, expert)  # unpacked where it lands: fewer bytes cross
-        w = tuple(t.to(self.dtype) for t in unpack(tuple(t.to(self.device, non_blocking=True) for t in packed)))
+        w = land(*self.store.read_packed(layer, expert), self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return w
 
-    def admit(self, layer: int, expert: int) -> None:
+    def admit(self, layer: int, expert: int, landing: Future | None = None) -> None:
+        """Hold an expert at full precision. landing: its copy under way on a mover's thread (set_resident), the
+        first read of its weights waits for it; it is held, counted and budgeted from now, as admitted at once."""
         self._check(layer, expert)
         key = (layer, expert)
         if key in self._res:
@@ -305,7 +333,7 @@ class ExpertCache:
             raise BudgetError(f"admitting expert {layer}/{expert} would exceed the budget "
                               f"({need} > {self.budget_bytes} bytes)")
         t0 = time.perf_counter()
-        self._res[key] = self.bring(layer, expert)
+        self._res[key] = landing if landing is not None else self.bring(layer, expert)
         self._set_shadow(key, None)
         self.mask[layer, expert] = self.avail[layer, expert] = True
         self.n_resident[layer] += 1
@@ -318,7 +346,7 @@ class ExpertCache:
     def evict(self, layer: int, expert: int, to: int | None = None) -> None:
         """Drop a full-precision expert; with shadows it keeps a copy at `to` bits (default the base
         precision; 0 = none), requantised from the fast copy: no slow-tier read, and it frees bytes."""
-        w = self._res.pop((layer, expert), None)
+        w = self._wait(self._res.pop((layer, expert), None))  # (a landing copy is the evicted shadow's source)
         self.pinned.discard((layer, expert))
         if w is not None:
             if self.forms:
@@ -369,8 +397,12 @@ class ExpertCache:
         stage = getattr(self.store, "stage_keys", None)
         if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
             stage(add)
-        for k in add:
-            self.admit(*k)
+        if self.mover is not None and not self.forms:  # one job, in layer order: the first layers land first
+            landing = self.mover.bring([self.store.read_packed(*k) for k in add])
+        else:
+            landing = [None] * len(add)
+        for k, f in zip(add, landing):
+            self.admit(*k, landing=f)
         listed = {k[0] for k in want}
         self.pinned = {k for k in self.pinned if k[0] not in listed} | {k for k, v in want.items() if v == FULL}
         return len(add), sum(now[k] == FULL for k in down)

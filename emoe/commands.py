@@ -415,7 +415,7 @@ def cmd_serve(args) -> None:
                               prompt_cache_mb=args.prompt_cache_mb,
                               dtype=args.dtype, kv_dtype=args.kv_dtype, host_kernel=args.host_kernel,
                               dense_int8=args.dense_int8, dense_blocks=args.dense_blocks, host_int8=args.host_int8,
-                              host_form_bits=args.host_form_bits,
+                              host_form_bits=args.host_form_bits, async_loads=args.async_loads,
                               memory_bytes=int(args.memory_mb * 2**20) if args.memory_mb else None),
                  policy=policy, residency=residency)
     served = args.served_model_name or (Path(args.model).stem if str(args.model).endswith(".gguf") else Path(model).name)

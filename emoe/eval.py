@@ -40,7 +40,11 @@ SHADOWED = ("q4", "q8", "q48")  # int4 or int8 copies, or q48: none / int4 / int
 SUFFIXES = SHADOWED + ("host", "auto", "slack", "adapt")  # -slack: the plan in 3/4 of the budget, misses loaded into the rest
 
 
+ASYNC = "-async"  # any policy, its plans' loads landing on a worker thread (loader.Mover), not in place
+
+
 def known(name: str) -> bool:
+    name = name.removesuffix(ASYNC)
     base, _, q = name.rpartition("-")
     return name in POLICIES + EXTRA or (q in SUFFIXES and base in POLICIES + EXTRA and base not in SHADOWED)
 
@@ -219,11 +223,11 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
         setup.routing = routing
     records = []
     for label, name, b, setup in configs:
-        policy, residency = build(name, setup)
+        policy, residency = build(name.removesuffix(ASYNC), setup)
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
                                       experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16",
-                                      host_int8=host_int8),
+                                      host_int8=host_int8, async_loads=name.endswith(ASYNC)),
                          policy=policy, residency=residency)
         except BudgetError as e:  # e.g. int8 shadows alone exceed a small budget: a gap, not a failed run
             log(f"{label:13} {b:4.2f} skipped: {e}")
@@ -239,9 +243,12 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
                "resident_fraction": eng.cache.used_bytes / eng.total_expert_bytes,
                "resident_bytes": eng.cache.used_bytes, "similarity": None, "token_agreement": agree,
                "ppl_ratio": math.exp(_mean([r["answer_nll"] for r in rows if "answer_nll" in r]) - ref_nll),
-               "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded, "overhead_share": ld.seconds / secs,
+               "hit_rate": st.hit_rate, "bytes_moved": st.bytes_loaded,
+               "overhead_share": (ld.seconds + st.wait_seconds) / secs,  # planning, moves and waits for them
                "stall_share": max(0.0, st.load_seconds - ld.move_seconds) / secs,  # on-demand loads
                "move_share": ld.move_seconds / secs,
+               "wait_share": st.wait_seconds / secs,  # layer calls waiting for loads landing (a mover's exposed part)
+               "landing_share": getattr(eng.cache.mover, "busy_seconds", 0.0) / secs,  # the mover's own time, overlapped
                "tokens_per_s": sum(len(r["output_ids"]) for r in rows) / secs,
                "relative_speed": ref_secs / secs,
                "predictor_calls": getattr(eng.residency, "calls", 0),

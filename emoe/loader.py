@@ -10,12 +10,14 @@ With low-bit shadow copies (policies.Shadow), `plan_levels` turns the same N int
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .cache import FULL, BudgetError, Plan
+from .cache import FULL, BudgetError, Plan, land
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +151,48 @@ class Loader:
         self.stats.experts_loaded += loaded
         self.stats.experts_evicted += evicted
         self.stats.seconds += time.perf_counter() - t0
+
+
+class Mover:
+    """Lands a plan's loads on one worker thread (beyond the paper's synchronous loader). The cache holds each
+    admitted expert at once (mask, bytes, LRU) and the first layer call that reads its weights waits for it, so
+    the moves of layer l overlap the compute of the layers before it, and outputs are those of loading in place:
+    no token ever runs on a copy that has not landed. On CUDA the copies run on their own stream."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = torch.device(device), dtype
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="emoe-move", initializer=torch.set_num_threads, initargs=(1,))
+        self.busy_seconds = 0.0  # the worker's time landing copies (overlapped, unlike the waits)
+
+    def bring(self, reads: list) -> list[Future]:
+        """Futures of the experts' weights, for (packed tensors, unpack) reads, landed in order by one job: one
+        wake-up of the worker per plan, not per expert (each costs the main thread a hand-over of the GIL)."""
+        futures = [Future() for _ in reads]
+        if reads:
+            self.pool.submit(self._land, reads, futures)
+        return futures
+
+    def _land(self, reads, futures) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            for (packed, unpack), f in zip(reads, futures):
+                try:
+                    w = land(packed, unpack, self.device, self.dtype)
+                    if self.stream is not None:
+                        self.stream.synchronize()
+                    f.set_result(w)
+                except BaseException as e:  # (the layer call that reads it raises it)
+                    f.set_exception(e)
+        self.busy_seconds += time.perf_counter() - t0
+
+    def landed(self, w):
+        """Weights from the worker, made safe to use on the compute stream: on CUDA the allocator must not hand
+        their memory to the next copy while compute queued on them has not run."""
+        if self.stream is not None:
+            for t in w:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        return w
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -42,6 +42,10 @@ step dispatch 60 $E bench dispatch --json "$OUT/bench_dispatch_gpu.json"
 step eval $((Q ? 120 : 200)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 96)) --seed 1 \
   --policies all,popular-q48,task-static-q48,emoe-a-sticky-q48,emoe-a-sticky,lru --versus emoe-a-sticky-q48 \
   --similarity deferred --json "$OUT/eval_gpu.json"
+# plans' loads landing on a CUDA stream (loader.Mover) against in place, alternated: same outputs, the overhead share
+step async_loads $((Q ? 90 : 150)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 48)) --seed 1 \
+  --policies emoe-a-host,emoe-a-host-async,emoe-a-host,emoe-a-host-async --versus emoe-a-host \
+  --similarity deferred --json "$OUT/eval_async_gpu.json"
 # llama.cpp's placement (--n-cpu-moe: whole layers on the GPU, the rest on the CPU) against eMoE-A's at equal
 # bytes, misses on the host for both: the same tokens, so what differs is tokens/s
 step eval_layers $((Q ? 90 : 150)) $E eval --profile $P --budgets 0.4,0.6 --n $((Q ? 8 : 48)) --seed 1 \

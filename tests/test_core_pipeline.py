@@ -217,3 +217,27 @@ def test_a_sticky_prompt_refresh_moves_an_expert_only_for_a_clear_gain(profile_d
         assert sum(map(len, plan.values())) == 8
         moved[name] = sum(len(set(ids) - set(held[layer])) for layer, ids in plan.items())
     assert moved["sticky"] == 0 < moved["free"]
+
+
+def test_async_loads_give_the_outputs_and_counters_of_loading_in_place(profile_dir, tiny_mixtral, one_thread):
+    """A plan's loads landing on the mover's thread (async_loads) are waited for by the first layer call that reads
+    them, so every token runs on the weights it would have run on had they loaded in place."""
+    from emoe.engine import Engine, EngineConfig, SamplingParams
+    from emoe.eval import Setup, build
+    prof = Profile.load(profile_dir, tiny_mixtral)
+    prompts = ["Summarize: the cat sat on the mat.", "hi", "Is this review positive? Great film.", "def f(x):"]
+    tasks = [t for t in sorted(prof.tasks)][:4] * 2
+    got = {}
+    for on in (False, True):
+        policy, residency = build("task-static-q48", Setup(prof, {}))
+        eng = Engine(EngineConfig(str(tiny_mixtral), budget=0.5, miss_policy=policy.name, max_batch=2,
+                                  async_loads=on), policy=policy, residency=residency)
+        assert (eng.cache.mover is not None) == on
+        outs = []
+        for i in range(0, 8, 2):  # a plan per admission, over changing task mixes
+            outs += [r.output_ids for r in eng.generate(prompts[i % 4: i % 4 + 2], SamplingParams(max_tokens=6),
+                                                        tasks=tasks[i: i + 2])]
+        s = eng.cache.stats
+        got[on] = outs, (s.hits, s.misses, s.loads, s.evictions, s.bytes_loaded, s.shadow_uses)
+    assert got[False][1][2] > 0  # plans moved experts
+    assert got[True] == got[False]
