@@ -6,7 +6,9 @@ is timed is the bookkeeping; each shape is a model family's MoE layers x experts
 
     python scripts/bench_plan.py [--plans 30] [--shapes emoe-tiny,mixtral-8x7b,qwen3-30b-a3b,deepseek-v3]
 
-Prints ms per call for each shape, stickiness 0 and 1 (emoe-a-sticky), planning and applying.
+Prints ms per call for each shape, stickiness 0 and 1 (emoe-a-sticky): planning with the greedy walk in runs of
+steps (loader._greedy) and one step at a time (_greedy_loop), alternated call by call on the same demands, and
+applying the plan. plan_levels takes the runs from loader.RUNS_FROM experts.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import time
 
 import torch
 
+from emoe import loader
 from emoe.cache import ExpertCache
 from emoe.loader import plan_levels
 
-SHAPES = {"emoe-tiny": (4, 16, 2), "mixtral-8x7b": (32, 8, 2), "qwen3-30b-a3b": (48, 128, 8),
+SHAPES = {"emoe-tiny": (4, 16, 2), "mixtral-8x7b": (32, 8, 2), "olmoe": (16, 64, 8), "qwen3-30b-a3b": (48, 128, 8),
           "deepseek-v3": (58, 256, 8)}
 I = H = 32
 
@@ -50,7 +53,8 @@ def demands(L: int, E: int, n: int, seed: int = 1) -> list[torch.Tensor]:
     return out
 
 
-def run(name: str, plans: int, stickiness: float) -> tuple[float, float]:
+def run(name: str, plans: int, stickiness: float) -> tuple[float, float, float]:
+    """Median ms per call: planning in runs, planning step by step, applying."""
     L, E, k = SHAPES[name]
     store = Store()
     cache = ExpertCache(store, 0, "cpu", torch.float32, L, E, 3 * I * H, kernel=False)
@@ -60,17 +64,24 @@ def run(name: str, plans: int, stickiness: float) -> tuple[float, float]:
     levels, popular = cache.levels(k), torch.rand(L, E)
     Ns = demands(L, E, plans + 1)
     cache.set_resident(plan_levels(Ns[0], levels, layers, popular, cache, stickiness))
-    t_plan, t_apply = [], []
-    for N in Ns[1:]:
-        t0 = time.perf_counter()
-        plan = plan_levels(N, levels, layers, popular, cache, stickiness)
-        t1 = time.perf_counter()
-        cache.set_resident(plan)
-        t2 = time.perf_counter()
-        t_plan.append(t1 - t0)
-        t_apply.append(t2 - t1)
-        assert cache.used_bytes <= cache.budget_bytes
-    return statistics.median(t_plan) * 1e3, statistics.median(t_apply) * 1e3
+    times: dict[str, list[float]] = {"runs": [], "loop": [], "apply": []}
+    was = loader.RUNS_FROM
+    try:
+        for i, N in enumerate(Ns[1:]):
+            got = {}
+            for walk in (("runs", "loop") if i % 2 else ("loop", "runs")):
+                loader.RUNS_FROM = 0 if walk == "runs" else float("inf")
+                t0 = time.perf_counter()
+                got[walk] = plan_levels(N, levels, layers, popular, cache, stickiness)
+                times[walk].append(time.perf_counter() - t0)
+            assert got["runs"] == got["loop"]
+            t0 = time.perf_counter()
+            cache.set_resident(got["runs"])
+            times["apply"].append(time.perf_counter() - t0)
+            assert cache.used_bytes <= cache.budget_bytes
+    finally:
+        loader.RUNS_FROM = was
+    return tuple(statistics.median(times[w]) * 1e3 for w in ("runs", "loop", "apply"))
 
 
 def main() -> None:
@@ -79,12 +90,13 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{'shape':16} {'L x E':>9} {'stick':>5} {'plan ms':>8} {'apply ms':>8}   (medians of {args.plans} calls)")
+    print(f"{'shape':16} {'L x E':>9} {'stick':>5} {'runs ms':>8} {'loop ms':>8} {'loop/runs':>9} {'apply ms':>8}"
+          f"   (medians of {args.plans} calls)")
     for name in args.shapes.split(","):
         L, E, _ = SHAPES[name]
         for h in (0.0, 1.0):
-            p, a = run(name, args.plans, h)
-            print(f"{name:16} {f'{L}x{E}':>9} {h:5g} {p:8.2f} {a:8.2f}", flush=True)
+            r, s, a = run(name, args.plans, h)
+            print(f"{name:16} {f'{L}x{E}':>9} {h:5g} {r:8.2f} {s:8.2f} {s / r:9.2f} {a:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

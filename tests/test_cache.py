@@ -114,6 +114,7 @@ def test_budget_property(budget, seq):
         assert cache.used_bytes == len(model) * EB
         assert cache.used_bytes <= cache.budget_bytes == budget
         assert torch.equal(cache.mask, expected_mask(model))
+        assert torch.equal(cache.levels_held, expected_mask(model).long() * 16)  # FULL where resident, else none
         s = cache.stats
         assert s.loads - s.evictions == len(model)
         assert s.bytes_loaded == s.loads * EB

@@ -50,3 +50,40 @@ def test_stickiness_keeps_near_ties_resident_but_yields_to_clear_winners():
     assert plan_top(N, 2, [0], 1, pop, resident, stickiness=0.5) == {0: [0, 1]}  # 11 < 1.5·9: keep 1
     N[0, 2] = 14.0
     assert plan_top(N, 2, [0], 1, pop, resident, stickiness=0.5) == {0: [0, 2]}  # 14 > 13.5: swap
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 3), st.floats(0.0, 1.5), st.floats(0.0, 1.0),
+       st.sampled_from([(0, 281, 516, 1000), (0, 150, 280, 1000), (0, 9, 17, 64), (0, 300, 310, 320)]),
+       st.integers(0, 2**31 - 1))
+def test_plan_levels_runs_of_steps_equal_the_step_by_step_walk(L, E, k, fill, stickiness, prices, seed):
+    """plan_levels takes its greedy walk a run of steps at a time (loader._greedy); it must pick exactly the levels
+    that taking one step at a time does (_greedy_loop), sticky or not, zero demand and ties included, and stay
+    within the budget. The last prices make int8 barely dearer than int4, so steps come out of order and the
+    step-by-step walk is taken instead (loader._in_order)."""
+    from emoe.cache import Levels
+    from emoe.loader import _greedy_loop, plan_levels
+    import emoe.loader as loader
+    g = torch.Generator().manual_seed(seed)
+    N = torch.rand(L, E, generator=g) * (torch.rand(L, E, generator=g) > 0.3) * 50
+    N[0, : E // 2] = 7.0  # ties
+    cost = dict(zip((0, 4, 8, 16), prices))
+    k = min(k, E)
+    budget = k * L * prices[1] + int(fill * L * E * prices[3])
+
+    class Held:
+        levels_held = torch.tensor([0, 4, 8, 16])[torch.randint(0, 4, (L, E), generator=g)]
+    pop = torch.rand(L, E, generator=g)
+    args = (N, Levels(budget, cost, top_k=k), list(range(L)), pop, Held(), stickiness)
+    was, loader.RUNS_FROM = loader.RUNS_FROM, 0
+    try:
+        got = plan_levels(*args).levels
+    finally:
+        loader.RUNS_FROM = was
+    was, loader._greedy = loader._greedy, _greedy_loop
+    try:
+        want = plan_levels(*args).levels
+    finally:
+        loader._greedy = was
+    assert got == want
+    assert sum(cost[v] for row in got.values() for v in row) <= budget

@@ -149,6 +149,7 @@ def test_budget_with_shadows(extra, seq):
                 model = new
         assert set(cache.resident()) == model
         assert set(cache._shadow) == {(l, e) for l in range(LAYERS) for e in range(EXPERTS)} - model
+        assert cache.levels_held.tolist() == [[cache.level((l, e)) for e in range(EXPERTS)] for l in range(LAYERS)]
         assert cache.used_bytes == len(model) * EB + (SLOTS - len(model)) * SB <= budget
     for l in range(LAYERS):  # a shadow approximates the expert it stands for, resident or not
         for e in range(EXPERTS):
@@ -238,6 +239,7 @@ def test_precision_plans_fit_or_change_nothing(budget, fill, plans):
             cache.set_resident(Plan(levels))
             model = new
         assert {k: cache.level(k) for k in model} == model
+        assert cache.levels_held.tolist() == [[model[(l, e)] for e in range(EXPERTS)] for l in range(LAYERS)]
         assert cache.used_bytes == sum(COST[v] for v in model.values()) <= budget
         assert torch.equal(cache.mask, torch.tensor([[model[(l, e)] == FULL for e in range(EXPERTS)]
                                                      for l in range(LAYERS)]))
