@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--layout", choices=("auto", "kernel", "portable"), default="auto",
                     help="int4 copies for the CPU kernel's layout (an offset per 32 values) or the portable one (GPUs; "
                          "per 64); auto: portable where CUDA is present, else the kernel's where this CPU has it")
+    qz.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="fit int4 copies to the experts' outputs on N training prompts per task (GPTQ; emoe/calibrate.py) "
+                         "instead of to their weights alone; 0: the plain fit")
+    qz.add_argument("--max-tokens", type=int, default=32, help="tokens generated per calibration prompt")
     qz.set_defaults(fn=cmd_quantize)
 
     ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF → a model folder whose experts stay packed in the "

@@ -197,6 +197,7 @@ def cmd_quantize(args) -> None:
     import torch
 
     from .checkpoint import Checkpoint
+    from .calibrate import MIN_TOKENS
     from .quant import copy_group, kernel_fits, save_copies
     from .store import open_store
     model = _model(args)
@@ -205,8 +206,22 @@ def cmd_quantize(args) -> None:
     shapes = [tuple(t.shape) for t in store.read(*min(ckpt.experts))]
     kernel = args.layout == "kernel" or args.layout == "auto" and not torch.cuda.is_available() and all(
         kernel_fits(s, 32) for s in shapes)
+    hess, note = None, ""
+    if args.calibrate and 4 in args.bits:
+        from tqdm import tqdm
+
+        from .calibrate import collect
+        from .datasets import TASKS, load_split
+        examples = [e for t in TASKS for e in load_split("train", t)[: args.calibrate]]
+        with tqdm(total=len(examples), desc="calibrating", unit="prompt", disable=None) as bar:
+            hess = collect(model, examples, args.max_tokens, on_batch=bar.update)
+        fitted = sum(hess.of(k) is not None for k in ckpt.experts)
+        note = f"{len(examples)} training prompts"
+        print(f"[emoe] calibrated on {note}: {fitted} of {len(ckpt.experts)} experts had >= {MIN_TOKENS} tokens "
+              f"(the rest keep the plain fit)", file=sys.stderr)
     for b in args.bits:
-        path = save_copies(model, store, sorted(ckpt.experts), b, copy_group([s[1] for s in shapes], b, kernel))
+        path = save_copies(model, store, sorted(ckpt.experts), b, copy_group([s[1] for s in shapes], b, kernel),
+                           hess, note if b == 4 else "")
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
 
 

@@ -393,18 +393,22 @@ def source_id(model_dir: str | Path, store, first: tuple[int, int]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_copies(model_dir: str | Path, store, keys: list[tuple[int, int]], bits: int, group: int = 32) -> Path:
-    """Quantise every expert once and write the copies (what the cache would otherwise do at startup)."""
+def save_copies(model_dir: str | Path, store, keys: list[tuple[int, int]], bits: int, group: int = 32,
+                hessians=None, calibrated: str = "") -> Path:
+    """Quantise every expert once and write the copies (what the cache would otherwise do at startup). hessians
+    (calibrate.Hessians): int4 copies of the experts it has enough tokens for are fitted to their outputs."""
+    from .calibrate import gptq_int4
     out = {}
     for layer, e in keys:
-        for name, t in zip(("gate", "up", "down"), store.read(layer, e)):
-            q = quantize(t, bits, group)
+        hs = hessians.of((layer, e)) if hessians is not None and bits == 4 else None
+        for i, (name, t) in enumerate(zip(("gate", "up", "down"), store.read(layer, e))):
+            q = quantize(t, bits, group) if hs is None else gptq_int4(t, hs[i == 2], group)
             out[f"{layer}.{e}.{name}.data"], out[f"{layer}.{e}.{name}.scale"] = q.data, q.scale
             if q.zero is not None:
                 out[f"{layer}.{e}.{name}.zero"] = q.zero
     path = copies_path(model_dir, bits, group)
     path.parent.mkdir(exist_ok=True)
-    save_file(out, str(path), metadata={"bits": str(bits), "group": str(group),
+    save_file(out, str(path), metadata={"bits": str(bits), "group": str(group), "calibrated": calibrated,
                                         "source": source_id(model_dir, store, keys[0])})
     return path
 

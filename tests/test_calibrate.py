@@ -1,0 +1,88 @@
+"""Calibrated int4 copies (emoe.calibrate): GPTQ keeps the plain copies' format and bytes and cuts the error of the
+outputs on activations like the calibration ones; the recording expert function is the model's own; `emoe quantize
+--calibrate N` writes copies an engine reads."""
+import shutil
+
+import pytest
+import torch
+
+from emoe import calibrate
+from emoe.calibrate import Hessians, gptq_int4
+from emoe.quant import dequantize, quantize, swiglu
+
+
+def _activations(n: int, cols: int, seed: int) -> torch.Tensor:
+    """Correlated inputs with a few loud channels, as residual streams have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=torch.Generator().manual_seed(99)) / cols ** 0.5
+    loud = torch.ones(cols)
+    loud[::17] = 8.0
+    return (torch.randn(n, cols, generator=g) @ mix + 0.3 * torch.randn(n, cols, generator=g)) * loud
+
+
+def _out_error(w, approx, x):
+    return float(((x @ (approx - w).T).norm() / (x @ w.T).norm()) ** 2)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_gptq_keeps_the_format_and_cuts_the_outputs_error(group):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    x = _activations(2000, 128, seed=2)
+    q, plain = gptq_int4(w, x.T @ x, group), quantize(w, 4, group)
+    assert (q.shape, q.bits, q.group, q.nbytes) == (plain.shape, plain.bits, plain.group, plain.nbytes)
+    assert q.data.dtype == plain.data.dtype and q.data.shape == plain.data.shape
+    assert q.scale.dtype == q.zero.dtype == torch.float16 and q.scale.shape == q.zero.shape == plain.scale.shape
+    fresh = _activations(2000, 128, seed=3)  # scored on other samples of the same distribution
+    assert _out_error(w, dequantize(q), fresh) < 0.8 * _out_error(w, dequantize(plain), fresh)
+    assert float((dequantize(q) - w).norm() / w.norm()) < 0.2  # still a copy of w, not a refit to noise
+
+
+def test_gptq_with_dead_channels_or_no_data_stays_finite():
+    w = torch.randn(16, 64) * 0.1
+    x = _activations(200, 64, seed=4)
+    x[:, 5] = 0  # a channel no token used
+    for h in (x.T @ x, torch.zeros(64, 64)):
+        got = dequantize(gptq_int4(w, h, 32))
+        assert torch.isfinite(got).all() and float((got - w).norm() / w.norm()) < 0.2
+
+
+def test_the_recording_expert_function_is_swiglu_and_sums_each_experts_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(16, 24, generator=g))
+    hess, xs = Hessians(), [torch.randn(n, 16, generator=g) for n in (5, 7)]
+    run = hess.ffn(3)
+    for x in xs:
+        torch.testing.assert_close(run(2, x, w), swiglu(x, *w))
+    x = torch.cat(xs)
+    torch.testing.assert_close(hess.inputs[(3, 2)], x.T @ x)
+    mid = torch.nn.functional.silu(x @ w[0].T) * (x @ w[1].T)
+    torch.testing.assert_close(hess.mids[(3, 2)], mid.T @ mid, rtol=1e-4, atol=1e-4)
+    assert hess.tokens[(3, 2)] == 12 and hess.of((3, 2)) is None  # under MIN_TOKENS: the plain fit
+    assert hess.of((3, 1)) is None
+
+
+def test_quantize_calibrate_writes_copies_an_engine_reads(tiny_mixtral, tmp_path, monkeypatch, one_thread, capsys):
+    from safetensors import safe_open
+
+    from emoe.cli import main
+    from emoe.engine import Engine, EngineConfig
+    from emoe.policies import Shadow
+    from emoe.quant import copies_path
+    model = tmp_path / "m"
+    shutil.copytree(tiny_mixtral, model)
+    main(["quantize", "--model", str(model), "--bits", "4"])
+    with safe_open(str(copies_path(model, 4)), "pt") as f:
+        plain = {k: f.get_tensor(k) for k in f.keys()}
+    monkeypatch.setattr(calibrate, "MIN_TOKENS", 1)
+    main(["quantize", "--model", str(model), "--bits", "4", "--calibrate", "1", "--max-tokens", "4"])
+    assert "experts had" in capsys.readouterr().err
+    with safe_open(str(copies_path(model, 4)), "pt") as f:
+        assert f.metadata()["calibrated"] == "6 training prompts"
+        cal = {k: f.get_tensor(k) for k in f.keys()}
+    assert cal.keys() == plain.keys() and all(cal[k].shape == plain[k].shape for k in cal)
+    assert any(not torch.equal(cal[k], plain[k]) for k in cal if k.endswith(".data"))
+    eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute"), policy=Shadow(4))
+    key = next(iter(eng.cache._shadow))
+    held = eng.cache.copy_files[4].get(key)  # the calibrated values are what the engine holds
+    assert torch.equal(held[0].data, cal[f"{key[0]}.{key[1]}.gate.data"])
+    torch.testing.assert_close(dequantize(eng.cache._shadow[key][0]), dequantize(held[0]))
