@@ -94,7 +94,7 @@ class ExpertCache:
         self._groups: dict[int, int] = {}  # bits → the group its copies are quantised in (quant.copy_group)
         self._shadow: dict[tuple[int, int], tuple[QTensor | KTensor, ...]] = {}
         self._memo: dict | None = None  # (key, bits) → host copy, when the slow tier is RAM (see _copy)
-        self.copy_files: dict = {}  # bits → quant.CopyFile: copies made ahead of time by `emoe quantize`
+        self.copy_files: dict = {}  # bits → copies.CopyFile: copies made ahead of time by `emoe quantize`
         # avail[layer, e]: full or shadow; what a miss may run on (the rest is rerouted)
         self.avail = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.moved: set[tuple[int, int]] | None = None  # where a set: the keys admitted or evicted (dispatch's C tables)
@@ -217,7 +217,7 @@ class ExpertCache:
         one a `bits`-bit copy now (refused, changing nothing, when they exceed the budget), else plans
         decide which hold one. Must come before anything is resident. Reads every expert once; a slow
         tier in host RAM quantises each at every precision now, off the serving path. copies(bits, group):
-        copies made ahead of time in that group (quant.CopyFile), or None: the layout decides the group."""
+        copies made ahead of time in that group (copies.CopyFile), or None: the layout decides the group."""
         if self._res or self.shadow_bits:
             raise RuntimeError("enable_shadow must come before any expert is resident, and only once")
         if self.forms:

@@ -198,7 +198,8 @@ def cmd_quantize(args) -> None:
 
     from .checkpoint import Checkpoint
     from .calibrate import MIN_TOKENS
-    from .quant import copy_group, kernel_fits, save_copies
+    from .copies import save_copies
+    from .quant import copy_group, kernel_fits
     from .store import open_store
     model = _model(args)
     ckpt = Checkpoint(model)

@@ -27,7 +27,8 @@ from .policies import PreGated, Reroute, make_policy
 from .prompt_cache import PromptCache, take_slot
 from .dispatch import ExpertDispatch, run_experts
 from .forms import file_dense
-from .quant import CopyFile, copies_path, int8_dense
+from .copies import CopyFile, copies_path
+from .quant import int8_dense
 from .report import memory_line, summary
 from .store import check_memory, open_store
 from .tokenizer import TextCodec

@@ -67,7 +67,7 @@ def test_quantize_calibrate_writes_copies_an_engine_reads(tiny_mixtral, tmp_path
     from emoe.cli import main
     from emoe.engine import Engine, EngineConfig
     from emoe.policies import Shadow
-    from emoe.quant import copies_path
+    from emoe.copies import copies_path
     model = tmp_path / "m"
     shutil.copytree(tiny_mixtral, model)
     main(["quantize", "--model", str(model), "--bits", "4"])

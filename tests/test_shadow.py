@@ -317,7 +317,7 @@ def test_quantize_writes_copies_the_engine_reads_instead_of_quantising(tiny_mixt
     from emoe.cli import main
     from emoe.engine import Engine, EngineConfig
     from emoe.policies import Shadow
-    from emoe.quant import copies_path
+    from emoe.copies import copies_path
     from tiny import make_tiny
     model = tmp_path / "m"
     shutil.copytree(tiny_mixtral, model)
@@ -352,7 +352,7 @@ def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_
     from emoe.cli import main
     from emoe.engine import Engine, EngineConfig
     from emoe.policies import Shadow
-    from emoe.quant import copies_path
+    from emoe.copies import copies_path
     from tiny import make_tiny
     model = make_tiny("mixtral", tmp_path / "m", intermediate_size=64)  # rows of 64 values: both groups divide them
     main(["quantize", "--model", str(model), "--bits", "4", "--layout", "portable"])
@@ -378,7 +378,7 @@ def test_copies_files_from_before_offsets_still_load(tmp_path, one_thread):
     from emoe.cli import main
     from emoe.engine import Engine, EngineConfig
     from emoe.policies import Shadow
-    from emoe.quant import copies_path
+    from emoe.copies import copies_path
     from tiny import make_tiny
     model = make_tiny("mixtral", tmp_path / "m")
     main(["quantize", "--model", str(model), "--bits", "4"])
