@@ -61,6 +61,13 @@ def _activations_arg(p) -> None:
                    "AVX512-BF16, else int8 (the environment's EMOE_KQ=auto|bf16|int8|off says the same)")
 
 
+def _data_arg(p) -> None:
+    p.add_argument("--data", default=None, metavar="FILE.jsonl",
+                   help="your own prompts, one JSON object a line with a task and a prompt (an answer optional), instead "
+                   "of the six shipped tasks; split 70/15/15 by a hash of the prompt. A profile remembers it: "
+                   "train-predictor and eval then draw from it too")
+
+
 def _host_int8_arg(p) -> None:
     p.add_argument("--host-int8", action="store_true",
                    help="with host/auto misses and --experts-on ram, hold full-precision (bf16/fp16) experts as int8 "
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit int4 copies to the experts' outputs on N training prompts per task (GPTQ; emoe/calibrate.py) "
                          "instead of to their weights alone; 0: the plain fit")
     qz.add_argument("--max-tokens", type=int, default=32, help="tokens generated per calibration prompt")
+    _data_arg(qz)
     qz.set_defaults(fn=cmd_quantize)
 
     ig = sub.add_parser("import-gguf", help="a llama.cpp GGUF → a model folder whose experts stay packed in the "
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(pr)
     pr.add_argument("--out", required=True, help="profile folder to write")
     pr.add_argument("--per-task", type=int, default=40, help="training prompts per task")
+    _data_arg(pr)
     pr.add_argument("--max-tokens", type=int, default=48)
     pr.add_argument("--sens-prompts", type=int, default=8, help="prompts per task for the sensitivity probe")
     pr.add_argument("--budget", type=float, default=1.0, help="for a model larger than memory: keep this share of "

@@ -211,9 +211,10 @@ def cmd_quantize(args) -> None:
     if args.calibrate and 4 in args.bits:
         from tqdm import tqdm
 
+        from . import datasets
         from .calibrate import collect
-        from .datasets import TASKS, load_split
-        examples = [e for t in TASKS for e in load_split("train", t)[: args.calibrate]]
+        datasets.use(args.data)
+        examples = [e for t in datasets.tasks() for e in datasets.load_split("train", t)[: args.calibrate]]
         with tqdm(total=len(examples), desc="calibrating", unit="prompt", disable=None) as bar:
             hess = collect(model, examples, args.max_tokens, on_batch=bar.update)
         fitted = sum(hess.of(k) is not None for k in ckpt.experts)
@@ -258,7 +259,9 @@ def cmd_import_gguf(args) -> None:
 
 
 def cmd_profile(args) -> None:
+    from . import datasets
     from .profile import run_profile
+    datasets.use(args.data)
     prof = run_profile(_model(args), args.out, per_task=args.per_task, max_tokens=args.max_tokens,
                        sens_prompts=args.sens_prompts, budget=args.budget, experts_on=args.experts_on,
                        dtype=args.dtype)
@@ -276,10 +279,12 @@ def sensitivity_table(prof) -> str:
 
 
 def cmd_eval(args) -> None:
+    from . import datasets
     from .eval import EXTRA, POLICIES, Setup, evaluate, grid, known, plot, table, versus_table
     from .profile import Profile
     model = _model(args)
     prof = Profile.load(args.profile, model)
+    datasets.use(prof.data)  # a profile of the user's prompts is evaluated on their test split
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if not known(p)]
     if unknown:
@@ -343,12 +348,14 @@ def _predictors(profile_dir: str, policies: list[str]) -> dict:
 
 
 def cmd_train_predictor(args) -> None:
+    from . import datasets
     from .eval import test_stream
     from .predictor import Predictor, baselines, evaluate, hindsight, loader_sizes
     from .profile import Profile, exact_engine, trace_stream
     from .traces import load_traces, save_traces
     model = _model(args)
     prof = Profile.load(args.profile, model)
+    datasets.use(prof.data)  # a profile of the user's prompts is tested on their test split
     test_path = Path(args.profile) / "test_traces.jsonl"
     if not test_path.is_file():  # traced once from the test split; never used for fitting
         _, reqs, _ = trace_stream(model, test_stream(args.test_n, seed=1), args.max_tokens,
@@ -422,6 +429,9 @@ def cmd_serve(args) -> None:
                   file=sys.stderr)
     if args.policy is not None and residency is None:
         raise ValueError("--policy needs a profile and --miss-policy reroute with a budget below 1.0")
+    from .datasets import TASKS
+    from .scheduler import check_slo_tasks
+    check_slo_tasks(dict(args.slo or []), extractor.known_tasks if extractor is not None else TASKS)  # before loading
     import torch
     torch.set_num_threads(serve_threads(args.threads))
     print(f"[emoe] engine threads {torch.get_num_threads()}", file=sys.stderr)

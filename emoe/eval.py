@@ -124,9 +124,10 @@ def _shadow(q: str, full: bool = True) -> Shadow:
 def test_stream(n: int, seed: int = 0, tasks=None, fits=None, split: str = "test"):
     """n test-split examples, a uniformly random task per request; `fits` filters out prompts too long.
     split="val" is for design choices, so that the test split only reports them."""
-    from .datasets import TASKS, load_split
+    from .datasets import load_split
+    from .datasets import tasks as known
     rng = random.Random(seed)
-    by_task = {t: [e for e in load_split(split, t) if fits is None or fits(e.prompt)] for t in (tasks or TASKS)}
+    by_task = {t: [e for e in load_split(split, t) if fits is None or fits(e.prompt)] for t in (tasks or known())}
     by_task = {t: v for t, v in by_task.items() if v}
     for t in by_task:
         rng.shuffle(by_task[t])

@@ -56,6 +56,7 @@ class Profile:
     sensitivity: dict[str, list[int]]     # task → s per layer (0 = insensitive)
     similarity: dict[str, list[float]]    # task → similarity with the first m MoE layers randomised
     extractor: dict | None = None
+    data: dict | None = None  # the user's prompt file profiled ({"path", "sha256"}: datasets.use), None: the shipped sets
     traces: list[Trace] = field(default_factory=list)
 
     def save(self, directory: str | Path) -> None:
@@ -163,8 +164,9 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
                 budget: float = 1.0, experts_on: str = "disk", dtype: str | None = None) -> Profile:
     from tqdm import tqdm
 
-    from .datasets import TASKS, load_split
+    from .datasets import load_split, source, tasks
     from .tasks import TaskExtractor
+    TASKS = tasks()  # the shipped six, or those of the user's file in use (--data)
     if similarity is None:
         from .similarity import embedding_similarity as similarity
     rng = random.Random(seed)
@@ -200,7 +202,7 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
         prompt_len={t: _mean([len(r.prompt_ids) for r in reqs if r.task == t]) for t in TASKS},
         load_latency_s=measure_load_latency(eng), expert_bytes=eng.cache.expert_bytes,
         token_cost_s={"decode": decode_cost, "prefill": secs / max(n_prompt + n_out, 1)},
-        sensitivity=sens, similarity=curves, extractor=ex.to_json(), traces=[r.trace for r in reqs])
+        sensitivity=sens, similarity=curves, extractor=ex.to_json(), data=source(), traces=[r.trace for r in reqs])
     prof.save(out)
     return prof
 

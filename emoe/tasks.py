@@ -227,7 +227,7 @@ def accuracy(extractor, examples: list[Example]) -> dict:
         hits[e.task] += pred(e.prompt) == e.task
     n = sum(seen.values())
     return {"overall": sum(hits.values()) / n if n else float("nan"), "n": n,
-            "per_task": {t: hits[t] / seen[t] for t in TASKS if seen[t]}}
+            "per_task": {t: hits[t] / seen[t] for t in seen}}
 
 
 def main() -> None:

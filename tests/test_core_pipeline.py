@@ -241,3 +241,28 @@ def test_async_loads_give_the_outputs_and_counters_of_loading_in_place(profile_d
         got[on] = outs, (s.hits, s.misses, s.loads, s.evictions, s.bytes_loaded, s.shadow_uses)
     assert got[False][1][2] > 0  # plans moved experts
     assert got[True] == got[False]
+
+
+def test_profile_of_a_users_own_prompts_keeps_their_tasks_and_file(tiny_mixtral, tmp_path, one_thread):
+    """`emoe profile --data FILE`: the profile's tasks, lengths, sensitivity and extractor are the file's, and it
+    records the file, so eval's test stream (datasets.use(profile.data)) comes from the same file's test split."""
+    from emoe import datasets
+    from emoe.eval import test_stream
+    from emoe.tasks import TaskExtractor
+    path = tmp_path / "mine.jsonl"
+    rows = [{"task": "sql", "prompt": f"Write SQL counting rows of table t{i}."} for i in range(30)] + \
+        [{"task": "support", "prompt": f"Order {i} never arrived. Help?"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    try:
+        datasets.use(path)
+        run_profile(str(tiny_mixtral), tmp_path / "prof", per_task=3, max_tokens=4, sens_prompts=2,
+                    similarity=token_sim, progress=False)
+        datasets.use(None)
+        prof = Profile.load(tmp_path / "prof", tiny_mixtral)
+        assert prof.tasks == ["sql", "support"] and set(prof.sensitivity) == set(prof.out_len) == {"sql", "support"}
+        assert prof.data["path"] == str(path.resolve()) and len(prof.traces) == 6
+        assert set(TaskExtractor.from_json(prof.extractor).known_tasks) == {"sql", "support"}
+        datasets.use(prof.data)
+        assert {e.task for e in test_stream(20, seed=0)} == {"sql", "support"}
+    finally:
+        datasets.use(None)

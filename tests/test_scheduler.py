@@ -283,13 +283,19 @@ def test_delta_e_prices_precision_plans_and_a_failing_scheduler_fails_requests(t
 
 
 def test_parse_slo_flag():
-    from emoe.scheduler import parse_slo
+    """--slo parses alone; its task names are checked once serve knows the profile's tasks (a user's own ones too)."""
+    from emoe.datasets import TASKS
+    from emoe.scheduler import check_slo_tasks, parse_slo
     assert parse_slo("qa:1000:150") == ("qa", (1000.0, 150.0))
     assert parse_slo("default:2500:80.5") == (None, (2500.0, 80.5))
-    for bad, msg in [("qa:1000", "TASK:TTFT_MS:TPOT_MS"), ("astrology:1:1", "unknown task"),
+    for bad, msg in [("qa:1000", "TASK:TTFT_MS:TPOT_MS"), (":1:1", "names no task"),
                      ("qa:fast:1", "milliseconds"), ("qa:0:10", "positive"), ("qa:10:inf", "positive")]:
         with pytest.raises(ValueError, match=msg):
             parse_slo(bad)
+    slos = dict([parse_slo("astrology:1:1"), parse_slo("default:5:5")])
+    with pytest.raises(ValueError, match="unknown task 'astrology'"):
+        check_slo_tasks(slos, TASKS)
+    check_slo_tasks(slos, (*TASKS, "astrology"))  # a profile of the user's prompts knows it
 
 
 def test_fit_step_cost_is_affine_in_batch_size():
