@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _activations_arg(ev)  # shadow copies in kernel forms run through them
     ev.add_argument("--budgets", type=_floats, default=_floats("0.8,0.6,0.4,0.2"))
     ev.add_argument("--policies", default=",".join(["all", "random", "popular", "task-static", "lru",
-                                                    "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]))
+                                                    "moe-infinity", "pregated", "emoe-a", "emoe-l", "emoe-e"]),
+                    help="comma-separated; a reroute policy + -q4/-q8/-q48 runs misses on low-bit copies, + -host on "
+                    "the slow tier; any policy + -async lands its plans' loads on a worker thread (serve --async-loads)")
     ev.add_argument("--n", type=int, default=60, help="requests in the mixed test stream")
     ev.add_argument("--seed", type=int, default=0, help="which test prompts, and in which task order")
     ev.add_argument("--reference-budget", type=float, default=1.0, help="for a model larger than memory: the "
