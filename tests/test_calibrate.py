@@ -86,3 +86,12 @@ def test_quantize_calibrate_writes_copies_an_engine_reads(tiny_mixtral, tmp_path
     held = eng.cache.copy_files[4].get(key)  # the calibrated values are what the engine holds
     assert torch.equal(held[0].data, cal[f"{key[0]}.{key[1]}.gate.data"])
     torch.testing.assert_close(dequantize(eng.cache._shadow[key][0]), dequantize(held[0]))
+
+
+def test_gptq_in_blocks_of_columns_equals_one_column_at_a_time():
+    """The lazy batches move the same errors, only later and as one product."""
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    x = _activations(800, 256, seed=6)
+    whole, blocks = gptq_int4(w, x.T @ x, 32, block=256), gptq_int4(w, x.T @ x, 32, block=32)
+    assert (whole.data == blocks.data).float().mean() > 0.99  # (float32 sums in another order may round a level apart)
+    torch.testing.assert_close(dequantize(whole), dequantize(blocks), atol=2e-3, rtol=0)
