@@ -84,8 +84,8 @@ class ExpertCache:
         # mask[layer, e] is True when resident: the reroute rule reads it on every MoE layer call
         self.mask = torch.zeros(num_layers, num_experts, dtype=torch.bool, device=self.device)
         self.n_resident = [0] * num_layers  # per layer, as the mask says (read per call without a torch op)
-        # level() of every expert, on the host: a sticky planner reads them all at once (loader.plan_levels)
-        self.levels_held = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        # level() of every expert as lists (a move writes one entry; a tensor element costs ~100x that): levels_held
+        self._levels = [[0] * num_experts for _ in range(num_layers)]
         self._stats, self._pending = CacheStats(), None  # see stats and count_routed
         # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
@@ -145,6 +145,11 @@ class ExpertCache:
     @property
     def used_bytes(self) -> int:
         return len(self._res) * self.expert_bytes + self._shadow_used
+
+    @property
+    def levels_held(self) -> torch.Tensor:
+        """[layers, experts] level() of every expert, at once: what a sticky planner reads (loader.plan_levels)."""
+        return torch.tensor(self._levels, dtype=torch.long)
 
     def level(self, key: tuple[int, int]) -> int:
         return FULL if key in self._res else self._shadow[key][0].bits if key in self._shadow else 0
@@ -294,7 +299,7 @@ class ExpertCache:
             self._shadow[key] = q
             self._shadow_used += self._qcost[q[0].bits]
         self.avail[key] = q is not None or key in self._res
-        self.levels_held[key] = FULL if key in self._res else q[0].bits if q is not None else 0
+        self._levels[key[0]][key[1]] = FULL if key in self._res else q[0].bits if q is not None else 0
 
     def _reshadow(self, key, bits: int) -> None:
         """Change a shadow's level: down from the shadow itself (no read), up from the slow tier."""
