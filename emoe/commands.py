@@ -208,7 +208,12 @@ def cmd_quantize(args) -> None:
     kernel = args.layout == "kernel" or args.layout == "auto" and not torch.cuda.is_available() and all(
         kernel_fits(s, 32) for s in shapes)
     hess, note = None, ""
-    if args.calibrate and 4 in args.bits:
+    if args.calibrate < 0 or args.calibrate and 4 not in args.bits:
+        raise ValueError(f"--calibrate N fits int4 copies on N >= 1 prompts per task (--bits {args.bits}, N "
+                         f"{args.calibrate})")
+    if args.data and not args.calibrate:
+        raise ValueError("--data names the prompts --calibrate N runs; without --calibrate nothing reads it")
+    if args.calibrate:
         from tqdm import tqdm
 
         from . import datasets

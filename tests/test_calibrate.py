@@ -73,6 +73,10 @@ def test_quantize_calibrate_writes_copies_an_engine_reads(tiny_mixtral, tmp_path
     main(["quantize", "--model", str(model), "--bits", "4"])
     with safe_open(str(copies_path(model, 4)), "pt") as f:
         plain = {k: f.get_tensor(k) for k in f.keys()}
+    for bad, msg in [(["--bits", "8", "--calibrate", "2"], "fits int4"), (["--calibrate", "-1"], "N >= 1"),
+                     (["--data", "x.jsonl"], "without --calibrate")]:
+        with pytest.raises(SystemExit, match=msg):  # (the CLI's one clear line for bad input)
+            main(["quantize", "--model", str(model), *bad])
     monkeypatch.setattr(calibrate, "MIN_TOKENS", 1)
     main(["quantize", "--model", str(model), "--bits", "4", "--calibrate", "1", "--max-tokens", "4"])
     assert "experts had" in capsys.readouterr().err
