@@ -105,16 +105,16 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int = 32, block: in
     g = group_size(cols, group)
     B = max(g, block // g * g)  # whole groups per block: a group is fitted on columns already updated
     W = w.float().clone()
-    H = hessian.double().clone()
+    H = hessian.to(W.device, torch.float64, copy=True)  # (on w's device: a GPU fits a 14336-column matrix in seconds)
     dead = H.diagonal() == 0  # channels no calibration token used: nothing to compensate through them
     H[dead, dead] = 1.0
     H.diagonal().add_(DAMP * H.diagonal().mean())
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    u = torch.empty(rows, cols, dtype=torch.uint8)
+    u = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     scales, zeros = [], []
     for b0 in range(0, cols, B):
         b1 = min(b0 + B, cols)
-        Wb, err = W[:, b0:b1], torch.empty(rows, b1 - b0)
+        Wb, err = W[:, b0:b1], torch.empty(rows, b1 - b0, device=W.device)
         for j in range(b1 - b0):
             if j % g == 0:
                 s, lo = fit_int4(Wb[:, j: j + g].unsqueeze(1))
@@ -129,4 +129,5 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int = 32, block: in
             err[:, j] = (Wb[:, j] - ((q - 8) * sf + zf)) / U[i, i]
             Wb[:, j + 1:] -= err[:, j, None] * U[i, i + 1: b1][None, :]
         W[:, b1:] -= err @ U[b0:b1, b1:]
-    return QTensor(u[:, 0::2] | (u[:, 1::2] << 4), torch.stack(scales, 1), (rows, cols), 4, g, torch.stack(zeros, 1))
+    return QTensor((u[:, 0::2] | (u[:, 1::2] << 4)).cpu(), torch.stack(scales, 1).cpu(), (rows, cols), 4, g,
+                   torch.stack(zeros, 1).cpu())

@@ -34,10 +34,11 @@ def save_copies(model_dir: str | Path, store, keys: list[tuple[int, int]], bits:
     """Quantise every expert once and write the copies (what the cache would otherwise do at startup). hessians
     (calibrate.Hessians): int4 copies of the experts it has enough tokens for are fitted to their outputs."""
     out = {}
+    fit_on = "cuda" if torch.cuda.is_available() else "cpu"  # calibrated fits: matrix products a GPU does far faster
     for layer, e in keys:
         hs = hessians.of((layer, e)) if hessians is not None and bits == 4 else None
         for i, (name, t) in enumerate(zip(("gate", "up", "down"), store.read(layer, e))):
-            q = quantize(t, bits, group) if hs is None else gptq_int4(t, hs[i == 2], group)
+            q = quantize(t, bits, group) if hs is None else gptq_int4(t.to(fit_on), hs[i == 2], group)
             out[f"{layer}.{e}.{name}.data"], out[f"{layer}.{e}.{name}.scale"] = q.data, q.scale
             if q.zero is not None:
                 out[f"{layer}.{e}.{name}.zero"] = q.zero

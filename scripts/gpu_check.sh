@@ -46,6 +46,9 @@ step eval $((Q ? 120 : 200)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 9
 step async_loads $((Q ? 90 : 150)) $E eval --profile $P --budgets 0.4 --n $((Q ? 8 : 48)) --seed 1 \
   --policies emoe-a-host,emoe-a-host-async,emoe-a-host,emoe-a-host-async --versus emoe-a-host \
   --similarity deferred --json "$OUT/eval_async_gpu.json"
+# calibrated int4 copies fitted on the GPU (calibrate.gptq_int4 on CUDA tensors; untested before this lease)
+step calibrate 120 bash -c "rm -rf /tmp/cal && cp -r emoe/models/emoe-tiny /tmp/cal && $E quantize --model /tmp/cal \
+  --calibrate 4 --bits 4 --layout portable && $E generate --model /tmp/cal --budget 0.3 --max-tokens 8 'Is this good? Yes.'"
 # llama.cpp's placement (--n-cpu-moe: whole layers on the GPU, the rest on the CPU) against eMoE-A's at equal
 # bytes, misses on the host for both: the same tokens, so what differs is tokens/s
 step eval_layers $((Q ? 90 : 150)) $E eval --profile $P --budgets 0.4,0.6 --n $((Q ? 8 : 48)) --seed 1 \
