@@ -62,18 +62,18 @@ class Hessians:
 def collect(model_dir: str, examples, max_tokens: int = 32, batch: int = 8, on_batch=None, **engine) -> Hessians:
     """Run examples through the model (its own outputs: profile.exact_engine) recording every expert's Hessians.
     SwiGLU families only: others' experts (gpt-oss's clamped, biased ones) read other intermediates."""
+    from .checkpoint import Checkpoint
     from .engine import Engine, EngineConfig, SamplingParams
     from .profile import exact_engine
-    eng = Engine(EngineConfig(model_dir, max_batch=batch, **(engine or exact_engine())))
-    cfg = eng.cfg
+    cfg = Checkpoint(model_dir).config  # (checked before the model loads)
     if cfg.spec.experts == "gpt_oss":
         raise ValueError("--calibrate fits SwiGLU experts; this model's experts (gpt-oss's) are not plain SwiGLU")
-    per = cfg.hidden_size ** 2 + cfg.moe_intermediate_size ** 2
-    need = 4 * per * cfg.num_experts * len(cfg.moe_layers)
+    need = 4 * (cfg.hidden_size ** 2 + cfg.moe_intermediate_size ** 2) * cfg.num_experts * len(cfg.moe_layers)
     avail = _available_memory()
     if avail is not None and need > avail // 2:
-        raise MemoryError(f"--calibrate holds each expert's Hessians: {need / 2**30:.1f} GiB for this model, more than "
-                          f"half the {avail / 2**30:.1f} GiB available")
+        raise ValueError(f"--calibrate holds each expert's Hessians: {need / 2**30:.1f} GiB for this model, more than "
+                         f"half the {avail / 2**30:.1f} GiB available")
+    eng = Engine(EngineConfig(model_dir, max_batch=batch, **(engine or exact_engine())))
     hess = Hessians()
     eng.dispatch.ffn = hess.ffn
     params = SamplingParams(max_tokens=max_tokens)

@@ -99,3 +99,11 @@ def test_gptq_in_blocks_of_columns_equals_one_column_at_a_time():
     whole, blocks = gptq_int4(w, x.T @ x, 32, block=256), gptq_int4(w, x.T @ x, 32, block=32)
     assert (whole.data == blocks.data).float().mean() > 0.99  # (float32 sums in another order may round a level apart)
     torch.testing.assert_close(dequantize(whole), dequantize(blocks), atol=2e-3, rtol=0)
+
+
+def test_calibration_whose_hessians_exceed_memory_is_refused_before_loading(tiny_mixtral, monkeypatch):
+    from emoe.datasets import load_split
+    monkeypatch.setattr(calibrate, "_available_memory", lambda: 1024)
+    monkeypatch.setattr("emoe.engine.Engine.__init__", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="Hessians: .* more than half"):
+        calibrate.collect(str(tiny_mixtral), load_split("train")[:2])
