@@ -61,6 +61,7 @@ class CopyFile:
                              f"{model_dir}`") from None
         meta, self._keys = self._f.metadata() or {}, set(self._f.keys())
         self.bits, self.group = int(meta.get("bits", 0)), int(meta.get("group", 0))
+        self.calibrated = meta.get("calibrated", "")  # what `quantize --calibrate` ran on ("": the plain fit)
         if meta.get("source") != source_id(model_dir, store, first):
             raise ValueError(f"{path} holds copies of other weights; re-run `emoe quantize --model {model_dir}`")
 

@@ -25,7 +25,9 @@ def summary(eng, seconds: float) -> str:
     s, c = eng.cache.stats, eng.cache
     shadows = (f" incl. int{c.shadow_bits}{f'/int{c.hi_bits}' if c.hi_bits else ''} copies of the "
                f"{len(c._shadow)} others ({s.shadow_uses} expert runs on them"
-               f"{', in CPU kernel forms' if c.kernel else ''})") if c.shadow_bits else ""
+               f"{', in CPU kernel forms' if c.kernel else ''}"
+               + (f", int4 calibrated on {cal}" if (cal := getattr(c.copy_files.get(4), "calibrated", "")) else "")
+               + ")") if c.shadow_bits else ""
     if s.host_runs:
         shadows += (f", {s.host_runs} expert runs on the host from the {eng.store.tier} tier"
                     + (f" (packed experts in CPU kernel forms, run by {describe()})" if eng.store.forms else ""))

@@ -86,6 +86,8 @@ def test_quantize_calibrate_writes_copies_an_engine_reads(tiny_mixtral, tmp_path
     assert cal.keys() == plain.keys() and all(cal[k].shape == plain[k].shape for k in cal)
     assert any(not torch.equal(cal[k], plain[k]) for k in cal if k.endswith(".data"))
     eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute"), policy=Shadow(4))
+    from emoe.report import summary
+    assert "int4 calibrated on 6 training prompts" in summary(eng, 1.0)  # the startup line says which copies
     key = next(iter(eng.cache._shadow))
     held = eng.cache.copy_files[4].get(key)  # the calibrated values are what the engine holds
     assert torch.equal(held[0].data, cal[f"{key[0]}.{key[1]}.gate.data"])
