@@ -76,7 +76,7 @@ def _host_int8_arg(p) -> None:
     p.add_argument("--host-form-bits", type=int, choices=(8, 4), default=8,
                    help="forms of a GGUF's sub-4-bit types that are quantised again (Q2_K, IQ1-IQ3, TQ): int8 "
                    "(default, 10 bits a weight, 0.5%% error) or int4 (5 bits, 1.1-1.3x the tokens/s, but agreement "
-                   "with llama.cpp fell from 0.92-0.94 to 0.80-0.86 on a random model). Where int8 forms would not "
+                   "with llama.cpp was 0.82-0.88 against int8's 0.90-0.96 on a random model). Where int8 forms would not "
                    "fit the RAM, int4 is used. Builds with emoe's AVX2 routines hold these types exactly at 5-6 bits "
                    "a weight instead, and ignore this")
 
