@@ -86,6 +86,7 @@ class ExpertCache:
         self.n_resident = [0] * num_layers  # per layer, as the mask says (read per call without a torch op)
         # level() of every expert as lists (a move writes one entry; a tensor element costs ~100x that): levels_held
         self._levels = [[0] * num_experts for _ in range(num_layers)]
+        self.version = 0  # counts changes of any expert's level: a plan applied at this version needs no second pass
         self._stats, self._pending = CacheStats(), None  # see stats and count_routed
         # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
@@ -300,6 +301,7 @@ class ExpertCache:
             self._shadow_used += self._qcost[q[0].bits]
         self.avail[key] = q is not None or key in self._res
         self._levels[key[0]][key[1]] = FULL if key in self._res else q[0].bits if q is not None else 0
+        self.version += 1
 
     def _reshadow(self, key, bits: int) -> None:
         """Change a shadow's level: down from the shadow itself (no read), up from the slow tier."""

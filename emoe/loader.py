@@ -198,11 +198,19 @@ class Loader:
 
     def __init__(self, cache):
         self.cache, self.stats = cache, LoaderStats()
+        self._applied = (None, -1)  # (the last plan applied, the cache's version right after)
 
     def apply(self, plan: dict[int, list[int]], t_start: float | None = None) -> None:
+        """Move what `plan` changes. The same plan object again, with nothing moved since (a residency keeps its
+        plan while the batch's task mix stays: a server admitting one request at a time), is a no-op: comparing a
+        plan over 48 x 128 experts with the cache costs milliseconds for nothing."""
         t0 = time.perf_counter() if t_start is None else t_start
+        if plan is self._applied[0] and self.cache.version == self._applied[1]:
+            self.stats.seconds += time.perf_counter() - t0
+            return
         t1 = time.perf_counter()
         loaded, evicted = self.cache.set_resident(plan)
+        self._applied = (plan, self.cache.version)
         self.stats.move_seconds += time.perf_counter() - t1
         self.stats.updates += 1
         self.stats.experts_loaded += loaded

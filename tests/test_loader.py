@@ -87,3 +87,31 @@ def test_plan_levels_runs_of_steps_equal_the_step_by_step_walk(L, E, k, fill, st
         loader._greedy = was
     assert got == want
     assert sum(cost[v] for row in got.values() for v in row) <= budget
+
+
+def test_applying_the_same_plan_again_with_nothing_moved_is_a_no_op(monkeypatch):
+    """A residency keeps its plan object while the task mix stays; the loader then skips the comparison, but
+    applies it again once anything moved (an LRU load, an eviction), so the cache comes back to the plan."""
+    import torch
+    from emoe.cache import ExpertCache
+    from emoe.loader import Loader
+
+    class Store:
+        def read(self, layer, expert):
+            return tuple(torch.full((2, 3), float(expert)) for _ in range(3))
+
+        def read_packed(self, layer, expert):
+            return self.read(layer, expert), lambda ts: ts
+    cache = ExpertCache(Store(), 3 * 18 * 4, "cpu", torch.float32, 2, 4, 18)
+    loader, calls = Loader(cache), []
+    real = cache.set_resident
+    monkeypatch.setattr(cache, "set_resident", lambda plan: calls.append(plan) or real(plan))
+    plan = {0: [1, 2], 1: [3]}
+    loader.apply(plan)
+    loader.apply(plan)
+    assert len(calls) == 1 and loader.stats.updates == 1 and sorted(cache.resident()) == [(0, 1), (0, 2), (1, 3)]
+    loader.apply(dict(plan))  # another object: compared again (and changes nothing)
+    assert len(calls) == 2
+    cache.evict(0, 2)  # something moved: the same plan is applied again and restores it
+    loader.apply(calls[-1])
+    assert len(calls) == 3 and sorted(cache.resident()) == [(0, 1), (0, 2), (1, 3)]
