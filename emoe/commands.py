@@ -201,6 +201,11 @@ def cmd_quantize(args) -> None:
     from .copies import save_copies
     from .quant import copy_group, kernel_fits
     from .store import open_store
+    if args.calibrate < 0 or args.calibrate and 4 not in args.bits:
+        raise ValueError(f"--calibrate N fits int4 copies on N >= 1 prompts per task (--bits {args.bits}, N "
+                         f"{args.calibrate})")
+    if args.data and not args.calibrate:
+        raise ValueError("--data names the prompts --calibrate N runs; without --calibrate nothing reads it")
     model = _model(args)
     ckpt = Checkpoint(model)
     store, t0 = open_store(ckpt, "disk"), time.perf_counter()
@@ -208,11 +213,6 @@ def cmd_quantize(args) -> None:
     kernel = args.layout == "kernel" or args.layout == "auto" and not torch.cuda.is_available() and all(
         kernel_fits(s, 32) for s in shapes)
     hess, note = None, ""
-    if args.calibrate < 0 or args.calibrate and 4 not in args.bits:
-        raise ValueError(f"--calibrate N fits int4 copies on N >= 1 prompts per task (--bits {args.bits}, N "
-                         f"{args.calibrate})")
-    if args.data and not args.calibrate:
-        raise ValueError("--data names the prompts --calibrate N runs; without --calibrate nothing reads it")
     if args.calibrate:
         from tqdm import tqdm
 
@@ -223,7 +223,7 @@ def cmd_quantize(args) -> None:
         with tqdm(total=len(examples), desc="calibrating", unit="prompt", disable=None) as bar:
             hess = collect(model, examples, args.max_tokens, on_batch=bar.update)
         fitted = sum(hess.of(k) is not None for k in ckpt.experts)
-        note = f"{len(examples)} training prompts"
+        note = f"{len(examples)} training prompts" + (f" of {Path(args.data).name}" if args.data else "")
         print(f"[emoe] calibrated on {note}: {fitted} of {len(ckpt.experts)} experts had >= {MIN_TOKENS} tokens "
               f"(the rest keep the plain fit)", file=sys.stderr)
     for b in args.bits:
