@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import QTensor, fit_int4, group_size
+from .quant import QTensor, fit_int4, group_size, int4_params, pack_int4
 
 MIN_TOKENS = 64  # an expert routed fewer calibration tokens than this keeps the plain fit (too few to trust)
 DAMP = 0.01      # of the Hessian's mean diagonal, added to it: keeps its inverse finite and the updates modest
@@ -117,9 +117,7 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int = 32, block: in
         Wb, err = W[:, b0:b1], torch.empty(rows, b1 - b0, device=W.device)
         for j in range(b1 - b0):
             if j % g == 0:
-                s, lo = fit_int4(Wb[:, j: j + g].unsqueeze(1))
-                s = s.reshape(rows).half().clamp_min(2 ** -24)
-                z = (lo.reshape(rows) + 8 * s.float()).half()
+                s, z = (t.reshape(rows) for t in int4_params(*fit_int4(Wb[:, j: j + g].unsqueeze(1))))
                 scales.append(s)
                 zeros.append(z)
                 sf, zf = s.float(), z.float()
@@ -129,5 +127,4 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int = 32, block: in
             err[:, j] = (Wb[:, j] - ((q - 8) * sf + zf)) / U[i, i]
             Wb[:, j + 1:] -= err[:, j, None] * U[i, i + 1: b1][None, :]
         W[:, b1:] -= err @ U[b0:b1, b1:]
-    return QTensor((u[:, 0::2] | (u[:, 1::2] << 4)).cpu(), torch.stack(scales, 1).cpu(), (rows, cols), 4, g,
-                   torch.stack(zeros, 1).cpu())
+    return QTensor(pack_int4(u).cpu(), torch.stack(scales, 1).cpu(), (rows, cols), 4, g, torch.stack(zeros, 1).cpu())

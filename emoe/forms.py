@@ -91,8 +91,8 @@ def codebook_bits() -> int:
 def int4_form(w: torch.Tensor) -> KTensor:
     """A matrix quantised again to 4 bits per 32 values, asymmetric (quant.fit_int4): one kernel plane, 5 bits a
     weight, half the bytes of the int8 form. Not exact: on llama.cpp's Q2_K / IQ3_XXS / IQ2_XXS files of a
-    random model, 1.1-1.3x the tokens/s of int8 forms, but agreement with llama.cpp 0.86 / 0.84 / 0.80 against
-    0.92 / 0.93 / 0.94 (docs/results/host_form_bits.txt, measured with the range fit alone)."""
+    random model, 1.1-1.3x the tokens/s of int8 forms (docs/results/host_form_bits.txt), but agreement with
+    llama.cpp 0.883 / 0.820 / 0.867 against int8's 0.930 / 0.961 / 0.898 (host_form_bits_fit.txt)."""
     rows, cols = w.shape
     x = w.float().view(rows, cols // GROUP, GROUP)
     scale, lo = fit_int4(x)

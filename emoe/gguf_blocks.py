@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kernel_layout import _hpack, _kpack
-from .quant import KTensor, QTensor, kbytes, kernel_fits, qbytes, quantize
+from .quant import KTensor, QTensor, kbytes, kernel_fits, pack_int4, qbytes, quantize
 from .quant import dequantize as quant_dequantize
 
 # ggml type ids (gguf.GGMLQuantizationType)
@@ -37,11 +37,6 @@ GROUP = 32
 
 def _half(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[..., at:at + 2].contiguous().view(torch.float16)[..., 0]
-
-
-def _emoe_nibbles(u: torch.Tensor) -> torch.Tensor:
-    """Unsigned values [rows, cols] (0..15) → emoe's int4 packing (even column low, odd column high)."""
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
 def q4_0_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +56,7 @@ def q8_0_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def q4_0(t: torch.Tensor, bits: int) -> QTensor:
     u, d = q4_0_parts(t)
     if bits == 4:
-        return QTensor(_emoe_nibbles(u), d, tuple(u.shape), 4, GROUP)
+        return QTensor(pack_int4(u), d, tuple(u.shape), 4, GROUP)
     return QTensor((u.to(torch.int8) - 8).contiguous(), d, tuple(u.shape), 8, GROUP)
 
 

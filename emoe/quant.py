@@ -75,6 +75,17 @@ def fit_int4(x: torch.Tensor, steps: int = 2) -> tuple[torch.Tensor, torch.Tenso
     return scale, lo
 
 
+def int4_params(scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fit's scale and offset (fit_int4) as an int4 copy holds them: fp16, weight = (u − 8)·scale + zero."""
+    scale = scale.half().clamp_min(2 ** -24)  # (an all-zero group: no 0 / 0)
+    return scale, (lo + 8 * scale.float()).half()
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """Values u [rows, cols] (0..15) two to a byte, even column low, odd column high (QTensor's int4 data)."""
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
 ROWS = 128  # rows quantised at a time: their temporaries stay in cache (scripts/bench_quantize.py: int4 3.1-4.3x faster)
 
 
@@ -94,11 +105,9 @@ def _quantize_rows(x: torch.Tensor, bits: int) -> tuple:
     """(data, scale, zero) of rows grouped as x [rows, groups, group]."""
     rows = x.shape[0]
     if bits == 4:  # u assigned against the scale and zero as held (fp16), two per byte
-        scale, lo = fit_int4(x)
-        scale = scale.half().clamp_min(2 ** -24)  # (an all-zero group: no 0 / 0)
-        zero = (lo + 8 * scale.float()).half()
+        scale, zero = int4_params(*fit_int4(x))
         u = ((x - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.uint8).reshape(rows, -1)
-        return u[:, 0::2] | (u[:, 1::2] << 4), scale.reshape(rows, -1), zero.reshape(rows, -1)
+        return pack_int4(u), scale.reshape(rows, -1), zero.reshape(rows, -1)
     scale = (x.abs().amax(-1, keepdim=True) / 127).half().clamp_min(2 ** -24)
     q = torch.round(x / scale.float()).clamp_(-127, 127).to(torch.int8).reshape(rows, -1)
     return q, scale.reshape(rows, -1), None
@@ -262,8 +271,7 @@ def from_kernel(k: KTensor) -> QTensor:
         return QTensor(_i8unpack(k.planes[0]).contiguous(), k.sz[0][..., 0].t().half().contiguous(), k.shape, 8, k.group)
     u = [_kunpack(p) for p in k.planes]
     if k.bits == 4:
-        data = u[0][:, 0::2] | (u[0][:, 1::2] << 4)
-        return QTensor(data.contiguous(), k.sz[0][..., 0].t().half().contiguous(), k.shape, 4, k.group,
+        return QTensor(pack_int4(u[0]), k.sz[0][..., 0].t().half().contiguous(), k.shape, 4, k.group,
                        k.sz[0][..., 1].t().half().contiguous())
     data = ((u[0].to(torch.int16) << 4 | u[1]) - 128).to(torch.int8)
     return QTensor(data.contiguous(), k.sz[-1][..., 0].t().half().contiguous(), k.shape, k.bits, k.group)

@@ -15,7 +15,7 @@ from emoe import default_model_dir
 from emoe.calibrate import collect, gptq_int4
 from emoe.checkpoint import Checkpoint
 from emoe.datasets import TASKS, load_split
-from emoe.quant import dequantize, fit_int4, quantize
+from emoe.quant import dequantize, fit_int4, int4_params, quantize
 from emoe.store import RamStore
 
 
@@ -33,8 +33,7 @@ def weighted(w: torch.Tensor, energy: torch.Tensor, group: int) -> torch.Tensor:
         fit = (A * sux - su * sx) / det.clamp_min(1e-30)
         scale = torch.where(ok & (fit > 0), fit, scale)
         lo = torch.where(ok, (sx - scale * su) / A, lo)
-    scale = scale.half().clamp_min(2 ** -24).float()
-    zero = (lo + 8 * scale).half().float()
+    scale, zero = (t.float() for t in int4_params(scale, lo))
     return ((((x - zero) / scale + 8).round().clamp(0, 15) - 8) * scale + zero).reshape(rows, cols)
 
 
