@@ -87,6 +87,7 @@ class ExpertCache:
         # level() of every expert as lists (a move writes one entry; a tensor element costs ~100x that): levels_held
         self._levels = [[0] * num_experts for _ in range(num_layers)]
         self.version = 0  # counts changes of any expert's level: a plan applied at this version needs no second pass
+        self._stale: set[int] | None = None  # layers whose mask and avail rows set_resident writes at its end
         self._stats, self._pending = CacheStats(), None  # see stats and count_routed
         # low-bit shadows (enable_shadow): an expert not resident at full precision may hold a quantised
         # copy, at `shadow_bits` (every one, unless a Plan says otherwise) or `hi_bits`
@@ -299,9 +300,20 @@ class ExpertCache:
         if q is not None:
             self._shadow[key] = q
             self._shadow_used += self._qcost[q[0].bits]
-        self.avail[key] = q is not None or key in self._res
-        self._levels[key[0]][key[1]] = FULL if key in self._res else q[0].bits if q is not None else 0
+        level = self._levels[key[0]][key[1]] = FULL if key in self._res else q[0].bits if q is not None else 0
         self.version += 1
+        if self._stale is not None:  # set_resident writes the masks once, at its end (_write_masks)
+            self._stale.add(key[0])
+        else:
+            self.mask[key], self.avail[key] = level == FULL, level > 0
+
+    def _write_masks(self) -> None:
+        """mask and avail of the layers set_resident changed, from their levels: one write per plan, not two
+        tensor element writes per move (each about 100 times a list entry's; on a GPU, a kernel launch each)."""
+        rows, self._stale = sorted(self._stale or ()), None
+        if rows:
+            lv = torch.tensor([self._levels[l] for l in rows], device=self.device)
+            self.mask[rows], self.avail[rows] = lv == FULL, lv > 0
 
     def _reshadow(self, key, bits: int) -> None:
         """Change a shadow's level: down from the shadow itself (no read), up from the slow tier."""
@@ -345,7 +357,6 @@ class ExpertCache:
         t0 = time.perf_counter()
         self._res[key] = landing if landing is not None else self.bring(layer, expert)
         self._set_shadow(key, None)
-        self.mask[layer, expert] = self.avail[layer, expert] = True
         self.n_resident[layer] += 1
         if self.moved is not None:
             self.moved.add(key)
@@ -361,7 +372,6 @@ class ExpertCache:
         if w is not None:
             if self.forms:
                 self.store.recycle(w)  # (formstore: its buffer takes a later read)
-            self.mask[layer, expert] = False
             self.n_resident[layer] -= 1
             if self.moved is not None:
                 self.moved.add((layer, expert))
@@ -374,45 +384,52 @@ class ExpertCache:
         """Make each listed layer hold exactly the given experts at full precision (a Plan: every expert at
         its level); other layers stay as they are. Validates everything first, so a plan that does not
         fit changes nothing. Returns (loaded, evicted) full-precision experts."""
+        held = self._levels
         if isinstance(plan, Plan):
             allowed = {0, FULL, *self._qcost}
             for layer, lv in plan.levels.items():
                 self._check(layer, 0)
                 if len(lv) != self.num_experts or not set(lv) <= allowed:
                     raise ValueError(f"layer {layer}: a plan gives one of {sorted(allowed)} per expert, got {lv}")
-            want = {(l, e): v for l, lv in plan.levels.items() for e, v in enumerate(lv)}
+            # only what changes: comparing the lists costs far less than a dict of every expert (48 x 128 of them)
+            want = {(l, e): v for l, lv in plan.levels.items() for e, (v, h) in enumerate(zip(lv, held[l])) if v != h}
+            pinned = {(l, e) for l, lv in plan.levels.items() for e, v in enumerate(lv) if v == FULL}
         else:
             for layer, ids in plan.items():
                 for e in ids:
                     self._check(layer, e)
-            full = {(l, e) for l, ids in plan.items() for e in ids}
-            want = {k: FULL for k in full}
-            for k in list(self._res):  # dropped from a listed layer: down to the base shadow
-                if k[0] in plan and k not in full:
+            pinned = {(l, e) for l, ids in plan.items() for e in ids}
+            want = {k: FULL for k in pinned if k not in self._res}
+            for k in self._res:  # dropped from a listed layer: down to the base shadow
+                if k[0] in plan and k not in pinned:
                     want[k] = self.shadow_bits
-        now = {k: self.level(k) for k in want}
+        now = {k: held[k[0]][k[1]] for k in want}
         cost = self.levels().cost
         delta = sum(cost[v] - cost[now[k]] for k, v in want.items())
         if self.used_bytes + delta > self.budget_bytes:
             raise BudgetError(f"plan needs {self.used_bytes + delta} bytes, budget is {self.budget_bytes}")
-        down = sorted((k for k in want if want[k] < now[k]), key=lambda k: -now[k])
-        for k in down:  # shrinking moves first, so no intermediate state exceeds the final one
-            if now[k] == FULL:
-                self.evict(*k, to=want[k])
-            else:
+        self._stale = set()
+        try:
+            down = sorted((k for k in want if want[k] < now[k]), key=lambda k: -now[k])
+            for k in down:  # shrinking moves first, so no intermediate state exceeds the final one
+                if now[k] == FULL:
+                    self.evict(*k, to=want[k])
+                else:
+                    self._reshadow(k, want[k])
+            for k in sorted(k for k in want if now[k] < want[k] < FULL):
                 self._reshadow(k, want[k])
-        for k in sorted(k for k in want if now[k] < want[k] < FULL):
-            self._reshadow(k, want[k])
-        add = [k for k in sorted(want) if want[k] == FULL and now[k] != FULL]
-        stage = getattr(self.store, "stage_keys", None)
-        if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
-            stage(add)
-        if self.mover is not None and not self.forms:  # one job, in layer order: the first layers land first
-            landing = self.mover.bring([self.store.read_packed(*k) for k in add])
-        else:
-            landing = [None] * len(add)
-        for k, f in zip(add, landing):
-            self.admit(*k, landing=f)
-        listed = {k[0] for k in want}
-        self.pinned = {k for k in self.pinned if k[0] not in listed} | {k for k, v in want.items() if v == FULL}
+            add = [k for k in sorted(want) if want[k] == FULL]
+            stage = getattr(self.store, "stage_keys", None)
+            if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
+                stage(add)
+            if self.mover is not None and not self.forms:  # one job, in layer order: the first layers land first
+                landing = self.mover.bring([self.store.read_packed(*k) for k in add])
+            else:
+                landing = [None] * len(add)
+            for k, f in zip(add, landing):
+                self.admit(*k, landing=f)
+        finally:  # (a failed copy leaves the masks as the levels say, too)
+            self._write_masks()
+        listed = set(plan.levels if isinstance(plan, Plan) else plan)
+        self.pinned = {k for k in self.pinned if k[0] not in listed} | pinned
         return len(add), sum(now[k] == FULL for k in down)

@@ -191,3 +191,21 @@ def test_zero_budget_holds_nothing():
     with pytest.raises(BudgetError):
         cache.admit(0, 0)
     assert cache.set_resident({0: []}) == (0, 0)
+
+
+def test_failed_read_mid_plan_leaves_masks_as_held():
+    """set_resident writes the masks once, at its end: a read failing partway must still leave them as held."""
+    store, cache = make_cache(TOTAL)
+    cache.set_resident({0: [0], 1: [0]})
+    read = store.read
+
+    def flaky(layer, expert):
+        if (layer, expert) == (1, 2):
+            raise OSError("disk gone")
+        return read(layer, expert)
+    store.read = flaky
+    with pytest.raises(OSError):
+        cache.set_resident({0: [1], 1: [2]})  # evicts (0,0) and (1,0), loads (0,1), fails on (1,2)
+    assert cache.resident() == [(0, 1)]
+    assert torch.equal(cache.mask, expected_mask(cache.resident()))
+    assert torch.equal(cache.avail, cache.mask)
