@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 import time
 from dataclasses import dataclass, fields, replace
 
 import torch
 
-from . import ckernel, decode_block, formstore, grammar
-from .cache import BudgetError, ExpertCache
+from . import decode_block, grammar
+from .cache import BudgetError
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .gguf_blocks import GGUFCopies
 from .model import KVCache, MoEModel
 from .loader import Loader, Mover
 from .concurrency import Concurrency
@@ -27,12 +25,11 @@ from .policies import PreGated, Reroute, make_policy
 from .prompt_cache import PromptCache, take_slot
 from .dispatch import ExpertDispatch, run_experts
 from .forms import file_dense
-from .copies import CopyFile, copies_path
 from .quant import int8_dense
 from .report import memory_line, summary
-from .store import check_memory, open_store
 from .tokenizer import TextCodec
 from .sequence import Request, SamplingParams, logprob_entries, penalise, sample  # noqa: F401 — interface too
+from .tier import kv_slots, open_tiers
 from .traces import TraceRecorder
 
 
@@ -78,10 +75,6 @@ class EngineConfig:
             raise ValueError(f"host_form_bits must be 4 or 8, got {self.host_form_bits}")
 
 
-def resolve_budget(budget: float, total_bytes: int) -> int:
-    return int(budget * total_bytes) if budget <= 1.0 else int(budget)
-
-
 class Engine:
     def __init__(self, cfg: EngineConfig, policy=None, residency=None):
         """policy: a miss-policy object (default: by name from cfg.miss_policy). residency: a callable
@@ -105,46 +98,10 @@ class Engine:
         self.policy = policy or make_policy(cfg.miss_policy)
         c = self.cfg
         layers = list(c.moe_layers)
-        self.expert_numel = 3 * c.moe_intermediate_size * c.hidden_size
-        self.store = formstore.open_for(self.ckpt, self.device, cfg, self.policy)
-        expert_bytes = self.store.expert_nbytes if self.store is not None else \
-            self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
-        self.total_expert_bytes = expert_bytes * len(layers) * c.num_experts
         full = cfg.miss_policy == "all" and policy is None or self.policy.name == "all"
-        budget = self.total_expert_bytes if full else resolve_budget(cfg.budget, self.total_expert_bytes)
-        need = self.policy.min_experts(layers, c.num_experts, c.top_k) * expert_bytes
-        if budget < need:
-            raise BudgetError(f"budget {budget} bytes ({budget / self.total_expert_bytes:.1%} of expert bytes) "
-                              f"is smaller than what '{cfg.miss_policy}' needs: {need} bytes "
-                              f"({need // expert_bytes} experts of {expert_bytes} bytes; "
-                              f"top-{c.top_k} over {len(layers)} MoE layers)")
-        check_memory(self.ckpt, cfg.experts_on, self.device, min(budget, self.total_expert_bytes))
-        self.store = self.store or open_store(self.ckpt, cfg.experts_on, host_forms=cfg.host_kernel and hasattr(
-            self.policy, "defers"), int8=cfg.host_int8, form_bits=cfg.host_form_bits)
-        if self.device.type == "cpu":
-            ckernel.library()  # built now (under a second, once per machine), not in the first long prompt
-        self.cache = ExpertCache(self.store, 0, self.device, self.dtype, c.num_layers, c.num_experts, self.expert_numel,
-                                 kernel=cfg.qkernel)
-        self.cache.budget_bytes = min(budget, self.total_expert_bytes)
-        if getattr(self.policy, "shadow_bits", 0):
-            # copies are made in policy.prepare, after the initial plan (none only to be dropped), or read
-            # from the files `emoe quantize` wrote beside the checkpoint
-            gguf = next(iter(self.ckpt.experts.values())).layout == "gguf"
-
-            def copies(b: int, group: int):
-                if gguf:  # the file's own 4/8-bit values, repacked
-                    return GGUFCopies(self.cache, b)
-                path = copies_path(self.ckpt.dir, b, group)
-                if path.is_file():
-                    return CopyFile(path, self.ckpt.dir, self.store, (layers[0], 0))
-                other = sorted(path.parent.glob(f"int{b}-g*.safetensors"))
-                if other:  # made for the other layout (quant.copy_group): said, not silently ignored
-                    print(f"[emoe] {other[0]} holds int{b} copies per {other[0].stem.split('-g')[-1]} values, this "
-                          f"layout takes them per {group}: quantising at startup instead (`emoe quantize --layout "
-                          f"{'portable' if group > 32 else 'kernel'}` writes them)",
-                          file=sys.stderr)
-                return None
-            self.cache.enable_shadow(layers, self.policy.shadow_bits, self.policy.hi_bits, fill=False, copies=copies)
+        tiers = open_tiers(self.ckpt, cfg, self.device, self.dtype, self.policy, full)
+        self.store, self.cache = tiers.store, tiers.cache
+        self.expert_numel, self.total_expert_bytes = tiers.expert_numel, tiers.total_expert_bytes
         plan_cap = getattr(self.policy, "plan_capacity", lambda cap: cap)(self.cache.capacity)  # Slack keeps some free
         self.residency = residency(plan_cap) if residency is not None else None
         if self.residency is not None and self.cache.hi_bits:  # plans choose each expert's precision
@@ -164,15 +121,7 @@ class Engine:
             self.cache.mover = Mover(self.device, self.dtype)  # (after the start's fill, which nothing overlaps)
         self.cache.stats.__init__()  # count only what serving does, not the initial fill
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
-        slots = cfg.max_batch
-        if cfg.memory_bytes is not None:  # one memory pool: what the expert budget leaves goes to KV slots
-            kv_dtype = self.dtype if cfg.kv_dtype is None else getattr(torch, cfg.kv_dtype)
-            per_slot = c.kv_numel_per_token * self.max_len * torch.empty((), dtype=kv_dtype).element_size() \
-                + 4 * c.state_numel_per_slot  # linear-attention states, float32
-            slots = (cfg.memory_bytes - self.cache.budget_bytes) // per_slot
-            if slots < 1:
-                raise BudgetError(f"memory {cfg.memory_bytes} bytes leaves no {self.max_len}-token KV slot next to "
-                                  f"{self.cache.budget_bytes} bytes of experts ({per_slot} bytes per slot)")
+        slots = kv_slots(c, cfg, self.max_len, self.dtype, self.cache.budget_bytes)
         self.kv = KVCache.empty(c, slots, self.max_len, self.dtype, self.device,
                                 getattr(torch, cfg.kv_dtype) if cfg.kv_dtype else None)
         tracing = cfg.trace or self.residency is not None
@@ -400,21 +349,9 @@ class Engine:
                 tok = best if r.params.temperature == 0 and not r.params.penalised else self._sample(r, lg)
             if r.params.logprobs is not None:
                 r.logprobs += logprob_entries(lg[None], [tok], r.params.logprobs)
-            r.output_ids.append(tok)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now
-            reason = None
-            if tok in self.codec.stop_ids and not r.params.ignore_eos:
-                reason = "stop"
-                r.output_ids.pop()
-                del r.logprobs[len(r.output_ids):]  # the end-of-sequence token is not part of the answer
-            elif r.params.stop and any(s in self.codec.decode(r.output_ids[-16:]) for s in r.params.stop):
-                reason = "stop"
-            elif r.constraint is not None and r.constraint.done:  # the grammar's document is complete
-                reason = "stop"
-            elif len(r.output_ids) >= r.params.max_tokens or r.length >= self.max_len:
-                reason = "length"
-            if reason:
+            if reason := r.append(tok, self.codec.stop_ids, self.codec.decode, self.max_len):
                 self._finish(r, reason)
                 done.append(r)
         return done

@@ -130,3 +130,20 @@ class Request:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def append(self, tok: int, stop_ids, decode, max_len: int) -> str | None:
+        """Take an emitted token; the finish reason it brings, if any. An end-of-sequence token is not part of the
+        answer (nor its logprobs)."""
+        self.output_ids.append(tok)
+        p = self.params
+        if tok in stop_ids and not p.ignore_eos:
+            self.output_ids.pop()
+            del self.logprobs[len(self.output_ids):]
+            return "stop"
+        if p.stop and any(s in decode(self.output_ids[-16:]) for s in p.stop):
+            return "stop"
+        if self.constraint is not None and self.constraint.done:  # the grammar's document is complete
+            return "stop"
+        if len(self.output_ids) >= p.max_tokens or self.length >= max_len:
+            return "length"
+        return None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from ..engine import Engine, EngineConfig, SamplingParams, resolve_budget
+from ..engine import Engine, EngineConfig, SamplingParams
+from ..tier import resolve_budget
 
 
 def kv_bytes_per_token(eng: Engine) -> int:
