@@ -1,12 +1,12 @@
-"""`emoe` command line: the argument parser; each subcommand's work is in commands.py."""
+"""`emoe` command line: the argument parser; each subcommand's work is in commands.py (serving) or pipeline.py (eMoE's profile, predictors and eval)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from .commands import (cmd_analyze, cmd_eval, cmd_generate, cmd_import_gguf, cmd_profile, cmd_quantize, cmd_rescore, cmd_serve,
-                       cmd_train_model, cmd_train_predictor)
+from .commands import cmd_generate, cmd_import_gguf, cmd_quantize, cmd_serve, cmd_train_model
+from .pipeline import cmd_analyze, cmd_eval, cmd_profile, cmd_rescore, cmd_train_predictor
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
