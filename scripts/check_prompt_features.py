@@ -3,17 +3,21 @@ prompt features (e.g. the first layer's router output)" as predictor input. This
 prompt's actual first-MoE-layer prefill shares (what the first layer's router says, and more: after attention), with
 the task one-hot and their products, on top of the task-static log-prior; fitted on the profile's training traces,
 scored as `emoe train-predictor` scores (set F1 and coverage at the loader's per-layer L, 40% budget) on its test traces.
+Then the other way a predictor could beat the task's mean, recent history: the test traces served with each task's
+prompts in order along the first principal component of their routing shares (the strongest within-task drift these
+prompts allow), tasks interleaved at random, against the same traces in arrival order.
 
     python scripts/check_prompt_features.py [--profile emoe/models/emoe-tiny/profile] [--budget 0.4]
 """
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import torch
 
-from emoe.predictor import _norm, loader_sizes, set_metrics, task_static
+from emoe.predictor import Predictor, _norm, baselines, evaluate, loader_sizes, set_metrics, task_static
 from emoe.profile import Profile
 from emoe.traces import load_traces
 
@@ -61,6 +65,30 @@ def main() -> None:
                 rows = [set_metrics(fn(i, t), t.total, sizes(fn(i, t)), lay) for i, t in enumerate(test)]
                 f1, cov = (sum(r[k] for r in rows) / len(rows) for k in ("f1", "coverage"))
                 print(f"{name:28} {label:>9} {f1:7.4f} {cov:9.4f} {kl:9.4f}")
+
+
+    print(f"\n{'stream':8} {'p':>3} {'predictor':16} {'F1':>7} {'coverage':>9}")
+    methods = {"emoe-a": Predictor.load(d / "predictor-a"), **baselines(train)}
+    for order, stream in (("arrival", test), ("phased", phased(test))):
+        for p in (1, 10):
+            for name, fn in methods.items():
+                r = evaluate(fn, stream, sizes, p=p, history=train)
+                print(f"{order:8} {p:>3} {name:16} {r['f1']:7.4f} {r['coverage']:9.4f}")
+
+
+def phased(traces, seed: int = 0):
+    """Each task's traces sorted along the first principal component of their routing shares; tasks interleaved."""
+    by: dict = {}
+    for t in traces:
+        by.setdefault(t.task, []).append(t)
+    for ts in by.values():
+        X = torch.stack([_norm(t.total.float()).flatten() for t in ts])
+        pc = torch.linalg.svd(X - X.mean(0), full_matrices=False).Vh[0]
+        ts.sort(key=lambda t: float(_norm(t.total.float()).flatten() @ pc))
+    rng, out = random.Random(seed), []
+    while any(by.values()):
+        out.append(by[rng.choice(sorted(k for k, v in by.items() if v))].pop(0))
+    return out
 
 
 if __name__ == "__main__":
