@@ -11,8 +11,10 @@ to 0.00168; per 64: 0.00347 to 0.00230), where weighting the plain fit by each c
 5-6% (scripts/ab_calibrated_copies.py; docs/results/calibrated_copies.txt).
 
 The calibration holds one Hessian per expert per input (hidden x hidden and intermediate x intermediate, float32):
-about 0.8 MiB an expert on the embedded model, but ~0.9 GiB on Mixtral's; a model whose Hessians exceed the memory
-it has is refused rather than swapped (layer-by-layer passes are not built).
+about 0.8 MiB an expert on the embedded model, but ~0.9 GiB on Mixtral's (7 GiB a layer, 230 GiB in all). Where all
+of them do not fit in half the memory available, `Passes` records as many layers at a time as do, one pass over the
+prompts for each group (Mixtral on a 64 GiB machine: 8 passes of 4 layers); a model one of whose layers does not fit
+is refused rather than swapped.
 """
 from __future__ import annotations
 
@@ -59,23 +61,22 @@ class Hessians:
         return self.inputs[key], self.mids[key]
 
 
-def collect(model_dir: str, examples, max_tokens: int = 32, batch: int = 8, on_batch=None, **engine) -> Hessians:
-    """Run examples through the model (its own outputs: profile.exact_engine) recording every expert's Hessians.
-    SwiGLU families only: others' experts (gpt-oss's clamped, biased ones) read other intermediates."""
-    from .checkpoint import Checkpoint
+def collect(model_dir: str, examples, max_tokens: int = 32, batch: int = 8, on_batch=None, layers=None,
+            check: bool = True, **engine) -> Hessians:
+    """Run examples through the model (its own outputs: profile.exact_engine) recording the Hessians of the experts
+    of `layers` (None: every MoE layer; the others run as they would unrecorded). SwiGLU families only: others'
+    experts (gpt-oss's clamped, biased ones) read other intermediates."""
     from .engine import Engine, EngineConfig, SamplingParams
     from .profile import exact_engine
-    cfg = Checkpoint(model_dir).config  # (checked before the model loads)
-    if cfg.spec.experts == "gpt_oss":
-        raise ValueError("--calibrate fits SwiGLU experts; this model's experts (gpt-oss's) are not plain SwiGLU")
-    need = 4 * (cfg.hidden_size ** 2 + cfg.moe_intermediate_size ** 2) * cfg.num_experts * len(cfg.moe_layers)
+    cfg = _checked(model_dir)  # (before the model loads)
+    layers = set(cfg.moe_layers if layers is None else layers)
     avail = _available_memory()
-    if avail is not None and need > avail // 2:
-        raise ValueError(f"--calibrate holds each expert's Hessians: {need / 2**30:.1f} GiB for this model, more than "
-                         f"half the {avail / 2**30:.1f} GiB available")
+    if check and avail is not None and layer_bytes(cfg) * len(layers) > avail // 2:
+        raise ValueError(f"--calibrate holds each expert's Hessians: {layer_bytes(cfg) * len(layers) / 2**30:.1f} GiB "
+                         f"for {len(layers)} MoE layer(s), more than half the {avail / 2**30:.1f} GiB available")
     eng = Engine(EngineConfig(model_dir, max_batch=batch, **(engine or exact_engine())))
-    hess = Hessians()
-    eng.dispatch.ffn = hess.ffn
+    hess, base = Hessians(), eng.dispatch.ffn
+    eng.dispatch.ffn = lambda layer: hess.ffn(layer) if layer in layers else base(layer)
     params = SamplingParams(max_tokens=max_tokens)
     examples = [e for e in examples if eng.fits(e.prompt, max_tokens)]
     for i in range(0, len(examples), batch):
@@ -84,6 +85,46 @@ def collect(model_dir: str, examples, max_tokens: int = 32, batch: int = 8, on_b
         if on_batch:
             on_batch(len(chunk))
     return hess
+
+
+def _checked(model_dir: str):
+    from .checkpoint import Checkpoint
+    cfg = Checkpoint(model_dir).config
+    if cfg.spec.experts == "gpt_oss":
+        raise ValueError("--calibrate fits SwiGLU experts; this model's experts (gpt-oss's) are not plain SwiGLU")
+    return cfg
+
+
+def layer_bytes(cfg) -> int:
+    """Bytes of one MoE layer's Hessians (float32, inputs' and intermediates' per expert)."""
+    return 4 * (cfg.hidden_size ** 2 + cfg.moe_intermediate_size ** 2) * cfg.num_experts
+
+
+class Passes:
+    """Hessians for copies.save_copies, recorded as many MoE layers at a time as fit in half the memory available:
+    save_copies asks for its experts in layer order, so each group's pass over the prompts runs once, when its first
+    expert is asked for, and the group before it is dropped first. Where everything fits, one pass as `collect`."""
+
+    def __init__(self, model_dir: str, examples, max_tokens: int = 32, on_batch=None, memory: int | None = None):
+        cfg = _checked(model_dir)
+        room, one = (memory if memory is not None else _available_memory() or 1 << 62) // 2, layer_bytes(cfg)
+        if one > room:
+            raise ValueError(f"--calibrate holds each expert's Hessians: {one / 2**30:.1f} GiB for one MoE layer, "
+                             f"more than half the {2 * room / 2**30:.1f} GiB available")
+        moe, k = list(cfg.moe_layers), room // one
+        self.groups = [moe[i: i + k] for i in range(0, len(moe), k)]
+        self.run = lambda layers: collect(model_dir, examples, max_tokens, on_batch=on_batch, layers=layers, check=False)
+        self._at, self._held = None, None
+        self.fitted = 0  # experts fitted to their outputs so far (the others had too few tokens)
+
+    def of(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        group = next(i for i, g in enumerate(self.groups) if key[0] in g)
+        if group != self._at:
+            self._at, self._held = group, None  # (freed before the next group's are recorded)
+            self._held = self.run(self.groups[group])
+        h = self._held.of(key)
+        self.fitted += h is not None
+        return h
 
 
 def _available_memory() -> int | None:

@@ -232,18 +232,19 @@ def cmd_quantize(args) -> None:
         from tqdm import tqdm
 
         from . import datasets
-        from .calibrate import collect
+        from .calibrate import Passes
         datasets.use(args.data)
         examples = [e for t in datasets.tasks() for e in datasets.load_split("train", t)[: args.calibrate]]
-        with tqdm(total=len(examples), desc="calibrating", unit="prompt", disable=None) as bar:
-            hess = collect(model, examples, args.max_tokens, on_batch=bar.update)
-        fitted = sum(hess.of(k) is not None for k in ckpt.experts)
+        hess = Passes(model, examples, args.max_tokens, on_batch=lambda n: bar.update(n))
+        bar = tqdm(total=len(examples) * len(hess.groups), desc="calibrating", unit="prompt", disable=None)
         note = f"{len(examples)} training prompts" + (f" of {Path(args.data).name}" if args.data else "")
-        print(f"[emoe] calibrated on {note}: {fitted} of {len(ckpt.experts)} experts had >= {MIN_TOKENS} tokens "
-              f"(the rest keep the plain fit)", file=sys.stderr)
-    for b in args.bits:
+    for b in sorted(args.bits):  # (int4 first: the calibration's passes run as its copies are fitted)
         path = save_copies(model, store, sorted(ckpt.experts), b, copy_group([s[1] for s in shapes], b, kernel),
                            hess, note if b == 4 else "")
+        if hess is not None and b == 4:
+            bar.close()
+            print(f"[emoe] calibrated on {note}, {len(hess.groups)} pass(es) over them: {hess.fitted} of "
+                  f"{len(ckpt.experts)} experts had >= {MIN_TOKENS} tokens (the rest keep the plain fit)", file=sys.stderr)
         print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
 
 

@@ -109,3 +109,63 @@ def test_calibration_whose_hessians_exceed_memory_is_refused_before_loading(tiny
     monkeypatch.setattr("emoe.engine.Engine.__init__", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(ValueError, match="Hessians: .* more than half"):
         calibrate.collect(str(tiny_mixtral), load_split("train")[:2])
+
+
+def test_passes_record_a_group_of_layers_at_a_time(tiny_mixtral, one_thread, monkeypatch):
+    """Where the Hessians do not all fit, each group of layers is recorded in a pass of its own, once, as the copies
+    ask for them in layer order; they equal one pass's over the same prompts (float rounding aside: layers not
+    recorded run the model's own expert function)."""
+    from emoe.checkpoint import Checkpoint
+    from emoe.datasets import load_split
+    monkeypatch.setattr(calibrate, "MIN_TOKENS", 1)
+    cfg, examples = Checkpoint(str(tiny_mixtral)).config, load_split("train")[:3]
+    one = calibrate.collect(str(tiny_mixtral), examples, max_tokens=4)
+    runs = []
+    passes = calibrate.Passes(str(tiny_mixtral), examples, max_tokens=4, memory=2 * calibrate.layer_bytes(cfg))
+    real = passes.run
+    passes.run = lambda layers: runs.append(list(layers)) or real(layers)
+    keys = sorted((l, e) for l in cfg.moe_layers for e in range(cfg.num_experts))
+    assert passes.groups == [[l] for l in cfg.moe_layers] and len(cfg.moe_layers) > 1
+    for key in keys:
+        got, want = passes.of(key), one.of(key)
+        assert (got is None) == (want is None)
+        if got is not None:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    assert runs == passes.groups  # each group's pass once, in order
+    assert passes.fitted == sum(one.of(k) is not None for k in keys) > 0
+    whole = calibrate.Passes(str(tiny_mixtral), examples, memory=1 << 40)
+    assert whole.groups == [list(cfg.moe_layers)]
+
+
+def test_a_layer_whose_hessians_exceed_memory_is_refused_before_loading(tiny_mixtral, monkeypatch):
+    from emoe.checkpoint import Checkpoint
+    monkeypatch.setattr("emoe.engine.Engine.__init__", lambda *a, **k: pytest.fail("the model loaded"))
+    one = calibrate.layer_bytes(Checkpoint(str(tiny_mixtral)).config)
+    with pytest.raises(ValueError, match="Hessians: .* for one MoE layer, more than half"):
+        calibrate.Passes(str(tiny_mixtral), [], memory=2 * one - 2)
+
+
+def test_quantize_calibrates_in_passes_where_memory_is_short(tiny_mixtral, tmp_path, monkeypatch, one_thread, capsys):
+    from safetensors import safe_open
+
+    from emoe.checkpoint import Checkpoint
+    from emoe.cli import main
+    from emoe.copies import copies_path
+    model = tmp_path / "m"
+    shutil.copytree(tiny_mixtral, model)
+    monkeypatch.setattr(calibrate, "MIN_TOKENS", 1)
+    cfg = Checkpoint(str(model)).config
+
+    def copies(memory):
+        monkeypatch.setattr(calibrate, "_available_memory", lambda: memory)
+        main(["quantize", "--model", str(model), "--bits", "4", "--calibrate", "1", "--max-tokens", "4"])
+        with safe_open(str(copies_path(model, 4)), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    whole = copies(1 << 40)
+    assert "1 pass(es)" in capsys.readouterr().err
+    parts = copies(2 * calibrate.layer_bytes(cfg))
+    assert f"{len(cfg.moe_layers)} pass(es)" in capsys.readouterr().err
+    data = [k for k in whole if k.endswith(".data")]
+    assert whole.keys() == parts.keys()
+    assert sum(int((whole[k] == parts[k]).sum()) for k in data) / sum(whole[k].numel() for k in data) > 0.99
