@@ -11,7 +11,7 @@ to 0.00168; per 64: 0.00347 to 0.00230), where weighting the plain fit by each c
 5-6% (scripts/ab_calibrated_copies.py; docs/results/calibrated_copies.txt).
 
 The calibration holds one Hessian per expert per input (hidden x hidden and intermediate x intermediate, float32):
-about 0.8 MiB an expert on the embedded model, but ~0.9 GiB on Mixtral's (7 GiB a layer, 230 GiB in all). Where all
+about 0.8 MiB an expert on the embedded model, but 0.83 GiB on Mixtral's (6.6 GiB a layer, 212 GiB in all). Where all
 of them do not fit in half the memory available, `Passes` records as many layers at a time as do, one pass over the
 prompts for each group (Mixtral on a 64 GiB machine: 8 passes of 4 layers); a model one of whose layers does not fit
 is refused rather than swapped.
