@@ -351,7 +351,7 @@ class Engine:
                 r.logprobs += logprob_entries(lg[None], [tok], r.params.logprobs)
             self.tokens_generated += 1
             r.first_token_at = r.first_token_at or now
-            if reason := r.append(tok, self.codec.stop_ids, self.codec.decode, self.max_len):
+            if reason := r.add_token(tok, self.codec.stop_ids, self.codec.decode, self.max_len):
                 self._finish(r, reason)
                 done.append(r)
         return done

@@ -131,7 +131,7 @@ class Request:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def append(self, tok: int, stop_ids, decode, max_len: int) -> str | None:
+    def add_token(self, tok: int, stop_ids, decode, max_len: int) -> str | None:
         """Take an emitted token; the finish reason it brings, if any. An end-of-sequence token is not part of the
         answer (nor its logprobs)."""
         self.output_ids.append(tok)
