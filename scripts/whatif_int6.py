@@ -3,8 +3,10 @@ format, emulate it: a level's copies are quantised to 6 bits (symmetric, |q| <= 
 as 6 bits a weight plus its scales, and the planner's error for that level is 6-bit's. The same stream is served with
 the real levels (none / int4 per 64 / int8 per 32 / full), with 6-bit per 32 in place of int8 (6.5 bits a weight), and
 with 6-bit per 64 as the only copies (6.25 bits: every expert's copy fits, with little room for full ones), paired.
+--none-errors E1,E2 instead serves the real levels with the planner's error for an expert held at no level (rerouted;
+1.0 by default) set to each E: below 1 the planner drops the coldest experts' int4 copies for int8 on busier ones.
 
-    python scripts/whatif_int6.py [--n 288] [--seed 5] [--budget 0.4] [--policy emoe-a-sticky-q48] [--split test] [--json OUT]
+    python scripts/whatif_int6.py [--n 288] [--seed 5] [--budget 0.4] [--policy emoe-a-sticky-q48] [--split test] [--json OUT] [--none-errors 0.5,0.25]
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--policy", default="emoe-a-sticky-q48")
     ap.add_argument("--split", default="test")
     ap.add_argument("--json")
+    ap.add_argument("--none-errors", type=lambda t: [float(x) for x in t.split(",")])
     args = ap.parse_args()
     prof = Profile.load(PROFILE)
     setup = lambda: ev.Setup(prof, _predictors(PROFILE, [args.policy, "emoe-a-sticky"]))  # noqa: E731
@@ -74,10 +77,16 @@ def main() -> None:
         print(f"# {name}: relative weight error {float((quant.dequantize(q) - w).norm() / w.norm()):.4f} (gaussian)")
     recs = ev.evaluate(model, [("all", "all", 1.0, setup()), (args.policy, args.policy, args.budget, setup())], **kw)
     # (a copy's level is its bits: an emulated level must be the int8 one, so "6-bit only" is the one-level q8 policy)
-    for label, policy, group, error in (("6-bit for int8", args.policy, 32, 0.022),
-                                        ("6-bit only", "emoe-a-sticky-q8", 64, 0.025)):
+    for label, policy, group, error in () if args.none_errors else (("6-bit for int8", args.policy, 32, 0.022),
+                                                                    ("6-bit only", "emoe-a-sticky-q8", 64, 0.025)):
         with six_bit_level(8, group, error):
             recs += ev.evaluate(model, [(f"{policy} {label}", policy, args.budget, setup())], **kw)
+    for e0 in args.none_errors or ():
+        was, loader.ERROR[0] = loader.ERROR[0], e0
+        try:
+            recs += ev.evaluate(model, [(f"{args.policy} none={e0:g}", args.policy, args.budget, setup())], **kw)
+        finally:
+            loader.ERROR[0] = was
     print(ev.table(recs))
     if args.json:
         Path(args.json).write_text(json.dumps(recs, indent=1))
