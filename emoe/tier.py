@@ -16,6 +16,7 @@ from .store import check_memory, open_store
 
 
 def resolve_budget(budget: float, total_bytes: int) -> int:
+    """--budget: up to 1, a fraction of the routed experts' bytes; above, bytes."""
     return int(budget * total_bytes) if budget <= 1.0 else int(budget)
 
 
