@@ -420,7 +420,7 @@ class ExpertCache:
                 self._reshadow(k, want[k])
             add = [k for k in sorted(want) if want[k] == FULL]
             stage = getattr(self.store, "stage_keys", None)
-            if stage is not None:  # formstore: the plan's reads go to the disk together (after the evictions: the budget)
+            if stage is not None:  # formstore: the plan's reads go to disk together (after the evictions: the budget)
                 stage(add)
             if self.mover is not None and not self.forms:  # one job, in layer order: the first layers land first
                 landing = self.mover.bring([self.store.read_packed(*k) for k in add])

@@ -113,7 +113,8 @@ class Passes:
                              f"more than half the {2 * room / 2**30:.1f} GiB available")
         moe, k = list(cfg.moe_layers), room // one
         self.groups = [moe[i: i + k] for i in range(0, len(moe), k)]
-        self.run = lambda layers: collect(model_dir, examples, max_tokens, on_batch=on_batch, layers=layers, check=False)
+        self.run = lambda layers: collect(model_dir, examples, max_tokens, on_batch=on_batch, layers=layers,
+                                          check=False)  # (sized above)
         self._at, self._held = None, None
         self.fitted = 0  # experts fitted to their outputs so far (the others had too few tokens)
 

@@ -1,4 +1,5 @@
-"""`emoe` command line: the argument parser; each subcommand's work is in commands.py (serving) or pipeline.py (eMoE's profile, predictors and eval)."""
+"""`emoe` command line: the argument parser; each subcommand's work is in commands.py (serving) or pipeline.py
+(eMoE's profile, predictors and eval)."""
 from __future__ import annotations
 
 import argparse
