@@ -95,7 +95,7 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         score = score + N[moe_layers].float()
     cost, err = levels.cost, {**ERROR, FULL: 0.0}
     order = sorted(cost)
-    held = _held(cache, moe_layers, E) if cache is not None and stickiness > 0 else None
+    held = cache.levels_held[moe_layers] if cache is not None and stickiness > 0 else None
     level = torch.zeros(L, E, dtype=torch.long)
     spent = 0
     k = min(levels.top_k, E)
@@ -119,14 +119,6 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
 # experts from which the greedy walk goes in runs of steps (_greedy): below, its dozen torch calls cost more than the
 # loop's Python steps (scripts/bench_plan.py: 0.34 against 0.20 ms at 4 x 16, 0.74 against 0.97 at 16 x 64)
 RUNS_FROM = 1024
-
-
-def _held(cache, moe_layers: list[int], E: int) -> torch.Tensor:
-    """[layers, E] levels the cache holds now (a cache keeps them as a tensor; anything with .level will do)."""
-    held = getattr(cache, "levels_held", None)
-    if held is not None:
-        return held[moe_layers]
-    return torch.tensor([[cache.level((l, e)) for e in range(E)] for l in moe_layers], dtype=torch.long).view(-1, E)
 
 
 def _in_order(ranked: torch.Tensor, steps: int, n: int) -> bool:

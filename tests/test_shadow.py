@@ -275,8 +275,7 @@ def test_plan_levels_buys_copies_before_precision():
         assert sum({0: 0, 4: 281, 8: 516, 16: 1000}[v] for row in lv.values() for v in row) <= b + 4 * 281
 
     class Held:  # stickiness: a level an expert holds is worth (1 + h)x
-        def level(self, key):
-            return {(0, 0): 8, (0, 3): 4, (1, 1): 4, (1, 2): 4}.get(key, 0)
+        levels_held = torch.tensor([[8, 0, 0, 4], [0, 4, 4, 0]])
     N2 = torch.tensor([[5.0, 1.0, 3.5, 3.0], [0.0, 4.0, 2.0, 0.5]])
     assert plan(4 * 281 + 235, N2)[0] == [8, 0, 4, 0]
     assert plan(4 * 281 + 235, N2, cache=Held(), stickiness=1.0)[0] == [8, 0, 0, 4]
