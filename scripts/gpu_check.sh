@@ -31,8 +31,10 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 python3 -c 'from emoe import ckernel; print("host CPU:", ckernel.describe())' 2>&1 | tail -1
 grep -m1 "model name" /proc/cpuinfo; grep -o "avx512_bf16\|avx512_vnni\|avx2" /proc/cpuinfo | sort -u | tr "\n" " "; echo
 
-PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 8 --timeout 150")
-step pytest $((Q ? 60 : 300)) python3 -m pytest -q -p no:cacheprovider $PAR ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
+# one thread per worker: 15 workers of 16 threads each ran past 300 s at 97%; with one thread each the suite took 88 s
+PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 15 --timeout 120")
+step pytest $((Q ? 60 : 300)) env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python3 -m pytest -vv -rf -p no:cacheprovider $PAR \
+  ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
 step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk

@@ -4,7 +4,8 @@
 # MAKE_STEPS / GPU_STEPS: gpu_check.sh's steps for each phase; PYTEST_ARGS / PYTEST_K narrow the tests; AB_OLD=TREE (with
 # AB_CONFIGS, AB_ROUNDS) ends with scripts/ab_profile.sh of that older tree against this one.
 # The tests run beside the CPU-only steps that write the random models (they do not touch the GPU), then the
-# GPU steps run alone so that their tokens/s are not shared with pytest. Every step's log lands in one
+# GPU steps run alone so that their tokens/s are not shared with pytest. A GPU step named in MAKE_STEPS runs beside
+# the tests: calibrate and generate ran past their limits there (alone: 25 and 21 s). Every step's log lands in one
 # OUTDIR/gpu.tgz, written even when the time (default 540 s) runs out.
 set -u
 OUT=${1:?usage: gpu_lease.sh OUTDIR [SECONDS]}; BUDGET=${2:-540}; T0=$SECONDS

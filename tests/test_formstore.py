@@ -115,6 +115,8 @@ def test_a_profiled_model_larger_than_ram_serves_its_plan_from_disk(qwen_gguf_im
     from emoe.checkpoint import Checkpoint
     from emoe.cli import main
     prof = tmp_path / "profile"
+    from emoe import similarity  # (exact match: the sentence model of the eval extra is beside this test's point)
+    monkeypatch.setattr(similarity, "embedding_similarity", lambda a, b: [float(x == y) for x, y in zip(a, b)])
     main(["profile", "--model", str(qwen_gguf_import), "--out", str(prof), "--per-task", "2", "--max-tokens", "4",
           "--sens-prompts", "1"])
     capsys.readouterr()

@@ -357,7 +357,7 @@ def test_quantize_writes_each_layouts_int4_group_and_engines_read_their_own(tmp_
     main(["quantize", "--model", str(model), "--bits", "4", "--layout", "portable"])
     assert copies_path(model, 4, 64).is_file() and not copies_path(model, 4, 32).exists()
     if quant_mod.kernel_fits((64, 64), 32):  # the kernel layout finds only the portable file: said, then quantised
-        eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute"), policy=Shadow(4))
+        eng = Engine(EngineConfig(str(model), budget=0.6, miss_policy="reroute", device="cpu"), policy=Shadow(4))
         assert 4 not in eng.cache.copy_files and "--layout kernel" in capsys.readouterr().err
     main(["quantize", "--model", str(model), "--bits", "4", "--layout", "kernel"])
     assert copies_path(model, 4, 32).is_file()
@@ -490,7 +490,7 @@ def test_copies_from_files_land_in_the_kernel_layout(tmp_path, one_thread):
     plain, model = tmp_path / "plain", tmp_path / "m"
     for d in (plain, model):
         shutil.copytree(default_model_dir(), d, ignore=shutil.ignore_patterns("shadows", "profile"))
-    main(["quantize", "--model", str(model), "--bits", "4"])
+    main(["quantize", "--model", str(model), "--bits", "4", "--layout", "kernel"])  # (auto: portable where CUDA is)
 
     def engine(m):
         return Engine(EngineConfig(str(m), budget=0.4, experts_on="disk", device="cpu"), policy=Shadow(4))
