@@ -33,8 +33,8 @@ grep -m1 "model name" /proc/cpuinfo; grep -o "avx512_bf16\|avx512_vnni\|avx2" /p
 
 # one thread per worker: 15 workers of 16 threads each ran past 300 s at 97%; with one thread each the suite took 88 s
 PAR=$(python3 -c 'import xdist, pytest_timeout' 2>/dev/null && echo "-n 15 --timeout 120")
-step pytest $((Q ? 60 : 300)) env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python3 -m pytest -vv -rf -p no:cacheprovider $PAR \
-  ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
+step pytest $((Q ? 60 : 300)) env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python3 -m pytest -vv -rf -p no:cacheprovider \
+  $PAR ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"}
 step generate 60 bash -c "set -e
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16
   $E generate '$PROMPT' --budget 0.4 --max-tokens 16 --policy emoe-a --experts-on disk
