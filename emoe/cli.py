@@ -301,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     _host_kernel_arg(se)
     _dense_int8_arg(se)
     _host_int8_arg(se)
-    se.add_argument("--async-loads", action="store_true",
+    se.add_argument("--async-loads", action=argparse.BooleanOptionalAction, default=None,
                     help="plans' loads land on a worker thread (a CUDA stream on a GPU) while earlier layers compute; "
-                    "a layer call waits only for its own experts, so outputs are those of loading in place. Off by "
-                    "default: on a 2-core CPU the copies compete with compute for the cores and gained nothing")
+                    "a layer call waits only for its own experts, so outputs are those of loading in place. Default: "
+                    "on with a GPU (1.05-1.09x tokens/s on an H200), off on a CPU, where the copies compete with "
+                    "compute for the cores and gained nothing on 2 of them")
     se.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine (default: the cores available)")
     se.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")

@@ -55,7 +55,7 @@ class EngineConfig:
     host_int8: bool = False        # with host_kernel, full-precision experts in RAM as int8 forms too
     host_form_bits: int = 8        # 4: a GGUF's sub-4-bit requantised types (Q2_K, IQ1-IQ3) as int4 forms (lossy)
     kv_dtype: str | None = None    # the attention layers' KV cache (MLA's latents); default the compute dtype
-    async_loads: bool = False      # plans' loads land on a worker thread (loader.Mover), overlapping compute
+    async_loads: bool | None = None  # plans' loads on a worker thread (loader.Mover); default: on a GPU only
 
     def __post_init__(self):
         if not self.budget >= 0:
@@ -117,7 +117,9 @@ class Engine:
             raise BudgetError(f"layers {short} hold fewer than top-{c.top_k} resident experts; "
                               f"rerouting needs a full top-k in every MoE layer")
         self.loader = Loader(self.cache)
-        if cfg.async_loads and self.residency is not None and not self.cache.forms:
+        # (a GPU's copies run on their own stream: 1.05-1.09x tokens/s on an H200; a CPU's compete with compute)
+        on = cfg.async_loads if cfg.async_loads is not None else self.device.type == "cuda"
+        if on and self.residency is not None and not self.cache.forms:
             self.cache.mover = Mover(self.device, self.dtype)  # (after the start's fill, which nothing overlaps)
         self.cache.stats.__init__()  # count only what serving does, not the initial fill
         self.max_len = min(cfg.max_len, c.max_position_embeddings)
