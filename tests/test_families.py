@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import same_model_tokens
-from emoe.config import FAMILIES
+from emoe.families import FAMILIES
 from emoe.engine import Engine, EngineConfig, SamplingParams
 from tiny import make_tiny
 

@@ -5,7 +5,7 @@ from conftest import needs_pinned_transformers
 
 from emoe.cache import ExpertCache
 from emoe.checkpoint import Checkpoint
-from emoe.config import FAMILIES as emoe_families
+from emoe.families import FAMILIES as emoe_families
 from emoe.dispatch import ExpertDispatch
 from emoe.model import KVCache, MoEModel
 from emoe.policies import AllResident
