@@ -8,6 +8,7 @@ test_traces.jsonl  (written by `emoe train-predictor`) the test split's traces, 
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import random
@@ -122,6 +123,8 @@ def sensitivity_curve(model_dir: str, prompts: list[str], refs: list[str], max_t
         outs = eng.generate(prompts, SamplingParams(max_tokens=max_tokens))
         sims = similarity([eng.text(r) for r in outs], refs)
         curve.append(sum(sims) / len(sims))
+        del eng, outs  # before the next one is built: a model over a third of RAM does not fit twice
+        gc.collect()
     return curve
 
 
@@ -183,14 +186,17 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
     n_out = sum(len(r.output_ids) for r in reqs)
     # per-token costs from a calibrated split: decode steps dominate; prefill tokens are batched
     decode_cost = secs / max(n_out, 1)
-    cfg = eng.cfg
-    sens, curves = {}, {}
+    cfg, load_latency, expert_bytes = eng.cfg, measure_load_latency(eng), eng.cache.expert_bytes
     prompt_of = {id(r): e.prompt for r, e in zip(reqs, [e for _, e in stream if eng.fits(e.prompt, max_tokens)])}
+    mine = {t: [r for r in reqs if r.task == t][:sens_prompts] for t in TASKS}
+    refs = {t: [eng.text(r) for r in mine[t]] for t in TASKS}
+    del eng  # the sensitivity runs' engines hold the model too: one copy at a time, not two (or three)
+    gc.collect()
+    sens, curves = {}, {}
     for t in TASKS:
-        mine = [r for r in reqs if r.task == t][:sens_prompts]
-        refs = [eng.text(r) for r in mine]
-        prompts = [prompt_of[id(r)] for r in mine]
-        curves[t] = sensitivity_curve(model_dir, prompts, refs, max_tokens, list(cfg.moe_layers), similarity, **engine)
+        prompts = [prompt_of[id(r)] for r in mine[t]]
+        curves[t] = sensitivity_curve(model_dir, prompts, refs[t], max_tokens, list(cfg.moe_layers), similarity,
+                                      **engine)
         sens[t] = flags_from_curve(curves[t], list(cfg.moe_layers), cfg.num_layers)
         bar.update(1)
     bar.close()
@@ -200,7 +206,7 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
         num_experts=cfg.num_experts, top_k=cfg.top_k, moe_layers=list(cfg.moe_layers),
         out_len={t: _mean([len(r.output_ids) for r in reqs if r.task == t]) for t in TASKS},
         prompt_len={t: _mean([len(r.prompt_ids) for r in reqs if r.task == t]) for t in TASKS},
-        load_latency_s=measure_load_latency(eng), expert_bytes=eng.cache.expert_bytes,
+        load_latency_s=load_latency, expert_bytes=expert_bytes,
         token_cost_s={"decode": decode_cost, "prefill": secs / max(n_prompt + n_out, 1)},
         sensitivity=sens, similarity=curves, extractor=ex.to_json(), data=source(), traces=[r.trace for r in reqs])
     prof.save(out)

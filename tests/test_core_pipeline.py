@@ -43,6 +43,25 @@ def test_profile_under_a_budget_gives_the_same_traces(profile_dir, tiny_mixtral,
     assert a.out_len == b.out_len and a.sensitivity == b.sensitivity and a.similarity == b.similarity
 
 
+def test_profile_holds_one_engine_at_a_time(tiny_mixtral, tmp_path, monkeypatch, one_thread):
+    """The tracing engine and each sensitivity run's engine hold the whole model: a model over a third of RAM was
+    refused at the sensitivity step while two earlier engines were still alive. Now each is gone before the next."""
+    import weakref
+
+    from emoe import engine as engine_mod
+    alive, most = weakref.WeakSet(), []
+    init = engine_mod.Engine.__init__
+
+    def counting(self, *a, **k):
+        init(self, *a, **k)
+        alive.add(self)
+        most.append(len(alive))
+    monkeypatch.setattr(engine_mod.Engine, "__init__", counting)
+    run_profile(str(tiny_mixtral), tmp_path / "p", per_task=2, max_tokens=3, sens_prompts=1, similarity=token_sim,
+                progress=False)
+    assert len(most) > 2 and max(most) == 1
+
+
 def test_flags_from_curve():
     assert flags_from_curve([0.9, 0.86, 0.5, 0.9], [0, 1, 2, 3], 4) == [0, 0, 1, 1]
     assert flags_from_curve([0.5, 0.99], [1, 3], 4) == [1, 1, 1, 1]
