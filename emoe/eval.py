@@ -9,6 +9,7 @@ admission. Each is compared with the all-resident run of the same stream:
 """
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
@@ -218,6 +219,7 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
     stream = group_by_task(test_stream(n, seed, fits=lambda p: ref_eng.fits(p, max_tokens + 64), split=split),
                            group_window)
     refs, ref_secs = serve_stream(ref_eng, stream, params, batch)
+    ref_eng = None  # each engine below holds its budget of the model: never two at once (profile.run_profile's rule)
     ref_nll = _mean([r["answer_nll"] for r in refs if "answer_nll" in r])
     routing = {tuple(r["prompt_ids"]): r["trace"] for r in refs if r["trace"] is not None}
     for *_, setup in configs:
@@ -225,6 +227,8 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
     records = []
     for label, name, b, setup in configs:
         policy, residency = build(name.removesuffix(ASYNC), setup)
+        eng = None
+        gc.collect()
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
                                       experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16",

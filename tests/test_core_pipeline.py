@@ -43,23 +43,28 @@ def test_profile_under_a_budget_gives_the_same_traces(profile_dir, tiny_mixtral,
     assert a.out_len == b.out_len and a.sensitivity == b.sensitivity and a.similarity == b.similarity
 
 
-def test_profile_holds_one_engine_at_a_time(tiny_mixtral, tmp_path, monkeypatch, one_thread):
-    """The tracing engine and each sensitivity run's engine hold the whole model: a model over a third of RAM was
-    refused at the sensitivity step while two earlier engines were still alive. Now each is gone before the next."""
+@pytest.fixture
+def engines_alive(monkeypatch):
+    """How many engines were alive as each was built: each holds its budget of the model, so a profile or an eval
+    must not keep one while it builds the next (a 2.2 GB model was refused at the sensitivity step with three)."""
     import weakref
 
     from emoe import engine as engine_mod
-    alive, most = weakref.WeakSet(), []
+    alive, counts = weakref.WeakSet(), []
     init = engine_mod.Engine.__init__
 
     def counting(self, *a, **k):
         init(self, *a, **k)
         alive.add(self)
-        most.append(len(alive))
+        counts.append(len(alive))
     monkeypatch.setattr(engine_mod.Engine, "__init__", counting)
+    return counts
+
+
+def test_profile_holds_one_engine_at_a_time(tiny_mixtral, tmp_path, engines_alive, one_thread):
     run_profile(str(tiny_mixtral), tmp_path / "p", per_task=2, max_tokens=3, sens_prompts=1, similarity=token_sim,
                 progress=False)
-    assert len(most) > 2 and max(most) == 1
+    assert len(engines_alive) > 2 and max(engines_alive) == 1
 
 
 def test_flags_from_curve():
@@ -83,7 +88,7 @@ def test_profile_roundtrip_and_refusals(profile_dir, tiny_mixtral, tmp_path):
         Profile.load(bad, tiny_mixtral)
 
 
-def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thread):
+def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thread, engines_alive):
     from emoe.eval import EXTRA, POLICIES, Setup, evaluate, grid
     from emoe.predictor import Predictor
     prof = Profile.load(profile_dir, tiny_mixtral)
@@ -104,6 +109,7 @@ def test_eval_runs_every_policy_within_budget(profile_dir, tiny_mixtral, one_thr
         hits, n = (sum(x) for x in zip(*r["per_request"]["hits"]))  # each batch's, which --versus resamples
         assert n > 0 and hits / n == pytest.approx(r["hit_rate"])
     assert by["emoe-e"]["predictor_calls"] >= by["emoe-a"]["predictor_calls"]
+    assert len(engines_alive) == len(recs) + 1 and max(engines_alive) == 1  # the reference's, then one per config
 
 
 def test_deferred_similarity_is_filled_in_by_rescore(profile_dir, tiny_mixtral, one_thread):
