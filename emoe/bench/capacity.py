@@ -7,6 +7,7 @@ serving that batch, measured on the same test-split prompts.
 """
 from __future__ import annotations
 
+import gc
 import time
 
 from ..engine import Engine, EngineConfig, SamplingParams
@@ -37,6 +38,7 @@ def run(model: str, budget: float, setup=None, memory_bytes: int | None = None, 
     M = memory_bytes or total + base_batch * max_len * per_tok
     stream = test_stream(4 * cap_batch, seed=3, fits=lambda p: probe.fits(p, max_tokens))
     filler = " ".join(e.prompt for e in stream)
+    probe = None  # one engine alive at a time: the probe holds the whole model (as eval and profile do)
     rows = []
     for name, b in (("all-resident", 1.0), (f"budget {budget:g}", budget)):
         expert = resolve_budget(b, total) if b < 1.0 else total
@@ -45,6 +47,8 @@ def run(model: str, budget: float, setup=None, memory_bytes: int | None = None, 
         if batch < 1:
             raise ValueError(f"{M} bytes leave no {max_len}-token KV slot next to {expert} bytes of experts")
         longest = min(kv_tokens, ctx)
+        eng = None
+        gc.collect()
         eng = _engine(model, b, 1, longest, setup, experts_on)
         ids = eng.codec.encode(filler)[: longest - max_tokens]
         t0 = time.perf_counter()
@@ -53,6 +57,8 @@ def run(model: str, budget: float, setup=None, memory_bytes: int | None = None, 
             eng.step()
         long_s = time.perf_counter() - t0
         run_batch = min(batch, cap_batch)
+        eng = None
+        gc.collect()
         eng = _engine(model, b, run_batch, max_len, setup, experts_on)
         t0 = time.perf_counter()
         reqs = eng.generate([e.prompt for e in stream[: 2 * run_batch]],
