@@ -9,7 +9,6 @@ admission. Each is compared with the all-resident run of the same stream:
 """
 from __future__ import annotations
 
-import gc
 import math
 import random
 import time
@@ -228,7 +227,6 @@ def evaluate(model: str, configs: list[tuple[str, str, float, Setup]], n: int = 
     for label, name, b, setup in configs:
         policy, residency = build(name.removesuffix(ASYNC), setup)
         eng = None
-        gc.collect()
         try:
             eng = Engine(EngineConfig(model, budget=b, miss_policy=policy.name, max_batch=batch,
                                       experts_on=experts_on, dtype=dtype, qkernel=dtype != "bfloat16",

@@ -8,7 +8,6 @@ test_traces.jsonl  (written by `emoe train-predictor`) the test split's traces, 
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import random
@@ -124,7 +123,6 @@ def sensitivity_curve(model_dir: str, prompts: list[str], refs: list[str], max_t
         sims = similarity([eng.text(r) for r in outs], refs)
         curve.append(sum(sims) / len(sims))
         del eng, outs  # before the next one is built: a model over a third of RAM does not fit twice
-        gc.collect()
     return curve
 
 
@@ -191,7 +189,6 @@ def run_profile(model_dir: str, out: str | Path, per_task: int = 40, max_tokens:
     mine = {t: [r for r in reqs if r.task == t][:sens_prompts] for t in TASKS}
     refs = {t: [eng.text(r) for r in mine[t]] for t in TASKS}
     del eng  # the sensitivity runs' engines hold the model too: one copy at a time, not two (or three)
-    gc.collect()
     sens, curves = {}, {}
     for t in TASKS:
         prompts = [prompt_of[id(r)] for r in mine[t]]

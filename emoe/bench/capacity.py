@@ -7,7 +7,6 @@ serving that batch, measured on the same test-split prompts.
 """
 from __future__ import annotations
 
-import gc
 import time
 
 from ..engine import Engine, EngineConfig, SamplingParams
@@ -48,7 +47,6 @@ def run(model: str, budget: float, setup=None, memory_bytes: int | None = None, 
             raise ValueError(f"{M} bytes leave no {max_len}-token KV slot next to {expert} bytes of experts")
         longest = min(kv_tokens, ctx)
         eng = None
-        gc.collect()
         eng = _engine(model, b, 1, longest, setup, experts_on)
         ids = eng.codec.encode(filler)[: longest - max_tokens]
         t0 = time.perf_counter()
@@ -58,7 +56,6 @@ def run(model: str, budget: float, setup=None, memory_bytes: int | None = None, 
         long_s = time.perf_counter() - t0
         run_batch = min(batch, cap_batch)
         eng = None
-        gc.collect()
         eng = _engine(model, b, run_batch, max_len, setup, experts_on)
         t0 = time.perf_counter()
         reqs = eng.generate([e.prompt for e in stream[: 2 * run_batch]],
