@@ -28,6 +28,7 @@ class TextCodec:
         jinja = directory / "chat_template.jinja"  # where transformers ≥ 4.43 saves it (GLM-4.5, recent Qwen)
         if not self.template and jinja.is_file():
             self.template = jinja.read_text()
+        self._compiled = (None, None)  # (template, its compiled form)
 
     @staticmethod
     def _token_str(v) -> str | None:
@@ -49,20 +50,28 @@ class TextCodec:
         template, plain role-prefixed text."""
         if not self.template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        from datetime import datetime
-
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # as transformers renders templates
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # gpt-oss, Llama-style templates
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # no HTML escaping
+        if self._compiled[0] is not self.template:  # compiling costs ~3 ms: once per template, not per request
+            self._compiled = (self.template, _compile(self.template))
         extra = {**(kwargs or {}), **({"tools": tools} if tools else {})}  # templates test `tools is defined`
-        return env.from_string(self.template).render(
+        return self._compiled[1].render(
             messages=messages, add_generation_prompt=True, **extra,
             bos_token=self._token_str(self.cfg.get("bos_token")) or "",
             eos_token=self._token_str(self.cfg.get("eos_token")) or "")
+
+
+def _compile(template: str):
+    """The template under the sandbox transformers renders with: immutable, with its helpers; what varies per
+    render (the clock for strftime_now) is read at render time, so one compiled template serves every request."""
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # gpt-oss, Llama-style templates
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # no HTML escaping
+    return env.from_string(template)
 
 
 class StreamDecoder:

@@ -57,3 +57,17 @@ def test_the_embedded_models_stream_decodes_as_the_whole():
     codec = TextCodec(ck.dir, ck.tokenizer_path, ck.config.eos_token_ids)
     ids = codec.encode("Is this review positive? Old rooms — dirty windows, the worst Novotel in Poland… ünïcode 😀")
     _check_stream(codec.decode, ids)
+
+
+def test_the_chat_template_compiles_once_and_follows_a_new_template(monkeypatch):
+    import emoe.tokenizer as tz
+    ck = Checkpoint(default_model_dir())
+    codec = TextCodec(ck.dir, ck.tokenizer_path, ck.config.eos_token_ids)
+    compiled = []
+    real = tz._compile
+    monkeypatch.setattr(tz, "_compile", lambda t: compiled.append(t) or real(t))
+    msgs = [{"role": "user", "content": "Hi"}]
+    first = [codec.apply_chat(msgs) for _ in range(3)]
+    assert len(compiled) == 1 and len(set(first)) == 1 and "Hi" in first[0]
+    codec.template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"  # (tests swap templates)
+    assert codec.apply_chat(msgs) == "<user>Hi" and len(compiled) == 2
