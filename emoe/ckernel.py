@@ -17,6 +17,7 @@ serves every row count; EMOE_KQ=off keeps it for few rows only, EMOE_KQ=int8 rou
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -192,9 +193,9 @@ def lut_able() -> bool:
 
 
 def _mode_on() -> bool:
-    """The routines are built for this CPU and run the mode KQ names."""
+    """The routines are built for this CPU and run the mode now (mode())."""
     lib = _lib if _lib is not False else library()
-    return lib is not None and bool(lib.modes & MODES.get(KQ, 0))
+    return lib is not None and bool(lib.modes & MODES.get(mode(), 0))
 
 
 def _within(ws, rows: int) -> bool:
@@ -211,7 +212,7 @@ def _within(ws, rows: int) -> bool:
 
 
 def kq_able(w) -> bool:
-    """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (KQ), the form
+    """Whether kq_linear / kq_moe take this KTensor: the routine is built for this CPU and the mode (mode()), the form
     is on the CPU in contiguous planes."""
     return _mode_on() and _desc(w)[0] != 0
 
@@ -239,6 +240,46 @@ def kq_experts(fetched: dict, counts) -> bool:
 # (docs/results/avx2.txt).
 MODES = {"int8": 1, "bf16": 2}
 KQ = os.environ.get("EMOE_KQ", "auto")
+ASKED = KQ  # (before `auto` resolves: an engine's own choice, for_gguf, applies only where nothing was asked)
+_RUNNING = contextvars.ContextVar("emoe_kq", default=None)  # the mode of the model whose forward runs (per thread)
+
+
+def ask(mode: str) -> None:
+    """Set the mode for the process, as EMOE_KQ does (`--activations`): every engine then runs it."""
+    global KQ, ASKED
+    if mode not in (*MODES, "off", "auto"):
+        raise ValueError(f"activations must be auto, bf16, int8 or off, got {mode!r}")
+    KQ = ASKED = mode
+    if _lib:
+        _resolve(_lib.modes)
+
+
+def mode() -> str:
+    """The few-row routines' activations now: the running model's own (MoEModel.activations), else KQ."""
+    return _RUNNING.get() or KQ
+
+
+def for_gguf() -> str | None:
+    """An engine's mode over a GGUF's forms where none was asked: int8 where its routine is built. llama.cpp
+    quantised the file for int8 activations, and on a DeepSeek-shaped Q4_K_M int8 decoded 1.16-1.21x faster than
+    bf16 with the same agreement with llama.cpp (docs/results/mla_step.txt). None: KQ's (bf16 is the exact one on
+    an engine's own copies)."""
+    lib = library()
+    return "int8" if ASKED == "auto" and lib is not None and lib.modes & MODES["int8"] else None
+
+
+def running_mode(forward):
+    """A model's forward run under its `activations` (None: KQ's), set for this thread while it runs."""
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        if self.activations is None:
+            return forward(self, *args, **kwargs)
+        token = _RUNNING.set(self.activations)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _RUNNING.reset(token)
+    return run
 
 
 @functools.cache
@@ -270,7 +311,7 @@ def _resolve(modes: int) -> None:
 def kq_linear(x: torch.Tensor, w) -> torch.Tensor:
     """x [M, K] float32 (contiguous) times the form's matrix transposed: y [M, N] float32."""
     y = torch.empty(x.shape[0], w.shape[0])
-    _lib.kq_linear(w.cdesc[0], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+    _lib.kq_linear(w.cdesc[0], x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), mode() == "bf16")
     return y
 
 
@@ -311,7 +352,7 @@ def _moe(descs, n: int, used, ids: torch.Tensor, weights: torch.Tensor, x: torch
     """kq_moe, or kq_moe_act with act's (gate bias, up bias, down bias, limit, alpha): gpt-oss's experts, the
     biases float32 CPU tensors [experts, I] / [experts, I] / [experts, H] indexed by expert id."""
     args = (descs, n, used, ids.data_ptr(), weights.data_ptr(), ids.shape[-1], x.data_ptr(), x.shape[0],
-            out.data_ptr(), torch.get_num_threads(), KQ == "bf16")
+            out.data_ptr(), torch.get_num_threads(), mode() == "bf16")
     if act is None:
         return _lib.kq_moe(*args)
     gb, ub, db, limit, alpha = act
@@ -357,8 +398,8 @@ def _f32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def describe() -> str:
-    """What runs a few-row product on a kernel form here, for the memory line."""
+def describe(kq: str | None = None) -> str:
+    """What runs a few-row product on a kernel form here (kq: an engine's own mode, else KQ's), for the memory line."""
     from .quant import kernel_reads_forms  # (quant imports this module)
     lib = library()
     torch_side = "PyTorch's int4 kernel" if kernel_reads_forms() else \
@@ -366,8 +407,9 @@ def describe() -> str:
         "dequantised copies, slowly (PyTorch's int4 kernel reads another layout on this CPU)"
     if lib is None:
         return f"{torch_side}: no C routines built"
-    if KQ == "off":
+    kq = kq or KQ
+    if kq == "off":
         return f"{torch_side} below a prefill's rows: --activations torch / EMOE_KQ=off"
-    if not lib.modes & MODES[KQ]:
-        return f"{torch_side} below a prefill's rows: no {KQ} routine for this CPU"
-    return f"emoe's C routines, {KQ} activations"
+    if not lib.modes & MODES[kq]:
+        return f"{torch_side} below a prefill's rows: no {kq} routine for this CPU"
+    return f"emoe's C routines, {kq} activations"

@@ -58,8 +58,9 @@ def _activations_arg(p) -> None:
                    help="what a decode step's products on kernel forms round their activations to, on a CPU: bf16 "
                    "in emoe's C routines (as PyTorch's kernel takes them), int8 per 32 (as llama.cpp's quantised "
                    "matmuls round them; faster where compute-bound), or torch: PyTorch's int4 kernel where it reads "
-                   "the forms' layout (AVX512), else the unpacked matrix. Default: bf16 where the CPU has "
-                   "AVX512-BF16, else int8 (the environment's EMOE_KQ=auto|bf16|int8|off says the same)")
+                   "the forms' layout (AVX512), else the unpacked matrix. Default: int8 for a GGUF's forms (quantised "
+                   "for llama.cpp's int8 activations), else bf16 where the CPU has AVX512-BF16, else int8 (the "
+                   "environment's EMOE_KQ=auto|bf16|int8|off says the same; a mode given holds for every model)")
 
 
 def _data_arg(p) -> None:
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "activations", None):  # process-wide, as the routines are
         from . import ckernel
-        ckernel.KQ = {"torch": "off"}.get(args.activations, args.activations)
+        ckernel.ask({"torch": "off"}.get(args.activations, args.activations))
     try:
         args.fn(args)
     except (ValueError, OSError, KeyError) as e:  # bad input: one clear line, no traceback

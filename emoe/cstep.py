@@ -67,7 +67,7 @@ def attn_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float,
                        sinks.data_ptr() if sinks is not None else None, *(
                            (norms[0].data_ptr(), norms[1].data_ptr()) if norms else (None, None)),
                        flags | half_flag(kc), *(t.data_ptr() if t is not None else None for t in biases), torch.get_num_threads(),
-                       ck.KQ == "bf16")
+                       ck.mode() == "bf16")
     return hn
 
 
@@ -89,7 +89,7 @@ def mla_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float, 
                       desc(wqa), ptr(plain[0]), desc(wq), desc(wkva), ptr(plain[1]), ptr(plain[2]), desc(wo), kc.data_ptr(), slot.data_ptr(), pos.data_ptr(), cs.data_ptr(),
                       sn.data_ptr(), heads, dims[0], cs.shape[-1], dims[1], dims[2], kc.shape[1], scale, flags | half_flag(kc),
                       *map(ptr, biases), *map(desc, heads_kv),
-                      torch.get_num_threads(), ck.KQ == "bf16")
+                      torch.get_num_threads(), ck.mode() == "bf16")
     return hn
 
 
@@ -106,7 +106,7 @@ def delta_block(x: torch.Tensor, ln: torch.Tensor, ln2: torch.Tensor, eps: float
     ck._lib.kq_delta_block(x.data_ptr(), hn.data_ptr(), B, D, ln.data_ptr(), ln2.data_ptr(), eps, wqkv, wz,
                         *(t.data_ptr() for t in plain[:3]), conv.data_ptr(), state.data_ptr(), slot.data_ptr(),
                         pos.data_ptr(), *(t.data_ptr() for t in plain[3:]), wo, *dims, torch.get_num_threads(),
-                        ck.KQ == "bf16")
+                        ck.mode() == "bf16")
     return hn
 
 
@@ -131,6 +131,6 @@ def layers(fields: torch.Tensor, fl: torch.Tensor, x: torch.Tensor, eps: float, 
                              pos.data_ptr(), cs.data_ptr() if cs is not None else None,
                              sn.data_ptr() if sn is not None else None, cs.shape[-1] if cs is not None else 0, heads,
                              kv_heads, head_dim, experts, top_k, sigmoid, norm, rscale, *groups, probs.data_ptr(),
-                             w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), ck.KQ == "bf16",
+                             w.data_ptr(), ids.data_ptr(), ran, torch.get_num_threads(), ck.mode() == "bf16",
                              held.data_ptr() if held is not None else None, hn.data_ptr() if hn is not None else None)
     return w, ids, list(ran), probs, stop

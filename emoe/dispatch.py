@@ -62,7 +62,7 @@ class ExpertDispatch:
         hosts_all = getattr(self.policy, "hosts_all", None)
         if hosts_all is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
             return None
-        key = (layer, ckernel.KQ)
+        key = (layer, ckernel.mode())
         if key not in self._tables:
             self._tables[key] = self._build(layer)
         t = self._tables[key]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from . import decode_block, grammar
+from . import ckernel, decode_block, grammar
 from .cache import BudgetError
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -87,7 +87,8 @@ class Engine:
         self.dtype = getattr(torch, cfg.dtype) if cfg.dtype else (ckpt_dtype if self.device.type == "cuda" else torch.float32)
         self.codec = TextCodec(self.ckpt.dir, self.ckpt.tokenizer_path, self.cfg.eos_token_ids)
         keep32 = self.cfg.spec.fp32_router  # DeepSeek and GLM keep router weights and bias in fp32, as trained
-        on_blocks = cfg.dense_blocks and self.device.type == "cpu" and (self.ckpt.dir / "gguf.json").is_file()
+        gguf_cpu = self.device.type == "cpu" and (self.ckpt.dir / "gguf.json").is_file()  # an import-gguf folder
+        on_blocks = cfg.dense_blocks and gguf_cpu
         forms = file_dense(self.ckpt.dir, self.ckpt.dense_shapes()) if on_blocks else {}
         dense = {k: v.to(self.device, torch.float32 if keep32 and k.endswith((".gate.weight", "e_score_correction_bias"))
                          else self.dtype) for k, v in self.ckpt.dense_state(skip=forms.keys()).items()}
@@ -95,6 +96,7 @@ class Engine:
         if cfg.dense_int8 and self.device.type == "cpu":
             dense = int8_dense(dense)
         self.model = MoEModel(self.cfg, dense)
+        self.model.activations = ckernel.for_gguf() if gguf_cpu else None
         self.policy = policy or make_policy(cfg.miss_policy)
         c = self.cfg
         layers = list(c.moe_layers)

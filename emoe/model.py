@@ -185,6 +185,7 @@ class MoEModel:
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
         self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C
+        self.activations: str | None = None  # the few-row routines' mode while forward runs (None: ckernel.KQ)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
@@ -370,6 +371,7 @@ class MoEModel:
         lengths, starts = torch.stack((lengths, pos[:, 0])).tolist()
         return lengths, starts
 
+    @ckernel.running_mode
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, dispatch: Dispatch,
                 kv: KVCache | None = None, slots: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:

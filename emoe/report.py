@@ -17,7 +17,7 @@ def memory_line(eng) -> str:
             + (f" ({forms} projections in kernel forms)" if forms else "") + "; "
             + (f"RAM tier {ram / gib:.2f} GiB" + (" (kernel forms)" if eng.store.forms else "")
                if eng.store.tier == "ram" else "experts read from disk")
-            + (f"; forms run by {describe()}" if (forms or eng.store.forms) and eng.device.type == "cpu" else ""))
+            + (f"; forms run by {describe(eng.model.activations)}" if (forms or eng.store.forms) and eng.device.type == "cpu" else ""))
 
 
 def summary(eng, seconds: float) -> str:
@@ -30,7 +30,7 @@ def summary(eng, seconds: float) -> str:
                + ")") if c.shadow_bits else ""
     if s.host_runs:
         shadows += (f", {s.host_runs} expert runs on the host from the {eng.store.tier} tier"
-                    + (f" (packed experts in CPU kernel forms, run by {describe()})" if eng.store.forms else ""))
+                    + (f" (packed experts in CPU kernel forms, run by {describe(eng.model.activations)})" if eng.store.forms else ""))
     n = getattr(eng.policy, "min_tokens", None)
     if n is not None:  # auto
         shadows += (", auto: every miss run on the host" if n == float("inf") else ", auto: every miss loaded"

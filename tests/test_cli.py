@@ -135,13 +135,15 @@ def test_rescore_refuses_what_it_cannot_fill_in_and_leaves_the_file(tmp_path, te
 
 
 def test_activations_choose_what_runs_the_forms(tiny_mixtral, capsys, monkeypatch):
-    """--activations sets the few-row routines' mode for the process (EMOE_KQ's values); a bad one is refused."""
+    """--activations sets the few-row routines' mode for the process (EMOE_KQ's values), asked: an engine over a
+    GGUF keeps it too; a bad one is refused."""
     from emoe import ckernel
     monkeypatch.setattr(ckernel, "KQ", ckernel.KQ)  # restored afterwards
+    monkeypatch.setattr(ckernel, "ASKED", ckernel.ASKED)
     main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--activations", "torch"])
-    assert ckernel.KQ == "off"
+    assert ckernel.KQ == ckernel.ASKED == "off"
     main(["generate", "hi", "--model", str(tiny_mixtral), "--max-tokens", "2", "--activations", "int8"])
-    assert ckernel.KQ == "int8"
+    assert ckernel.KQ == ckernel.ASKED == "int8" and ckernel.for_gguf() is None
     with pytest.raises(SystemExit):
         main(["generate", "hi", "--model", str(tiny_mixtral), "--activations", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -961,3 +961,31 @@ def test_a_layer_whose_experts_all_run_on_host_forms_takes_one_table_call(import
     eng = Engine(EngineConfig(str(out), miss_policy=policy, budget=0, experts_on="ram", device="cpu"))
     assert eng.dispatch._host_table(layer, x) is not None
     assert eng.dispatch._host_table(layer, torch.randn(256, eng.cfg.hidden_size)) is None  # a prefill's rows
+
+
+def test_a_gguf_engine_runs_int8_activations_unless_a_mode_was_asked(imported, monkeypatch):
+    """`auto`: an engine over a GGUF's forms multiplies them with int8 activations (llama.cpp's rounding, the one
+    the file was quantised for), whatever the process's mode; the mode is its own, set only while it runs. A mode
+    asked for (EMOE_KQ, --activations) rules every engine."""
+    from emoe import ckernel
+    from emoe.report import memory_line
+    lib = ckernel.library()
+    if lib is None or not lib.modes & ckernel.MODES["int8"] or not lib.modes & ckernel.MODES["bf16"]:
+        pytest.skip("the routines of both modes are not built on this CPU")
+    _, _, out = imported
+    ids = Engine(EngineConfig(str(out), miss_policy="all")).codec.encode("Summarize: the cat sat on the mat.")
+
+    def logits(asked, kq):
+        monkeypatch.setattr(ckernel, "ASKED", asked)
+        monkeypatch.setattr(ckernel, "KQ", kq)
+        eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0.4, experts_on="ram"))
+        got = eng.score(ids[:6], ids[6:])
+        assert ckernel.mode() == kq  # (only while the engine's forward runs)
+        return eng, got
+    own, got = logits("auto", "bf16")
+    assert own.model.activations == "int8" and "int8 activations" in memory_line(own)
+    asked_int8, want = logits("int8", "int8")
+    assert asked_int8.model.activations is None and torch.equal(got, want)
+    asked_bf16, bf16 = logits("bf16", "bf16")
+    assert asked_bf16.model.activations is None and "bf16 activations" in memory_line(asked_bf16)
+    assert not torch.equal(got, bf16)
