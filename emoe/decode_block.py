@@ -90,7 +90,7 @@ def mla_weights(model, i: int) -> tuple | None:
                        for t in (ln, ln2, *plain, *biases) if t is not None):
         return None
     scale = (m.qk_nope_head_dim + m.qk_rope_head_dim) ** -0.5 * m.softmax_mscale
-    heads_kv = _kv_b_forms(plain[2], cfg.num_heads, m)
+    heads_kv = _file_heads(w, a, cfg.num_heads, m) or _kv_b_forms(plain[2], cfg.num_heads, m)
     return (tuple(f for f in (*forms, *heads_kv) if f is not None), forms, plain, ln, ln2, scale, 2 * m.interleave,
             biases, (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank), heads_kv)
 
@@ -102,6 +102,16 @@ def prepare(model) -> None:
         for i in range(model.cfg.num_layers):
             if i not in model._blocks:
                 model._blocks[i] = block_weights(model, i)
+
+
+def _file_heads(w: dict, a: str, heads: int, m) -> tuple | None:
+    """A GGUF's own k_b and v_b per head as forms (forms.file_dense: the weights llama.cpp multiplies, at the file's
+    bytes: Q4_K's v_b half an int8 form's), where the import holds them and their shapes are _kv_b_forms'."""
+    k, v = w.get(a + "k_b_heads"), w.get(a + "v_b_heads")
+    if type(k) is KTensor and type(v) is KTensor and tuple(k.shape) == (heads * m.kv_lora_rank, m.qk_nope_head_dim) \
+            and tuple(v.shape) == (heads * m.v_head_dim, m.kv_lora_rank):
+        return k, v
+    return None
 
 
 def _kv_b_forms(kv_b: torch.Tensor, heads: int, m) -> tuple:

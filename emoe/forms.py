@@ -296,10 +296,13 @@ def file_dense(model_dir, shapes: dict) -> dict:
 
     from .gguf_import import open_gguf
     meta = json.loads((Path(model_dir) / "gguf.json").read_text())
-    out = {}
-    for name, rows, qtype in open_gguf(meta["files"][0]["path"]).dense_blocks():
+    out, g = {}, open_gguf(meta["files"][0]["path"])
+    for name, rows, qtype in g.dense_blocks():
         form = host_form(rows, qtype) if name in shapes else None
         if form is not None and form.shape == tuple(shapes[name]):
+            out[name] = form
+    for name, rows, qtype in g.head_blocks():  # (beside kv_b's floats, which a prefill reads; mla_weights checks them)
+        if (form := host_form(rows, qtype)) is not None:
             out[name] = form
     return out
 

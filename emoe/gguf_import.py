@@ -306,6 +306,16 @@ class GGUFModel:
                 continue
             yield hf, rows, int(t.tensor_type)
 
+    def head_blocks(self):
+        """DeepSeek's k_b and v_b as the file packs them, per head ([H, rank, nope] and [H, v, rank]), as 2-D rows
+        (name, uint8 [H rank or H v, bytes], ggml type) under the names decode_block.mla_weights reads: a decode
+        step's per-head products (heads_linear) run on them as they are, the weights llama.cpp multiplies."""
+        for name, (_, t) in self.tensors.items():
+            m = re.fullmatch(r"blk\.(\d+)\.attn_(k|v)_b\.weight", name)
+            if m and t.tensor_type not in FLOAT_TYPES and t.data.ndim == 3:
+                rows = torch.from_numpy(np.array(t.data))
+                yield f"model.layers.{m.group(1)}.self_attn.{m.group(2)}_b_heads", rows.flatten(0, 1), int(t.tensor_type)
+
     def block_shapes(self) -> dict[str, list[int]]:
         """dense_blocks' names → the float shape [rows, columns] each dequantises to."""
         from gguf import GGML_QUANT_SIZES

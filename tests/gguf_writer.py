@@ -60,13 +60,13 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
                arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False,
-               fuse: bool = False, kv_b_whole: bool = False) -> Path:
+               fuse: bool = False, kv_b_whole: bool = False, heads_type: str = "F32") -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
     (norms, biases and the router stay F32 as llama.cpp keeps them); fuse: gate and up experts stacked in
     one ffn_gate_up_exps tensor, as newer converters may write them. gpt-oss as llama.cpp's GptOssModel
     writes it: gate/up de-interleaved, expert biases split likewise, sinks as attn_sinks.weight. DeepSeek as
     its DeepseekV2Model writes it: MLA as MQA metadata, kv_b split into k_b (transposed) and v_b unless
-    kv_b_whole (older files). Mixtral is written as llama.cpp
+    kv_b_whole (older files), those two per-head tensors in heads_type. Mixtral is written as llama.cpp
     writes it: architecture 'llama', q/k rows permuted for its rotary, a SentencePiece vocabulary with
     scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight)."""
     import gguf
@@ -115,7 +115,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w.add_eos_token_id(cfg["eos_token_id"])
     if chat_template:
         w.add_chat_template(chat_template)
-    _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse, kv_b_whole)
+    _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse, kv_b_whole, heads_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -211,7 +211,7 @@ def _deepseek_keys(w, cfg: dict, rope: dict) -> None:
 
 
 def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: bool, fuse: bool,
-             kv_b_whole: bool) -> None:
+             kv_b_whole: bool, heads_type: str = "F32") -> None:
     import gguf
     Q = gguf.GGMLQuantizationType
     n_experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
@@ -231,7 +231,8 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
             k_b, v_b = torch.split(kv, [cfg["qk_nope_head_dim"], cfg["v_head_dim"]], dim=1)
             for part, x in (("k_b_proj", k_b.transpose(1, 2)), ("v_b_proj", v_b)):
                 pname = names.get_name(name.replace("kv_b_proj", part), try_suffixes=(".weight",))
-                w.add_tensor(pname, np.ascontiguousarray(x.numpy()))
+                data, raw = _quantised(pname, np.ascontiguousarray(x.numpy()), getattr(Q, heads_type), seed)
+                w.add_tensor(pname, data, raw_dtype=raw)
             continue
         if name.endswith("e_score_correction_bias"):
             gname = names.get_name(name.removesuffix("_bias")) + ".bias"

@@ -989,3 +989,41 @@ def test_a_gguf_engine_runs_int8_activations_unless_a_mode_was_asked(imported, m
     asked_bf16, bf16 = logits("bf16", "bf16")
     assert asked_bf16.model.activations is None and "bf16 activations" in memory_line(asked_bf16)
     assert not torch.equal(got, bf16)
+
+
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+def test_deepseek_decode_runs_the_files_own_k_b_and_v_b(tmp_path, monkeypatch):
+    """A GGUF's quantised k_b and v_b (llama.cpp's converter splits kv_b into them) run in the decode step as the
+    file holds them, per head: the weights llama.cpp multiplies (scales in bf16), at the file's bytes; the tokens are
+    those of int8 forms made from kv_b's floats, the log-probabilities within their rounding."""
+    from emoe import decode_block
+    from emoe.quant import dequantize
+    from emoe.gguf_blocks import dequantize as file_dequantize
+    from emoe.gguf_import import open_gguf
+    shape = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, kv_lora_rank=64, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=64,
+                 q_lora_rank=64)
+    hf = make_tiny("deepseek_v3", tmp_path / "hf", **shape)
+    gguf = write_gguf(hf, tmp_path / "m.gguf", expert_types=("Q8_0",) * 3, dense_type="Q8_0", heads_type="Q4_0")
+    out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
+    heads = {name: file_dequantize(rows, q) for name, rows, q in open_gguf(gguf).head_blocks()}
+    assert len(heads) == 2 * 3  # k_b and v_b of each of the 3 layers
+
+    def run(file_heads: bool):
+        if not file_heads:
+            monkeypatch.setattr(decode_block, "_file_heads", lambda *a: None)
+        eng = Engine(EngineConfig(str(out), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                  dense_blocks=True))
+        for i in range(3):
+            k, v = decode_block.block_weights(eng.model, i)[-1]
+            a = f"model.layers.{i}.self_attn."
+            assert (k is eng.model.w.get(a + "k_b_heads") and v is eng.model.w.get(a + "v_b_heads")) == file_heads
+            for form, name in ((k, "k_b_heads"), (v, "v_b_heads")) if file_heads else ():  # (scales rounded to bf16)
+                assert torch.allclose(dequantize(form), heads[a + name], rtol=2 ** -8, atol=1e-7)
+        got = eng.generate([[5, 9, 14, 3, 7], [8, 2, 11]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2),
+                           chat=False)
+        return [(r.output_ids, [lp[0] for lp in r.logprobs]) for r in got]
+    own, made = run(True), run(False)
+    assert [t for t, _ in own] == [t for t, _ in made]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(own, made) for a, b in zip(x, y)) <= 3e-2
