@@ -90,7 +90,8 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
     least its top-k (rerouting needs a full top-k). With `cache` and stickiness h, a level an expert
     already holds is worth (1 + h)× as much: near-ties do not move."""
     E, L = fallback.shape[1], len(moe_layers)
-    score = fallback[moe_layers].float() / (fallback[moe_layers].float().sum() + 1e-9) * 1e-6
+    pop = fallback[moe_layers].float()
+    score = pop / (pop.sum() + 1e-9) * 1e-6
     if N is not None:
         score = score + N[moe_layers].float()
     cost, err = levels.cost, {**ERROR, FULL: 0.0}
@@ -102,7 +103,7 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
     if k:
         keep = score * (1 + stickiness * (held > 0).float()) if held is not None else score
         level.scatter_(1, keep.topk(k, dim=1).indices, order[1])
-        spent = int((level > 0).sum()) * cost[order[1]]
+        spent = L * k * cost[order[1]]  # (k a layer)
         if spent > levels.budget_bytes:
             raise BudgetError(f"budget {levels.budget_bytes} bytes cannot hold int{order[1]} copies of the top-{k} "
                               f"experts of each of {L} layers ({spent} bytes): rerouting needs them")
@@ -112,8 +113,8 @@ def plan_levels(N: torch.Tensor | None, levels, moe_layers: list[int], fallback:
         vals.append(v * (1 + stickiness * (held >= b).float()) if held is not None else v)
     ranked = torch.stack(vals).flatten().argsort(descending=True, stable=True)
     greedy = _greedy if L * E >= RUNS_FROM and _in_order(ranked, len(order) - 1, L * E) else _greedy_loop
-    lv = greedy(ranked, level.flatten(), order, cost, levels.budget_bytes - spent).view(L, E)
-    return Plan({l: lv[j].tolist() for j, l in enumerate(moe_layers)})
+    lv = greedy(ranked, level.flatten(), order, cost, levels.budget_bytes - spent)
+    return Plan({l: lv[j * E: (j + 1) * E] for j, l in enumerate(moe_layers)})
 
 
 # experts from which the greedy walk goes in runs of steps (_greedy): below, its dozen torch calls cost more than the
@@ -130,7 +131,7 @@ def _in_order(ranked: torch.Tensor, steps: int, n: int) -> bool:
     return bool((rank[:-1] < rank[1:]).all())
 
 
-def _greedy(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost: dict, room: int) -> torch.Tensor:
+def _greedy(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost: dict, room: int) -> list[int]:
     """_greedy_loop's levels, a run of steps at a time: the longest prefix of the steps still open that fits is
     all taken (each expert's steps are in order: _in_order); then every step dearer than the bytes left is
     dropped, with its expert's later steps. Each round drops the dearest kind of step left, so there are at
@@ -158,10 +159,10 @@ def _greedy(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost: dict
             lv.scatter_reduce_(0, pos[:take], torch.tensor(order[1:])[step[:take]], "amax")
             room -= int(spent[take - 1])
         step, pos, price = step[take:], pos[take:], price[take:]
-    return lv
+    return lv.tolist()
 
 
-def _greedy_loop(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost: dict, room: int) -> torch.Tensor:
+def _greedy_loop(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost: dict, room: int) -> list[int]:
     """Steps best first, each taken if its expert holds the level it starts from and its bytes fit."""
     lv, n = lv.tolist(), lv.numel()
     cheapest = min(cost[b] - cost[a] for a, b in zip(order, order[1:]))
@@ -173,7 +174,7 @@ def _greedy_loop(ranked: torch.Tensor, lv: torch.Tensor, order: list[int], cost:
         if lv[pos] == a and cost[b] - cost[a] <= room:
             lv[pos] = b
             room -= cost[b] - cost[a]
-    return torch.tensor(lv, dtype=torch.long)
+    return lv
 
 
 @dataclass(slots=True)
