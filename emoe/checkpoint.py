@@ -209,8 +209,8 @@ class Checkpoint:
             self.tensors.update(read_header(f))
         self.file_names: dict[str, str] = {}  # emoe's name → the file's, where a multimodal release nests the LM
         for name in list(self.tensors):
-            if name.startswith(("model.visual.", "mtp.")):  # a vision tower, a multi-token-prediction head: unused
-                del self.tensors[name]
+            if name.startswith(("model.visual.", "mtp.")) or ".self_attn.indexer." in name:
+                del self.tensors[name]  # a vision tower, a multi-token-prediction head, an indexer within its top-k: unused
             elif name.startswith(LM_PREFIX):
                 short = "model." + name[len(LM_PREFIX):]
                 self.tensors[short], self.file_names[short] = self.tensors.pop(name), name

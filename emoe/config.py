@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .families import DEEPSEEK_LAYOUT, FAMILIES, Family
+from .families import DEEPSEEK_LAYOUT, FAMILIES, INDEXED, Family
 
 
 class ConfigError(ValueError):
@@ -273,10 +273,10 @@ class ModelConfig:
             top_k=int(need("num_experts_per_tok", "experts_per_token", "moe_k", "moe_topk")),
             moe_intermediate_size=inter,
             norm_topk_prob=spec.router_norm_topk if spec.router_norm_topk is not None
-            else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite"))),
+            else bool(raw.get("norm_topk_prob", family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", *INDEXED))),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_positions(raw, family),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=bool(raw.get(spec.qkv_bias_key, False)) if spec.qkv_bias_key else False,
             clip_qkv=raw.get("clip_qkv"),
@@ -294,6 +294,13 @@ class ModelConfig:
             **_mup(raw, family),
             **_delta_net(raw, family, n_layers),
         )
+
+
+def _positions(raw: dict, family: str) -> int:
+    """The longest context served: the model's own, or for an indexed family (families.INDEXED) its index_topk,
+    within which the indexer keeps every key; beyond it, it drops keys that the dense attention here would read."""
+    n = int(raw.get("max_position_embeddings", 4096))
+    return min(n, int(raw.get("index_topk") or 2048)) if family in INDEXED else n
 
 
 def _yarn(rope: dict, raw: dict) -> Yarn:

@@ -45,6 +45,11 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(_GUD, "mlp", None, "head", "attention_bias", "plain", scoring="sigmoid", fp32_router=True),
     # GLM MoE "lite": DeepSeek-V3's latent attention and routing, dense/sparse layer types
     "glm4_moe_lite": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
+    # DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): GLM lite's layers whose latent attention a lightning indexer narrows
+    # to each query's top index_topk keys; up to that many keys it keeps every one, so within the context emoe
+    # serves them at (config: index_topk) they are that dense attention and the indexer's weights are not read
+    "deepseek_v32": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
+    "glm_moe_dsa": Family(_GUD, "mlp", None, None, None, "plain", mla=True, scoring="sigmoid", fp32_router=True),
     # FlexOlmo (Ai2): OLMoE's experts and routing with OLMo-2's post-norm layers
     "flex_olmo": Family(_GUD, "mlp", None, "full", "attention_bias", None, post_norm=True),
     # dots.llm1 (rednote): the same router and layout with full rotary, qk norm always, windowed layer_types
@@ -81,4 +86,5 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),
 }
 # dense first layers (first_k_dense_replace or mlp_layer_types), n_shared_experts, group-limited routing
-DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "glm4_moe_lite")
+DEEPSEEK_LAYOUT = ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
+INDEXED = ("deepseek_v32", "glm_moe_dsa")  # sparse attention by a lightning indexer beyond index_topk keys

@@ -755,3 +755,16 @@ def test_a_bf16_kv_cache_runs_in_the_step_call(tmp_path, monkeypatch):
     assert engine(memory_bytes=mem, max_len=512).max_batch >= 2 * engine("float32", memory_bytes=mem, max_len=512).max_batch - 1
     with pytest.raises(ValueError, match="kv_dtype"):
         EngineConfig(str(path), kv_dtype="int8")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_indexed_attention_is_served_within_its_top_k(family, tmp_path):
+    """DeepSeek-V3.2 / GLM-5 attend to each query's index_topk best keys (a lightning indexer picks them); up to that
+    many keys that is every key, dense attention (test_model holds its logits to transformers'). So the context is
+    capped there, and the indexer's weights are never read."""
+    path = make_tiny(family, tmp_path / "m", index_topk=12)
+    eng = Engine(EngineConfig(str(path), miss_policy="all", max_len=1024))
+    assert eng.cfg.max_position_embeddings == 12 and eng.max_len == 12
+    assert not any(".indexer." in k for k in eng.model.w) and not any(".indexer." in k for k in eng.ckpt.tensors)
+    assert not eng.fits("a prompt of well over twelve tokens, which no slot holds", 4, chat=False)
+    assert [len(r.output_ids) for r in eng.generate(["hi"], SamplingParams(max_tokens=4, ignore_eos=True), chat=False)] == [4]

@@ -87,6 +87,19 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                                q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
                                num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"])),
+        # DeepSeek-V3.2's shape: GLM lite's layers with a lightning indexer (its top-k above the tests' contexts)
+        "deepseek_v32": (tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM,
+                         dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                              q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                              v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+                              num_key_value_heads=4, first_k_dense_replace=1, index_topk=256, index_n_heads=2,
+                              index_head_dim=16)),
+        # GLM-5's shape (glm_moe_dsa): the same, some layers sharing the previous layer's top-k
+        "glm_moe_dsa": (tf.GlmMoeDsaConfig, tf.GlmMoeDsaForCausalLM,
+                        dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=80, n_shared_experts=1,
+                             q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                             v_head_dim=12, num_key_value_heads=4, first_k_dense_replace=1, index_topk=256,
+                             index_n_heads=2, index_head_dim=16, indexer_types=["full", "full", "shared"])),
         # FlexOlmo's shape: OLMoE's experts behind OLMo-2's post-norm layers
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(num_experts=8, intermediate_size=32)),
         # Qwen3-Next's shape: linear attention (gated delta rule, 4 value heads over 2 key heads) around one gated
