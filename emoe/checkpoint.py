@@ -141,6 +141,7 @@ class ExpertLocs:
     (gate [I, H], up [I, H], down [H, I]) that the rest of emoe runs.
       split:   gate, up, down as they are (per-expert tensors or transformers-5 fused slices)
       gpt_oss: gate_up [H, 2I] with gate and up columns interleaved, down [I, H]
+      llama4:  gate_up [H, 2I], gate's columns then up's, down [I, H]
       mxfp4:   gpt-oss's original release: blocks and scales of gate_up [2I, H] (rows interleaved) and
                of down [H, I], dequantised to bf16 as they are read
       fp8:     gate, its scale_inv, up, its scale_inv, down, its scale_inv: block-scaled FP8, dequantised
@@ -167,6 +168,10 @@ class ExpertLocs:
         if self.layout == "gpt_oss":
             gate_up, down = tensors
             return gate_up[:, 0::2].T.contiguous(), gate_up[:, 1::2].T.contiguous(), down.T.contiguous()
+        if self.layout == "llama4":
+            gate_up, down = tensors
+            gate, up = gate_up.chunk(2, -1)
+            return gate.T.contiguous(), up.T.contiguous(), down.T.contiguous()
         if self.layout == "mxfp4":
             gate_up, down = mxfp4_dequantize(*tensors[:2]), mxfp4_dequantize(*tensors[2:])
             return gate_up[0::2].contiguous(), gate_up[1::2].contiguous(), down
@@ -179,7 +184,9 @@ class ExpertLocs:
 
 
 PACKED = ("mxfp4", "fp8", "gguf")  # layouts the RAM tier keeps as stored and `untangle` unpacks where they land
-LM_PREFIX = "model.language_model."  # where multimodal releases (Qwen3.5) keep the language model's tensors
+# where multimodal releases keep the language model's tensors (Qwen3.5; Llama 4, whose lm_head is inside too)
+LM_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+UNUSED = ("model.visual.", "mtp.", "vision_model.", "multi_modal_projector.")  # vision towers, an MTP head
 
 
 class Checkpoint:
@@ -208,11 +215,17 @@ class Checkpoint:
         for f in files:
             self.tensors.update(read_header(f))
         self.file_names: dict[str, str] = {}  # emoe's name → the file's, where a multimodal release nests the LM
+        dense = {f"model.layers.{i}.feed_forward.": f"model.layers.{i}.mlp." for i in range(self.config.num_layers)
+                 if i not in self.config.moe_layers} if self.config.family == "llama4" else {}
         for name in list(self.tensors):
-            if name.startswith(("model.visual.", "mtp.")) or ".self_attn.indexer." in name:
-                del self.tensors[name]  # a vision tower, a multi-token-prediction head, an indexer within its top-k: unused
-            elif name.startswith(LM_PREFIX):
-                short = "model." + name[len(LM_PREFIX):]
+            if name.startswith(UNUSED) or ".self_attn.indexer." in name:
+                del self.tensors[name]  # (and an indexer within its top-k: config caps the context there)
+                continue
+            short = next((to + name[len(pre):] for pre, to in LM_PREFIXES.items() if name.startswith(pre)), name)
+            layer = re.match(r"model\.layers\.\d+\.feed_forward\.", short)
+            if layer and layer.group(0) in dense:  # Llama 4's dense layers: the MLP every other family names mlp
+                short = dense[layer.group(0)] + short[layer.end():]
+            if short != name:
                 self.tensors[short], self.file_names[short] = self.tensors.pop(name), name
         self.in_file: dict[str, tuple[int, ...]] = {}  # a lean GGUF import's projections, left in the file
         if (self.dir / "gguf.json").is_file():  # an `emoe import-gguf` folder: experts stay in the GGUF
@@ -252,9 +265,9 @@ class Checkpoint:
                 if mx:
                     locs = ExpertLocs(tuple(self._slice(self._need(f"{pre}.{n}"), e) for n in (
                         "gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")), "mxfp4")
-                elif cfg.spec.experts == "gpt_oss":
+                elif cfg.spec.experts in ("gpt_oss", "llama4"):
                     locs = ExpertLocs((self._slice(self._need(f"{pre}.gate_up_proj"), e),
-                                       self._slice(self._need(f"{pre}.down_proj"), e)), "gpt_oss")
+                                       self._slice(self._need(f"{pre}.down_proj"), e)), cfg.spec.experts)
                 elif fused is not None:  # transformers-5 layout: [E, 2I, H] and [E, H, I]
                     locs = self._fused_expert(fused, self._need(f"{moe}.{fdk}"), e)
                 else:
@@ -303,7 +316,7 @@ class Checkpoint:
             bo, bi = self.fp8_block
             grid = lambda o, n: (-(-o // bo), -(-n // bi))  # noqa: E731
             return ((i, h), grid(i, h), (i, h), grid(i, h), (h, i), grid(h, i))
-        return {"gpt_oss": ((h, 2 * i), (i, h)),
+        return {"gpt_oss": ((h, 2 * i), (i, h)), "llama4": ((h, 2 * i), (i, h)),
                 "mxfp4": ((2 * i, h // 32, 16), (2 * i, h // 32), (h, i // 32, 16), (h, i // 32))}.get(
                     layout, ((i, h), (i, h), (h, i)))
 

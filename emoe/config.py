@@ -108,6 +108,10 @@ class ModelConfig:
     logits_scaling: float = 1.0
     delta_net: DeltaNet | None = None          # Qwen3-Next: the linear-attention layers' shape
     linear_layers: tuple[int, ...] = ()        # layers that use it instead of attention
+    nope_layers: tuple[int, ...] = ()          # Llama 4: layers without the rotary
+    attn_temperature: tuple[float, float] | None = None  # Llama 4's (floor_scale, attn_scale) on those layers' queries
+    rope_llama3: tuple[float, float, float, int] | None = None  # Llama 3 rope scaling: factor, low and high
+                                                                # frequency factors, original context
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -142,6 +146,9 @@ class ModelConfig:
                               or d.v_heads % d.k_heads):
             raise ConfigError(f"linear attention needs positive sizes, conv kernel >= 2 and value heads a multiple "
                               f"of key heads, got {d}")
+        if self.spec.weight_input and self.top_k != 1:
+            raise ConfigError(f"num_experts_per_tok={self.top_k}: a router whose weight scales the expert's input is "
+                              f"served with one expert a token (as Llama 4 routes)")
         if self.family == "gpt_oss" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
             raise ConfigError(f"swiglu_limit={self.swiglu_limit} and swiglu_alpha={self.swiglu_alpha} must be positive")
 
@@ -175,9 +182,9 @@ class ModelConfig:
     @classmethod
     def _from_hf(cls, raw: dict) -> "ModelConfig":
         family = raw.get("model_type")
-        if family == "qwen3_5_moe" and isinstance(raw.get("text_config"), dict):  # multimodal: its text model
+        if family in ("qwen3_5_moe", "llama4") and isinstance(raw.get("text_config"), dict):  # multimodal: its text
             raw = {"tie_word_embeddings": raw.get("tie_word_embeddings"), **raw["text_config"], "model_type": family}
-        family = {"qwen3_5_moe_text": "qwen3_5_moe"}.get(family, family)
+        family = {"qwen3_5_moe_text": "qwen3_5_moe", "llama4_text": "llama4"}.get(family, family)
         if family not in FAMILIES:
             arch = raw.get("architectures")
             raise ConfigError(f"unsupported architecture model_type={family!r} (architectures={arch}); "
@@ -204,8 +211,8 @@ class ModelConfig:
             rope = {**rope, "rope_theta": float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
                     * float(rope["alpha"]) ** (head / (head - 2))}
             rope_type = "default"
-        if rope_type not in ("default", "yarn"):
-            raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
+        if rope_type not in ("default", "yarn", "llama3"):
+            raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default', 'yarn' and 'llama3')")
         yarn = _yarn(rope, raw) if rope_type == "yarn" else None
         if family == "hunyuan_v1_moe":
             if raw.get("use_cla"):
@@ -219,6 +226,10 @@ class ModelConfig:
             # transformers sizes the experts by intermediate_size (the released models set both alike)
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
+        elif family == "llama4":  # MoE every interleave_moe_layer_step-th layer (or as listed), dense between
+            step = int(raw.get("interleave_moe_layer_step") or 1)
+            moe_layers = tuple(int(i) for i in (raw.get("moe_layers") or range(step - 1, n_layers, step)))
+            inter, dense_inter = int(need("intermediate_size")), int(raw.get("intermediate_size_mlp") or 0)
         elif family in ("mixtral", "gpt_oss", "minimax_m2", "granitemoe", "granitemoeshared"):
             moe_layers, inter = tuple(range(n_layers)), int(need("intermediate_size"))
             dense_inter = 0
@@ -288,18 +299,22 @@ class ModelConfig:
             eos_token_ids=tuple(i for i in eos_ids if 0 <= i < vocab),
             mla=_mla(raw, yarn) if spec.mla else None,
             rotary_dim=_rotary_dim(raw, rope, spec.mla, 0.25 if family == "qwen3_5_moe" else 1.0),
-            qk_norm=bool(raw.get("use_qk_norm", False)) if family == "glm4_moe" else True,
+            qk_norm=bool(raw.get("use_qk_norm", family == "llama4")) if family in ("glm4_moe", "llama4") else True,
             yarn=yarn,
             **_groups(raw, family),
             **_mup(raw, family),
             **_delta_net(raw, family, n_layers),
+            **_llama4(raw, family, n_layers, rope if rope_type == "llama3" else None),
         )
 
 
 def _positions(raw: dict, family: str) -> int:
     """The longest context served: the model's own, or for an indexed family (families.INDEXED) its index_topk,
-    within which the indexer keeps every key; beyond it, it drops keys that the dense attention here would read."""
+    within which the indexer keeps every key (beyond it, it drops keys that the dense attention here would read);
+    for Llama 4 its attention chunk, within which the chunked layers attend to every earlier position."""
     n = int(raw.get("max_position_embeddings", 4096))
+    if family == "llama4" and raw.get("attention_chunk_size"):  # rotary layers attend within chunks of this size
+        n = min(n, int(raw["attention_chunk_size"]))
     return min(n, int(raw.get("index_topk") or 2048)) if family in INDEXED else n
 
 
@@ -367,6 +382,26 @@ def _delta_net(raw: dict, family: str, n_layers: int) -> dict:
     d = DeltaNet(int(raw["linear_num_key_heads"]), int(raw["linear_num_value_heads"]), int(raw["linear_key_head_dim"]),
                  int(raw["linear_value_head_dim"]), int(raw.get("linear_conv_kernel_dim") or 4))
     return dict(delta_net=d, linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"))
+
+
+def _llama4(raw: dict, family: str, n_layers: int, llama3: dict | None) -> dict:
+    """Llama 4's layers without the rotary (no_rope_layers: 0 there; default every fourth), the temperature its
+    queries take there, and Llama 3 rope scaling (Scout's; its factor stretches the long wavelengths only)."""
+    out = {}
+    if llama3 is not None:
+        out["rope_llama3"] = (float(llama3["factor"]), float(llama3.get("low_freq_factor", 1.0)),
+                              float(llama3.get("high_freq_factor", 4.0)),
+                              int(llama3.get("original_max_position_embeddings") or 8192))
+    if family != "llama4":
+        return out
+    every = int(raw.get("no_rope_layer_interval") or 4)
+    rotary = raw.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n_layers)]
+    if len(rotary) != n_layers:
+        raise ConfigError(f"no_rope_layers must give 0 or 1 for each of {n_layers} layers")
+    out["nope_layers"] = tuple(i for i, r in enumerate(rotary) if not r)
+    if raw.get("attn_temperature_tuning", True):
+        out["attn_temperature"] = (float(raw.get("floor_scale") or 8192), float(raw.get("attn_scale", 0.1)))
+    return out
 
 
 def _mup(raw: dict, family: str) -> dict:

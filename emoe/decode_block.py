@@ -35,7 +35,7 @@ def block_weights(model, i: int) -> tuple | None:
     if cfg.mla is not None:
         return mla_weights(model, i)
     if i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 or cfg.clip_qkv is not None \
-            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")):
+            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")) or cfg.nope_layers:
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \
@@ -160,7 +160,7 @@ def _mlps(model) -> list | None:
     shared expert's (gate, up, down) forms and gate vector (Qwen2-MoE's; None: weight 1), or a dense layer's MLP
     (routes False); None where some layer has anything else (Granite's shared MLP, weights not on forms)."""
     cfg, w, spec = model.cfg, model.w, model.cfg.spec
-    if spec.scoring not in ("softmax", "sigmoid") or spec.shared not in (None, "plain", "gated"):
+    if spec.scoring not in ("softmax", "sigmoid") or spec.shared not in (None, "plain", "gated") or spec.weight_input:
         return None
     f32 = (lambda t: t is None or (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
                                    and t.is_contiguous()))

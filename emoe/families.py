@@ -14,7 +14,8 @@ class Family:
     moe_prefix: str                    # module holding router + experts inside a layer
     router_norm_topk: bool | None      # fixed by the family, or None = read `norm_topk_prob`
     qk_norm: str | None                # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection) |
-                                       # "head_after_rope" (Hunyuan: per head, on the rotated q and k)
+                                       # "head_after_rope" (Hunyuan: per head, on the rotated q and k) |
+                                       # "l2" (Llama 4: per head, no weight, after the rotary, rotary layers only)
     qkv_bias_key: str | None           # config key that switches q/k/v biases on
     shared: str | None                 # always-on expert: "gated" (Qwen2-MoE, sigmoid gate) | "plain" (DeepSeek)
                                        # | "granite" (a layer-level shared_mlp, gate and up stacked)
@@ -24,6 +25,7 @@ class Family:
     router: str = "gate"               # the router's module name inside moe_prefix (gpt-oss: "router", with a bias)
     experts: str = "split"             # expert tensors: "split" (gate, up, down or transformers-5 fused) |
                                        # "gpt_oss" (fused [E, H, 2I] with gate/up interleaved, biases, clamped SwiGLU)
+                                       # | "llama4" (fused [E, H, 2I], gate then up, and [E, I, H])
     bias_key: str = "gate.e_score_correction_bias"  # the routing's selection bias, inside moe_prefix
     rope_interleave: bool = False      # rotary pairs (x0, x1), (x2, x3), … (ERNIE; MLA says so in its config)
     fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")  # stacked [E, 2I, H], [E, H, I]
@@ -31,6 +33,7 @@ class Family:
     post_norm: bool = False            # OLMo-2 style: each branch's output is normalised, its input is not
     norm_offset: bool = False          # RMSNorm weights are stored as w − 1 (Qwen3-Next: the scale is 1 + w)
     attn_gate: bool = False            # q_proj also gives a per-head output gate, σ(gate)·attention (Qwen3-Next)
+    weight_input: bool = False         # the routing weight scales the expert's input, not its output (Llama 4)
 
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
@@ -81,6 +84,11 @@ FAMILIES: dict[str, Family] = {
     # released multimodal checkpoints are served as text (their language model under model.language_model)
     "qwen3_5_moe": Family(_GUD, "mlp", True, "head", "attention_bias", "gated", shared_key="shared_expert.",
                           norm_offset=True, attn_gate=True),
+    # Llama 4 (Scout, Maverick): a top-1 sigmoid router whose weight scales the expert's input, a shared expert in
+    # every MoE layer, experts stacked [E, H, 2I] (gate then up); layers rotate interleaved pairs and L2-normalise
+    # q and k but for every fourth, which has no rotary and scales its queries by log position; dense layers between
+    "llama4": Family(_GUD, "feed_forward", False, "l2", "attention_bias", "plain", scoring="sigmoid", router="router",
+                     experts="llama4", rope_interleave=True, shared_key="shared_expert.", weight_input=True),
     # gpt-oss: softmax over the top-k router logits (= top-k renormalised), attention sinks, every other
     # layer windowed; bf16 checkpoints (the MXFP4 release needs dequantising first)
     "gpt_oss": Family(_GUD, "mlp", True, None, "attention_bias", None, router="router", experts="gpt_oss"),

@@ -181,10 +181,12 @@ class MoEModel:
         self.w, self.qkv = stack_qkv(weights, attn)
         self.moe = set(cfg.moe_layers)
         self._expert_fns: dict[int, object] = {}
-        self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn)
+        self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn,
+                                                           cfg.rope_llama3)
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
         self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C
+        self.c_rotary = not cfg.nope_layers and cfg.spec.qk_norm != "l2"  # the C attention's rotary and norms fit
         self.activations: str | None = None  # the few-row routines' mode while forward runs (None: ckernel.KQ)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -242,7 +244,7 @@ class MoEModel:
         windowed = cfg.window_layers is None or i in cfg.window_layers
         # a CPU decode step: qk norm, rope, the cache writes and attention in one C call (~25 small ops otherwise)
         c_path = kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
-            and self._c_decode(q, kv.k[i])  # (a position past the slot's length: the torch path's IndexError)
+            and self._c_decode(q, kv.k[i]) and self.c_rotary  # (past the slot: the torch path's IndexError)
         norms, flags = self.head_norms(i)
         norms = None if norms is None or flags & 1 else (*norms, cfg.rms_norm_eps)  # (OLMoE's whole-projection: above)
         if norms and not (c_path and norms[0].dtype == torch.float32 == norms[1].dtype):
@@ -256,8 +258,7 @@ class MoEModel:
                                  kv.k[i], kv.v[i], rows.slot, rows.pos, self.rope_tables(pos, q.dtype), window, scale,
                                  sinks, norms, flags & 6)
             return self._attn_out(i, out.view(B, T, -1), gate if cfg.spec.attn_gate else None)
-        q = self.rotate(q.transpose(1, 2), pos)
-        k = self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
+        q, k = self._rotated(i, q.transpose(1, 2), k, pos)
         if cfg.spec.qk_norm == "head_after_rope":  # Hunyuan normalises the rotated heads
             q = rms_norm(q, w[p + "query_layernorm.weight"], cfg.rms_norm_eps)
             k = rms_norm(k, w[p + "key_layernorm.weight"], cfg.rms_norm_eps)
@@ -274,6 +275,21 @@ class MoEModel:
         else:
             out = sink_attention(q, keys, vals, mask, sinks)
         return self._attn_out(i, out.transpose(1, 2).reshape(B, T, -1), gate if cfg.spec.attn_gate else None)
+
+    def _rotated(self, i: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
+        """q [B, h, T, d] and k [B, T, h, d] rotated; Llama 4's rotary layers then L2-normalise each head, its others
+        (nope_layers) keep q and k as they are and scale the queries by log position (attn_temperature)."""
+        cfg = self.cfg
+        if i in cfg.nope_layers:
+            if cfg.attn_temperature:
+                floor, scale = cfg.attn_temperature
+                t = torch.log1p(torch.floor((pos.float() + 1.0) / floor)) * scale + 1.0
+                q = (q * t[:, None, :, None]).to(q.dtype)
+            return q, k
+        q, k = self.rotate(q, pos), self.rotate(k.transpose(1, 2), pos).transpose(1, 2)
+        if cfg.spec.qk_norm == "l2" and cfg.qk_norm:
+            q, k = (F.rms_norm(t.float(), (t.shape[-1],), None, cfg.rms_norm_eps).type_as(t) for t in (q, k))
+        return q, k
 
     def _attn_out(self, i: int, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         p = f"model.layers.{i}.self_attn."
@@ -339,7 +355,10 @@ class MoEModel:
             routed = route(logits, cfg.top_k, cfg.norm_topk_prob, scoring=cfg.spec.scoring, n_group=cfg.n_group,
                            topk_group=cfg.topk_group, bias=w.get(p + cfg.spec.bias_key), scale=cfg.routed_scaling_factor)
         probs, weights, ids = routed
-        out = dispatch(i, x, probs, weights.to(x.dtype), ids)
+        if cfg.spec.weight_input:  # Llama 4: the one expert runs on the token times its weight
+            out = dispatch(i, x * weights.to(x.dtype), probs, torch.ones_like(weights, dtype=x.dtype), ids)
+        else:
+            out = dispatch(i, x, probs, weights.to(x.dtype), ids)
         if cfg.spec.shared == "granite" and cfg.shared_expert_intermediate_size:  # beside the MoE, not in it
             gate, up = w[f"model.layers.{i}.shared_mlp.input_linear.weight"].chunk(2)
             out = out + swiglu(x, gate, up, w[f"model.layers.{i}.shared_mlp.output_linear.weight"])

@@ -9,9 +9,18 @@ import torch
 from .config import Yarn
 
 
-def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of a d-dim rotary embedding and the factor on cos/sin (YaRN as transformers does it)."""
+def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None, llama3: tuple | None = None
+                     ) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of a d-dim rotary embedding and the factor on cos/sin (YaRN and Llama 3's scaling as
+    transformers does them)."""
     base = theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
+    if llama3 is not None:  # wavelengths above the original context / low stretched by factor, below / high kept
+        factor, low, high, ctx = llama3
+        inv, wavelen = 1.0 / base, 2 * math.pi * base
+        scaled = torch.where(wavelen > ctx / low, inv / factor, inv)
+        smooth = (ctx / wavelen - low) / (high - low)
+        mid = (wavelen <= ctx / low) & (wavelen >= ctx / high)
+        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
     if yarn is None:
         return 1.0 / base, 1.0
 

@@ -119,6 +119,14 @@ def make_tiny(family: str, directory: Path, seed: int = 0, **over) -> Path:
                              layer_types=["linear_attention", "full_attention", "linear_attention"],
                              rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
                                                   mrope_section=[1, 1, 0], mrope_interleaved=True))),
+        # Llama 4's shape: top-1 sigmoid routing on the expert's input, a shared expert, MoE every other layer (dense
+        # between), the last layer without rotary (its queries temperature-scaled from position 4), Llama 3 rope
+        "llama4": (tf.Llama4TextConfig, tf.Llama4ForCausalLM,
+                   dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=80,
+                        head_dim=16, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 0], floor_scale=4,
+                        attn_scale=0.1, attention_chunk_size=256,
+                        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=64))),
         # gpt-oss's shape: biased router and experts, interleaved gate/up, sinks, every other layer windowed
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                     dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=4,
@@ -213,6 +221,24 @@ def make_qwen35_multimodal(directory: Path) -> Path:
                 p.mul_(20)
             if name.endswith("norm.weight") and "visual" not in name:
                 p.add_(torch.randn(p.shape) * 0.2)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
+
+
+def make_llama4_multimodal(directory: Path) -> Path:
+    """A tiny Llama 4 as released: Llama4ForConditionalGeneration, its language model under language_model.model.
+    (lm_head under language_model.), a vision model and projector beside it (which emoe does not serve)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, eos_token_id=VOCAB - 1, num_local_experts=8, num_experts_per_tok=1,
+                intermediate_size=32, intermediate_size_mlp=80, head_dim=16, interleave_moe_layer_step=1,
+                no_rope_layers=[1, 0, 1], floor_scale=4, attention_chunk_size=128)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vision_output_dim=32,
+                  image_size=32, patch_size=8, projector_input_dim=32, projector_output_dim=64, pixel_shuffle_ratio=0.5)
+    model = tf.Llama4ForConditionalGeneration(tf.Llama4Config(text_config=text, vision_config=vision)).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     write_tokenizer(directory)
