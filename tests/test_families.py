@@ -790,3 +790,13 @@ def test_llama4_multimodal_release_serves_its_language_model(tmp_path):
         got = model.forward(seq, torch.arange(20)[None], torch.ones_like(seq, dtype=torch.bool), dispatch)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert run(path, miss_policy="load", budget=0.4)[1] == run(path)[1]
+
+
+def test_llama4_with_more_than_one_expert_a_token_is_refused(tmp_path_factory):
+    """The routing weight scales the expert's input (Llama 4), which emoe serves with one expert a token, as every
+    release routes; two would need each token's input scaled per expert: refused with the reason."""
+    from emoe.config import ConfigError, ModelConfig
+    raw = family_config("llama4", tmp_path_factory)
+    assert ModelConfig.from_hf(raw).top_k == 1
+    with pytest.raises(ConfigError, match="one expert a token"):
+        ModelConfig.from_hf({**raw, "num_experts_per_tok": 2})
