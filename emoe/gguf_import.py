@@ -23,6 +23,7 @@ FORMAT = 1
 # llama.cpp's architecture → transformers' model_type ('llama' with experts is Mixtral's)
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
+         "deepseek32": "deepseek_v32",  # DeepSeek-V3.2: deepseek2's layers and a DSA indexer (unread: hf_config)
          "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
          "granitemoe": "granitemoe",  # granitemoeshared where the file has a shared expert (config())
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
@@ -86,6 +87,10 @@ class GGUFModel:
         if self.arch not in ARCHS:
             raise GGUFError(f"{self.files[0].name}: architecture {self.arch!r} is not supported "
                             f"(emoe imports {sorted(ARCHS)} GGUFs)")
+        # converters append multi-token-prediction blocks after the model's (GLM-4.5, DeepSeek-V3.2): never run here
+        n = self.layers
+        self.tensors = {k: v for k, v in self.tensors.items()
+                        if not ((m := re.match(r"blk\.(\d+)\.", k)) and int(m.group(1)) >= n)}
 
     def get(self, key: str, default=None):
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -97,13 +102,18 @@ class GGUFModel:
         return v
 
     @property
+    def layers(self) -> int:
+        """The model's blocks: block_count less the multi-token-prediction ones (nextn_predict_layers)."""
+        return int(self.need("block_count")) - int(self.get("nextn_predict_layers") or 0)
+
+    @property
     def moe_layers(self) -> list[int]:
-        return [i for i in range(self.need("block_count")) if any(
+        return [i for i in range(self.layers) if any(
             f"blk.{i}.{k}.weight" in self.tensors for k in ("ffn_gate_exps", FUSED, "ffn_gate.0"))]
 
     def config(self) -> dict:
         """A Hugging Face config.json for the model (what transformers' own config would hold)."""
-        layers, heads = self.need("block_count"), self.need("attention.head_count")
+        layers, heads = self.layers, self.need("attention.head_count")
         hidden = self.need("embedding_length")
         moe = self.moe_layers
         if not moe:
@@ -132,7 +142,7 @@ class GGUFModel:
         elif scaling != "none":
             raise GGUFError(f"{self.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
         bias = f"blk.{moe[0]}.attn_q.bias" in self.tensors
-        if self.arch == "deepseek2":
+        if self.arch in ("deepseek2", "deepseek32"):
             self._deepseek(cfg, moe)
         elif self.arch in ("glm4moe", "dots1"):  # DeepSeek-V3's routing and layout around grouped-query attention
             head = self.get("attention.key_length", hidden // heads)
@@ -193,6 +203,9 @@ class GGUFModel:
                    scoring_func="sigmoid" if sigmoid else "softmax",
                    q_lora_rank=self.get("attention.q_lora_rank"), kv_lora_rank=rank, qk_rope_head_dim=rope,
                    qk_nope_head_dim=key - rope, v_head_dim=value, head_dim=rope)
+        if self.arch == "deepseek32":  # its indexer keeps every key up to top_k: the context emoe serves
+            cfg.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"],
+                       index_topk=int(self.need("attention.indexer.top_k")))
         log_mul = self.get("rope.scaling.yarn_log_multiplier")
         if "rope_scaling" in cfg and log_mul:  # the converter writes 0.1·mscale_all_dim; releases set mscale alike
             cfg["rope_scaling"].update(mscale=10 * float(log_mul), mscale_all_dim=10 * float(log_mul))
@@ -226,7 +239,7 @@ class GGUFModel:
         """Every tensor is an expert's or has a Hugging Face name (checked before anything is written)."""
         for name in self.tensors:
             if _hf_name(name, self.arch) is None and not re.fullmatch(r"blk\.\d+\.ffn_\w+_exps\.bias", name) \
-                    and not re.fullmatch(r"blk\.\d+\.(attn_k_b|attn_v_b)\.weight", name) \
+                    and not re.fullmatch(r"blk\.\d+\.(attn_k_b|attn_v_b)\.weight|blk\.\d+\.indexer\..*", name) \
                     and name.split(".")[2 if name.startswith("blk.") else 0] not in (*EXPERTS, FUSED) \
                     and not OLD_EXPERT.fullmatch(name) and name != "rope_freqs.weight":
                 raise GGUFError(f"{self.files[0].name}: tensor {name} has no place in a {self.arch} model")
@@ -344,7 +357,7 @@ def _class(model_type: str) -> str:
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
             "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-            "minimax_m2": "MiniMaxM2ForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
 
@@ -358,7 +371,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
            "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
-RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek2"]
+RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek32"] = RENAMED["deepseek2"]
 RENAMED["ernie4_5-moe"] = {**RENAMED["deepseek2"], "exp_probs_b": "mlp.moe_statics.e_score_correction"}
 RENAMED["granitemoe"] = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_shexp": "shared_mlp.gate",
                          "ffn_up_shexp": "shared_mlp.up", "ffn_down_shexp": "shared_mlp.output_linear"}

@@ -5,17 +5,20 @@ reference weights are read back from the file."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32"}
 # tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
 # not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
 MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS",
-              "deepseek2": "DEEPSEEK2"}
+              "deepseek2": "DEEPSEEK2", "deepseek32": "DEEPSEEK2"}  # (deepseek32: deepseek2's names, and its indexer's)
+# DeepSeek-V3.2's indexer tensors as llama.cpp's converter names them (gguf-py's INDEXER_*)
+INDEXER = {"wq_b": "attn_q_b", "wk": "attn_k", "weights_proj": "proj", "k_norm": "k_norm"}
 
 
 def _random_blocks(shape: tuple[int, ...], qtype, seed: int) -> np.ndarray:
@@ -60,7 +63,7 @@ def _quantised(name: str, w: np.ndarray, qtype, seed: int) -> tuple[np.ndarray, 
 def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), dense_type="F32",
                chat_template: str | None = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
                arch: str | None = None, split_max_tensors: int = 0, per_expert: bool = False,
-               fuse: bool = False, kv_b_whole: bool = False, heads_type: str = "F32") -> Path:
+               fuse: bool = False, kv_b_whole: bool = False, heads_type: str = "F32", mtp: bool = False) -> Path:
     """expert_types: gate, up, down quantisation; dense_type: attention and shared-expert matrices
     (norms, biases and the router stay F32 as llama.cpp keeps them); fuse: gate and up experts stacked in
     one ffn_gate_up_exps tensor, as newer converters may write them. gpt-oss as llama.cpp's GptOssModel
@@ -68,7 +71,9 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     its DeepseekV2Model writes it: MLA as MQA metadata, kv_b split into k_b (transposed) and v_b unless
     kv_b_whole (older files), those two per-head tensors in heads_type. Mixtral is written as llama.cpp
     writes it: architecture 'llama', q/k rows permuted for its rotary, a SentencePiece vocabulary with
-    scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight)."""
+    scores; per_expert: the early one-tensor-per-expert layout (blk.N.ffn_gate.E.weight). DeepSeek-V3.2 with its
+    indexer's tensors and top_k; mtp: a multi-token-prediction block after the model's (random, nextn_predict_layers
+    = 1), as the GLM-4.5 and V3.2 converters append it."""
     import gguf
     from safetensors.torch import load_file
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -79,7 +84,11 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     w = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_block_count(cfg["num_hidden_layers"] + mtp)
+    if mtp:
+        w.add_uint32(f"{arch}.nextn_predict_layers", 1)
+    if cfg.get("index_topk"):
+        w.add_uint32(f"{arch}.attention.indexer.top_k", cfg["index_topk"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     deepseek = cfg["model_type"].startswith("deepseek")
@@ -116,6 +125,12 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     if chat_template:
         w.add_chat_template(chat_template)
     _tensors(w, sd, cfg, expert_types, dense_type, per_expert, fuse, kv_b_whole, heads_type)
+    if mtp:  # what emoe must leave alone: a block with its own norms, experts and nextn projection
+        n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+        g = np.random.default_rng(7)
+        for name, shape in ((f"blk.{n}.attn_norm.weight", (h,)), (f"blk.{n}.nextn.eh_proj.weight", (h, 2 * h)),
+                            (f"blk.{n}.ffn_gate_exps.weight", (n_experts, cfg.get("moe_intermediate_size", 8), h))):
+            w.add_tensor(name, g.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -142,7 +157,7 @@ def _byte_level_tokenizer(w, hf_dir: Path, cfg: dict) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre({"olmoe": "olmo", "gpt_oss": "gpt-4o", "deepseek_v2": "deepseek-v3",
-                         "deepseek_v3": "deepseek-v3"}.get(cfg["model_type"], "qwen2"))
+                         "deepseek_v3": "deepseek-v3", "deepseek_v32": "deepseek-v3"}.get(cfg["model_type"], "qwen2"))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -203,7 +218,7 @@ def _deepseek_keys(w, cfg: dict, rope: dict) -> None:
     w.add_rope_dimension_count(r)
     if rope.get("mscale_all_dim"):
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    sigmoid = cfg.get("scoring_func", "softmax") == "sigmoid" or cfg["model_type"] == "deepseek_v3"
+    sigmoid = cfg.get("scoring_func", "softmax") == "sigmoid" or cfg["model_type"] in ("deepseek_v3", "deepseek_v32")
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     if (cfg.get("n_group") or 1) > 1:
         w.add_expert_group_count(cfg["n_group"])
@@ -225,6 +240,10 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
         if ".experts." in name:
             continue
         a = t.float().numpy()
+        if ".self_attn.indexer." in name:  # V3.2's: blk.N.indexer.{attn_q_b,attn_k,proj,k_norm}, F32
+            layer, part, kind = re.match(r"model\.layers\.(\d+)\.self_attn\.indexer\.(\w+)\.(weight|bias)", name).groups()
+            w.add_tensor(f"blk.{layer}.indexer.{INDEXER[part]}.{kind}", a)
+            continue
         if name.endswith("kv_b_proj.weight") and not kv_b_whole:  # DeepseekV2Model.modify_tensors
             h = cfg["num_key_value_heads"]
             kv = t.float().view(h, cfg["qk_nope_head_dim"] + cfg["v_head_dim"], t.shape[-1])
