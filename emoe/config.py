@@ -110,8 +110,7 @@ class ModelConfig:
     linear_layers: tuple[int, ...] = ()        # layers that use it instead of attention
     nope_layers: tuple[int, ...] = ()          # Llama 4: layers without the rotary
     attn_temperature: tuple[float, float] | None = None  # Llama 4's (floor_scale, attn_scale) on those layers' queries
-    rope_llama3: tuple[float, float, float, int] | None = None  # Llama 3 rope scaling: factor, low and high
-                                                                # frequency factors, original context
+    rope_factors: tuple[float, ...] | None = None  # each rotary frequency divided by its own (Llama 3 scaling)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -24,6 +24,7 @@ FORMAT = 1
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
          "deepseek32": "deepseek_v32",  # DeepSeek-V3.2: deepseek2's layers and a DSA indexer (unread: hf_config)
+         "llama4": "llama4",
          "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
          "granitemoe": "granitemoe",  # granitemoeshared where the file has a shared expert (config())
          **hybrid.ARCHS}  # Qwen3-Next, Qwen3.5-MoE: linear attention (gguf_hybrid)
@@ -159,6 +160,8 @@ class GGUFModel:
                 cfg["rope_scaling"].update(beta_fast=32.0, beta_slow=1.0, truncate=False)
         elif self.arch == "llama":  # Mixtral: q/k rows permuted for llama.cpp's rotary (undone in dense())
             cfg.update(num_local_experts=cfg.pop("num_experts"), head_dim=self.get("rope.dimension_count", hidden // heads))
+        elif self.arch == "llama4":
+            self._llama4(cfg, moe)
         elif self.arch == "ernie4_5-moe":  # softmax routing with a selection bias, shared experts, dense first layers
             cfg.update(moe_num_experts=cfg.pop("num_experts"), moe_k=cfg.pop("num_experts_per_tok"),
                        moe_num_shared_experts=self.get("expert_shared_count", 0), moe_layer_start_index=moe[0],
@@ -210,6 +213,23 @@ class GGUFModel:
         if "rope_scaling" in cfg and log_mul:  # the converter writes 0.1·mscale_all_dim; releases set mscale alike
             cfg["rope_scaling"].update(mscale=10 * float(log_mul), mscale_all_dim=10 * float(log_mul))
         cfg.pop("mlp_only_layers")
+
+    def _llama4(self, cfg: dict, moe: list[int]) -> None:
+        """Llama 4 as llama.cpp runs its files: every fourth layer without rotary, queries there scaled by log
+        position (floor 8192, scale 0.1), the others chunked by 8192; none of that where the file sets
+        sliding_window 0 (MobileLLM); qk norm unless 128 experts (Maverick); Llama 3 rope as rope_freqs."""
+        layers, chunked, experts = cfg["num_hidden_layers"], self.get("attention.sliding_window") != 0, cfg.pop("num_experts")
+        cfg.update(num_local_experts=experts, intermediate_size=cfg.pop("moe_intermediate_size"),
+                   intermediate_size_mlp=self.get("feed_forward_length") or 0, moe_layers=moe,
+                   head_dim=self.get("rope.dimension_count", cfg["hidden_size"] // cfg["num_attention_heads"]),
+                   no_rope_layers=[int(not chunked or (i + 1) % 4 != 0) for i in range(layers)],
+                   attention_chunk_size=8192 if chunked else None, attn_temperature_tuning=chunked,
+                   floor_scale=8192, attn_scale=0.1, use_qk_norm=experts != 128)
+        cfg.pop("mlp_only_layers")
+        if "rope_freqs.weight" in self.tensors:
+            import gguf
+            _, t = self.tensors["rope_freqs.weight"]
+            cfg["rope_freq_factors"] = [float(f) for f in gguf.quants.dequantize(t.data, t.tensor_type).ravel()]
 
     def _routing(self, moe: list[int]) -> dict:
         """DeepSeek-style MoE settings (DeepSeek, GLM-4.5): shared experts, dense first layers, routed scale,
@@ -357,7 +377,7 @@ def _class(model_type: str) -> str:
             "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
             "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-            "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM", "llama4": "Llama4ForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]
 
 
@@ -375,6 +395,9 @@ RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek32"] = RENAMED["deepsee
 RENAMED["ernie4_5-moe"] = {**RENAMED["deepseek2"], "exp_probs_b": "mlp.moe_statics.e_score_correction"}
 RENAMED["granitemoe"] = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_shexp": "shared_mlp.gate",
                          "ffn_up_shexp": "shared_mlp.up", "ffn_down_shexp": "shared_mlp.output_linear"}
+RENAMED["llama4"] = {"ffn_gate_inp": "feed_forward.router", "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+                     "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
+                     "ffn_down_shexp": "feed_forward.shared_expert.down_proj"}
 RENAMED["minimax-m2"] = {"ffn_gate_inp": "block_sparse_moe.gate", "exp_probs_b": "block_sparse_moe.e_score_correction"}
 
 

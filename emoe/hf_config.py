@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .config import MAX_LAYERS, MLA, ConfigError, DeltaNet, ModelConfig, Yarn, yarn_mscale
 from .families import DEEPSEEK_LAYOUT, FAMILIES, INDEXED
+from .rope import llama3_factors
 
 
 def read(raw: dict) -> ModelConfig:
@@ -132,7 +133,7 @@ def read(raw: dict) -> ModelConfig:
         **_groups(raw, family),
         **_mup(raw, family),
         **_delta_net(raw, family, n_layers),
-        **_llama4(raw, family, n_layers, rope if rope_type == "llama3" else None),
+        **_llama(raw, family, n_layers, rope if rope_type == "llama3" else None),
     )
 
 
@@ -212,14 +213,18 @@ def _delta_net(raw: dict, family: str, n_layers: int) -> dict:
     return dict(delta_net=d, linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"))
 
 
-def _llama4(raw: dict, family: str, n_layers: int, llama3: dict | None) -> dict:
+def _llama(raw: dict, family: str, n_layers: int, llama3: dict | None) -> dict:
     """Llama 4's layers without the rotary (no_rope_layers: 0 there; default every fourth), the temperature its
-    queries take there, and Llama 3 rope scaling (Scout's; its factor stretches the long wavelengths only)."""
+    queries take there, and rope scaling as per-frequency divisors: Llama 3's (Scout's), or an import's."""
     out = {}
     if llama3 is not None:
-        out["rope_llama3"] = (float(llama3["factor"]), float(llama3.get("low_freq_factor", 1.0)),
-                              float(llama3.get("high_freq_factor", 4.0)),
-                              int(llama3.get("original_max_position_embeddings") or 8192))
+        head = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
+        out["rope_factors"] = llama3_factors(head, float(llama3.get("rope_theta", raw.get("rope_theta", 10000.0))),
+                                             float(llama3["factor"]), float(llama3.get("low_freq_factor", 1.0)),
+                                             float(llama3.get("high_freq_factor", 4.0)),
+                                             int(llama3.get("original_max_position_embeddings") or 8192))
+    elif raw.get("rope_freq_factors"):  # an import-gguf folder's: the file's rope_freqs as they are
+        out["rope_factors"] = tuple(float(f) for f in raw["rope_freq_factors"])
     if family != "llama4":
         return out
     every = int(raw.get("no_rope_layer_interval") or 4)

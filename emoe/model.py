@@ -182,7 +182,7 @@ class MoEModel:
         self.moe = set(cfg.moe_layers)
         self._expert_fns: dict[int, object] = {}
         self.inv_freq, self.rope_scale = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.yarn,
-                                                           cfg.rope_llama3)
+                                                           cfg.rope_factors)
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
         self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C

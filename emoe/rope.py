@@ -9,18 +9,13 @@ import torch
 from .config import Yarn
 
 
-def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None, llama3: tuple | None = None
+def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None, factors: tuple | None = None
                      ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of a d-dim rotary embedding and the factor on cos/sin (YaRN and Llama 3's scaling as
-    transformers does them)."""
+    """Inverse frequencies of a d-dim rotary embedding and the factor on cos/sin (YaRN as transformers does it;
+    factors: each frequency divided by its own, as llama.cpp's rope_freqs and Llama 3's scaling give them)."""
     base = theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
-    if llama3 is not None:  # wavelengths above the original context / low stretched by factor, below / high kept
-        factor, low, high, ctx = llama3
-        inv, wavelen = 1.0 / base, 2 * math.pi * base
-        scaled = torch.where(wavelen > ctx / low, inv / factor, inv)
-        smooth = (ctx / wavelen - low) / (high - low)
-        mid = (wavelen <= ctx / low) & (wavelen >= ctx / high)
-        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+    if factors is not None:
+        return 1.0 / (base * torch.tensor(factors, dtype=torch.float)), 1.0
     if yarn is None:
         return 1.0 / base, 1.0
 
@@ -33,6 +28,22 @@ def rope_frequencies(d: int, theta: float, yarn: Yarn | None = None, llama3: tup
     ramp = ((torch.arange(d // 2, dtype=torch.float) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
     keep = 1 - ramp  # high-frequency dims keep their frequency, low-frequency ones are interpolated
     return (1.0 / (yarn.factor * base)) * (1 - keep) + (1.0 / base) * keep, yarn.attention_factor
+
+
+def llama3_factors(d: int, theta: float, factor: float, low: float, high: float, ctx: int) -> tuple[float, ...]:
+    """Llama 3 rope scaling as per-frequency divisors (llama.cpp's converter writes them as rope_freqs): wavelengths
+    above ctx / low stretched by factor, below ctx / high kept, smoothly between."""
+    out = []
+    for b in (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)).tolist():
+        wavelen = 2 * math.pi * b
+        if wavelen < ctx / high:
+            out.append(1.0)
+        elif wavelen > ctx / low:
+            out.append(float(factor))
+        else:
+            smooth = (ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
 
 
 def rope_tables(pos: torch.Tensor, inv: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

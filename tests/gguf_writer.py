@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32", "llama4": "llama4"}
 # tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
 # not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
 MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS",
-              "deepseek2": "DEEPSEEK2", "deepseek32": "DEEPSEEK2"}  # (deepseek32: deepseek2's names, and its indexer's)
+              "deepseek2": "DEEPSEEK2", "deepseek32": "DEEPSEEK2", "llama4": "LLAMA4"}  # (deepseek32: deepseek2's names, and its indexer's)
 # DeepSeek-V3.2's indexer tensors as llama.cpp's converter names them (gguf-py's INDEXER_*)
 INDEXER = {"wq_b": "attn_q_b", "wk": "attn_k", "weights_proj": "proj", "k_norm": "k_norm"}
 
@@ -77,6 +77,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
     import gguf
     from safetensors.torch import load_file
     cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["model_type"] = {"llama4_text": "llama4"}.get(cfg["model_type"], cfg["model_type"])
     arch = arch or ARCH[cfg["model_type"]]
     sd = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
@@ -89,7 +90,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
         w.add_uint32(f"{arch}.nextn_predict_layers", 1)
     if cfg.get("index_topk"):
         w.add_uint32(f"{arch}.attention.indexer.top_k", cfg["index_topk"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_feed_forward_length(cfg.get("intermediate_size_mlp") or cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     deepseek = cfg["model_type"].startswith("deepseek")
     w.add_head_count_kv(1 if deepseek else cfg["num_key_value_heads"])  # the converter writes MLA as MQA
@@ -109,6 +110,8 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     if cfg["model_type"] not in ("olmoe", "mixtral"):  # their expert size is feed_forward_length
         w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    if cfg["model_type"] == "llama4":  # Llama4Model: feed_forward_length is the dense layers', rope_freqs Llama 3's
+        _llama4_keys(w, cfg, rope)
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     if cfg["model_type"] == "gpt_oss":
@@ -199,6 +202,21 @@ def _permute(a: np.ndarray, n_head: int) -> np.ndarray:
     return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
+def _llama4_keys(w, cfg: dict, rope: dict) -> None:
+    import math
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(head)
+    w.add_interleave_moe_layer_step(cfg.get("interleave_moe_layer_step", 1))
+    if rope.get("rope_type") == "llama3":  # LlamaModel.generate_extra_tensors, as written there
+        factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        ctx, out = rope["original_max_position_embeddings"], []
+        for freq in 1.0 / (rope["rope_theta"] ** (torch.arange(0, head, 2, dtype=torch.float32) / head)):
+            wavelen = 2 * math.pi / freq
+            smooth = (ctx / wavelen - low) / (high - low) if high != low else 0.0
+            out.append(1 if wavelen < ctx / high else factor if wavelen > ctx / low else 1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(out, dtype=np.float32))
+
+
 def _deepseek_keys(w, cfg: dict, rope: dict) -> None:
     """DeepseekV2Model.set_gguf_parameters, with the base class's gating and group keys."""
     import gguf
@@ -268,10 +286,14 @@ def _tensors(w, sd: dict, cfg: dict, expert_types, dense_type: str, per_expert: 
         seed += 1
         w.add_tensor(gname, data, raw_dtype=raw)
     for layer in range(cfg["num_hidden_layers"]):
-        pre = f"model.layers.{layer}.{'block_sparse_moe' if llama else 'mlp'}.experts"
+        pre = f"model.layers.{layer}.{'block_sparse_moe' if llama else 'feed_forward' if cfg['model_type'] == 'llama4' else 'mlp'}.experts"
         names = ("w1", "w3", "w2") if llama else ("gate_proj", "up_proj", "down_proj")
         biases = None
-        if cfg["model_type"] == "gpt_oss":  # [E, H, 2I] gate/up interleaved, [E, I, H]; biased
+        if cfg["model_type"] == "llama4" and f"{pre}.gate_up_proj" in sd:  # [E, H, 2I] gate then up, [E, I, H]
+            gu, down = sd[f"{pre}.gate_up_proj"].float().transpose(1, 2), sd[f"{pre}.down_proj"].float().transpose(1, 2)
+            i = gu.shape[1] // 2
+            stacks = (gu[:, :i], gu[:, i:], down)
+        elif cfg["model_type"] == "gpt_oss":  # [E, H, 2I] gate/up interleaved, [E, I, H]; biased
             gu, down = sd[f"{pre}.gate_up_proj"].float().transpose(1, 2), sd[f"{pre}.down_proj"].float().transpose(1, 2)
             stacks = (gu[:, ::2], gu[:, 1::2], down)
             gub = sd[f"{pre}.gate_up_proj_bias"].float()

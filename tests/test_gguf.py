@@ -1043,3 +1043,19 @@ def test_deepseek_decode_runs_the_files_own_k_b_and_v_b(tmp_path, monkeypatch):
     own, made = run(True), run(False)
     assert [t for t, _ in own] == [t for t, _ in made]
     assert max(abs(a - b) for (_, x), (_, y) in zip(own, made) for a, b in zip(x, y)) <= 3e-2
+
+
+def test_llama4_files_as_llama_cpp_runs_them(tmp_path):
+    """A Llama 4 GGUF (llama.cpp's llama4: experts split, the dense layers' size as feed_forward_length, Llama 3 rope
+    as rope_freqs, no NoPE or temperature keys: llama.cpp fixes them) gives the logits of transformers' model built
+    with the settings llama.cpp assumes: every fourth layer without rotary, its queries scaled from position 8192,
+    qk norm with fewer than 128 experts."""
+    import transformers
+    hf = make_tiny("llama4", tmp_path / "hf", num_hidden_layers=4, no_rope_layers=None, floor_scale=8192,
+                   attention_chunk_size=8192, interleave_moe_layer_step=2)
+    gguf = write_gguf(hf, tmp_path / "l4.gguf", expert_types=("F32",) * 3)
+    out = import_gguf(gguf, tmp_path / "imp", dtype=torch.float32)
+    ck = Checkpoint(out)
+    assert ck.config.family == "llama4" and ck.config.nope_layers == (3,) and ck.config.moe_layers == (1, 3)
+    assert ck.config.rope_factors is not None and ck.config.qk_norm
+    assert_same_logits(out, transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval())
