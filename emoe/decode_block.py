@@ -35,7 +35,8 @@ def block_weights(model, i: int) -> tuple | None:
     if cfg.mla is not None:
         return mla_weights(model, i)
     if i not in model.qkv or spec.post_norm or cfg.residual_multiplier != 1.0 or cfg.clip_qkv is not None \
-            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope")) or cfg.nope_layers:
+            or (cfg.qk_norm and spec.qk_norm not in (None, "head", "full", "head_after_rope", "l2")) \
+            or i in cfg.nope_layers:  # (Llama 4's layers without rotary scale their queries: the torch path)
         return None
     three = len(model.qkv[i]) == 3  # else q and k stacked, v apart (quant.stack_qkv)
     wqkv, wv, wo = w[a + ("qkv" if three else "qk") + "_proj.weight"], None if three else w[a + "v_proj.weight"], \

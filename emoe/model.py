@@ -186,7 +186,6 @@ class MoEModel:
         self._memo: dict = {}  # per forward: rotary tables and masks, the same in every layer (a CPU pays per op)
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
         self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C
-        self.c_rotary = not cfg.nope_layers and cfg.spec.qk_norm != "l2"  # the C attention's rotary and norms fit
         self.activations: str | None = None  # the few-row routines' mode while forward runs (None: ckernel.KQ)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -244,7 +243,7 @@ class MoEModel:
         windowed = cfg.window_layers is None or i in cfg.window_layers
         # a CPU decode step: qk norm, rope, the cache writes and attention in one C call (~25 small ops otherwise)
         c_path = kv is not None and T == 1 and len(rows.flat) == B and rows.n_keys <= kv.k[i].shape[1] \
-            and self._c_decode(q, kv.k[i]) and self.c_rotary  # (past the slot: the torch path's IndexError)
+            and self._c_decode(q, kv.k[i]) and i not in cfg.nope_layers  # (past the slot: the torch path's IndexError)
         norms, flags = self.head_norms(i)
         norms = None if norms is None or flags & 1 else (*norms, cfg.rms_norm_eps)  # (OLMoE's whole-projection: above)
         if norms and not (c_path and norms[0].dtype == torch.float32 == norms[1].dtype):
@@ -304,8 +303,12 @@ class MoEModel:
 
     def head_norms(self, i: int) -> tuple[tuple | None, int]:
         """Layer i's q and k norm weights, or None, and how the C attention applies them and the rotary (flags:
-        1 over the whole projection, OLMoE; 2 rotary pairs, ERNIE; 4 per head after the rotary, Hunyuan)."""
+        1 over the whole projection, OLMoE; 2 rotary pairs, ERNIE; 4 per head after the rotary, Hunyuan, Llama 4)."""
         spec, p = self.cfg.spec, f"model.layers.{i}.self_attn."
+        if spec.qk_norm == "l2":  # Llama 4's: an RMS norm of unit weight per head, after the rotary, rotary layers only
+            on = self.cfg.qk_norm and i not in self.cfg.nope_layers
+            unit = torch.ones(self.cfg.head_dim)
+            return (unit, unit) if on else None, 2 * spec.rope_interleave + 4 * on
         after = spec.qk_norm == "head_after_rope"
         names = ("query_layernorm", "key_layernorm") if after else ("q_norm", "k_norm")
         on = after or (self.cfg.qk_norm and spec.qk_norm in ("head", "full"))

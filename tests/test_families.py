@@ -800,3 +800,29 @@ def test_llama4_with_more_than_one_expert_a_token_is_refused(tmp_path_factory):
     assert ModelConfig.from_hf(raw).top_k == 1
     with pytest.raises(ConfigError, match="one expert a token"):
         ModelConfig.from_hf({**raw, "num_experts_per_tok": 2})
+
+
+@pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
+                    reason="no vector routine for this CPU")
+def test_llama4_rotary_layers_run_their_attention_in_c(tmp_path, monkeypatch):
+    """Llama 4 with int8 forms of its experts and dense projections, at budget 0: a decode step's rotary layers run
+    their attention half in one C call (the L2 qk norm as a unit-weight RMS norm after the rotary), its layer without
+    rotary (temperature-scaled queries) and the input-scaled experts the per-layer path; the tokens are those of the
+    same forms through torch's attention."""
+    import emoe.model as model_mod
+    from emoe import cstep
+    path = make_tiny("llama4", tmp_path / "m", hidden_size=256, intermediate_size=128, intermediate_size_mlp=128,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, floor_scale=2)
+    calls, real = [], cstep.attn_block
+    monkeypatch.setattr(cstep, "attn_block", lambda *a: calls.append(1) or real(*a))
+
+    def run_it():
+        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                  host_int8=True, dense_int8=True))
+        return _six_tokens(eng)
+    fast = run_it()
+    assert len(calls) == 5 * 2  # five decode steps of the two rotary layers (layer 2 has none)
+    monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
+    slow = run_it()
+    assert [t for t, _ in slow] == [t for t, _ in fast]
+    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
