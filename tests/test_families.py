@@ -517,6 +517,18 @@ def _six_tokens(eng) -> list:
     return [(r.output_ids, r.logprobs) for r in got]
 
 
+def _on_forms(path) -> list:
+    """_six_tokens of an engine at budget 0 with every expert and dense projection in int8 forms (the C routines')."""
+    return _six_tokens(Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
+                                           host_int8=True, dense_int8=True)))
+
+
+def _close(fast, slow, bound: float = 5e-3) -> None:
+    """The same tokens, and log-probabilities within bound."""
+    assert [t for t, _ in slow] == [t for t, _ in fast]
+    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= bound
+
+
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
                     reason="no vector routine for this CPU")
 def test_a_dense_layer_between_moe_layers_runs_in_the_step_call(tmp_path, monkeypatch):
@@ -557,21 +569,15 @@ def test_rotary_pairs_and_qk_norm_after_the_rotary_run_in_the_step_call(family, 
     calls, real = [], cstep.layers
     monkeypatch.setattr(cstep, "layers", lambda *a: calls.append(1) or real(*a))
 
-    def run_it():
-        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
-                                  host_int8=True, dense_int8=True))
-        return _six_tokens(eng)
-    fast = run_it()
+    fast = _on_forms(path)
     assert len(calls) == 5
     monkeypatch.setattr(model_mod, "decode_layers", lambda *a: False)
-    assert run_it() == fast
+    assert _on_forms(path) == fast
     monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
-    slow = run_it()
-    assert [t for t, _ in slow] == [t for t, _ in fast]
     # torch's SiLU and attention round their last bits differently from C's: where that moves an activation across
     # a rounding step of the next product's (bf16 or int8) activations, a log-probability moves by up to ~2e-3 on
     # this model (measured: 1.0e-3 / 1.7e-3 in one mode or the other, 0 in the other, by which forms hold the weights)
-    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
+    _close(fast, _on_forms(path))
 
 
 @pytest.mark.skipif(not (__import__("emoe.ckernel").ckernel.library() and __import__("emoe.ckernel").ckernel.library().modes),
@@ -816,13 +822,7 @@ def test_llama4_rotary_layers_run_their_attention_in_c(tmp_path, monkeypatch):
     calls, real = [], cstep.attn_block
     monkeypatch.setattr(cstep, "attn_block", lambda *a: calls.append(1) or real(*a))
 
-    def run_it():
-        eng = Engine(EngineConfig(str(path), miss_policy="host", budget=0, experts_on="ram", device="cpu",
-                                  host_int8=True, dense_int8=True))
-        return _six_tokens(eng)
-    fast = run_it()
+    fast = _on_forms(path)
     assert len(calls) == 5 * 2  # five decode steps of the two rotary layers (layer 2 has none)
     monkeypatch.setattr(model_mod.MoEModel, "_c_decode", lambda *a: False)
-    slow = run_it()
-    assert [t for t, _ in slow] == [t for t, _ in fast]
-    assert max(abs(a[0] - b[0]) for (_, la), (_, lb) in zip(fast, slow) for a, b in zip(la, lb)) <= 5e-3
+    _close(fast, _on_forms(path))
