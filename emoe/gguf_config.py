@@ -37,7 +37,7 @@ def config_json(g) -> dict:
     elif scaling != "none":
         raise GGUFError(f"{g.files[0].name}: rope scaling {scaling!r} is not supported (none or yarn)")
     bias = f"blk.{moe[0]}.attn_q.bias" in g.tensors
-    if g.arch in ("deepseek2", "deepseek32"):
+    if g.arch in ("deepseek2", "deepseek32", "glm-dsa"):
         _deepseek(g, cfg, moe)
     elif g.arch in ("glm4moe", "dots1"):  # DeepSeek-V3's routing and layout around grouped-query attention
         head = g.get("attention.key_length", hidden // heads)
@@ -101,8 +101,10 @@ def _deepseek(g, cfg: dict, moe: list[int]) -> None:
                scoring_func="sigmoid" if sigmoid else "softmax",
                q_lora_rank=g.get("attention.q_lora_rank"), kv_lora_rank=rank, qk_rope_head_dim=rope,
                qk_nope_head_dim=key - rope, v_head_dim=value, head_dim=rope)
-    if g.arch == "deepseek32":  # its indexer keeps every key up to top_k: the context emoe serves
-        cfg.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"],
+    if g.arch in ("deepseek32", "glm-dsa"):  # its indexer keeps every key up to top_k: the context emoe serves
+        if mla_k and g.need("attention.key_length") - rank != rope:  # (GLM's converter scales it by a partial factor)
+            raise GGUFError(f"{g.files[0].name}: a partial rotary inside latent attention is not supported")
+        cfg.update(model_type=ARCHS[g.arch], architectures=[_class(ARCHS[g.arch])],
                    index_topk=int(g.need("attention.indexer.top_k")))
     log_mul = g.get("rope.scaling.yarn_log_multiplier")
     if "rope_scaling" in cfg and log_mul:  # the converter writes 0.1·mscale_all_dim; releases set mscale alike
@@ -144,4 +146,5 @@ def _class(model_type: str) -> str:
             "deepseek_v2": "DeepseekV2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
             "dots1": "Dots1ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM", "llama4": "Llama4ForCausalLM",
+            "glm_moe_dsa": "GlmMoeDsaForCausalLM",
             "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}[model_type]

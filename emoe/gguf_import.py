@@ -24,6 +24,7 @@ FORMAT = 1
 ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral", "gpt-oss": "gpt_oss",
          "deepseek2": "deepseek_v3",  # deepseek2: deepseek_v2 where the gating is softmax (config())
          "deepseek32": "deepseek_v32",  # DeepSeek-V3.2: deepseek2's layers and a DSA indexer (unread: hf_config)
+         "glm-dsa": "glm_moe_dsa",  # GLM-5: the same
          "llama4": "llama4",
          "glm4moe": "glm4_moe", "dots1": "dots1", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
          "granitemoe": "granitemoe",  # granitemoeshared where the file has a shared expert (config())
@@ -259,7 +260,7 @@ RENAMED = {"llama": {"ffn_gate_inp": "block_sparse_moe.gate"}, "gpt-oss": {"ffn_
            "deepseek2": {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                          "ffn_down_shexp": "mlp.shared_experts.down_proj", "exp_probs_b": "mlp.gate.e_score_correction"},
            **{arch: hybrid.NAMES for arch in hybrid.ARCHS}}
-RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek32"] = RENAMED["deepseek2"]
+RENAMED["glm4moe"] = RENAMED["dots1"] = RENAMED["deepseek32"] = RENAMED["glm-dsa"] = RENAMED["deepseek2"]
 RENAMED["ernie4_5-moe"] = {**RENAMED["deepseek2"], "exp_probs_b": "mlp.moe_statics.e_score_correction"}
 RENAMED["granitemoe"] = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_shexp": "shared_mlp.gate",
                          "ffn_up_shexp": "shared_mlp.up", "ffn_down_shexp": "shared_mlp.output_linear"}

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 
 ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32", "llama4": "llama4"}
+        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32", "llama4": "llama4",
+        "glm_moe_dsa": "glm-dsa"}
 # tensor names come from gguf-py's TensorNameMap, the table llama.cpp's converter itself names tensors by,
 # not from emoe.gguf_import's, so that a wrong entry there cannot be mirrored by the fixture
 MODEL_ARCH = {"qwen2moe": "QWEN2MOE", "qwen3moe": "QWEN3MOE", "olmoe": "OLMOE", "llama": "LLAMA", "gpt-oss": "GPT_OSS",
-              "deepseek2": "DEEPSEEK2", "deepseek32": "DEEPSEEK2", "llama4": "LLAMA4"}  # (deepseek32: deepseek2's names, and its indexer's)
+              "deepseek2": "DEEPSEEK2", "deepseek32": "DEEPSEEK2", "llama4": "LLAMA4",
+              "glm-dsa": "DEEPSEEK2"}  # (deepseek32: deepseek2's names, and its indexer's)
 # DeepSeek-V3.2's indexer tensors as llama.cpp's converter names them (gguf-py's INDEXER_*)
 INDEXER = {"wq_b": "attn_q_b", "wk": "attn_k", "weights_proj": "proj", "k_norm": "k_norm"}
 
@@ -92,7 +94,7 @@ def write_gguf(hf_dir: Path, out: Path, expert_types=("Q8_0", "Q4_0", "Q6_K"), d
         w.add_uint32(f"{arch}.attention.indexer.top_k", cfg["index_topk"])
     w.add_feed_forward_length(cfg.get("intermediate_size_mlp") or cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    deepseek = cfg["model_type"].startswith("deepseek")
+    deepseek = cfg["model_type"].startswith("deepseek") or cfg["model_type"] == "glm_moe_dsa"  # (GLM-5: its MLA)
     w.add_head_count_kv(1 if deepseek else cfg["num_key_value_heads"])  # the converter writes MLA as MQA
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
@@ -236,7 +238,7 @@ def _deepseek_keys(w, cfg: dict, rope: dict) -> None:
     w.add_rope_dimension_count(r)
     if rope.get("mscale_all_dim"):
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    sigmoid = cfg.get("scoring_func", "softmax") == "sigmoid" or cfg["model_type"] in ("deepseek_v3", "deepseek_v32")
+    sigmoid = cfg.get("scoring_func", "softmax") == "sigmoid" or cfg["model_type"] in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     if (cfg.get("n_group") or 1) > 1:
         w.add_expert_group_count(cfg["n_group"])
