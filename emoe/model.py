@@ -187,6 +187,7 @@ class MoEModel:
         self._blocks: dict = {}  # decode_block's weights per layer (None: the general path)
         self._step: dict = {}  # decode_layers' fields for kq_layers, and whether this model's layers route in C
         self.activations: str | None = None  # the few-row routines' mode while forward runs (None: ckernel.KQ)
+        self._unit = torch.ones(cfg.head_dim)  # Llama 4's L2 qk norm as the C attention takes it (head_norms)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.spec.rope_interleave or (self.cfg.mla is not None and self.cfg.mla.interleave):
@@ -307,8 +308,7 @@ class MoEModel:
         spec, p = self.cfg.spec, f"model.layers.{i}.self_attn."
         if spec.qk_norm == "l2":  # Llama 4's: an RMS norm of unit weight per head, after the rotary, rotary layers only
             on = self.cfg.qk_norm and i not in self.cfg.nope_layers
-            unit = torch.ones(self.cfg.head_dim)
-            return (unit, unit) if on else None, 2 * spec.rope_interleave + 4 * on
+            return (self._unit, self._unit) if on else None, 2 * spec.rope_interleave + 4 * on
         after = spec.qk_norm == "head_after_rope"
         names = ("query_layernorm", "key_layernorm") if after else ("q_norm", "k_norm")
         on = after or (self.cfg.qk_norm and spec.qk_norm in ("head", "full"))
